@@ -1,0 +1,94 @@
+"""Ray start-up and actor placement: the only module that knows how roles map onto hardware.
+
+With no address an embedded local Ray starts (the laptop default); with one, the job joins that cluster. Actors
+are named ``<run>/<role>-<i>`` so the dashboard's actor view reads as the pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import ray
+
+from opd.config import Config
+from opd.rewards import VerifierRunner, VerifierSpec
+from opd.rollout.worker import RolloutWorker
+from opd.teacher.scorer import VLLMTeacher
+from opd.trainer.learner import Learner
+
+# vLLM runs in-process inside each actor (no extra engine-core process), quietly.
+ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@dataclass
+class Roles:
+    rollout: list  # RolloutWorker actor handles
+    teacher: object | None  # VLLMTeacher actor handle
+    learner: object  # Learner actor handle
+    verifiers: VerifierRunner
+
+
+def init_ray(cfg: Config) -> None:
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": ACTOR_ENV}
+    if cfg.cluster.address:
+        ray.init(address=cfg.cluster.address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    # Logical CPUs: one per role so every actor schedules even on a 2-core laptop; the stages take turns.
+    need = cfg.rollout.num_workers + (1 if cfg.needs_teacher else 0) + 1
+    ray.init(
+        address="local",
+        num_cpus=max(cfg.cluster.num_cpus or os.cpu_count() or 1, need),
+        include_dashboard=cfg.cluster.include_dashboard,
+        runtime_env=runtime_env,
+    )
+
+
+def start_roles(cfg: Config) -> Roles:
+    name = cfg.run.name
+    rollout = [
+        ray.remote(RolloutWorker)
+        .options(name=f"{name}/rollout-{i}", num_cpus=1, max_concurrency=1)
+        .remote(
+            cfg.models.student, seed=cfg.run.seed + i, max_model_len=cfg.rollout.max_model_len,
+            kv_cache_gib=cfg.rollout.kv_cache_gib, dtype=cfg.models.dtype, worker_id=i,
+        )
+        for i in range(cfg.rollout.num_workers)
+    ]
+    teacher = None
+    if cfg.needs_teacher:
+        teacher = ray.remote(VLLMTeacher).options(name=f"{name}/teacher-0", num_cpus=1).remote(
+            cfg.models.teacher, seed=cfg.run.seed, max_model_len=cfg.rollout.max_model_len,
+            kv_cache_gib=cfg.rollout.kv_cache_gib, dtype=cfg.models.dtype, max_logprobs=cfg.teacher.max_logprobs,
+        )
+    learner = ray.remote(Learner).options(name=f"{name}/learner-0", num_cpus=1).remote(
+        cfg.models.student, lr=cfg.trainer.lr, betas=tuple(cfg.trainer.betas), weight_decay=cfg.trainer.weight_decay,
+        warmup_steps=cfg.trainer.warmup_steps, grad_clip=cfg.trainer.grad_clip,
+        micro_batch_size=cfg.trainer.micro_batch_size, torch_threads=cfg.trainer.torch_threads,
+        seed=cfg.run.seed, loss_kwargs=loss_kwargs(cfg),
+    )
+    verifiers = VerifierRunner(
+        [VerifierSpec(v.name, v.weight) for v in cfg.verifiers.functions],
+        timeout_s=cfg.verifiers.timeout_s, chunk_size=cfg.verifiers.chunk_size,
+    )
+    # Surface engine start-up failures here, not at the first step.
+    ray.get([w.__ray_ready__.remote() for w in rollout] + ([teacher.__ray_ready__.remote()] if teacher else []) + [learner.__ray_ready__.remote()])
+    return Roles(rollout, teacher, learner, verifiers)
+
+
+def loss_kwargs(cfg: Config) -> dict:
+    if cfg.algorithm == "grpo":
+        g = cfg.grpo
+        return {"clip_low": g.clip_low, "clip_high": g.clip_high, "agg": g.loss_agg, "tis_cap": g.tis_cap,
+                "norm_len": cfg.rollout.max_new_tokens}
+    return {"clip_low": 0.2, "clip_high": 0.2, "agg": "token-mean", "tis_cap": cfg.opd.tis_cap}
+
+
+def stop_roles(roles: Roles | None) -> None:
+    if roles is None:
+        return
+    for actor in [*roles.rollout, roles.teacher, roles.learner]:
+        if actor is not None:
+            ray.kill(actor)

@@ -1,0 +1,225 @@
+"""One typed config tree: YAML file + ``key=value`` overrides, validated at start-up.
+
+Every error names the dotted key it is about, and all errors are collected before raising, so a user fixes a
+config in one pass. Nothing on disk is touched here.
+
+    cfg = load_config("configs/demo.yaml", ["algorithm=grpo", "trainer.lr=5e-4"])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ALGORITHMS = ("opd", "grpo")
+
+
+class ConfigError(ValueError):
+    """Bad configuration; the message names every offending dotted key. The CLI exits with code 2."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    name: str = "run"
+    output_dir: str = "runs/run"  # metrics, TensorBoard events, checkpoints, summary
+    seed: int = 0
+
+
+class ClusterConfig(_Section):
+    address: str | None = None  # None: start an embedded local Ray; "auto" or "ray://HOST:10001" to join one
+    num_cpus: int | None = None  # logical CPUs for an embedded Ray; None lets Ray count them
+    include_dashboard: bool = False
+
+
+class ModelsConfig(_Section):
+    student: str = "models/demo/student"  # any HF causal-LM directory vLLM can serve
+    teacher: str = "models/demo/teacher"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class TaskConfig(_Section):
+    name: Literal["arithmetic"] = "arithmetic"
+    num_train: int = Field(20000, gt=0)
+    num_test: int = Field(500, gt=0)
+    max_digits_a: int = Field(3, ge=1, le=9)
+    max_digits_b: int = Field(3, ge=1, le=9)
+    ops: list[Literal["+", "-"]] = ["+"]
+    seed: int = 0
+
+
+class OPDConfig(_Section):
+    kl_coef: float = Field(1.0, gt=0)  # advantage = -kl_coef * (log q - log pi_T) per token
+    tis_cap: float = Field(2.0, gt=0)  # cap of the sampler->learner importance ratio
+
+
+class GRPOConfig(_Section):
+    clip_low: float = Field(0.2, ge=0, lt=1)
+    clip_high: float = Field(0.2, ge=0)
+    norm_adv_by_std: bool = True  # False gives Dr.GRPO's mean-centred advantage
+    adv_eps: float = Field(1e-6, gt=0)
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    tis_cap: float = Field(2.0, gt=0)
+
+
+class RolloutConfig(_Section):
+    num_workers: int = Field(1, ge=1)
+    prompts_per_step: int = Field(32, ge=1)
+    group_size: int = Field(4, ge=1)  # G samples per prompt
+    max_new_tokens: int = Field(8, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_model_len: int = Field(128, ge=8)
+    kv_cache_gib: float = Field(1.0, gt=0)
+    probe_tolerance: float = Field(1e-3, gt=0)  # max |logprob diff| between learner and engine after a sync
+
+
+class TeacherConfig(_Section):
+    top_k: int = Field(0, ge=0)  # 0: only the sampled token's logprob (all OPD needs)
+    max_logprobs: int = Field(20, ge=1)  # vLLM rejects top_k above this; raised automatically to top_k
+
+
+class VerifierEntry(_Section):
+    name: str  # registered name, "package.module:function" or "path/to/file.py:function"
+    weight: float = 1.0
+
+
+class VerifiersConfig(_Section):
+    functions: list[VerifierEntry] = [VerifierEntry(name="exact_answer")]
+    timeout_s: float = Field(10.0, gt=0)
+    chunk_size: int = Field(64, ge=1)
+
+
+class TrainerConfig(_Section):
+    total_steps: int = Field(40, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(64, ge=1)  # sequences per forward/backward; gradients accumulate over a step
+    torch_threads: int = Field(1, ge=1)
+
+
+class EvalConfig(_Section):
+    every: int = Field(0, ge=0)  # 0: only before and after training
+    num_prompts: int = Field(500, ge=1)
+    max_new_tokens: int = Field(8, ge=1)
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(10, ge=0)  # 0: only at the end
+    keep: int = Field(2, ge=1)
+
+
+class Config(_Section):
+    run: RunConfig = RunConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    models: ModelsConfig = ModelsConfig()
+    task: TaskConfig = TaskConfig()
+    algorithm: Literal["opd", "grpo"] = "opd"
+    opd: OPDConfig = OPDConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    verifiers: VerifiersConfig = VerifiersConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        if self.teacher.top_k > self.teacher.max_logprobs:
+            self.teacher.max_logprobs = self.teacher.top_k
+        if self.eval.num_prompts > self.task.num_test:
+            raise ValueError(f"eval.num_prompts={self.eval.num_prompts} exceeds task.num_test={self.task.num_test}")
+        return self
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.algorithm == "opd"
+
+
+def _set_dotted(tree: dict, key: str, value: object) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{key}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, object]]:
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{key}': value {raw!r} is not valid YAML ({e})") from e
+        parsed.append((key, value))
+    return parsed
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown config key")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {key}: {e['msg']}{shown}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def build_config(tree: dict) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    return build_config(tree)
+
+
+def check_model_dirs(cfg: Config) -> None:
+    """Fail before anything is written when a model directory is missing or not a HF checkpoint."""
+    problems = []
+    keys = ["student"] + (["teacher"] if cfg.needs_teacher else [])
+    for key in keys:
+        d = Path(getattr(cfg.models, key))
+        if not d.is_dir():
+            problems.append(f"  models.{key}: directory {str(d)!r} does not exist (build the demo models with `opd bootstrap`)")
+        elif not (d / "config.json").is_file():
+            problems.append(f"  models.{key}: {str(d)!r} has no config.json; expected a save_pretrained directory")
+    if problems:
+        raise ConfigError("invalid config:\n" + "\n".join(problems))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

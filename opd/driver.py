@@ -1,0 +1,154 @@
+"""The job: sample -> verify and score -> route -> learn -> sync -> log/save, one step at a time.
+
+    opd run configs/demo.yaml algorithm=grpo
+
+``prepare`` does every check that can fail on bad input before anything is written; ``train`` is the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from transformers import AutoTokenizer
+
+from opd.checkpoint import latest_checkpoint, load_state, save_checkpoint
+from opd.cluster import Roles, init_ray, start_roles, stop_roles
+from opd.config import Config, ConfigError, check_model_dirs, dump_config
+from opd.data import Cursor, PromptSource, render_prompts
+from opd.monitor.sinks import MetricsLogger
+from opd.steps import evaluate, sample, step_metrics, sync_weights, verify_and_score, warm_up_verifiers
+from opd.tasks.arithmetic import build_dataset
+from opd.teacher.preflight import TokenizerMismatch, check_tokenizers
+from opd.trainer.routing import route_grpo, route_opd
+from opd.types import Prompt
+
+
+@dataclass
+class Job:
+    run_dir: Path
+    train: list[Prompt]
+    test: list[Prompt]
+    probe_ids: list[int]
+    checkpoint: Path | None
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    version: int = 0
+    cursor: Cursor = field(default_factory=Cursor)
+    accuracy_before: float | None = None
+    teacher_accuracy: float | None = None
+    consumed: int = 0
+
+
+def load_prompts(cfg: Config, tok) -> tuple[list[Prompt], list[Prompt]]:
+    """Train prompts and the held-out evaluation prompts, rendered with the student's chat template."""
+    t = cfg.task
+    try:
+        data = build_dataset(t.num_train, t.num_test, t.max_digits_a, t.max_digits_b, tuple(t.ops), t.seed)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    train = render_prompts(list(data["train"]), tok, "train")
+    return train, render_prompts(list(data["test"]), tok, "test")[: cfg.eval.num_prompts]
+
+
+def prepare(cfg: Config, *, resume: bool = False, fresh: bool = False) -> Job:
+    """Validate models, tokenizers, data and the run directory; raise ConfigError before writing anything."""
+    check_model_dirs(cfg)
+    tok = AutoTokenizer.from_pretrained(cfg.models.student)
+    train, test = load_prompts(cfg, tok)
+    if cfg.needs_teacher:
+        try:
+            check_tokenizers(tok, AutoTokenizer.from_pretrained(cfg.models.teacher), [p.columns["prompt"] for p in train[:8]])
+        except TokenizerMismatch as e:
+            raise ConfigError(f"models.teacher: {e}") from None
+    too_long = [p.prompt_id for p in train + test if len(p.token_ids) + cfg.rollout.max_new_tokens > cfg.rollout.max_model_len]
+    if too_long:
+        raise ConfigError(f"rollout.max_model_len={cfg.rollout.max_model_len} is too short for {len(too_long)} prompts (first: {too_long[0]})")
+    run_dir = Path(cfg.run.output_dir)
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None:
+        raise ConfigError(f"run.output_dir: --resume given but {str(run_dir)!r} holds no complete checkpoint")
+    if not resume and (run_dir / "metrics.jsonl").exists():
+        if not fresh:
+            raise ConfigError(f"run.output_dir: {str(run_dir)!r} already holds a run; pass --resume or choose another directory")
+        shutil.rmtree(run_dir)
+    probe = test[0].token_ids + tok(test[0].answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return Job(run_dir, train, test, probe, ckpt)
+
+
+def run(cfg: Config, *, resume: bool = False, fresh: bool = False, progress: bool = True) -> dict:
+    job = prepare(cfg, resume=resume, fresh=fresh)
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    (job.run_dir / "config.yaml").write_text(dump_config(cfg))
+    init_ray(cfg)
+    roles = None
+    try:
+        roles = start_roles(cfg)
+        return train(cfg, job, roles, progress)
+    finally:
+        stop_roles(roles)
+
+
+def _restore(job: Job, roles: Roles) -> RunState:
+    if job.checkpoint is None:
+        return RunState()
+    s = load_state(job.checkpoint)
+    ray.get(roles.learner.load.remote(str(job.checkpoint)))
+    return RunState(s["step"], s["version"], Cursor(**s["cursor"]), s["accuracy_before"], s["teacher_accuracy"], s["consumed"])
+
+
+def _save(cfg: Config, job: Job, roles: Roles, st: RunState) -> None:
+    state = {"step": st.step, "version": st.version, "cursor": vars(st.cursor), "accuracy_before": st.accuracy_before,
+             "teacher_accuracy": st.teacher_accuracy, "consumed": st.consumed}
+    save_checkpoint(job.run_dir, st.step, lambda path: ray.get(roles.learner.save.remote(path)), state, cfg.checkpoint.keep)
+
+
+def _route(cfg: Config, rollouts, rewards, scores):
+    if cfg.algorithm == "opd":
+        return route_opd(rollouts, scores, kl_coef=cfg.opd.kl_coef)
+    return route_grpo(rollouts, rewards, norm_by_std=cfg.grpo.norm_adv_by_std, eps=cfg.grpo.adv_eps)
+
+
+def train(cfg: Config, job: Job, roles: Roles, progress: bool = True) -> dict:
+    wall0 = time.perf_counter()
+    st = _restore(job, roles)
+    data = PromptSource(job.train, cfg.run.seed, st.cursor)
+    st.version, _ = sync_weights(roles, job.probe_ids, cfg.rollout.probe_tolerance)
+    warm_up_verifiers(roles, job.test[0])
+    if st.accuracy_before is None:
+        st.accuracy_before = evaluate(roles, job.test, cfg, who="student")
+        st.teacher_accuracy = evaluate(roles, job.test, cfg, who="teacher") if roles.teacher else None
+    log = MetricsLogger(job.run_dir, cfg.trainer.total_steps, st.step, progress)
+    for step in range(st.step, cfg.trainer.total_steps):
+        t0 = time.perf_counter()
+        rollouts = sample(roles, data.next_batch(cfg.rollout.prompts_per_step), step, cfg)
+        rewards, scores = verify_and_score(roles, rollouts, cfg)
+        stats = ray.get(roles.learner.train_step.remote(_route(cfg, rollouts, rewards, scores)))
+        st.version, probe_diff = sync_weights(roles, job.probe_ids, cfg.rollout.probe_tolerance)
+        st.step, st.cursor, st.consumed = step + 1, data.cursor, st.consumed + len(rollouts.samples)
+        if cfg.eval.every and st.step % cfg.eval.every == 0:
+            stats["eval_accuracy"] = evaluate(roles, job.test, cfg, who="student")
+        log.log(step, step_metrics(rollouts, rewards, scores, stats, probe_diff, st.version, time.perf_counter() - t0))
+        if st.step == cfg.trainer.total_steps or (cfg.checkpoint.every and st.step % cfg.checkpoint.every == 0):
+            _save(cfg, job, roles, st)
+    log.close()
+    summary = {
+        "algorithm": cfg.algorithm,
+        "teacher_accuracy": st.teacher_accuracy,
+        "student_accuracy_before": st.accuracy_before,
+        "student_accuracy_after": evaluate(roles, job.test, cfg, who="student"),
+        "eval_prompts": len(job.test),
+        "steps": st.step,
+        "samples_trained": st.consumed,
+        "weight_version": st.version,
+        "wall_seconds": round(time.perf_counter() - wall0, 1),
+    }
+    (job.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

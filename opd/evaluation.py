@@ -1,0 +1,30 @@
+"""``opd eval``: greedy held-out accuracy of a student directory (any checkpoint's ``model/``) and the teacher."""
+
+from __future__ import annotations
+
+import ray
+from transformers import AutoTokenizer
+
+from opd.cluster import Roles, init_ray
+from opd.config import Config, check_model_dirs
+from opd.driver import load_prompts
+from opd.rewards import VerifierRunner, VerifierSpec
+from opd.rollout.worker import RolloutWorker
+from opd.steps import evaluate
+from opd.teacher.scorer import VLLMTeacher
+
+
+def evaluate_models(cfg: Config, teacher: bool = False) -> dict:
+    cfg = cfg.model_copy(update={"algorithm": "opd" if teacher else cfg.algorithm})
+    check_model_dirs(cfg)
+    _, test = load_prompts(cfg, AutoTokenizer.from_pretrained(cfg.models.student))
+    init_ray(cfg)
+    common = {"seed": cfg.run.seed, "max_model_len": cfg.rollout.max_model_len, "kv_cache_gib": cfg.rollout.kv_cache_gib, "dtype": cfg.models.dtype}
+    worker = ray.remote(RolloutWorker).options(num_cpus=1).remote(cfg.models.student, **common)
+    teacher_actor = ray.remote(VLLMTeacher).options(num_cpus=1).remote(cfg.models.teacher, max_logprobs=1, **common) if teacher else None
+    runner = VerifierRunner([VerifierSpec(v.name, v.weight) for v in cfg.verifiers.functions], timeout_s=cfg.verifiers.timeout_s)
+    roles = Roles([worker], teacher_actor, None, runner)
+    result = {"student": cfg.models.student, "student_accuracy": evaluate(roles, test, cfg, who="student"), "eval_prompts": len(test)}
+    if teacher:
+        result.update(teacher=cfg.models.teacher, teacher_accuracy=evaluate(roles, test, cfg, who="teacher"))
+    return result

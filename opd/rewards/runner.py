@@ -1,0 +1,215 @@
+"""Run the configured verifiers as Ray tasks and fold their scores into one ``opd.types.Rewards``.
+
+Why Ray tasks: a verifier is arbitrary user code (it may hang, crash or leak), so it must not run inside the
+training driver; a task per (verifier, chunk) lets a stuck chunk be killed with ``ray.cancel(force=True)`` while the
+rest of the batch still scores. Tasks ask for ``num_cpus=0`` because verifiers are light and the CPUs are reserved
+for the engines; they would otherwise queue behind them.
+
+Conventions:
+
+* the total reward of a row is ``sum(weight_v * score_v)`` over verifiers;
+* the FIRST verifier is the correctness check: ``correct[i]`` is ``score_0[i] >= success_threshold``;
+* a verifier that fails on a row (raised, timed out, wrong-length list, None/non-finite/non-number) scores 0.0 there
+  and the reason is recorded in ``Rewards.failures[uid]`` as ``"name: reason"`` (several joined with ``"; "``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import numbers
+import sys
+import time
+from dataclasses import dataclass
+
+import ray
+import ray.cloudpickle
+
+from opd.rewards.registry import FILE_MODULE_MARK, Verifier, VerifierSpecError, resolve
+from opd.types import Rewards
+
+
+@dataclass
+class VerifierSpec:
+    """One verifier from the config: a spec string for ``resolve`` and the weight of its score in the reward."""
+
+    name: str
+    weight: float = 1.0
+
+    @classmethod
+    def parse(cls, obj: object) -> VerifierSpec:
+        """Accept ``"name"``, ``{"name": ..., "weight": ...}`` or a ``VerifierSpec`` (the shapes a config holds)."""
+        if isinstance(obj, cls):
+            return obj
+        if isinstance(obj, str):
+            return cls(obj)
+        if isinstance(obj, dict) and set(obj) <= {"name", "weight"} and "name" in obj:
+            return cls(str(obj["name"]), float(obj.get("weight", 1.0)))
+        raise VerifierSpecError(f"verifier entry must be a name or {{name, weight}}, got {obj!r}")
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _run_chunk(fn: Verifier, chunk: tuple[list, list, dict]) -> tuple[bool, object]:
+    """Call one verifier on one chunk ``(prompts, completions, columns)``; returns (True, values) or (False, reason).
+
+    Exceptions are caught here rather than surfacing as RayTaskError so the reason stays "Type: message" without
+    Ray's traceback wrapping. ``max_retries=0``: a verifier that crashes its worker would crash it again.
+    """
+    prompts, completions, columns = chunk
+    try:
+        out = fn(prompts, completions, **columns)
+        if inspect.isawaitable(out):
+            out = asyncio.run(_await(out))
+        return True, list(out)
+    except Exception as e:  # noqa: BLE001 - any verifier error becomes a per-row failure
+        return False, f"{type(e).__name__}: {e}"
+
+
+async def _await(awaitable):
+    return await awaitable
+
+
+class VerifierRunner:
+    """Scores completions with several weighted verifiers under one wall-clock deadline per call."""
+
+    def __init__(
+        self,
+        specs: list[VerifierSpec],
+        *,
+        timeout_s: float = 10.0,
+        chunk_size: int = 64,
+        success_threshold: float = 1.0,
+    ):
+        self.specs = [VerifierSpec.parse(s) for s in specs]
+        if not self.specs:
+            raise VerifierSpecError(
+                "at least one verifier is required (the first one is the correctness check)"
+            )
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.timeout_s = float(timeout_s)
+        self.chunk_size = int(chunk_size)
+        self.success_threshold = float(success_threshold)
+        self._fns: list[Verifier] = []
+        self.validate()
+
+    def validate(self) -> None:
+        """Resolve every spec now, so a typo in the config fails at start-up rather than at the first step."""
+        seen: set[str] = set()
+        fns = []
+        for i, spec in enumerate(self.specs):
+            if spec.name in seen:
+                raise VerifierSpecError(
+                    f"verifier {spec.name!r} is listed twice; per_verifier scores are keyed by name"
+                )
+            seen.add(spec.name)
+            if not math.isfinite(spec.weight):
+                raise VerifierSpecError(f"verifier {spec.name!r}: weight must be finite, got {spec.weight}")
+            try:
+                fns.append(resolve(spec.name))
+            except VerifierSpecError as e:
+                raise VerifierSpecError(f"verifiers[{i}] ({spec.name!r}): {e}") from e
+        self._fns = fns
+
+    def score(
+        self, uids: list[str], prompts: list[str], completions: list[str], columns: dict[str, list]
+    ) -> Rewards:
+        """Score every row with every verifier; never raises for a misbehaving verifier (see module docstring)."""
+        if not ray.is_initialized():
+            raise RuntimeError("VerifierRunner.score needs Ray: call ray.init() before scoring")
+        n = len(uids)
+        if len(prompts) != n or len(completions) != n:
+            raise ValueError(f"score: {n} uids, {len(prompts)} prompts, {len(completions)} completions")
+        for key, col in columns.items():
+            if len(col) != n:
+                raise ValueError(f"score: column {key!r} has {len(col)} rows for {n} uids")
+        start = time.monotonic()
+        deadline = start + self.timeout_s
+        names = [s.name for s in self.specs]
+        scores = {name: [0.0] * n for name in names}
+        failed = {name: [False] * n for name in names}
+        reasons: dict[int, list[tuple[int, str]]] = {}  # row -> [(verifier index, "name: reason")]
+
+        def fail(v: int, rows: range, reason: str) -> None:
+            for r in rows:
+                failed[names[v]][r] = True
+                reasons.setdefault(r, []).append((v, f"{names[v]}: {reason}"))
+
+        # Each chunk goes into the object store once and is shared by all verifiers (Ray resolves a top-level
+        # ObjectRef argument to its value in the task); each function is put once too.
+        chunks = [range(lo, min(lo + self.chunk_size, n)) for lo in range(0, n, self.chunk_size)]
+        chunk_refs = [
+            ray.put(
+                (
+                    prompts[c.start : c.stop],
+                    completions[c.start : c.stop],
+                    {k: list(v[c.start : c.stop]) for k, v in columns.items()},
+                )
+            )
+            for c in chunks
+        ]
+        tasks = {}  # ObjectRef -> (verifier index, rows)
+        for v, fn in enumerate(self._fns):
+            _ship_by_value(fn)
+            fn_ref = ray.put(fn)
+            for rows, data_ref in zip(chunks, chunk_refs, strict=True):
+                tasks[_run_chunk.remote(fn_ref, data_ref)] = (v, rows)
+
+        refs = list(tasks)
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
+        for ref in pending:
+            ray.cancel(ref, force=True)
+            v, rows = tasks[ref]
+            fail(v, rows, f"timeout after {self.timeout_s:g}s")
+        for ref in ready:
+            v, rows = tasks[ref]
+            try:
+                ok, payload = ray.get(ref)
+            except Exception as e:  # the worker died, or the function could not be unpickled there
+                cause = getattr(e, "cause", None) or e
+                fail(v, rows, f"{type(cause).__name__}: {cause}")
+                continue
+            if not ok:
+                fail(v, rows, str(payload))
+            elif len(payload) != len(rows):
+                fail(v, rows, f"returned {len(payload)} scores for {len(rows)} rows")
+            else:
+                for r, value in zip(rows, payload, strict=True):
+                    bad = _bad_value(value)
+                    if bad:
+                        fail(v, range(r, r + 1), bad)
+                    else:
+                        scores[names[v]][r] = float(value)
+
+        rewards = [sum(s.weight * scores[s.name][i] for s in self.specs) for i in range(n)]
+        first = names[0]
+        correct = [not failed[first][i] and scores[first][i] >= self.success_threshold for i in range(n)]
+        return Rewards(
+            uids=list(uids),
+            rewards=rewards,
+            correct=correct,
+            per_verifier=scores,
+            failures={uids[r]: "; ".join(m for _, m in sorted(msgs)) for r, msgs in sorted(reasons.items())},
+            verify_seconds=time.monotonic() - start,
+        )
+
+
+def _bad_value(value: object) -> str | None:
+    """Why a single returned value is not a usable score, or None when it is."""
+    if value is None:
+        return "returned None"
+    if not isinstance(value, numbers.Real):
+        return f"returned non-number {value!r} ({type(value).__name__})"
+    if not math.isfinite(float(value)):
+        return f"returned non-finite value {float(value)}"
+    return None
+
+
+def _ship_by_value(fn: Verifier) -> None:
+    """Functions loaded from a file live in a module the Ray worker cannot import: pickle that module by value."""
+    module = sys.modules.get(getattr(fn, "__module__", "") or "")
+    if module is not None and getattr(module, FILE_MODULE_MARK, None):
+        ray.cloudpickle.register_pickle_by_value(module)

@@ -1,0 +1,66 @@
+"""RolloutWorker: a vLLM engine that samples G answers per prompt and takes new weights from the learner.
+
+After every weight load it re-scores a fixed probe sequence and compares with the learner's log-probs: a sync that
+silently failed (peers' costliest bug class) stops the run here, naming the weight version.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+
+from opd.rollout.engine import VLLMEngine
+from opd.types import Prompt, Sample, sample_uid
+
+
+class WeightSyncError(RuntimeError):
+    pass
+
+
+class RolloutWorker:
+    def __init__(self, model_dir: str, *, seed: int, max_model_len: int, kv_cache_gib: float, dtype: str, worker_id: int = 0):
+        self.worker_id = worker_id
+        self.engine = VLLMEngine(model_dir, seed=seed, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, dtype=dtype)
+        self.version = 0
+
+    def generate(
+        self, prompts: list[Prompt], *, step: int, n: int, temperature: float, top_p: float, max_tokens: int, seed: int
+    ) -> tuple[list[Sample], float]:
+        """n samples per prompt, in prompt order. Per-prompt seeds make a step's rollouts reproducible on resume."""
+        t0 = time.perf_counter()
+        seeds = [zlib.crc32(f"{seed}/{step}/{p.prompt_id}".encode()) for p in prompts]  # stable across processes
+        outs = self.engine.generate(
+            [p.token_ids for p in prompts], n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seeds=seeds
+        )
+        samples = [
+            Sample(
+                uid=sample_uid(p.prompt_id, g, step),
+                prompt=p,
+                group_index=g,
+                response_ids=gen.token_ids,
+                response_text=gen.text,
+                sampler_logprobs=gen.logprobs,
+                weight_version=self.version,
+                finish_reason=gen.finish_reason,
+            )
+            for p, gens in zip(prompts, outs, strict=True)
+            for g, gen in enumerate(gens)
+        ]
+        return samples, time.perf_counter() - t0
+
+    def generate_greedy(self, prompt_ids: list[list[int]], max_tokens: int) -> list[str]:
+        outs = self.engine.generate(prompt_ids, n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens)
+        return [gens[0].text for gens in outs]
+
+    def load_weights(self, blob: bytes, version: int, probe_ids: list[int], expected: list[float], tolerance: float) -> float:
+        """Load version ``version`` and verify it against the learner's probe log-probs; returns the max difference."""
+        self.engine.load_weights(blob)
+        got = self.engine.score([probe_ids])[0].token_logprobs
+        diff = max(abs(a - b) for a, b in zip(got, expected, strict=True))
+        if not diff <= tolerance:
+            raise WeightSyncError(
+                f"rollout worker {self.worker_id}: weight version {version} failed the probe check "
+                f"(max |logprob diff| {diff:.3g} > tolerance {tolerance:.3g}); the engine is not serving the learner's weights"
+            )
+        self.version = version
+        return diff

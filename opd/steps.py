@@ -1,0 +1,108 @@
+"""The driver's named steps, each a thin call into the role actors. Feature branches live here, not in the loop."""
+
+from __future__ import annotations
+
+import ray
+
+from opd.cluster import Roles
+from opd.config import Config
+from opd.trainer.routing import teacher_reverse_kl
+from opd.types import Prompt, Rewards, RolloutBatch, Sample, TeacherScores
+
+
+def _split(items: list, parts: int) -> list[list]:
+    """Contiguous, near-equal chunks: keeps each prompt's G samples on one worker and the batch in order."""
+    size, extra = divmod(len(items), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + size + (1 if i < extra else 0)
+        out.append(items[start:end])
+        start = end
+    return out
+
+
+def sample(roles: Roles, prompts: list[Prompt], step: int, cfg: Config) -> RolloutBatch:
+    r = cfg.rollout
+    chunks = [c for c in _split(prompts, len(roles.rollout)) if c]
+    refs = [
+        w.generate.remote(c, step=step, n=r.group_size, temperature=r.temperature, top_p=r.top_p,
+                          max_tokens=r.max_new_tokens, seed=cfg.run.seed)
+        for w, c in zip(roles.rollout, chunks, strict=False)
+    ]
+    results = ray.get(refs)
+    samples = [s for part, _ in results for s in part]
+    batch = RolloutBatch(step, samples, r.group_size, samples[0].weight_version, max(sec for _, sec in results))
+    batch.validate()
+    return batch
+
+
+def _verify(roles: Roles, samples: list[Sample]) -> Rewards:
+    columns: dict[str, list] = {}
+    for key in samples[0].prompt.columns:
+        if key != "prompt":
+            columns[key] = [s.prompt.columns[key] for s in samples]
+    return roles.verifiers.score(
+        [s.uid for s in samples], [s.prompt.columns["prompt"] for s in samples], [s.response_text for s in samples], columns
+    )
+
+
+def verify_and_score(roles: Roles, rollouts: RolloutBatch, cfg: Config) -> tuple[Rewards, TeacherScores | None]:
+    """Teacher scoring runs on its actor while verifiers run as Ray tasks; both finish before routing."""
+    teacher_ref = roles.teacher.score.remote(rollouts.samples, cfg.teacher.top_k) if roles.teacher else None
+    rewards = _verify(roles, rollouts.samples)
+    rewards.validate(rollouts.samples)
+    scores = ray.get(teacher_ref) if teacher_ref is not None else None
+    return rewards, scores
+
+
+def sync_weights(roles: Roles, probe_ids: list[int], tolerance: float) -> tuple[int, float]:
+    """Publish the learner's weights to every rollout worker; each verifies them with the probe sequence."""
+    version, expected, blob = ray.get(
+        [roles.learner.version_number.remote(), roles.learner.probe_logprobs.remote(probe_ids), roles.learner.export_weights.remote()]
+    )
+    blob_ref = ray.put(blob)
+    diffs = ray.get([w.load_weights.remote(blob_ref, version, probe_ids, expected, tolerance) for w in roles.rollout])
+    return version, max(diffs)
+
+
+def warm_up_verifiers(roles: Roles, prompt: Prompt) -> None:
+    """Start the verifier task workers before any deadline applies (a cold start takes seconds on a busy machine)."""
+    cols = {k: [v] for k, v in prompt.columns.items() if k != "prompt"}
+    roles.verifiers.score(["warmup"], [prompt.columns["prompt"]], [prompt.answer], cols)
+
+
+def evaluate(roles: Roles, prompts: list[Prompt], cfg: Config, who: str) -> float:
+    """Greedy held-out accuracy (by the first verifier) of the student's engines or the teacher's."""
+    ids = [p.token_ids for p in prompts]
+    if who == "teacher":
+        texts = ray.get(roles.teacher.generate_greedy.remote(ids, cfg.eval.max_new_tokens))
+    else:
+        parts = [c for c in _split(ids, len(roles.rollout)) if c]
+        outs = ray.get([w.generate_greedy.remote(c, cfg.eval.max_new_tokens) for w, c in zip(roles.rollout, parts, strict=False)])
+        texts = [t for part in outs for t in part]
+    columns = {k: [p.columns[k] for p in prompts] for k in prompts[0].columns if k != "prompt"}
+    rewards = roles.verifiers.score([f"eval/{p.prompt_id}" for p in prompts], [p.columns["prompt"] for p in prompts], texts, columns)
+    return sum(rewards.correct) / len(prompts)
+
+
+def step_metrics(
+    rollouts: RolloutBatch, rewards: Rewards, scores: TeacherScores | None, learner: dict, probe_diff: float,
+    version: int, step_seconds: float,
+) -> dict[str, float]:
+    n_tok = rollouts.num_response_tokens
+    m = {
+        "reward": sum(rewards.rewards) / len(rewards.rewards),
+        "accuracy": sum(rewards.correct) / len(rewards.correct),
+        "verifier_failures": float(len(rewards.failures)),
+        "response_length": n_tok / len(rollouts.samples),
+        "rollout_tokens_per_s": n_tok / max(rollouts.generate_seconds, 1e-9),
+        "verify_seconds": rewards.verify_seconds,
+        "weight_version": float(version),
+        "probe_max_diff": probe_diff,
+        "step_seconds": step_seconds,
+        **learner,
+    }
+    if scores is not None:
+        m["teacher_kl"] = teacher_reverse_kl(rollouts, scores)
+        m["score_tokens_per_s"] = n_tok / max(scores.score_seconds, 1e-9)
+    return m

@@ -1,0 +1,1 @@
+"""Embedded verifiable tasks that generate `datasets.Dataset` splits."""

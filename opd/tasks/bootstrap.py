@@ -1,0 +1,322 @@
+"""Train the teacher and the starting student from scratch, offline, on a CPU.
+
+On-policy distillation needs a teacher that solves the task and a student that does not yet: the gap between them
+is what the service closes. No model hub is reachable, so both are tiny Qwen2 models (the architecture vLLM serves)
+trained here by plain supervised fine-tuning. Everything is driven by step counts and seeds, never by wall-clock
+budgets, so the same spec gives the same checkpoints on any machine; the result is cached under ``out_dir`` and
+keyed by a hash of the spec, because the demo re-runs it on every start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+from opd.tasks.arithmetic import build_dataset, exact_answer
+from opd.tasks.tokenizer import build_tokenizer
+
+log = logging.getLogger("opd.bootstrap")
+
+# Bump when the training recipe changes in a way the spec does not capture, so stale caches are rebuilt.
+RECIPE_VERSION = 1
+IGNORE_INDEX = -100  # label value the HF causal-LM loss skips
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+
+
+@dataclass(frozen=True)
+class SFTSpec:
+    steps: int
+    batch_size: int = 128
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    num_train: int = 50000
+    num_test: int = 500
+    max_digits_a: int = 3
+    max_digits_b: int = 3
+    ops: tuple[str, ...] = ("+",)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class BootstrapSpec:
+    task: TaskSpec
+    teacher: ModelSpec
+    student: ModelSpec
+    teacher_sft: SFTSpec
+    student_sft: SFTSpec
+    seed: int = 0
+    eval_batch_size: int = 250
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> BootstrapSpec:
+        """Inverse of ``to_dict`` (e.g. the ``spec`` stored in bootstrap.json)."""
+        task = dict(d["task"])
+        task["ops"] = tuple(task.get("ops", ("+",)))
+        rest = {k: v for k, v in d.items() if k not in ("task", "teacher", "student", "teacher_sft", "student_sft")}
+        return cls(
+            task=TaskSpec(**task),
+            teacher=ModelSpec(**d["teacher"]),
+            student=ModelSpec(**d["student"]),
+            teacher_sft=SFTSpec(**d["teacher_sft"]),
+            student_sft=SFTSpec(**d["student_sft"]),
+            **rest,
+        )
+
+    def hash(self) -> str:
+        payload = json.dumps({"recipe": RECIPE_VERSION, "spec": self.to_dict()}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def demo_spec() -> BootstrapSpec:
+    """~1M-parameter teacher near 100 %, ~0.2M student stopped early at a weak but non-zero accuracy."""
+    return BootstrapSpec(
+        task=TaskSpec(num_train=50000, num_test=500, max_digits_a=3, max_digits_b=3),
+        teacher=ModelSpec(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512),
+        student=ModelSpec(hidden_size=64, num_layers=3, num_heads=2, num_kv_heads=1, intermediate_size=256),
+        teacher_sft=SFTSpec(steps=3000, batch_size=128, lr=3e-3, warmup_steps=100),
+        student_sft=SFTSpec(steps=400, batch_size=128, lr=3e-3, warmup_steps=50),
+    )
+
+
+def tiny_spec() -> BootstrapSpec:
+    """Same code path as the demo in seconds, for tests: accuracy is irrelevant, valid checkpoints are not."""
+    return BootstrapSpec(
+        task=TaskSpec(num_train=2000, num_test=100, max_digits_a=2, max_digits_b=2),
+        teacher=ModelSpec(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128),
+        student=ModelSpec(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=128),
+        teacher_sft=SFTSpec(steps=150, batch_size=64, warmup_steps=10),
+        student_sft=SFTSpec(steps=50, batch_size=64, warmup_steps=10),
+        eval_batch_size=100,
+    )
+
+
+def build_model(spec: ModelSpec, tokenizer) -> Qwen2ForCausalLM:
+    head_dim = spec.hidden_size // spec.num_heads
+    if spec.hidden_size % spec.num_heads or head_dim not in (32, 64):
+        raise ValueError(f"head_dim = hidden_size / num_heads must be 32 or 64 (vLLM CPU attention); got {spec}")
+    if spec.num_heads % spec.num_kv_heads:
+        raise ValueError(f"num_heads must be a multiple of num_kv_heads; got {spec}")
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=128,
+        max_window_layers=spec.num_layers,
+        tie_word_embeddings=True,
+        dtype="float32",
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    return model
+
+
+def num_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() de-duplicates the tied embedding
+
+
+def render_prompt(tokenizer, prompt: str) -> str:
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def sft_example(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """Input ids and labels of one example; only the answer and its end token are learned, the prompt is given."""
+    prompt_ids = tokenizer.encode(render_prompt(tokenizer, prompt), add_special_tokens=False)
+    response_ids = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+    return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
+
+
+def sft_tensors(tokenizer, rows: Iterable[Mapping]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All examples right-padded once into (ids, labels, lengths), so a training step is just an index gather."""
+    examples = [sft_example(tokenizer, r["prompt"], r["answer"]) for r in rows]
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (x, y) in enumerate(examples):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+    return ids, labels, torch.tensor([len(x) for x, _ in examples])
+
+
+def _lr_factor(step: int, sft: SFTSpec) -> float:
+    if step < sft.warmup_steps:
+        return (step + 1) / sft.warmup_steps
+    progress = (step - sft.warmup_steps) / max(1, sft.steps - sft.warmup_steps)
+    return sft.min_lr_ratio + (1 - sft.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def sft(model, tokenizer, train_rows: Iterable[Mapping], sft_spec: SFTSpec, seed: int = 0, name: str = "model"):
+    """Plain AdamW loop. Returns a summary dict (steps, final loss, seconds)."""
+    torch.set_num_threads(2)
+    start = time.monotonic()
+    ids, labels, lengths = sft_tensors(tokenizer, train_rows)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=sft_spec.lr, weight_decay=sft_spec.weight_decay, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, sft_spec))
+    model.train()
+    order, cursor, running = torch.randperm(len(ids), generator=gen), 0, None
+    log_every = max(1, sft_spec.steps // 10)
+    for step in range(sft_spec.steps):
+        if cursor + sft_spec.batch_size > len(order):  # new epoch, fresh seeded shuffle
+            order, cursor = torch.randperm(len(ids), generator=gen), 0
+        batch = order[cursor : cursor + sft_spec.batch_size]
+        cursor += sft_spec.batch_size
+        width = int(lengths[batch].max())
+        # Padding sits only at the right end and attention is causal, so no pad token can influence a real one:
+        # leaving attention_mask out is exact and keeps SDPA on its fast is_causal path.
+        out = model(input_ids=ids[batch, :width], labels=labels[batch, :width])
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        loss = out.loss.item()
+        running = loss if running is None else 0.95 * running + 0.05 * loss
+        if (step + 1) % log_every == 0 or step + 1 == sft_spec.steps:
+            log.info(
+                "%s sft step %d/%d loss %.4f lr %.2e %.0fs",
+                name, step + 1, sft_spec.steps, running, sched.get_last_lr()[0], time.monotonic() - start,
+            )
+    model.eval()
+    return {"steps": sft_spec.steps, "final_loss": running, "seconds": round(time.monotonic() - start, 1)}
+
+
+@torch.no_grad()
+def evaluate_accuracy(model, tokenizer, rows: Iterable[Mapping], batch_size: int = 250) -> float:
+    """Greedy exact-match accuracy, the same verifier the reward stage uses."""
+    torch.set_num_threads(2)
+    rows = list(rows)
+    if not rows:
+        return 0.0
+    model.eval()
+    tokenizer.padding_side = "left"  # generation appends on the right, so prompts must end flush there
+    max_new = max(len(r["answer"]) for r in rows) + 2
+    scores: list[float] = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        enc = tokenizer(
+            [render_prompt(tokenizer, r["prompt"]) for r in chunk],
+            padding=True, add_special_tokens=False, return_tensors="pt",
+        )
+        out = model.generate(
+            **enc, max_new_tokens=max_new, do_sample=False,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+        completions = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        scores += exact_answer([r["prompt"] for r in chunk], completions, answer=[r["answer"] for r in chunk])
+    return sum(scores) / len(scores)
+
+
+def _load_cached(out_dir: Path, spec_hash: str) -> dict | None:
+    meta_path = out_dir / "bootstrap.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("spec_hash") != spec_hash:
+            log.info("cache at %s is for spec %s, not %s: rebuilding", out_dir, meta.get("spec_hash"), spec_hash)
+            return None
+        for role in ("teacher", "student"):
+            AutoTokenizer.from_pretrained(out_dir / role)
+            AutoModelForCausalLM.from_pretrained(out_dir / role)
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # a corrupt cache is rebuilt, not trusted
+        log.warning("cache at %s does not load (%s): rebuilding", out_dir, exc)
+        return None
+    return meta
+
+
+def _train_role(role, model_spec, sft_spec, seed, tokenizer, data, spec, tmp: Path) -> dict:
+    torch.manual_seed(seed)  # model init
+    model = build_model(model_spec, tokenizer)
+    log.info("%s: %d params, %s", role, num_params(model), model_spec)
+    summary = sft(model, tokenizer, data["train"], sft_spec, seed=seed, name=role)
+    t0 = time.monotonic()
+    acc = evaluate_accuracy(model, tokenizer, data["test"], spec.eval_batch_size)
+    summary["eval_seconds"] = round(time.monotonic() - t0, 1)
+    log.info("%s: held-out accuracy %.3f on %d rows", role, acc, len(data["test"]))
+    model.save_pretrained(tmp / role)
+    tokenizer.save_pretrained(tmp / role)
+    return {"params": num_params(model), "accuracy": acc, **summary}
+
+
+def bootstrap(out_dir: Path, spec: BootstrapSpec | None = None, force: bool = False) -> dict:
+    """Build (or reuse) ``out_dir/{teacher,student}`` and ``out_dir/bootstrap.json``; returns the json contents."""
+    out_dir, spec = Path(out_dir), spec or demo_spec()
+    spec_hash = spec.hash()
+    if not force and (cached := _load_cached(out_dir, spec_hash)) is not None:
+        log.info("bootstrap cache hit at %s (spec %s)", out_dir, spec_hash)
+        return cached
+    if out_dir.exists() and (stray := set(os.listdir(out_dir)) - {"teacher", "student", "bootstrap.json"}):
+        raise FileExistsError(f"{out_dir} holds files bootstrap did not write ({sorted(stray)}); refusing to replace it")
+    start = time.monotonic()
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        torch.set_num_threads(2)
+        t = spec.task
+        data = build_dataset(t.num_train, t.num_test, t.max_digits_a, t.max_digits_b, tuple(t.ops), t.seed)
+        log.info("dataset: %d train / %d test rows", len(data["train"]), len(data["test"]))
+        tokenizer = build_tokenizer()
+        meta = {"spec": spec.to_dict(), "spec_hash": spec_hash, "recipe_version": RECIPE_VERSION}
+        meta["teacher"] = _train_role("teacher", spec.teacher, spec.teacher_sft, spec.seed, tokenizer, data, spec, tmp)
+        meta["student"] = _train_role(
+            "student", spec.student, spec.student_sft, spec.seed + 1, tokenizer, data, spec, tmp
+        )
+        meta["seconds"] = round(time.monotonic() - start, 1)
+        text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+        meta = json.loads(text)  # return exactly what a later cache hit returns (lists, not tuples)
+        (tmp / "bootstrap.json").write_text(text)
+        if out_dir.exists():  # swap: move the old dir aside first so out_dir is never half-written
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info(
+        "bootstrap done in %.0fs: teacher %.3f (%d params), student %.3f (%d params)",
+        meta["seconds"], meta["teacher"]["accuracy"], meta["teacher"]["params"],
+        meta["student"]["accuracy"], meta["student"]["params"],
+    )
+    return meta

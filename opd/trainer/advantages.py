@@ -1,0 +1,34 @@
+"""Advantage estimators (torch only). Advantages are constants for the loss: every output is detached."""
+
+from __future__ import annotations
+
+import torch
+
+
+def grpo_advantages(rewards_PG: torch.Tensor, *, norm_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """Group-relative advantage per sample (§2.1): ``(r - mean_g r) / (std_g r + eps)``.
+
+    ``rewards_PG`` holds P prompts x G samples. ``norm_by_std=False`` is Dr.GRPO's mean-centring (§2.2). The std
+    is the unbiased one (as verl and TRL use); a group of one sample gets advantage 0.
+    """
+    r = rewards_PG.detach().to(torch.float32)
+    centred = r - r.mean(dim=-1, keepdim=True)
+    if not norm_by_std:
+        return centred
+    if r.shape[-1] < 2:
+        return torch.zeros_like(r)
+    std = r.std(dim=-1, keepdim=True)
+    # A uniform group carries no signal: 0, also when eps is 0.
+    return torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred))
+
+
+def opd_token_advantages(
+    sampler_logprobs_BT: torch.Tensor, teacher_logprobs_BT: torch.Tensor, mask_BT: torch.Tensor, coef: float = 1.0
+) -> torch.Tensor:
+    """Sampled-token reverse KL as a per-token advantage (§1.1): ``A_t = -coef * (log q(y_t) - log pi_T(y_t))``.
+
+    Positive where the teacher likes the drawn token more than the student did. Discount 0: each token carries
+    only its own term, as in every reference implementation.
+    """
+    kl_BT = (sampler_logprobs_BT - teacher_logprobs_BT).detach()
+    return -coef * kl_BT * mask_BT.to(kl_BT.dtype)

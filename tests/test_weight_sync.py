@@ -1,0 +1,34 @@
+"""The probe check: an engine that does not serve the learner's weights stops the run, naming the version."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+
+from opd.rollout.weight_sync import pack_state_dict
+from opd.rollout.worker import RolloutWorker, WeightSyncError
+from opd.trainer.learner import Learner
+
+pytestmark = pytest.mark.slow
+
+
+def test_probe_detects_stale_or_wrong_weights(tiny_models, local_ray):
+    import torch
+
+    student = str(tiny_models / "student")
+    learner = Learner(student, lr=1e-3)
+    worker = ray.remote(RolloutWorker).options(num_cpus=1).remote(student, seed=0, max_model_len=32, kv_cache_gib=1, dtype="float32")
+    probe = list(range(5, 20))
+    # The same weights pass with an exact match.
+    diff = ray.get(worker.load_weights.remote(learner.export_weights(), 1, probe, learner.probe_logprobs(probe), 1e-4))
+    assert diff < 1e-4
+    # The learner moves on but the engine receives the old blob: the probe must catch it.
+    stale = learner.export_weights()
+    with torch.no_grad():
+        for p in learner.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    with pytest.raises(ray.exceptions.RayTaskError, match="weight version 2 failed the probe check"):
+        ray.get(worker.load_weights.remote(stale, 2, probe, learner.probe_logprobs(probe), 1e-3))
+    # The right blob then passes and the engine reports the new version's logprobs.
+    assert ray.get(worker.load_weights.remote(pack_state_dict(learner.model.state_dict()), 2, probe, learner.probe_logprobs(probe), 1e-4)) < 1e-4
+    ray.kill(worker)
