@@ -6,7 +6,7 @@ import pytest
 import ray
 
 from opd.rollout.weight_sync import pack_state_dict
-from opd.rollout.worker import RolloutWorker, WeightSyncError
+from opd.rollout.worker import RolloutWorker
 from opd.trainer.learner import Learner
 
 pytestmark = pytest.mark.slow

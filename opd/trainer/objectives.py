@@ -1,0 +1,111 @@
+"""Objective-level pieces for G-OPD/ExOPD, SRPO, PACED and KEPO, as pure functions over tensors (torch only).
+
+Shapes: ``B`` sequences, ``T`` padded response length, ``P`` problems (prompts). ``mask_BT`` is 1 on real
+response tokens. Advantages and weights are constants for the loss: every such output is detached. Maths:
+``reference/algorithms.md`` §4 (G-OPD), §5 (SRPO), §7 (PACED), §8.1 (KEPO). Tested in ``tests/test_objectives.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opd.trainer.advantages import opd_token_advantages
+
+
+def gopd_token_advantages(
+    teacher_logp_BT: torch.Tensor,
+    ref_logp_BT: torch.Tensor,
+    student_logp_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    lam: float = 1.25,
+) -> torch.Tensor:
+    """G-OPD per-token reward as a detached advantage (§4.1–4.2), shape [B, T], 0 where masked.
+
+    ``A_t = λ·(log π_T − log π_ref) − (log π_θ − log π_ref)`` on the sampled token, with ``student_logp_BT`` the
+    rollout-time (old or sampler) log-prob. ``λ = 1`` is plain OPD (π_ref cancels) and is routed through
+    ``opd_token_advantages`` so the identity holds bit for bit, as G-OPD's code special-cases it; ``λ > 1`` is
+    ExOPD (reward extrapolation past the teacher along ref → teacher, default 1.25); ``0 < λ < 1`` interpolates.
+    """
+    if lam == 1.0:
+        return opd_token_advantages(student_logp_BT, teacher_logp_BT, mask_BT, coef=1.0)
+    ref = ref_logp_BT.detach()
+    adv_BT = lam * (teacher_logp_BT.detach() - ref) - (student_logp_BT.detach() - ref)
+    return adv_BT * mask_BT.to(adv_BT.dtype)
+
+
+def srpo_route(correct_B: torch.Tensor, has_teacher_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SRPO sample routing (§5.1): returns ``(z_grpo_B, z_sdpo_B)`` as float 0/1 tensors.
+
+    ``z_sdpo = (1 − c)·m``: only failed rollouts that have teacher information (a successful sibling or feedback)
+    are distilled; correct ones, and failed ones without a teacher, go to GRPO.
+    """
+    c = correct_B.detach().float()
+    m = has_teacher_B.detach().float()
+    z_sdpo_B = (1.0 - c) * m
+    return 1.0 - z_sdpo_B, z_sdpo_B
+
+
+def entropy_weights(
+    teacher_entropy_BT: torch.Tensor, sdpo_token_mask_BT: torch.Tensor, beta: float = 1.0
+) -> torch.Tensor:
+    """DW-SDPO token weights (§5.2), shape [B, T], detached: ``w̃ = exp(−β·H)``, normalised to mean 1.
+
+    ``sdpo_token_mask_BT`` = response mask × ``z_sdpo`` (the SDPO-routed valid tokens, Ω_sdpo). The mean is taken
+    over all of Ω_sdpo in the tensor given (global over the batch, as the paper words it). Low teacher entropy
+    (a confident teacher) gets more weight. Tokens outside the mask get 0; an empty mask gives all zeros.
+    """
+    m = sdpo_token_mask_BT.detach().float()
+    w_raw = torch.exp(-beta * teacher_entropy_BT.detach().float()) * m
+    count = m.sum()
+    # Empty Ω_sdpo: numerator is all zeros, so clamping the denominator yields zeros instead of 0/0.
+    return w_raw * count / w_raw.sum().clamp(min=torch.finfo(w_raw.dtype).tiny)
+
+
+def srpo_loss(
+    grpo_loss_BT: torch.Tensor,
+    sdpo_loss_BT: torch.Tensor,
+    z_grpo_B: torch.Tensor,
+    z_sdpo_B: torch.Tensor,
+    mask_BT: torch.Tensor,
+    weights_BT: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SRPO's joint objective with ONE shared token denominator (§5.3), a scalar.
+
+    ``(Σ z_g·m·ℓ_g + Σ z_sd·m·w·ℓ_sd) / (Σ z_g·m + Σ z_sd·m)``: each branch counts in proportion to its routed
+    tokens; token-meaning each branch separately and adding them would over-weight the smaller branch.
+    ``weights_BT`` (entropy weights, detached) default to 1. An all-masked batch gives 0 with a gradient.
+    """
+    m = mask_BT.to(grpo_loss_BT.dtype)
+    zg_BT = z_grpo_B.detach().to(m.dtype)[:, None] * m
+    zs_BT = z_sdpo_B.detach().to(m.dtype)[:, None] * m
+    if weights_BT is not None:
+        sdpo_loss_BT = sdpo_loss_BT * weights_BT.detach()
+    numerator = (zg_BT * grpo_loss_BT).sum() + (zs_BT * sdpo_loss_BT).sum()
+    return numerator / (zg_BT.sum() + zs_BT.sum()).clamp(min=1.0)
+
+
+def paced_weights(
+    pass_rate_P: torch.Tensor, a: float = 1.0, b: float = 1.0, normalize: bool = True
+) -> torch.Tensor:
+    """PACED per-problem weights ``p^a·(1−p)^b`` (§7, Beta kernel; default ``p(1−p)``), shape [P], detached.
+
+    Problems with ``p ∈ {0, 1}`` always get 0, also when ``a`` or ``b`` is 0 (where ``0^0`` would give 1): an
+    all-right or all-wrong group carries no distillation signal worth its gradient noise. ``normalize`` (§7 marks
+    it [inferred]) rescales so the mean over problems with non-zero weight is 1: zero-weight problems then act as
+    if filtered out, and the loss scale (hence the learning rate) stays comparable to unweighted training on the
+    informative problems. All-zero weights stay zero.
+    """
+    p = pass_rate_P.detach().float()
+    informative = (p > 0.0) & (p < 1.0)
+    w_P = torch.where(
+        informative, p.clamp(0.0, 1.0).pow(a) * (1.0 - p).clamp(0.0, 1.0).pow(b), torch.zeros_like(p)
+    )
+    if not normalize:
+        return w_P
+    nonzero = (w_P > 0).float()
+    return w_P * nonzero.sum() / w_P.sum().clamp(min=torch.finfo(w_P.dtype).tiny)
+
+
+def quality_gate(rewards_B: torch.Tensor, threshold: float) -> torch.Tensor:
+    """KEPO-style gate (§8.1), shape [B]: 1.0 where ``reward ≥ threshold`` (distil only good rollouts), else 0.0."""
+    return (rewards_B.detach() >= threshold).float()

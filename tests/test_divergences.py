@@ -1,0 +1,258 @@
+"""Divergences against values computed by hand from reference/algorithms.md §0.4–0.5 and §6.1."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from opd.trainer.divergences import (
+    forward_kl,
+    full_vocab_divergence,
+    generalized_jsd,
+    kl_penalty,
+    reverse_kl,
+    student_topk_divergence,
+    teacher_topk_forward_kl,
+    with_tail,
+)
+from opd.trainer.selection import normalized_entropy, normalized_jsd
+
+S2 = torch.log(torch.tensor([0.5, 0.5]))
+T2 = torch.log(torch.tensor([0.25, 0.75]))
+S4 = [0.4, 0.3, 0.2, 0.1]
+T4 = [0.1, 0.2, 0.3, 0.4]
+
+
+def _logits(probs):
+    return torch.log(torch.tensor(probs)).view(1, 1, -1)
+
+
+def _sgd_moves_toward_teacher(loss_fn, teacher_logits, steps=1, lr=0.5):
+    """One SGD step on ``loss_fn(student_logits)`` must shrink the L1 gap between student and teacher probs."""
+    student = torch.zeros_like(teacher_logits, requires_grad=True)
+    q = torch.softmax(teacher_logits, -1)
+    gap_before = (torch.softmax(student.detach(), -1) - q).abs().sum()
+    loss_fn(student).sum().backward()
+    with torch.no_grad():
+        gap_after = (torch.softmax(student - lr * student.grad, -1) - q).abs().sum()
+    assert gap_after < gap_before
+
+
+# ---- §0.4 KL-to-reference estimators -------------------------------------------------------------------------
+
+
+def test_kl_penalty_by_hand():
+    logp = torch.log(torch.tensor([[0.5, 0.2]]))
+    ref = torch.log(torch.tensor([[0.25, 0.2]]))  # delta = ln 2, 0
+    ln2 = math.log(2)
+    assert kl_penalty(logp, ref, "k1")[0].tolist() == pytest.approx([ln2, 0.0])
+    assert kl_penalty(logp, ref, "k2")[0].tolist() == pytest.approx([0.5 * ln2**2, 0.0])
+    k3 = [math.exp(-ln2) + ln2 - 1, 0.0]  # r - log r - 1 with r = pi_ref / pi_theta = 0.5
+    assert kl_penalty(logp, ref, "k3")[0].tolist() == pytest.approx(k3)
+    assert kl_penalty(logp, ref, "low_var_kl")[0].tolist() == pytest.approx(k3)
+    with pytest.raises(ValueError, match="low_var_kl"):
+        kl_penalty(logp, ref, "k4")
+
+
+def test_k3_nonnegative_zero_when_equal_and_clamped():
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 7), torch.randn(4, 7)
+    assert (kl_penalty(a, b, "k3") >= 0).all()
+    assert torch.equal(kl_penalty(a, a, "k3"), torch.zeros(4, 7))
+    # delta = -30 -> -delta clamped to 20 -> e^20 - 21 -> result clamped to 10; delta = +30 -> e^-20 + 19 -> 10.
+    extreme = kl_penalty(torch.tensor([[-30.0, 30.0]]), torch.zeros(1, 2), "k3")
+    assert extreme[0].tolist() == [10.0, 10.0]
+
+
+def test_k3_gradient_moves_logp_toward_reference():
+    logp = torch.tensor([[math.log(0.5)]], requires_grad=True)
+    ref = torch.tensor([[math.log(0.25)]], requires_grad=True)
+    kl_penalty(logp, ref, "k3").sum().backward()
+    assert logp.grad.item() == pytest.approx(1 - 0.5)  # d/d delta = 1 - exp(-delta), delta = ln 2
+    assert ref.grad is None  # the reference is a constant
+    assert (logp - 0.1 * logp.grad).item() < logp.item()
+
+
+# ---- §0.5 reverse / forward KL and generalised JSD --------------------------------------------------------------
+
+
+def test_reverse_and_forward_kl_by_hand():
+    rev = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    fwd = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert reverse_kl(S2, T2).item() == pytest.approx(rev)
+    assert forward_kl(S2, T2).item() == pytest.approx(fwd)
+    assert rev != pytest.approx(fwd)
+
+
+def test_reverse_kl_avoids_kl_div_direction_pitfall():
+    torch.manual_seed(1)
+    s, t = torch.log_softmax(torch.randn(3, 6), -1), torch.log_softmax(torch.randn(3, 6), -1)
+    explicit = (s.exp() * (s - t)).sum(-1)  # sum_v S (log S - log T)
+    assert torch.allclose(reverse_kl(s, t), explicit, atol=1e-6)
+    # F.kl_div(input=log S, target=log T) is KL(T||S): the forward direction, not reverse.
+    kl_div_naive = F.kl_div(s, t, log_target=True, reduction="none").sum(-1)
+    assert torch.allclose(forward_kl(s, t), kl_div_naive, atol=1e-6)
+    assert not torch.allclose(reverse_kl(s, t), kl_div_naive, atol=1e-3)
+
+
+@pytest.mark.parametrize("beta", [0.5, 0.3])
+def test_jsd_by_hand(beta):
+    s, t = [0.5, 0.5], [0.25, 0.75]
+    m = [beta * tv + (1 - beta) * sv for sv, tv in zip(s, t, strict=True)]
+    kl_t_m = sum(tv * math.log(tv / mv) for tv, mv in zip(t, m, strict=True))
+    kl_s_m = sum(sv * math.log(sv / mv) for sv, mv in zip(s, m, strict=True))
+    assert generalized_jsd(S2, T2, beta).item() == pytest.approx(beta * kl_t_m + (1 - beta) * kl_s_m)
+
+
+def test_jsd_endpoints_are_forward_and_reverse_kl():
+    torch.manual_seed(2)
+    s, t = torch.log_softmax(torch.randn(2, 3, 5), -1), torch.log_softmax(torch.randn(2, 3, 5), -1)
+    assert torch.equal(generalized_jsd(s, t, 0.0), forward_kl(s, t))
+    assert torch.equal(generalized_jsd(s, t, 1.0), reverse_kl(s, t))
+    # Why the special case: the interior formula vanishes near the ends instead of reaching the KLs.
+    assert (generalized_jsd(s, t, 1e-4) < 0.01 * forward_kl(s, t)).all()
+    with pytest.raises(ValueError):
+        generalized_jsd(s, t, 1.5)
+
+
+def test_jsd_half_is_bounded_by_ln2():
+    torch.manual_seed(3)
+    s, t = torch.log_softmax(5 * torch.randn(64, 9), -1), torch.log_softmax(5 * torch.randn(64, 9), -1)
+    jsd = generalized_jsd(s, t, 0.5)
+    assert (jsd >= -1e-6).all() and (jsd <= math.log(2) + 1e-6).all()
+    disjoint = generalized_jsd(
+        torch.log_softmax(torch.tensor([60.0, 0.0]), -1),
+        torch.log_softmax(torch.tensor([0.0, 60.0]), -1),
+        0.5,
+    )
+    assert disjoint.item() == pytest.approx(math.log(2), abs=1e-5)
+
+
+@pytest.mark.parametrize("fn", [reverse_kl, forward_kl, lambda s, t: generalized_jsd(s, t, 0.5)])
+def test_divergence_gradient_flows_through_student_only(fn):
+    teacher = torch.tensor([[2.0, 0.0, -1.0]], requires_grad=True)
+    _sgd_moves_toward_teacher(
+        lambda z: fn(torch.log_softmax(z, -1), torch.log_softmax(teacher, -1)), teacher.detach()
+    )
+    assert teacher.grad is None
+
+
+# ---- top-k supports --------------------------------------------------------------------------------------------
+
+
+def test_with_tail_by_hand_and_sums_to_one():
+    out = with_tail(torch.log(torch.tensor([0.5, 0.2])))
+    assert out.exp().tolist() == pytest.approx([0.5, 0.2, 0.3])
+    torch.manual_seed(4)
+    topk = torch.log_softmax(torch.randn(2, 3, 10), -1).topk(4, -1).values
+    assert torch.allclose(with_tail(topk).exp().sum(-1), torch.ones(2, 3), atol=1e-6)
+    full = with_tail(torch.log(torch.tensor([0.5, 0.5])))  # no mass left: finite tiny tail, not log 0
+    assert torch.isfinite(full).all() and full[-1].item() == pytest.approx(math.log(1e-7), abs=1e-3)
+
+
+def test_student_topk_with_tail_by_hand():
+    # Student's top-2 are ids 0, 1 (the teacher's would be 3, 2): S' = [.4, .3, .3], T' = [.1, .2, .7].
+    div, ent = student_topk_divergence(_logits(S4), _logits(T4), k=2, beta=1.0, tail=True)
+    rev = 0.4 * math.log(0.4 / 0.1) + 0.3 * math.log(0.3 / 0.2) + 0.3 * math.log(0.3 / 0.7)
+    assert div.item() == pytest.approx(rev, rel=1e-5)
+    assert ent.item() == pytest.approx(
+        -(0.1 * math.log(0.1) + 0.2 * math.log(0.2) + 0.7 * math.log(0.7)), rel=1e-5
+    )
+
+
+def test_student_topk_renormalized_without_tail_by_hand():
+    div, ent = student_topk_divergence(_logits(S4), _logits(T4), k=2, beta=0.0, tail=False)
+    s, t = [4 / 7, 3 / 7], [1 / 3, 2 / 3]
+    assert div.item() == pytest.approx(
+        sum(tv * math.log(tv / sv) for sv, tv in zip(s, t, strict=True)), rel=1e-5
+    )
+    assert ent.item() == pytest.approx(-(t[0] * math.log(t[0]) + t[1] * math.log(t[1])), rel=1e-5)
+
+
+def test_student_topk_full_support_matches_full_vocab_and_descends():
+    torch.manual_seed(5)
+    s, t = torch.randn(2, 3, 6), torch.randn(2, 3, 6)
+    div, _ = student_topk_divergence(s, t, k=6, beta=1.0, tail=False)
+    assert torch.allclose(div, full_vocab_divergence(s, t, torch.ones(2, 3), "reverse"), atol=1e-6)
+    _sgd_moves_toward_teacher(lambda z: student_topk_divergence(z, t[:1, :1], k=3, beta=0.5)[0], t[:1, :1])
+
+
+def test_teacher_topk_forward_kl_by_hand():
+    s_logp = _logits(S4)
+    ids = torch.tensor([[[3, 2]]])
+    t_topk = torch.log(torch.tensor([[[0.4, 0.3]]]))
+    # Tail: student side [.1, .2, .7] (mass outside ids 3, 2), teacher side [.4, .3, .3].
+    fwd = 0.4 * math.log(0.4 / 0.1) + 0.3 * math.log(0.3 / 0.2) + 0.3 * math.log(0.3 / 0.7)
+    assert teacher_topk_forward_kl(s_logp, ids, t_topk).item() == pytest.approx(fwd, rel=1e-5)
+    s, t = [1 / 3, 2 / 3], [4 / 7, 3 / 7]
+    no_tail = sum(tv * math.log(tv / sv) for sv, tv in zip(s, t, strict=True))
+    assert teacher_topk_forward_kl(s_logp, ids, t_topk, tail=False).item() == pytest.approx(no_tail, rel=1e-5)
+
+
+def test_teacher_topk_forward_kl_descends():
+    teacher = torch.tensor([[[3.0, 1.0, 0.0, -1.0, -2.0]]])
+    t_logp = torch.log_softmax(teacher, -1)
+    ids = t_logp.topk(2, -1).indices
+    loss = lambda z: teacher_topk_forward_kl(torch.log_softmax(z, -1), ids, t_logp.gather(-1, ids))  # noqa: E731
+    _sgd_moves_toward_teacher(loss, teacher)
+
+
+# ---- full vocabulary -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["reverse", "forward", "jsd"])
+def test_full_vocab_chunked_equals_unchunked(kind):
+    torch.manual_seed(6)
+    t = torch.randn(3, 5, 11)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+    s1 = torch.randn(3, 5, 11, requires_grad=True)
+    s2 = s1.detach().clone().requires_grad_(True)
+    chunked = full_vocab_divergence(s1, t, mask, kind, beta=0.3, chunk_tokens=2)
+    whole = full_vocab_divergence(s2, t, mask, kind, beta=0.3, chunk_tokens=10_000)
+    fns = {"reverse": reverse_kl, "forward": forward_kl, "jsd": lambda a, b: generalized_jsd(a, b, 0.3)}
+    direct = fns[kind](torch.log_softmax(s1.detach(), -1), torch.log_softmax(t, -1)) * mask
+    assert torch.allclose(chunked, whole, atol=1e-6) and torch.allclose(chunked, direct, atol=1e-6)
+    assert (chunked[mask == 0] == 0).all()
+    chunked.sum().backward()
+    whole.sum().backward()
+    assert torch.allclose(s1.grad, s2.grad, atol=1e-6) and (s1.grad[mask == 0] == 0).all()
+
+
+def test_full_vocab_by_hand_and_all_masked():
+    s, t = torch.log(torch.tensor([[[0.5, 0.5]]])), torch.log(torch.tensor([[[0.25, 0.75]]]))
+    rev = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert full_vocab_divergence(s, t, torch.ones(1, 1)).item() == pytest.approx(rev)
+    z = torch.randn(2, 3, 4, requires_grad=True)
+    out = full_vocab_divergence(z, torch.randn(2, 3, 4), torch.zeros(2, 3), "jsd")
+    out.sum().backward()
+    assert torch.equal(out.detach(), torch.zeros(2, 3)) and torch.equal(z.grad, torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match="reverse"):
+        full_vocab_divergence(z, z, torch.ones(2, 3), "tv")
+
+
+def test_full_vocab_descends():
+    teacher = torch.tensor([[[1.0, -1.0, 0.5, 2.0]]])
+    _sgd_moves_toward_teacher(
+        lambda z: full_vocab_divergence(z, teacher, torch.ones(1, 1), "reverse"), teacher
+    )
+
+
+# ---- §6.1 normalised signals -----------------------------------------------------------------------------------
+
+
+def test_normalized_entropy_and_jsd_by_hand():
+    h = normalized_entropy(torch.tensor([[math.log(8) / 2, math.log(8), 0.0]]), vocab_size=8)
+    assert h[0].tolist() == pytest.approx([0.5, 1.0, 0.0])
+    s, t = S2.view(1, 1, 2), T2.view(1, 1, 2)
+    m = [0.375, 0.625]
+    jsd = 0.5 * (0.5 * math.log(0.5 / m[0]) + 0.5 * math.log(0.5 / m[1])) + 0.5 * (
+        0.25 * math.log(0.25 / m[0]) + 0.75 * math.log(0.75 / m[1])
+    )
+    assert normalized_jsd(s, t).item() == pytest.approx(jsd / math.log(2))
+    assert normalized_jsd(s, s).item() == pytest.approx(0.0, abs=1e-7)
+    far = normalized_jsd(
+        torch.log_softmax(torch.tensor([[[80.0, 0.0]]]), -1),
+        torch.log_softmax(torch.tensor([[[0.0, 80.0]]]), -1),
+    )
+    assert far.item() == pytest.approx(1.0, abs=1e-5)

@@ -1,0 +1,317 @@
+"""G-OPD, SRPO, PACED, KEPO, TIP selection and SDPO pieces against hand-computed values (reference/algorithms.md
+§3–8)."""
+
+import math
+
+import pytest
+import torch
+
+from opd.trainer.advantages import opd_token_advantages
+from opd.trainer.divergences import student_topk_divergence
+from opd.trainer.losses import aggregate, clipped_pg_loss, token_logprobs
+from opd.trainer.objectives import (
+    entropy_weights,
+    gopd_token_advantages,
+    paced_weights,
+    quality_gate,
+    srpo_loss,
+    srpo_route,
+)
+from opd.trainer.sdpo import (
+    RepromptTemplates,
+    TeacherContext,
+    build_reprompt,
+    ema_update,
+    sdpo_token_loss,
+    self_teacher_contexts,
+    strip_thinking,
+)
+from opd.trainer.selection import select_tokens
+
+# ---- §4 G-OPD / ExOPD ------------------------------------------------------------------------------------------
+
+
+def test_gopd_lambda_one_is_exactly_opd():
+    torch.manual_seed(0)
+    t, ref, s = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    m = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]])
+    assert torch.equal(gopd_token_advantages(t, ref, s, m, lam=1.0), opd_token_advantages(s, t, m, coef=1.0))
+
+
+def test_exopd_extrapolates_by_hand():
+    t, ref, s = (torch.log(torch.tensor([[p]])) for p in (0.5, 0.25, 0.4))
+    m = torch.ones(1, 1)
+    adv = gopd_token_advantages(t, ref, s, m, lam=1.25).item()
+    assert adv == pytest.approx(1.25 * math.log(0.5 / 0.25) - math.log(0.4 / 0.25))
+    # Extrapolation: lam > 1 adds (lam - 1)(log pi_T - log pi_ref) on top of OPD's log pi_T - log pi_theta.
+    opd = gopd_token_advantages(t, ref, s, m, lam=1.0).item()
+    assert opd == pytest.approx(math.log(0.5 / 0.4))
+    assert adv - opd == pytest.approx(0.25 * math.log(2)) and adv > opd
+
+
+def test_gopd_masked_and_detached():
+    x = torch.randn(2, 3, requires_grad=True)
+    adv = gopd_token_advantages(x, x * 0.5, x * 2, torch.zeros(2, 3), lam=1.25)
+    assert not adv.requires_grad and torch.equal(adv, torch.zeros(2, 3))
+
+
+def test_exopd_pushes_past_teacher_where_opd_is_silent():
+    """Student already matches the teacher on the token (OPD advantage 0); ExOPD still raises it since the
+    teacher improved on the reference there."""
+    logits = torch.zeros(1, 1, 4, requires_grad=True)
+    target = torch.tensor([[1]])
+    logp = token_logprobs(logits, target)
+    teacher, ref = logp.detach(), logp.detach() - 1.0
+    assert gopd_token_advantages(teacher, ref, logp, torch.ones(1, 1), lam=1.0).item() == 0.0
+    adv = gopd_token_advantages(teacher, ref, logp, torch.ones(1, 1), lam=1.25)
+    clipped_pg_loss(logp, logp.detach(), adv, torch.ones(1, 1))[0].backward()
+    with torch.no_grad():
+        assert token_logprobs(logits - 0.5 * logits.grad, target) > logp
+
+
+# ---- §5 SRPO ---------------------------------------------------------------------------------------------------
+
+
+def test_srpo_route_truth_table():
+    z_g, z_sd = srpo_route(torch.tensor([1, 1, 0, 0]), torch.tensor([True, False, True, False]))
+    assert z_sd.tolist() == [0.0, 0.0, 1.0, 0.0]  # only failed-with-teacher is distilled
+    assert z_g.tolist() == [1.0, 1.0, 0.0, 1.0]
+
+
+def test_entropy_weights_by_hand_mean_one():
+    h = torch.tensor([[0.0, math.log(2)], [math.log(3), 5.0]])
+    m = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    w = entropy_weights(h, m)  # w~ = 1, 1/2, 1/3; mean 11/18
+    assert w.flatten().tolist() == pytest.approx([18 / 11, 9 / 11, 6 / 11, 0.0])
+    assert (w * m).sum().item() / m.sum().item() == pytest.approx(1.0)
+    w2 = entropy_weights(h, m, beta=2.0)  # exp(-2H) = 1, 1/4, 1/9; mean 49/108
+    assert w2[0, 1].item() == pytest.approx(0.25 * 108 / 49)
+    hg = h.clone().requires_grad_(True)
+    assert not entropy_weights(hg, m).requires_grad
+
+
+def test_entropy_weights_all_masked_are_zero():
+    w = entropy_weights(torch.rand(2, 3), torch.zeros(2, 3))
+    assert torch.equal(w, torch.zeros(2, 3))
+
+
+def test_srpo_shared_denominator_by_hand():
+    grpo = torch.tensor([[1.0, 1.0, 1.0], [50.0, 50.0, 50.0]], requires_grad=True)
+    sdpo = torch.tensor([[100.0, 100.0, 100.0], [4.0, 9.0, 9.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    z_g, z_sd = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    loss = srpo_loss(grpo, sdpo, z_g, z_sd, mask)
+    # Shared: (1+1+1 + 4) / (3 + 1) = 1.75; separate token-means would give 1 + 4 = 5 or (1 + 4)/2 = 2.5.
+    assert loss.item() == pytest.approx(7 / 4)
+    assert loss.item() != pytest.approx(5.0) and loss.item() != pytest.approx(2.5)
+    loss.backward()
+    assert grpo.grad.flatten().tolist() == pytest.approx([0.25] * 3 + [0.0] * 3)
+    assert sdpo.grad.flatten().tolist() == pytest.approx([0.0] * 3 + [0.25, 0.0, 0.0])
+    w = torch.tensor([[9.0, 9.0, 9.0], [0.5, 9.0, 9.0]])
+    assert srpo_loss(grpo, sdpo, z_g, z_sd, mask, w).item() == pytest.approx((3 + 0.5 * 4) / 4)
+
+
+def test_srpo_all_masked_is_zero_with_gradient():
+    x = torch.randn(2, 3, requires_grad=True)
+    loss = srpo_loss(x, 2 * x, torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), torch.zeros(2, 3))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(x.grad).all() and x.grad.abs().sum() == 0
+
+
+def test_srpo_step_improves_both_branches():
+    """Row 0 is correct (GRPO, positive advantage on its token); row 1 failed with a teacher (SDPO)."""
+    logits = torch.zeros(2, 1, 4, requires_grad=True)
+    teacher = torch.tensor([[[0.0, 0.0, 0.0, 0.0]], [[3.0, 0.0, -1.0, 0.5]]])
+    target = torch.tensor([[2], [0]])
+    logp = token_logprobs(logits, target)
+    grpo_BT = -logp * 1.0  # on-policy PG with A = +1: ratio 1, loss -A * log pi
+    sdpo_BT, ent = student_topk_divergence(logits, teacher, k=4, beta=0.5)
+    z_g, z_sd = srpo_route(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]))
+    mask = torch.ones(2, 1)
+    w = entropy_weights(ent, mask * z_sd[:, None])
+    srpo_loss(grpo_BT, sdpo_BT, z_g, z_sd, mask, w).backward()
+    with torch.no_grad():
+        stepped = logits - 1.0 * logits.grad
+        assert token_logprobs(stepped, target)[0] > logp[0]
+        after, _ = student_topk_divergence(stepped, teacher, k=4, beta=0.5)
+        assert after[1] < sdpo_BT[1]
+
+
+# ---- §7 PACED, §8.1 KEPO ---------------------------------------------------------------------------------------
+
+
+def test_paced_weights_by_hand():
+    p = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    raw = [0.0, 0.25 * 0.75, 0.5 * 0.5, 0.0]
+    assert paced_weights(p, normalize=False).tolist() == pytest.approx(raw)
+    mean_nonzero = (raw[1] + raw[2]) / 2
+    assert paced_weights(p).tolist() == pytest.approx([r / mean_nonzero for r in raw])
+    assert paced_weights(p, a=2.0, b=1.0, normalize=False)[2].item() == pytest.approx(0.5**2 * 0.5)
+    # 0^0 = 1 would give p=0 weight 1 when a = 0; PACED still gives it 0.
+    assert paced_weights(p, a=0.0, normalize=False).tolist() == pytest.approx([0.0, 0.75, 0.5, 0.0])
+
+
+def test_paced_all_uninformative_is_zero():
+    assert paced_weights(torch.tensor([0.0, 1.0, 1.0])).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_quality_gate():
+    assert quality_gate(torch.tensor([0.0, 0.49, 0.5, 1.0]), 0.5).tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+# ---- §6 TIP selection ------------------------------------------------------------------------------------------
+
+# Valid tokens (flat order) h = [.1, .9, .5, .3, .2], d = [.8, .1, .5, .2, 0]; the masked slot is the "best" on
+# both axes, so any leak through the mask would be picked first.
+H_SEL = torch.tensor([[0.1, 0.9, 0.5], [0.3, 0.2, 99.0]])
+D_SEL = torch.tensor([[0.8, 0.1, 0.5], [0.2, 0.0, 99.0]])
+M_SEL = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+
+
+def _kept(mode, ratio, **kw):
+    keep = select_tokens(H_SEL, D_SEL, M_SEL, ratio, mode, **kw)
+    assert keep.dtype == M_SEL.dtype and keep[1, 2] == 0
+    return sorted(keep.flatten().nonzero().flatten().tolist())
+
+
+def test_select_top_modes_by_hand():
+    assert _kept("entropy", 0.4) == [1, 2]  # floor(0.4 * 5) = 2: h = .9, .5
+    assert _kept("divergence", 0.4) == [0, 2]  # d = .8, .5
+    assert _kept("entropy", 0.1) == [1]  # floor(0.5) = 0 -> at least 1
+    assert _kept("entropy", 0.5) == [1, 2]  # floor(2.5) = 2, not 3
+    keep = select_tokens(torch.rand(1, 100), torch.rand(1, 100), torch.ones(1, 100), 0.29, "divergence")
+    assert keep.sum().item() == 29  # 0.29 * 100 = 28.999999999999996 in floats
+    assert _kept("divergence", 1.0) == [0, 1, 2, 3, 4]
+
+
+def test_select_soft_or_by_hand():
+    # h' = (h - .1)/.8 = [0, 1, .5, .25, .125]; d' = d/.8 = [1, .125, .625, .25, 0]
+    # s = h' + d' - h'd' = [1, 1, .8125, .4375, .125] -> top 3 = {0, 1, 2}; top 4 adds 3.
+    assert _kept("soft_or", 0.6) == [0, 1, 2]
+    assert _kept("soft_or", 0.8) == [0, 1, 2, 3]
+    # Soft-OR is not the plain sum: token 3 (h' = d' = .6) has sum 1.2 but s = .84 < token 4's .9 + .05 - .045.
+    h, d = torch.tensor([[0.0, 1.0, 0.0, 0.6, 0.9]]), torch.tensor([[0.0, 0.0, 1.0, 0.6, 0.05]])
+    assert select_tokens(h, d, torch.ones(1, 5), 0.6, "soft_or").tolist() == [[0.0, 1.0, 1.0, 0.0, 1.0]]
+
+
+def test_select_overconfident_quadrant_by_hand():
+    # medians: h 0.3, d 0.2. Q3 = (h <= .3) & (d >= .2) = flat {0 (.1,.8), 3 (.3,.2)}.
+    assert _kept("overconfident", 1.0) == [0, 3]  # "up to" keep_ratio: only 2 tokens are in Q3
+    assert _kept("overconfident", 0.2) == [0]  # one slot: the higher divergence
+    assert _kept("divergence", 0.4) != _kept("overconfident", 0.4)
+
+
+def test_select_entropy_sample_count_and_mask():
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        kept = _kept("entropy_sample", 0.6, generator=g)
+        assert len(kept) == 3 and set(kept) <= {0, 1, 2, 3, 4}
+    # Keep 4 of 5: the only token left out is (almost surely) the zero-entropy one with weight 1e-8.
+    h = torch.tensor([[0.5, 0.0, 0.5, 0.5, 0.5]])
+    keep = select_tokens(
+        h, torch.zeros(1, 5), torch.ones(1, 5), 0.8, "entropy_sample", torch.Generator().manual_seed(0)
+    )
+    assert keep.tolist() == [[1.0, 0.0, 1.0, 1.0, 1.0]]
+
+
+def test_select_all_masked_and_bad_mode():
+    for mode in ("entropy", "divergence", "soft_or", "overconfident", "entropy_sample"):
+        assert select_tokens(H_SEL, D_SEL, torch.zeros(2, 3), 0.5, mode).sum() == 0
+    with pytest.raises(ValueError, match="soft_or"):
+        select_tokens(H_SEL, D_SEL, M_SEL, 0.5, "random")
+
+
+# ---- §3 SDPO ---------------------------------------------------------------------------------------------------
+
+
+def test_build_reprompt_default_templates():
+    tail = "\n\nCorrectly solve the original question."
+    assert build_reprompt("Q {x}?", None, None) == "Q {x}?"
+    assert build_reprompt("Q {x}?", "A {y}", None) == "Q {x}?" + "\nCorrect solution:\n\nA {y}" + tail
+    fb = "\nThe following is feedback from your unsuccessful earlier attempt:\n\nwrong"
+    assert build_reprompt("Q", None, "wrong") == "Q" + fb + tail
+    assert build_reprompt("Q", "A", "wrong") == "Q\nCorrect solution:\n\nA" + fb + tail
+    custom = RepromptTemplates(
+        reprompt="{solution}|{prompt}{feedback}", solution="S:{successful_previous_attempt}"
+    )
+    assert build_reprompt("Q", "A", None, custom) == "S:A|Q"
+
+
+def test_strip_thinking():
+    assert strip_thinking("<think>a\nb</think>\n\nAnswer 4") == "Answer 4"
+    assert strip_thinking("<think>x</think> keep <think>y</think>end") == "keep end"
+
+
+def test_self_teacher_contexts_default_rules():
+    C = TeacherContext
+    ctx = self_teacher_contexts([1, 0, 1, 0], ["<think>r</think> a", "b", "c", "d"], [None, "fb1", "", "fb3"])
+    # 0: a success, not its own teacher -> next success "c"; 1, 3: first success, thinking stripped, feedback
+    # dropped because a solution exists; 2: success -> "a" (the other success).
+    assert ctx == [C("c", None), C("a", None), C("a", None), C("a", None)]
+
+
+def test_self_teacher_contexts_edge_rules():
+    # All wrong: only non-blank feedback gives a teacher.
+    assert self_teacher_contexts([0.0, 0.0], ["a", "b"], ["fb", "  "]) == [TeacherContext(None, "fb"), None]
+    # Lone success: no teacher for itself unless self-reprompting is allowed.
+    assert self_teacher_contexts([1.0, 0.0], ["a", "b"], None) == [None, TeacherContext("a", None)]
+    own = self_teacher_contexts([1.0, 0.0], ["a", "b"], None, dont_reprompt_on_self_success=False)
+    assert own[0] == ("a", None)
+    both = self_teacher_contexts([1.0, 0.0], ["a", "b"], ["x", "y"], feedback_only_without_solution=False)
+    assert both == [TeacherContext(None, "x"), TeacherContext("a", "y")]
+    assert self_teacher_contexts([0.0], ["a"], ["fb"], include_feedback=False) == [None]
+    assert self_teacher_contexts([0.5, 0.0], ["a", "b"], None, success_threshold=0.5)[1] == ("a", None)
+    assert self_teacher_contexts([0.5, 0.0], ["a", "b"], None)[1] is None  # default threshold 1.0
+    with pytest.raises(ValueError):
+        self_teacher_contexts([1.0], ["a", "b"], None)
+
+
+def test_sdpo_token_loss_by_hand():
+    student = torch.log(torch.tensor([[[0.4, 0.3, 0.2, 0.1], [0.4, 0.3, 0.2, 0.1], [0.4, 0.3, 0.2, 0.1]]]))
+    teacher = torch.log(torch.tensor([[[0.1, 0.2, 0.3, 0.4]] * 3]))
+    sampler = torch.tensor([[-1.0, -1.0, -1.0]])
+    old = sampler + torch.tensor([[math.log(3.0), math.log(0.5), 0.0]])  # TIS = min(3, 2) = 2, then 0.5
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, ent = sdpo_token_loss(student, teacher, old, sampler, mask, k=2, alpha=1.0)
+    # Student top-2 + tail: S' = [.4, .3, .3], T' = [.1, .2, .7]; reverse KL:
+    rev = 0.4 * math.log(0.4 / 0.1) + 0.3 * math.log(0.3 / 0.2) + 0.3 * math.log(0.3 / 0.7)
+    assert loss[0].tolist() == pytest.approx([2.0 * rev, 0.5 * rev, 0.0], rel=1e-5)
+    h = -(0.1 * math.log(0.1) + 0.2 * math.log(0.2) + 0.7 * math.log(0.7))
+    assert ent[0].tolist() == pytest.approx([h, h, 0.0], rel=1e-5)
+    # is_clip on pi_theta / pi_old: ratio 1.5 passes, ratio 3 is capped at 2 (no sampler TIS here).
+    cur = old + torch.tensor([[math.log(1.5), math.log(3.0), 0.0]])
+    loss2, _ = sdpo_token_loss(student, teacher, old, None, mask, k=2, alpha=1.0, logp_BT=cur)
+    assert loss2[0].tolist() == pytest.approx([1.5 * rev, 2.0 * rev, 0.0], rel=1e-5)
+
+
+def test_sdpo_token_loss_descends_and_all_masked():
+    # The student's top-3 {0, 3, 1} is clear of ties, so the support stays put over a small step.
+    teacher = torch.tensor([[[2.0, 0.0, -1.0, 1.0, 0.5]]])
+    student = torch.tensor([[[1.0, 0.0, -2.0, 0.8, -1.0]]], requires_grad=True)
+    lp = torch.zeros(1, 1)
+    loss, _ = sdpo_token_loss(student, teacher, lp, lp, torch.ones(1, 1), k=3)
+    loss.sum().backward()
+    with torch.no_grad():
+        stepped = student - 0.2 * student.grad
+        after, _ = sdpo_token_loss(stepped, teacher, lp, lp, torch.ones(1, 1), k=3)
+        q = torch.softmax(teacher, -1)
+        gap = lambda z: (torch.softmax(z, -1) - q).abs().sum()  # noqa: E731
+    assert after.item() < loss.item() and gap(stepped) < gap(student.detach())
+    z = torch.randn(2, 3, 5, requires_grad=True)
+    loss, ent = sdpo_token_loss(
+        z, torch.randn(2, 3, 5), torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3)
+    )
+    total = aggregate(loss, torch.zeros(2, 3))
+    total.backward()
+    assert total.item() == 0.0 and torch.isfinite(z.grad).all() and torch.equal(ent, torch.zeros(2, 3))
+
+
+def test_ema_update_by_hand():
+    teacher = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    student = torch.nn.Parameter(torch.tensor([3.0, 6.0]))
+    storage = teacher.data_ptr()
+    ema_update([teacher], [student], rate=0.25)  # 0.75 * t + 0.25 * s
+    assert teacher.tolist() == pytest.approx([1.5, 3.0]) and teacher.data_ptr() == storage
+    assert student.tolist() == [3.0, 6.0]
+    with pytest.raises(ValueError):
+        ema_update([teacher], [student, student])
