@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import ray
 
 from opd.config import Config
+from opd.plan import objective_spec
 from opd.rewards import VerifierRunner, VerifierSpec
 from opd.rollout.worker import RolloutWorker
 from opd.teacher.scorer import VLLMTeacher
@@ -67,7 +68,8 @@ def start_roles(cfg: Config) -> Roles:
         cfg.models.student, lr=cfg.trainer.lr, betas=tuple(cfg.trainer.betas), weight_decay=cfg.trainer.weight_decay,
         warmup_steps=cfg.trainer.warmup_steps, grad_clip=cfg.trainer.grad_clip,
         micro_batch_size=cfg.trainer.micro_batch_size, torch_threads=cfg.trainer.torch_threads,
-        seed=cfg.run.seed, loss_kwargs=loss_kwargs(cfg),
+        seed=cfg.run.seed, objective=objective_spec(cfg), reference_dir=cfg.exopd.reference,
+        teacher_dir=cfg.models.teacher,
     )
     verifiers = VerifierRunner(
         [VerifierSpec(v.name, v.weight) for v in cfg.verifiers.functions],
@@ -76,14 +78,6 @@ def start_roles(cfg: Config) -> Roles:
     # Surface engine start-up failures here, not at the first step.
     ray.get([w.__ray_ready__.remote() for w in rollout] + ([teacher.__ray_ready__.remote()] if teacher else []) + [learner.__ray_ready__.remote()])
     return Roles(rollout, teacher, learner, verifiers)
-
-
-def loss_kwargs(cfg: Config) -> dict:
-    if cfg.algorithm == "grpo":
-        g = cfg.grpo
-        return {"clip_low": g.clip_low, "clip_high": g.clip_high, "agg": g.loss_agg, "tis_cap": g.tis_cap,
-                "norm_len": cfg.rollout.max_new_tokens}
-    return {"clip_low": 0.2, "clip_high": 0.2, "agg": "token-mean", "tis_cap": cfg.opd.tis_cap}
 
 
 def stop_roles(roles: Roles | None) -> None:

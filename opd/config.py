@@ -14,7 +14,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-ALGORITHMS = ("opd", "grpo")
+ALGORITHMS = ("opd", "grpo", "exopd", "sdpo", "srpo")
 
 
 class ConfigError(ValueError):
@@ -56,6 +56,42 @@ class TaskConfig(_Section):
 class OPDConfig(_Section):
     kl_coef: float = Field(1.0, gt=0)  # advantage = -kl_coef * (log q - log pi_T) per token
     tis_cap: float = Field(2.0, gt=0)  # cap of the sampler->learner importance ratio
+    divergence: Literal["sampled", "teacher_topk", "full_vocab"] = "sampled"
+    full_vocab_kind: Literal["reverse", "forward", "jsd"] = "reverse"
+    jsd_beta: float = Field(0.5, ge=0, le=1)  # teacher weight of the generalised JSD
+
+
+class ExOPDConfig(_Section):
+    lam: float = Field(1.25, gt=0)  # reward scale; 1.0 is exactly OPD, >1 extrapolates past the teacher
+    reference: str | None = None  # reference model dir; None: the student's initial weights
+    tis_cap: float = Field(2.0, gt=0)
+
+
+class SDPOConfig(_Section):
+    ema_rate: float = Field(0.05, ge=0, le=1)  # self-teacher <- (1-rate)*teacher + rate*student after each step
+    top_k: int = Field(100, ge=1)  # student top-k support (+ tail bucket) of the JSD
+    alpha: float = Field(0.5, ge=0, le=1)  # teacher weight of the JSD (0 forward KL, 1 reverse KL)
+    is_cap: float = Field(2.0, gt=0)
+    success_threshold: float = 1.0  # a sibling with reward >= this is a solution to show the self-teacher
+    dont_reprompt_on_self_success: bool = True
+    max_reprompt_len: int = Field(256, ge=8)  # self-teacher prompt tokens; longer ones are cut on the right
+
+
+class SRPOConfig(_Section):
+    entropy_beta: float = Field(1.0, ge=0)  # weight exp(-beta * H_teacher) on SDPO tokens
+
+
+class SelectionConfig(_Section):
+    mode: Literal["entropy", "divergence", "soft_or", "overconfident", "entropy_sample"] | None = None
+    keep_ratio: float = Field(0.5, gt=0, le=1)
+
+
+class WeightingConfig(_Section):
+    paced: bool = False  # weight each problem by p^a (1-p)^b of its group pass rate
+    paced_a: float = Field(1.0, ge=0)
+    paced_b: float = Field(1.0, ge=0)
+    quality_gate: float | None = None  # train only on samples whose reward >= this (KEPO-style gate)
+    drop_uniform_groups: bool = False  # drop groups whose rewards are all equal (no GRPO signal)
 
 
 class GRPOConfig(_Section):
@@ -122,9 +158,14 @@ class Config(_Section):
     cluster: ClusterConfig = ClusterConfig()
     models: ModelsConfig = ModelsConfig()
     task: TaskConfig = TaskConfig()
-    algorithm: Literal["opd", "grpo"] = "opd"
+    algorithm: Literal["opd", "grpo", "exopd", "sdpo", "srpo"] = "opd"
     opd: OPDConfig = OPDConfig()
     grpo: GRPOConfig = GRPOConfig()
+    exopd: ExOPDConfig = ExOPDConfig()
+    sdpo: SDPOConfig = SDPOConfig()
+    srpo: SRPOConfig = SRPOConfig()
+    selection: SelectionConfig = SelectionConfig()
+    weighting: WeightingConfig = WeightingConfig()
     rollout: RolloutConfig = RolloutConfig()
     teacher: TeacherConfig = TeacherConfig()
     verifiers: VerifiersConfig = VerifiersConfig()
@@ -138,11 +179,20 @@ class Config(_Section):
             self.teacher.max_logprobs = self.teacher.top_k
         if self.eval.num_prompts > self.task.num_test:
             raise ValueError(f"eval.num_prompts={self.eval.num_prompts} exceeds task.num_test={self.task.num_test}")
+        if self.selection.mode and self.algorithm not in ("opd", "exopd"):
+            raise ValueError(f"selection.mode={self.selection.mode!r} applies to algorithm opd or exopd, not {self.algorithm!r}")
+        if self.selection.mode and self.opd.divergence != "sampled":
+            raise ValueError("selection.mode needs opd.divergence=sampled (it ranks tokens by the sampled-token divergence)")
+        if self.algorithm == "opd" and self.opd.divergence == "teacher_topk" and self.teacher.top_k == 0:
+            raise ValueError("opd.divergence=teacher_topk needs teacher.top_k > 0")
+        if self.algorithm in ("sdpo", "srpo") and self.rollout.group_size < 2:
+            raise ValueError(f"algorithm={self.algorithm} needs rollout.group_size >= 2 (siblings are the self-teacher's solutions)")
         return self
 
     @property
     def needs_teacher(self) -> bool:
-        return self.algorithm == "opd"
+        """Whether a teacher scorer must run: OPD and ExOPD learn from its per-token log-probs."""
+        return self.algorithm in ("opd", "exopd")
 
 
 def _set_dotted(tree: dict, key: str, value: object) -> None:
@@ -211,12 +261,15 @@ def check_model_dirs(cfg: Config) -> None:
     """Fail before anything is written when a model directory is missing or not a HF checkpoint."""
     problems = []
     keys = ["student"] + (["teacher"] if cfg.needs_teacher else [])
-    for key in keys:
-        d = Path(getattr(cfg.models, key))
+    dirs = [(f"models.{k}", getattr(cfg.models, k)) for k in keys]
+    if cfg.algorithm == "exopd" and cfg.exopd.reference:
+        dirs.append(("exopd.reference", cfg.exopd.reference))
+    for key, d in dirs:
+        d = Path(d)
         if not d.is_dir():
-            problems.append(f"  models.{key}: directory {str(d)!r} does not exist (build the demo models with `opd bootstrap`)")
+            problems.append(f"  {key}: directory {str(d)!r} does not exist (build the demo models with `opd bootstrap`)")
         elif not (d / "config.json").is_file():
-            problems.append(f"  models.{key}: {str(d)!r} has no config.json; expected a save_pretrained directory")
+            problems.append(f"  {key}: {str(d)!r} has no config.json; expected a save_pretrained directory")
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(problems))
 

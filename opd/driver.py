@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,10 +22,11 @@ from opd.cluster import Roles, init_ray, start_roles, stop_roles
 from opd.config import Config, ConfigError, check_model_dirs, dump_config
 from opd.data import Cursor, PromptSource, render_prompts
 from opd.monitor.sinks import MetricsLogger
+from opd.plan import route_plan
 from opd.steps import evaluate, sample, step_metrics, sync_weights, verify_and_score, warm_up_verifiers
 from opd.tasks.arithmetic import build_dataset
 from opd.teacher.preflight import TokenizerMismatch, check_tokenizers
-from opd.trainer.routing import route_grpo, route_opd
+from opd.trainer.routing import route
 from opd.types import Prompt
 
 
@@ -35,6 +37,7 @@ class Job:
     test: list[Prompt]
     probe_ids: list[int]
     checkpoint: Path | None
+    render: Callable[[str], list[int]]  # text -> student chat-template prompt ids (SDPO self-teacher prompts)
 
 
 @dataclass
@@ -80,7 +83,7 @@ def prepare(cfg: Config, *, resume: bool = False, fresh: bool = False) -> Job:
             raise ConfigError(f"run.output_dir: {str(run_dir)!r} already holds a run; pass --resume or choose another directory")
         shutil.rmtree(run_dir)
     probe = test[0].token_ids + tok(test[0].answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    return Job(run_dir, train, test, probe, ckpt)
+    return Job(run_dir, train, test, probe, ckpt, _renderer(tok))
 
 
 def run(cfg: Config, *, resume: bool = False, fresh: bool = False, progress: bool = True) -> dict:
@@ -110,10 +113,12 @@ def _save(cfg: Config, job: Job, roles: Roles, st: RunState) -> None:
     save_checkpoint(job.run_dir, st.step, lambda path: ray.get(roles.learner.save.remote(path)), state, cfg.checkpoint.keep)
 
 
-def _route(cfg: Config, rollouts, rewards, scores):
-    if cfg.algorithm == "opd":
-        return route_opd(rollouts, scores, kl_coef=cfg.opd.kl_coef)
-    return route_grpo(rollouts, rewards, norm_by_std=cfg.grpo.norm_adv_by_std, eps=cfg.grpo.adv_eps)
+def _renderer(tok):
+    def render(text: str) -> list[int]:
+        msgs = [{"role": "user", "content": text}]
+        return tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+
+    return render
 
 
 def train(cfg: Config, job: Job, roles: Roles, progress: bool = True) -> dict:
@@ -126,11 +131,13 @@ def train(cfg: Config, job: Job, roles: Roles, progress: bool = True) -> dict:
         st.accuracy_before = evaluate(roles, job.test, cfg, who="student")
         st.teacher_accuracy = evaluate(roles, job.test, cfg, who="teacher") if roles.teacher else None
     log = MetricsLogger(job.run_dir, cfg.trainer.total_steps, st.step, progress)
+    plan = route_plan(cfg)
     for step in range(st.step, cfg.trainer.total_steps):
         t0 = time.perf_counter()
         rollouts = sample(roles, data.next_batch(cfg.rollout.prompts_per_step), step, cfg)
         rewards, scores = verify_and_score(roles, rollouts, cfg)
-        stats = ray.get(roles.learner.train_step.remote(_route(cfg, rollouts, rewards, scores)))
+        batch = route(rollouts, rewards, scores, plan, job.render)
+        stats = ray.get(roles.learner.train_step.remote(batch)) if batch else {"update_skipped": 1.0}
         st.version, probe_diff = sync_weights(roles, job.probe_ids, cfg.rollout.probe_tolerance)
         st.step, st.cursor, st.consumed = step + 1, data.cursor, st.consumed + len(rollouts.samples)
         if cfg.eval.every and st.step % cfg.eval.every == 0:

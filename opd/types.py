@@ -141,8 +141,12 @@ class TrainBatch:
     sampler_logprobs: list[list[float]]
     advantages: list[list[float]]
     teacher_logprobs: list[list[float]] | None
-    objective: str  # "opd" | "grpo"
-    loss_weights: list[float] | None = None  # per-sample multiplier (1.0 when None)
+    objective: str  # "opd" | "grpo" | "exopd" | "sdpo" | "srpo"
+    loss_weights: list[float] | None = None  # per-sample multiplier (PACED, quality gate); 1.0 when None
+    teacher_topk_ids: list[list[list[int]]] | None = None  # [B][T_b][K] for the teacher top-k divergence
+    teacher_topk_logprobs: list[list[list[float]]] | None = None
+    teacher_prompt_ids: list[list[int] | None] | None = None  # SDPO self-teacher prompt per sample (None: no context)
+    routes: list[str] | None = None  # SDPO/SRPO per-sample route: "sdpo" | "grpo" | "none"
 
     def validate(self) -> None:
         n = len(self.uids)
@@ -155,6 +159,12 @@ class TrainBatch:
                 raise RecordError(f"TrainBatch {uid}: per-token rows do not match {t} response tokens")
             if self.teacher_logprobs is not None and len(self.teacher_logprobs[i]) != t:
                 raise RecordError(f"TrainBatch {uid}: teacher row does not match {t} response tokens")
+            if self.teacher_topk_ids is not None and len(self.teacher_topk_ids[i]) != t:
+                raise RecordError(f"TrainBatch {uid}: teacher top-k rows do not match {t} response tokens")
+        for name in ("loss_weights", "teacher_prompt_ids", "routes", "teacher_topk_ids", "teacher_topk_logprobs"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise RecordError(f"TrainBatch: {name} has {len(value)} rows for {n} samples")
 
     @property
     def num_tokens(self) -> int:

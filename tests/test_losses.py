@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from opd.trainer.advantages import grpo_advantages, opd_token_advantages
-from opd.trainer.losses import aggregate, clipped_pg_loss, entropy_from_logits, token_logprobs, truncated_is_weights
+from opd.trainer.losses import (
+    aggregate,
+    clipped_pg_loss,
+    entropy_from_logits,
+    token_logprobs,
+    truncated_is_weights,
+)
 
 L = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
 M = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])

@@ -50,13 +50,33 @@ def test_opd_two_steps(opd_run, tiny_models):
     assert any(not torch.equal(before[k], after[k]) for k in before), "two OPD steps left the student unchanged"
 
 
-def test_grpo_two_steps(tiny_models, local_ray, tmp_path):
-    out = tmp_path / "grpo2"
-    summary = run(load_config(None, tiny_overrides(tiny_models, out, algorithm="grpo")), progress=False)
-    assert summary["algorithm"] == "grpo" and summary["steps"] == 2 and summary["teacher_accuracy"] is None
+OBJECTIVE_RUNS = {
+    "grpo": {"algorithm": "grpo"},
+    "exopd": {"algorithm": "exopd"},
+    "sdpo": {"algorithm": "sdpo", "sdpo.top_k": 8, "sdpo.success_threshold": 0.0},
+    "srpo": {"algorithm": "srpo", "sdpo.top_k": 8},
+    "opd-tip50": {"selection.mode": "overconfident", "selection.keep_ratio": 0.5},
+    "opd-paced": {"weighting.paced": "true"},
+    "opd-topk": {"opd.divergence": "teacher_topk", "teacher.top_k": 5},
+}
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVE_RUNS))
+def test_objective_two_steps(tiny_models, local_ray, tmp_path, name):
+    out = tmp_path / name
+    summary = run(load_config(None, tiny_overrides(tiny_models, out, **OBJECTIVE_RUNS[name])), progress=False)
+    assert summary["steps"] == 2 and summary["weight_version"] >= 1
     rows = _metrics(out)
-    assert [r["weight_version"] for r in rows] == [1, 2]
-    assert all("teacher_kl" not in r and r["probe_max_diff"] < 1e-3 for r in rows)
+    assert [r["step"] for r in rows] == [0, 1]
+    assert all(r["probe_max_diff"] < 1e-3 for r in rows)
+    trained = [r for r in rows if not r["update_skipped"]]
+    assert trained, f"{name}: no step updated the student"
+    for r in trained:
+        assert r["loss"] is not None and r["train_tokens"] > 0
+    if name == "grpo":
+        assert summary["teacher_accuracy"] is None and all("teacher_kl" not in r for r in rows)
+    if name == "opd-tip50":
+        assert all(r["train_tokens"] <= 0.5 * r["response_length"] * 8 + 1 for r in trained)
 
 
 def test_resume_reproduces_uninterrupted_run(opd_run, tiny_models, local_ray, tmp_path):

@@ -1,11 +1,14 @@
 """The learner: holds the student, applies the routed objective with AdamW, exports weights.
 
-Runs inside a Ray actor (``LearnerActor`` in ``opd.cluster``) but imports torch and transformers only, so it can be
-driven directly in tests or replayed on a dumped ``TrainBatch``.
+Runs inside a Ray actor (placed by ``opd.cluster``) but imports torch and transformers only, so it can be driven
+directly in tests or replayed on a dumped ``TrainBatch``. A step has two passes: a teacher-side pass without
+gradient (reference model, HF teacher, SDPO self-teacher) that also fixes batch-wide normalisers, then the learning
+pass over micro-batches, whose gradients add up to the full-batch loss.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -18,37 +21,29 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from opd.rollout.weight_sync import pack_state_dict
-from opd.trainer.losses import clipped_pg_loss, entropy_from_logits, token_logprobs, truncated_is_weights
+from opd.trainer.forward import MicroTensors, build_micro, flatten_kept, response_hidden, rows
+from opd.trainer.losses import aggregate, entropy_from_logits, token_logprobs
+from opd.trainer.objective import Aux, ObjectiveSpec, token_loss
+from opd.trainer.objectives import entropy_weights
+from opd.trainer.sdpo import ema_update
+from opd.trainer.selection import select_tokens
 from opd.types import TrainBatch
 
 log = logging.getLogger("opd.learner")
 
 
-def _batch_tensors(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int):
-    """Right-padded ``prompt+response`` ids and, per response token, the index of the logit that predicts it."""
-    seqs = [p + r for p, r in zip(prompt_ids, response_ids, strict=True)]
-    width = max(len(s) for s in seqs)
-    t_max = max(max((len(r) for r in response_ids), default=0), 1)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    pos_BT = torch.zeros((len(seqs), t_max), dtype=torch.long)
-    targets_BT = torch.zeros((len(seqs), t_max), dtype=torch.long)
-    mask_BT = torch.zeros((len(seqs), t_max))
-    for i, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):
-        input_ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-        attn[i, : len(p) + len(r)] = 1
-        n = len(r)
-        pos_BT[i, :n] = torch.arange(len(p) - 1, len(p) - 1 + n)
-        targets_BT[i, :n] = torch.tensor(r, dtype=torch.long)
-        mask_BT[i, :n] = 1.0
-    return input_ids, attn, pos_BT, targets_BT, mask_BT
+def _load(model_dir: str) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
 
-def _rows(values: list[list[float]], t_max: int) -> torch.Tensor:
-    out = torch.zeros(len(values), t_max)
-    for i, v in enumerate(values):
-        out[i, : len(v)] = torch.tensor(v, dtype=torch.float32)
-    return out
+def _frozen(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _keep_count(n_valid: int, ratio: float) -> int:
+    return max(1, math.floor(ratio * n_valid + 1e-9)) if n_valid else 0
 
 
 class Learner:
@@ -64,19 +59,23 @@ class Learner:
         micro_batch_size: int = 64,
         torch_threads: int = 1,
         seed: int = 0,
-        loss_kwargs: dict | None = None,
+        objective: ObjectiveSpec | None = None,
+        reference_dir: str | None = None,
+        teacher_dir: str | None = None,
     ) -> None:
         torch.set_num_threads(torch_threads)
         torch.manual_seed(seed)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        self.spec = objective or ObjectiveSpec()
+        self.model = _load(model_dir)
         self.model.train()
         self.pad_id = self.model.config.pad_token_id or 0
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
-        self.base_lr = lr
-        self.warmup_steps = warmup_steps
-        self.grad_clip = grad_clip
+        self.base_lr, self.warmup_steps, self.grad_clip = lr, warmup_steps, grad_clip
         self.micro_batch_size = micro_batch_size
-        self.loss_kwargs = loss_kwargs or {}
+        # Teacher-side models never receive gradients.
+        self.reference = _frozen(_load(reference_dir or model_dir)) if self.spec.needs_reference else None
+        self.hf_teacher = _frozen(_load(teacher_dir)) if self.spec.needs_hf_teacher else None
+        self.self_teacher = _frozen(copy.deepcopy(self.model)) if self.spec.needs_self_teacher else None
         self.steps_done = 0
         self.version = 0
 
@@ -91,54 +90,109 @@ class Learner:
             return self.base_lr * (self.steps_done + 1) / self.warmup_steps
         return self.base_lr
 
-    def _micro_loss(self, batch: TrainBatch, idx: list[int], tis_cap: float):
-        input_ids, attn, pos_BT, targets_BT, mask_BT = _batch_tensors(
-            [batch.prompt_ids[i] for i in idx], [batch.response_ids[i] for i in idx], self.pad_id
-        )
-        logits = self.model(input_ids=input_ids, attention_mask=attn).logits
-        logits_BTV = logits.gather(1, pos_BT.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-        logp_BT = token_logprobs(logits_BTV, targets_BT)
-        t_max = pos_BT.shape[1]
-        sampler_BT = _rows([batch.sampler_logprobs[i] for i in idx], t_max)
-        adv_BT = _rows([batch.advantages[i] for i in idx], t_max)
-        weights_BT = truncated_is_weights(logp_BT, sampler_BT, tis_cap)
+    @torch.no_grad()
+    def _teacher_pass(self, batch: TrainBatch, idx: list[int], mt: MicroTensors) -> Aux:
+        t_max = mt.mask_BT.shape[1]
+        aux = Aux()
+        if batch.teacher_logprobs is not None:
+            aux.teacher_logp_BT = rows([batch.teacher_logprobs[i] for i in idx], t_max)
+        if batch.teacher_topk_ids is not None:
+            k = len(batch.teacher_topk_ids[idx[0]][0]) if batch.teacher_topk_ids[idx[0]] else 1
+            ids = torch.zeros(len(idx), t_max, k, dtype=torch.long)
+            lps = torch.full((len(idx), t_max, k), -1e4)
+            for j, i in enumerate(idx):
+                n = len(batch.teacher_topk_ids[i])
+                if n:
+                    ids[j, :n] = torch.tensor(batch.teacher_topk_ids[i])
+                    lps[j, :n] = torch.tensor(batch.teacher_topk_logprobs[i])
+            aux.topk_ids_BTK, aux.topk_logp_BTK = ids, lps
+        if self.reference is not None:
+            head = self.reference.get_output_embeddings()
+            aux.ref_logp_BT = token_logprobs(head(response_hidden(self.reference, mt)), mt.targets_BT)
+        if self.hf_teacher is not None:
+            aux.teacher_logits_BTV = self.hf_teacher.get_output_embeddings()(response_hidden(self.hf_teacher, mt))
+        if self.self_teacher is not None:
+            # The self-teacher reads the same response after its own (re-written) prompt.
+            prompts = [batch.teacher_prompt_ids[i] or batch.prompt_ids[i] for i in idx]
+            tmt = build_micro(prompts, [batch.response_ids[i] for i in idx], self.pad_id)
+            aux.teacher_logits_BTV = self.self_teacher.get_output_embeddings()(response_hidden(self.self_teacher, tmt))
+            aux.route_sdpo_B = torch.tensor([1.0 if batch.routes[i] == "sdpo" else 0.0 for i in idx])
+        return aux
+
+    def _srpo_weights(self, auxes: list[Aux], masks: list[torch.Tensor]) -> None:
+        """exp(-beta*H_teacher) normalised to mean 1 over the whole batch's SDPO-routed tokens (§5.2)."""
+        t_max = max(m.shape[1] for m in masks)
+        pad = lambda t: torch.nn.functional.pad(t, (0, t_max - t.shape[1]))  # noqa: E731
+        ent = torch.cat([pad(entropy_from_logits(a.teacher_logits_BTV)) for a in auxes])
+        sd_mask = torch.cat([pad(a.route_sdpo_B.unsqueeze(-1) * m) for a, m in zip(auxes, masks, strict=True)])
+        w = entropy_weights(ent, sd_mask, beta=self.spec.srpo_entropy_beta)
+        start = 0
+        for a, m in zip(auxes, masks, strict=True):
+            a.entropy_weights_BT = w[start : start + m.shape[0], : m.shape[1]]
+            start += m.shape[0]
+
+    def _select(self, logits_fn, h_BTH, mask_BT, sampler_BT, aux: Aux) -> torch.Tensor:
+        """TIP keep mask from the student's entropy and the sampled-token teacher divergence |log q - log pi_T|."""
+        with torch.no_grad():
+            ent_BT = entropy_from_logits(logits_fn(h_BTH.detach()))
+        div_BT = (sampler_BT - aux.teacher_logp_BT).abs()
+        return select_tokens(ent_BT, div_BT, mask_BT, self.spec.keep_ratio, self.spec.select_mode)
+
+    def _learn_micro(self, batch: TrainBatch, idx: list[int], mt: MicroTensors, aux: Aux, denom: float) -> dict:
+        t_max = mt.mask_BT.shape[1]
+        sampler_BT = rows([batch.sampler_logprobs[i] for i in idx], t_max)
+        adv_BT = rows([batch.advantages[i] for i in idx], t_max)
+        weights_BT = torch.ones_like(mt.mask_BT)
         if batch.loss_weights is not None:
             weights_BT = weights_BT * torch.tensor([batch.loss_weights[i] for i in idx]).unsqueeze(-1)
-        kw = {k: v for k, v in self.loss_kwargs.items() if k != "tis_cap"}
-        loss, stats = clipped_pg_loss(logp_BT, logp_BT.detach(), adv_BT, mask_BT, token_weights_BT=weights_BT, **kw)
+        head = self.model.get_output_embeddings()
+        h_BTH = response_hidden(self.model, mt)
+        targets_BT, mask_BT = mt.targets_BT, mt.mask_BT
+        if self.spec.select_mode:
+            keep = self._select(head, h_BTH, mask_BT, sampler_BT, aux)
+            h_BTH, targets_BT, mask_BT = flatten_kept(h_BTH, keep), flatten_kept(targets_BT, keep), flatten_kept(mask_BT, keep)
+            sampler_BT, adv_BT, weights_BT = flatten_kept(sampler_BT, keep), flatten_kept(adv_BT, keep), flatten_kept(weights_BT, keep)
+            for name in ("teacher_logp_BT", "ref_logp_BT", "topk_ids_BTK", "topk_logp_BTK", "teacher_logits_BTV"):
+                if getattr(aux, name) is not None:
+                    setattr(aux, name, flatten_kept(getattr(aux, name), keep))
+        logits_BTV = head(h_BTH)
+        loss_BT, count_BT = token_loss(self.spec, logits_BTV, targets_BT, mask_BT, sampler_BT, adv_BT, aux)
+        loss_BT = loss_BT * weights_BT
+        if self.spec.name == "grpo" and self.spec.agg != "token-mean":
+            loss = aggregate(loss_BT, mask_BT, self.spec.agg, self.spec.norm_len) * len(idx) / len(batch.uids)
+        else:
+            loss = loss_BT.sum() / denom
         with torch.no_grad():
-            ent = entropy_from_logits(logits_BTV)
-            stats["entropy_sum"] = float((ent * mask_BT).sum())
-            stats["learner_sampler_absdiff_max"] = float(((logp_BT - sampler_BT).abs() * mask_BT).max()) if mask_BT.any() else 0.0
-        return loss, stats, mask_BT
+            logp_BT = token_logprobs(logits_BTV, targets_BT)
+            ent = float((entropy_from_logits(logits_BTV) * mask_BT).sum())
+            absdiff = float(((logp_BT - sampler_BT).abs() * mask_BT).max()) if mask_BT.any() else 0.0
+        return {"loss": loss, "entropy_sum": ent, "tokens": float(mask_BT.sum()), "counted": float(count_BT.sum()), "absdiff": absdiff}
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One optimizer step over the whole batch, accumulating gradients over micro-batches.
-
-        A non-finite loss or gradient skips the update: weights and optimizer state stay as they were.
-        """
+        """One optimizer step over the whole batch. A non-finite loss or gradient skips the update entirely."""
         batch.validate()
         t0 = time.perf_counter()
-        tis_cap = float(self.loss_kwargs.get("tis_cap", 2.0))
-        agg = self.loss_kwargs.get("agg", "token-mean")
-        n_seq, n_tok = len(batch.uids), max(1, batch.num_tokens)
+        n_seq = len(batch.uids)
+        micro = [list(range(s, min(s + self.micro_batch_size, n_seq))) for s in range(0, n_seq, self.micro_batch_size)]
+        mts = [build_micro([batch.prompt_ids[i] for i in idx], [batch.response_ids[i] for i in idx], self.pad_id) for idx in micro]
+        auxes = [self._teacher_pass(batch, idx, mt) for idx, mt in zip(micro, mts, strict=True)]
+        if self.spec.name == "srpo":
+            self._srpo_weights(auxes, [mt.mask_BT for mt in mts])
+        denom = self._denominator(mts, auxes)
         self.opt.zero_grad(set_to_none=True)
-        total_loss, ent_sum, clip_sum, absdiff = 0.0, 0.0, 0.0, 0.0
-        finite = True
-        for start in range(0, n_seq, self.micro_batch_size):
-            idx = list(range(start, min(start + self.micro_batch_size, n_seq)))
-            loss, stats, mask_BT = self._micro_loss(batch, idx, tis_cap)
-            mb_tokens = float(mask_BT.sum())
-            # Scale so the accumulated gradient equals the full-batch aggregation.
-            scale = mb_tokens / n_tok if agg == "token-mean" else (1.0 if agg == "token-sum" else len(idx) / n_seq)
-            if not torch.isfinite(loss):
+        total, ent_sum, kept, counted, absdiff, finite = 0.0, 0.0, 0.0, 0.0, 0.0, True
+        peak_activation = 0
+        for idx, mt, aux in zip(micro, mts, auxes, strict=True):
+            with ActivationMeter() as meter:
+                out = self._learn_micro(batch, idx, mt, aux, denom)
+            peak_activation = max(peak_activation, meter.bytes)
+            if not torch.isfinite(out["loss"].detach()):
                 finite = False
                 break
-            (loss * scale).backward()
-            total_loss += float(loss) * scale
-            ent_sum += stats["entropy_sum"]
-            clip_sum += stats["clip_frac"] * mb_tokens
-            absdiff = max(absdiff, stats["learner_sampler_absdiff_max"])
+            out["loss"].backward()
+            total += float(out["loss"].detach())
+            ent_sum, kept, counted = ent_sum + out["entropy_sum"], kept + out["tokens"], counted + out["counted"]
+            absdiff = max(absdiff, out["absdiff"])
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)) if finite else math.nan
         skipped = not (finite and math.isfinite(grad_norm))
         if skipped:
@@ -148,21 +202,32 @@ class Learner:
             for group in self.opt.param_groups:
                 group["lr"] = self._lr()
             self.opt.step()
+            if self.self_teacher is not None:
+                ema_update(self.self_teacher.parameters(), self.model.parameters(), rate=self.spec.sdpo_ema_rate)
             self.steps_done += 1
             self.version += 1
         seconds = time.perf_counter() - t0
         return {
-            "loss": total_loss if finite else math.nan,
+            "loss": total if finite else math.nan,
             "grad_norm": grad_norm,
-            "entropy": ent_sum / n_tok,
-            "clip_frac": clip_sum / n_tok,
+            "entropy": ent_sum / max(kept, 1.0),
             "learner_sampler_absdiff_max": absdiff,
             "update_skipped": float(skipped),
             "lr": self._lr(),
-            "train_tokens": float(batch.num_tokens),
+            "train_tokens": kept,
+            "loss_tokens": counted,
             "train_seconds": seconds,
-            "train_tokens_per_s": batch.num_tokens / max(seconds, 1e-9),
+            "train_tokens_per_s": kept / max(seconds, 1e-9),
+            "activation_mib": peak_activation / 2**20,
         }
+
+    def _denominator(self, mts: list[MicroTensors], auxes: list[Aux]) -> float:
+        """Tokens in the batch-wide token-mean: kept tokens (TIP), SDPO-routed tokens (SDPO), else all tokens."""
+        if self.spec.select_mode:
+            return float(sum(_keep_count(int(mt.mask_BT.sum()), self.spec.keep_ratio) for mt in mts)) or 1.0
+        if self.spec.name == "sdpo":
+            return float(sum((a.route_sdpo_B.unsqueeze(-1) * mt.mask_BT).sum() for a, mt in zip(auxes, mts, strict=True))) or 1.0
+        return float(sum(mt.mask_BT.sum() for mt in mts)) or 1.0
 
     @torch.no_grad()
     def probe_logprobs(self, token_ids: list[int]) -> list[float]:
@@ -179,16 +244,45 @@ class Learner:
         self.model.save_pretrained(out / "model")
         torch.save(self.opt.state_dict(), out / "optimizer.pt")
         torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}, out / "rng.pt")
+        if self.self_teacher is not None:
+            torch.save(self.self_teacher.state_dict(), out / "self_teacher.pt")
         (out / "learner.json").write_text(json.dumps({"steps_done": self.steps_done, "version": self.version}))
 
     def load(self, path: str) -> None:
         src = Path(path)
-        loaded = AutoModelForCausalLM.from_pretrained(src / "model", dtype=torch.float32)
-        self.model.load_state_dict(loaded.state_dict())
+        self.model.load_state_dict(_load(str(src / "model")).state_dict())
         self.opt.load_state_dict(torch.load(src / "optimizer.pt", weights_only=False))
         rng = torch.load(src / "rng.pt", weights_only=False)
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
+        if self.self_teacher is not None:
+            self.self_teacher.load_state_dict(torch.load(src / "self_teacher.pt", weights_only=True))
         meta = json.loads((src / "learner.json").read_text())
         self.steps_done, self.version = meta["steps_done"], meta["version"]
+
+
+class ActivationMeter:
+    """Bytes of tensors autograd saves for backward during a forward pass: the learner's activation memory.
+
+    Deterministic on any device (unlike RSS on CPU), so memory effects such as token selection can be compared.
+    """
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self._seen: set[tuple[int, int]] = set()
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in self._seen:
+            self._seen.add(key)
+            self.bytes += key[1]
+        return t
+
+    def __enter__(self) -> ActivationMeter:
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)

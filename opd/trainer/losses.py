@@ -38,6 +38,35 @@ def truncated_is_weights(old_logprobs_BT: torch.Tensor, sampler_logprobs_BT: tor
     return torch.exp(old_logprobs_BT.detach() - sampler_logprobs_BT).clamp(max=cap)
 
 
+def clipped_pg_token_loss(
+    logprobs_BT: torch.Tensor,
+    old_logprobs_BT: torch.Tensor,
+    advantages_BT: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    token_weights_BT: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token PPO clipped surrogate ``-min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A)`` (§0.3), unreduced.
+
+    Returns ``(loss_BT, ratio_BT, clipped_BT)``. ``old_logprobs_BT``, ``advantages_BT`` and the weights are
+    constants. With a single update per batch pass ``old = logprobs.detach()``: the ratio is 1 and the gradient is
+    ``-A * grad log pi``.
+    """
+    old = old_logprobs_BT.detach()
+    adv = advantages_BT.detach()
+    ratio = torch.exp(logprobs_BT - old)
+    surr = ratio * adv
+    surr_clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv
+    loss_BT = -torch.minimum(surr, surr_clipped)
+    if dual_clip is not None:
+        loss_BT = torch.where(adv < 0, torch.minimum(loss_BT, -dual_clip * adv), loss_BT)
+    if token_weights_BT is not None:
+        loss_BT = loss_BT * token_weights_BT.detach()
+    return loss_BT, ratio.detach(), (surr_clipped < surr).detach()
+
+
 def clipped_pg_loss(
     logprobs_BT: torch.Tensor,
     old_logprobs_BT: torch.Tensor,
@@ -51,28 +80,18 @@ def clipped_pg_loss(
     agg: str = "token-mean",
     norm_len: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO clipped surrogate ``-min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A)`` (§0.3).
+    """``clipped_pg_token_loss`` aggregated over ``mask_BT`` (§0.2), with clip statistics.
 
-    ``old_logprobs_BT`` and ``advantages_BT`` are treated as constants. With a single update per batch pass
-    ``old = logprobs.detach()``: the ratio is 1 and the gradient is ``-A * grad log pi``. ``token_weights_BT``
-    (e.g. truncated IS weights, routing or entropy weights) multiply the per-token loss.
+    ``token_weights_BT`` (e.g. truncated IS weights, routing or entropy weights) multiply the per-token loss.
     """
-    old = old_logprobs_BT.detach()
-    adv = advantages_BT.detach()
-    ratio = torch.exp(logprobs_BT - old)
-    surr = ratio * adv
-    surr_clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv
-    loss_BT = -torch.minimum(surr, surr_clipped)
-    if dual_clip is not None:
-        loss_BT = torch.where(adv < 0, torch.minimum(loss_BT, -dual_clip * adv), loss_BT)
-    if token_weights_BT is not None:
-        loss_BT = loss_BT * token_weights_BT.detach()
+    loss_BT, ratio, clipped = clipped_pg_token_loss(
+        logprobs_BT, old_logprobs_BT, advantages_BT, clip_low=clip_low, clip_high=clip_high,
+        dual_clip=dual_clip, token_weights_BT=token_weights_BT,
+    )
     loss = aggregate(loss_BT, mask_BT, agg, norm_len)
-    with torch.no_grad():
-        m = mask_BT.to(ratio.dtype)
-        n = m.sum().clamp(min=1.0)
-        clipped = ((surr_clipped < surr) & (mask_BT > 0)).to(ratio.dtype)
-        stats = {"clip_frac": float(clipped.sum() / n), "ratio_mean": float((ratio * m).sum() / n)}
+    m = mask_BT.to(ratio.dtype)
+    n = m.sum().clamp(min=1.0)
+    stats = {"clip_frac": float((clipped.to(m.dtype) * m).sum() / n), "ratio_mean": float((ratio * m).sum() / n)}
     return loss, stats
 
 

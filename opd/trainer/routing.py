@@ -1,68 +1,132 @@
 """Router: turn one step's rollouts, rewards and teacher scores into the learner's ``TrainBatch``.
 
-Per-token advantages are computed here, as plain numbers, so the learner only ever sees detached constants and
-the batch can be dumped and replayed into a learner alone.
+Decides, sample by sample, which objective learns from it (SRPO: correct -> GRPO, failed with a self-teacher
+context -> SDPO), which samples are dropped (uniform groups, quality gate) and how much each weighs (PACED).
+Advantages are computed here as plain numbers wherever they need no model, so the batch can be dumped and
+replayed into a learner alone. Rules take plain values (``RoutePlan``), never the config.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 from opd.trainer.advantages import grpo_advantages, opd_token_advantages
-from opd.types import Rewards, RolloutBatch, TeacherScores, TrainBatch
+from opd.trainer.objectives import paced_weights, quality_gate
+from opd.trainer.sdpo import build_reprompt, self_teacher_contexts
+from opd.types import Rewards, RolloutBatch, Sample, TeacherScores, TrainBatch
+
+
+@dataclass(frozen=True)
+class RoutePlan:
+    objective: str  # opd | grpo | exopd | sdpo | srpo
+    kl_coef: float = 1.0
+    norm_by_std: bool = True
+    adv_eps: float = 1e-6
+    use_topk: bool = False  # hand the teacher's top-k to the learner (opd.divergence=teacher_topk)
+    paced: tuple[float, float] | None = None  # (a, b) of w(p) = p^a (1-p)^b
+    quality_gate: float | None = None
+    drop_uniform_groups: bool = False
+    success_threshold: float = 1.0
+    dont_reprompt_on_self_success: bool = True
+    max_reprompt_len: int = 256
 
 
 def _pad(rows: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
     width = max((len(r) for r in rows), default=0)
-    values = torch.zeros(len(rows), width)
-    mask = torch.zeros(len(rows), width)
+    values, mask = torch.zeros(len(rows), width), torch.zeros(len(rows), width)
     for i, r in enumerate(rows):
         values[i, : len(r)] = torch.tensor(r, dtype=torch.float32)
         mask[i, : len(r)] = 1.0
     return values, mask
 
 
-def _unpad(values_BT: torch.Tensor, lengths: list[int]) -> list[list[float]]:
-    return [values_BT[i, :n].tolist() for i, n in enumerate(lengths)]
+def _groups(n: int, g: int) -> list[range]:
+    return [range(s, s + g) for s in range(0, n, g)]
 
 
-def route_opd(rollouts: RolloutBatch, scores: TeacherScores, *, kl_coef: float) -> TrainBatch:
-    """Every sample learns from the teacher, token by token (sampled-token reverse KL as advantage)."""
-    samples = rollouts.samples
-    scores.validate(samples)
-    sampler_BT, mask_BT = _pad([s.sampler_logprobs for s in samples])
-    teacher_BT, _ = _pad(scores.logprobs)
-    adv_BT = opd_token_advantages(sampler_BT, teacher_BT, mask_BT, coef=kl_coef)
-    return TrainBatch(
-        uids=[s.uid for s in samples],
-        prompt_ids=[s.prompt.token_ids for s in samples],
-        response_ids=[s.response_ids for s in samples],
-        sampler_logprobs=[s.sampler_logprobs for s in samples],
-        advantages=_unpad(adv_BT, [len(s.response_ids) for s in samples]),
-        teacher_logprobs=scores.logprobs,
-        objective="opd",
-    )
+def _self_teacher_prompts(samples: list[Sample], rewards: Rewards, g: int, plan: RoutePlan, render: Callable[[str], list[int]]):
+    """Per sample: the rendered self-teacher prompt (a sibling's correct answer shown), or None without one."""
+    prompts: list[list[int] | None] = []
+    for grp in _groups(len(samples), g):
+        contexts = self_teacher_contexts(
+            [rewards.rewards[i] for i in grp], [samples[i].response_text for i in grp], [None] * g,
+            success_threshold=plan.success_threshold, dont_reprompt_on_self_success=plan.dont_reprompt_on_self_success,
+            include_feedback=False,
+        )
+        for i, ctx in zip(grp, contexts, strict=True):
+            if ctx is None:
+                prompts.append(None)
+            else:
+                text = build_reprompt(samples[i].prompt.columns.get("prompt", samples[i].prompt.text), ctx.solution, ctx.feedback)
+                prompts.append(render(text)[: plan.max_reprompt_len])
+    return prompts
 
 
-def route_grpo(rollouts: RolloutBatch, rewards: Rewards, *, norm_by_std: bool, eps: float) -> TrainBatch:
-    """Every sample gets its group-relative reward advantage on each of its tokens."""
-    samples = rollouts.samples
+def _sample_weights(rewards: Rewards, g: int, plan: RoutePlan) -> list[float] | None:
+    w = torch.ones(len(rewards.rewards))
+    if plan.paced is not None:
+        pass_rate = torch.tensor(rewards.correct, dtype=torch.float32).view(-1, g).mean(-1)
+        w = w * paced_weights(pass_rate, *plan.paced).repeat_interleave(g)
+    if plan.quality_gate is not None:
+        w = w * quality_gate(torch.tensor(rewards.rewards), plan.quality_gate)
+    return None if plan.paced is None and plan.quality_gate is None else w.tolist()
+
+
+def route(
+    rollouts: RolloutBatch, rewards: Rewards, scores: TeacherScores | None, plan: RoutePlan,
+    render: Callable[[str], list[int]] | None = None,
+) -> TrainBatch | None:
+    """The step's TrainBatch, or None when every sample was dropped (nothing to learn this step)."""
+    samples, g = rollouts.samples, rollouts.group_size
     rewards.validate(samples)
-    g = rollouts.group_size
-    adv_PG = grpo_advantages(torch.tensor(rewards.rewards).view(-1, g), norm_by_std=norm_by_std, eps=eps)
-    adv = adv_PG.flatten().tolist()
-    return TrainBatch(
-        uids=[s.uid for s in samples],
-        prompt_ids=[s.prompt.token_ids for s in samples],
-        response_ids=[s.response_ids for s in samples],
-        sampler_logprobs=[s.sampler_logprobs for s in samples],
-        advantages=[[a] * len(s.response_ids) for a, s in zip(adv, samples, strict=True)],
-        teacher_logprobs=None,
-        objective="grpo",
+    if scores is not None:
+        scores.validate(samples)
+    lengths = [len(s.response_ids) for s in samples]
+    sampler_BT, mask_BT = _pad([s.sampler_logprobs for s in samples])
+    if plan.objective in ("opd", "exopd"):
+        adv_BT = opd_token_advantages(sampler_BT, _pad(scores.logprobs)[0], mask_BT, coef=plan.kl_coef)
+        advantages = [adv_BT[i, :n].tolist() for i, n in enumerate(lengths)]
+    else:
+        adv = grpo_advantages(torch.tensor(rewards.rewards).view(-1, g), norm_by_std=plan.norm_by_std, eps=plan.adv_eps).flatten()
+        advantages = [[float(a)] * n for a, n in zip(adv, lengths, strict=True)]
+    teacher_prompts = routes = None
+    if plan.objective in ("sdpo", "srpo"):
+        teacher_prompts = _self_teacher_prompts(samples, rewards, g, plan, render)
+        if plan.objective == "sdpo":
+            routes = ["sdpo" if tp is not None else "none" for tp in teacher_prompts]
+        else:  # SRPO §5.1: z_sdpo = (1 - correct) * has_teacher
+            routes = ["sdpo" if (tp is not None and not c) else "grpo" for tp, c in zip(teacher_prompts, rewards.correct, strict=True)]
+    keep = list(range(len(samples)))
+    if plan.drop_uniform_groups:
+        keep = [i for grp in _groups(len(samples), g) if len({rewards.rewards[j] for j in grp}) > 1 for i in grp]
+    if not keep:
+        return None
+    pick = lambda xs: None if xs is None else [xs[i] for i in keep]  # noqa: E731
+    batch = TrainBatch(
+        uids=pick([s.uid for s in samples]),
+        prompt_ids=pick([s.prompt.token_ids for s in samples]),
+        response_ids=pick([s.response_ids for s in samples]),
+        sampler_logprobs=pick([s.sampler_logprobs for s in samples]),
+        advantages=pick(advantages),
+        teacher_logprobs=pick(scores.logprobs) if scores is not None else None,
+        objective=plan.objective,
+        loss_weights=pick(_sample_weights(rewards, g, plan)),
+        teacher_topk_ids=pick(scores.topk_ids) if scores is not None and plan.use_topk else None,
+        teacher_topk_logprobs=pick(scores.topk_logprobs) if scores is not None and plan.use_topk else None,
+        teacher_prompt_ids=pick(teacher_prompts),
+        routes=pick(routes),
     )
+    batch.validate()
+    return batch
 
 
 def teacher_reverse_kl(rollouts: RolloutBatch, scores: TeacherScores) -> float:
     """Mean sampled-token reverse KL ``log q - log pi_T`` per response token (the OPD progress figure)."""
-    total = sum(sum(q - t for q, t in zip(s.sampler_logprobs, lp, strict=True)) for s, lp in zip(rollouts.samples, scores.logprobs, strict=True))
+    total = sum(
+        sum(q - t for q, t in zip(s.sampler_logprobs, lp, strict=True))
+        for s, lp in zip(rollouts.samples, scores.logprobs, strict=True)
+    )
     return total / max(1, rollouts.num_response_tokens)

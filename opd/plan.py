@@ -1,0 +1,48 @@
+"""Config -> the plain values each role takes. Helpers never see the config tree (style rule 7)."""
+
+from __future__ import annotations
+
+from opd.config import Config
+from opd.trainer.objective import ObjectiveSpec
+from opd.trainer.routing import RoutePlan
+
+
+def objective_spec(cfg: Config) -> ObjectiveSpec:
+    g, o, sd = cfg.grpo, cfg.opd, cfg.sdpo
+    tis = {"opd": o.tis_cap, "exopd": cfg.exopd.tis_cap}.get(cfg.algorithm, g.tis_cap)
+    return ObjectiveSpec(
+        name=cfg.algorithm,
+        agg=g.loss_agg if cfg.algorithm == "grpo" else "token-mean",
+        clip_low=g.clip_low,
+        clip_high=g.clip_high,
+        tis_cap=tis,
+        norm_len=cfg.rollout.max_new_tokens,
+        opd_divergence=o.divergence,
+        full_vocab_kind=o.full_vocab_kind,
+        jsd_beta=o.jsd_beta,
+        exopd_lam=cfg.exopd.lam,
+        sdpo_top_k=sd.top_k,
+        sdpo_alpha=sd.alpha,
+        sdpo_is_cap=sd.is_cap,
+        sdpo_ema_rate=sd.ema_rate,
+        srpo_entropy_beta=cfg.srpo.entropy_beta,
+        select_mode=cfg.selection.mode,
+        keep_ratio=cfg.selection.keep_ratio,
+    )
+
+
+def route_plan(cfg: Config) -> RoutePlan:
+    w = cfg.weighting
+    return RoutePlan(
+        objective=cfg.algorithm,
+        kl_coef=cfg.opd.kl_coef,
+        norm_by_std=cfg.grpo.norm_adv_by_std,
+        adv_eps=cfg.grpo.adv_eps,
+        use_topk=cfg.algorithm == "opd" and cfg.opd.divergence == "teacher_topk",
+        paced=(w.paced_a, w.paced_b) if w.paced else None,
+        quality_gate=w.quality_gate,
+        drop_uniform_groups=w.drop_uniform_groups,
+        success_threshold=cfg.sdpo.success_threshold,
+        dont_reprompt_on_self_success=cfg.sdpo.dont_reprompt_on_self_success,
+        max_reprompt_len=cfg.sdpo.max_reprompt_len,
+    )

@@ -1,0 +1,64 @@
+"""Learner-side tensors for a micro-batch, and a forward pass that only pays for the positions it scores.
+
+The LM head runs on the hidden states of response positions only (never on prompt positions), so the
+``[N, V]`` logits tensor, which dominates memory at real vocabulary sizes, covers exactly the tokens a loss uses;
+with token selection (TIP) the head runs on the kept tokens only (``flatten_kept``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class MicroTensors:
+    """Right-padded ``prompt+response`` ids; per response token, the position whose output predicts it."""
+
+    input_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, L]
+    pos_BT: torch.Tensor  # [B, T] index into L of the logit predicting response token t
+    targets_BT: torch.Tensor  # [B, T] response token ids
+    mask_BT: torch.Tensor  # [B, T] 1 on real response tokens
+
+
+def build_micro(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> MicroTensors:
+    seqs = [p + r for p, r in zip(prompt_ids, response_ids, strict=True)]
+    width = max(len(s) for s in seqs)
+    t_max = max(max((len(r) for r in response_ids), default=0), 1)
+    b = len(seqs)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    attn = torch.zeros((b, width), dtype=torch.long)
+    pos_BT = torch.zeros((b, t_max), dtype=torch.long)
+    targets_BT = torch.zeros((b, t_max), dtype=torch.long)
+    mask_BT = torch.zeros((b, t_max))
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):
+        n = len(r)
+        input_ids[i, : len(p) + n] = torch.tensor(p + r)
+        attn[i, : len(p) + n] = 1
+        # Response token t sits at len(p)+t and is predicted by the output at len(p)-1+t. A teacher prompt of a
+        # different length (SDPO) still lines up because only these positions are read.
+        pos_BT[i, :n] = torch.arange(len(p) - 1, len(p) - 1 + n)
+        targets_BT[i, :n] = torch.tensor(r, dtype=torch.long)
+        mask_BT[i, :n] = 1.0
+    return MicroTensors(input_ids, attn, pos_BT, targets_BT, mask_BT)
+
+
+def rows(values: list[list[float]], t_max: int) -> torch.Tensor:
+    """Ragged per-token floats -> zero-padded [B, T]."""
+    out = torch.zeros(len(values), t_max)
+    for i, v in enumerate(values):
+        out[i, : len(v)] = torch.tensor(v, dtype=torch.float32)
+    return out
+
+
+def response_hidden(model, mt: MicroTensors) -> torch.Tensor:
+    """Final hidden states at the response-predicting positions, [B, T, H]."""
+    hidden = model.get_decoder()(input_ids=mt.input_ids, attention_mask=mt.attention_mask).last_hidden_state
+    return hidden.gather(1, mt.pos_BT.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+
+
+def flatten_kept(t_BT: torch.Tensor, keep_BT: torch.Tensor) -> torch.Tensor:
+    """[B, T, ...] -> [1, N, ...] over the kept tokens: token-level losses then run on N tokens only."""
+    return t_BT[keep_BT.bool()].unsqueeze(0)
