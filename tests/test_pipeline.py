@@ -98,3 +98,17 @@ def test_resume_without_checkpoint_is_refused(tiny_models, tmp_path):
 
     with pytest.raises(ConfigError, match="no complete checkpoint"):
         run(load_config(None, tiny_overrides(tiny_models, tmp_path / "none")), resume=True)
+
+
+def test_opd_eval_cli(opd_run, tiny_models, local_ray, capsys):
+    from opd.cli import main
+
+    out, summary = opd_run
+    final = out / "checkpoints" / "step_000002" / "model"
+    # The run directory's config.yaml is a complete config: evaluating the final checkpoint reproduces the
+    # summary's figures (the same greedy decoding on the same held-out prompts).
+    assert main(["eval", str(out / "config.yaml"), f"models.student={final}", "--teacher"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["eval_prompts"] == 20
+    assert result["student_accuracy"] == pytest.approx(summary["student_accuracy_after"])
+    assert result["teacher_accuracy"] == pytest.approx(summary["teacher_accuracy"])

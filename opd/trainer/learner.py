@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opd.rollout.weight_sync import pack_state_dict
 from opd.trainer.forward import MicroTensors, build_micro, flatten_kept, response_hidden, rows
@@ -68,6 +68,7 @@ class Learner:
         self.spec = objective or ObjectiveSpec()
         self.model = _load(model_dir)
         self.model.train()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)  # saved with every checkpoint: model/ is a full HF dir
         self.pad_id = self.model.config.pad_token_id or 0
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
         self.base_lr, self.warmup_steps, self.grad_clip = lr, warmup_steps, grad_clip
@@ -242,6 +243,7 @@ class Learner:
     def save(self, path: str) -> None:
         out = Path(path)
         self.model.save_pretrained(out / "model")
+        self.tokenizer.save_pretrained(out / "model")
         torch.save(self.opt.state_dict(), out / "optimizer.pt")
         torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}, out / "rng.pt")
         if self.self_teacher is not None:
