@@ -53,3 +53,15 @@ def test_records_reject_misaligned_rows():
     s.sampler_logprobs = [-0.1, -0.2]
     with pytest.raises(RecordError, match="1 teacher logprobs for 2 response tokens"):
         TeacherScores(["u"], [[-0.3]]).validate([s])
+
+
+def test_test_split_is_fixed_by_seed_and_disjoint_from_any_train_size():
+    """The demo evaluates on the same held-out problems that bootstrap never trained on, whatever num_train."""
+    from opd.tasks.arithmetic import build_dataset, exact_answer, make_row
+
+    small, large = build_dataset(num_train=100, num_test=50, seed=0), build_dataset(num_train=3000, num_test=50, seed=0)
+    assert small["test"]["id"] == large["test"]["id"]
+    assert not set(large["test"]["id"]) & set(large["train"]["id"])
+    row = make_row(987, 65, "+")
+    assert row["answer"] == "2501" and exact_answer([row["prompt"]], ["2501 "], answer=[row["answer"]]) == [1.0]
+    assert exact_answer(["x"], ["1052"], answer=["2501"]) == [0.0]
