@@ -18,8 +18,14 @@ from opd.rollout.worker import RolloutWorker
 from opd.teacher.scorer import VLLMTeacher
 from opd.trainer.learner import Learner
 
-# vLLM runs in-process inside each actor (no extra engine-core process), quietly.
-ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
+# vLLM runs in-process inside each actor (no extra engine-core process), quietly. The engines run eager; the one
+# op vLLM still torch.compiles (logprob ranks) would cost every fresh actor an inductor build on its first call.
+ACTOR_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_LOGGING_LEVEL": "WARNING",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TORCHDYNAMO_DISABLE": "1",
+}
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import pytest
@@ -34,7 +35,7 @@ def tok():
 def tiny_boot(tmp_path_factory):
     out = tmp_path_factory.mktemp("boot") / "models"
     start = time.monotonic()
-    meta = bootstrap(out, tiny_spec())
+    meta = bootstrap(out, tiny_spec(), num_threads=1)  # one thread: two oversubscribed ones can stall for minutes
     return out, meta, time.monotonic() - start
 
 
@@ -73,6 +74,7 @@ def test_tokenizer_save_load_roundtrip(tok, tmp_path):
     assert loaded.get_vocab() == tok.get_vocab()
     assert loaded.chat_template == tok.chat_template
     assert (loaded.eos_token_id, loaded.pad_token_id) == (tok.eos_token_id, tok.pad_token_id)
+    assert loaded.padding_side == "left"
     assert loaded.decode(loaded.encode("12 + 3=")) == "12 + 3="
 
 
@@ -110,7 +112,7 @@ def test_spec_hash_and_dict_roundtrip():
 
 def test_tiny_bootstrap_writes_loadable_checkpoints(tiny_boot, tok):
     out, meta, seconds = tiny_boot
-    assert seconds < 60
+    assert seconds < 300  # ~5 s on an idle machine; the bound only catches a runaway
     assert json.loads((out / "bootstrap.json").read_text()) == meta
     assert meta["spec_hash"] == tiny_spec().hash()
     for role in ("teacher", "student"):
@@ -131,8 +133,8 @@ def test_second_bootstrap_is_a_cached_noop(tiny_boot):
     out, meta, _ = tiny_boot
     mtime = (out / "teacher" / "model.safetensors").stat().st_mtime_ns
     start = time.monotonic()
-    again = bootstrap(out, tiny_spec())
-    assert time.monotonic() - start < 10
+    again = bootstrap(out, tiny_spec(), num_threads=1)
+    assert time.monotonic() - start < 30
     assert again == meta
     assert (out / "teacher" / "model.safetensors").stat().st_mtime_ns == mtime
 
@@ -140,11 +142,9 @@ def test_second_bootstrap_is_a_cached_noop(tiny_boot):
 def test_changed_spec_or_corrupt_cache_rebuilds(tiny_boot, tmp_path):
     out, meta, _ = tiny_boot
     copy = tmp_path / "models"
-    import shutil
-
     shutil.copytree(out, copy)
     (copy / "student" / "model.safetensors").write_bytes(b"not a checkpoint")
-    rebuilt = bootstrap(copy, tiny_spec())
+    rebuilt = bootstrap(copy, tiny_spec(), num_threads=1)
     assert rebuilt["spec_hash"] == meta["spec_hash"]
     AutoModelForCausalLM.from_pretrained(copy / "student")  # loads again
 
@@ -152,7 +152,7 @@ def test_changed_spec_or_corrupt_cache_rebuilds(tiny_boot, tmp_path):
 def test_bootstrap_refuses_to_replace_foreign_dir(tmp_path):
     (tmp_path / "mine.txt").write_text("keep me")
     with pytest.raises(FileExistsError):
-        bootstrap(tmp_path, tiny_spec())
+        bootstrap(tmp_path, tiny_spec(), num_threads=1)
     assert (tmp_path / "mine.txt").read_text() == "keep me"
 
 
@@ -167,4 +167,4 @@ def test_left_padded_eval_matches_unpadded(tok):
     together = model.generate(**batch, max_new_tokens=3, do_sample=False)[0, batch["input_ids"].shape[1] :]
     assert tok.padding_side == "left"
     assert tok.decode(alone, skip_special_tokens=True) == tok.decode(together, skip_special_tokens=True)
-    assert 0.0 <= evaluate_accuracy(model, tok, rows, batch_size=2) <= 1.0
+    assert 0.0 <= evaluate_accuracy(model, tok, rows, batch_size=2, num_threads=1) <= 1.0
