@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import ray
 
 from opd.cluster import Roles
 from opd.config import Config
 from opd.trainer.routing import teacher_reverse_kl
 from opd.types import Prompt, Rewards, RolloutBatch, Sample, TeacherScores
+
+log = logging.getLogger("opd.steps")
 
 
 def _split(items: list, parts: int) -> list[list]:
@@ -80,9 +84,27 @@ def evaluate(roles: Roles, prompts: list[Prompt], cfg: Config, who: str) -> floa
         parts = [c for c in _split(ids, len(roles.rollout)) if c]
         outs = ray.get([w.generate_greedy.remote(c, cfg.eval.max_new_tokens) for w, c in zip(roles.rollout, parts, strict=False)])
         texts = [t for part in outs for t in part]
+    correct = _verify_all(roles, [f"eval/{p.prompt_id}" for p in prompts], prompts, texts)
+    return sum(correct) / len(prompts)
+
+
+def _verify_all(roles: Roles, uids: list[str], prompts: list[Prompt], texts: list[str], retries: int = 1) -> list[bool]:
+    """Correctness of every row. A verifier failure (timeout on a loaded machine, crash) is retried, never counted
+    as a wrong answer: an accuracy built on failed verifications would be a silent lie."""
     columns = {k: [p.columns[k] for p in prompts] for k in prompts[0].columns if k != "prompt"}
-    rewards = roles.verifiers.score([f"eval/{p.prompt_id}" for p in prompts], [p.columns["prompt"] for p in prompts], texts, columns)
-    return sum(rewards.correct) / len(prompts)
+    rewards = roles.verifiers.score(uids, [p.columns["prompt"] for p in prompts], texts, columns)
+    failed = [i for i, uid in enumerate(uids) if uid in rewards.failures]
+    if not failed:
+        return list(rewards.correct)
+    if retries <= 0:
+        first = rewards.failures[uids[failed[0]]]
+        raise RuntimeError(f"evaluation: {len(failed)} of {len(uids)} rows could not be verified (first: {first})")
+    log.warning("evaluation: %d rows failed verification (%s); retrying them", len(failed), rewards.failures[uids[failed[0]]])
+    again = _verify_all(roles, [uids[i] for i in failed], [prompts[i] for i in failed], [texts[i] for i in failed], retries - 1)
+    correct = list(rewards.correct)
+    for i, ok in zip(failed, again, strict=True):
+        correct[i] = ok
+    return correct
 
 
 def step_metrics(

@@ -236,3 +236,32 @@ def test_hanging_verifier_times_out_within_deadline(ray_local, vfile):
     assert out.per_verifier["exact_answer"] == [1.0, 0.0, 1.0, 0.0, 1.0]
     assert out.per_verifier[name] == [0.0] * 5
     assert all(out.failures[u] == f"{name}: timeout after 2s" for u in ROWS["uids"])
+
+
+def test_evaluation_never_counts_a_failed_verification_as_wrong(ray_local, tmp_path):
+    """A verifier that fails once is retried; one that always fails stops the evaluation with a clear error."""
+    from opd.cluster import Roles
+    from opd.rewards import VerifierRunner, VerifierSpec
+    from opd.steps import _verify_all
+    from opd.types import Prompt
+
+    flaky = tmp_path / "flaky.py"
+    marker = tmp_path / "seen"
+    flaky.write_text(
+        "import pathlib\n"
+        f"MARK = pathlib.Path({str(marker)!r})\n"
+        "def first_call_fails(prompts, completions, answer, **_):\n"
+        "    if not MARK.exists():\n"
+        "        MARK.write_text('1')\n"
+        "        raise RuntimeError('transient')\n"
+        "    return [1.0 if c == a else 0.0 for c, a in zip(completions, answer)]\n"
+        "def always_fails(prompts, completions, **_):\n"
+        "    raise RuntimeError('broken')\n"
+    )
+    prompts = [Prompt(f"p{i}", "t", [1], str(i), {"prompt": f"{i}+0=", "answer": str(i)}) for i in range(3)]
+    texts = ["0", "9", "2"]
+    roles = Roles([], None, None, VerifierRunner([VerifierSpec(f"{flaky}:first_call_fails")]))
+    assert _verify_all(roles, ["a", "b", "c"], prompts, texts) == [True, False, True]
+    roles = Roles([], None, None, VerifierRunner([VerifierSpec(f"{flaky}:always_fails")]))
+    with pytest.raises(RuntimeError, match="3 of 3 rows could not be verified.*broken"):
+        _verify_all(roles, ["a", "b", "c"], prompts, texts)
