@@ -40,14 +40,14 @@ def sample(roles: Roles, prompts: list[Prompt], step: int, cfg: Config) -> Rollo
     return batch
 
 
+def _score(roles: Roles, uids: list[str], prompts: list[Prompt], texts: list[str]) -> Rewards:
+    """Verifiers get the dataset's prompt column and every other column as TRL-style keyword lists."""
+    columns = {k: [p.columns[k] for p in prompts] for k in prompts[0].columns if k != "prompt"}
+    return roles.verifiers.score(uids, [p.columns["prompt"] for p in prompts], texts, columns)
+
+
 def _verify(roles: Roles, samples: list[Sample]) -> Rewards:
-    columns: dict[str, list] = {}
-    for key in samples[0].prompt.columns:
-        if key != "prompt":
-            columns[key] = [s.prompt.columns[key] for s in samples]
-    return roles.verifiers.score(
-        [s.uid for s in samples], [s.prompt.columns["prompt"] for s in samples], [s.response_text for s in samples], columns
-    )
+    return _score(roles, [s.uid for s in samples], [s.prompt for s in samples], [s.response_text for s in samples])
 
 
 def verify_and_score(roles: Roles, rollouts: RolloutBatch, cfg: Config) -> tuple[Rewards, TeacherScores | None]:
@@ -71,8 +71,7 @@ def sync_weights(roles: Roles, probe_ids: list[int], tolerance: float) -> tuple[
 
 def warm_up_verifiers(roles: Roles, prompt: Prompt) -> None:
     """Start the verifier task workers before any deadline applies (a cold start takes seconds on a busy machine)."""
-    cols = {k: [v] for k, v in prompt.columns.items() if k != "prompt"}
-    roles.verifiers.score(["warmup"], [prompt.columns["prompt"]], [prompt.answer], cols)
+    _score(roles, ["warmup"], [prompt], [prompt.answer])
 
 
 def evaluate(roles: Roles, prompts: list[Prompt], cfg: Config, who: str) -> float:
@@ -91,8 +90,7 @@ def evaluate(roles: Roles, prompts: list[Prompt], cfg: Config, who: str) -> floa
 def _verify_all(roles: Roles, uids: list[str], prompts: list[Prompt], texts: list[str], retries: int = 1) -> list[bool]:
     """Correctness of every row. A verifier failure (timeout on a loaded machine, crash) is retried, never counted
     as a wrong answer: an accuracy built on failed verifications would be a silent lie."""
-    columns = {k: [p.columns[k] for p in prompts] for k in prompts[0].columns if k != "prompt"}
-    rewards = roles.verifiers.score(uids, [p.columns["prompt"] for p in prompts], texts, columns)
+    rewards = _score(roles, uids, prompts, texts)
     failed = [i for i, uid in enumerate(uids) if uid in rewards.failures]
     if not failed:
         return list(rewards.correct)

@@ -169,12 +169,3 @@ class TrainBatch:
     @property
     def num_tokens(self) -> int:
         return sum(len(r) for r in self.response_ids)
-
-
-@dataclass(frozen=True)
-class WeightVersion:
-    """A published set of student weights: version n+1 is what step n trained."""
-
-    version: int
-    num_params: int
-    probe_logprobs: tuple[float, ...]  # the learner's logprobs of the fixed probe sequence
