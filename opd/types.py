@@ -15,9 +15,10 @@ class RecordError(ValueError):
     """A record whose fields do not line up (names the record, the sample uid and the field)."""
 
 
-def sample_uid(prompt_id: str, sample_index: int, step: int) -> str:
-    """Stable id of one sampled answer: the same prompt, sample slot and step always give the same uid."""
-    return f"{prompt_id}/s{step}/g{sample_index}"
+def sample_uid(prompt_id: str, sample_index: int, epoch: int) -> str:
+    """Stable id of one sampled answer: prompt, data epoch and sample slot. An epoch visits each prompt once, so the
+    id is unique in a run even when a batch straddles two epochs and holds the same prompt twice."""
+    return f"{prompt_id}/e{epoch}/g{sample_index}"
 
 
 @dataclass(frozen=True)

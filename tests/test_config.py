@@ -45,6 +45,7 @@ def test_top_k_raises_vllm_max_logprobs():
         ({"rollout": {"group_size": "four"}}, [], "rollout.group_size"),
         ({}, ["models.student=/nonexistent/student"], "models.student: directory '/nonexistent/student' does not exist"),
         ({}, ["models.teacher=/nonexistent/teacher"], "models.teacher"),
+        ({}, ["algorithm=grpo", "rollout.group_size=1"], "algorithm=grpo needs rollout.group_size >= 2"),
     ],
 )
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, tree, overrides, needle):
@@ -70,3 +71,11 @@ def test_demo_config_is_valid_and_fully_commented():
     for line in path.read_text().splitlines():
         if ":" in line and not line.strip().startswith("#") and not line.rstrip().endswith(":"):
             assert "#" in line, f"demo.yaml key without a comment: {line.strip()}"
+    assert _leaf_keys(yaml.safe_load(path.read_text())) == _leaf_keys(cfg.model_dump()), "demo.yaml must list every key"
+
+
+def _leaf_keys(tree: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for k, v in tree.items():
+        keys |= _leaf_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+    return keys

@@ -5,7 +5,7 @@ import pytest
 from opd.data import Cursor, PromptSource
 from opd.teacher.align import align_response, response_slice
 from opd.teacher.preflight import TokenizerMismatch, check_tokenizers
-from opd.types import Prompt, RecordError, Sample, TeacherScores
+from opd.types import Prompt, RecordError, Sample, TeacherScores, sample_uid
 
 
 def test_response_rows_are_shifted_by_one():
@@ -37,12 +37,21 @@ def _prompts(n):
 
 def test_cursor_visits_every_prompt_once_per_epoch_and_resumes():
     src = PromptSource(_prompts(5), seed=3)
-    first = [p.prompt_id for p in src.next_batch(3)]
+    first = src.next_batch(3)
     saved = Cursor(**vars(src.cursor))
-    rest = [p.prompt_id for p in src.next_batch(4)]
-    assert sorted(first + rest[:2]) == [f"p{i}" for i in range(5)]  # epoch 0 complete, no repeats
+    rest = src.next_batch(4)
+    assert sorted(p.prompt_id for p, _ in first + rest[:2]) == [f"p{i}" for i in range(5)]  # epoch 0 complete
+    assert [e for _, e in first + rest] == [0] * 5 + [1] * 2
     resumed = PromptSource(_prompts(5), seed=3, cursor=saved)
-    assert [p.prompt_id for p in resumed.next_batch(4)] == rest
+    assert resumed.next_batch(4) == rest
+
+
+def test_sample_ids_stay_unique_when_a_batch_holds_a_prompt_twice():
+    """A batch larger than the dataset straddles epochs; the epoch in the id keeps the samples apart."""
+    draws = PromptSource(_prompts(3), seed=0).next_batch(5)
+    assert len({p.prompt_id for p, _ in draws}) == 3
+    uids = {sample_uid(p.prompt_id, g, e) for p, e in draws for g in range(2)}
+    assert len(uids) == 10
 
 
 def test_records_reject_misaligned_rows():

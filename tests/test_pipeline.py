@@ -1,4 +1,4 @@
-"""End-to-end on local Ray with the real vLLM engines, the real learner and the real verifier tasks."""
+"""End-to-end on local Ray with the real vLLM engines, the real learner and the real verifier hosts."""
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""Metric sinks: JSONL and TensorBoard always; a console progress bar for interactive runs."""
+"""Metric sinks: JSONL and TensorBoard always; Ray custom metrics when Ray is up; a console progress bar."""

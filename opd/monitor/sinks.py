@@ -1,23 +1,31 @@
-"""Where per-step metrics go: ``metrics.jsonl`` (one JSON object per step), TensorBoard events, the console."""
+"""Where per-step metrics go: ``metrics.jsonl`` (one JSON object per step), TensorBoard events, the console, and
+Ray custom metrics (dashboard / Prometheus) when Ray is up."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from tqdm import tqdm
+
+from opd.monitor.ray_metrics import RayMetricsSink
 
 CONSOLE_KEYS = (("reward", "reward"), ("accuracy", "acc"), ("teacher_kl", "kl"), ("entropy", "ent"), ("step_seconds", "s/step"))
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int = 0, progress: bool = True):
+    def __init__(
+        self, run_dir: Path, total_steps: int, start_step: int = 0, progress: bool = True, job: str = "run",
+        shared_ray: bool = False,  # Ray outlives this driver (a cluster): flush its metrics export on close
+    ):
         from torch.utils.tensorboard import SummaryWriter
 
         self.path = run_dir / "metrics.jsonl"
         self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="opd", disable=not progress, dynamic_ncols=True)
+        self.ray = RayMetricsSink(job, flush_on_close=shared_ray)
         if start_step:
             self._truncate_after(start_step)
 
@@ -25,8 +33,11 @@ class MetricsLogger:
         # On resume, drop lines of steps that ran after the checkpoint so the log has each step exactly once.
         if not self.path.exists():
             return
-        kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", -1) < step]
-        self.path.write_text("".join(ln + "\n" for ln in kept))
+        # A driver killed mid-write leaves a torn last line; it belongs to a step after the checkpoint anyway.
+        kept = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) is not None and _step_of(ln) < step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(ln + "\n" for ln in kept))
+        os.replace(tmp, self.path)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": step, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}}
@@ -35,6 +46,7 @@ class MetricsLogger:
         for key, value in metrics.items():
             if isinstance(value, int | float) and math.isfinite(value):
                 self.tb.add_scalar(key, value, step)
+        self.ray.log(step, metrics)
         shown = {label: f"{metrics[k]:.3g}" for k, label in CONSOLE_KEYS if k in metrics and metrics[k] is not None}
         self.bar.set_postfix(shown, refresh=False)
         self.bar.update(1)
@@ -43,3 +55,11 @@ class MetricsLogger:
         self.bar.close()
         self.tb.flush()
         self.tb.close()
+        self.ray.close()
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None

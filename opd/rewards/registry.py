@@ -86,7 +86,7 @@ def resolve(spec: str) -> Verifier:
     target, _, attr = spec.rpartition(":")
     if not target or not attr:
         raise VerifierSpecError(f"verifier spec {spec!r}: expected 'module:function' or 'file.py:function'")
-    is_file = target.endswith(".py") or "/" in target or os.sep in target
+    is_file = file_spec(spec) is not None
     module = _load_file(target, spec) if is_file else _import_module(target, spec)
     obj: object = module
     for part in attr.split("."):
@@ -97,6 +97,14 @@ def resolve(spec: str) -> Verifier:
     if not callable(obj):
         raise VerifierSpecError(f"verifier spec {spec!r}: {attr!r} is a {type(obj).__name__}, not a callable")
     return obj
+
+
+def file_spec(spec: str) -> tuple[str, str] | None:
+    """``(path, function)`` when ``spec`` names a function in a file (``path/to/file.py:function``), else None."""
+    target, _, attr = spec.strip().rpartition(":")
+    if target and attr and (target.endswith(".py") or "/" in target or os.sep in target):
+        return target, attr
+    return None
 
 
 def _identity(fn: Verifier) -> str:

@@ -1,9 +1,9 @@
-"""Run the configured verifiers as Ray tasks and fold their scores into one ``opd.types.Rewards``.
+"""Run the configured verifiers in long-lived host actors and fold their scores into one ``opd.types.Rewards``.
 
-Why Ray tasks: a verifier is arbitrary user code (it may hang, crash or leak), so it must not run inside the
-training driver; a task per (verifier, chunk) lets a stuck chunk be killed with ``ray.cancel(force=True)`` while the
-rest of the batch still scores. Tasks ask for ``num_cpus=0`` because verifiers are light and the CPUs are reserved
-for the engines; they would otherwise queue behind them.
+Why separate processes: a verifier is arbitrary user code (it may hang, crash or leak), so it must not run inside
+the training driver. Calls go, one per (verifier, chunk), to a small pool of long-lived verifier host actors
+(``verifiers.num_workers``); a host holding a call still running at the deadline is killed and replaced, so a stuck
+chunk costs only its own rows while the rest of the batch still scores.
 
 Conventions:
 
@@ -49,25 +49,69 @@ class VerifierSpec:
         raise VerifierSpecError(f"verifier entry must be a name or {{name, weight}}, got {obj!r}")
 
 
-@ray.remote(num_cpus=0, max_retries=0)
-def _run_chunk(fn: Verifier, chunk: tuple[list, list, dict]) -> tuple[bool, object]:
-    """Call one verifier on one chunk ``(prompts, completions, columns)``; returns (True, values) or (False, reason).
+class _VerifierHost:
+    """A long-lived process that runs verifier calls, each on its own thread.
 
-    Exceptions are caught here rather than surfacing as RayTaskError so the reason stays "Type: message" without
-    Ray's traceback wrapping. ``max_retries=0``: a verifier that crashes its worker would crash it again.
+    Threads, so one hung call blocks only itself until the deadline; the whole process is then killed and replaced,
+    which is the only way to stop a Python thread. Long-lived, so no call pays a worker cold start against its
+    deadline: starting a Ray worker takes seconds on a busy 2-core machine, far more than scoring a batch.
     """
-    prompts, completions, columns = chunk
-    try:
-        out = fn(prompts, completions, **columns)
-        if inspect.isawaitable(out):
-            out = asyncio.run(_await(out))
-        return True, list(out)
-    except Exception as e:  # noqa: BLE001 - any verifier error becomes a per-row failure
-        return False, f"{type(e).__name__}: {e}"
+
+    def ready(self) -> bool:
+        return True
+
+    def run(self, fn: Verifier, chunk: tuple[list, list, dict]) -> tuple[bool, object]:
+        """Call one verifier on one chunk ``(prompts, completions, columns)``; returns (True, values) or (False, reason).
+
+        Exceptions are caught here rather than surfacing as RayTaskError so the reason stays "Type: message" without
+        Ray's traceback wrapping.
+        """
+        prompts, completions, columns = chunk
+        try:
+            out = fn(prompts, completions, **columns)
+            if inspect.isawaitable(out):
+                out = asyncio.run(_await(out))
+            return True, list(out)
+        except Exception as e:  # noqa: BLE001 - any verifier error becomes a per-row failure
+            return False, f"{type(e).__name__}: {e}"
 
 
 async def _await(awaitable):
     return await awaitable
+
+
+class _HostPool:
+    """The verifier hosts of this driver process, shared by every runner in it and rebuilt for a new Ray session."""
+
+    def __init__(self):
+        self.hosts: list = []
+        self.session: str | None = None
+
+    def get(self, n: int) -> list:
+        session = ray.get_runtime_context().get_job_id()
+        if session != self.session:
+            self.hosts, self.session = [], session
+        if len(self.hosts) < n:
+            new = [_start_host() for _ in range(n - len(self.hosts))]
+            ray.get([h.ready.remote() for h in new])  # before any deadline starts counting
+            self.hosts += new
+        return self.hosts[:n]
+
+    def replace(self, host) -> None:
+        """Kill a host holding a hung call and start its successor (waited for, outside any deadline)."""
+        ray.kill(host, no_restart=True)
+        fresh = _start_host()
+        ray.get(fresh.ready.remote())
+        self.hosts[self.hosts.index(host)] = fresh
+
+
+def _start_host():
+    # num_cpus=0: verifiers are light and the CPUs are reserved for the engines; they would otherwise queue behind
+    # them. max_concurrency: every chunk of a call runs at once, so a hung chunk delays no other.
+    return ray.remote(_VerifierHost).options(num_cpus=0, max_concurrency=64, max_restarts=0).remote()
+
+
+_POOL = _HostPool()
 
 
 class VerifierRunner:
@@ -80,6 +124,7 @@ class VerifierRunner:
         timeout_s: float = 10.0,
         chunk_size: int = 64,
         success_threshold: float = 1.0,
+        num_workers: int = 2,
     ):
         self.specs = [VerifierSpec.parse(s) for s in specs]
         if not self.specs:
@@ -92,6 +137,9 @@ class VerifierRunner:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.timeout_s = float(timeout_s)
         self.chunk_size = int(chunk_size)
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        self.num_workers = int(num_workers)
         self.success_threshold = float(success_threshold)
         self._fns: list[Verifier] = []
         self.validate()
@@ -127,7 +175,6 @@ class VerifierRunner:
             if len(col) != n:
                 raise ValueError(f"score: column {key!r} has {len(col)} rows for {n} uids")
         start = time.monotonic()
-        deadline = start + self.timeout_s
         names = [s.name for s in self.specs]
         scores = {name: [0.0] * n for name in names}
         failed = {name: [False] * n for name in names}
@@ -151,24 +198,29 @@ class VerifierRunner:
             )
             for c in chunks
         ]
-        tasks = {}  # ObjectRef -> (verifier index, rows)
+        hosts = _POOL.get(self.num_workers)
+        deadline = time.monotonic() + self.timeout_s
+        tasks = {}  # ObjectRef -> (verifier index, rows, host)
         for v, fn in enumerate(self._fns):
             _ship_by_value(fn)
             fn_ref = ray.put(fn)
             for rows, data_ref in zip(chunks, chunk_refs, strict=True):
-                tasks[_run_chunk.remote(fn_ref, data_ref)] = (v, rows)
+                host = hosts[len(tasks) % len(hosts)]
+                tasks[host.run.remote(fn_ref, data_ref)] = (v, rows, host)
 
         refs = list(tasks)
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
         for ref in pending:
-            ray.cancel(ref, force=True)
-            v, rows = tasks[ref]
+            v, rows, _ = tasks[ref]
             fail(v, rows, f"timeout after {self.timeout_s:g}s")
+        broken = {id(tasks[r][2]): tasks[r][2] for r in pending}
         for ref in ready:
-            v, rows = tasks[ref]
+            v, rows, host = tasks[ref]
             try:
                 ok, payload = ray.get(ref)
-            except Exception as e:  # the worker died, or the function could not be unpickled there
+            except Exception as e:  # the host died (a verifier exited or crashed it), or fn could not be unpickled
+                if isinstance(e, ray.exceptions.RayActorError):
+                    broken[id(host)] = host
                 cause = getattr(e, "cause", None) or e
                 fail(v, rows, f"{type(cause).__name__}: {cause}")
                 continue
@@ -184,6 +236,9 @@ class VerifierRunner:
                     else:
                         scores[names[v]][r] = float(value)
 
+        seconds = time.monotonic() - start
+        for host in broken.values():
+            _POOL.replace(host)
         rewards = [sum(s.weight * scores[s.name][i] for s in self.specs) for i in range(n)]
         first = names[0]
         correct = [not failed[first][i] and scores[first][i] >= self.success_threshold for i in range(n)]
@@ -193,7 +248,7 @@ class VerifierRunner:
             correct=correct,
             per_verifier=scores,
             failures={uids[r]: "; ".join(m for _, m in sorted(msgs)) for r, msgs in sorted(reasons.items())},
-            verify_seconds=time.monotonic() - start,
+            verify_seconds=seconds,
         )
 
 

@@ -34,7 +34,7 @@ class VLLMEngine:
         model_dir: str,
         *,
         seed: int = 0,
-        max_model_len: int = 128,
+        max_model_len: int | None = 128,  # None: the model config's own limit
         max_logprobs: int = 20,
         kv_cache_gib: float = 1.0,
         dtype: str = "float32",

@@ -24,17 +24,17 @@ class RolloutWorker:
         self.version = 0
 
     def generate(
-        self, prompts: list[Prompt], *, step: int, n: int, temperature: float, top_p: float, max_tokens: int, seed: int
+        self, draws: list[tuple[Prompt, int]], *, n: int, temperature: float, top_p: float, max_tokens: int, seed: int
     ) -> tuple[list[Sample], float]:
-        """n samples per prompt, in prompt order. Per-prompt seeds make a step's rollouts reproducible on resume."""
+        """n samples per (prompt, epoch), in order. Per-draw seeds make rollouts reproducible on resume."""
         t0 = time.perf_counter()
-        seeds = [zlib.crc32(f"{seed}/{step}/{p.prompt_id}".encode()) for p in prompts]  # stable across processes
+        seeds = [zlib.crc32(f"{seed}/{e}/{p.prompt_id}".encode()) for p, e in draws]  # stable across processes
         outs = self.engine.generate(
-            [p.token_ids for p in prompts], n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seeds=seeds
+            [p.token_ids for p, _ in draws], n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seeds=seeds
         )
         samples = [
             Sample(
-                uid=sample_uid(p.prompt_id, g, step),
+                uid=sample_uid(p.prompt_id, g, epoch),
                 prompt=p,
                 group_index=g,
                 response_ids=gen.token_ids,
@@ -43,7 +43,7 @@ class RolloutWorker:
                 weight_version=self.version,
                 finish_reason=gen.finish_reason,
             )
-            for p, gens in zip(prompts, outs, strict=True)
+            for (p, epoch), gens in zip(draws, outs, strict=True)
             for g, gen in enumerate(gens)
         ]
         return samples, time.perf_counter() - t0

@@ -1,12 +1,14 @@
 """Teacher implementations behind one protocol: ``score(samples) -> TeacherScores``.
 
-``VLLMTeacher`` scores with vLLM ``prompt_logprobs`` (temperature 1, ``max_tokens=1``); ``HFTeacher`` with a plain
-forward pass. Both return the teacher's log-prob of every response token the student drew, and optional top-k.
+``VLLMTeacher`` scores with vLLM ``prompt_logprobs`` (temperature 1, ``max_tokens=1``); ``HTTPTeacher``
+(``opd.teacher.http``) asks a running ``opd serve-teacher`` for the same numbers. Both return the teacher's log-prob
+of every response token the student drew, and optional top-k.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Protocol
 
 from opd.teacher.align import align_response
@@ -16,31 +18,56 @@ from opd.types import Sample, TeacherScores
 class Teacher(Protocol):
     def score(self, samples: list[Sample], top_k: int = 0) -> TeacherScores: ...
 
+    def generate_greedy(self, prompt_ids: list[list[int]], max_tokens: int) -> list[str]: ...
+
+
+@dataclass
+class ResponseScores:
+    """One sequence's response tokens: the teacher's log-prob of each, and optional top-k rows [T][K]."""
+
+    logprobs: list[float]
+    topk_ids: list[list[int]] | None = None
+    topk_logprobs: list[list[float]] | None = None
+
 
 class VLLMTeacher:
-    def __init__(self, model_dir: str, *, seed: int, max_model_len: int, kv_cache_gib: float, dtype: str, max_logprobs: int):
+    def __init__(
+        self, model_dir: str, *, seed: int, max_model_len: int | None, kv_cache_gib: float, dtype: str, max_logprobs: int
+    ):
         from opd.rollout.engine import VLLMEngine
 
         self.engine = VLLMEngine(
             model_dir, seed=seed, max_model_len=max_model_len, max_logprobs=max_logprobs,
             kv_cache_gib=kv_cache_gib, dtype=dtype, enable_weight_sync=False,
         )
+        self.max_logprobs = max_logprobs
+
+    def limits(self) -> tuple[int, int]:
+        """(vocab size, max model length) of the engine: what a server checks requests against."""
+        mc = self.engine.llm.model_config
+        return mc.get_vocab_size(), mc.max_model_len
+
+    def score_tokens(self, sequences: list[list[int]], response_starts: list[int], top_k: int = 0) -> list[ResponseScores]:
+        """Teacher scores of ``sequences[i][response_starts[i]:]``; the one alignment path in- and out-of-process."""
+        rows = self.engine.score(sequences, top_k=top_k)
+        out = []
+        for seq, start, r in zip(sequences, response_starts, rows, strict=True):
+            t = len(seq) - start
+            out.append(ResponseScores(
+                align_response(r.token_logprobs, start, t),
+                align_response(r.topk_ids, start, t) if top_k else None,
+                align_response(r.topk_logprobs, start, t) if top_k else None,
+            ))
+        return out
 
     def score(self, samples: list[Sample], top_k: int = 0) -> TeacherScores:
         t0 = time.perf_counter()
-        rows = self.engine.score([s.full_ids for s in samples], top_k=top_k)
-        logprobs, ids, lps = [], [], []
-        for s, r in zip(samples, rows, strict=True):
-            p, t = len(s.prompt.token_ids), len(s.response_ids)
-            logprobs.append(align_response(r.token_logprobs, p, t))
-            if top_k:
-                ids.append(align_response(r.topk_ids, p, t))
-                lps.append(align_response(r.topk_logprobs, p, t))
+        rows = self.score_tokens([s.full_ids for s in samples], [len(s.prompt.token_ids) for s in samples], top_k)
         scores = TeacherScores(
             uids=[s.uid for s in samples],
-            logprobs=logprobs,
-            topk_ids=ids if top_k else None,
-            topk_logprobs=lps if top_k else None,
+            logprobs=[r.logprobs for r in rows],
+            topk_ids=[r.topk_ids for r in rows] if top_k else None,
+            topk_logprobs=[r.topk_logprobs for r in rows] if top_k else None,
             score_seconds=time.perf_counter() - t0,
         )
         scores.validate(samples)

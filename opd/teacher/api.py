@@ -1,0 +1,116 @@
+"""The teacher server's JSON contract: pydantic request/response records and the checks a request must pass.
+
+Shared by the server (``opd.teacher.server``, which publishes them as its OpenAPI schema) and the client
+(``opd.teacher.http``). Pure pydantic: importable without Ray, FastAPI or vLLM, so the checks are unit-tested alone.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Pydantic schema errors answer 422 (FastAPI's default); everything below answers 400 with the message naming the
+# field and row, because the request was well-formed JSON of the right shape but cannot be served by this model.
+
+
+class _Record(BaseModel):
+    """Requests: an unknown field is a client mistake worth a 422, not something to ignore silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Reply(BaseModel):
+    """Replies: the client reads the fields it needs, so a server that adds fields stays compatible."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class Sequence(_Record):
+    token_ids: list[int] = Field(description="prompt + response token ids of one sample")
+    response_start: int = Field(ge=1, description="index of the first response token (= prompt length, >= 1)")
+
+
+class ScoreRequest(_Record):
+    sequences: list[Sequence]
+    top_k: int = Field(0, ge=0, description="also return the teacher's top-k (ids, logprobs) per response token")
+
+
+class SequenceScore(_Reply):
+    logprobs: list[float] = Field(description="teacher log-prob of each response token, in order")
+    topk_ids: list[list[int]] | None = Field(None, description="[T][K] teacher top-k token ids; null when top_k=0")
+    topk_logprobs: list[list[float]] | None = Field(None, description="[T][K] their log-probs; null when top_k=0")
+
+
+class ScoreResponse(_Reply):
+    scores: list[SequenceScore]
+
+
+class GenerateRequest(_Record):
+    prompts: list[list[int]] = Field(description="prompt token ids, one list per prompt")
+    max_tokens: int = Field(ge=1, description="new tokens per prompt (greedy decoding)")
+
+
+class GenerateResponse(_Reply):
+    texts: list[str]
+
+
+class RewardRequest(_Record):
+    prompts: list[list[int]] = Field(description="prompt token ids, one list per completion")
+    completions: list[list[int]] = Field(description="completion token ids (non-empty), aligned with prompts")
+
+
+class RewardResponse(_Reply):
+    rewards: list[float] = Field(description="mean per-token teacher log-prob of each completion (<= 0)")
+
+
+class Health(_Reply):
+    status: str
+    model: str
+    vocab_size: int | None = None  # the limits requests are checked against (opd serve-teacher reports them)
+    max_model_len: int | None = None
+    max_logprobs: int | None = None
+
+
+def check_token_rows(field: str, rows: list[list[int]], vocab_size: int, max_len: int) -> list[str]:
+    """Problems with token-id rows: empty rows, ids outside ``[0, vocab_size)``, rows longer than ``max_len``.
+
+    ``field`` names row ``i`` once formatted with it, e.g. ``"sequences[{}].token_ids"``.
+    """
+    problems = []
+    for i, ids in enumerate(rows):
+        name = field.format(i)
+        if not ids:
+            problems.append(f"{name}: empty")
+            continue
+        if len(ids) > max_len:
+            problems.append(f"{name}: {len(ids)} tokens, more than this server takes ({max_len})")
+        bad = next((j for j, t in enumerate(ids) if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            problems.append(f"{name}[{bad}]: token id {ids[bad]} is outside the vocabulary [0, {vocab_size})")
+    return problems
+
+
+def check_score(req: ScoreRequest, vocab_size: int, max_model_len: int, max_logprobs: int) -> list[str]:
+    # vLLM scores a sequence as a prompt that must leave room for one generated token: at most max_model_len - 1.
+    seqs = req.sequences
+    problems = check_token_rows("sequences[{}].token_ids", [s.token_ids for s in seqs], vocab_size, max_model_len - 1)
+    for i, s in enumerate(seqs):
+        if s.response_start > len(s.token_ids):
+            problems.append(f"sequences[{i}].response_start: {s.response_start} is past the sequence end ({len(s.token_ids)})")
+    if req.top_k > max_logprobs:
+        problems.append(f"top_k: {req.top_k} exceeds the server's --max-logprobs ({max_logprobs})")
+    return problems
+
+
+def check_generate(req: GenerateRequest, vocab_size: int, max_model_len: int) -> list[str]:
+    return check_token_rows("prompts[{}]", req.prompts, vocab_size, max_model_len - 1)
+
+
+def check_reward(req: RewardRequest, vocab_size: int, max_model_len: int) -> list[str]:
+    if len(req.prompts) != len(req.completions):
+        return [f"completions: {len(req.completions)} completions for {len(req.prompts)} prompts"]
+    problems = check_token_rows("prompts[{}]", req.prompts, vocab_size, max_model_len - 1)
+    problems += check_token_rows("completions[{}]", req.completions, vocab_size, max_model_len - 1)
+    for i, (p, c) in enumerate(zip(req.prompts, req.completions, strict=True)):
+        if p and c and len(p) + len(c) > max_model_len - 1:
+            problems.append(f"completions[{i}]: prompt + completion is {len(p) + len(c)} tokens, more than {max_model_len - 1}")
+    return problems

@@ -1,0 +1,131 @@
+"""``opd submit`` against a real Ray head (``ray start --head``), and the ``opd_*`` metrics in its Prometheus export.
+
+The head runs as ``ray start --head --block`` in its own process group and under its own ``--temp-dir``, with
+every port chosen free. It is stopped by SIGTERM to that ``ray start`` process (which tears its node down) and then
+SIGKILL to its process group: never ``ray stop``, which would stop every Ray on the machine (other test sessions,
+the user's runs).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import tiny_overrides
+from servers import VENV_BIN, clean_env, free_port, group_alive, start, stop_group, tail
+
+from opd.config import ConfigError, load_config
+from opd.submit import job_client, staged_config
+
+
+def test_staging_makes_paths_absolute_and_ships_verifier_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_reward.py").write_text("def score(prompts, completions, **kw):\n    return [1.0] * len(prompts)\n")
+    cfg = load_config(None, ["models.student=models/s", "run.output_dir=runs/x",
+                             'verifiers.functions=[{name: exact_answer}, {name: "my_reward.py:score", weight: 0.5}]'])
+    stage = tmp_path / "stage"
+    staged = staged_config(cfg, stage)
+    assert staged.models.student == str(tmp_path / "models" / "s") and staged.run.output_dir == str(tmp_path / "runs" / "x")
+    assert [v.name for v in staged.verifiers.functions] == ["exact_answer", "opd_job/verifiers/1_my_reward.py:score"]
+    assert (stage / "opd_job" / "verifiers" / "1_my_reward.py").is_file()
+    missing = load_config(None, ['verifiers.functions=[{name: "nope.py:f"}]'])
+    with pytest.raises(ConfigError, match=r"verifiers.functions.0.name: file 'nope.py' does not exist"):
+        staged_config(missing, tmp_path / "stage2")
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A fresh Ray head with a dashboard (Job API) and a Prometheus metrics port; yields (dashboard url, metrics url)."""
+    temp = Path(tempfile.mkdtemp(prefix="opdray", dir="/tmp"))  # short: Ray's socket paths live under it
+    dash, metrics = free_port(), free_port()
+    ports = {"--port": free_port(), "--dashboard-port": dash, "--metrics-export-port": metrics,
+             "--ray-client-server-port": free_port(), "--dashboard-agent-listen-port": free_port(),
+             "--dashboard-agent-grpc-port": free_port(), "--runtime-env-agent-port": free_port(),
+             "--node-manager-port": free_port(), "--object-manager-port": free_port()}
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus=4", "--include-dashboard=true",
+           "--dashboard-host=127.0.0.1", f"--temp-dir={temp}", "--disable-usage-stats",
+           *[f"{k}={v}" for k, v in ports.items()]]
+    log = temp / "ray-start.log"
+    # PATH starts with the venv: job entrypoints run `python -m opd.cli`, which must be the venv's python.
+    proc = start(cmd, log, clean_env())
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        deadline, last = time.time() + 240, None
+        while True:
+            assert proc.poll() is None, f"ray start exited with {proc.returncode}:\n{tail(log)}"
+            assert time.time() < deadline, f"Ray head's Job API not up after 240 s (last error: {last}):\n{tail(log)}"
+            try:
+                job_client(url).list_jobs()
+                break
+            except Exception as e:  # not listening yet
+                last = e
+                time.sleep(2)
+        yield url, f"http://127.0.0.1:{metrics}/metrics"
+    finally:
+        stop_group(proc)
+        assert not group_alive(proc.pid), "the Ray head left processes behind"
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _opd(*args: str) -> tuple[int, str, str]:
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "opd.cli", *args], capture_output=True, text=True, env=clean_env(), timeout=300)
+    return r.returncode, r.stdout, r.stderr
+
+
+def _opd_metrics(metrics_url: str) -> set[str]:
+    try:
+        text = requests.get(metrics_url, timeout=5).text
+    except requests.RequestException:
+        return set()
+    return set(re.findall(r"^(\w*opd_\w+)\{[^}]*job=\"submitted\"", text, re.M))
+
+
+@pytest.mark.slow
+def test_submit_runs_job_and_exports_metrics(head, tiny_models, tmp_path):
+    url, metrics_url = head
+    verifier = tmp_path / "digits.py"
+    verifier.write_text(textwrap.dedent("""
+        def has_digit(prompts, completions, **columns):
+            return [float(any(c.isdigit() for c in text)) for text in completions]
+    """))
+    out = tmp_path / "submitted"
+    verifiers = f'[{{name: exact_answer}}, {{name: "{verifier}:has_digit", weight: 0.1}}]'  # a plug-in file ships too
+    over = tiny_overrides(tiny_models, out, **{"verifiers.functions": verifiers})
+    rc, stdout, stderr = _opd("submit", _config_file(tmp_path), *over, "--address", url, "--wait")
+    job_id = stdout.splitlines()[0].strip()  # printed first; --wait then follows the logs to the end
+    assert rc == 0, f"job {job_id} did not succeed:\n{stdout[-4000:]}\n{stderr[-2000:]}"
+    rc, stdout, stderr = _opd("status", job_id, "--address", url)
+    assert rc == 0 and json.loads(stdout)["status"] == "SUCCEEDED", stderr
+    rc, logs, _ = _opd("logs", job_id, "--address", url)
+    assert rc == 0 and "student accuracy after" in logs
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1] and all(r["teacher_kl"] is not None for r in rows)
+    # The driver waits for one more metrics export before it exits on a cluster, so the final step is exported
+    # even though this 2-step job is shorter than Ray's 10 s report interval; the agent keeps serving it.
+    want, seen = {"ray_opd_teacher_kl", "ray_opd_reward", "ray_opd_step", "ray_opd_rollout_tokens_per_s"}, set()
+    for _ in range(10):
+        seen |= _opd_metrics(metrics_url)
+        if want <= seen:
+            break
+        time.sleep(2)
+    assert want <= seen, f"opd metrics exported: {sorted(seen)}"
+    rc, stdout, _ = _opd("stop", job_id, "--address", url)
+    assert rc == 0 and stdout.strip() == "not running"
+    rc, _, stderr = _opd("status", "raysubmit_nosuchjob", "--address", url)
+    assert rc == 1 and "raysubmit_nosuchjob" in stderr
+
+
+def _config_file(tmp_path: Path) -> str:
+    path = tmp_path / "job.yaml"
+    path.write_text("algorithm: opd\n")
+    return str(path)
