@@ -16,6 +16,7 @@ from opd.plan import objective_spec
 from opd.rewards import VerifierRunner, VerifierSpec
 from opd.rollout.worker import RolloutWorker
 from opd.teacher.http import HTTPTeacher
+from opd.teacher.multi import DEFAULT, Teachers
 from opd.teacher.scorer import VLLMTeacher
 from opd.trainer.learner import Learner
 
@@ -32,7 +33,7 @@ ACTOR_ENV = {
 @dataclass
 class Roles:
     rollout: list  # RolloutWorker actor handles
-    teacher: object | None  # VLLMTeacher or HTTPTeacher actor handle
+    teacher: Teachers | None  # VLLMTeacher / HTTPTeacher actors by name
     learner: object  # Learner actor handle
     verifiers: VerifierRunner
 
@@ -46,7 +47,7 @@ def init_ray(cfg: Config) -> None:
         return
     # Logical CPUs: one per role so every actor schedules even on a 2-core laptop; the stages take turns. The teacher
     # slot is counted even when this job has no local teacher: a later job in the same process (a benchmark) may.
-    need = cfg.rollout.num_workers + 2
+    need = cfg.rollout.num_workers + len(cfg.models.teachers) + 2
     ray.init(
         address="local",
         num_cpus=max(cfg.cluster.num_cpus or os.cpu_count() or 1, need),
@@ -66,7 +67,7 @@ def start_roles(cfg: Config) -> Roles:
         )
         for i in range(cfg.rollout.num_workers)
     ]
-    teacher = start_teacher(cfg, name=f"{name}/teacher-0") if cfg.needs_teacher else None
+    teacher = start_teachers(cfg, prefix=f"{name}/") if cfg.needs_teacher else None
     learner = ray.remote(Learner).options(name=f"{name}/learner-0", num_cpus=1).remote(
         cfg.models.student, lr=cfg.trainer.lr, betas=tuple(cfg.trainer.betas), weight_decay=cfg.trainer.weight_decay,
         warmup_steps=cfg.trainer.warmup_steps, grad_clip=cfg.trainer.grad_clip,
@@ -80,7 +81,7 @@ def start_roles(cfg: Config) -> Roles:
     )
     # Surface engine start-up failures here, not at the first step, and an actor the cluster cannot place as an
     # error rather than a silent wait.
-    _wait_placed(rollout + ([teacher] if teacher else []) + [learner], cfg.cluster.start_timeout_s)
+    _wait_placed(rollout + (list(teacher.actors.values()) if teacher else []) + [learner], cfg.cluster.start_timeout_s)
     return Roles(rollout, teacher, learner, verifiers)
 
 
@@ -96,25 +97,33 @@ def _wait_placed(actors: list, timeout_s: float) -> None:
     ray.get(refs)  # re-raises an actor's start-up error
 
 
-def start_teacher(cfg: Config, name: str | None = None, max_logprobs: int | None = None):
-    """The teacher actor: a local vLLM engine, or with ``teacher.url`` an HTTP client of a running teacher server.
+def start_teachers(cfg: Config, prefix: str | None = None, max_logprobs: int | None = None) -> Teachers:
+    """The default teacher (a local vLLM engine, or with ``teacher.url`` an HTTP client of a running teacher server)
+    and one local engine per ``models.teachers`` entry; ``prefix`` names the actors (``run/teacher-NAME``).
 
-    The client needs no CPU of its own (it waits on the network). Its token is read here, in the driver, and handed
-    to the actor, so a cluster's workers need no copy of the variable."""
-    opts = {"name": name} if name else {}
+    The HTTP client needs no CPU of its own (it waits on the network). Its token is read here, in the driver, and
+    handed to the actor, so a cluster's workers need no copy of the variable."""
+    opts = lambda n: {"name": f"{prefix}teacher-{n}"} if prefix else {}  # noqa: E731
     t = cfg.teacher
     if t.url:
         token = os.environ.get(t.token_env) if t.token_env else None
-        return ray.remote(HTTPTeacher).options(num_cpus=0, **opts).remote(t.url, token, timeout_s=t.timeout_s)
+        default = ray.remote(HTTPTeacher).options(num_cpus=0, **opts(DEFAULT)).remote(t.url, token, timeout_s=t.timeout_s)
+    else:
+        default = _local_teacher(cfg, cfg.models.teacher, opts(DEFAULT), max_logprobs)
+    others = {n: _local_teacher(cfg, d, opts(n), max_logprobs) for n, d in cfg.models.teachers.items()}
+    return Teachers({DEFAULT: default, **others}, column=t.column)
+
+
+def _local_teacher(cfg: Config, model_dir: str, opts: dict, max_logprobs: int | None):
     return ray.remote(VLLMTeacher).options(num_cpus=1, **opts).remote(
-        cfg.models.teacher, seed=cfg.run.seed, max_model_len=cfg.rollout.max_model_len,
-        kv_cache_gib=cfg.rollout.kv_cache_gib, dtype=cfg.models.dtype, max_logprobs=max_logprobs or t.max_logprobs,
+        model_dir, seed=cfg.run.seed, max_model_len=cfg.rollout.max_model_len, kv_cache_gib=cfg.rollout.kv_cache_gib,
+        dtype=cfg.models.dtype, max_logprobs=max_logprobs or cfg.teacher.max_logprobs,
     )
 
 
 def stop_roles(roles: Roles | None) -> None:
     if roles is None:
         return
-    for actor in [*roles.rollout, roles.teacher, roles.learner]:
+    for actor in [*roles.rollout, *(roles.teacher.actors.values() if roles.teacher else ()), roles.learner]:
         if actor is not None:
             ray.kill(actor)

@@ -41,7 +41,8 @@ class ClusterConfig(_Section):
 
 class ModelsConfig(_Section):
     student: str = "models/demo/student"  # any HF causal-LM directory vLLM can serve
-    teacher: str = "models/demo/teacher"
+    teacher: str = "models/demo/teacher"  # the default teacher
+    teachers: dict[str, str] = {}  # more teachers by name; a row picks one with teacher.column
     dtype: Literal["float32", "bfloat16"] = "float32"
 
 
@@ -128,6 +129,7 @@ class TeacherConfig(_Section):
     url: str | None = None  # a running `opd serve-teacher` (http://HOST:PORT); None: a local vLLM teacher actor
     token_env: str | None = None  # name of the env var holding the server's bearer token (read by the driver)
     timeout_s: float = Field(120.0, gt=0)  # per HTTP request to teacher.url; failures retry with back-off
+    column: str | None = None  # dataset column naming each row's teacher (a models.teachers key); empty: default
 
     @field_validator("url")
     @classmethod
@@ -195,6 +197,10 @@ class Config(_Section):
     def _cross_checks(self) -> Config:
         if self.teacher.top_k > self.teacher.max_logprobs:
             self.teacher.max_logprobs = self.teacher.top_k
+        if "default" in self.models.teachers:
+            raise ValueError("models.teachers: 'default' names models.teacher; choose another name")
+        if self.models.teachers and self.opd.divergence == "full_vocab" and self.algorithm == "opd":
+            raise ValueError("models.teachers: opd.divergence=full_vocab runs one teacher in the learner; use one teacher")
         if self.task.name == "files" and not (self.task.train_path and self.task.test_path):
             raise ValueError("task.name=files needs task.train_path and task.test_path")
         if self.task.name == "arithmetic" and self.eval.num_prompts > self.task.num_test:
@@ -291,6 +297,8 @@ def check_model_dirs(cfg: Config) -> None:
     remote = cfg.teacher.url is not None and not (cfg.algorithm == "opd" and cfg.opd.divergence == "full_vocab")
     keys = ["student"] + (["teacher"] if cfg.needs_teacher and not remote else [])
     dirs = [(f"models.{k}", getattr(cfg.models, k)) for k in keys]
+    if cfg.needs_teacher:
+        dirs += [(f"models.teachers.{name}", d) for name, d in cfg.models.teachers.items()]
     if cfg.algorithm == "exopd" and cfg.exopd.reference:
         dirs.append(("exopd.reference", cfg.exopd.reference))
     for key, d in dirs:

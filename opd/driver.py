@@ -27,6 +27,7 @@ from opd.plan import route_plan
 from opd.steps import evaluate, sample, step_metrics, sync_weights, verify_and_score, warm_up_verifiers
 from opd.tasks.arithmetic import build_dataset
 from opd.tasks.files import load_rows
+from opd.teacher.multi import DEFAULT, unknown_teacher_rows
 from opd.teacher.preflight import TokenizerMismatch, check_tokenizers
 from opd.trainer.routing import route
 from opd.types import Prompt
@@ -94,10 +95,7 @@ def prepare(cfg: Config, *, resume: bool = False, fresh: bool = False) -> Job:
     tok = AutoTokenizer.from_pretrained(cfg.models.student)
     train, test = load_prompts(cfg, tok)
     if cfg.needs_teacher:
-        try:
-            check_tokenizers(tok, AutoTokenizer.from_pretrained(cfg.models.teacher), [p.columns["prompt"] for p in train[:8]])
-        except TokenizerMismatch as e:
-            raise ConfigError(f"models.teacher: {e}") from None
+        _check_teachers(cfg, tok, train + test)
     run_dir = Path(cfg.run.output_dir)
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
@@ -108,6 +106,22 @@ def prepare(cfg: Config, *, resume: bool = False, fresh: bool = False) -> Job:
         shutil.rmtree(run_dir)
     probe = test[0].token_ids + tok(test[0].answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     return Job(run_dir, train, test, probe, ckpt, _renderer(tok))
+
+
+def _check_teachers(cfg: Config, tok, prompts: list[Prompt]) -> None:
+    """Every teacher speaks the student's tokenizer, and every row names a teacher the config defines."""
+    texts = [p.columns["prompt"] for p in prompts[:8]]
+    for key, d in [("models.teacher", cfg.models.teacher)] + [(f"models.teachers.{n}", d) for n, d in cfg.models.teachers.items()]:
+        try:
+            check_tokenizers(tok, AutoTokenizer.from_pretrained(d), texts)
+        except TokenizerMismatch as e:
+            raise ConfigError(f"{key}: {e}") from None
+    bad = unknown_teacher_rows(prompts, cfg.teacher.column, {DEFAULT, *cfg.models.teachers})
+    if bad:
+        raise ConfigError(
+            f"teacher.column={cfg.teacher.column!r}: {len(bad)} rows name a teacher that models.teachers does not define "
+            f"(first: row {bad[0][0]} names {bad[0][1]!r}; defined: {sorted({DEFAULT, *cfg.models.teachers})})"
+        )
 
 
 def run(cfg: Config, *, resume: bool = False, fresh: bool = False, progress: bool = True) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ray
 from transformers import AutoTokenizer
 
-from opd.cluster import Roles, init_ray, start_teacher
+from opd.cluster import Roles, init_ray, start_teachers
 from opd.config import Config, check_model_dirs
 from opd.driver import load_prompts
 from opd.rewards import VerifierRunner, VerifierSpec
@@ -20,7 +20,7 @@ def evaluate_models(cfg: Config, teacher: bool = False) -> dict:
     init_ray(cfg)
     common = {"seed": cfg.run.seed, "max_model_len": cfg.rollout.max_model_len, "kv_cache_gib": cfg.rollout.kv_cache_gib, "dtype": cfg.models.dtype}
     worker = ray.remote(RolloutWorker).options(num_cpus=1).remote(cfg.models.student, **common)
-    teacher_actor = start_teacher(cfg, max_logprobs=1) if teacher else None
+    teacher_actor = start_teachers(cfg, max_logprobs=1) if teacher else None
     v = cfg.verifiers
     runner = VerifierRunner([VerifierSpec(s.name, s.weight) for s in v.functions], timeout_s=v.timeout_s, num_workers=v.num_workers)
     roles = Roles([worker], teacher_actor, None, runner)

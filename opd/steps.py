@@ -52,10 +52,10 @@ def _verify(roles: Roles, samples: list[Sample]) -> Rewards:
 
 def verify_and_score(roles: Roles, rollouts: RolloutBatch, cfg: Config) -> tuple[Rewards, TeacherScores | None]:
     """Teacher scoring runs on its actor while verifiers run in their hosts; both finish before routing."""
-    teacher_ref = roles.teacher.score.remote(rollouts.samples, cfg.teacher.top_k) if roles.teacher else None
+    collect = roles.teacher.score(rollouts.samples, cfg.teacher.top_k) if roles.teacher else None
     rewards = _verify(roles, rollouts.samples)
     rewards.validate(rollouts.samples)
-    scores = ray.get(teacher_ref) if teacher_ref is not None else None
+    scores = collect() if collect is not None else None
     return rewards, scores
 
 
@@ -78,7 +78,7 @@ def evaluate(roles: Roles, prompts: list[Prompt], cfg: Config, who: str) -> floa
     """Greedy held-out accuracy (by the first verifier) of the student's engines or the teacher's."""
     ids = [p.token_ids for p in prompts]
     if who == "teacher":
-        texts = ray.get(roles.teacher.generate_greedy.remote(ids, cfg.eval.max_new_tokens))
+        texts = roles.teacher.generate_greedy(prompts, cfg.eval.max_new_tokens)
     else:
         parts = [c for c in _split(ids, len(roles.rollout)) if c]
         outs = ray.get([w.generate_greedy.remote(c, cfg.eval.max_new_tokens) for w, c in zip(roles.rollout, parts, strict=False)])

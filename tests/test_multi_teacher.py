@@ -1,0 +1,65 @@
+"""Several teachers in one job: a dataset column picks each sample's teacher (real engines on local Ray)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from conftest import tiny_overrides
+
+from opd.cluster import start_roles, stop_roles
+from opd.config import ConfigError, load_config
+from opd.data import PromptSource
+from opd.driver import prepare, train
+from opd.steps import sample, verify_and_score
+
+pytestmark = pytest.mark.slow
+
+
+def _rows(n: int, teachers: list[str | None]) -> list[dict]:
+    return [{"prompt": f"{i}+{i % 7}=", "answer": str(i + i % 7)[::-1], "teacher": teachers[i % len(teachers)]} for i in range(n)]
+
+
+def _config(tmp_path, tiny_models, rows_train, rows_test):
+    for name, rows in (("train", rows_train), ("test", rows_test)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = tmp_path / "job.yaml"
+    # The "self" teacher is the student's own starting checkpoint: its log-prob of every token the student drew at
+    # step 0 must equal the sampler's, which tells which teacher scored which sample.
+    path.write_text(yaml.safe_dump({"models": {"teachers": {"self": str(tiny_models / "student")}},
+                                    "teacher": {"column": "teacher", "top_k": 3}}))
+    overrides = tiny_overrides(tiny_models, tmp_path / "run", **{
+        "task.name": "files", "task.train_path": str(tmp_path / "train.jsonl"),
+        "task.test_path": str(tmp_path / "test.jsonl"), "opd.divergence": "teacher_topk",
+    })
+    return load_config(path, overrides)
+
+
+def test_rows_are_scored_by_the_teacher_they_name(tiny_models, local_ray, tmp_path):
+    cfg = _config(tmp_path, tiny_models, _rows(40, ["self", None, ""]), _rows(10, ["self", None]))
+    job = prepare(cfg)
+    roles = start_roles(cfg)
+    try:
+        draws = PromptSource(job.train, seed=0).next_batch(6)
+        rollouts = sample(roles, draws, 0, cfg)
+        _, scores = verify_and_score(roles, rollouts, cfg)
+        assert scores.uids == [s.uid for s in rollouts.samples]
+        for s, lp, ids in zip(rollouts.samples, scores.logprobs, scores.topk_ids, strict=True):
+            gap = max(abs(a - b) for a, b in zip(s.sampler_logprobs, lp, strict=True))
+            assert len(ids) == len(s.response_ids) and len(ids[0]) == 3
+            if s.prompt.columns["teacher"] == "self":
+                assert gap < 1e-4, f"{s.uid} should be scored by the student's own checkpoint"
+            else:
+                assert gap > 1e-2, f"{s.uid} should be scored by the default teacher"
+        summary = train(cfg, job, roles, progress=False)  # the whole loop, teacher accuracy per row's teacher
+        assert summary["steps"] == 2 and 0.0 <= summary["teacher_accuracy"] <= 1.0
+    finally:
+        stop_roles(roles)
+
+
+def test_a_row_naming_an_undefined_teacher_is_refused(tiny_models, tmp_path):
+    cfg = _config(tmp_path, tiny_models, _rows(10, [None, "nobody"]), _rows(4, [None]))
+    with pytest.raises(ConfigError, match=r"teacher.column='teacher': 5 rows name a teacher .* names 'nobody'"):
+        prepare(cfg)
+    assert not (tmp_path / "run").exists()
