@@ -121,6 +121,7 @@ class RolloutConfig(_Section):
     max_model_len: int = Field(128, ge=8)
     kv_cache_gib: float = Field(1.0, gt=0)
     probe_tolerance: float = Field(1e-3, gt=0)  # max |logprob diff| between learner and engine after a sync
+    max_staleness: int = Field(0, ge=0)  # 0: synchronous; k: generation runs up to k steps ahead of the learner
 
 
 class TeacherConfig(_Section):

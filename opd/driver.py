@@ -24,7 +24,8 @@ from opd.config import Config, ConfigError, check_model_dirs, dump_config
 from opd.data import Cursor, PromptSource, render_prompts
 from opd.monitor.sinks import MetricsLogger
 from opd.plan import route_plan
-from opd.steps import evaluate, sample, step_metrics, sync_weights, verify_and_score, warm_up_verifiers
+from opd.rollout.stream import RolloutStream, load_in_flight
+from opd.steps import evaluate, step_metrics, sync_weights, verify_and_score, warm_up_verifiers
 from opd.tasks.arithmetic import build_dataset
 from opd.tasks.files import load_rows
 from opd.teacher.multi import DEFAULT, unknown_teacher_rows
@@ -145,10 +146,15 @@ def _restore(job: Job, roles: Roles) -> RunState:
     return RunState(s["step"], s["version"], Cursor(**s["cursor"]), s["accuracy_before"], s["teacher_accuracy"], s["consumed"])
 
 
-def _save(cfg: Config, job: Job, roles: Roles, st: RunState) -> None:
+def _save(cfg: Config, job: Job, roles: Roles, st: RunState, stream: RolloutStream) -> None:
     state = {"step": st.step, "version": st.version, "cursor": vars(st.cursor), "accuracy_before": st.accuracy_before,
              "teacher_accuracy": st.teacher_accuracy, "consumed": st.consumed}
-    save_checkpoint(job.run_dir, st.step, lambda path: ray.get(roles.learner.save.remote(path)), state, cfg.checkpoint.keep)
+
+    def write(path: str) -> None:
+        ray.get(roles.learner.save.remote(path))
+        stream.save_in_flight(path)
+
+    save_checkpoint(job.run_dir, st.step, write, state, cfg.checkpoint.keep)
 
 
 def _renderer(tok):
@@ -162,7 +168,8 @@ def _renderer(tok):
 def train(cfg: Config, job: Job, roles: Roles, progress: bool = True) -> dict:
     wall0 = time.perf_counter()
     st = _restore(job, roles)
-    data = PromptSource(job.train, cfg.run.seed, st.cursor)
+    stream = RolloutStream(roles.rollout, PromptSource(job.train, cfg.run.seed, st.cursor), cfg.rollout, cfg.run.seed,
+                           load_in_flight(job.checkpoint))
     st.version, _ = sync_weights(roles, job.probe_ids, cfg.rollout.probe_tolerance)
     warm_up_verifiers(roles, job.test[0])
     if st.accuracy_before is None:
@@ -173,17 +180,18 @@ def train(cfg: Config, job: Job, roles: Roles, progress: bool = True) -> dict:
     plan = route_plan(cfg)
     for step in range(st.step, cfg.trainer.total_steps):
         t0 = time.perf_counter()
-        rollouts = sample(roles, data.next_batch(cfg.rollout.prompts_per_step), step, cfg)
+        rollouts = stream.take(step, cfg.trainer.total_steps)  # with max_staleness > 0 the next batches start here
         rewards, scores = verify_and_score(roles, rollouts, cfg)
         batch = route(rollouts, rewards, scores, plan, job.render)
         stats = ray.get(roles.learner.train_step.remote(batch)) if batch else {"update_skipped": 1.0}
+        stats["sample_staleness"] = float(st.version - rollouts.weight_version)
         st.version, probe_diff = sync_weights(roles, job.probe_ids, cfg.rollout.probe_tolerance)
-        st.step, st.cursor, st.consumed = step + 1, data.cursor, st.consumed + len(rollouts.samples)
+        st.step, st.cursor, st.consumed = step + 1, stream.data.cursor, st.consumed + len(rollouts.samples)
         if cfg.eval.every and st.step % cfg.eval.every == 0:
             stats["eval_accuracy"] = evaluate(roles, job.test, cfg, who="student")
         log.log(step, step_metrics(rollouts, rewards, scores, stats, probe_diff, st.version, time.perf_counter() - t0))
         if st.step == cfg.trainer.total_steps or (cfg.checkpoint.every and st.step % cfg.checkpoint.every == 0):
-            _save(cfg, job, roles, st)
+            _save(cfg, job, roles, st, stream)
     log.close()
     summary = {
         "algorithm": cfg.algorithm,

@@ -8,36 +8,16 @@ import ray
 
 from opd.cluster import Roles
 from opd.config import Config
+from opd.rollout.stream import launch, split_even
 from opd.trainer.routing import teacher_reverse_kl
 from opd.types import Prompt, Rewards, RolloutBatch, Sample, TeacherScores
 
 log = logging.getLogger("opd.steps")
 
 
-def _split(items: list, parts: int) -> list[list]:
-    """Contiguous, near-equal chunks: keeps each prompt's G samples on one worker and the batch in order."""
-    size, extra = divmod(len(items), parts)
-    out, start = [], 0
-    for i in range(parts):
-        end = start + size + (1 if i < extra else 0)
-        out.append(items[start:end])
-        start = end
-    return out
-
-
 def sample(roles: Roles, draws: list[tuple[Prompt, int]], step: int, cfg: Config) -> RolloutBatch:
-    r = cfg.rollout
-    chunks = [c for c in _split(draws, len(roles.rollout)) if c]
-    refs = [
-        w.generate.remote(c, n=r.group_size, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_new_tokens,
-                          seed=cfg.run.seed)
-        for w, c in zip(roles.rollout, chunks, strict=False)
-    ]
-    results = ray.get(refs)
-    samples = [s for part, _ in results for s in part]
-    batch = RolloutBatch(step, samples, r.group_size, samples[0].weight_version, max(sec for _, sec in results))
-    batch.validate()
-    return batch
+    """One batch generated now (the synchronous path; ``RolloutStream`` runs ahead of the learner)."""
+    return launch(roles.rollout, draws, step, cfg.rollout, cfg.run.seed).result()
 
 
 def _score(roles: Roles, uids: list[str], prompts: list[Prompt], texts: list[str]) -> Rewards:
@@ -80,7 +60,7 @@ def evaluate(roles: Roles, prompts: list[Prompt], cfg: Config, who: str) -> floa
     if who == "teacher":
         texts = roles.teacher.generate_greedy(prompts, cfg.eval.max_new_tokens)
     else:
-        parts = [c for c in _split(ids, len(roles.rollout)) if c]
+        parts = [c for c in split_even(ids, len(roles.rollout)) if c]
         outs = ray.get([w.generate_greedy.remote(c, cfg.eval.max_new_tokens) for w, c in zip(roles.rollout, parts, strict=False)])
         texts = [t for part in outs for t in part]
     correct = _verify_all(roles, [f"eval/{p.prompt_id}" for p in prompts], prompts, texts)

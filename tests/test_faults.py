@@ -1,9 +1,10 @@
-"""Faults a long run meets: the driver killed with SIGKILL mid-run, then resumed, ends where an uninterrupted run ends."""
+"""Faults a long run meets: a driver killed mid-run and resumed ends where an uninterrupted run ends."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from opd.checkpoint import latest_checkpoint, load_state
 from opd.config import dump_config, load_config
 from opd.driver import run
+from opd.rollout.stream import IN_FLIGHT_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -61,3 +63,24 @@ def test_driver_sigkill_then_resume_matches_uninterrupted_run(tiny_models, local
     got = _weights(killed_dir / "checkpoints" / f"step_{STEPS:06d}" / "model")
     for k in ref:
         assert torch.equal(ref[k], got[k]), f"weights after kill + resume differ from the uninterrupted run at {k}"
+
+
+def test_async_run_resumed_from_a_mid_run_checkpoint_matches_it(tiny_models, local_ray, tmp_path):
+    """With generation running one step ahead, the batch in flight at a checkpoint is stored with it: resuming from
+    that checkpoint trains on exactly the samples the uninterrupted run did, so the final weights are identical."""
+    ref_dir = tmp_path / "async"
+    overrides = {"trainer.total_steps": STEPS, "rollout.max_staleness": 1, "checkpoint.keep": STEPS}
+    run(load_config(None, tiny_overrides(tiny_models, ref_dir, **overrides)), progress=False)
+    staleness = [json.loads(line)["sample_staleness"] for line in (ref_dir / "metrics.jsonl").read_text().splitlines()]
+    assert staleness == [0.0] + [1.0] * (STEPS - 1)  # step 0's batch was drawn before any update
+
+    # A copy of the run as it stood at its step-1 checkpoint, as if the driver had died right after writing it.
+    cut = tmp_path / "cut"
+    shutil.copytree(ref_dir, cut, ignore=shutil.ignore_patterns("step_00000[2-9]", "summary.json"))
+    (cut / "checkpoints" / "latest").write_text("step_000001")
+    assert (cut / "checkpoints" / "step_000001" / IN_FLIGHT_FILE).is_file()
+    run(load_config(None, tiny_overrides(tiny_models, cut, **overrides)), resume=True, progress=False)
+    ref = _weights(ref_dir / "checkpoints" / f"step_{STEPS:06d}" / "model")
+    got = _weights(cut / "checkpoints" / f"step_{STEPS:06d}" / "model")
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), f"async resume differs from the uninterrupted run at {k}"
