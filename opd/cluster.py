@@ -1,7 +1,8 @@
 """Ray start-up and actor placement: the only module that knows how roles map onto hardware.
 
 With no address an embedded local Ray starts (the laptop default); with one, the job joins that cluster. Actors
-are named ``<run>/<role>-<i>`` so the dashboard's actor view reads as the pipeline.
+are named ``<run>/<role>-<i>`` so the dashboard's actor view reads as the pipeline. Several learner ranks
+(``trainer.num_ranks``) sit in one placement group that may span nodes; rank 0 is the learner the driver talks to.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import os
 from dataclasses import dataclass
 
 import ray
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from opd.config import Config
 from opd.plan import objective_spec
@@ -31,11 +34,18 @@ ACTOR_ENV = {
 
 
 @dataclass
+class LearnerGroup:
+    ranks: list  # Learner actor handles, rank 0 first
+    placement_group: object | None = None  # one bundle per rank; None for a single rank
+
+
+@dataclass
 class Roles:
     rollout: list  # RolloutWorker actor handles
     teacher: Teachers | None  # VLLMTeacher / HTTPTeacher actors by name
-    learner: object  # Learner actor handle
+    learner: object  # Learner actor handle (rank 0: the only one the driver calls)
     verifiers: VerifierRunner
+    learner_group: LearnerGroup | None = None  # every rank, for stop_roles
 
 
 def init_ray(cfg: Config) -> None:
@@ -47,7 +57,7 @@ def init_ray(cfg: Config) -> None:
         return
     # Logical CPUs: one per role so every actor schedules even on a 2-core laptop; the stages take turns. The teacher
     # slot is counted even when this job has no local teacher: a later job in the same process (a benchmark) may.
-    need = cfg.rollout.num_workers + len(cfg.models.teachers) + 2
+    need = cfg.rollout.num_workers + len(cfg.models.teachers) + 1 + cfg.trainer.num_ranks
     ray.init(
         address="local",
         num_cpus=max(cfg.cluster.num_cpus or os.cpu_count() or 1, need),
@@ -58,6 +68,9 @@ def init_ray(cfg: Config) -> None:
 
 def start_roles(cfg: Config) -> Roles:
     name = cfg.run.name
+    # The learners' placement group first: it reserves the ranks' CPUs (one per node with STRICT_SPREAD) before the
+    # engines, which schedule anywhere, can take them.
+    learners = start_learners(cfg)
     rollout = [
         ray.remote(RolloutWorker)
         .options(name=f"{name}/rollout-{i}", num_cpus=1, max_concurrency=1)
@@ -68,21 +81,68 @@ def start_roles(cfg: Config) -> Roles:
         for i in range(cfg.rollout.num_workers)
     ]
     teacher = start_teachers(cfg, prefix=f"{name}/") if cfg.needs_teacher else None
-    learner = ray.remote(Learner).options(name=f"{name}/learner-0", num_cpus=1).remote(
-        cfg.models.student, lr=cfg.trainer.lr, betas=tuple(cfg.trainer.betas), weight_decay=cfg.trainer.weight_decay,
-        warmup_steps=cfg.trainer.warmup_steps, grad_clip=cfg.trainer.grad_clip,
-        micro_batch_size=cfg.trainer.micro_batch_size, torch_threads=cfg.trainer.torch_threads,
-        seed=cfg.run.seed, objective=objective_spec(cfg), reference_dir=cfg.exopd.reference,
-        teacher_dir=cfg.models.teacher,
-    )
     verifiers = VerifierRunner(
         [VerifierSpec(v.name, v.weight) for v in cfg.verifiers.functions],
         timeout_s=cfg.verifiers.timeout_s, chunk_size=cfg.verifiers.chunk_size, num_workers=cfg.verifiers.num_workers,
     )
     # Surface engine start-up failures here, not at the first step, and an actor the cluster cannot place as an
     # error rather than a silent wait.
-    _wait_placed(rollout + (list(teacher.actors.values()) if teacher else []) + [learner], cfg.cluster.start_timeout_s)
-    return Roles(rollout, teacher, learner, verifiers)
+    _wait_placed(rollout + (list(teacher.actors.values()) if teacher else []) + learners.ranks, cfg.cluster.start_timeout_s)
+    connect_learners(learners, cfg.trainer.dist_backend)
+    return Roles(rollout, teacher, learners.ranks[0], verifiers, learners)
+
+
+def start_learners(cfg: Config) -> LearnerGroup:
+    """``trainer.num_ranks`` Learner actors, ``<run>/learner-<rank>``. One rank is a plain actor, as always; several
+    share a placement group, one bundle per rank (``{"CPU": 1}``, plus ``{"GPU": 1}`` on a GPU cluster), spread
+    over nodes as ``trainer.placement_strategy`` says. Every rank loads the student (and the reference model or
+    self-teacher its objective needs): the ranks must hold identical copies. Call ``connect_learners`` once they run.
+    """
+    t = cfg.trainer
+
+    def rank(r: int, **opts):
+        return ray.remote(Learner).options(name=f"{cfg.run.name}/learner-{r}", num_cpus=1, **opts).remote(
+            cfg.models.student, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
+            grad_clip=t.grad_clip, micro_batch_size=t.micro_batch_size, torch_threads=t.torch_threads,
+            seed=cfg.run.seed, objective=objective_spec(cfg), reference_dir=cfg.exopd.reference,
+            teacher_dir=cfg.models.teacher,
+        )
+
+    if t.num_ranks == 1:
+        return LearnerGroup([rank(0)])
+    gpu = t.dist_backend == "nccl" or (t.dist_backend == "auto" and ray.cluster_resources().get("GPU", 0) >= t.num_ranks)
+    bundle = {"CPU": 1, **({"GPU": 1} if gpu else {})}
+    pg = placement_group([bundle] * t.num_ranks, strategy=t.placement_strategy, name=f"{cfg.run.name}/learners")
+    ready, _ = ray.wait([pg.ready()], timeout=cfg.cluster.start_timeout_s)
+    if not ready:
+        remove_placement_group(pg)
+        nodes = sum(1 for n in ray.nodes() if n["Alive"])
+        raise RuntimeError(
+            f"trainer.num_ranks={t.num_ranks} with trainer.placement_strategy={t.placement_strategy}: the cluster "
+            f"({nodes} nodes) could not place {t.num_ranks} bundles of {bundle} within cluster.start_timeout_s="
+            f"{cfg.cluster.start_timeout_s:g}s. STRICT_SPREAD needs that many nodes; free resources or add nodes."
+        )
+    return LearnerGroup(
+        [rank(r, num_gpus=int(gpu), scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r))
+         for r in range(t.num_ranks)],
+        pg,
+    )
+
+
+def connect_learners(group: LearnerGroup, backend: str) -> None:
+    """Rendezvous: rank 0's node IP (from the placement group) and a free port there host the process group's
+    store; every rank calls ``init_process_group`` concurrently (it returns once all have joined); then rank 0
+    gets the handles of ranks 1..N-1. Across real nodes gloo must find the right network interface: set
+    ``GLOO_SOCKET_IFNAME`` (or ``NCCL_SOCKET_IFNAME``) in the cluster's environment where the hostname resolves to
+    a loopback address."""
+    n = len(group.ranks)
+    if n == 1:
+        return
+    node_id = placement_group_table(group.placement_group)["bundles_to_node_id"][0]
+    host = next(node["NodeManagerAddress"] for node in ray.nodes() if node["NodeID"] == node_id)
+    port = ray.get(group.ranks[0].free_port.remote())
+    ray.get([actor.join_group.remote(r, n, host, port, backend) for r, actor in enumerate(group.ranks)])
+    ray.get(group.ranks[0].set_peers.remote(group.ranks[1:]))
 
 
 def _wait_placed(actors: list, timeout_s: float) -> None:
@@ -124,6 +184,9 @@ def _local_teacher(cfg: Config, model_dir: str, opts: dict, max_logprobs: int | 
 def stop_roles(roles: Roles | None) -> None:
     if roles is None:
         return
-    for actor in [*roles.rollout, *(roles.teacher.actors.values() if roles.teacher else ()), roles.learner]:
+    learners = roles.learner_group.ranks if roles.learner_group else [roles.learner]
+    for actor in [*roles.rollout, *(roles.teacher.actors.values() if roles.teacher else ()), *learners]:
         if actor is not None:
             ray.kill(actor)
+    if roles.learner_group and roles.learner_group.placement_group is not None:
+        remove_placement_group(roles.learner_group.placement_group)

@@ -161,6 +161,9 @@ class TrainerConfig(_Section):
     grad_clip: float = Field(1.0, gt=0)
     micro_batch_size: int = Field(64, ge=1)  # sequences per forward/backward; gradients accumulate over a step
     torch_threads: int = Field(1, ge=1)
+    num_ranks: int = Field(1, ge=1)  # learner ranks (torch.distributed); >1 splits each batch into token-balanced shards
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # Ray placement group of the ranks
+    dist_backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl where the rank sees a GPU, else gloo
 
 
 class EvalConfig(_Section):
@@ -214,6 +217,9 @@ class Config(_Section):
             raise ValueError("opd.divergence=teacher_topk needs teacher.top_k > 0")
         if self.algorithm in ("sdpo", "srpo") and self.rollout.group_size < 2:
             raise ValueError(f"algorithm={self.algorithm} needs rollout.group_size >= 2 (siblings are the self-teacher's solutions)")
+        if self.trainer.num_ranks > 1 and self.trainer.placement_strategy == "STRICT_SPREAD" and not self.cluster.address:
+            raise ValueError("trainer.placement_strategy=STRICT_SPREAD puts each learner rank on its own node; an embedded "
+                             "local Ray has one node (set cluster.address, or use PACK / SPREAD)")
         if self.algorithm == "grpo" and self.rollout.group_size < 2:
             raise ValueError("algorithm=grpo needs rollout.group_size >= 2 (a group of one has zero relative advantage)")
         return self

@@ -4,6 +4,12 @@ Runs inside a Ray actor (placed by ``opd.cluster``) but imports torch and transf
 directly in tests or replayed on a dumped ``TrainBatch``. A step has two passes: a teacher-side pass without
 gradient (reference model, HF teacher, SDPO self-teacher) that also fixes batch-wide normalisers, then the learning
 pass over micro-batches, whose gradients add up to the full-batch loss.
+
+Several ranks (``trainer.num_ranks``): ``opd.cluster`` starts one Learner per rank, joins them in a process group
+and hands rank 0 the others' handles. Rank 0 stays the only learner the driver sees: ``train_step`` splits the
+batch into token-balanced shards, each rank trains one (``train_shard``), and the ranks meet in collectives
+(``opd.trainer.dist``) for the batch-wide normalisers, the gradient sum and the statistics, so every rank applies
+the same update and the weights stay identical. With one rank the collectives are the identity.
 """
 
 from __future__ import annotations
@@ -21,12 +27,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opd.rollout.weight_sync import pack_state_dict
+from opd.trainer.dist import Collective, free_port, join
 from opd.trainer.forward import MicroTensors, build_micro, flatten_kept, response_hidden, rows
 from opd.trainer.losses import aggregate, entropy_from_logits, token_logprobs
 from opd.trainer.objective import Aux, ObjectiveSpec, token_loss
 from opd.trainer.objectives import entropy_weights
 from opd.trainer.sdpo import ema_update
 from opd.trainer.selection import select_tokens
+from opd.trainer.shards import balance_shards, shard_imbalance, take
 from opd.types import TrainBatch
 
 log = logging.getLogger("opd.learner")
@@ -79,12 +87,26 @@ class Learner:
         self.self_teacher = _frozen(copy.deepcopy(self.model)) if self.spec.needs_self_teacher else None
         self.steps_done = 0
         self.version = 0
+        self.comm = Collective()  # one rank until join_group
+        self.peers: list = []  # rank 0 of several: actor handles of ranks 1..N-1
 
     def version_number(self) -> int:
         return self.version
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+    def free_port(self) -> int:
+        """A free port on this rank's host: rank 0 hosts the process group's rendezvous store."""
+        return free_port()
+
+    def join_group(self, rank: int, world_size: int, host: str, port: int, backend: str) -> None:
+        """Every rank calls this concurrently; it returns once all have joined."""
+        self.comm = join(rank, world_size, host, port, backend)
+
+    def set_peers(self, peers: list) -> None:
+        """Rank 0 only: the handles of ranks 1..N-1, which train the other shards of each batch."""
+        self.peers = list(peers)
 
     def _lr(self) -> float:
         if self.warmup_steps and self.steps_done < self.warmup_steps:
@@ -121,12 +143,13 @@ class Learner:
         return aux
 
     def _srpo_weights(self, auxes: list[Aux], masks: list[torch.Tensor]) -> None:
-        """exp(-beta*H_teacher) normalised to mean 1 over the whole batch's SDPO-routed tokens (§5.2)."""
-        t_max = max(m.shape[1] for m in masks)
+        """exp(-beta*H_teacher) normalised to mean 1 over the whole batch's SDPO-routed tokens (§5.2), all ranks'."""
+        t_max = max((m.shape[1] for m in masks), default=1)
         pad = lambda t: torch.nn.functional.pad(t, (0, t_max - t.shape[1]))  # noqa: E731
-        ent = torch.cat([pad(entropy_from_logits(a.teacher_logits_BTV)) for a in auxes])
-        sd_mask = torch.cat([pad(a.route_sdpo_B.unsqueeze(-1) * m) for a, m in zip(auxes, masks, strict=True)])
-        w = entropy_weights(ent, sd_mask, beta=self.spec.srpo_entropy_beta)
+        # An empty shard still joins the normaliser's all-reduce, with an empty [0, T] batch.
+        ent = torch.cat([pad(entropy_from_logits(a.teacher_logits_BTV)) for a in auxes] or [torch.zeros(0, t_max)])
+        sd_mask = torch.cat([pad(a.route_sdpo_B.unsqueeze(-1) * m) for a, m in zip(auxes, masks, strict=True)] or [torch.zeros(0, t_max)])
+        w = entropy_weights(ent, sd_mask, beta=self.spec.srpo_entropy_beta, sum_over_ranks=self.comm.sum)
         start = 0
         for a, m in zip(auxes, masks, strict=True):
             a.entropy_weights_BT = w[start : start + m.shape[0], : m.shape[1]]
@@ -139,7 +162,7 @@ class Learner:
         div_BT = (sampler_BT - aux.teacher_logp_BT).abs()
         return select_tokens(ent_BT, div_BT, mask_BT, self.spec.keep_ratio, self.spec.select_mode)
 
-    def _learn_micro(self, batch: TrainBatch, idx: list[int], mt: MicroTensors, aux: Aux, denom: float) -> dict:
+    def _learn_micro(self, batch: TrainBatch, idx: list[int], mt: MicroTensors, aux: Aux, denom: float, n_seqs: int) -> dict:
         t_max = mt.mask_BT.shape[1]
         sampler_BT = rows([batch.sampler_logprobs[i] for i in idx], t_max)
         adv_BT = rows([batch.advantages[i] for i in idx], t_max)
@@ -160,7 +183,7 @@ class Learner:
         loss_BT, count_BT = token_loss(self.spec, logits_BTV, targets_BT, mask_BT, sampler_BT, adv_BT, aux)
         loss_BT = loss_BT * weights_BT
         if self.spec.name == "grpo" and self.spec.agg != "token-mean":
-            loss = aggregate(loss_BT, mask_BT, self.spec.agg, self.spec.norm_len) * len(idx) / len(batch.uids)
+            loss = aggregate(loss_BT, mask_BT, self.spec.agg, self.spec.norm_len) * len(idx) / n_seqs
         else:
             loss = loss_BT.sum() / denom
         with torch.no_grad():
@@ -170,8 +193,24 @@ class Learner:
         return {"loss": loss, "entropy_sum": ent, "tokens": float(mask_BT.sum()), "counted": float(count_BT.sum()), "absdiff": absdiff}
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One optimizer step over the whole batch. A non-finite loss or gradient skips the update entirely."""
+        """One optimizer step over the whole batch. A non-finite loss or gradient on any rank skips it on all.
+
+        Rank 0 of several sends each peer its token-balanced shard and trains its own meanwhile; the statistics
+        it returns are the whole batch's (summed over ranks in ``train_shard``).
+        """
         batch.validate()
+        lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True)]
+        shards = balance_shards(lengths, 1 + len(self.peers))
+        if self.peers:
+            pending = [peer.train_shard.remote(take(batch, idx)) for peer, idx in zip(self.peers, shards[1:], strict=True)]
+            stats = self.train_shard(take(batch, shards[0]))
+            _wait(pending)
+        else:
+            stats = self.train_shard(batch)
+        return {**stats, "shard_token_imbalance": shard_imbalance(lengths, shards)}
+
+    def train_shard(self, batch: TrainBatch) -> dict[str, float]:
+        """This rank's forward/backward over its shard, then the update that every rank applies identically."""
         t0 = time.perf_counter()
         n_seq = len(batch.uids)
         micro = [list(range(s, min(s + self.micro_batch_size, n_seq))) for s in range(0, n_seq, self.micro_batch_size)]
@@ -179,13 +218,13 @@ class Learner:
         auxes = [self._teacher_pass(batch, idx, mt) for idx, mt in zip(micro, mts, strict=True)]
         if self.spec.name == "srpo":
             self._srpo_weights(auxes, [mt.mask_BT for mt in mts])
-        denom = self._denominator(mts, auxes)
+        denom, n_seqs = self._denominator(mts, auxes, n_seq)
         self.opt.zero_grad(set_to_none=True)
         total, ent_sum, kept, counted, absdiff, finite = 0.0, 0.0, 0.0, 0.0, 0.0, True
         peak_activation = 0
         for idx, mt, aux in zip(micro, mts, auxes, strict=True):
             with ActivationMeter() as meter:
-                out = self._learn_micro(batch, idx, mt, aux, denom)
+                out = self._learn_micro(batch, idx, mt, aux, denom, n_seqs)
             peak_activation = max(peak_activation, meter.bytes)
             if not torch.isfinite(out["loss"].detach()):
                 finite = False
@@ -194,6 +233,14 @@ class Learner:
             total += float(out["loss"].detach())
             ent_sum, kept, counted = ent_sum + out["entropy_sum"], kept + out["tokens"], counted + out["counted"]
             absdiff = max(absdiff, out["absdiff"])
+        # The batch's statistics, and a non-finite loss on any rank, in one SUM and one MAX over ranks (float64:
+        # a single rank's values pass through exactly). Every rank then takes the same skip-or-step decision.
+        sums = self.comm.sum(torch.tensor([total, ent_sum, kept, counted, float(not finite)], dtype=torch.float64))
+        total, ent_sum, kept, counted, nonfinite = sums.tolist()
+        absdiff, peak_activation = self.comm.max(torch.tensor([absdiff, float(peak_activation)], dtype=torch.float64)).tolist()
+        finite = nonfinite == 0
+        if finite:
+            self.comm.sum_grads(self.model.parameters())  # identical gradients -> identical clipping and step
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)) if finite else math.nan
         skipped = not (finite and math.isfinite(grad_norm))
         if skipped:
@@ -222,13 +269,17 @@ class Learner:
             "activation_mib": peak_activation / 2**20,
         }
 
-    def _denominator(self, mts: list[MicroTensors], auxes: list[Aux]) -> float:
-        """Tokens in the batch-wide token-mean: kept tokens (TIP), SDPO-routed tokens (SDPO), else all tokens."""
+    def _denominator(self, mts: list[MicroTensors], auxes: list[Aux], n_seq: int) -> tuple[float, int]:
+        """Tokens in the batch-wide token-mean (kept tokens with TIP, SDPO-routed tokens with SDPO, else all tokens)
+        and sequences in the batch, both summed over ranks: each shard's loss is a share of the whole batch's."""
         if self.spec.select_mode:
-            return float(sum(_keep_count(int(mt.mask_BT.sum()), self.spec.keep_ratio) for mt in mts)) or 1.0
-        if self.spec.name == "sdpo":
-            return float(sum((a.route_sdpo_B.unsqueeze(-1) * mt.mask_BT).sum() for a, mt in zip(auxes, mts, strict=True))) or 1.0
-        return float(sum(mt.mask_BT.sum() for mt in mts)) or 1.0
+            local = float(sum(_keep_count(int(mt.mask_BT.sum()), self.spec.keep_ratio) for mt in mts))
+        elif self.spec.name == "sdpo":
+            local = float(sum((a.route_sdpo_B.unsqueeze(-1) * mt.mask_BT).sum() for a, mt in zip(auxes, mts, strict=True)))
+        else:
+            local = float(sum(mt.mask_BT.sum() for mt in mts))
+        tokens, seqs = self.comm.sum(torch.tensor([local, float(n_seq)], dtype=torch.float64)).tolist()
+        return tokens or 1.0, int(seqs)
 
     @torch.no_grad()
     def probe_logprobs(self, token_ids: list[int]) -> list[float]:
@@ -251,6 +302,9 @@ class Learner:
         (out / "learner.json").write_text(json.dumps({"steps_done": self.steps_done, "version": self.version}))
 
     def load(self, path: str) -> None:
+        """Restore a checkpoint. Rank 0 of several restores every rank from the same files (storage all nodes see, as
+        the run directory already must be), so weights, optimizer and self-teacher stay identical across ranks."""
+        pending = [peer.load.remote(path) for peer in self.peers]
         src = Path(path)
         self.model.load_state_dict(_load(str(src / "model")).state_dict())
         self.opt.load_state_dict(torch.load(src / "optimizer.pt", weights_only=False))
@@ -262,6 +316,16 @@ class Learner:
             self.self_teacher.load_state_dict(torch.load(src / "self_teacher.pt", weights_only=True))
         meta = json.loads((src / "learner.json").read_text())
         self.steps_done, self.version = meta["steps_done"], meta["version"]
+        if pending:
+            _wait(pending)
+
+
+def _wait(pending: list) -> None:
+    """Wait for peers' calls and re-raise their errors. Ray is imported only here: only rank 0 of several, itself a
+    Ray actor, calls other actors; a single learner (and every test that drives one directly) never gets here."""
+    import ray
+
+    ray.get(pending)
 
 
 class ActivationMeter:

@@ -7,6 +7,8 @@ response tokens. Advantages and weights are constants for the loss: every such o
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from opd.trainer.advantages import opd_token_advantages
@@ -46,19 +48,25 @@ def srpo_route(correct_B: torch.Tensor, has_teacher_B: torch.Tensor) -> tuple[to
 
 
 def entropy_weights(
-    teacher_entropy_BT: torch.Tensor, sdpo_token_mask_BT: torch.Tensor, beta: float = 1.0
+    teacher_entropy_BT: torch.Tensor,
+    sdpo_token_mask_BT: torch.Tensor,
+    beta: float = 1.0,
+    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """DW-SDPO token weights (§5.2), shape [B, T], detached: ``w̃ = exp(−β·H)``, normalised to mean 1.
 
     ``sdpo_token_mask_BT`` = response mask × ``z_sdpo`` (the SDPO-routed valid tokens, Ω_sdpo). The mean is taken
     over all of Ω_sdpo in the tensor given (global over the batch, as the paper words it). Low teacher entropy
     (a confident teacher) gets more weight. Tokens outside the mask get 0; an empty mask gives all zeros.
+    When the batch is sharded over learner ranks, ``sum_over_ranks`` (an all-reduce SUM) turns the shard's token
+    count and weight sum into the batch's, so every rank normalises by the same global mean.
     """
     m = sdpo_token_mask_BT.detach().float()
     w_raw = torch.exp(-beta * teacher_entropy_BT.detach().float()) * m
-    count = m.sum()
+    sums = torch.stack([m.sum(), w_raw.sum()])
+    count, total = sum_over_ranks(sums) if sum_over_ranks is not None else sums
     # Empty Ω_sdpo: numerator is all zeros, so clamping the denominator yields zeros instead of 0/0.
-    return w_raw * count / w_raw.sum().clamp(min=torch.finfo(w_raw.dtype).tiny)
+    return w_raw * count / total.clamp(min=torch.finfo(w_raw.dtype).tiny)
 
 
 def srpo_loss(
