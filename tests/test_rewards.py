@@ -138,14 +138,13 @@ def test_score_without_ray_is_a_clear_error(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+def ray_local(local_ray):
+    """The session's Ray (shutting a Ray down here would pull it from under every later test)."""
     # Start the verifier hosts once; every runner in this process shares them.
     VerifierRunner([VerifierSpec("exact_answer")], timeout_s=60).score(
         ["w"], ["1+1="], ["2"], {"answer": ["2"]}
     )
-    yield
-    ray.shutdown()
+    return local_ray
 
 
 ROWS = {  # five rows, so chunk_size=2 makes three chunks including a short last one

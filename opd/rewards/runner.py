@@ -88,7 +88,8 @@ class _HostPool:
         self.session: str | None = None
 
     def get(self, n: int) -> list:
-        session = ray.get_runtime_context().get_job_id()
+        ctx = ray.get_runtime_context()
+        session = f"{ctx.gcs_address}/{ctx.get_job_id()}"  # job ids repeat across clusters; the GCS address does not
         if session != self.session:
             self.hosts, self.session = [], session
         if len(self.hosts) < n:
