@@ -16,14 +16,14 @@ demo: setup
 	$(BIN)/opd demo
 
 test: setup
-	$(BIN)/ruff check opd tests benchmarks
+	$(BIN)/ruff check opd tests benchmarks examples
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup
-	$(BIN)/ruff check opd tests benchmarks
+	$(BIN)/ruff check opd tests benchmarks examples
 
 clean:
 	rm -rf runs models .pytest_cache
