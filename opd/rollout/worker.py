@@ -6,6 +6,7 @@ silently failed (peers' costliest bug class) stops the run here, naming the weig
 
 from __future__ import annotations
 
+import logging
 import time
 import zlib
 
@@ -17,10 +18,20 @@ class WeightSyncError(RuntimeError):
     pass
 
 
+class _RotaryReloadNotice(logging.Filter):
+    """vLLM warns at every weight reload that the rotary embedding "failed to load weights": it has none (its
+    frequencies are computed, not stored), so nothing is wrong, and the probe check after each sync proves the
+    weights. Dropping that one line keeps a real warning from drowning in hundreds of copies."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.getMessage() == "RotaryEmbedding: Failed to load weights")
+
+
 class RolloutWorker:
     def __init__(self, model_dir: str, *, seed: int, max_model_len: int, kv_cache_gib: float, dtype: str, worker_id: int = 0):
         self.worker_id = worker_id
         self.engine = VLLMEngine(model_dir, seed=seed, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, dtype=dtype)
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadNotice())
         self.version = 0
 
     def generate(
