@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 
 from opd.teacher.api import GenerateResponse, Health, ScoreResponse
+from opd.teacher.scorer import scores_from_rows
 from opd.types import Sample, TeacherScores
 
 
@@ -58,15 +59,7 @@ class HTTPTeacher:
         ]
         rows = [r for reply in self.pool.map(lambda b: self._request("POST", "/v1/score", b), bodies)
                 for r in ScoreResponse.model_validate(reply).scores]
-        scores = TeacherScores(
-            uids=[s.uid for s in samples],
-            logprobs=[r.logprobs for r in rows],
-            topk_ids=[r.topk_ids for r in rows] if top_k else None,
-            topk_logprobs=[r.topk_logprobs for r in rows] if top_k else None,
-            score_seconds=time.perf_counter() - t0,
-        )
-        scores.validate(samples)
-        return scores
+        return scores_from_rows(samples, rows, top_k, time.perf_counter() - t0)
 
     def generate_greedy(self, prompt_ids: list[list[int]], max_tokens: int) -> list[str]:
         reply = self._request("POST", "/v1/generate", {"prompts": prompt_ids, "max_tokens": max_tokens})

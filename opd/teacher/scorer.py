@@ -30,6 +30,20 @@ class ResponseScores:
     topk_logprobs: list[list[float]] | None = None
 
 
+def scores_from_rows(samples: list[Sample], rows: list, top_k: int, seconds: float) -> TeacherScores:
+    """One ``TeacherScores`` from per-sample rows (``logprobs``, ``topk_ids``, ``topk_logprobs``), checked against
+    the samples: the same record whichever teacher (in-process engine or HTTP server) produced the rows."""
+    scores = TeacherScores(
+        uids=[s.uid for s in samples],
+        logprobs=[r.logprobs for r in rows],
+        topk_ids=[r.topk_ids for r in rows] if top_k else None,
+        topk_logprobs=[r.topk_logprobs for r in rows] if top_k else None,
+        score_seconds=seconds,
+    )
+    scores.validate(samples)
+    return scores
+
+
 class VLLMTeacher:
     def __init__(
         self, model_dir: str, *, seed: int, max_model_len: int | None, kv_cache_gib: float, dtype: str, max_logprobs: int
@@ -63,15 +77,7 @@ class VLLMTeacher:
     def score(self, samples: list[Sample], top_k: int = 0) -> TeacherScores:
         t0 = time.perf_counter()
         rows = self.score_tokens([s.full_ids for s in samples], [len(s.prompt.token_ids) for s in samples], top_k)
-        scores = TeacherScores(
-            uids=[s.uid for s in samples],
-            logprobs=[r.logprobs for r in rows],
-            topk_ids=[r.topk_ids for r in rows] if top_k else None,
-            topk_logprobs=[r.topk_logprobs for r in rows] if top_k else None,
-            score_seconds=time.perf_counter() - t0,
-        )
-        scores.validate(samples)
-        return scores
+        return scores_from_rows(samples, rows, top_k, time.perf_counter() - t0)
 
     def generate_greedy(self, prompt_ids: list[list[int]], max_tokens: int) -> list[str]:
         outs = self.engine.generate(prompt_ids, n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens)
