@@ -81,15 +81,18 @@ def start_roles(cfg: Config) -> Roles:
         for i in range(cfg.rollout.num_workers)
     ]
     teacher = start_teachers(cfg, prefix=f"{name}/") if cfg.needs_teacher else None
-    verifiers = VerifierRunner(
-        [VerifierSpec(v.name, v.weight) for v in cfg.verifiers.functions],
-        timeout_s=cfg.verifiers.timeout_s, chunk_size=cfg.verifiers.chunk_size, num_workers=cfg.verifiers.num_workers,
-    )
+    verifiers = start_verifiers(cfg)
     # Surface engine start-up failures here, not at the first step, and an actor the cluster cannot place as an
     # error rather than a silent wait.
     _wait_placed(rollout + (list(teacher.actors.values()) if teacher else []) + learners.ranks, cfg.cluster.start_timeout_s)
     connect_learners(learners, cfg.trainer.dist_backend)
     return Roles(rollout, teacher, learners.ranks[0], verifiers, learners)
+
+
+def start_verifiers(cfg: Config) -> VerifierRunner:
+    v = cfg.verifiers
+    return VerifierRunner([VerifierSpec(s.name, s.weight) for s in v.functions], timeout_s=v.timeout_s,
+                          chunk_size=v.chunk_size, num_workers=v.num_workers)
 
 
 def start_learners(cfg: Config) -> LearnerGroup:

@@ -77,17 +77,18 @@ def _fits(prompts: list[Prompt], cfg: Config) -> list[Prompt]:
     """Prompts with room for a full response; the others are refused or, with task.too_long=skip, dropped and counted."""
     # One position more: the teacher scores prompt + full response with prompt_logprobs, which needs a token to spare.
     limit = cfg.rollout.max_model_len - max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens) - 1
+    fits = [p for p in prompts if len(p.token_ids) <= limit]
     too_long = [p.prompt_id for p in prompts if len(p.token_ids) > limit]
     if too_long and cfg.task.too_long == "fail":
         raise ConfigError(
             f"rollout.max_model_len={cfg.rollout.max_model_len} is too short for {len(too_long)} prompts (first: "
             f"{too_long[0]}); raise it, shorten the prompts, or set task.too_long=skip"
         )
-    if len(too_long) == len(prompts):
+    if not fits:
         raise ConfigError(f"rollout.max_model_len={cfg.rollout.max_model_len}: every prompt is too long (first: {too_long[0]})")
     if too_long:
         logger.warning("skipped %d of %d prompts longer than %d tokens (first: %s)", len(too_long), len(prompts), limit, too_long[0])
-    return [p for p in prompts if len(p.token_ids) <= limit] if too_long else prompts
+    return fits
 
 
 def prepare(cfg: Config, *, resume: bool = False, fresh: bool = False) -> Job:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import ray
 from transformers import AutoTokenizer
 
-from opd.cluster import Roles, init_ray, start_teachers
+from opd.cluster import Roles, init_ray, start_teachers, start_verifiers
 from opd.config import Config, check_model_dirs
 from opd.driver import load_prompts
-from opd.rewards import VerifierRunner, VerifierSpec
 from opd.rollout.worker import RolloutWorker
 from opd.steps import evaluate
 
@@ -21,9 +20,7 @@ def evaluate_models(cfg: Config, teacher: bool = False) -> dict:
     common = {"seed": cfg.run.seed, "max_model_len": cfg.rollout.max_model_len, "kv_cache_gib": cfg.rollout.kv_cache_gib, "dtype": cfg.models.dtype}
     worker = ray.remote(RolloutWorker).options(num_cpus=1).remote(cfg.models.student, **common)
     teacher_actor = start_teachers(cfg, max_logprobs=1) if teacher else None
-    v = cfg.verifiers
-    runner = VerifierRunner([VerifierSpec(s.name, s.weight) for s in v.functions], timeout_s=v.timeout_s, num_workers=v.num_workers)
-    roles = Roles([worker], teacher_actor, None, runner)
+    roles = Roles([worker], teacher_actor, None, start_verifiers(cfg))
     result = {"student": cfg.models.student, "student_accuracy": evaluate(roles, test, cfg, who="student"), "eval_prompts": len(test)}
     if teacher:
         result.update(teacher=cfg.teacher.url or cfg.models.teacher, teacher_accuracy=evaluate(roles, test, cfg, who="teacher"))

@@ -83,6 +83,3 @@ class Teachers:
             for i, text in zip(parts[name], out, strict=True):
                 texts[i] = text
         return texts
-
-    def ready(self) -> list:
-        return [a.__ray_ready__.remote() for a in self.actors.values()]
