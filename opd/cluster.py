@@ -91,7 +91,7 @@ def start_roles(cfg: Config) -> Roles:
 
 def start_verifiers(cfg: Config) -> VerifierRunner:
     v = cfg.verifiers
-    return VerifierRunner([VerifierSpec(s.name, s.weight) for s in v.functions], timeout_s=v.timeout_s,
+    return VerifierRunner([VerifierSpec(s.name, s.weight, dict(s.kwargs)) for s in v.functions], timeout_s=v.timeout_s,
                           chunk_size=v.chunk_size, num_workers=v.num_workers)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -122,6 +122,7 @@ class RolloutConfig(_Section):
     kv_cache_gib: float = Field(1.0, gt=0)
     probe_tolerance: float = Field(1e-3, gt=0)  # max |logprob diff| between learner and engine after a sync
     max_staleness: int = Field(0, ge=0)  # 0: synchronous; k: generation runs up to k steps ahead of the learner
+    engine: Literal["vllm", "hf"] = "vllm"  # hf: transformers generate (CPU runs, tests); vllm is the production path
 
 
 class TeacherConfig(_Section):
@@ -130,6 +131,7 @@ class TeacherConfig(_Section):
     url: str | None = None  # a running `opd serve-teacher` (http://HOST:PORT); None: a local vLLM teacher actor
     token_env: str | None = None  # name of the env var holding the server's bearer token (read by the driver)
     timeout_s: float = Field(120.0, gt=0)  # per HTTP request to teacher.url; failures retry with back-off
+    retry_deadline_s: float = Field(300.0, gt=0)  # teacher.url unreachable this long (retrying with back-off): fail the job
     column: str | None = None  # dataset column naming each row's teacher (a models.teachers key); empty: default
 
     @field_validator("url")
@@ -143,6 +145,7 @@ class TeacherConfig(_Section):
 class VerifierEntry(_Section):
     name: str  # registered name, "package.module:function" or "path/to/file.py:function"
     weight: float = 1.0
+    kwargs: dict[str, Any] = {}  # extra keyword arguments for the function (e.g. code_exec limits)
 
 
 class VerifiersConfig(_Section):
@@ -164,6 +167,22 @@ class TrainerConfig(_Section):
     num_ranks: int = Field(1, ge=1)  # learner ranks (torch.distributed); >1 splits each batch into token-balanced shards
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # Ray placement group of the ranks
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl where the rank sees a GPU, else gloo
+
+
+class LoraConfig(_Section):
+    r: int = Field(0, ge=0)  # 0: train all weights; >0: a PEFT LoRA adapter of this rank, synced to vLLM unmerged
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class TrackingConfig(_Section):
+    wandb: bool = False  # log every step's metrics to Weights & Biases
+    wandb_project: str = "opd"
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline: files under RUN_DIR/wandb, `wandb sync` later
+    mlflow: bool = False  # log every step's metrics to MLflow
+    mlflow_tracking_uri: str | None = None  # None: a file store under RUN_DIR/mlruns
+    mlflow_experiment: str = "opd"
 
 
 class EvalConfig(_Section):
@@ -194,6 +213,8 @@ class Config(_Section):
     teacher: TeacherConfig = TeacherConfig()
     verifiers: VerifiersConfig = VerifiersConfig()
     trainer: TrainerConfig = TrainerConfig()
+    lora: LoraConfig = LoraConfig()
+    tracking: TrackingConfig = TrackingConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
 

@@ -21,3 +21,6 @@ def format_digits(prompts: list[str], completions: list[str], **_: object) -> li
     wrong, which gives a cold-start student a signal before it gets any answer exactly right.
     """
     return [1.0 if _DIGITS.fullmatch(parse_completion(c)) else 0.0 for c in completions]
+
+# Registered by import; each keeps its heavy imports inside the function.
+from opd.rewards import code_exec, math_answer  # noqa: E402,F401

@@ -21,7 +21,7 @@ import math
 import numbers
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 import ray.cloudpickle
@@ -32,10 +32,12 @@ from opd.types import Rewards
 
 @dataclass
 class VerifierSpec:
-    """One verifier from the config: a spec string for ``resolve`` and the weight of its score in the reward."""
+    """One verifier from the config: a spec string for ``resolve``, the weight of its score in the reward, and extra
+    keyword arguments bound to the function (like ``functools.partial``)."""
 
     name: str
     weight: float = 1.0
+    kwargs: dict = field(default_factory=dict)
 
     @classmethod
     def parse(cls, obj: object) -> VerifierSpec:
@@ -44,9 +46,9 @@ class VerifierSpec:
             return obj
         if isinstance(obj, str):
             return cls(obj)
-        if isinstance(obj, dict) and set(obj) <= {"name", "weight"} and "name" in obj:
-            return cls(str(obj["name"]), float(obj.get("weight", 1.0)))
-        raise VerifierSpecError(f"verifier entry must be a name or {{name, weight}}, got {obj!r}")
+        if isinstance(obj, dict) and set(obj) <= {"name", "weight", "kwargs"} and "name" in obj and isinstance(obj.get("kwargs", {}), dict):
+            return cls(str(obj["name"]), float(obj.get("weight", 1.0)), dict(obj.get("kwargs", {})))
+        raise VerifierSpecError(f"verifier entry must be a name or {{name, weight, kwargs}}, got {obj!r}")
 
 
 class _VerifierHost:
@@ -60,7 +62,7 @@ class _VerifierHost:
     def ready(self) -> bool:
         return True
 
-    def run(self, fn: Verifier, chunk: tuple[list, list, dict]) -> tuple[bool, object]:
+    def run(self, fn: Verifier, chunk: tuple[list, list, dict], kwargs: dict | None = None) -> tuple[bool, object]:
         """Call one verifier on one chunk ``(prompts, completions, columns)``; returns (True, values) or (False, reason).
 
         Exceptions are caught here rather than surfacing as RayTaskError so the reason stays "Type: message" without
@@ -68,7 +70,7 @@ class _VerifierHost:
         """
         prompts, completions, columns = chunk
         try:
-            out = fn(prompts, completions, **columns)
+            out = fn(prompts, completions, **columns, **(kwargs or {}))
             if inspect.isawaitable(out):
                 out = asyncio.run(_await(out))
             return True, list(out)
@@ -207,7 +209,7 @@ class VerifierRunner:
             fn_ref = ray.put(fn)
             for rows, data_ref in zip(chunks, chunk_refs, strict=True):
                 host = hosts[len(tasks) % len(hosts)]
-                tasks[host.run.remote(fn_ref, data_ref)] = (v, rows, host)
+                tasks[host.run.remote(fn_ref, data_ref, self.specs[v].kwargs)] = (v, rows, host)
 
         refs = list(tasks)
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
