@@ -1,5 +1,5 @@
-"""Where per-step metrics go: ``metrics.jsonl`` (one JSON object per step), TensorBoard events, the console, and
-Ray custom metrics (dashboard / Prometheus) when Ray is up."""
+"""Where per-step metrics go: ``metrics.jsonl`` (one JSON object per step), TensorBoard events, the console,
+Ray custom metrics (dashboard / Prometheus) when Ray is up, and W&B / MLflow when ``tracking.*`` enables them."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from opd.config import TrackingConfig
 from opd.monitor.ray_metrics import RayMetricsSink
+from opd.monitor.tracking import Trackers
 
 CONSOLE_KEYS = (("reward", "reward"), ("accuracy", "acc"), ("teacher_kl", "kl"), ("entropy", "ent"), ("step_seconds", "s/step"))
 
@@ -19,6 +21,9 @@ class MetricsLogger:
     def __init__(
         self, run_dir: Path, total_steps: int, start_step: int = 0, progress: bool = True, job: str = "run",
         shared_ray: bool = False,  # Ray outlives this driver (a cluster): flush its metrics export on close
+        tracking: TrackingConfig | None = None,  # W&B / MLflow sinks, when enabled there
+        config: dict | None = None,  # the run's config dump: W&B config, MLflow params
+        run_name: str | None = None,  # the tracker run's display name (default: the job name)
     ):
         from torch.utils.tensorboard import SummaryWriter
 
@@ -28,6 +33,13 @@ class MetricsLogger:
         self.ray = RayMetricsSink(job, flush_on_close=shared_ray)
         if start_step:
             self._truncate_after(start_step)
+        # Started last, so a tracker that fails to start (a ConfigError) leaves nothing else half-open.
+        try:
+            self.trackers = Trackers.open(tracking, run_dir, run_name=run_name or job, config=config,
+                                          resume=start_step > 0)
+        except BaseException:
+            self._close_local()
+            raise
 
     def _truncate_after(self, step: int) -> None:
         # On resume, drop lines of steps that ran after the checkpoint so the log has each step exactly once.
@@ -47,11 +59,16 @@ class MetricsLogger:
             if isinstance(value, int | float) and math.isfinite(value):
                 self.tb.add_scalar(key, value, step)
         self.ray.log(step, metrics)
+        self.trackers.log(step, metrics)
         shown = {label: f"{metrics[k]:.3g}" for k, label in CONSOLE_KEYS if k in metrics and metrics[k] is not None}
         self.bar.set_postfix(shown, refresh=False)
         self.bar.update(1)
 
     def close(self) -> None:
+        self.trackers.close()
+        self._close_local()
+
+    def _close_local(self) -> None:
         self.bar.close()
         self.tb.flush()
         self.tb.close()

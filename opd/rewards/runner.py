@@ -9,7 +9,8 @@ Conventions:
 
 * the total reward of a row is ``sum(weight_v * score_v)`` over verifiers;
 * the FIRST verifier is the correctness check: ``correct[i]`` is ``score_0[i] >= success_threshold``;
-* a verifier that fails on a row (raised, timed out, wrong-length list, None/non-finite/non-number) scores 0.0 there
+* a verifier that fails on a row (raised, timed out, wrong-length list, None/non-finite/non-number, or an
+  ``Exception`` instance in place of that row's score) scores 0.0 there
   and the reason is recorded in ``Rewards.failures[uid]`` as ``"name: reason"`` (several joined with ``"; "``).
 """
 
@@ -259,6 +260,8 @@ def _bad_value(value: object) -> str | None:
     """Why a single returned value is not a usable score, or None when it is."""
     if value is None:
         return "returned None"
+    if isinstance(value, Exception):  # a verifier's per-row error (e.g. math_answer on a gold it cannot parse)
+        return f"{type(value).__name__}: {value}"
     if not isinstance(value, numbers.Real):
         return f"returned non-number {value!r} ({type(value).__name__})"
     if not math.isfinite(float(value)):
