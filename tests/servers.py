@@ -12,8 +12,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import requests
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -65,3 +70,77 @@ def group_alive(pgid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+# ---- the teacher server the teacher tests share (the fixture is in teacher_fixture.py) and a flaky proxy ----
+
+TEACHER_TOKEN_ENV = "OPD_TEST_TEACHER_TOKEN"
+TEACHER_MAX_BODY = 200_000
+TEACHER_MAX_LEN = 64
+
+
+class FlakyProxy:
+    """A real HTTP server on 127.0.0.1 in front of ``target`` that a test switches, on one fixed port, between
+    ``"forward"`` (pass requests through), ``"503"`` (answer 503 itself) and ``"refuse"`` (listening socket closed:
+    connection refused), counting the requests it saw in each mode.
+
+        with FlakyProxy(url) as proxy: proxy.set("refuse"); ...; proxy.set("forward")
+    """
+
+    def __init__(self, target: str | None = None, mode: str = "forward"):
+        self.target, self.mode = target, "refuse"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self.set(mode)
+
+    def set(self, mode: str) -> None:
+        assert mode in ("forward", "503", "refuse"), mode
+        with self._lock:
+            self.mode = mode
+            if mode == "refuse" and self._server is not None:
+                self._server.shutdown()
+                self._server.server_close()
+                self._server = None
+            elif mode != "refuse" and self._server is None:
+                self._server = ThreadingHTTPServer(("127.0.0.1", self.port), _proxy_handler(self))
+                self._server.daemon_threads = True
+                threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def count(self, mode: str) -> None:
+        with self._lock:
+            self.counts[mode] += 1
+
+    def __enter__(self) -> FlakyProxy:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.set("refuse")
+
+
+def _proxy_handler(proxy: FlakyProxy) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def _serve(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            mode = proxy.mode
+            proxy.count(mode)
+            if mode == "forward" and proxy.target:
+                keep = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type")}
+                r = requests.request(self.command, proxy.target + self.path, data=body or None, headers=keep, timeout=120)
+                status, payload = r.status_code, r.content
+            else:
+                status, payload = 503, b'{"detail": "proxy: teacher temporarily unavailable"}'
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        do_GET = do_POST = _serve
+
+        def log_message(self, *args) -> None:
+            pass  # keep test output clean
+
+    return Handler

@@ -6,10 +6,23 @@ Shared by the server (``opd.teacher.server``, which publishes them as its OpenAP
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 # Pydantic schema errors answer 422 (FastAPI's default); everything below answers 400 with the message naming the
 # field and row, because the request was well-formed JSON of the right shape but cannot be served by this model.
+
+
+def _json_integer(v: object) -> object:
+    """JSON Schema's "integer" (what ``/openapi.json`` promises): a number without a fractional part, 3 or 3.0. Not
+    ``true`` or ``"3"``, which pydantic's lax mode would otherwise read as ints (schemathesis caught ``true``)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ValueError("must be a JSON integer")
+    return v
+
+
+Int = Annotated[int, BeforeValidator(_json_integer)]
 
 
 class _Record(BaseModel):
@@ -25,13 +38,13 @@ class _Reply(BaseModel):
 
 
 class Sequence(_Record):
-    token_ids: list[int] = Field(description="prompt + response token ids of one sample")
-    response_start: int = Field(ge=1, description="index of the first response token (= prompt length, >= 1)")
+    token_ids: list[Int] = Field(description="prompt + response token ids of one sample")
+    response_start: Int = Field(ge=1, description="index of the first response token (= prompt length, >= 1)")
 
 
 class ScoreRequest(_Record):
     sequences: list[Sequence]
-    top_k: int = Field(0, ge=0, description="also return the teacher's top-k (ids, logprobs) per response token")
+    top_k: Int = Field(0, ge=0, description="also return the teacher's top-k (ids, logprobs) per response token")
 
 
 class SequenceScore(_Reply):
@@ -45,8 +58,8 @@ class ScoreResponse(_Reply):
 
 
 class GenerateRequest(_Record):
-    prompts: list[list[int]] = Field(description="prompt token ids, one list per prompt")
-    max_tokens: int = Field(ge=1, description="new tokens per prompt (greedy decoding)")
+    prompts: list[list[Int]] = Field(description="prompt token ids, one list per prompt")
+    max_tokens: Int = Field(ge=1, description="new tokens per prompt (greedy decoding)")
 
 
 class GenerateResponse(_Reply):
@@ -54,8 +67,8 @@ class GenerateResponse(_Reply):
 
 
 class RewardRequest(_Record):
-    prompts: list[list[int]] = Field(description="prompt token ids, one list per completion")
-    completions: list[list[int]] = Field(description="completion token ids (non-empty), aligned with prompts")
+    prompts: list[list[Int]] = Field(description="prompt token ids, one list per completion")
+    completions: list[list[Int]] = Field(description="completion token ids (non-empty), aligned with prompts")
 
 
 class RewardResponse(_Reply):
@@ -102,7 +115,10 @@ def check_score(req: ScoreRequest, vocab_size: int, max_model_len: int, max_logp
 
 
 def check_generate(req: GenerateRequest, vocab_size: int, max_model_len: int) -> list[str]:
-    return check_token_rows("prompts[{}]", req.prompts, vocab_size, max_model_len - 1)
+    problems = check_token_rows("prompts[{}]", req.prompts, vocab_size, max_model_len - 1)
+    if req.max_tokens > max_model_len:  # the engine stops at max_model_len anyway; a bigger ask is a client bug
+        problems.append(f"max_tokens: {req.max_tokens} exceeds this server's max model length ({max_model_len})")
+    return problems
 
 
 def check_reward(req: RewardRequest, vocab_size: int, max_model_len: int) -> list[str]:
@@ -114,3 +130,25 @@ def check_reward(req: RewardRequest, vocab_size: int, max_model_len: int) -> lis
         if p and c and len(p) + len(c) > max_model_len - 1:
             problems.append(f"completions[{i}]: prompt + completion is {len(p) + len(c)} tokens, more than {max_model_len - 1}")
     return problems
+
+
+def publish_limits(schema: dict, vocab_size: int, max_model_len: int, max_logprobs: int) -> dict:
+    """The OpenAPI ``schema`` of these records, tightened in place with one server's limits (the checks above), so a
+    client or fuzzer reading ``/openapi.json`` sees which ids, lengths and ``top_k`` this server takes. Limits that
+    span fields (``response_start`` <= sequence length, prompt + completion length) stay in the checks alone."""
+    models = schema.get("components", {}).get("schemas", {})
+    row = {"type": "array", "minItems": 1, "maxItems": max_model_len - 1,
+           "items": {"type": "integer", "minimum": 0, "maximum": vocab_size - 1}}
+
+    def tighten(model: str, field: str, **limits) -> None:
+        if model in models:
+            models[model]["properties"][field].update(limits)
+
+    tighten("Sequence", "token_ids", **row)
+    tighten("Sequence", "response_start", maximum=max_model_len - 1)
+    tighten("ScoreRequest", "top_k", maximum=max_logprobs)
+    tighten("GenerateRequest", "prompts", items=row)
+    tighten("GenerateRequest", "max_tokens", maximum=max_model_len)
+    tighten("RewardRequest", "prompts", items=row)
+    tighten("RewardRequest", "completions", items=row)
+    return schema

@@ -1,15 +1,18 @@
 """``HTTPTeacher``: the teacher protocol over HTTP, against ``opd serve-teacher`` or any server speaking its JSON.
 
-    teacher = HTTPTeacher("http://127.0.0.1:8000", token=os.environ.get("OPD_TEACHER_TOKEN"))
+    teacher = HTTPTeacher("http://127.0.0.1:8000", token=os.environ.get("OPD_TEACHER_TOKEN"), retry_deadline_s=300)
     scores = teacher.score(samples, top_k=0)      # the same TeacherScores a local VLLMTeacher returns
 
-Connection errors, timeouts and 5xx answers are retried with exponential back-off (scoring is idempotent); a 4xx
-answer is the caller's mistake and fails at once with the server's message. Used by the pipeline as the teacher
-actor when ``teacher.url`` is set.
+Connection errors, timeouts, 5xx, 408 and 429 answers are retried (scoring is idempotent) with capped, jittered
+exponential back-off until ``retry_deadline_s`` has passed since the request started; then ``TeacherServerError``
+names the URL, how long it tried and the last error. Any other 4xx is the caller's mistake and fails at once with the
+server's message. Used by the pipeline as the teacher actor when ``teacher.url`` is set (``teacher.retry_deadline_s``).
 """
 
 from __future__ import annotations
 
+import logging
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,9 +22,15 @@ from opd.teacher.api import GenerateResponse, Health, ScoreResponse
 from opd.teacher.scorer import scores_from_rows
 from opd.types import Sample, TeacherScores
 
+log = logging.getLogger(__name__)
+# The server (or a proxy in front of it) is restarting, overloaded or gone for now: worth another try. ChunkedEncoding
+# covers a connection cut mid-reply.
+RETRY_ERRORS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+RETRY_STATUS = (408, 429)
+
 
 class TeacherServerError(RuntimeError):
-    """The teacher server refused a request (4xx) or stayed unreachable after every retry; names the URL."""
+    """The teacher server refused a request (4xx) or stayed unreachable until the retry deadline; names the URL."""
 
 
 class HTTPTeacher:
@@ -31,14 +40,16 @@ class HTTPTeacher:
         token: str | None = None,
         *,
         timeout_s: float = 60.0,
-        retries: int = 4,
+        retry_deadline_s: float = 300.0,
         backoff_s: float = 0.5,
+        max_backoff_s: float = 15.0,
         sequences_per_request: int = 64,
         parallel_requests: int = 4,
     ):
         self.url = url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
+        self.timeout_s, self.retry_deadline_s = timeout_s, retry_deadline_s
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.sequences_per_request = sequences_per_request
         # Concurrent requests let the server's @serve.batch merge them and spread them over its replicas.
         self.pool = ThreadPoolExecutor(max_workers=parallel_requests, thread_name_prefix="teacher-http")
@@ -67,26 +78,42 @@ class HTTPTeacher:
 
     def _request(self, method: str, path: str, body: dict | None = None) -> dict:
         where = f"teacher server {self.url}{path}"
-        why = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+        start = time.monotonic()
+        deadline = start + self.retry_deadline_s
+        attempt = 0
+        while True:
+            attempt += 1
+            # Connecting never waits past the deadline (a black-holed host); a slow reply gets the full timeout.
+            connect_s = min(self.timeout_s, max(deadline - time.monotonic(), 0.5))
             try:
-                r = requests.request(method, self.url + path, json=body, headers=self.headers, timeout=self.timeout_s)
-            except (requests.ConnectionError, requests.Timeout) as e:
+                r = requests.request(method, self.url + path, json=body, headers=self.headers,
+                                     timeout=(connect_s, self.timeout_s))
+                if r.status_code < 400:
+                    return r.json()
+                if r.status_code < 500 and r.status_code not in RETRY_STATUS:
+                    raise TeacherServerError(f"{where} refused the request: HTTP {r.status_code}: {_detail(r)}")
+                why = f"HTTP {r.status_code}: {_detail(r)}"
+            except RETRY_ERRORS as e:
                 why = f"{type(e).__name__}: {e}"
-                continue
-            if r.status_code >= 500:
-                why = f"HTTP {r.status_code}: {r.text[:300]}"
-                continue
-            if r.status_code >= 400:
-                raise TeacherServerError(f"{where} refused the request: HTTP {r.status_code}: {_detail(r)}")
-            return r.json()
-        raise TeacherServerError(f"{where} unreachable after {self.retries + 1} attempts; last error: {why}")
+            except requests.JSONDecodeError as e:  # a 2xx that is not JSON: a proxy's page, or a reply cut short
+                why = f"reply is not JSON ({e}): {r.text[:200]!r}"
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TeacherServerError(
+                    f"{where} unreachable: gave up after {time.monotonic() - start:.1f} s and {attempt} attempts "
+                    f"(retry deadline {self.retry_deadline_s:g} s, teacher.retry_deadline_s); last error: {why}"
+                )
+            # Capped exponential back-off with jitter, so many clients of one restarting server do not return in step;
+            # the last pause is cut short so one more attempt lands right at the deadline.
+            pause = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+            pause = min(pause, left)
+            log.warning("%s: attempt %d failed (%s); retrying in %.2f s (%.0f s left before giving up)",
+                        where, attempt, why, pause, left)
+            time.sleep(pause)
 
 
 def _detail(r: requests.Response) -> str:
     try:
         return str(r.json().get("detail", r.text))[:500]
-    except ValueError:
+    except (ValueError, AttributeError):
         return r.text[:500]

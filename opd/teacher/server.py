@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import os
 import signal
 import threading
@@ -72,7 +73,7 @@ class Guard:
                 return await _reply(send, 401, "missing or wrong bearer token (Authorization: Bearer TOKEN)",
                                     [(b"www-authenticate", b"Bearer")])
         declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
+        if declared.isascii() and declared.isdigit() and int(declared) > self.max_body_bytes:  # not "²": isdigit()
             return await _reply(send, 413, f"request body of {declared} bytes exceeds the limit of {self.max_body_bytes}")
         chunks, size = [], 0
         while True:
@@ -86,6 +87,10 @@ class Guard:
             if not message.get("more_body", False):
                 break
         body, replayed = b"".join(chunks), False
+        try:  # JSON between systems is UTF-8 (RFC 8259); say so rather than FastAPI's "error parsing the body"
+            body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return await _reply(send, 400, f"request body is not UTF-8: byte {e.start} ({body[e.start:e.start + 1]!r})")
 
         async def replay():
             nonlocal replayed
@@ -110,7 +115,19 @@ async def _validation_error(request, exc: RequestValidationError) -> JSONRespons
     if bad_json:
         why = bad_json[0].get("ctx", {}).get("error", "JSON decode error")
         return JSONResponse(status_code=400, content={"detail": f"malformed JSON body: {why}"})
-    return JSONResponse(status_code=422, content={"detail": jsonable_encoder(exc.errors())})
+    return JSONResponse(status_code=422, content={"detail": _json_safe(jsonable_encoder(exc.errors()))})
+
+
+def _json_safe(x):
+    """Python's JSON parser takes NaN/Infinity (and 1e400 as inf); echoed back in a 422 they would make the reply
+    itself invalid JSON (a 500), so they are echoed as strings."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_json_safe(v) for v in x]
+    return x
 
 
 def _refuse(problems: list[str]) -> None:
@@ -174,8 +191,25 @@ def build_app(server: TeacherServer) -> FastAPI:
     )
     app.add_middleware(Guard, token=s.token, max_body_bytes=s.max_body_bytes)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    errors = {400: {"description": "a field names tokens this model cannot take"}, 401: {"description": "bad token"},
-              413: {"description": "body too large"}}
+    errors = {400: {"description": "malformed or non-UTF-8 JSON, or a request this model cannot take (the message names "
+                         "the field and row)"},
+              401: {"description": "missing or wrong bearer token"}, 413: {"description": "body too large"}}
+    base_openapi = app.openapi
+
+    def openapi() -> dict:
+        # Served from cache after the first call; published once with this replica's limits and the auth scheme.
+        fresh = app.openapi_schema is None
+        schema = base_openapi()
+        if fresh:
+            api.publish_limits(schema, server.vocab_size, server.max_model_len, s.max_logprobs)
+            if s.token:
+                schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+                for path, ops in schema["paths"].items():
+                    for op in ops.values():
+                        op["security"] = [] if path in OPEN_PATHS else [{"bearer": []}]
+        return schema
+
+    app.openapi = openapi
 
     @app.get("/health", response_model=api.Health)
     async def health() -> api.Health:
