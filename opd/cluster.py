@@ -17,11 +17,13 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from opd.config import Config
 from opd.plan import objective_spec
 from opd.rewards import VerifierRunner, VerifierSpec
+from opd.rollout.pool import RolloutPool
 from opd.rollout.worker import RolloutWorker
 from opd.teacher.http import HTTPTeacher
 from opd.teacher.multi import DEFAULT, Teachers
 from opd.teacher.scorer import VLLMTeacher
 from opd.trainer.learner import Learner
+from opd.trainer.lora import LoraSpec
 
 # vLLM runs in-process inside each actor (no extra engine-core process), quietly. The engines run eager; the one
 # op vLLM still torch.compiles (logprob ranks) would cost every fresh actor an inductor build on its first call.
@@ -47,6 +49,11 @@ class Roles:
     verifiers: VerifierRunner
     learner_group: LearnerGroup | None = None  # every rank, for stop_roles
 
+    def __post_init__(self):
+        # A bare list (``opd eval``, tests) becomes a pool that cannot restart; start_roles builds one that can.
+        if not isinstance(self.rollout, RolloutPool):
+            self.rollout = RolloutPool(list(self.rollout))
+
 
 def init_ray(cfg: Config) -> None:
     if ray.is_initialized():
@@ -71,15 +78,9 @@ def start_roles(cfg: Config) -> Roles:
     # The learners' placement group first: it reserves the ranks' CPUs (one per node with STRICT_SPREAD) before the
     # engines, which schedule anywhere, can take them.
     learners = start_learners(cfg)
-    rollout = [
-        ray.remote(RolloutWorker)
-        .options(name=f"{name}/rollout-{i}", num_cpus=1, max_concurrency=1)
-        .remote(
-            cfg.models.student, seed=cfg.run.seed + i, max_model_len=cfg.rollout.max_model_len,
-            kv_cache_gib=cfg.rollout.kv_cache_gib, dtype=cfg.models.dtype, worker_id=i,
-        )
-        for i in range(cfg.rollout.num_workers)
-    ]
+    start = lambda i: start_rollout_worker(cfg, i)  # noqa: E731
+    rollout = RolloutPool([start(i) for i in range(cfg.rollout.num_workers)], start, cfg.rollout.max_restarts,
+                          cfg.cluster.start_timeout_s)
     teacher = start_teachers(cfg, prefix=f"{name}/") if cfg.needs_teacher else None
     verifiers = start_verifiers(cfg)
     # Surface engine start-up failures here, not at the first step, and an actor the cluster cannot place as an
@@ -87,6 +88,21 @@ def start_roles(cfg: Config) -> Roles:
     _wait_placed(rollout + (list(teacher.actors.values()) if teacher else []) + learners.ranks, cfg.cluster.start_timeout_s)
     connect_learners(learners, cfg.trainer.dist_backend)
     return Roles(rollout, teacher, learners.ranks[0], verifiers, learners)
+
+
+def start_rollout_worker(cfg: Config, i: int):
+    """Rollout worker ``i`` (``<run>/rollout-<i>``); the pool calls this again, same options and name, to replace a
+    dead one."""
+    name = cfg.run.name
+    return (
+        ray.remote(RolloutWorker)
+        .options(name=f"{name}/rollout-{i}", num_cpus=1, max_concurrency=1)
+        .remote(
+            cfg.models.student, seed=cfg.run.seed + i, max_model_len=cfg.rollout.max_model_len,
+            kv_cache_gib=cfg.rollout.kv_cache_gib, dtype=cfg.models.dtype, worker_id=i, lora_rank=cfg.lora.r,
+            engine=cfg.rollout.engine,
+        )
+    )
 
 
 def start_verifiers(cfg: Config) -> VerifierRunner:
@@ -101,14 +117,14 @@ def start_learners(cfg: Config) -> LearnerGroup:
     over nodes as ``trainer.placement_strategy`` says. Every rank loads the student (and the reference model or
     self-teacher its objective needs): the ranks must hold identical copies. Call ``connect_learners`` once they run.
     """
-    t = cfg.trainer
+    t, lc = cfg.trainer, cfg.lora
 
     def rank(r: int, **opts):
         return ray.remote(Learner).options(name=f"{cfg.run.name}/learner-{r}", num_cpus=1, **opts).remote(
             cfg.models.student, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
             grad_clip=t.grad_clip, micro_batch_size=t.micro_batch_size, torch_threads=t.torch_threads,
             seed=cfg.run.seed, objective=objective_spec(cfg), reference_dir=cfg.exopd.reference,
-            teacher_dir=cfg.models.teacher,
+            teacher_dir=cfg.models.teacher, lora=LoraSpec(lc.r, lc.alpha, lc.dropout, tuple(lc.target_modules)),
         )
 
     if t.num_ranks == 1:
@@ -170,7 +186,9 @@ def start_teachers(cfg: Config, prefix: str | None = None, max_logprobs: int | N
     t = cfg.teacher
     if t.url:
         token = os.environ.get(t.token_env) if t.token_env else None
-        default = ray.remote(HTTPTeacher).options(num_cpus=0, **opts(DEFAULT)).remote(t.url, token, timeout_s=t.timeout_s)
+        default = ray.remote(HTTPTeacher).options(num_cpus=0, **opts(DEFAULT)).remote(
+            t.url, token, timeout_s=t.timeout_s, retry_deadline_s=t.retry_deadline_s
+        )
     else:
         default = _local_teacher(cfg, cfg.models.teacher, opts(DEFAULT), max_logprobs)
     others = {n: _local_teacher(cfg, d, opts(n), max_logprobs) for n, d in cfg.models.teachers.items()}
@@ -180,7 +198,7 @@ def start_teachers(cfg: Config, prefix: str | None = None, max_logprobs: int | N
 def _local_teacher(cfg: Config, model_dir: str, opts: dict, max_logprobs: int | None):
     return ray.remote(VLLMTeacher).options(num_cpus=1, **opts).remote(
         model_dir, seed=cfg.run.seed, max_model_len=cfg.rollout.max_model_len, kv_cache_gib=cfg.rollout.kv_cache_gib,
-        dtype=cfg.models.dtype, max_logprobs=max_logprobs or cfg.teacher.max_logprobs,
+        dtype=cfg.models.dtype, max_logprobs=max_logprobs or cfg.teacher.max_logprobs, engine=cfg.rollout.engine,
     )
 
 

@@ -30,6 +30,7 @@ class RunConfig(_Section):
     name: str = "run"
     output_dir: str = "runs/run"  # metrics, TensorBoard events, checkpoints, summary
     seed: int = 0
+    log_samples: bool = False  # one JSON line per trained sample in RUN_DIR/samples.jsonl (a rollout dump)
 
 
 class ClusterConfig(_Section):
@@ -122,6 +123,7 @@ class RolloutConfig(_Section):
     kv_cache_gib: float = Field(1.0, gt=0)
     probe_tolerance: float = Field(1e-3, gt=0)  # max |logprob diff| between learner and engine after a sync
     max_staleness: int = Field(0, ge=0)  # 0: synchronous; k: generation runs up to k steps ahead of the learner
+    max_restarts: int = Field(3, ge=0)  # dead rollout workers replaced per run before the job fails
     engine: Literal["vllm", "hf"] = "vllm"  # hf: transformers generate (CPU runs, tests); vllm is the production path
 
 
@@ -241,6 +243,13 @@ class Config(_Section):
         if self.trainer.num_ranks > 1 and self.trainer.placement_strategy == "STRICT_SPREAD" and not self.cluster.address:
             raise ValueError("trainer.placement_strategy=STRICT_SPREAD puts each learner rank on its own node; an embedded "
                              "local Ray has one node (set cluster.address, or use PACK / SPREAD)")
+        if self.lora.r > 0 and self.rollout.engine != "vllm":
+            raise ValueError(f"lora.r={self.lora.r}: LoRA adapters are served by the vLLM engine only; set "
+                             f"rollout.engine=vllm or lora.r=0 (got rollout.engine={self.rollout.engine!r})")
+        if self.lora.r > 512:
+            raise ValueError(f"lora.r={self.lora.r} exceeds vLLM's largest max_lora_rank (512)")
+        if self.lora.r > 0 and not self.lora.target_modules:
+            raise ValueError("lora.target_modules is empty: name the modules that get an adapter (e.g. q_proj, v_proj)")
         if self.algorithm == "grpo" and self.rollout.group_size < 2:
             raise ValueError("algorithm=grpo needs rollout.group_size >= 2 (a group of one has zero relative advantage)")
         return self

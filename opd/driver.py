@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -25,13 +26,13 @@ from opd.data import Cursor, PromptSource, render_prompts
 from opd.monitor.sinks import MetricsLogger
 from opd.plan import route_plan
 from opd.rollout.stream import RolloutStream, load_in_flight
-from opd.steps import evaluate, step_metrics, sync_weights, verify_and_score, warm_up_verifiers
+from opd.steps import ChunkScorer, evaluate, step_metrics, sync_weights, verify_and_score, warm_up_verifiers
 from opd.tasks.arithmetic import build_dataset
 from opd.tasks.files import load_rows
 from opd.teacher.multi import DEFAULT, unknown_teacher_rows
 from opd.teacher.preflight import TokenizerMismatch, check_tokenizers
 from opd.trainer.routing import route
-from opd.types import Prompt
+from opd.types import Prompt, Rewards, RolloutBatch, TrainBatch
 
 logger = logging.getLogger(__name__)
 
@@ -166,30 +167,73 @@ def _renderer(tok):
     return render
 
 
+class SampleLog:
+    """``RUN_DIR/samples.jsonl``: one line per sample of every trained step (``run.log_samples``), for audits of what
+    was trained: every step's ids, each exactly once across a resume (lines of steps after the checkpoint are
+    dropped when the run resumes, as metrics.jsonl's are)."""
+
+    def __init__(self, run_dir: Path, start_step: int, enabled: bool):
+        self.path = run_dir / "samples.jsonl" if enabled else None
+        if self.path is not None and self.path.exists():
+            kept = [ln for ln in self.path.read_text().splitlines() if (s := _line_step(ln)) is not None and s < start_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            os.replace(tmp, self.path)
+
+    def log(self, step: int, rollouts: RolloutBatch, rewards: Rewards, batch: TrainBatch | None) -> None:
+        if self.path is None:
+            return
+        routed = set(batch.uids) if batch else set()
+        rows = [
+            {"step": step, "uid": s.uid, "prompt_id": s.prompt.prompt_id, "weight_version": s.weight_version,
+             "reward": rewards.rewards[i], "correct": rewards.correct[i], "failure": rewards.failures.get(s.uid),
+             "trained": s.uid in routed, "finish_reason": s.finish_reason, "response": s.response_text}
+            for i, s in enumerate(rollouts.samples)
+        ]
+        with self.path.open("a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _line_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):  # a torn last line of a killed driver: a step after the checkpoint
+        return None
+
+
 def train(cfg: Config, job: Job, roles: Roles, progress: bool = True) -> dict:
     wall0 = time.perf_counter()
     st = _restore(job, roles)
+    # First, so a tracker that cannot start fails the job before minutes of evaluation.
+    log = MetricsLogger(job.run_dir, cfg.trainer.total_steps, st.step, progress, job=cfg.run.name,
+                        shared_ray=cfg.cluster.address is not None, tracking=cfg.tracking,
+                        config=cfg.model_dump(mode="json"), run_name=cfg.run.name)
     stream = RolloutStream(roles.rollout, PromptSource(job.train, cfg.run.seed, st.cursor), cfg.rollout, cfg.run.seed,
-                           load_in_flight(job.checkpoint))
+                           load_in_flight(job.checkpoint), scorer=ChunkScorer(roles, cfg))
     st.version, _ = sync_weights(roles, job.probe_ids, cfg.rollout.probe_tolerance)
     warm_up_verifiers(roles, job.test[0])
     if st.accuracy_before is None:
         st.accuracy_before = evaluate(roles, job.test, cfg, who="student")
         st.teacher_accuracy = evaluate(roles, job.test, cfg, who="teacher") if roles.teacher else None
-    log = MetricsLogger(job.run_dir, cfg.trainer.total_steps, st.step, progress, job=cfg.run.name,
-                        shared_ray=cfg.cluster.address is not None)
     plan = route_plan(cfg)
+    samples_log = SampleLog(job.run_dir, st.step, cfg.run.log_samples)
     for step in range(st.step, cfg.trainer.total_steps):
         t0 = time.perf_counter()
-        rollouts = stream.take(step, cfg.trainer.total_steps)  # with max_staleness > 0 the next batches start here
-        rewards, scores = verify_and_score(roles, rollouts, cfg)
+        # With max_staleness > 0 the next batches start here and come back scored (verified and teacher-scored while
+        # the learner trained); a synchronous batch is scored now.
+        taken = stream.take(step, cfg.trainer.total_steps)
+        rollouts, rewards, scores = taken.batch, taken.rewards, taken.scores
+        if rewards is None:
+            rewards, scores = verify_and_score(roles, rollouts, cfg)
         batch = route(rollouts, rewards, scores, plan, job.render)
         stats = ray.get(roles.learner.train_step.remote(batch)) if batch else {"update_skipped": 1.0}
         stats["sample_staleness"] = float(st.version - rollouts.weight_version)
         st.version, probe_diff = sync_weights(roles, job.probe_ids, cfg.rollout.probe_tolerance)
+        stats["rollout_worker_restarts"] = float(roles.rollout.restarts)  # replacements so far in this driver process
         st.step, st.cursor, st.consumed = step + 1, stream.data.cursor, st.consumed + len(rollouts.samples)
         if cfg.eval.every and st.step % cfg.eval.every == 0:
             stats["eval_accuracy"] = evaluate(roles, job.test, cfg, who="student")
+        samples_log.log(step, rollouts, rewards, batch)
         log.log(step, step_metrics(rollouts, rewards, scores, stats, probe_diff, st.version, time.perf_counter() - t0))
         if st.step == cfg.trainer.total_steps or (cfg.checkpoint.every and st.step % cfg.checkpoint.every == 0):
             _save(cfg, job, roles, st, stream)

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 import ray
 
 from opd.cluster import Roles
 from opd.config import Config
 from opd.rollout.stream import launch, split_even
+from opd.teacher.multi import teacher_name
 from opd.trainer.routing import teacher_reverse_kl
 from opd.types import Prompt, Rewards, RolloutBatch, Sample, TeacherScores
 
 log = logging.getLogger("opd.steps")
+
+# The verifier hosts are shared by the process; an asynchronous stream verifies on its own thread while the driver
+# may evaluate, and a host replaced by one caller must not be replaced again by the other.
+_VERIFIER_LOCK = threading.Lock()
 
 
 def sample(roles: Roles, draws: list[tuple[Prompt, int]], step: int, cfg: Config) -> RolloutBatch:
@@ -23,7 +29,8 @@ def sample(roles: Roles, draws: list[tuple[Prompt, int]], step: int, cfg: Config
 def _score(roles: Roles, uids: list[str], prompts: list[Prompt], texts: list[str]) -> Rewards:
     """Verifiers get the dataset's prompt column and every other column as TRL-style keyword lists."""
     columns = {k: [p.columns[k] for p in prompts] for k in prompts[0].columns if k != "prompt"}
-    return roles.verifiers.score(uids, [p.columns["prompt"] for p in prompts], texts, columns)
+    with _VERIFIER_LOCK:
+        return roles.verifiers.score(uids, [p.columns["prompt"] for p in prompts], texts, columns)
 
 
 def _verify(roles: Roles, samples: list[Sample]) -> Rewards:
@@ -39,14 +46,85 @@ def verify_and_score(roles: Roles, rollouts: RolloutBatch, cfg: Config) -> tuple
     return rewards, scores
 
 
-def sync_weights(roles: Roles, probe_ids: list[int], tolerance: float) -> tuple[int, float]:
-    """Publish the learner's weights to every rollout worker; each verifies them with the probe sequence."""
-    version, expected, blob = ray.get(
-        [roles.learner.version_number.remote(), roles.learner.probe_logprobs.remote(probe_ids), roles.learner.export_weights.remote()]
+class ChunkScorer:
+    """Scores a batch launched ahead chunk by chunk (one chunk per rollout worker), off the driver's main thread.
+
+    ``chain`` runs when a chunk is issued: a chunk whose rows all go to one teacher is handed to that teacher actor
+    as the generation's ObjectRef, so scoring starts the moment generation ends. ``chunk`` runs on the stream's
+    thread as each chunk arrives: it verifies the chunk (and starts the teacher on a chunk of mixed teachers)."""
+
+    def __init__(self, roles: Roles, cfg: Config):
+        self.roles, self.top_k = roles, cfg.teacher.top_k
+
+    def chain(self, draws: list[tuple[Prompt, int]], samples_ref):
+        teachers = self.roles.teacher
+        names = {teacher_name(p, teachers.column) for p, _ in draws} if teachers else set()
+        return teachers.actors[names.pop()].score.remote(samples_ref, self.top_k) if len(names) == 1 else None
+
+    def chunk(self, samples: list[Sample], teacher_ref) -> tuple[Rewards, object]:
+        if self.roles.teacher is None:
+            collect = None
+        elif teacher_ref is not None:
+            collect = lambda: ray.get(teacher_ref)  # noqa: E731
+        else:
+            collect = self.roles.teacher.score(samples, self.top_k)
+        rewards = _verify(self.roles, samples)
+        rewards.validate(samples)
+        return rewards, collect
+
+    def merge(self, samples: list[Sample], parts: list[tuple[Rewards, object]]) -> tuple[Rewards, TeacherScores | None]:
+        rewards = merge_rewards([r for r, _ in parts])
+        rewards.validate(samples)
+        if self.roles.teacher is None:
+            return rewards, None
+        scores = merge_scores([collect() for _, collect in parts])
+        scores.validate(samples)
+        return rewards, scores
+
+
+def merge_rewards(parts: list[Rewards]) -> Rewards:
+    """Chunks' rewards as one record in batch order (verifier seconds add up: the chunks ran one after another)."""
+    if len(parts) == 1:
+        return parts[0]
+    names = list(parts[0].per_verifier)
+    return Rewards(
+        uids=[u for p in parts for u in p.uids], rewards=[x for p in parts for x in p.rewards],
+        correct=[x for p in parts for x in p.correct],
+        per_verifier={n: [x for p in parts for x in p.per_verifier[n]] for n in names},
+        failures={u: why for p in parts for u, why in p.failures.items()},
+        verify_seconds=sum(p.verify_seconds for p in parts),
     )
-    blob_ref = ray.put(blob)
-    diffs = ray.get([w.load_weights.remote(blob_ref, version, probe_ids, expected, tolerance) for w in roles.rollout])
-    return version, max(diffs)
+
+
+def merge_scores(parts: list[TeacherScores]) -> TeacherScores:
+    if len(parts) == 1:
+        return parts[0]
+    topk = parts[0].topk_ids is not None
+    return TeacherScores(
+        uids=[u for p in parts for u in p.uids], logprobs=[x for p in parts for x in p.logprobs],
+        topk_ids=[x for p in parts for x in p.topk_ids] if topk else None,
+        topk_logprobs=[x for p in parts for x in p.topk_logprobs] if topk else None,
+        score_seconds=sum(p.score_seconds for p in parts),
+    )
+
+
+def sync_weights(roles: Roles, probe_ids: list[int], tolerance: float) -> tuple[int, float]:
+    """Publish the learner's weights to every rollout worker; each verifies them with the probe sequence.
+
+    A LoRA student publishes its adapter's files instead (the engines keep their base weights): the bytes go
+    through the object store, so workers on other nodes need no shared file system."""
+    learner = roles.learner
+    version, expected, lora = ray.get(
+        [learner.version_number.remote(), learner.probe_logprobs.remote(probe_ids), learner.uses_lora.remote()]
+    )
+    if lora:
+        files = ray.put(ray.get(learner.export_adapter.remote()))
+        load = lambda w: w.load_adapter.remote(files, version, probe_ids, expected, tolerance)  # noqa: E731
+    else:
+        blob = ray.put(ray.get(learner.export_weights.remote()))
+        load = lambda w: w.load_weights.remote(blob, version, probe_ids, expected, tolerance)  # noqa: E731
+    # The pool keeps ``load`` while generations launched at this version are owed: a replacement worker replays them.
+    return version, roles.rollout.publish(version, load)
 
 
 def warm_up_verifiers(roles: Roles, prompt: Prompt) -> None:
@@ -61,7 +139,7 @@ def evaluate(roles: Roles, prompts: list[Prompt], cfg: Config, who: str) -> floa
         texts = roles.teacher.generate_greedy(prompts, cfg.eval.max_new_tokens)
     else:
         parts = [c for c in split_even(ids, len(roles.rollout)) if c]
-        outs = ray.get([w.generate_greedy.remote(c, cfg.eval.max_new_tokens) for w, c in zip(roles.rollout, parts, strict=False)])
+        outs = roles.rollout.map(lambda w, c: w.generate_greedy.remote(c, cfg.eval.max_new_tokens), parts)
         texts = [t for part in outs for t in part]
     correct = _verify_all(roles, [f"eval/{p.prompt_id}" for p in prompts], prompts, texts)
     return sum(correct) / len(prompts)

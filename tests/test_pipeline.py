@@ -82,11 +82,17 @@ def test_objective_two_steps(tiny_models, local_ray, tmp_path, name):
 def test_resume_reproduces_uninterrupted_run(opd_run, tiny_models, local_ray, tmp_path):
     ref_dir, _ = opd_run
     out = tmp_path / "opd_resumed"
-    first = run(load_config(None, tiny_overrides(tiny_models, out, **{"trainer.total_steps": 1})), progress=False)
+    mlflow = {"tracking.mlflow": True}  # the file store under the run dir; the resumed driver appends to the same run
+    first = run(load_config(None, tiny_overrides(tiny_models, out, **mlflow, **{"trainer.total_steps": 1})), progress=False)
     assert first["steps"] == 1
-    summary = run(load_config(None, tiny_overrides(tiny_models, out)), resume=True, progress=False)
+    summary = run(load_config(None, tiny_overrides(tiny_models, out, **mlflow)), resume=True, progress=False)
     assert summary["steps"] == 2
     assert [r["step"] for r in _metrics(out)] == [0, 1]  # each step logged exactly once
+    from mlflow.tracking import MlflowClient
+
+    state = json.loads((out / "tracking.json").read_text())["mlflow"]
+    history = MlflowClient(tracking_uri=state["tracking_uri"]).get_metric_history(state["run_id"], "teacher_kl")
+    assert [m.step for m in history] == [0, 1]
     ref = _weights(ref_dir / "checkpoints" / "step_000002" / "model")
     got = _weights(out / "checkpoints" / "step_000002" / "model")
     for k in ref:

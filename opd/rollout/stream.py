@@ -1,24 +1,30 @@
 """The driver's supply of rollout batches, synchronous or running ahead of the learner by a bounded number of steps.
 
-With ``rollout.max_staleness = k > 0`` the rollout workers generate the batches of steps n+1..n+k while the teacher
-scores and the learner trains step n. A worker runs its calls in order, so a weight sync queued after those
-generations reaches the engine after them: every batch is at most k weight versions behind the learner, and the
-policy-gradient objectives correct for it with their truncated importance weight against the sampler's log-probs.
+With ``rollout.max_staleness = k > 0`` the rollout workers generate the batches of steps n+1..n+k while the learner
+trains step n, and each batch launched ahead is scored as it comes in, off the driver's main thread: a worker's
+share (a chunk) goes to the teacher actor as soon as its generation ends (Ray starts the scoring task when the
+samples' ObjectRef resolves), and a background thread runs the verifiers on each chunk as it arrives. A worker runs
+its calls in order, so a weight sync queued after those generations reaches the engine after them: every batch is
+at most k weight versions behind the learner, and the policy-gradient objectives correct for it with their
+truncated importance weight against the sampler's log-probs. Synchronous batches (k = 0) are scored by the driver
+after ``take`` returns, exactly as before.
 
-Batches still in flight at a checkpoint are finished and stored with it, so a resumed run trains on exactly the
-samples the uninterrupted run would have.
+Batches still in flight at a checkpoint are finished, scored and stored with it, so a resumed run trains on exactly
+the samples (and teacher scores) the uninterrupted run would have.
 """
 
 from __future__ import annotations
 
 import pickle
+import threading
 from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
-import ray
-
 from opd.data import PromptSource
-from opd.types import RolloutBatch
+from opd.rollout.pool import Chunk, RolloutPool
+from opd.types import Rewards, RolloutBatch, TeacherScores
 
 IN_FLIGHT_FILE = "in_flight_rollouts.pkl"
 
@@ -34,57 +40,103 @@ def split_even(items: list, parts: int) -> list[list]:
     return out
 
 
+@dataclass
+class Scored:
+    """A step's batch with its verifier rewards and teacher scores; both None while the driver has yet to score it."""
+
+    batch: RolloutBatch
+    rewards: Rewards | None = None
+    scores: TeacherScores | None = None
+
+    @property
+    def step(self) -> int:
+        return self.batch.step
+
+
 class Pending:
-    """One step's generation, launched on the workers and not yet collected."""
+    """One step's generation, launched on the workers and not yet collected (and, with a scorer, being scored)."""
 
-    def __init__(self, step: int, refs: list, group_size: int):
-        self.step, self.refs, self.group_size = step, refs, group_size
+    def __init__(self, step: int, pool: RolloutPool, chunks: list[Chunk], group_size: int, scorer=None):
+        self.step, self.pool, self.chunks, self.group_size, self.scorer = step, pool, chunks, group_size, scorer
+        self.future: Future | None = None
+        if scorer is not None:
+            self.future = Future()
+            threading.Thread(target=self._score, name=f"opd-score-step-{step}", daemon=True).start()
 
-    def result(self) -> RolloutBatch:
-        results = ray.get(self.refs)
-        samples = [s for part, _ in results for s in part]
-        batch = RolloutBatch(self.step, samples, self.group_size, samples[0].weight_version, max(sec for _, sec in results))
+    def _collect(self, each=None) -> RolloutBatch:
+        samples, seconds = [], []
+        for chunk in self.chunks:
+            part, sec, teacher = self.pool.collect(chunk)
+            samples += part
+            seconds.append(sec)
+            if each is not None:
+                each(part, teacher)
+        batch = RolloutBatch(self.step, samples, self.group_size, samples[0].weight_version, max(seconds))
         batch.validate()
         return batch
 
+    def result(self) -> RolloutBatch:
+        return self._collect()
 
-def launch(workers: list, draws: list, step: int, rollout_cfg, seed: int) -> Pending:
+    def _score(self) -> None:
+        try:
+            parts = []  # each chunk verified as it arrives, while later chunks still generate
+            batch = self._collect(lambda samples, teacher: parts.append(self.scorer.chunk(samples, teacher)))
+            rewards, scores = self.scorer.merge(batch.samples, parts)
+            self.future.set_result(Scored(batch, rewards, scores))
+        except BaseException as e:  # noqa: BLE001 - handed to the driver's thread, which raises it
+            self.future.set_exception(e)
+
+    def scored(self) -> Scored:
+        return self.future.result() if self.future is not None else Scored(self.result())
+
+
+def launch(workers: list, draws: list, step: int, rollout_cfg, seed: int, scorer=None) -> Pending:
     r = rollout_cfg
-    chunks = [c for c in split_even(draws, len(workers)) if c]
-    refs = [
-        w.generate.remote(c, n=r.group_size, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_new_tokens, seed=seed)
-        for w, c in zip(workers, chunks, strict=False)
-    ]
-    return Pending(step, refs, r.group_size)
+    pool = workers if isinstance(workers, RolloutPool) else RolloutPool(workers)
+    kwargs = {"n": r.group_size, "temperature": r.temperature, "top_p": r.top_p, "max_tokens": r.max_new_tokens, "seed": seed}
+    chain = scorer.chain if scorer is not None else None
+    chunks = [Chunk(i, c, kwargs, chain) for i, c in enumerate(split_even(draws, len(pool))) if c]
+    for chunk in chunks:
+        pool.issue(chunk)
+    return Pending(step, pool, chunks, r.group_size, scorer)
 
 
 class RolloutStream:
-    def __init__(self, workers: list, data: PromptSource, rollout_cfg, seed: int, ready: list[RolloutBatch] | None = None):
-        self.workers, self.data, self.cfg, self.seed = workers, data, rollout_cfg, seed
-        self.queue: deque[Pending | RolloutBatch] = deque(ready or [])
+    def __init__(self, workers: list, data: PromptSource, rollout_cfg, seed: int, ready: list[Scored] | None = None,
+                 scorer=None):
+        """``scorer`` (``opd.steps.ChunkScorer``) scores the batches launched ahead; None leaves scoring to the driver."""
+        self.workers, self.data, self.cfg, self.seed, self.scorer = workers, data, rollout_cfg, seed, scorer
+        self.queue: deque[Pending | Scored] = deque(ready or [])
 
     def _next_step(self, step: int) -> int:
         return self.queue[-1].step + 1 if self.queue else step
 
-    def take(self, step: int, last_step: int) -> RolloutBatch:
-        """The batch for ``step``, after launching generation up to ``max_staleness`` steps ahead (never past the run)."""
+    def take(self, step: int, last_step: int) -> Scored:
+        """The batch for ``step`` (scored when it was launched ahead), after launching generation up to
+        ``max_staleness`` steps ahead (never past the run)."""
+        ahead = self.scorer if self.cfg.max_staleness > 0 else None
         while self._next_step(step) <= min(step + self.cfg.max_staleness, last_step - 1):
             s = self._next_step(step)
-            self.queue.append(launch(self.workers, self.data.next_batch(self.cfg.prompts_per_step), s, self.cfg, self.seed))
+            draws = self.data.next_batch(self.cfg.prompts_per_step)
+            self.queue.append(launch(self.workers, draws, s, self.cfg, self.seed, ahead))
         head = self.queue.popleft()
         if head.step != step:
             raise RuntimeError(f"rollout stream out of order: wanted step {step}, next batch is step {head.step}")
-        return head if isinstance(head, RolloutBatch) else head.result()
+        return head if isinstance(head, Scored) else head.scored()
 
     def save_in_flight(self, directory: str) -> None:
-        """Finish the batches launched ahead and store them beside a checkpoint (they are generated already, or
-        about to be: the worker runs them before the weight sync that preceded this save)."""
-        done = [b if isinstance(b, RolloutBatch) else b.result() for b in self.queue]
+        """Finish (and score) the batches launched ahead and store them beside a checkpoint (they are generated
+        already, or about to be: the worker runs them before the weight sync that preceded this save)."""
+        done = [b if isinstance(b, Scored) else b.scored() for b in self.queue]
         self.queue = deque(done)
         if done:
             (Path(directory) / IN_FLIGHT_FILE).write_bytes(pickle.dumps(done))
 
 
-def load_in_flight(checkpoint: Path | None) -> list[RolloutBatch]:
+def load_in_flight(checkpoint: Path | None) -> list[Scored]:
     path = checkpoint / IN_FLIGHT_FILE if checkpoint else None
-    return pickle.loads(path.read_bytes()) if path and path.is_file() else []
+    if not (path and path.is_file()):
+        return []
+    # Checkpoints written before scoring moved into the stream hold bare batches: the driver scores those.
+    return [b if isinstance(b, Scored) else Scored(b) for b in pickle.loads(path.read_bytes())]

@@ -1,4 +1,5 @@
-"""RolloutWorker: a vLLM engine that samples G answers per prompt and takes new weights from the learner.
+"""RolloutWorker: an engine (vLLM; transformers with ``rollout.engine=hf``) that samples G answers per prompt and
+takes new weights from the learner.
 
 After every weight load it re-scores a fixed probe sequence and compares with the learner's log-probs: a sync that
 silently failed (peers' costliest bug class) stops the run here, naming the weight version.
@@ -27,10 +28,28 @@ class _RotaryReloadNotice(logging.Filter):
         return not (record.getMessage() == "RotaryEmbedding: Failed to load weights")
 
 
+def make_engine(engine: str, model_dir: str, *, seed: int, max_model_len: int | None, kv_cache_gib: float, dtype: str,
+                lora_rank: int = 0, **vllm_kw):
+    """``rollout.engine``: ``vllm`` (production) or ``hf`` (transformers, same protocol). The hf engine keeps the torch
+    thread count Ray gives the actor (OMP_NUM_THREADS = its ``num_cpus``)."""
+    if engine == "hf":
+        if lora_rank:
+            raise ValueError("rollout.engine=hf does not serve LoRA adapters (lora.r > 0): use rollout.engine=vllm")
+        from opd.rollout.hf_engine import HFEngine
+
+        return HFEngine(model_dir, seed=seed, max_model_len=max_model_len, dtype=dtype)
+    if engine != "vllm":
+        raise ValueError(f"rollout.engine={engine!r}: expected 'vllm' or 'hf'")
+    return VLLMEngine(model_dir, seed=seed, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, dtype=dtype,
+                      lora_rank=lora_rank, **vllm_kw)
+
+
 class RolloutWorker:
-    def __init__(self, model_dir: str, *, seed: int, max_model_len: int, kv_cache_gib: float, dtype: str, worker_id: int = 0):
+    def __init__(self, model_dir: str, *, seed: int, max_model_len: int, kv_cache_gib: float, dtype: str, worker_id: int = 0,
+                 lora_rank: int = 0, engine: str = "vllm"):
         self.worker_id = worker_id
-        self.engine = VLLMEngine(model_dir, seed=seed, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, dtype=dtype)
+        self.engine = make_engine(engine, model_dir, seed=seed, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
+                                  dtype=dtype, lora_rank=lora_rank)
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadNotice())
         self.version = 0
 
@@ -72,6 +91,19 @@ class RolloutWorker:
             raise WeightSyncError(
                 f"rollout worker {self.worker_id}: weight version {version} failed the probe check "
                 f"(max |logprob diff| {diff:.3g} > tolerance {tolerance:.3g}); the engine is not serving the learner's weights"
+            )
+        self.version = version
+        return diff
+
+    def load_adapter(self, files: dict[str, bytes], version: int, probe_ids: list[int], expected: list[float], tolerance: float) -> float:
+        """LoRA students: serve adapter ``version`` (its PEFT files) and verify it with the probe, as ``load_weights``."""
+        self.engine.load_adapter(files, version)
+        got = self.engine.score([probe_ids])[0].token_logprobs
+        diff = max(abs(a - b) for a, b in zip(got, expected, strict=True))
+        if not diff <= tolerance:
+            raise WeightSyncError(
+                f"rollout worker {self.worker_id}: LoRA adapter version {version} failed the probe check "
+                f"(max |logprob diff| {diff:.3g} > tolerance {tolerance:.3g}); the engine is not serving the learner's adapter"
             )
         self.version = version
         return diff

@@ -10,6 +10,9 @@ and hands rank 0 the others' handles. Rank 0 stays the only learner the driver s
 batch into token-balanced shards, each rank trains one (``train_shard``), and the ranks meet in collectives
 (``opd.trainer.dist``) for the batch-wide normalisers, the gradient sum and the statistics, so every rank applies
 the same update and the weights stay identical. With one rank the collectives are the identity.
+
+With a ``LoraSpec`` (``lora.r > 0``) the student is a PEFT model: only the adapter is trained, synced
+(``export_adapter``) and checkpointed (``adapter/``, PEFT's format); the base weights stay as loaded.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from opd.rollout.weight_sync import pack_state_dict
 from opd.trainer.dist import Collective, free_port, join
 from opd.trainer.forward import MicroTensors, build_micro, flatten_kept, response_hidden, rows
+from opd.trainer.lora import LoraSpec, adapter_files, load_adapter_weights, trainable, wrap
 from opd.trainer.losses import aggregate, entropy_from_logits, token_logprobs
 from opd.trainer.objective import Aux, ObjectiveSpec, token_loss
 from opd.trainer.objectives import entropy_weights
@@ -70,15 +74,19 @@ class Learner:
         objective: ObjectiveSpec | None = None,
         reference_dir: str | None = None,
         teacher_dir: str | None = None,
+        lora: LoraSpec | None = None,
     ) -> None:
         torch.set_num_threads(torch_threads)
         torch.manual_seed(seed)
         self.spec = objective or ObjectiveSpec()
         self.model = _load(model_dir)
+        self.lora = lora if lora and lora.r > 0 else None
+        if self.lora:
+            self.model = wrap(self.model, self.lora, seed)
         self.model.train()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)  # saved with every checkpoint: model/ is a full HF dir
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)  # saved with every checkpoint: model/ (or adapter/) loads alone
         self.pad_id = self.model.config.pad_token_id or 0
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+        self.opt = torch.optim.AdamW(trainable(self.model), lr=lr, betas=betas, weight_decay=weight_decay)
         self.base_lr, self.warmup_steps, self.grad_clip = lr, warmup_steps, grad_clip
         self.micro_batch_size = micro_batch_size
         # Teacher-side models never receive gradients.
@@ -240,8 +248,8 @@ class Learner:
         absdiff, peak_activation = self.comm.max(torch.tensor([absdiff, float(peak_activation)], dtype=torch.float64)).tolist()
         finite = nonfinite == 0
         if finite:
-            self.comm.sum_grads(self.model.parameters())  # identical gradients -> identical clipping and step
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)) if finite else math.nan
+            self.comm.sum_grads(trainable(self.model))  # identical gradients -> identical clipping and step
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable(self.model), self.grad_clip)) if finite else math.nan
         skipped = not (finite and math.isfinite(grad_norm))
         if skipped:
             log.warning("non-finite loss or gradient at learner step %d: update skipped", self.steps_done)
@@ -251,7 +259,9 @@ class Learner:
                 group["lr"] = self._lr()
             self.opt.step()
             if self.self_teacher is not None:
-                ema_update(self.self_teacher.parameters(), self.model.parameters(), rate=self.spec.sdpo_ema_rate)
+                # Pairs by position; with LoRA only the adapter moves, so only it is averaged.
+                pairs = [(t, s) for t, s in zip(self.self_teacher.parameters(), self.model.parameters(), strict=True) if s.requires_grad]
+                ema_update([t for t, _ in pairs], [s for _, s in pairs], rate=self.spec.sdpo_ema_rate)
             self.steps_done += 1
             self.version += 1
         seconds = time.perf_counter() - t0
@@ -285,16 +295,31 @@ class Learner:
     def probe_logprobs(self, token_ids: list[int]) -> list[float]:
         """Log-probs of tokens 1..n of a fixed sequence; compared against the engines after each sync."""
         ids = torch.tensor([token_ids])
-        logits = self.model(input_ids=ids).logits[:, :-1]
+        self.model.eval()  # the engines run without LoRA dropout
+        try:
+            logits = self.model(input_ids=ids).logits[:, :-1]
+        finally:
+            self.model.train()
         return token_logprobs(logits, ids[:, 1:])[0].tolist()
+
+    def uses_lora(self) -> bool:
+        return self.lora is not None
 
     def export_weights(self) -> bytes:
         return pack_state_dict(self.model.state_dict())
 
+    def export_adapter(self) -> dict[str, bytes]:
+        """The adapter's files (PEFT format) for the engines: a few MB where ``export_weights`` sends the model."""
+        if self.lora is None:
+            raise RuntimeError("export_adapter: this learner trains every weight (lora.r = 0); use export_weights")
+        return adapter_files(self.model)
+
     def save(self, path: str) -> None:
         out = Path(path)
-        self.model.save_pretrained(out / "model")
-        self.tokenizer.save_pretrained(out / "model")
+        # With LoRA only the adapter is saved (its config names the base model): PeftModel.from_pretrained loads it.
+        weights = out / ("adapter" if self.lora else "model")
+        self.model.save_pretrained(weights)
+        self.tokenizer.save_pretrained(weights)
         torch.save(self.opt.state_dict(), out / "optimizer.pt")
         torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}, out / "rng.pt")
         if self.self_teacher is not None:
@@ -306,7 +331,10 @@ class Learner:
         the run directory already must be), so weights, optimizer and self-teacher stay identical across ranks."""
         pending = [peer.load.remote(path) for peer in self.peers]
         src = Path(path)
-        self.model.load_state_dict(_load(str(src / "model")).state_dict())
+        if self.lora:
+            load_adapter_weights(self.model, src / "adapter")
+        else:
+            self.model.load_state_dict(_load(str(src / "model")).state_dict())
         self.opt.load_state_dict(torch.load(src / "optimizer.pt", weights_only=False))
         rng = torch.load(src / "rng.pt", weights_only=False)
         torch.set_rng_state(rng["torch"])

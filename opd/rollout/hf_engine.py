@@ -1,0 +1,230 @@
+"""HFEngine: the rollout engine protocol of ``VLLMEngine`` on plain transformers, for CPU runs and tests.
+
+Same records (``Generation``, ``PromptScores``), same numbers: the log-prob reported for a drawn token is the
+model's own (log-softmax of the raw logits, before temperature and top-p), which is what vLLM reports in its
+default ``logprobs_mode="raw_logprobs"``, so the learner's importance weights mean the same thing on either
+engine. The decode loop is batched (left padding, attention mask, KV cache) and vectorised over the batch; the
+only per-row Python work is drawing each row's uniforms once per call and building the output records.
+
+Sampling is inverse-CDF with one uniform per (row, step), drawn up front from a generator seeded by the
+prompt's seed and the sample's index: the same seeds give the same samples whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from opd.rollout.engine import Generation, PromptScores
+from opd.rollout.weight_sync import unpack_state_dict
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16}
+_SCORE_CHUNK_ELEMS = 1 << 26  # logits elements per scoring forward: bounds memory on large vocabularies
+
+
+def _row_seed(seed: int, sample: int) -> int:
+    """A 63-bit generator seed per (prompt seed, sample index); hashed so nearby seeds give unrelated streams."""
+    digest = hashlib.blake2b(f"{seed}/{sample}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    """Every id generation stops on, as vLLM collects them: the tokenizer's EOS and generation_config's."""
+    ids = set()
+    for v in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if v is not None:
+            ids.update(v if isinstance(v, list) else [v])
+    return sorted(ids)
+
+
+class HFEngine:
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        seed: int = 0,
+        max_model_len: int | None = 128,  # None: the model config's own limit
+        dtype: str = "float32",
+        threads: int | None = None,  # torch intra-op threads; None keeps the process's (Ray sets it per actor)
+        device: str | None = None,  # None: cuda when available, else cpu
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if dtype not in _DTYPES and dtype != "auto":
+            raise ValueError(f"models.dtype={dtype!r}: the hf engine takes one of {sorted(_DTYPES)} or 'auto'")
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=_DTYPES.get(dtype, "auto")
+        ).to(self.device).eval()
+        limit = self.model.config.max_position_embeddings
+        self.max_model_len = min(max_model_len or limit, limit)
+        self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
+        self._unseeded = torch.Generator().manual_seed(seed)  # seeds for calls that give none
+
+    def _check_lengths(self, seqs: list[list[int]], room: int) -> None:
+        """vLLM's limits: no empty sequence, and prompt + ``room`` new tokens within max_model_len."""
+        for i, s in enumerate(seqs):
+            if not s:
+                raise ValueError(f"sequence {i} is empty")
+            if len(s) + room > self.max_model_len:
+                raise ValueError(
+                    f"sequence {i} has {len(s)} tokens: with {room} new token(s) that passes "
+                    f"rollout.max_model_len={self.max_model_len}"
+                )
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_tokens: int,
+        seeds: list[int] | None = None,
+    ) -> list[list[Generation]]:
+        """n samples per prompt, each with the model's log-prob of its tokens (0.0 when greedy, as VLLMEngine)."""
+        if not prompt_ids:
+            return []
+        self._check_lengths(prompt_ids, 1)
+        greedy = temperature <= 0
+        rows = [p for p in prompt_ids for _ in range(n)]
+        B, P = len(rows), max(map(len, rows))
+        steps = min(max_tokens, self.max_model_len - min(map(len, rows)))
+        dev = self.device
+        ids_BP = torch.full((B, P), self.pad_id, dtype=torch.long)
+        mask_BL = torch.zeros((B, P + steps), dtype=torch.long)
+        for b, p in enumerate(rows):
+            ids_BP[b, P - len(p):] = torch.tensor(p)
+            mask_BL[b, P - len(p):] = 1
+        # A row stops at max_tokens or where it would pass max_model_len, as vLLM caps it.
+        limit_B = torch.tensor([min(max_tokens, self.max_model_len - len(p)) for p in rows], device=dev)
+        uniform_BS = None
+        if not greedy:
+            if seeds is None:
+                seeds = torch.randint(0, 2**31, (len(prompt_ids),), generator=self._unseeded).tolist()
+            elif len(seeds) != len(prompt_ids):
+                raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts")
+            uniform_BS = torch.stack([
+                torch.rand(steps, generator=torch.Generator().manual_seed(_row_seed(seeds[i // n], i % n)),
+                           dtype=torch.float64)
+                for i in range(B)
+            ]).to(dev)
+        ids_BP, mask_BL = ids_BP.to(dev), mask_BL.to(dev)
+        pos_BL = (mask_BL.cumsum(-1) - 1).clamp(min=0)
+        # Past the prompt every row advances one position a step, finished rows included (they feed pads).
+        pos_BL[:, P:] = pos_BL[:, P - 1 : P] + torch.arange(1, steps + 1, device=dev)
+        mask_BL[:, P:] = 1
+        eos_E = torch.tensor(self.eos_ids, dtype=torch.long, device=dev)
+        out_BS = torch.full((B, steps), self.pad_id, dtype=torch.long, device=dev)
+        lp_BS = torch.zeros((B, steps), dtype=torch.float32, device=dev)
+        done_B = torch.zeros(B, dtype=torch.bool, device=dev)
+        stop_B = torch.zeros(B, dtype=torch.bool, device=dev)  # ended on EOS (vs length)
+        len_B = torch.zeros(B, dtype=torch.long, device=dev)
+        cache, inp = None, ids_BP
+        for t in range(steps):
+            last = P + t - 1  # layout index of this step's input token (t >= 1); step 0 feeds the whole prompt
+            out = self.model(
+                input_ids=inp,
+                attention_mask=mask_BL[:, :P] if t == 0 else mask_BL[:, : last + 1],
+                position_ids=pos_BL[:, :P] if t == 0 else pos_BL[:, last : last + 1],
+                past_key_values=cache, use_cache=True, logits_to_keep=1,
+            )
+            cache = out.past_key_values
+            logits_BV = out.logits[:, -1].float()
+            tok_B = logits_BV.argmax(-1) if greedy else self._sample(logits_BV, temperature, top_p, uniform_BS[:, t])
+            tok_B = torch.where(done_B, self.pad_id, tok_B)
+            out_BS[:, t] = tok_B
+            if not greedy:
+                lp_BS[:, t] = torch.log_softmax(logits_BV, -1).gather(-1, tok_B[:, None]).squeeze(-1)
+            live_B = ~done_B
+            len_B += live_B
+            hit_B = live_B & torch.isin(tok_B, eos_E)
+            stop_B |= hit_B
+            done_B |= hit_B | (len_B >= limit_B)
+            if bool(done_B.all()):
+                break
+            inp = tok_B[:, None]
+        return self._records(out_BS.cpu(), lp_BS.cpu(), len_B.cpu(), stop_B.cpu(), len(prompt_ids), n)
+
+    @staticmethod
+    def _sample(logits_BV: torch.Tensor, temperature: float, top_p: float, u_B: torch.Tensor) -> torch.Tensor:
+        """Inverse-CDF draw from softmax(logits / T) restricted to the top-p nucleus, one uniform per row."""
+        probs_BV = torch.softmax(logits_BV / temperature, -1)
+        order_BV = None
+        if top_p < 1.0:
+            probs_BV, order_BV = probs_BV.sort(-1, descending=True)
+            # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
+            before_BV = probs_BV.cumsum(-1) - probs_BV
+            probs_BV = probs_BV.masked_fill(before_BV >= top_p, 0.0)
+        cdf_BV = probs_BV.double().cumsum(-1)
+        target_B1 = (u_B * cdf_BV[:, -1]).unsqueeze(-1)
+        idx_B = torch.searchsorted(cdf_BV, target_B1, right=True).squeeze(-1).clamp(max=cdf_BV.shape[-1] - 1)
+        return idx_B if order_BV is None else order_BV.gather(-1, idx_B[:, None]).squeeze(-1)
+
+    def _records(self, out_BS, lp_BS, len_B, stop_B, num_prompts: int, n: int) -> list[list[Generation]]:
+        lengths, stops = len_B.tolist(), stop_B.tolist()
+        ids = [row[:k] for row, k in zip(out_BS.tolist(), lengths, strict=True)]
+        lps = [row[:k] for row, k in zip(lp_BS.tolist(), lengths, strict=True)]
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        gens = [
+            Generation(i, lp, text, "stop" if s else "length")
+            for i, lp, text, s in zip(ids, lps, texts, stops, strict=True)
+        ]
+        return [gens[k * n : (k + 1) * n] for k in range(num_prompts)]
+
+    @torch.inference_mode()
+    def score(self, sequences: list[list[int]], top_k: int = 0) -> list[PromptScores]:
+        """Log-probs of every token of each sequence given its prefix, temperature 1 (vLLM's ``prompt_logprobs``)."""
+        self._check_lengths(sequences, 0)
+        vocab = self.model.config.vocab_size
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths pad less
+        by_index: dict[int, PromptScores] = {}
+        start = 0
+        while start < len(order):
+            end = start + 1
+            while end < len(order) and (end - start + 1) * len(sequences[order[end]]) * vocab <= _SCORE_CHUNK_ELEMS:
+                end += 1
+            idx = order[start:end]
+            by_index.update(zip(idx, self._score_chunk([sequences[i] for i in idx], top_k), strict=True))
+            start = end
+        return [by_index[i] for i in range(len(sequences))]
+
+    def _score_chunk(self, seqs: list[list[int]], top_k: int) -> list[PromptScores]:
+        # Right padding: a causal model's positions never see the pads after them, so no mask is needed.
+        B, T = len(seqs), max(map(len, seqs))
+        ids_BT = torch.full((B, T), self.pad_id, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids_BT[b, : len(s)] = torch.tensor(s)
+        ids_BT = ids_BT.to(self.device)
+        logp_BTV = torch.log_softmax(self.model(input_ids=ids_BT).logits[:, :-1].float(), -1)
+        tok_BT = logp_BTV.gather(-1, ids_BT[:, 1:, None]).squeeze(-1).cpu().tolist()
+        if top_k:
+            top_lp, top_ids = logp_BTV.topk(min(top_k, logp_BTV.shape[-1]), dim=-1)
+            top_lp, top_ids = top_lp.cpu().tolist(), top_ids.cpu().tolist()
+        out = []
+        for b, s in enumerate(seqs):
+            k = len(s) - 1
+            if top_k:
+                out.append(PromptScores(tok_BT[b][:k], top_ids[b][:k], top_lp[b][:k]))
+            else:
+                out.append(PromptScores(tok_BT[b][:k], None, None))
+        return out
+
+    def load_weights(self, blob: bytes) -> None:
+        """The learner's state dict (``weight_sync.pack_state_dict``); every parameter must be covered."""
+        state = unpack_state_dict(blob)
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
+        missing = [k for k in missing if k not in tied]
+        if missing or unexpected:
+            raise ValueError(
+                f"weight blob does not match the rollout model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
