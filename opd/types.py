@@ -101,12 +101,16 @@ class TeacherScores:
                 raise RecordError(
                     f"TeacherScores {s.uid}: {len(lp)} teacher logprobs for {len(s.response_ids)} response tokens"
                 )
-            if not all(math.isfinite(x) for x in lp):
-                raise RecordError(f"TeacherScores {s.uid}: non-finite teacher logprob")
         if self.topk_ids is not None:
             for s, ids, lps in zip(samples, self.topk_ids, self.topk_logprobs or [], strict=True):
                 if len(ids) != len(s.response_ids) or len(lps) != len(s.response_ids):
                     raise RecordError(f"TeacherScores {s.uid}: top-k rows do not match response length")
+
+    def nonfinite_samples(self) -> int:
+        """Samples with a NaN/inf teacher log-prob (sampled token or top-k). Not an error here: such a value makes the
+        step's loss non-finite, and the learner skips that update on every rank, which is the survivable outcome."""
+        rows = zip(self.logprobs, self.topk_logprobs or [None] * len(self.logprobs), strict=True)
+        return sum(1 for lp, k in rows if not all(map(math.isfinite, lp)) or (k and not all(math.isfinite(x) for r in k for x in r)))
 
 
 @dataclass

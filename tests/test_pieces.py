@@ -64,6 +64,18 @@ def test_records_reject_misaligned_rows():
         TeacherScores(["u"], [[-0.3]]).validate([s])
 
 
+def test_a_nonfinite_teacher_value_is_counted_not_fatal():
+    """A teacher answering NaN must not kill the job: the scores validate, the count reaches the step metrics, and the
+    learner's non-finite-loss guard skips that update."""
+    p = Prompt("p", "t", [1, 2], "a")
+    samples = [Sample(u, p, i, [3, 4], "x", [-0.1, -0.2], 0) for i, u in enumerate(["u0", "u1", "u2"])]
+    nan = float("nan")
+    scores = TeacherScores(["u0", "u1", "u2"], [[-0.3, nan], [-0.3, -0.4], [-0.3, -0.4]],
+                           [[[3], [4]]] * 3, [[[-0.3], [-0.4]], [[-0.3], [-0.4]], [[-0.3], [float("-inf")]]])
+    scores.validate(samples)
+    assert scores.nonfinite_samples() == 2
+
+
 def test_test_split_is_fixed_by_seed_and_disjoint_from_any_train_size():
     """The demo evaluates on the same held-out problems that bootstrap never trained on, whatever num_train."""
     from opd.tasks.arithmetic import build_dataset, exact_answer, make_row

@@ -41,6 +41,10 @@ class Chunk:
     refs: tuple = field(default=(None, None, None, None))
 
     def issue(self, worker, incarnation: int) -> None:
+        if self.refs[3] is not None:
+            # The teacher call chained on a dead worker's generation fails with it; reading its error in the
+            # background keeps Ray from reporting it as an unhandled error in the driver log.
+            self.refs[3].future().add_done_callback(lambda f: f.exception())
         samples, seconds = worker.generate.options(num_returns=2).remote(self.draws, **self.kwargs)
         teacher = self.chain(self.draws, samples) if self.chain else None
         self.refs = (incarnation, samples, seconds, teacher)
