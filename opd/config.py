@@ -165,6 +165,14 @@ class TrainerConfig(_Section):
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     micro_batch_size: int = Field(64, ge=1)  # sequences per forward/backward; gradients accumulate over a step
+    micro_batch_tokens: int = Field(0, ge=0)  # >0: micro-batches by padded-token budget (length-sorted), not by count
+    autocast: Literal["off", "bf16"] = "off"  # bf16: forward under bf16 autocast; float32 weights and loss maths
+    gradient_checkpointing: bool = False  # recompute the student's layer activations in backward (less memory)
+
+    @field_validator("autocast", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
     torch_threads: int = Field(1, ge=1)
     num_ranks: int = Field(1, ge=1)  # learner ranks (torch.distributed); >1 splits each batch into token-balanced shards
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # Ray placement group of the ranks

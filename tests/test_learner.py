@@ -6,12 +6,15 @@ objective and its denominator (token-mean, SDPO-routed tokens only, SRPO's share
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
 import torch
 
 from opd.trainer.learner import Learner
+from opd.trainer.lora import LoraSpec
+from opd.trainer.microbatch import by_token_budget, padded_tokens, plan
 from opd.trainer.objective import ObjectiveSpec
 from opd.types import TrainBatch
 
@@ -42,7 +45,7 @@ def _batch(learner: Learner, name: str, n: int = 6, seed: int = 0) -> TrainBatch
     return TrainBatch(
         uids=[f"u{i}" for i in range(n)], prompt_ids=prompts, response_ids=responses, sampler_logprobs=sampler,
         advantages=adv if spec.name != "grpo" else [[(-1) ** i * 0.7] * len(r) for i, r in enumerate(responses)],
-        teacher_logprobs=teacher, objective=spec.name, loss_weights=[1.0, 0.5, 2.0, 1.0, 0.0, 1.0][:n],
+        teacher_logprobs=teacher, objective=spec.name, loss_weights=([1.0, 0.5, 2.0, 1.0, 0.0, 1.0] * 2)[:n],
         teacher_topk_ids=topk_ids if spec.opd_divergence == "teacher_topk" else None,
         teacher_topk_logprobs=topk_lp if spec.opd_divergence == "teacher_topk" else None,
         teacher_prompt_ids=[(p + [30, 31, 32] if i % 3 else None) for i, p in enumerate(prompts)] if sd else None,
@@ -50,12 +53,19 @@ def _batch(learner: Learner, name: str, n: int = 6, seed: int = 0) -> TrainBatch
     )
 
 
-def _step(models, name, micro, spec=None):
+def _step(models, name, micro, spec=None, n=6, **kw):
     torch.manual_seed(0)
     student = str(models / "student")
-    learner = Learner(student, lr=1e-2, micro_batch_size=micro, objective=spec or SPECS[name], teacher_dir=str(models / "teacher"))
-    stats = learner.train_step(_batch(learner, name))
+    learner = Learner(student, lr=1e-2, micro_batch_size=micro, objective=spec or SPECS[name], teacher_dir=str(models / "teacher"), **kw)
+    stats = learner.train_step(_batch(learner, name, n=n))
     return learner, stats
+
+
+def _same_grads(a: Learner, b: Learner, what: str, rtol: float = 1e-4) -> None:
+    for (k, pa), pb in zip(a.model.named_parameters(), b.model.parameters(), strict=True):
+        if not pa.requires_grad:  # LoRA's frozen base
+            continue
+        assert pa.grad is not None and torch.allclose(pa.grad, pb.grad, atol=1e-7, rtol=rtol), f"{what} changed the gradient of {k}"
 
 
 @pytest.mark.parametrize("name", list(SPECS))
@@ -104,3 +114,52 @@ def test_sdpo_ema_teacher_moves_toward_student(tiny_models):
     init = Learner(str(tiny_models / "student"), lr=1e-2).model
     for t, s, i in zip(learner.self_teacher.parameters(), learner.model.parameters(), init.parameters(), strict=True):
         assert torch.allclose(t, 0.95 * i + 0.05 * s, atol=1e-6)
+
+
+def test_token_budget_groups_similar_lengths_within_the_budget():
+    lengths = [40, 3, 38, 5, 4, 39, 41, 6, 2, 120]
+    groups = plan(lengths, micro_batch_size=4, micro_batch_tokens=80)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    # Every group fits, except a row that alone exceeds the budget: a row is never split.
+    assert all(len(g) * max(lengths[i] for i in g) <= 80 or len(g) == 1 for g in groups)
+    assert [9] in groups
+    assert padded_tokens(lengths, groups) < padded_tokens(lengths, plan(lengths, micro_batch_size=4))
+    with pytest.raises(ValueError, match="trainer.micro_batch_tokens"):
+        by_token_budget(lengths, 0)
+
+
+@pytest.mark.parametrize("name", ["opd", "grpo-seq-mean", "opd-topk", "srpo"])
+def test_token_budget_split_gives_the_same_update(tiny_models, name):
+    """Length-sorted token-budget micro-batches: same loss and gradient as fixed-count ones, with less padding."""
+    by_count_, a = _step(tiny_models, name, micro=3, n=12)
+    by_tokens, b = _step(tiny_models, name, micro=3, n=12, micro_batch_tokens=24)
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-7)
+    assert b["train_tokens"] == a["train_tokens"] and b["update_skipped"] == 0.0
+    assert b["pad_fraction"] < a["pad_fraction"]
+    _same_grads(by_count_, by_tokens, "the token-budget split")
+
+
+def test_bf16_autocast_trains_float32_weights_close_to_float32(tiny_models):
+    f32, a = _step(tiny_models, "opd-full-vocab-jsd", micro=64)
+    bf16, b = _step(tiny_models, "opd-full-vocab-jsd", micro=64, autocast="bf16")
+    assert b["update_skipped"] == 0.0 and math.isfinite(b["grad_norm"])
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())  # master weights
+    assert b["loss"] != a["loss"]  # autocast really ran: bf16 rounding moves the loss a little
+    assert b["loss"] == pytest.approx(a["loss"], rel=5e-2)
+    cos = torch.nn.functional.cosine_similarity(
+        torch.cat([p.grad.flatten() for p in f32.model.parameters()]),
+        torch.cat([p.grad.flatten() for p in bf16.model.parameters()]), dim=0)
+    assert cos > 0.99
+
+
+@pytest.mark.parametrize("lora", [None, LoraSpec(4)], ids=["full", "lora"])
+def test_gradient_checkpointing_gives_the_same_update_with_less_activation_memory(tiny_models, lora):
+    plain, a = _step(tiny_models, "opd", micro=64, lora=lora)
+    ckpt, b = _step(tiny_models, "opd", micro=64, lora=lora, gradient_checkpointing=True)
+    assert ckpt.model.is_gradient_checkpointing
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+    _same_grads(plain, ckpt, "gradient checkpointing", rtol=1e-5)
+    assert any(p.grad.abs().sum() > 0 for p in ckpt.model.parameters() if p.grad is not None)
+    for p, q in zip(plain.model.parameters(), ckpt.model.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6)
+    assert b["activation_mib"] < a["activation_mib"]

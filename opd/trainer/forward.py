@@ -3,10 +3,15 @@
 The LM head runs on the hidden states of response positions only (never on prompt positions), so the
 ``[N, V]`` logits tensor, which dominates memory at real vocabulary sizes, covers exactly the tokens a loss uses;
 with token selection (TIP) the head runs on the kept tokens only (``flatten_kept``).
+
+``Precision`` runs the forward under bf16 autocast when asked (``trainer.autocast``): the weights stay float32
+(the optimizer's master copy), matmuls run in bf16, and the logits come back as float32 so every loss (log-softmax,
+logsumexp, divergences) is computed in float32 outside autocast.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -55,10 +60,37 @@ def rows(values: list[list[float]], t_max: int) -> torch.Tensor:
 
 def response_hidden(model, mt: MicroTensors) -> torch.Tensor:
     """Final hidden states at the response-predicting positions, [B, T, H]."""
-    hidden = model.get_decoder()(input_ids=mt.input_ids, attention_mask=mt.attention_mask).last_hidden_state
+    # No KV cache: a training forward never decodes, and HF would otherwise build one (and warn under checkpointing).
+    hidden = model.get_decoder()(input_ids=mt.input_ids, attention_mask=mt.attention_mask, use_cache=False).last_hidden_state
     return hidden.gather(1, mt.pos_BT.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
 
 def flatten_kept(t_BT: torch.Tensor, keep_BT: torch.Tensor) -> torch.Tensor:
     """[B, T, ...] -> [1, N, ...] over the kept tokens: token-level losses then run on N tokens only."""
     return t_BT[keep_BT.bool()].unsqueeze(0)
+
+
+@dataclass
+class Precision:
+    """The learner's forward: hidden states and float32 logits, under bf16 autocast when ``mode == "bf16"``."""
+
+    mode: str = "off"  # trainer.autocast
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("off", "bf16"):
+            raise ValueError(f"trainer.autocast must be 'off' or 'bf16', got {self.mode!r}")
+
+    def _ctx(self, model):
+        if self.mode == "off":
+            return contextlib.nullcontext()
+        # The device the weights live on: autocast on a device the tensors are not on would do nothing.
+        return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)
+
+    def hidden(self, model, mt: MicroTensors) -> torch.Tensor:
+        with self._ctx(model):
+            return response_hidden(model, mt)
+
+    def logits(self, model, h: torch.Tensor) -> torch.Tensor:
+        with self._ctx(model):
+            out = model.get_output_embeddings()(h)
+        return out.float()

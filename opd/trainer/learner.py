@@ -3,7 +3,8 @@
 Runs inside a Ray actor (placed by ``opd.cluster``) but imports torch and transformers only, so it can be driven
 directly in tests or replayed on a dumped ``TrainBatch``. A step has two passes: a teacher-side pass without
 gradient (reference model, HF teacher, SDPO self-teacher) that also fixes batch-wide normalisers, then the learning
-pass over micro-batches, whose gradients add up to the full-batch loss.
+pass over micro-batches, whose gradients add up to the full-batch loss. Micro-batches hold a fixed count of
+sequences or, with a token budget, length-sorted sequences within ``rows x longest`` tokens (``opd.trainer.microbatch``).
 
 Several ranks (``trainer.num_ranks``): ``opd.cluster`` starts one Learner per rank, joins them in a process group
 and hands rank 0 the others' handles. Rank 0 stays the only learner the driver sees: ``train_step`` splits the
@@ -31,9 +32,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opd.rollout.weight_sync import pack_state_dict
 from opd.trainer.dist import Collective, free_port, join
-from opd.trainer.forward import MicroTensors, build_micro, flatten_kept, response_hidden, rows
+from opd.trainer.forward import MicroTensors, Precision, build_micro, flatten_kept, rows
 from opd.trainer.lora import LoraSpec, adapter_files, load_adapter_weights, trainable, wrap
 from opd.trainer.losses import aggregate, entropy_from_logits, token_logprobs
+from opd.trainer.microbatch import padded_tokens, plan
 from opd.trainer.objective import Aux, ObjectiveSpec, token_loss
 from opd.trainer.objectives import entropy_weights
 from opd.trainer.sdpo import ema_update
@@ -69,6 +71,9 @@ class Learner:
         warmup_steps: int = 0,
         grad_clip: float = 1.0,
         micro_batch_size: int = 64,
+        micro_batch_tokens: int = 0,
+        autocast: str = "off",
+        gradient_checkpointing: bool = False,
         torch_threads: int = 1,
         seed: int = 0,
         objective: ObjectiveSpec | None = None,
@@ -80,6 +85,9 @@ class Learner:
         torch.manual_seed(seed)
         self.spec = objective or ObjectiveSpec()
         self.model = _load(model_dir)
+        if gradient_checkpointing:
+            # Non-reentrant: works with frozen inputs (LoRA) and keeps the RNG state, so the update is unchanged.
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.lora = lora if lora and lora.r > 0 else None
         if self.lora:
             self.model = wrap(self.model, self.lora, seed)
@@ -88,7 +96,8 @@ class Learner:
         self.pad_id = self.model.config.pad_token_id or 0
         self.opt = torch.optim.AdamW(trainable(self.model), lr=lr, betas=betas, weight_decay=weight_decay)
         self.base_lr, self.warmup_steps, self.grad_clip = lr, warmup_steps, grad_clip
-        self.micro_batch_size = micro_batch_size
+        self.micro_batch_size, self.micro_batch_tokens = micro_batch_size, micro_batch_tokens
+        self.fw = Precision(autocast)
         # Teacher-side models never receive gradients.
         self.reference = _frozen(_load(reference_dir or model_dir)) if self.spec.needs_reference else None
         self.hf_teacher = _frozen(_load(teacher_dir)) if self.spec.needs_hf_teacher else None
@@ -138,15 +147,14 @@ class Learner:
                     lps[j, :n] = torch.tensor(batch.teacher_topk_logprobs[i])
             aux.topk_ids_BTK, aux.topk_logp_BTK = ids, lps
         if self.reference is not None:
-            head = self.reference.get_output_embeddings()
-            aux.ref_logp_BT = token_logprobs(head(response_hidden(self.reference, mt)), mt.targets_BT)
+            aux.ref_logp_BT = token_logprobs(self.fw.logits(self.reference, self.fw.hidden(self.reference, mt)), mt.targets_BT)
         if self.hf_teacher is not None:
-            aux.teacher_logits_BTV = self.hf_teacher.get_output_embeddings()(response_hidden(self.hf_teacher, mt))
+            aux.teacher_logits_BTV = self.fw.logits(self.hf_teacher, self.fw.hidden(self.hf_teacher, mt))
         if self.self_teacher is not None:
             # The self-teacher reads the same response after its own (re-written) prompt.
             prompts = [batch.teacher_prompt_ids[i] or batch.prompt_ids[i] for i in idx]
             tmt = build_micro(prompts, [batch.response_ids[i] for i in idx], self.pad_id)
-            aux.teacher_logits_BTV = self.self_teacher.get_output_embeddings()(response_hidden(self.self_teacher, tmt))
+            aux.teacher_logits_BTV = self.fw.logits(self.self_teacher, self.fw.hidden(self.self_teacher, tmt))
             aux.route_sdpo_B = torch.tensor([1.0 if batch.routes[i] == "sdpo" else 0.0 for i in idx])
         return aux
 
@@ -177,8 +185,8 @@ class Learner:
         weights_BT = torch.ones_like(mt.mask_BT)
         if batch.loss_weights is not None:
             weights_BT = weights_BT * torch.tensor([batch.loss_weights[i] for i in idx]).unsqueeze(-1)
-        head = self.model.get_output_embeddings()
-        h_BTH = response_hidden(self.model, mt)
+        head = lambda h: self.fw.logits(self.model, h)  # noqa: E731
+        h_BTH = self.fw.hidden(self.model, mt)
         targets_BT, mask_BT = mt.targets_BT, mt.mask_BT
         if self.spec.select_mode:
             keep = self._select(head, h_BTH, mask_BT, sampler_BT, aux)
@@ -221,7 +229,8 @@ class Learner:
         """This rank's forward/backward over its shard, then the update that every rank applies identically."""
         t0 = time.perf_counter()
         n_seq = len(batch.uids)
-        micro = [list(range(s, min(s + self.micro_batch_size, n_seq))) for s in range(0, n_seq, self.micro_batch_size)]
+        lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True)]
+        micro = plan(lengths, self.micro_batch_size, self.micro_batch_tokens)
         mts = [build_micro([batch.prompt_ids[i] for i in idx], [batch.response_ids[i] for i in idx], self.pad_id) for idx in micro]
         auxes = [self._teacher_pass(batch, idx, mt) for idx, mt in zip(micro, mts, strict=True)]
         if self.spec.name == "srpo":
@@ -243,8 +252,8 @@ class Learner:
             absdiff = max(absdiff, out["absdiff"])
         # The batch's statistics, and a non-finite loss on any rank, in one SUM and one MAX over ranks (float64:
         # a single rank's values pass through exactly). Every rank then takes the same skip-or-step decision.
-        sums = self.comm.sum(torch.tensor([total, ent_sum, kept, counted, float(not finite)], dtype=torch.float64))
-        total, ent_sum, kept, counted, nonfinite = sums.tolist()
+        sums = [total, ent_sum, kept, counted, float(not finite), float(sum(lengths)), float(padded_tokens(lengths, micro))]
+        total, ent_sum, kept, counted, nonfinite, real, padded = self.comm.sum(torch.tensor(sums, dtype=torch.float64)).tolist()
         absdiff, peak_activation = self.comm.max(torch.tensor([absdiff, float(peak_activation)], dtype=torch.float64)).tolist()
         finite = nonfinite == 0
         if finite:
@@ -277,6 +286,7 @@ class Learner:
             "train_seconds": seconds,
             "train_tokens_per_s": kept / max(seconds, 1e-9),
             "activation_mib": peak_activation / 2**20,
+            "pad_fraction": 1.0 - real / max(padded, 1.0),  # forward positions that were padding
         }
 
     def _denominator(self, mts: list[MicroTensors], auxes: list[Aux], n_seq: int) -> tuple[float, int]:
