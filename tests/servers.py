@@ -92,6 +92,8 @@ class FlakyProxy:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.counts: Counter[str] = Counter()
+        self.fail_every = 0  # > 0: in "forward" mode every k-th request is answered 503 anyway (a sure outage)
+        self._seen = 0
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self.set(mode)
@@ -109,9 +111,14 @@ class FlakyProxy:
                 self._server.daemon_threads = True
                 threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
-    def count(self, mode: str) -> None:
+    def count(self, mode: str) -> str:
+        """Record one request; returns the mode it is served in."""
         with self._lock:
+            self._seen += 1
+            if mode == "forward" and self.fail_every and self._seen % self.fail_every == 0:
+                mode = "503"
             self.counts[mode] += 1
+            return mode
 
     def __enter__(self) -> FlakyProxy:
         return self
@@ -124,8 +131,7 @@ def _proxy_handler(proxy: FlakyProxy) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def _serve(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            mode = proxy.mode
-            proxy.count(mode)
+            mode = proxy.count(proxy.mode)
             if mode == "forward" and proxy.target:
                 keep = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type")}
                 r = requests.request(self.command, proxy.target + self.path, data=body or None, headers=keep, timeout=120)

@@ -304,6 +304,7 @@ def test_opd_run_with_a_flapping_remote_teacher(teacher_server, tiny_models, loc
     out = tmp_path / "remote"
     stop = threading.Event()
     with FlakyProxy(url) as proxy:
+        proxy.fail_every = 3  # on a fast machine the job may slip between the timed outages: make some certain
         flapper = threading.Thread(target=_flap, args=(proxy, stop), daemon=True)
         flapper.start()
         cfg = load_config(None, tiny_overrides(tiny_models, out, **{"teacher.url": proxy.url, "teacher.token_env": TOKEN_ENV,

@@ -85,25 +85,20 @@ class RolloutWorker:
     def load_weights(self, blob: bytes, version: int, probe_ids: list[int], expected: list[float], tolerance: float) -> float:
         """Load version ``version`` and verify it against the learner's probe log-probs; returns the max difference."""
         self.engine.load_weights(blob)
-        got = self.engine.score([probe_ids])[0].token_logprobs
-        diff = max(abs(a - b) for a, b in zip(got, expected, strict=True))
-        if not diff <= tolerance:
-            raise WeightSyncError(
-                f"rollout worker {self.worker_id}: weight version {version} failed the probe check "
-                f"(max |logprob diff| {diff:.3g} > tolerance {tolerance:.3g}); the engine is not serving the learner's weights"
-            )
-        self.version = version
-        return diff
+        return self._probe("weight version", "weights", version, probe_ids, expected, tolerance)
 
     def load_adapter(self, files: dict[str, bytes], version: int, probe_ids: list[int], expected: list[float], tolerance: float) -> float:
         """LoRA students: serve adapter ``version`` (its PEFT files) and verify it with the probe, as ``load_weights``."""
         self.engine.load_adapter(files, version)
+        return self._probe("LoRA adapter version", "adapter", version, probe_ids, expected, tolerance)
+
+    def _probe(self, what: str, noun: str, version: int, probe_ids: list[int], expected: list[float], tolerance: float) -> float:
         got = self.engine.score([probe_ids])[0].token_logprobs
         diff = max(abs(a - b) for a, b in zip(got, expected, strict=True))
         if not diff <= tolerance:
             raise WeightSyncError(
-                f"rollout worker {self.worker_id}: LoRA adapter version {version} failed the probe check "
-                f"(max |logprob diff| {diff:.3g} > tolerance {tolerance:.3g}); the engine is not serving the learner's adapter"
+                f"rollout worker {self.worker_id}: {what} {version} failed the probe check "
+                f"(max |logprob diff| {diff:.3g} > tolerance {tolerance:.3g}); the engine is not serving the learner's {noun}"
             )
         self.version = version
         return diff
