@@ -78,6 +78,7 @@ def main() -> int:
     p.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--async-staleness", type=int, default=1, help="rollout.max_staleness of the asynchronous loop")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
 
@@ -93,13 +94,14 @@ def main() -> int:
     try:
         stages = stages_alone(cfg, job, roles, args.repeats)
         sync_step, sync_wall = loop_step_seconds(cfg, job, roles, 0, args.steps, skip=3)
-        async_step, async_wall = loop_step_seconds(cfg, job, roles, 1, args.steps, skip=3)
+        async_step, async_wall = loop_step_seconds(cfg, job, roles, args.async_staleness, args.steps, skip=3)
     finally:
         stop_roles(roles)
     total, slowest = sum(stages.values()), max(stages.values())
     out = {
         "config": {"prompts_per_step": cfg.rollout.prompts_per_step, "group_size": cfg.rollout.group_size,
-                   "algorithm": cfg.algorithm, "steps": args.steps, "repeats": args.repeats},
+                   "algorithm": cfg.algorithm, "steps": args.steps, "repeats": args.repeats,
+                   "async_staleness": args.async_staleness},
         "stages_alone_s": {k: round(v, 4) for k, v in stages.items()},
         "stages_sum_s": round(total, 4),
         "slowest_stage": max(stages, key=stages.get),
