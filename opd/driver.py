@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from opd.checkpoint import latest_checkpoint, load_state, save_checkpoint
 from opd.cluster import Roles, init_ray, start_roles, stop_roles
 from opd.config import Config, ConfigError, check_model_dirs, dump_config
 from opd.data import Cursor, PromptSource, render_prompts
-from opd.monitor.sinks import MetricsLogger
+from opd.monitor.sinks import MetricsLogger, truncate_jsonl
 from opd.plan import route_plan
 from opd.rollout.stream import RolloutStream, load_in_flight
 from opd.steps import ChunkScorer, evaluate, step_metrics, sync_weights, verify_and_score, warm_up_verifiers
@@ -174,11 +173,8 @@ class SampleLog:
 
     def __init__(self, run_dir: Path, start_step: int, enabled: bool):
         self.path = run_dir / "samples.jsonl" if enabled else None
-        if self.path is not None and self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines() if (s := _line_step(ln)) is not None and s < start_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
-            os.replace(tmp, self.path)
+        if self.path is not None:
+            truncate_jsonl(self.path, start_step)
 
     def log(self, step: int, rollouts: RolloutBatch, rewards: Rewards, batch: TrainBatch | None) -> None:
         if self.path is None:
@@ -192,13 +188,6 @@ class SampleLog:
         ]
         with self.path.open("a") as f:
             f.write("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def _line_step(line: str) -> int | None:
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):  # a torn last line of a killed driver: a step after the checkpoint
-        return None
 
 
 def train(cfg: Config, job: Job, roles: Roles, progress: bool = True) -> dict:

@@ -32,7 +32,7 @@ class MetricsLogger:
         self.bar = tqdm(total=total_steps, initial=start_step, desc="opd", disable=not progress, dynamic_ncols=True)
         self.ray = RayMetricsSink(job, flush_on_close=shared_ray)
         if start_step:
-            self._truncate_after(start_step)
+            truncate_jsonl(self.path, start_step)
         # Started last, so a tracker that fails to start (a ConfigError) leaves nothing else half-open.
         try:
             self.trackers = Trackers.open(tracking, run_dir, run_name=run_name or job, config=config,
@@ -40,16 +40,6 @@ class MetricsLogger:
         except BaseException:
             self._close_local()
             raise
-
-    def _truncate_after(self, step: int) -> None:
-        # On resume, drop lines of steps that ran after the checkpoint so the log has each step exactly once.
-        if not self.path.exists():
-            return
-        # A driver killed mid-write leaves a torn last line; it belongs to a step after the checkpoint anyway.
-        kept = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) is not None and _step_of(ln) < step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(ln + "\n" for ln in kept))
-        os.replace(tmp, self.path)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": step, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}}
@@ -73,6 +63,18 @@ class MetricsLogger:
         self.tb.flush()
         self.tb.close()
         self.ray.close()
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """On resume, drop the lines of ``path`` (JSON objects with a ``step``) of steps from ``step`` on, so the log
+    holds each step exactly once. Written to a temporary file and renamed: a kill leaves the old file or the new."""
+    if not path.exists():
+        return
+    # A driver killed mid-write leaves a torn last line; it belongs to a step after the checkpoint anyway.
+    kept = [ln for ln in path.read_text().splitlines() if (s := _step_of(ln)) is not None and s < step]
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in kept))
+    os.replace(tmp, path)
 
 
 def _step_of(line: str) -> int | None:

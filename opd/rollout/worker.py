@@ -30,8 +30,9 @@ class _RotaryReloadNotice(logging.Filter):
 
 def make_engine(engine: str, model_dir: str, *, seed: int, max_model_len: int | None, kv_cache_gib: float, dtype: str,
                 lora_rank: int = 0, **vllm_kw):
-    """``rollout.engine``: ``vllm`` (production) or ``hf`` (transformers, same protocol). The hf engine keeps the torch
-    thread count Ray gives the actor (OMP_NUM_THREADS = its ``num_cpus``)."""
+    """``rollout.engine``: ``vllm`` (production) or ``hf`` (transformers, same protocol), for the rollout workers and
+    the local teachers alike. The hf engine keeps the torch thread count Ray gives the actor (OMP_NUM_THREADS = its
+    ``num_cpus``) and ignores the vLLM-only keywords."""
     if engine == "hf":
         if lora_rank:
             raise ValueError("rollout.engine=hf does not serve LoRA adapters (lora.r > 0): use rollout.engine=vllm")

@@ -49,17 +49,12 @@ class VLLMTeacher:
         self, model_dir: str, *, seed: int, max_model_len: int | None, kv_cache_gib: float, dtype: str, max_logprobs: int,
         engine: str = "vllm",  # rollout.engine; "hf" scores with transformers (same numbers, no vLLM in the job)
     ):
-        from opd.rollout.engine import VLLMEngine
+        from opd.rollout.worker import make_engine
 
-        if engine == "hf":
-            from opd.rollout.hf_engine import HFEngine
-
-            self.engine = HFEngine(model_dir, seed=seed, max_model_len=max_model_len, dtype=dtype)
-        else:
-            self.engine = VLLMEngine(
-                model_dir, seed=seed, max_model_len=max_model_len, max_logprobs=max_logprobs,
-                kv_cache_gib=kv_cache_gib, dtype=dtype, enable_weight_sync=False,
-            )
+        self.engine = make_engine(
+            engine, model_dir, seed=seed, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, dtype=dtype,
+            max_logprobs=max_logprobs, enable_weight_sync=False,
+        )
         self.max_logprobs = max_logprobs
 
     def limits(self) -> tuple[int, int]:
