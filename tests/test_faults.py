@@ -33,18 +33,31 @@ def _weights(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
 
 
-def _kill_after_first_checkpoint(cmd: list[str], run_dir, timeout_s: float = 300) -> None:
-    """Start the driver in its own process group (it owns an embedded Ray), SIGKILL the group once a checkpoint lands."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    pointer = run_dir / "checkpoints" / "latest"
-    deadline = time.monotonic() + timeout_s
+# The driver process SIGKILLs its own process group (itself and the embedded Ray it owns) the moment its first
+# checkpoint is written: a crash at a known step, however fast the steps run.
+_DIE_AFTER_FIRST_CHECKPOINT = """
+import os, signal, sys
+from opd import cli, driver
+_save = driver.save_checkpoint
+def _save_then_die(*args, **kwargs):
+    _save(*args, **kwargs)
+    os.killpg(0, signal.SIGKILL)
+driver.save_checkpoint = _save_then_die
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _crash_after_first_checkpoint(args: list[str], timeout_s: float = 300) -> None:
+    """Run the driver in its own process group and let it crash right after its first checkpoint."""
+    proc = subprocess.Popen([sys.executable, "-c", _DIE_AFTER_FIRST_CHECKPOINT, *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        while not pointer.is_file():
-            assert proc.poll() is None, f"the driver exited early with code {proc.returncode}"
-            assert time.monotonic() < deadline, "no checkpoint appeared in time"
-            time.sleep(0.2)
+        assert proc.wait(timeout=timeout_s) == -signal.SIGKILL, f"the driver exited with code {proc.returncode}"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is left (nothing, when it crashed as planned)
+        except ProcessLookupError:
+            pass
         proc.wait()
 
 
@@ -71,9 +84,8 @@ def test_driver_sigkill_then_resume_matches_uninterrupted_run(tiny_models, local
 
     config = tmp_path / "killed.yaml"
     config.write_text(dump_config(load_config(None, tiny_overrides(tiny_models, killed_dir, **overrides))))
-    _kill_after_first_checkpoint([sys.executable, "-m", "opd.cli", "run", "--no-progress", str(config)], killed_dir)
-    done = load_state(latest_checkpoint(killed_dir))["step"]
-    assert 1 <= done < STEPS and not (killed_dir / "summary.json").exists()
+    _crash_after_first_checkpoint(["run", "--no-progress", str(config)])
+    assert load_state(latest_checkpoint(killed_dir))["step"] == 1 and not (killed_dir / "summary.json").exists()
 
     summary = run(load_config(None, tiny_overrides(tiny_models, killed_dir, **overrides)), resume=True, progress=False)
     assert summary["steps"] == STEPS
@@ -159,11 +171,23 @@ def test_rollout_worker_restarts_are_bounded(local_ray):
         def echo(self, x):
             return x
 
+    def kill(actor) -> None:
+        """ray.kill only asks for the kill: wait until the actor is dead, or a call may still reach it."""
+        ray.kill(actor)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                ray.get(actor.echo.remote(0), timeout=5)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                return
+            time.sleep(0.1)
+        raise AssertionError("the killed actor still answers")
+
     start = lambda i: ray.remote(_Worker).options(name=f"bounded/rollout-{i}", num_cpus=0).remote()  # noqa: E731
     pool = RolloutPool([start(0)], start, max_restarts=1)
-    ray.kill(ray.get_actor("bounded/rollout-0"))
+    kill(ray.get_actor("bounded/rollout-0"))
     assert pool.map(lambda w, x: w.echo.remote(x), [7]) == [7]  # re-issued on the replacement
     assert pool.restarts == 1 and ray.get_actor("bounded/rollout-0")._actor_id == pool[0]._actor_id
-    ray.kill(pool[0])
+    kill(pool[0])
     with pytest.raises(RuntimeError, match=r"rollout worker 0 died .*rollout\.max_restarts=1"):
         pool.map(lambda w, x: w.echo.remote(x), [7])
