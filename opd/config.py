@@ -68,6 +68,10 @@ class OPDConfig(_Section):
     divergence: Literal["sampled", "teacher_topk", "full_vocab"] = "sampled"
     full_vocab_kind: Literal["reverse", "forward", "jsd"] = "reverse"
     jsd_beta: float = Field(0.5, ge=0, le=1)  # teacher weight of the generalised JSD
+    # full_vocab: who computes the teacher's distribution. learner: an HF forward of the teacher in the learner (any
+    # vocabulary); teacher: the teacher actor returns every token's log-prob (teacher.top_k is set to the vocabulary
+    # size), which takes the teacher's forward off the learner; small vocabularies only (V floats per token travel)
+    full_vocab_source: Literal["learner", "teacher"] = "learner"
 
 
 class ExOPDConfig(_Section):
@@ -123,6 +127,7 @@ class RolloutConfig(_Section):
     kv_cache_gib: float = Field(1.0, gt=0)
     probe_tolerance: float = Field(1e-3, gt=0)  # max |logprob diff| between learner and engine after a sync
     max_staleness: int = Field(0, ge=0)  # 0: synchronous; k: generation runs up to k steps ahead of the learner
+    chunk_prompts: int = Field(0, ge=0)  # prompts per generation call, each scored as it finishes; 0: one call per worker
     max_restarts: int = Field(3, ge=0)  # dead rollout workers replaced per run before the job fails
     engine: Literal["vllm", "hf"] = "vllm"  # hf: transformers generate (CPU runs, tests); vllm is the production path
 
@@ -266,6 +271,19 @@ class Config(_Section):
     def needs_teacher(self) -> bool:
         """Whether a teacher scorer must run: OPD and ExOPD learn from its per-token log-probs."""
         return self.algorithm in ("opd", "exopd")
+
+    @property
+    def learner_runs_teacher(self) -> bool:
+        """OPD with ``opd.divergence=full_vocab`` (``opd.full_vocab_source=learner``): the learner runs the teacher's forward itself (the loss, the
+        sampled-token log-probs and the ``teacher_kl`` metric all come from it), so no teacher actor scores samples;
+        the teacher actor is still started, for its held-out accuracy."""
+        return self.algorithm == "opd" and self.opd.divergence == "full_vocab" and self.opd.full_vocab_source == "learner"
+
+    @property
+    def teacher_lists_vocabulary(self) -> bool:
+        """OPD with ``opd.divergence=full_vocab`` and ``opd.full_vocab_source=teacher``: the teacher actor returns
+        every token's log-prob (``teacher.top_k`` = the vocabulary size, set by ``opd.driver.with_vocabulary_top_k``)."""
+        return self.algorithm == "opd" and self.opd.divergence == "full_vocab" and self.opd.full_vocab_source == "teacher"
 
 
 def _set_dotted(tree: dict, key: str, value: object) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from opd.checkpoint import latest_checkpoint, load_state, save_checkpoint
 from opd.cluster import Roles, init_ray, start_roles, stop_roles
@@ -126,8 +126,19 @@ def _check_teachers(cfg: Config, tok, prompts: list[Prompt]) -> None:
         )
 
 
+def with_vocabulary_top_k(cfg: Config) -> Config:
+    """``opd.full_vocab_source=teacher``: the teacher returns every token's log-prob, so ``teacher.top_k`` becomes
+    the student's vocabulary size (read from its config) in a copy of the config; other configs come back as they are."""
+    if not cfg.teacher_lists_vocabulary:
+        return cfg
+    vocab = AutoConfig.from_pretrained(cfg.models.student).vocab_size
+    teacher = cfg.teacher.model_copy(update={"top_k": vocab, "max_logprobs": max(vocab, cfg.teacher.max_logprobs)})
+    return cfg.model_copy(update={"teacher": teacher})
+
+
 def run(cfg: Config, *, resume: bool = False, fresh: bool = False, progress: bool = True) -> dict:
     job = prepare(cfg, resume=resume, fresh=fresh)
+    cfg = with_vocabulary_top_k(cfg)  # after prepare: the model directories are checked by then
     job.run_dir.mkdir(parents=True, exist_ok=True)
     (job.run_dir / "config.yaml").write_text(dump_config(cfg))
     init_ray(cfg)
@@ -199,7 +210,8 @@ def train(cfg: Config, job: Job, roles: Roles, progress: bool = True) -> dict:
                         config=cfg.model_dump(mode="json"), run_name=cfg.run.name)
     stream = RolloutStream(roles.rollout, PromptSource(job.train, cfg.run.seed, st.cursor), cfg.rollout, cfg.run.seed,
                            load_in_flight(job.checkpoint), scorer=ChunkScorer(roles, cfg))
-    st.version, _ = sync_weights(roles, job.probe_ids, cfg.rollout.probe_tolerance)
+    st.version, probe = sync_weights(roles, job.probe_ids, cfg.rollout.probe_tolerance)
+    probe()
     warm_up_verifiers(roles, job.test[0])
     if st.accuracy_before is None:
         st.accuracy_before = evaluate(roles, job.test, cfg, who="student")
@@ -208,24 +220,29 @@ def train(cfg: Config, job: Job, roles: Roles, progress: bool = True) -> dict:
     samples_log = SampleLog(job.run_dir, st.step, cfg.run.log_samples)
     for step in range(st.step, cfg.trainer.total_steps):
         t0 = time.perf_counter()
-        # With max_staleness > 0 the next batches start here and come back scored (verified and teacher-scored while
-        # the learner trained); a synchronous batch is scored now.
+        # Batches come back scored: each chunk is teacher-scored and verified as soon as it is generated (with
+        # max_staleness > 0, the next batches are launched here and scored while the learner trains).
         taken = stream.take(step, cfg.trainer.total_steps)
         rollouts, rewards, scores = taken.batch, taken.rewards, taken.scores
         if rewards is None:
             rewards, scores = verify_and_score(roles, rollouts, cfg)
         batch = route(rollouts, rewards, scores, plan, job.render)
+        # The last sync's loads ran while this batch was scored; nothing generated at those weights trains unchecked.
+        probe_diff = probe()
         stats = ray.get(roles.learner.train_step.remote(batch)) if batch else {"update_skipped": 1.0}
         stats["sample_staleness"] = float(st.version - rollouts.weight_version)
-        st.version, probe_diff = sync_weights(roles, job.probe_ids, cfg.rollout.probe_tolerance)
+        st.version, probe = sync_weights(roles, job.probe_ids, cfg.rollout.probe_tolerance)
         stats["rollout_worker_restarts"] = float(roles.rollout.restarts)  # replacements so far in this driver process
         st.step, st.cursor, st.consumed = step + 1, stream.data.cursor, st.consumed + len(rollouts.samples)
         if cfg.eval.every and st.step % cfg.eval.every == 0:
+            probe()
             stats["eval_accuracy"] = evaluate(roles, job.test, cfg, who="student")
         samples_log.log(step, rollouts, rewards, batch)
         log.log(step, step_metrics(rollouts, rewards, scores, stats, probe_diff, st.version, time.perf_counter() - t0))
         if st.step == cfg.trainer.total_steps or (cfg.checkpoint.every and st.step % cfg.checkpoint.every == 0):
+            probe()  # a checkpoint only ever follows a checked sync
             _save(cfg, job, roles, st, stream)
+    probe()
     log.close()
     summary = {
         "algorithm": cfg.algorithm,

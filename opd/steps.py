@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 import ray
 
@@ -38,16 +39,14 @@ def _verify(roles: Roles, samples: list[Sample]) -> Rewards:
 
 
 def verify_and_score(roles: Roles, rollouts: RolloutBatch, cfg: Config) -> tuple[Rewards, TeacherScores | None]:
-    """Teacher scoring runs on its actor while verifiers run in their hosts; both finish before routing."""
-    collect = roles.teacher.score(rollouts.samples, cfg.teacher.top_k) if roles.teacher else None
-    rewards = _verify(roles, rollouts.samples)
-    rewards.validate(rollouts.samples)
-    scores = collect() if collect is not None else None
-    return rewards, scores
+    """A whole batch scored at once (one chunk): teacher scoring runs on its actor while verifiers run in their
+    hosts; both finish before routing."""
+    scorer = ChunkScorer(roles, cfg)
+    return scorer.merge(rollouts.samples, [scorer.chunk(rollouts.samples, None)])
 
 
 class ChunkScorer:
-    """Scores a batch launched ahead chunk by chunk (one chunk per rollout worker), off the driver's main thread.
+    """Scores a batch chunk by chunk (a chunk: one generation call of a rollout worker), off the driver's main thread.
 
     ``chain`` runs when a chunk is issued: a chunk whose rows all go to one teacher is handed to that teacher actor
     as the generation's ObjectRef, so scoring starts the moment generation ends. ``chunk`` runs on the stream's
@@ -55,19 +54,20 @@ class ChunkScorer:
 
     def __init__(self, roles: Roles, cfg: Config):
         self.roles, self.top_k = roles, cfg.teacher.top_k
+        self.teacher = None if cfg.learner_runs_teacher else roles.teacher
 
     def chain(self, draws: list[tuple[Prompt, int]], samples_ref):
-        teachers = self.roles.teacher
+        teachers = self.teacher
         names = {teacher_name(p, teachers.column) for p, _ in draws} if teachers else set()
         return teachers.actors[names.pop()].score.remote(samples_ref, self.top_k) if len(names) == 1 else None
 
     def chunk(self, samples: list[Sample], teacher_ref) -> tuple[Rewards, object]:
-        if self.roles.teacher is None:
+        if self.teacher is None:
             collect = None
         elif teacher_ref is not None:
             collect = lambda: ray.get(teacher_ref)  # noqa: E731
         else:
-            collect = self.roles.teacher.score(samples, self.top_k)
+            collect = self.teacher.score(samples, self.top_k)
         rewards = _verify(self.roles, samples)
         rewards.validate(samples)
         return rewards, collect
@@ -75,7 +75,7 @@ class ChunkScorer:
     def merge(self, samples: list[Sample], parts: list[tuple[Rewards, object]]) -> tuple[Rewards, TeacherScores | None]:
         rewards = merge_rewards([r for r, _ in parts])
         rewards.validate(samples)
-        if self.roles.teacher is None:
+        if self.teacher is None:
             return rewards, None
         scores = merge_scores([collect() for _, collect in parts])
         scores.validate(samples)
@@ -108,20 +108,22 @@ def merge_scores(parts: list[TeacherScores]) -> TeacherScores:
     )
 
 
-def sync_weights(roles: Roles, probe_ids: list[int], tolerance: float) -> tuple[int, float]:
+def sync_weights(roles: Roles, probe_ids: list[int], tolerance: float) -> tuple[int, Callable[[], float]]:
     """Publish the learner's weights to every rollout worker; each verifies them with the probe sequence.
 
-    A LoRA student publishes its adapter's files instead (the engines keep their base weights): the bytes go
-    through the object store, so workers on other nodes need no shared file system."""
+    Returns the version and a function that waits for the loads and gives the max probe difference: the loads run
+    while the driver goes on (the learner's next step, the next batch's scoring), and the driver waits only before
+    it trains on samples generated at this version. The exported weights and the probe's expected log-probs go to
+    the workers as ObjectRefs, never through the driver. A LoRA student publishes its adapter's files instead (the
+    engines keep their base weights); workers on other nodes need no shared file system either way."""
     learner = roles.learner
-    version, expected, lora = ray.get(
-        [learner.version_number.remote(), learner.probe_logprobs.remote(probe_ids), learner.uses_lora.remote()]
-    )
+    version, lora = ray.get([learner.version_number.remote(), learner.uses_lora.remote()])
+    expected = learner.probe_logprobs.remote(probe_ids)
     if lora:
-        files = ray.put(ray.get(learner.export_adapter.remote()))
+        files = learner.export_adapter.remote()
         load = lambda w: w.load_adapter.remote(files, version, probe_ids, expected, tolerance)  # noqa: E731
     else:
-        blob = ray.put(ray.get(learner.export_weights.remote()))
+        blob = learner.export_weights.remote()
         load = lambda w: w.load_weights.remote(blob, version, probe_ids, expected, tolerance)  # noqa: E731
     # The pool keeps ``load`` while generations launched at this version are owed: a replacement worker replays them.
     return version, roles.rollout.publish(version, load)

@@ -163,3 +163,59 @@ def test_gradient_checkpointing_gives_the_same_update_with_less_activation_memor
     for p, q in zip(plain.model.parameters(), ckpt.model.parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-6)
     assert b["activation_mib"] < a["activation_mib"]
+
+
+def test_full_vocab_learner_reports_the_teacher_kl_it_computed(tiny_models):
+    """No teacher actor scores a full-vocabulary OPD batch: the learner's own teacher forward gives ``teacher_kl``,
+    the sampled-token log q - log pi_T averaged over response tokens, checked against an independent HF forward."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    learner = Learner(str(tiny_models / "student"), lr=1e-2, micro_batch_size=4, objective=SPECS["opd-full-vocab-jsd"],
+                      teacher_dir=str(tiny_models / "teacher"))
+    batch = _batch(learner, "opd-full-vocab-jsd")
+    batch.teacher_logprobs = None
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_models / "teacher", dtype=torch.float32).eval()
+    diffs = []
+    with torch.no_grad():
+        for p, r, q in zip(batch.prompt_ids, batch.response_ids, batch.sampler_logprobs, strict=True):
+            logp = torch.log_softmax(teacher(torch.tensor([p + r])).logits[0, len(p) - 1 : -1], -1)
+            diffs += [qt - float(logp[t, tok]) for t, (tok, qt) in enumerate(zip(r, q, strict=True))]
+    stats = learner.train_step(batch)
+    assert stats["teacher_kl"] == pytest.approx(sum(diffs) / len(diffs), abs=1e-5)
+    assert math.isfinite(stats["loss"]) and stats["update_skipped"] == 0.0
+
+
+def test_full_vocab_from_the_teachers_scores_equals_the_learners_teacher_forward(tiny_models):
+    """opd.full_vocab_source=teacher: scores listing every token's log-prob (top-k = V) give the same loss and
+    gradients as the learner's own forward of the teacher (Adam's first step would magnify float noise on tiny
+    gradients, so the gradients are compared, not the weights)."""
+    from transformers import AutoModelForCausalLM
+
+    spec = SPECS["opd-full-vocab-jsd"]
+    by_learner, stats = _step(tiny_models, "opd-full-vocab-jsd", micro=4)
+    torch.manual_seed(0)
+    by_scores = Learner(str(tiny_models / "student"), lr=1e-2, micro_batch_size=4,
+                        objective=ObjectiveSpec("opd", opd_divergence="full_vocab", full_vocab_kind=spec.full_vocab_kind,
+                                                full_vocab_source="teacher"))
+    assert by_scores.hf_teacher is None
+    batch = _batch(by_scores, "opd-full-vocab-jsd")
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_models / "teacher", dtype=torch.float32).eval()
+    batch.teacher_topk_ids, batch.teacher_topk_logprobs = [], []
+    with torch.no_grad():
+        for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True):
+            lp, ids = torch.log_softmax(teacher(torch.tensor([p + r])).logits[0, len(p) - 1 : -1], -1).sort(-1, descending=True)
+            batch.teacher_topk_ids.append(ids.tolist())
+            batch.teacher_topk_logprobs.append(lp.tolist())
+    got = by_scores.train_step(batch)
+    assert got["loss"] == pytest.approx(stats["loss"], rel=1e-5)
+    _same_grads(by_learner, by_scores, "the teacher's listed scores instead of its forward")
+
+
+def test_full_vocab_from_scores_short_of_the_vocabulary_is_refused(tiny_models):
+    """A top-k that does not list every token would silently drop teacher mass: the step fails naming the key."""
+    learner = Learner(str(tiny_models / "student"), lr=1e-2, micro_batch_size=4,
+                      objective=ObjectiveSpec("opd", opd_divergence="full_vocab", full_vocab_source="teacher"))
+    batch = _batch(learner, "opd-topk")  # 4 listed tokens per position
+    with pytest.raises(ValueError, match=r"got 4 per position .*teacher\.top_k"):
+        learner.train_step(batch)

@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
+import yaml
 from conftest import tiny_overrides
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from opd.config import load_config
 from opd.driver import run
@@ -58,6 +59,8 @@ OBJECTIVE_RUNS = {
     "opd-tip50": {"selection.mode": "overconfident", "selection.keep_ratio": 0.5},
     "opd-paced": {"weighting.paced": "true"},
     "opd-topk": {"opd.divergence": "teacher_topk", "teacher.top_k": 5},
+    "opd-full-vocab": {"opd.divergence": "full_vocab", "teacher.top_k": 0},
+    "opd-full-vocab-teacher": {"opd.divergence": "full_vocab", "opd.full_vocab_source": "teacher"},
 }
 
 
@@ -75,6 +78,12 @@ def test_objective_two_steps(tiny_models, local_ray, tmp_path, name):
         assert r["loss"] is not None and r["train_tokens"] > 0
     if name == "grpo":
         assert summary["teacher_accuracy"] is None and all("teacher_kl" not in r for r in rows)
+    if name == "opd-full-vocab":  # the learner's teacher forward gives the KL; no teacher actor scored the samples
+        assert all("teacher_kl" in r and "score_tokens_per_s" not in r for r in trained)
+    if name == "opd-full-vocab-teacher":  # the teacher actor listed every token: top-k = the vocabulary
+        vocab = AutoConfig.from_pretrained(tiny_models / "student").vocab_size
+        assert yaml.safe_load((out / "config.yaml").read_text())["teacher"]["top_k"] == vocab
+        assert all("score_tokens_per_s" in r for r in rows)
     if name == "opd-tip50":
         assert all(r["train_tokens"] <= 0.5 * r["response_length"] * 8 + 1 for r in trained)
 

@@ -96,13 +96,27 @@ class RolloutPool(list):
             return out[0], out[1], teacher
 
     # -- weights ------------------------------------------------------------------------------------------------
-    def publish(self, version: int, load: Load) -> float:
-        """Load ``version`` into every worker (``load(worker)`` issues the call); the max probe difference."""
+    def publish(self, version: int, load: Load) -> Callable[[], float]:
+        """Issue the load of ``version`` on every worker (``load(worker)`` issues the call) and return at once.
+
+        The returned function waits for the loads and gives the max probe difference (raising the probe's error
+        if one failed); call it before training on anything generated at this version. A worker runs its calls
+        in order, so generations issued after this publish see these weights whether or not anyone waited."""
         with self.lock:
             self.weights[version], self.version = load, version
             self._prune()
             issued = [(i, self.incarnation[i], load(w)) for i, w in enumerate(self)]
-        return max(self._wait(i, inc, ref, load) for i, inc, ref in issued)
+        done: list[float] = []
+        # A worker that died meanwhile is replaced and given the pool's current weights (a later version, if one
+        # was published since): never this older one again.
+        current = lambda w: self.weights[self.version](w)  # noqa: E731
+
+        def wait() -> float:
+            if not done:
+                done.append(max(self._wait(i, inc, ref, current) for i, inc, ref in issued))
+            return done[0]
+
+        return wait
 
     def map(self, call: Callable, parts: list) -> list:
         """``call(worker, part)`` on worker i for part i (a call that needs no particular weights, like greedy

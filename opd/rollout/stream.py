@@ -1,13 +1,15 @@
 """The driver's supply of rollout batches, synchronous or running ahead of the learner by a bounded number of steps.
 
+A batch is generated in chunks: each worker's share of the draws, cut into generation calls of
+``rollout.chunk_prompts`` prompts (0: one call per worker). Every chunk is scored as soon as it is generated, off
+the driver's main thread: it goes to the teacher actor the moment its generation ends (Ray starts the scoring task
+when the samples' ObjectRef resolves), and a background thread runs the verifiers on each chunk as it arrives, so
+the teacher scores chunk i while the worker generates chunk i+1.
+
 With ``rollout.max_staleness = k > 0`` the rollout workers generate the batches of steps n+1..n+k while the learner
-trains step n, and each batch launched ahead is scored as it comes in, off the driver's main thread: a worker's
-share (a chunk) goes to the teacher actor as soon as its generation ends (Ray starts the scoring task when the
-samples' ObjectRef resolves), and a background thread runs the verifiers on each chunk as it arrives. A worker runs
-its calls in order, so a weight sync queued after those generations reaches the engine after them: every batch is
-at most k weight versions behind the learner, and the policy-gradient objectives correct for it with their
-truncated importance weight against the sampler's log-probs. Synchronous batches (k = 0) are scored by the driver
-after ``take`` returns, exactly as before.
+trains step n. A worker runs its calls in order, so a weight sync queued after those generations reaches the engine
+after them: every batch is at most k weight versions behind the learner, and the policy-gradient objectives
+correct for it with their truncated importance weight against the sampler's log-probs.
 
 Batches still in flight at a checkpoint are finished, scored and stored with it, so a resumed run trains on exactly
 the samples (and teacher scores) the uninterrupted run would have.
@@ -40,6 +42,13 @@ def split_even(items: list, parts: int) -> list[list]:
     return out
 
 
+def pieces(share: list, size: int) -> list[list]:
+    """A worker's share as generation calls of ``size`` draws (``rollout.chunk_prompts``; 0: one call)."""
+    if not share:
+        return []
+    return [share[i : i + size] for i in range(0, len(share), size)] if size else [share]
+
+
 @dataclass
 class Scored:
     """A step's batch with its verifier rewards and teacher scores; both None while the driver has yet to score it."""
@@ -64,14 +73,14 @@ class Pending:
             threading.Thread(target=self._score, name=f"opd-score-step-{step}", daemon=True).start()
 
     def _collect(self, each=None) -> RolloutBatch:
-        samples, seconds = [], []
+        samples, seconds = [], {}
         for chunk in self.chunks:
             part, sec, teacher = self.pool.collect(chunk)
             samples += part
-            seconds.append(sec)
+            seconds[chunk.slot] = seconds.get(chunk.slot, 0.0) + sec  # a worker runs its chunks one after another
             if each is not None:
                 each(part, teacher)
-        batch = RolloutBatch(self.step, samples, self.group_size, samples[0].weight_version, max(seconds))
+        batch = RolloutBatch(self.step, samples, self.group_size, samples[0].weight_version, max(seconds.values()))
         batch.validate()
         return batch
 
@@ -96,7 +105,8 @@ def launch(workers: list, draws: list, step: int, rollout_cfg, seed: int, scorer
     pool = workers if isinstance(workers, RolloutPool) else RolloutPool(workers)
     kwargs = {"n": r.group_size, "temperature": r.temperature, "top_p": r.top_p, "max_tokens": r.max_new_tokens, "seed": seed}
     chain = scorer.chain if scorer is not None else None
-    chunks = [Chunk(i, c, kwargs, chain) for i, c in enumerate(split_even(draws, len(pool))) if c]
+    chunks = [Chunk(slot, piece, kwargs, chain)
+              for slot, share in enumerate(split_even(draws, len(pool))) for piece in pieces(share, r.chunk_prompts)]
     for chunk in chunks:
         pool.issue(chunk)
     return Pending(step, pool, chunks, r.group_size, scorer)
@@ -115,11 +125,10 @@ class RolloutStream:
     def take(self, step: int, last_step: int) -> Scored:
         """The batch for ``step`` (scored when it was launched ahead), after launching generation up to
         ``max_staleness`` steps ahead (never past the run)."""
-        ahead = self.scorer if self.cfg.max_staleness > 0 else None
         while self._next_step(step) <= min(step + self.cfg.max_staleness, last_step - 1):
             s = self._next_step(step)
             draws = self.data.next_batch(self.cfg.prompts_per_step)
-            self.queue.append(launch(self.workers, draws, s, self.cfg, self.seed, ahead))
+            self.queue.append(launch(self.workers, draws, s, self.cfg, self.seed, self.scorer))
         head = self.queue.popleft()
         if head.step != step:
             raise RuntimeError(f"rollout stream out of order: wanted step {step}, next batch is step {head.step}")

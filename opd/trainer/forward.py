@@ -94,3 +94,12 @@ class Precision:
         with self._ctx(model):
             out = model.get_output_embeddings()(h)
         return out.float()
+
+
+def dense_logprobs(ids_BTK: torch.Tensor, logp_BTK: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The teacher's log-probs over the student's vocabulary from scores that list every token (top-k = V); ids
+    past the student's head (a teacher's padded vocabulary) are dropped, and a token not listed gets -1e4."""
+    keep = ids_BTK < vocab
+    out = torch.full((*ids_BTK.shape[:2], vocab + 1), -1e4)
+    out.scatter_(-1, torch.where(keep, ids_BTK, vocab), torch.where(keep, logp_BTK, -1e4))
+    return out[..., :vocab]

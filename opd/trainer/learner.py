@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opd.rollout.weight_sync import pack_state_dict
 from opd.trainer.dist import Collective, free_port, join
-from opd.trainer.forward import MicroTensors, Precision, build_micro, flatten_kept, rows
+from opd.trainer.forward import MicroTensors, Precision, build_micro, dense_logprobs, flatten_kept, rows
 from opd.trainer.lora import LoraSpec, adapter_files, load_adapter_weights, trainable, wrap
 from opd.trainer.losses import aggregate, entropy_from_logits, token_logprobs
 from opd.trainer.microbatch import padded_tokens, plan
@@ -101,6 +101,7 @@ class Learner:
         # Teacher-side models never receive gradients.
         self.reference = _frozen(_load(reference_dir or model_dir)) if self.spec.needs_reference else None
         self.hf_teacher = _frozen(_load(teacher_dir)) if self.spec.needs_hf_teacher else None
+        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         self.self_teacher = _frozen(copy.deepcopy(self.model)) if self.spec.needs_self_teacher else None
         self.steps_done = 0
         self.version = 0
@@ -146,10 +147,17 @@ class Learner:
                     ids[j, :n] = torch.tensor(batch.teacher_topk_ids[i])
                     lps[j, :n] = torch.tensor(batch.teacher_topk_logprobs[i])
             aux.topk_ids_BTK, aux.topk_logp_BTK = ids, lps
+            if self.spec.opd_divergence == "full_vocab":  # full_vocab_source=teacher: the scores carry every token
+                if k < self.vocab_size:  # a top-k short of the vocabulary would silently drop teacher mass
+                    raise ValueError(f"opd.full_vocab_source=teacher needs the teacher's log-prob of every token: got "
+                                     f"{k} per position for a vocabulary of {self.vocab_size} (teacher.top_k)")
+                aux.teacher_logits_BTV = dense_logprobs(ids, lps, self.vocab_size)
         if self.reference is not None:
             aux.ref_logp_BT = token_logprobs(self.fw.logits(self.reference, self.fw.hidden(self.reference, mt)), mt.targets_BT)
         if self.hf_teacher is not None:
             aux.teacher_logits_BTV = self.fw.logits(self.hf_teacher, self.fw.hidden(self.hf_teacher, mt))
+            if aux.teacher_logp_BT is None:  # no teacher actor scored the batch: this forward is the teacher
+                aux.teacher_logp_BT = token_logprobs(aux.teacher_logits_BTV, mt.targets_BT)
         if self.self_teacher is not None:
             # The self-teacher reads the same response after its own (re-written) prompt.
             prompts = [batch.teacher_prompt_ids[i] or batch.prompt_ids[i] for i in idx]
@@ -236,6 +244,7 @@ class Learner:
         if self.spec.name == "srpo":
             self._srpo_weights(auxes, [mt.mask_BT for mt in mts])
         denom, n_seqs = self._denominator(mts, auxes, n_seq)
+        kl_sum, kl_tokens = self._teacher_kl(batch, micro, mts, auxes)
         self.opt.zero_grad(set_to_none=True)
         total, ent_sum, kept, counted, absdiff, finite = 0.0, 0.0, 0.0, 0.0, 0.0, True
         peak_activation = 0
@@ -252,8 +261,10 @@ class Learner:
             absdiff = max(absdiff, out["absdiff"])
         # The batch's statistics, and a non-finite loss on any rank, in one SUM and one MAX over ranks (float64:
         # a single rank's values pass through exactly). Every rank then takes the same skip-or-step decision.
-        sums = [total, ent_sum, kept, counted, float(not finite), float(sum(lengths)), float(padded_tokens(lengths, micro))]
-        total, ent_sum, kept, counted, nonfinite, real, padded = self.comm.sum(torch.tensor(sums, dtype=torch.float64)).tolist()
+        sums = [total, ent_sum, kept, counted, float(not finite), float(sum(lengths)), float(padded_tokens(lengths, micro)),
+                kl_sum, kl_tokens]
+        total, ent_sum, kept, counted, nonfinite, real, padded, kl_sum, kl_tokens = self.comm.sum(
+            torch.tensor(sums, dtype=torch.float64)).tolist()
         absdiff, peak_activation = self.comm.max(torch.tensor([absdiff, float(peak_activation)], dtype=torch.float64)).tolist()
         finite = nonfinite == 0
         if finite:
@@ -287,7 +298,17 @@ class Learner:
             "train_tokens_per_s": kept / max(seconds, 1e-9),
             "activation_mib": peak_activation / 2**20,
             "pad_fraction": 1.0 - real / max(padded, 1.0),  # forward positions that were padding
+            **({"teacher_kl": kl_sum / kl_tokens} if kl_tokens else {}),
         }
+
+    def _teacher_kl(self, batch: TrainBatch, micro: list[list[int]], mts: list[MicroTensors], auxes: list[Aux]) -> tuple[float, float]:
+        """(sum, tokens) of the sampled-token KL log q - log pi_T when this learner ran the teacher (then no teacher
+        actor scored the batch, and the driver's ``teacher_kl`` comes from here)."""
+        if self.hf_teacher is None:
+            return 0.0, 0.0
+        parts = [((rows([batch.sampler_logprobs[i] for i in idx], mt.mask_BT.shape[1]) - a.teacher_logp_BT) * mt.mask_BT).sum()
+                 for idx, mt, a in zip(micro, mts, auxes, strict=True)]
+        return float(sum(parts)), float(sum(mt.mask_BT.sum() for mt in mts))
 
     def _denominator(self, mts: list[MicroTensors], auxes: list[Aux], n_seq: int) -> tuple[float, int]:
         """Tokens in the batch-wide token-mean (kept tokens with TIP, SDPO-routed tokens with SDPO, else all tokens)

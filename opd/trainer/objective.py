@@ -32,6 +32,7 @@ class ObjectiveSpec:
     norm_len: int | None = None
     opd_divergence: str = "sampled"  # sampled | teacher_topk | full_vocab
     full_vocab_kind: str = "reverse"
+    full_vocab_source: str = "learner"  # learner: HF forward of the teacher here; teacher: the scores carry every token
     jsd_beta: float = 0.5
     exopd_lam: float = 1.25
     sdpo_top_k: int = 100
@@ -52,7 +53,7 @@ class ObjectiveSpec:
 
     @property
     def needs_hf_teacher(self) -> bool:
-        return self.name == "opd" and self.opd_divergence == "full_vocab"
+        return self.name == "opd" and self.opd_divergence == "full_vocab" and self.full_vocab_source == "learner"
 
 
 @dataclass

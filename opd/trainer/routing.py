@@ -86,9 +86,13 @@ def route(
         scores.validate(samples)
     lengths = [len(s.response_ids) for s in samples]
     sampler_BT, mask_BT = _pad([s.sampler_logprobs for s in samples])
-    if plan.objective in ("opd", "exopd"):
+    if plan.objective in ("opd", "exopd") and scores is not None:
         adv_BT = opd_token_advantages(sampler_BT, _pad(scores.logprobs)[0], mask_BT, coef=plan.kl_coef)
         advantages = [adv_BT[i, :n].tolist() for i, n in enumerate(lengths)]
+    elif plan.objective == "opd":  # full_vocab: the learner reads the teacher's logits itself; no advantage is used
+        advantages = [[0.0] * n for n in lengths]
+    elif plan.objective == "exopd":
+        raise ValueError("exopd needs the teacher's per-token log-probs, and no teacher scores came with the batch")
     else:
         adv = grpo_advantages(torch.tensor(rewards.rewards).view(-1, g), norm_by_std=plan.norm_by_std, eps=plan.adv_eps).flatten()
         advantages = [[float(a)] * n for a, n in zip(adv, lengths, strict=True)]
