@@ -123,6 +123,13 @@ class Watch:
                 pass  # a line being written
         return out
 
+    def wait_inside_step(self, proc: subprocess.Popen, lines_now: int, delay_s: float) -> None:
+        """A random moment inside the step: ``delay_s``, cut short when the step ends (a new metrics line) or the
+        driver exits, so a fault never lands after the run has moved on, however fast its steps are."""
+        until = time.monotonic() + delay_s
+        while time.monotonic() < until and proc.poll() is None and len(self.lines()) <= lines_now:
+            time.sleep(0.05)
+
     def follow(self, proc: subprocess.Popen, attempt: int) -> bool:
         """Until the driver exits; True when this watcher killed it (the driver fault)."""
         step_s: list[float] = []
@@ -140,7 +147,7 @@ class Watch:
                 if step is None or (kind, step) in done_faults or completed < step:
                     continue
                 done_faults.add((kind, step))
-                time.sleep(self.schedule.delays[step] * typical)  # a random moment inside the step
+                self.wait_inside_step(proc, len(rows), self.schedule.delays[step] * typical)
                 if proc.poll() is not None:
                     break
                 if kind == "driver_sigkill":
