@@ -10,9 +10,11 @@ from opd.trainer.losses import (
     aggregate,
     clipped_pg_loss,
     entropy_from_logits,
+    prefix_is_weights,
     token_logprobs,
     truncated_is_weights,
 )
+from opd.trainer.objective import Aux, ObjectiveSpec, token_loss
 
 L = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
 M = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
@@ -121,3 +123,34 @@ def test_entropy_and_logprobs_of_uniform_logits():
     logits = torch.zeros(2, 3, 5)
     assert torch.allclose(entropy_from_logits(logits), torch.full((2, 3), math.log(5)))
     assert torch.allclose(token_logprobs(logits, torch.zeros(2, 3, dtype=torch.long)), torch.full((2, 3), -math.log(5)))
+
+
+def test_prefix_is_weights():
+    logp = torch.tensor([[-1.0, -1.0, -1.0, -1.0]])
+    sampler = logp - torch.tensor([[math.log(1.5), -math.log(2.0), 9.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    w = prefix_is_weights(logp, sampler, mask, cap=2.0)
+    assert w[0].tolist() == pytest.approx([1.0, 1.5, 0.75, 2.0])  # y_<t's ratio; the last one capped
+
+
+@pytest.mark.parametrize("divergence", ["teacher_topk", "full_vocab"])
+def test_opd_divergences_are_weighted_by_the_prefix_is_weight(divergence):
+    """Stale samples: position t's divergence is scaled by the truncated ratio of y_<t, a detached constant."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 7, requires_grad=True)
+    teacher = torch.randn(2, 3, 7)
+    targets = torch.randint(7, (2, 3))
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    top = teacher.log_softmax(-1).topk(3, dim=-1)
+    aux = Aux(topk_ids_BTK=top.indices, topk_logp_BTK=top.values, teacher_logits_BTV=teacher)
+    spec = ObjectiveSpec(opd_divergence=divergence, tis_cap=2.0)
+    logp = token_logprobs(logits, targets).detach()
+    on_policy, count = token_loss(spec, logits, targets, mask, logp, None, aux)
+    log_ratio = torch.tensor([[0.0, math.log(1.5), 3.0], [5.0, -math.log(2.0), 0.0]])
+    stale, _ = token_loss(spec, logits, targets, mask, logp - log_ratio, None, aux)
+    w = torch.tensor([[1.0, 1.0, 1.5], [1.0, 2.0, 2.0]])  # exp(5) and exp(5 - log 2) capped at 2
+    assert torch.equal(count, mask) and on_policy[0, 2] == 0
+    assert torch.allclose(stale, on_policy * w, atol=1e-6)
+    got = torch.autograd.grad(stale.sum(), logits)[0]
+    want = torch.autograd.grad((on_policy * w).sum(), logits)[0]
+    assert torch.allclose(got, want, atol=1e-6)  # the weight is a constant: no gradient through it

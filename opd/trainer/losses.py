@@ -38,6 +38,18 @@ def truncated_is_weights(old_logprobs_BT: torch.Tensor, sampler_logprobs_BT: tor
     return torch.exp(old_logprobs_BT.detach() - sampler_logprobs_BT).clamp(max=cap)
 
 
+def prefix_is_weights(logprobs_BT: torch.Tensor, sampler_logprobs_BT: torch.Tensor, mask_BT: torch.Tensor,
+                      cap: float) -> torch.Tensor:
+    """Detached ``min(prod_{u<t} pi(y_u) / q(y_u), cap)``: the truncated ratio of the prefix that led to position t.
+
+    A divergence taken over the vocabulary at position t is an expectation at the state ``y_<t``, which the sampler
+    ``q`` chose; the token drawn at t itself is not part of it. Position 0 gets 1; masked tokens count as ratio 1.
+    """
+    log_ratio_BT = (logprobs_BT.detach() - sampler_logprobs_BT) * mask_BT
+    before_BT = torch.cumsum(log_ratio_BT, dim=-1) - log_ratio_BT
+    return torch.exp(before_BT).clamp(max=cap)
+
+
 def clipped_pg_token_loss(
     logprobs_BT: torch.Tensor,
     old_logprobs_BT: torch.Tensor,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from opd.trainer.divergences import full_vocab_divergence, teacher_topk_forward_kl
-from opd.trainer.losses import clipped_pg_token_loss, token_logprobs, truncated_is_weights
+from opd.trainer.losses import clipped_pg_token_loss, prefix_is_weights, token_logprobs, truncated_is_weights
 from opd.trainer.objectives import gopd_token_advantages
 from opd.trainer.sdpo import sdpo_token_loss
 
@@ -88,12 +88,14 @@ def token_loss(
     if spec.name == "exopd":
         adv = gopd_token_advantages(aux.teacher_logp_BT, aux.ref_logp_BT, sampler_BT, mask_BT, lam=spec.exopd_lam)
         return _pg(spec, logp_BT, sampler_BT, adv) * mask_BT, mask_BT
-    if spec.name == "opd" and spec.opd_divergence == "teacher_topk":
-        student_logp = torch.log_softmax(logits_BTV.float(), -1)
-        return teacher_topk_forward_kl(student_logp, aux.topk_ids_BTK, aux.topk_logp_BTK) * mask_BT, mask_BT
-    if spec.name == "opd" and spec.opd_divergence == "full_vocab":
-        div = full_vocab_divergence(logits_BTV, aux.teacher_logits_BTV, mask_BT, kind=spec.full_vocab_kind, beta=spec.jsd_beta)
-        return div * mask_BT, mask_BT
+    if spec.name == "opd" and spec.opd_divergence in ("teacher_topk", "full_vocab"):
+        if spec.opd_divergence == "teacher_topk":
+            div = teacher_topk_forward_kl(torch.log_softmax(logits_BTV.float(), -1), aux.topk_ids_BTK, aux.topk_logp_BTK)
+        else:
+            div = full_vocab_divergence(logits_BTV, aux.teacher_logits_BTV, mask_BT, kind=spec.full_vocab_kind, beta=spec.jsd_beta)
+        # The divergence is taken at states the sampler visited: those of an older policy (max_staleness >= 1), or
+        # of an engine whose numerics differ, are reweighted towards the states the learner's policy would visit.
+        return div * prefix_is_weights(logp_BT, sampler_BT, mask_BT, spec.tis_cap) * mask_BT, mask_BT
     if spec.name in ("sdpo", "srpo"):
         sd_loss_BT, _ = sdpo_token_loss(
             logits_BTV, aux.teacher_logits_BTV, logp_BT.detach(), sampler_BT, mask_BT,
