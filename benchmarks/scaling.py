@@ -11,7 +11,7 @@ reset to its current RSS (``/proc/self/clear_refs`` = 5); ``peak_rss_mib`` is ``
 ``step_rss_mib`` is that peak minus the RSS at the reset: the memory the steps themselves added (activations,
 gradients, AdamW state, allocator slack), counted as the OS sees it, which is the honest measure for CPU tensors.
 Where clear_refs is not writable it falls back to ``ru_maxrss`` (then ``step_rss_mib`` includes the setup).
-``activation_mib`` is the learner's own count of tensors saved for backward (``ActivationMeter``): deterministic,
+``activation_mib`` is the learner's own count of tensors saved for backward (``opd.trainer.memory.ActivationMeter``): deterministic,
 so it shows the shape of the growth where RSS is noisy.
 
 Exponents: least-squares slope of log(y) on log(x) over each sweep, i.e. y ~ x^k. Time on a tiny model carries a

@@ -35,6 +35,7 @@ from opd.trainer.dist import Collective, free_port, join
 from opd.trainer.forward import MicroTensors, Precision, build_micro, dense_logprobs, flatten_kept, rows
 from opd.trainer.lora import LoraSpec, adapter_files, load_adapter_weights, trainable, wrap
 from opd.trainer.losses import aggregate, entropy_from_logits, token_logprobs
+from opd.trainer.memory import ActivationMeter
 from opd.trainer.microbatch import padded_tokens, plan
 from opd.trainer.objective import Aux, ObjectiveSpec, token_loss
 from opd.trainer.objectives import entropy_weights
@@ -385,29 +386,3 @@ def _wait(pending: list) -> None:
     import ray
 
     ray.get(pending)
-
-
-class ActivationMeter:
-    """Bytes of tensors autograd saves for backward during a forward pass: the learner's activation memory.
-
-    Deterministic on any device (unlike RSS on CPU), so memory effects such as token selection can be compared.
-    """
-
-    def __init__(self) -> None:
-        self.bytes = 0
-        self._seen: set[tuple[int, int]] = set()
-
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if key not in self._seen:
-            self._seen.add(key)
-            self.bytes += key[1]
-        return t
-
-    def __enter__(self) -> ActivationMeter:
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._hooks.__exit__(*exc)
