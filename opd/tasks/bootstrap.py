@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
+from opd.models.store import building, write_stamp
 from opd.tasks.arithmetic import build_dataset, exact_answer
 from opd.tasks.tokenizer import build_tokenizer
 
@@ -340,11 +340,7 @@ def bootstrap(out_dir: Path, spec: BootstrapSpec | None = None, force: bool = Fa
     if out_dir.exists() and (stray := set(os.listdir(out_dir)) - {*ROLES, "bootstrap.json"}):
         raise FileExistsError(f"{out_dir} holds files bootstrap did not write ({sorted(stray)}); not replacing it")
     start = time.monotonic()
-    # Build in a sibling and rename at the end: an interrupted run never leaves a valid-looking half of a cache.
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with building(out_dir) as tmp:
         data = task_splits(spec.task)
         log.info("bootstrap %s into %s: %s rows", spec_hash, out_dir, {k: len(v) for k, v in data.items()})
         tokenizer = build_tokenizer()
@@ -353,19 +349,7 @@ def bootstrap(out_dir: Path, spec: BootstrapSpec | None = None, force: bool = Fa
             meta[role] = _train_role(role, spec, tokenizer, data, tmp, num_threads)
             meta[f"{role}_accuracy"] = meta[role]["accuracy"]
         meta["seconds"] = round(time.monotonic() - start, 1)
-        text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-        meta = json.loads(text)  # return exactly what a later cache hit returns (lists, not tuples)
-        (tmp / "bootstrap.json").write_text(text)
-        if out_dir.exists():  # move the old one aside first: out_dir is at worst absent, never mixed
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        meta = write_stamp(tmp, "bootstrap.json", meta)
     log.info("bootstrap done in %.0fs: teacher %.3f (%d params), student %.3f (%d params)", meta["seconds"],
              meta["teacher_accuracy"], meta["teacher"]["params"], meta["student_accuracy"], meta["student"]["params"])
     return meta
