@@ -62,7 +62,7 @@ def measure(student: str, lora_rank: int, repeats: int) -> dict:
             export_s.append(t1 - t0)
             load_s.append(t2 - t1)
             total_s.append(t2 - t0)
-            sizes.append(sum(len(v) for v in payload.values()) if lora_rank else len(payload))
+            sizes.append(sum(len(v) for v in payload.values()) if lora_rank else payload.nbytes)
             diffs.append(diff)
     ray.kill(worker)
     return {

@@ -90,10 +90,10 @@ def main() -> int:
 
     from opd.cluster import init_ray, start_roles, stop_roles
     from opd.config import load_config
-    from opd.driver import prepare, with_vocabulary_top_k
+    from opd.driver import prepare
 
     overrides = ["eval.every=0", "eval.num_prompts=20", "checkpoint.every=0", *args.overrides]
-    cfg = with_vocabulary_top_k(load_config(args.config, overrides))
+    cfg = load_config(args.config, overrides)
     job = prepare(cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": tempfile.mkdtemp()})}))
     init_ray(cfg)
     roles = start_roles(cfg)

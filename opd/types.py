@@ -92,6 +92,9 @@ class TeacherScores:
     topk_ids: list[list[list[int]]] | None = None  # [B][T_b][K]
     topk_logprobs: list[list[list[float]]] | None = None  # [B][T_b][K]
     score_seconds: float = 0.0
+    # [B] float32 arrays [T_b, H]: the teacher's final hidden state at the position predicting each response token
+    # (opd.full_vocab_source=teacher: the learner applies the teacher's LM head to them)
+    hidden: list | None = None
 
     def validate(self, samples: list[Sample]) -> None:
         if self.uids != [s.uid for s in samples]:
@@ -105,6 +108,10 @@ class TeacherScores:
             for s, ids, lps in zip(samples, self.topk_ids, self.topk_logprobs or [], strict=True):
                 if len(ids) != len(s.response_ids) or len(lps) != len(s.response_ids):
                     raise RecordError(f"TeacherScores {s.uid}: top-k rows do not match response length")
+        if self.hidden is not None:
+            for s, h in zip(samples, self.hidden, strict=True):
+                if h.shape[0] != len(s.response_ids):
+                    raise RecordError(f"TeacherScores {s.uid}: {h.shape[0]} hidden-state rows for {len(s.response_ids)} response tokens")
 
     def nonfinite_samples(self) -> int:
         """Samples with a NaN/inf teacher log-prob (sampled token or top-k). Not an error here: such a value makes the
@@ -152,6 +159,7 @@ class TrainBatch:
     teacher_topk_logprobs: list[list[list[float]]] | None = None
     teacher_prompt_ids: list[list[int] | None] | None = None  # SDPO self-teacher prompt per sample (None: no context)
     routes: list[str] | None = None  # SDPO/SRPO per-sample route: "sdpo" | "grpo" | "none"
+    teacher_hidden: list | None = None  # [B] float32 arrays [T_b, H] from the teacher actor (TeacherScores.hidden)
 
     def validate(self) -> None:
         n = len(self.uids)
@@ -166,7 +174,9 @@ class TrainBatch:
                 raise RecordError(f"TrainBatch {uid}: teacher row does not match {t} response tokens")
             if self.teacher_topk_ids is not None and len(self.teacher_topk_ids[i]) != t:
                 raise RecordError(f"TrainBatch {uid}: teacher top-k rows do not match {t} response tokens")
-        for name in ("loss_weights", "teacher_prompt_ids", "routes", "teacher_topk_ids", "teacher_topk_logprobs"):
+            if self.teacher_hidden is not None and self.teacher_hidden[i].shape[0] != t:
+                raise RecordError(f"TrainBatch {uid}: teacher hidden-state rows do not match {t} response tokens")
+        for name in ("loss_weights", "teacher_prompt_ids", "routes", "teacher_topk_ids", "teacher_topk_logprobs", "teacher_hidden"):
             value = getattr(self, name)
             if value is not None and len(value) != n:
                 raise RecordError(f"TrainBatch: {name} has {len(value)} rows for {n} samples")

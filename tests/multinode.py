@@ -26,7 +26,7 @@ from opd.cluster import ACTOR_ENV, connect_learners, start_learners  # noqa: E40
 from opd.config import load_config  # noqa: E402
 from opd.driver import run  # noqa: E402
 from opd.plan import objective_spec  # noqa: E402
-from opd.rollout.weight_sync import unpack_state_dict  # noqa: E402
+from opd.rollout.weight_sync import TRANSFER  # noqa: E402
 from opd.trainer.learner import Learner  # noqa: E402
 from opd.trainer.shards import balance_shards  # noqa: E402
 from opd.types import TrainBatch  # noqa: E402
@@ -56,7 +56,7 @@ def make_batch(learner: Learner, algorithm: str, n: int, seed: int) -> TrainBatc
 
 
 def _weights(actor) -> dict[str, torch.Tensor]:
-    return unpack_state_dict(ray.get(actor.export_weights.remote()))
+    return {k: v.clone() for k, v in TRANSFER.receive(ray.get(actor.export_weights.remote()))}
 
 
 def _rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, float]:

@@ -11,7 +11,7 @@ from conftest import tiny_overrides
 from transformers import AutoModelForCausalLM
 
 from opd.rollout.hf_engine import HFEngine
-from opd.rollout.weight_sync import pack_state_dict
+from opd.rollout.weight_sync import TRANSFER
 from opd.rollout.worker import RolloutWorker, WeightSyncError
 
 QUESTIONS = ["12+34=", "1+2=", "99+9=", "7+70="]
@@ -121,7 +121,8 @@ def test_score_matches_vllm(engine, vllm_engine, prompts):
     assert all(r.topk_ids is None for r in engine.score(seqs[:2]))
 
 
-def test_weight_load_then_probe(student, prompts):
+@pytest.mark.slow
+def test_weight_load_then_probe(student, prompts, local_ray):
     worker = RolloutWorker(student, seed=0, max_model_len=32, kv_cache_gib=1, dtype="float32", engine="hf")
     model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
     with torch.no_grad():
@@ -131,12 +132,12 @@ def test_weight_load_then_probe(student, prompts):
     expected = _forward_logprobs(model, probe[:1], probe[1:]).tolist()
     before = worker.engine.score([probe])[0].token_logprobs
     assert max(abs(a - b) for a, b in zip(before, expected, strict=True)) > 1e-2  # the perturbation shows
-    diff = worker.load_weights(pack_state_dict(model.state_dict()), 1, probe, expected, 1e-3)
+    diff = worker.load_weights(TRANSFER.publish(model.state_dict()), 1, probe, expected, 1e-3)
     assert diff < 1e-4 and worker.version == 1
     with pytest.raises(WeightSyncError, match="weight version 2 failed the probe check"):
-        worker.load_weights(pack_state_dict(model.state_dict()), 2, probe, before, 1e-3)
+        worker.load_weights(TRANSFER.publish(model.state_dict()), 2, probe, before, 1e-3)
     with pytest.raises(ValueError, match="does not match the rollout model"):
-        worker.engine.load_weights(pack_state_dict({"model.nonexistent.weight": torch.zeros(1)}))
+        worker.engine.load_weights(iter([("model.nonexistent.weight", torch.zeros(1))]))
 
 
 def test_bad_input_names_the_limit(engine, prompts):

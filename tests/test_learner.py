@@ -80,6 +80,24 @@ def test_every_objective_steps_and_accumulates_exactly(tiny_models, name):
     assert any(p.grad.abs().sum() > 0 for p in full.model.parameters())
 
 
+PIECE_SPECS = {**SPECS, "opd-full-vocab-reverse": ObjectiveSpec("opd", opd_divergence="full_vocab"),
+               "opd-tip": ObjectiveSpec("opd", select_mode="entropy", keep_ratio=0.5)}
+
+
+@pytest.mark.parametrize("name", list(PIECE_SPECS))
+def test_lm_head_and_loss_in_pieces_give_the_same_update(tiny_models, name):
+    """The LM head and the loss run piece by piece (one sequence, or one kept token with TIP, per piece) and their
+    gradients flow into the trunk in one backward: the same loss and gradients as computing them all at once."""
+    spec = PIECE_SPECS[name]
+    batch_name = {"opd-full-vocab-reverse": "opd-full-vocab-jsd", "opd-tip": "opd"}.get(name, name)
+    whole, a = _step(tiny_models, batch_name, micro=64, spec=spec, logits_chunk_tokens=0)
+    piecewise, b = _step(tiny_models, batch_name, micro=64, spec=spec, logits_chunk_tokens=1)
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-7)
+    assert b["train_tokens"] == a["train_tokens"] and b["update_skipped"] == 0.0
+    assert b["entropy"] == pytest.approx(a["entropy"], rel=1e-6)
+    _same_grads(whole, piecewise, "the LM head in pieces", rtol=1e-5)
+
+
 def test_token_selection_trains_fewer_tokens_with_less_activation_memory(tiny_models):
     _, all_tokens = _step(tiny_models, "opd", micro=64)
     _, half = _step(tiny_models, "opd", micro=64, spec=ObjectiveSpec("opd", select_mode="entropy", keep_ratio=0.5))
@@ -186,36 +204,32 @@ def test_full_vocab_learner_reports_the_teacher_kl_it_computed(tiny_models):
     assert math.isfinite(stats["loss"]) and stats["update_skipped"] == 0.0
 
 
-def test_full_vocab_from_the_teachers_scores_equals_the_learners_teacher_forward(tiny_models):
-    """opd.full_vocab_source=teacher: scores listing every token's log-prob (top-k = V) give the same loss and
-    gradients as the learner's own forward of the teacher (Adam's first step would magnify float noise on tiny
-    gradients, so the gradients are compared, not the weights)."""
+def test_full_vocab_from_the_teachers_hidden_states_equals_the_learners_teacher_forward(tiny_models):
+    """opd.full_vocab_source=teacher: the teacher's final hidden states at the response positions (what its actor
+    sends), with the teacher's LM head applied here, give the same loss and gradients as the learner's own forward of
+    the whole teacher (Adam's first step would magnify float noise on tiny gradients, so gradients are compared)."""
     from transformers import AutoModelForCausalLM
 
     spec = SPECS["opd-full-vocab-jsd"]
     by_learner, stats = _step(tiny_models, "opd-full-vocab-jsd", micro=4)
     torch.manual_seed(0)
-    by_scores = Learner(str(tiny_models / "student"), lr=1e-2, micro_batch_size=4,
+    by_hidden = Learner(str(tiny_models / "student"), lr=1e-2, micro_batch_size=4, teacher_dir=str(tiny_models / "teacher"),
                         objective=ObjectiveSpec("opd", opd_divergence="full_vocab", full_vocab_kind=spec.full_vocab_kind,
                                                 full_vocab_source="teacher"))
-    assert by_scores.hf_teacher is None
-    batch = _batch(by_scores, "opd-full-vocab-jsd")
+    assert by_hidden.hf_teacher is None and by_hidden.teacher_head is not None
+    batch = _batch(by_hidden, "opd-full-vocab-jsd")
     teacher = AutoModelForCausalLM.from_pretrained(tiny_models / "teacher", dtype=torch.float32).eval()
-    batch.teacher_topk_ids, batch.teacher_topk_logprobs = [], []
     with torch.no_grad():
-        for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True):
-            lp, ids = torch.log_softmax(teacher(torch.tensor([p + r])).logits[0, len(p) - 1 : -1], -1).sort(-1, descending=True)
-            batch.teacher_topk_ids.append(ids.tolist())
-            batch.teacher_topk_logprobs.append(lp.tolist())
-    got = by_scores.train_step(batch)
+        batch.teacher_hidden = [teacher.get_decoder()(torch.tensor([p + r])).last_hidden_state[0, len(p) - 1 : -1].numpy()
+                                for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True)]
+    got = by_hidden.train_step(batch)
     assert got["loss"] == pytest.approx(stats["loss"], rel=1e-5)
-    _same_grads(by_learner, by_scores, "the teacher's listed scores instead of its forward")
+    _same_grads(by_learner, by_hidden, "the teacher's hidden states instead of its forward")
 
 
-def test_full_vocab_from_scores_short_of_the_vocabulary_is_refused(tiny_models):
-    """A top-k that does not list every token would silently drop teacher mass: the step fails naming the key."""
-    learner = Learner(str(tiny_models / "student"), lr=1e-2, micro_batch_size=4,
+def test_full_vocab_from_the_teacher_without_hidden_states_is_refused(tiny_models):
+    """A batch whose scores came without the teacher's hidden states cannot give the full-vocabulary loss."""
+    learner = Learner(str(tiny_models / "student"), lr=1e-2, micro_batch_size=4, teacher_dir=str(tiny_models / "teacher"),
                       objective=ObjectiveSpec("opd", opd_divergence="full_vocab", full_vocab_source="teacher"))
-    batch = _batch(learner, "opd-topk")  # 4 listed tokens per position
-    with pytest.raises(ValueError, match=r"got 4 per position .*teacher\.top_k"):
-        learner.train_step(batch)
+    with pytest.raises(ValueError, match="carries no teacher hidden states"):
+        learner.train_step(_batch(learner, "opd-full-vocab-jsd"))

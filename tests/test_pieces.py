@@ -3,7 +3,7 @@
 import pytest
 
 from opd.data import Cursor, PromptSource
-from opd.teacher.align import align_response, response_slice
+from opd.teacher.align import response_slice, score_starts
 from opd.teacher.preflight import TokenizerMismatch, check_tokenizers
 from opd.types import Prompt, RecordError, Sample, TeacherScores, sample_uid
 
@@ -12,9 +12,13 @@ def test_response_rows_are_shifted_by_one():
     # sequence p0 p1 p2 | r0 r1 ; rows score tokens 1..4, so r0 (position 3) is row 2
     rows = ["p1", "p2", "r0", "r1"]
     assert response_slice(3, 2) == slice(2, 4)
-    assert align_response(rows, 3, 2) == ["r0", "r1"]
-    with pytest.raises(ValueError):
-        align_response(rows, 3, 3)
+    assert rows[response_slice(3, 2)] == ["r0", "r1"]
+    assert score_starts([[1, 2, 3], [4, 5]], None) == [1, 1]
+    assert score_starts([[1, 2, 3], [4, 5]], [2, 2]) == [2, 2]
+    with pytest.raises(ValueError, match="outside 1..2"):
+        score_starts([[1, 2, 3], [4, 5]], [1, 3])
+    with pytest.raises(ValueError, match="1 score starts for 2 sequences"):
+        score_starts([[1, 2, 3], [4, 5]], [1])
 
 
 def test_preflight_detects_vocab_and_template_mismatch():

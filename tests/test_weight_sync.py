@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import ray
 
-from opd.rollout.weight_sync import pack_state_dict
+from opd.rollout.weight_sync import TRANSFER
 from opd.rollout.worker import RolloutWorker
 from opd.trainer.learner import Learner
 
@@ -22,13 +22,13 @@ def test_probe_detects_stale_or_wrong_weights(tiny_models, local_ray):
     # The same weights pass with an exact match.
     diff = ray.get(worker.load_weights.remote(learner.export_weights(), 1, probe, learner.probe_logprobs(probe), 1e-4))
     assert diff < 1e-4
-    # The learner moves on but the engine receives the old blob: the probe must catch it.
+    # The learner moves on but the engine receives the old weights: the probe must catch it.
     stale = learner.export_weights()
     with torch.no_grad():
         for p in learner.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     with pytest.raises(ray.exceptions.RayTaskError, match="weight version 2 failed the probe check"):
         ray.get(worker.load_weights.remote(stale, 2, probe, learner.probe_logprobs(probe), 1e-3))
-    # The right blob then passes and the engine reports the new version's logprobs.
-    assert ray.get(worker.load_weights.remote(pack_state_dict(learner.model.state_dict()), 2, probe, learner.probe_logprobs(probe), 1e-4)) < 1e-4
+    # The right weights then pass and the engine reports the new version's logprobs.
+    assert ray.get(worker.load_weights.remote(TRANSFER.publish(learner.model.state_dict()), 2, probe, learner.probe_logprobs(probe), 1e-4)) < 1e-4
     ray.kill(worker)

@@ -12,8 +12,15 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+from opd.teacher.align import score_starts
 
 WORKER_EXTENSION = "opd.rollout.weight_sync.WeightReceiverExtension"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
@@ -37,11 +44,13 @@ class Generation:
 
 @dataclass
 class PromptScores:
-    """Per prompt position t >= 1: log-prob of token t and optional top-k (ids, logprobs)."""
+    """Per scored token t (from the call's start, 1 by default, to the end): the log-prob of token t given its prefix,
+    optional top-k (ids, logprobs), and optionally the final hidden state of the position that predicts t."""
 
     token_logprobs: list[float]
     topk_ids: list[list[int]] | None
     topk_logprobs: list[list[float]] | None
+    hidden: object = None  # numpy float32 [tokens, hidden] (HFEngine with hidden=True)
 
 
 class VLLMEngine:
@@ -118,18 +127,23 @@ class VLLMEngine:
             result.append(gens)
         return result
 
-    def score(self, sequences: list[list[int]], top_k: int = 0) -> list[PromptScores]:
-        """Log-probs of every token of each sequence given its prefix (``prompt_logprobs``), temperature 1."""
+    def score(self, sequences: list[list[int]], top_k: int = 0, starts: list[int] | None = None,
+              hidden: bool = False) -> list[PromptScores]:
+        """Log-probs of each sequence's tokens from ``starts[i]`` (default 1) on, each given its prefix
+        (``prompt_logprobs``: vLLM computes every position and the rows before the start are dropped), temperature 1."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        if hidden:
+            raise ValueError("the vLLM engine does not return hidden states; the teacher needs teacher.engine=hf")
+        starts = score_starts(sequences, starts)
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=top_k, detokenize=False)
         prompts = [TokensPrompt(prompt_token_ids=s) for s in sequences]
         outs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora_request)
         result = []
-        for seq, out in zip(sequences, outs, strict=True):
-            rows = out.prompt_logprobs[1:]  # position 0 has no prefix to be scored against
-            token_lps = [row[tok].logprob for tok, row in zip(seq[1:], rows, strict=True)]
+        for seq, start, out in zip(sequences, starts, outs, strict=True):
+            rows = out.prompt_logprobs[start:]  # vLLM's entry i scores token i (entry 0, with no prefix, is None)
+            token_lps = [row[tok].logprob for tok, row in zip(seq[start:], rows, strict=True)]
             if top_k:
                 ids, lps = [], []
                 for row in rows:
@@ -141,8 +155,9 @@ class VLLMEngine:
                 result.append(PromptScores(token_lps, None, None))
         return result
 
-    def load_weights(self, blob: bytes) -> None:
-        self.llm.collective_rpc("opd_receive_weights", args=(blob,))
+    def load_weights(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+        """New weights in place, from (name, tensor) pairs in the checkpoint's naming (``weight_sync``)."""
+        self.llm.collective_rpc("opd_receive_weights", args=(weights,))
         # Cached prefixes were computed with the old weights.
         self.llm.reset_prefix_cache()
 

@@ -13,11 +13,13 @@ prompt's seed and the sample's index: the same seeds give the same samples whate
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 
 import torch
 
+from opd.models.head import head_logits
 from opd.rollout.engine import Generation, PromptScores
-from opd.rollout.weight_sync import unpack_state_dict
+from opd.teacher.align import response_slice, score_starts
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
@@ -181,46 +183,56 @@ class HFEngine:
         return [gens[k * n : (k + 1) * n] for k in range(num_prompts)]
 
     @torch.inference_mode()
-    def score(self, sequences: list[list[int]], top_k: int = 0) -> list[PromptScores]:
-        """Log-probs of every token of each sequence given its prefix, temperature 1 (vLLM's ``prompt_logprobs``)."""
+    def score(self, sequences: list[list[int]], top_k: int = 0, starts: list[int] | None = None,
+              hidden: bool = False) -> list[PromptScores]:
+        """Log-probs of each sequence's tokens from ``starts[i]`` (default 1) on, each given its prefix, temperature 1
+        (vLLM's ``prompt_logprobs``). The LM head runs only at the positions that predict those tokens; with
+        ``hidden`` each row also carries the final hidden states there (what a learner applies the teacher's head to)."""
         self._check_lengths(sequences, 0)
+        starts = score_starts(sequences, starts)
+        rows = [len(s) - st for s, st in zip(sequences, starts, strict=True)]
         vocab = self.model.config.vocab_size
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths pad less
         by_index: dict[int, PromptScores] = {}
         start = 0
         while start < len(order):
-            end = start + 1
-            while end < len(order) and (end - start + 1) * len(sequences[order[end]]) * vocab <= _SCORE_CHUNK_ELEMS:
+            end, logits = start + 1, rows[order[start]]
+            while end < len(order) and (logits + rows[order[end]]) * vocab <= _SCORE_CHUNK_ELEMS:
+                logits += rows[order[end]]
                 end += 1
             idx = order[start:end]
-            by_index.update(zip(idx, self._score_chunk([sequences[i] for i in idx], top_k), strict=True))
+            parts = self._score_chunk([sequences[i] for i in idx], [starts[i] for i in idx], top_k, hidden)
+            by_index.update(zip(idx, parts, strict=True))
             start = end
         return [by_index[i] for i in range(len(sequences))]
 
-    def _score_chunk(self, seqs: list[list[int]], top_k: int) -> list[PromptScores]:
+    def _score_chunk(self, seqs: list[list[int]], starts: list[int], top_k: int, hidden: bool) -> list[PromptScores]:
         # Right padding: a causal model's positions never see the pads after them, so no mask is needed.
         B, T = len(seqs), max(map(len, seqs))
         ids_BT = torch.full((B, T), self.pad_id, dtype=torch.long)
         for b, s in enumerate(seqs):
             ids_BT[b, : len(s)] = torch.tensor(s)
         ids_BT = ids_BT.to(self.device)
-        logp_BTV = torch.log_softmax(self.model(input_ids=ids_BT).logits[:, :-1].float(), -1)
-        tok_BT = logp_BTV.gather(-1, ids_BT[:, 1:, None]).squeeze(-1).cpu().tolist()
+        h_BTH = self.model.get_decoder()(input_ids=ids_BT, use_cache=False).last_hidden_state
+        spans = [response_slice(st, len(s) - st) for s, st in zip(seqs, starts, strict=True)]
+        h_NH = torch.cat([h_BTH[b, sl] for b, sl in enumerate(spans)])  # only the rows that are scored
+        logp_NV = torch.log_softmax(head_logits(self.model.get_output_embeddings(), self.model.config, h_NH).float(), -1)
+        targets_N = torch.cat([ids_BT[b, sl.start + 1 : sl.stop + 1] for b, sl in enumerate(spans)])
+        tok_N = logp_NV.gather(-1, targets_N[:, None]).squeeze(-1).cpu().tolist()
         if top_k:
-            top_lp, top_ids = logp_BTV.topk(min(top_k, logp_BTV.shape[-1]), dim=-1)
+            top_lp, top_ids = logp_NV.topk(min(top_k, logp_NV.shape[-1]), dim=-1)
             top_lp, top_ids = top_lp.cpu().tolist(), top_ids.cpu().tolist()
-        out = []
-        for b, s in enumerate(seqs):
-            k = len(s) - 1
-            if top_k:
-                out.append(PromptScores(tok_BT[b][:k], top_ids[b][:k], top_lp[b][:k]))
-            else:
-                out.append(PromptScores(tok_BT[b][:k], None, None))
+        h_NH = h_NH.float().cpu().numpy() if hidden else None
+        out, at = [], 0
+        for sl in spans:
+            k, at = sl.stop - sl.start, at + sl.stop - sl.start
+            out.append(PromptScores(tok_N[at - k : at], top_ids[at - k : at] if top_k else None,
+                                    top_lp[at - k : at] if top_k else None, h_NH[at - k : at] if hidden else None))
         return out
 
-    def load_weights(self, blob: bytes) -> None:
-        """The learner's state dict (``weight_sync.pack_state_dict``); every parameter must be covered."""
-        state = unpack_state_dict(blob)
+    def load_weights(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+        """The learner's weights as (name, tensor) pairs (``weight_sync``); every parameter must be covered."""
+        state = dict(weights)
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
         missing = [k for k in missing if k not in tied]

@@ -14,10 +14,12 @@ def response_slice(prompt_len: int, response_len: int) -> slice:
     return slice(prompt_len - 1, prompt_len - 1 + response_len)
 
 
-def align_response(rows: list, prompt_len: int, response_len: int) -> list:
-    """Pick the response tokens' rows out of full-sequence rows; fails loudly when the lengths disagree."""
-    s = response_slice(prompt_len, response_len)
-    picked = rows[s]
-    if len(picked) != response_len:
-        raise ValueError(f"scores cover {len(rows)} positions; response needs rows {s.start}..{s.stop - 1}")
-    return picked
+def score_starts(sequences: list[list[int]], starts: list[int] | None) -> list[int]:
+    """The first token to score in each sequence (``None``: every token that has a prefix, i.e. from 1), checked."""
+    starts = [1] * len(sequences) if starts is None else list(starts)
+    if len(starts) != len(sequences):
+        raise ValueError(f"{len(starts)} score starts for {len(sequences)} sequences")
+    for i, (seq, start) in enumerate(zip(sequences, starts, strict=True)):
+        if not 1 <= start <= len(seq):
+            raise ValueError(f"sequence {i}: score start {start} outside 1..{len(seq)}")
+    return starts

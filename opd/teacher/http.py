@@ -60,7 +60,9 @@ class HTTPTeacher:
     def health(self) -> Health:
         return Health.model_validate(self._request("GET", "/health"))
 
-    def score(self, samples: list[Sample], top_k: int = 0) -> TeacherScores:
+    def score(self, samples: list[Sample], top_k: int = 0, hidden: bool = False) -> TeacherScores:
+        if hidden:  # refused by the config check (opd.full_vocab_source=teacher needs a local teacher); a direct caller
+            raise ValueError("a teacher server returns log-probs, not hidden states: run the teacher locally")
         t0 = time.perf_counter()
         n = self.sequences_per_request
         bodies = [

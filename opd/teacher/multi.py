@@ -48,11 +48,11 @@ class Teachers:
             parts.setdefault(teacher_name(p, self.column), []).append(i)
         return parts
 
-    def score(self, samples: list[Sample], top_k: int) -> Callable[[], TeacherScores]:
+    def score(self, samples: list[Sample], top_k: int, hidden: bool = False) -> Callable[[], TeacherScores]:
         """Start scoring on every teacher concerned; the returned callable waits and merges in batch order."""
         t0 = time.perf_counter()
         parts = self._split([s.prompt for s in samples])
-        refs = {name: self.actors[name].score.remote([samples[i] for i in idx], top_k) for name, idx in parts.items()}
+        refs = {name: self.actors[name].score.remote([samples[i] for i in idx], top_k, hidden) for name, idx in parts.items()}
 
         def collect() -> TeacherScores:
             got = dict(zip(refs, ray.get(list(refs.values())), strict=True))
@@ -62,13 +62,16 @@ class Teachers:
             logprobs: list = [None] * n
             ids: list | None = [None] * n if top_k else None
             lps: list | None = [None] * n if top_k else None
+            hid: list | None = [None] * n if hidden else None
             for name, idx in parts.items():
                 part = got[name]
                 for j, i in enumerate(idx):
                     logprobs[i] = part.logprobs[j]
                     if top_k:
                         ids[i], lps[i] = part.topk_ids[j], part.topk_logprobs[j]
-            scores = TeacherScores([s.uid for s in samples], logprobs, ids, lps, time.perf_counter() - t0)
+                    if hidden:
+                        hid[i] = part.hidden[j]
+            scores = TeacherScores([s.uid for s in samples], logprobs, ids, lps, time.perf_counter() - t0, hid)
             scores.validate(samples)
             return scores
 

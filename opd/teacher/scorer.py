@@ -11,12 +11,11 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from opd.teacher.align import align_response
 from opd.types import Sample, TeacherScores
 
 
 class Teacher(Protocol):
-    def score(self, samples: list[Sample], top_k: int = 0) -> TeacherScores: ...
+    def score(self, samples: list[Sample], top_k: int = 0, hidden: bool = False) -> TeacherScores: ...
 
     def generate_greedy(self, prompt_ids: list[list[int]], max_tokens: int) -> list[str]: ...
 
@@ -28,9 +27,10 @@ class ResponseScores:
     logprobs: list[float]
     topk_ids: list[list[int]] | None = None
     topk_logprobs: list[list[float]] | None = None
+    hidden: object = None  # numpy float32 [T, H]: final hidden states at the response-predicting positions
 
 
-def scores_from_rows(samples: list[Sample], rows: list, top_k: int, seconds: float) -> TeacherScores:
+def scores_from_rows(samples: list[Sample], rows: list, top_k: int, seconds: float, hidden: bool = False) -> TeacherScores:
     """One ``TeacherScores`` from per-sample rows (``logprobs``, ``topk_ids``, ``topk_logprobs``), checked against
     the samples: the same record whichever teacher (in-process engine or HTTP server) produced the rows."""
     scores = TeacherScores(
@@ -39,6 +39,7 @@ def scores_from_rows(samples: list[Sample], rows: list, top_k: int, seconds: flo
         topk_ids=[r.topk_ids for r in rows] if top_k else None,
         topk_logprobs=[r.topk_logprobs for r in rows] if top_k else None,
         score_seconds=seconds,
+        hidden=[r.hidden for r in rows] if hidden else None,
     )
     scores.validate(samples)
     return scores
@@ -62,23 +63,21 @@ class VLLMTeacher:
         mc = self.engine.llm.model_config
         return mc.get_vocab_size(), mc.max_model_len
 
-    def score_tokens(self, sequences: list[list[int]], response_starts: list[int], top_k: int = 0) -> list[ResponseScores]:
-        """Teacher scores of ``sequences[i][response_starts[i]:]``; the one alignment path in- and out-of-process."""
-        rows = self.engine.score(sequences, top_k=top_k)
+    def score_tokens(self, sequences: list[list[int]], response_starts: list[int], top_k: int = 0,
+                     hidden: bool = False) -> list[ResponseScores]:
+        """Teacher scores of ``sequences[i][response_starts[i]:]``; the one scoring path in- and out-of-process."""
+        rows = self.engine.score(sequences, top_k=top_k, starts=response_starts, hidden=hidden)
         out = []
         for seq, start, r in zip(sequences, response_starts, rows, strict=True):
-            t = len(seq) - start
-            out.append(ResponseScores(
-                align_response(r.token_logprobs, start, t),
-                align_response(r.topk_ids, start, t) if top_k else None,
-                align_response(r.topk_logprobs, start, t) if top_k else None,
-            ))
+            if len(r.token_logprobs) != len(seq) - start:
+                raise ValueError(f"the engine scored {len(r.token_logprobs)} tokens of a {len(seq) - start}-token response")
+            out.append(ResponseScores(r.token_logprobs, r.topk_ids, r.topk_logprobs, r.hidden))
         return out
 
-    def score(self, samples: list[Sample], top_k: int = 0) -> TeacherScores:
+    def score(self, samples: list[Sample], top_k: int = 0, hidden: bool = False) -> TeacherScores:
         t0 = time.perf_counter()
-        rows = self.score_tokens([s.full_ids for s in samples], [len(s.prompt.token_ids) for s in samples], top_k)
-        return scores_from_rows(samples, rows, top_k, time.perf_counter() - t0)
+        rows = self.score_tokens([s.full_ids for s in samples], [len(s.prompt.token_ids) for s in samples], top_k, hidden)
+        return scores_from_rows(samples, rows, top_k, time.perf_counter() - t0, hidden)
 
     def generate_greedy(self, prompt_ids: list[list[int]], max_tokens: int) -> list[str]:
         outs = self.engine.generate(prompt_ids, n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from opd.models.head import head_logits
+
 
 @dataclass
 class MicroTensors:
@@ -91,15 +93,10 @@ class Precision:
             return response_hidden(model, mt)
 
     def logits(self, model, h: torch.Tensor) -> torch.Tensor:
-        with self._ctx(model):
-            out = model.get_output_embeddings()(h)
+        return self.head(model.get_output_embeddings(), model.config, h)
+
+    def head(self, head: torch.nn.Module, config, h: torch.Tensor) -> torch.Tensor:
+        """An LM head on its own (a teacher's, applied to hidden states its actor sent), float32 logits."""
+        with self._ctx(head):
+            out = head_logits(head, config, h)
         return out.float()
-
-
-def dense_logprobs(ids_BTK: torch.Tensor, logp_BTK: torch.Tensor, vocab: int) -> torch.Tensor:
-    """The teacher's log-probs over the student's vocabulary from scores that list every token (top-k = V); ids
-    past the student's head (a teacher's padded vocabulary) are dropped, and a token not listed gets -1e4."""
-    keep = ids_BTK < vocab
-    out = torch.full((*ids_BTK.shape[:2], vocab + 1), -1e4)
-    out.scatter_(-1, torch.where(keep, ids_BTK, vocab), torch.where(keep, logp_BTK, -1e4))
-    return out[..., :vocab]

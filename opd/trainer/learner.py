@@ -30,9 +30,10 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from opd.rollout.weight_sync import pack_state_dict
+from opd.rollout.weight_sync import TRANSFER, WeightBuckets
+from opd.trainer.chunks import per_piece, pieces
 from opd.trainer.dist import Collective, free_port, join
-from opd.trainer.forward import MicroTensors, Precision, build_micro, dense_logprobs, flatten_kept, rows
+from opd.trainer.forward import MicroTensors, Precision, build_micro, flatten_kept, rows
 from opd.trainer.lora import LoraSpec, adapter_files, load_adapter_weights, trainable, wrap
 from opd.trainer.losses import aggregate, entropy_from_logits, token_logprobs
 from opd.trainer.memory import ActivationMeter
@@ -73,6 +74,7 @@ class Learner:
         grad_clip: float = 1.0,
         micro_batch_size: int = 64,
         micro_batch_tokens: int = 0,
+        logits_chunk_tokens: int = 1024,
         autocast: str = "off",
         gradient_checkpointing: bool = False,
         torch_threads: int = 1,
@@ -98,11 +100,16 @@ class Learner:
         self.opt = torch.optim.AdamW(trainable(self.model), lr=lr, betas=betas, weight_decay=weight_decay)
         self.base_lr, self.warmup_steps, self.grad_clip = lr, warmup_steps, grad_clip
         self.micro_batch_size, self.micro_batch_tokens = micro_batch_size, micro_batch_tokens
+        self.logits_chunk_tokens = logits_chunk_tokens  # LM head + loss in pieces of this many positions; 0: at once
         self.fw = Precision(autocast)
         # Teacher-side models never receive gradients.
         self.reference = _frozen(_load(reference_dir or model_dir)) if self.spec.needs_reference else None
         self.hf_teacher = _frozen(_load(teacher_dir)) if self.spec.needs_hf_teacher else None
-        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        # With the teacher's trunk in its own actor, only its LM head lives here (the rest of the model is freed).
+        teacher = _load(teacher_dir) if self.spec.needs_teacher_head else None
+        self.teacher_head = _frozen(teacher.get_output_embeddings()) if teacher is not None else None
+        self.teacher_config = teacher.config if teacher is not None else None
+        del teacher
         self.self_teacher = _frozen(copy.deepcopy(self.model)) if self.spec.needs_self_teacher else None
         self.steps_done = 0
         self.version = 0
@@ -132,6 +139,10 @@ class Learner:
             return self.base_lr * (self.steps_done + 1) / self.warmup_steps
         return self.base_lr
 
+    def _pieces(self, mt_or_mask, by_token: bool = False) -> list[tuple]:
+        mask = mt_or_mask.mask_BT if isinstance(mt_or_mask, MicroTensors) else mt_or_mask
+        return pieces(mask.shape[0], mask.shape[1], self.logits_chunk_tokens, by_token)
+
     @torch.no_grad()
     def _teacher_pass(self, batch: TrainBatch, idx: list[int], mt: MicroTensors) -> Aux:
         t_max = mt.mask_BT.shape[1]
@@ -148,22 +159,29 @@ class Learner:
                     ids[j, :n] = torch.tensor(batch.teacher_topk_ids[i])
                     lps[j, :n] = torch.tensor(batch.teacher_topk_logprobs[i])
             aux.topk_ids_BTK, aux.topk_logp_BTK = ids, lps
-            if self.spec.opd_divergence == "full_vocab":  # full_vocab_source=teacher: the scores carry every token
-                if k < self.vocab_size:  # a top-k short of the vocabulary would silently drop teacher mass
-                    raise ValueError(f"opd.full_vocab_source=teacher needs the teacher's log-prob of every token: got "
-                                     f"{k} per position for a vocabulary of {self.vocab_size} (teacher.top_k)")
-                aux.teacher_logits_BTV = dense_logprobs(ids, lps, self.vocab_size)
+        if self.teacher_head is not None:  # full_vocab_source=teacher: the teacher's actor sent its hidden states
+            if batch.teacher_hidden is None:
+                raise ValueError("opd.full_vocab_source=teacher: the batch carries no teacher hidden states")
+            t_h = torch.zeros(len(idx), t_max, batch.teacher_hidden[idx[0]].shape[1])
+            for j, i in enumerate(idx):
+                t_h[j, : batch.teacher_hidden[i].shape[0]] = torch.as_tensor(batch.teacher_hidden[i])
+            aux.teacher_head = lambda p: self.fw.head(self.teacher_head, self.teacher_config, t_h[p])
         if self.reference is not None:
-            aux.ref_logp_BT = token_logprobs(self.fw.logits(self.reference, self.fw.hidden(self.reference, mt)), mt.targets_BT)
+            ref_h = self.fw.hidden(self.reference, mt)
+            aux.ref_logp_BT = per_piece(lambda p: token_logprobs(self.fw.logits(self.reference, ref_h[p]), mt.targets_BT[p]),
+                                        self._pieces(mt))
         if self.hf_teacher is not None:
-            aux.teacher_logits_BTV = self.fw.logits(self.hf_teacher, self.fw.hidden(self.hf_teacher, mt))
+            t_h = self.fw.hidden(self.hf_teacher, mt)  # [B, T, H]: the teacher's logits are made piece by piece
+            aux.teacher_head = lambda p: self.fw.logits(self.hf_teacher, t_h[p])
             if aux.teacher_logp_BT is None:  # no teacher actor scored the batch: this forward is the teacher
-                aux.teacher_logp_BT = token_logprobs(aux.teacher_logits_BTV, mt.targets_BT)
+                aux.teacher_logp_BT = per_piece(lambda p: token_logprobs(aux.teacher_head(p), mt.targets_BT[p]),
+                                                self._pieces(mt))
         if self.self_teacher is not None:
             # The self-teacher reads the same response after its own (re-written) prompt.
             prompts = [batch.teacher_prompt_ids[i] or batch.prompt_ids[i] for i in idx]
             tmt = build_micro(prompts, [batch.response_ids[i] for i in idx], self.pad_id)
-            aux.teacher_logits_BTV = self.fw.logits(self.self_teacher, self.fw.hidden(self.self_teacher, tmt))
+            s_h = self.fw.hidden(self.self_teacher, tmt)
+            aux.teacher_head = lambda p: self.fw.logits(self.self_teacher, s_h[p])
             aux.route_sdpo_B = torch.tensor([1.0 if batch.routes[i] == "sdpo" else 0.0 for i in idx])
         return aux
 
@@ -171,8 +189,10 @@ class Learner:
         """exp(-beta*H_teacher) normalised to mean 1 over the whole batch's SDPO-routed tokens (§5.2), all ranks'."""
         t_max = max((m.shape[1] for m in masks), default=1)
         pad = lambda t: torch.nn.functional.pad(t, (0, t_max - t.shape[1]))  # noqa: E731
+        teacher_ent = [per_piece(lambda p, a=a: entropy_from_logits(a.teacher_head(p)), self._pieces(m))
+                       for a, m in zip(auxes, masks, strict=True)]
         # An empty shard still joins the normaliser's all-reduce, with an empty [0, T] batch.
-        ent = torch.cat([pad(entropy_from_logits(a.teacher_logits_BTV)) for a in auxes] or [torch.zeros(0, t_max)])
+        ent = torch.cat([pad(e) for e in teacher_ent] or [torch.zeros(0, t_max)])
         sd_mask = torch.cat([pad(a.route_sdpo_B.unsqueeze(-1) * m) for a, m in zip(auxes, masks, strict=True)] or [torch.zeros(0, t_max)])
         w = entropy_weights(ent, sd_mask, beta=self.spec.srpo_entropy_beta, sum_over_ranks=self.comm.sum)
         start = 0
@@ -180,42 +200,59 @@ class Learner:
             a.entropy_weights_BT = w[start : start + m.shape[0], : m.shape[1]]
             start += m.shape[0]
 
-    def _select(self, logits_fn, h_BTH, mask_BT, sampler_BT, aux: Aux) -> torch.Tensor:
+    def _select(self, h_BTH, mask_BT, sampler_BT, aux: Aux) -> torch.Tensor:
         """TIP keep mask from the student's entropy and the sampled-token teacher divergence |log q - log pi_T|."""
-        with torch.no_grad():
-            ent_BT = entropy_from_logits(logits_fn(h_BTH.detach()))
+        h = h_BTH.detach()
+        ent_BT = per_piece(lambda p: entropy_from_logits(self.fw.logits(self.model, h[p])), self._pieces(mask_BT))
         div_BT = (sampler_BT - aux.teacher_logp_BT).abs()
         return select_tokens(ent_BT, div_BT, mask_BT, self.spec.keep_ratio, self.spec.select_mode)
 
     def _learn_micro(self, batch: TrainBatch, idx: list[int], mt: MicroTensors, aux: Aux, denom: float, n_seqs: int) -> dict:
+        """Forward and backward of one micro-batch: the trunk once, then the LM head and the loss piece by piece
+        (``opd.trainer.chunks``), each piece's backward into the trunk's output, then one backward through the
+        trunk. A non-finite piece stops the micro-batch before its backward (the step will be skipped)."""
         t_max = mt.mask_BT.shape[1]
         sampler_BT = rows([batch.sampler_logprobs[i] for i in idx], t_max)
         adv_BT = rows([batch.advantages[i] for i in idx], t_max)
         weights_BT = torch.ones_like(mt.mask_BT)
         if batch.loss_weights is not None:
             weights_BT = weights_BT * torch.tensor([batch.loss_weights[i] for i in idx]).unsqueeze(-1)
-        head = lambda h: self.fw.logits(self.model, h)  # noqa: E731
         h_BTH = self.fw.hidden(self.model, mt)
         targets_BT, mask_BT = mt.targets_BT, mt.mask_BT
         if self.spec.select_mode:
-            keep = self._select(head, h_BTH, mask_BT, sampler_BT, aux)
+            keep = self._select(h_BTH, mask_BT, sampler_BT, aux)
             h_BTH, targets_BT, mask_BT = flatten_kept(h_BTH, keep), flatten_kept(targets_BT, keep), flatten_kept(mask_BT, keep)
             sampler_BT, adv_BT, weights_BT = flatten_kept(sampler_BT, keep), flatten_kept(adv_BT, keep), flatten_kept(weights_BT, keep)
-            for name in ("teacher_logp_BT", "ref_logp_BT", "topk_ids_BTK", "topk_logp_BTK", "teacher_logits_BTV"):
+            for name in ("teacher_logp_BT", "ref_logp_BT", "topk_ids_BTK", "topk_logp_BTK"):
                 if getattr(aux, name) is not None:
                     setattr(aux, name, flatten_kept(getattr(aux, name), keep))
-        logits_BTV = head(h_BTH)
-        loss_BT, count_BT = token_loss(self.spec, logits_BTV, targets_BT, mask_BT, sampler_BT, adv_BT, aux)
-        loss_BT = loss_BT * weights_BT
-        if self.spec.name == "grpo" and self.spec.agg != "token-mean":
-            loss = aggregate(loss_BT, mask_BT, self.spec.agg, self.spec.norm_len) * len(idx) / n_seqs
-        else:
-            loss = loss_BT.sum() / denom
-        with torch.no_grad():
-            logp_BT = token_logprobs(logits_BTV, targets_BT)
-            ent = float((entropy_from_logits(logits_BTV) * mask_BT).sum())
-            absdiff = float(((logp_BT - sampler_BT).abs() * mask_BT).max()) if mask_BT.any() else 0.0
-        return {"loss": loss, "entropy_sum": ent, "tokens": float(mask_BT.sum()), "counted": float(count_BT.sum()), "absdiff": absdiff}
+        h_leaf = h_BTH.detach().requires_grad_(True)
+        out = {"loss": 0.0, "entropy_sum": 0.0, "tokens": 0.0, "counted": 0.0, "absdiff": 0.0, "finite": True}
+        for p in self._pieces(mask_BT, by_token=bool(self.spec.select_mode)):
+            logits_BTV = self.fw.logits(self.model, h_leaf[p])
+            loss_BT, count_BT = token_loss(self.spec, logits_BTV, targets_BT[p], mask_BT[p], sampler_BT[p], adv_BT[p], aux.piece(p))
+            loss_BT = loss_BT * weights_BT[p]
+            if self.spec.name == "grpo" and self.spec.agg != "token-mean":
+                loss = aggregate(loss_BT, mask_BT[p], self.spec.agg, self.spec.norm_len) * loss_BT.shape[0] / n_seqs
+            else:
+                loss = loss_BT.sum() / denom
+            if not torch.isfinite(loss.detach()):
+                out["finite"] = False
+                return out
+            loss.backward()
+            with torch.no_grad():
+                logp_BT = token_logprobs(logits_BTV, targets_BT[p])
+                m = mask_BT[p]
+                out["loss"] += float(loss)
+                out["entropy_sum"] += float((entropy_from_logits(logits_BTV) * m).sum())
+                out["tokens"] += float(m.sum())
+                out["counted"] += float(count_BT.sum())
+                if m.any():
+                    out["absdiff"] = max(out["absdiff"], float(((logp_BT - sampler_BT[p]).abs() * m).max()))
+            del logits_BTV, loss_BT, loss
+        if h_leaf.grad is not None:
+            h_BTH.backward(h_leaf.grad)
+        return out
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """One optimizer step over the whole batch. A non-finite loss or gradient on any rank skips it on all.
@@ -253,11 +290,10 @@ class Learner:
             with ActivationMeter() as meter:
                 out = self._learn_micro(batch, idx, mt, aux, denom, n_seqs)
             peak_activation = max(peak_activation, meter.bytes)
-            if not torch.isfinite(out["loss"].detach()):
+            if not out["finite"]:
                 finite = False
                 break
-            out["loss"].backward()
-            total += float(out["loss"].detach())
+            total += out["loss"]
             ent_sum, kept, counted = ent_sum + out["entropy_sum"], kept + out["tokens"], counted + out["counted"]
             absdiff = max(absdiff, out["absdiff"])
         # The batch's statistics, and a non-finite loss on any rank, in one SUM and one MAX over ranks (float64:
@@ -337,8 +373,9 @@ class Learner:
     def uses_lora(self) -> bool:
         return self.lora is not None
 
-    def export_weights(self) -> bytes:
-        return pack_state_dict(self.model.state_dict())
+    def export_weights(self) -> WeightBuckets:
+        """The student's weights published for the engines (``weight_sync.TRANSFER``: Ray's object store, in buckets)."""
+        return TRANSFER.publish(self.model.state_dict())
 
     def export_adapter(self) -> dict[str, bytes]:
         """The adapter's files (PEFT format) for the engines: a few MB where ``export_weights`` sends the model."""

@@ -8,6 +8,7 @@ SDPO samples without a teacher out of the denominator (§10.4).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,7 @@ class ObjectiveSpec:
     norm_len: int | None = None
     opd_divergence: str = "sampled"  # sampled | teacher_topk | full_vocab
     full_vocab_kind: str = "reverse"
-    full_vocab_source: str = "learner"  # learner: HF forward of the teacher here; teacher: the scores carry every token
+    full_vocab_source: str = "learner"  # learner: HF forward of the teacher here; teacher: its actor sends hidden states
     jsd_beta: float = 0.5
     exopd_lam: float = 1.25
     sdpo_top_k: int = 100
@@ -55,18 +56,41 @@ class ObjectiveSpec:
     def needs_hf_teacher(self) -> bool:
         return self.name == "opd" and self.opd_divergence == "full_vocab" and self.full_vocab_source == "learner"
 
+    @property
+    def needs_teacher_head(self) -> bool:
+        """The teacher's actor sends its hidden states; this learner holds only the teacher's LM head."""
+        return self.name == "opd" and self.opd_divergence == "full_vocab" and self.full_vocab_source == "teacher"
+
+
+def _at(t: torch.Tensor | None, piece: tuple) -> torch.Tensor | None:
+    return None if t is None else t[piece]
+
 
 @dataclass
 class Aux:
-    """Per-micro-batch tensors computed without gradient before the learning pass (teacher/reference side)."""
+    """Per-micro-batch tensors computed without gradient before the learning pass (teacher/reference side).
 
-    teacher_logp_BT: torch.Tensor | None = None  # scored by the teacher server
+    A teacher's full distribution is never held for the whole micro-batch: ``teacher_head`` computes it for one
+    piece (``opd.trainer.chunks``) from the teacher's hidden states, and ``piece`` fills ``teacher_logits_BTV`` with
+    it for the loss of that piece only."""
+
+    teacher_logp_BT: torch.Tensor | None = None  # scored by the teacher server (or the learner's HF teacher)
     topk_ids_BTK: torch.Tensor | None = None
     topk_logp_BTK: torch.Tensor | None = None
     ref_logp_BT: torch.Tensor | None = None  # ExOPD reference model
-    teacher_logits_BTV: torch.Tensor | None = None  # HF teacher (full vocab) or SDPO self-teacher
+    teacher_logits_BTV: torch.Tensor | None = None  # one piece's HF-teacher / listed-vocabulary / self-teacher logits
+    teacher_head: Callable[[tuple], torch.Tensor] | None = None  # piece -> that piece's teacher logits
     route_sdpo_B: torch.Tensor | None = None  # SRPO/SDPO: 1 where the sample learns from the self-teacher
     entropy_weights_BT: torch.Tensor | None = None  # SRPO exp(-beta*H) normalised over SDPO tokens
+
+    def piece(self, p: tuple) -> Aux:
+        """The tensors of one piece of the micro-batch, with that piece's teacher logits computed."""
+        return Aux(
+            teacher_logp_BT=_at(self.teacher_logp_BT, p), topk_ids_BTK=_at(self.topk_ids_BTK, p),
+            topk_logp_BTK=_at(self.topk_logp_BTK, p), ref_logp_BT=_at(self.ref_logp_BT, p),
+            teacher_logits_BTV=self.teacher_head(p) if self.teacher_head is not None else None,
+            route_sdpo_B=_at(self.route_sdpo_B, p[:1]), entropy_weights_BT=_at(self.entropy_weights_BT, p),
+        )
 
 
 def _pg(spec: ObjectiveSpec, logp_BT, sampler_BT, adv_BT) -> torch.Tensor:

@@ -26,6 +26,7 @@ class RoutePlan:
     norm_by_std: bool = True
     adv_eps: float = 1e-6
     use_topk: bool = False  # hand the teacher's top-k to the learner (opd.divergence=teacher_topk)
+    use_hidden: bool = False  # hand the teacher's hidden states to the learner (opd.full_vocab_source=teacher)
     paced: tuple[float, float] | None = None  # (a, b) of w(p) = p^a (1-p)^b
     quality_gate: float | None = None
     drop_uniform_groups: bool = False
@@ -122,6 +123,7 @@ def route(
         teacher_topk_logprobs=pick(scores.topk_logprobs) if scores is not None and plan.use_topk else None,
         teacher_prompt_ids=pick(teacher_prompts),
         routes=pick(routes),
+        teacher_hidden=pick(scores.hidden) if scores is not None and plan.use_hidden else None,
     )
     batch.validate()
     return batch
