@@ -48,7 +48,9 @@ class ModelsConfig(_Section):
 
 
 class TaskConfig(_Section):
-    name: Literal["arithmetic", "files"] = "arithmetic"  # files: the user's rows from train_path / test_path
+    # arithmetic: a+b= for the tiny demo models; word_problems: short word problems for real instruct models
+    # (math_answer); files: the user's rows from train_path / test_path
+    name: Literal["arithmetic", "word_problems", "files"] = "arithmetic"
     train_path: str | None = None  # files: .jsonl/.json/.parquet/.csv or a datasets save_to_disk directory
     test_path: str | None = None  # files: held-out rows, same format
     prompt_column: str = "prompt"  # files: the column rendered as the user turn of the chat template
@@ -59,6 +61,7 @@ class TaskConfig(_Section):
     max_digits_a: int = Field(3, ge=1, le=9)
     max_digits_b: int = Field(3, ge=1, le=9)
     ops: list[Literal["+", "-"]] = ["+"]
+    max_operand: int = Field(20, ge=2)  # word_problems: numbers in the problems are 2..max_operand
     seed: int = 0
 
 
@@ -68,9 +71,10 @@ class OPDConfig(_Section):
     divergence: Literal["sampled", "teacher_topk", "full_vocab"] = "sampled"
     full_vocab_kind: Literal["reverse", "forward", "jsd"] = "reverse"
     jsd_beta: float = Field(0.5, ge=0, le=1)  # teacher weight of the generalised JSD
-    # full_vocab: who computes the teacher's distribution. learner: an HF forward of the teacher in the learner (any
-    # vocabulary); teacher: the teacher actor returns every token's log-prob (teacher.top_k is set to the vocabulary
-    # size), which takes the teacher's forward off the learner; small vocabularies only (V floats per token travel)
+    # full_vocab: where the teacher's distribution comes from. learner: an HF forward of the teacher in the learner;
+    # teacher: the teacher actor (transformers) runs the teacher's trunk as each chunk of samples is generated and
+    # sends its final hidden states at the response positions (H floats per token, not V); the learner applies the
+    # teacher's LM head piece by piece. Same loss; the teacher's forward leaves the learner
     full_vocab_source: Literal["learner", "teacher"] = "learner"
 
 
@@ -140,6 +144,9 @@ class TeacherConfig(_Section):
     timeout_s: float = Field(120.0, gt=0)  # per HTTP request to teacher.url; failures retry with back-off
     retry_deadline_s: float = Field(300.0, gt=0)  # teacher.url unreachable this long (retrying with back-off): fail the job
     column: str | None = None  # dataset column naming each row's teacher (a models.teachers key); empty: default
+    # local teacher actors' engine. auto: transformers (hf) when opd.full_vocab_source=teacher (hidden states), else
+    # rollout.engine. hf scores only the response positions with the LM head; vllm's prompt_logprobs scores all
+    engine: Literal["auto", "vllm", "hf"] = "auto"
 
     @field_validator("url")
     @classmethod
@@ -171,6 +178,9 @@ class TrainerConfig(_Section):
     grad_clip: float = Field(1.0, gt=0)
     micro_batch_size: int = Field(64, ge=1)  # sequences per forward/backward; gradients accumulate over a step
     micro_batch_tokens: int = Field(0, ge=0)  # >0: micro-batches by padded-token budget (length-sorted), not by count
+    # LM head and loss in pieces of at most this many response positions (whole sequences), so [tokens, vocab] logits
+    # never exist for a whole micro-batch; 0: all at once. The update is the same either way.
+    logits_chunk_tokens: int = Field(1024, ge=0)
     autocast: Literal["off", "bf16"] = "off"  # bf16: forward under bf16 autocast; float32 weights and loss maths
     gradient_checkpointing: bool = False  # recompute the student's layer activations in backward (less memory)
 
@@ -204,6 +214,9 @@ class EvalConfig(_Section):
     every: int = Field(0, ge=0)  # 0: only before and after training
     num_prompts: int = Field(500, ge=1)
     max_new_tokens: int = Field(8, ge=1)
+    # held-out teacher KL: per held-out prompt this many samples of the student (temperature 1, rollout.max_new_tokens),
+    # scored by the teacher; their mean log q - log pi_T per token estimates KL(student || teacher). 0: not measured
+    kl_samples: int = Field(1, ge=0)
 
 
 class CheckpointConfig(_Section):
@@ -243,7 +256,7 @@ class Config(_Section):
             raise ValueError("models.teachers: opd.divergence=full_vocab runs one teacher in the learner; use one teacher")
         if self.task.name == "files" and not (self.task.train_path and self.task.test_path):
             raise ValueError("task.name=files needs task.train_path and task.test_path")
-        if self.task.name == "arithmetic" and self.eval.num_prompts > self.task.num_test:
+        if self.task.name != "files" and self.eval.num_prompts > self.task.num_test:
             raise ValueError(f"eval.num_prompts={self.eval.num_prompts} exceeds task.num_test={self.task.num_test}")
         if self.selection.mode and self.algorithm not in ("opd", "exopd"):
             raise ValueError(f"selection.mode={self.selection.mode!r} applies to algorithm opd or exopd, not {self.algorithm!r}")
@@ -256,6 +269,12 @@ class Config(_Section):
         if self.trainer.num_ranks > 1 and self.trainer.placement_strategy == "STRICT_SPREAD" and not self.cluster.address:
             raise ValueError("trainer.placement_strategy=STRICT_SPREAD puts each learner rank on its own node; an embedded "
                              "local Ray has one node (set cluster.address, or use PACK / SPREAD)")
+        if self.teacher_sends_hidden and self.teacher.url:
+            raise ValueError("opd.full_vocab_source=teacher: a teacher server (teacher.url) returns log-probs, not hidden "
+                             "states; run the teacher locally or use opd.full_vocab_source=learner")
+        if self.teacher_sends_hidden and self.teacher.engine == "vllm":
+            raise ValueError("opd.full_vocab_source=teacher needs the teacher's hidden states, which the vLLM engine does "
+                             "not return: set teacher.engine=hf (or auto)")
         if self.lora.r > 0 and self.rollout.engine != "vllm":
             raise ValueError(f"lora.r={self.lora.r}: LoRA adapters are served by the vLLM engine only; set "
                              f"rollout.engine=vllm or lora.r=0 (got rollout.engine={self.rollout.engine!r})")
@@ -280,10 +299,17 @@ class Config(_Section):
         return self.algorithm == "opd" and self.opd.divergence == "full_vocab" and self.opd.full_vocab_source == "learner"
 
     @property
-    def teacher_lists_vocabulary(self) -> bool:
-        """OPD with ``opd.divergence=full_vocab`` and ``opd.full_vocab_source=teacher``: the teacher actor returns
-        every token's log-prob (``teacher.top_k`` = the vocabulary size, set by ``opd.driver.with_vocabulary_top_k``)."""
+    def teacher_sends_hidden(self) -> bool:
+        """OPD with ``opd.divergence=full_vocab`` and ``opd.full_vocab_source=teacher``: the teacher actor sends its
+        final hidden states at the response positions with its scores, and the learner applies the teacher's head."""
         return self.algorithm == "opd" and self.opd.divergence == "full_vocab" and self.opd.full_vocab_source == "teacher"
+
+    @property
+    def teacher_engine(self) -> str:
+        """The engine of local teacher actors (``teacher.engine``, ``auto`` resolved)."""
+        if self.teacher.engine != "auto":
+            return self.teacher.engine
+        return "hf" if self.teacher_sends_hidden else self.rollout.engine
 
 
 def _set_dotted(tree: dict, key: str, value: object) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoTokenizer
 
 from opd.checkpoint import latest_checkpoint, load_state, save_checkpoint
 from opd.cluster import Roles, init_ray, start_roles, stop_roles
@@ -25,9 +25,16 @@ from opd.data import Cursor, PromptSource, render_prompts
 from opd.monitor.sinks import MetricsLogger, truncate_jsonl
 from opd.plan import route_plan
 from opd.rollout.stream import RolloutStream, load_in_flight
-from opd.steps import ChunkScorer, evaluate, step_metrics, sync_weights, verify_and_score, warm_up_verifiers
-from opd.tasks.arithmetic import build_dataset
-from opd.tasks.files import load_rows
+from opd.steps import (
+    ChunkScorer,
+    evaluate,
+    held_out,
+    step_metrics,
+    sync_weights,
+    verify_and_score,
+    warm_up_verifiers,
+)
+from opd.tasks import task_rows
 from opd.teacher.multi import DEFAULT, unknown_teacher_rows
 from opd.teacher.preflight import TokenizerMismatch, check_tokenizers
 from opd.trainer.routing import route
@@ -54,19 +61,13 @@ class RunState:
     accuracy_before: float | None = None
     teacher_accuracy: float | None = None
     consumed: int = 0
+    teacher_kl_before: float | None = None  # held-out KL(student || teacher) per token before training
 
 
 def load_prompts(cfg: Config, tok) -> tuple[list[Prompt], list[Prompt]]:
     """Train prompts and the held-out evaluation prompts, rendered with the student's chat template."""
-    t = cfg.task
     try:
-        if t.name == "files":
-            cols = {"prompt_column": t.prompt_column, "answer_column": t.answer_column}
-            train_rows = load_rows(t.train_path, key="task.train_path", **cols)
-            test_rows = load_rows(t.test_path, key="task.test_path", **cols)
-        else:
-            data = build_dataset(t.num_train, t.num_test, t.max_digits_a, t.max_digits_b, tuple(t.ops), t.seed)
-            train_rows, test_rows = list(data["train"]), list(data["test"])
+        train_rows, test_rows = task_rows(cfg.task)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     train = _fits(render_prompts(train_rows, tok, "train"), cfg)
@@ -126,19 +127,8 @@ def _check_teachers(cfg: Config, tok, prompts: list[Prompt]) -> None:
         )
 
 
-def with_vocabulary_top_k(cfg: Config) -> Config:
-    """``opd.full_vocab_source=teacher``: the teacher returns every token's log-prob, so ``teacher.top_k`` becomes
-    the student's vocabulary size (read from its config) in a copy of the config; other configs come back as they are."""
-    if not cfg.teacher_lists_vocabulary:
-        return cfg
-    vocab = AutoConfig.from_pretrained(cfg.models.student).vocab_size
-    teacher = cfg.teacher.model_copy(update={"top_k": vocab, "max_logprobs": max(vocab, cfg.teacher.max_logprobs)})
-    return cfg.model_copy(update={"teacher": teacher})
-
-
 def run(cfg: Config, *, resume: bool = False, fresh: bool = False, progress: bool = True) -> dict:
     job = prepare(cfg, resume=resume, fresh=fresh)
-    cfg = with_vocabulary_top_k(cfg)  # after prepare: the model directories are checked by then
     job.run_dir.mkdir(parents=True, exist_ok=True)
     (job.run_dir / "config.yaml").write_text(dump_config(cfg))
     init_ray(cfg)
@@ -155,12 +145,13 @@ def _restore(job: Job, roles: Roles) -> RunState:
         return RunState()
     s = load_state(job.checkpoint)
     ray.get(roles.learner.load.remote(str(job.checkpoint)))
-    return RunState(s["step"], s["version"], Cursor(**s["cursor"]), s["accuracy_before"], s["teacher_accuracy"], s["consumed"])
+    return RunState(s["step"], s["version"], Cursor(**s["cursor"]), s["accuracy_before"], s["teacher_accuracy"], s["consumed"],
+                    s.get("teacher_kl_before"))
 
 
 def _save(cfg: Config, job: Job, roles: Roles, st: RunState, stream: RolloutStream) -> None:
     state = {"step": st.step, "version": st.version, "cursor": vars(st.cursor), "accuracy_before": st.accuracy_before,
-             "teacher_accuracy": st.teacher_accuracy, "consumed": st.consumed}
+             "teacher_accuracy": st.teacher_accuracy, "consumed": st.consumed, "teacher_kl_before": st.teacher_kl_before}
 
     def write(path: str) -> None:
         ray.get(roles.learner.save.remote(path))
@@ -214,7 +205,8 @@ def train(cfg: Config, job: Job, roles: Roles, progress: bool = True) -> dict:
     probe()
     warm_up_verifiers(roles, job.test[0])
     if st.accuracy_before is None:
-        st.accuracy_before = evaluate(roles, job.test, cfg, who="student")
+        before = held_out(roles, job.test, cfg)
+        st.accuracy_before, st.teacher_kl_before = before["eval_accuracy"], before.get("eval_teacher_kl")
         st.teacher_accuracy = evaluate(roles, job.test, cfg, who="teacher") if roles.teacher else None
     plan = route_plan(cfg)
     samples_log = SampleLog(job.run_dir, st.step, cfg.run.log_samples)
@@ -236,7 +228,7 @@ def train(cfg: Config, job: Job, roles: Roles, progress: bool = True) -> dict:
         st.step, st.cursor, st.consumed = step + 1, stream.data.cursor, st.consumed + len(rollouts.samples)
         if cfg.eval.every and st.step % cfg.eval.every == 0:
             probe()
-            stats["eval_accuracy"] = evaluate(roles, job.test, cfg, who="student")
+            stats.update(held_out(roles, job.test, cfg))
         samples_log.log(step, rollouts, rewards, batch)
         log.log(step, step_metrics(rollouts, rewards, scores, stats, probe_diff, st.version, time.perf_counter() - t0))
         if st.step == cfg.trainer.total_steps or (cfg.checkpoint.every and st.step % cfg.checkpoint.every == 0):
@@ -244,11 +236,14 @@ def train(cfg: Config, job: Job, roles: Roles, progress: bool = True) -> dict:
             _save(cfg, job, roles, st, stream)
     probe()
     log.close()
+    after = held_out(roles, job.test, cfg)
     summary = {
         "algorithm": cfg.algorithm,
         "teacher_accuracy": st.teacher_accuracy,
         "student_accuracy_before": st.accuracy_before,
-        "student_accuracy_after": evaluate(roles, job.test, cfg, who="student"),
+        "student_accuracy_after": after["eval_accuracy"],
+        "teacher_kl_before": st.teacher_kl_before,  # held-out KL(student || teacher) per token
+        "teacher_kl_after": after.get("eval_teacher_kl"),
         "eval_prompts": len(job.test),
         "steps": st.step,
         "samples_trained": st.consumed,

@@ -53,13 +53,13 @@ class ChunkScorer:
     thread as each chunk arrives: it verifies the chunk (and starts the teacher on a chunk of mixed teachers)."""
 
     def __init__(self, roles: Roles, cfg: Config):
-        self.roles, self.top_k = roles, cfg.teacher.top_k
+        self.roles, self.top_k, self.hidden = roles, cfg.teacher.top_k, cfg.teacher_sends_hidden
         self.teacher = None if cfg.learner_runs_teacher else roles.teacher
 
     def chain(self, draws: list[tuple[Prompt, int]], samples_ref):
         teachers = self.teacher
         names = {teacher_name(p, teachers.column) for p, _ in draws} if teachers else set()
-        return teachers.actors[names.pop()].score.remote(samples_ref, self.top_k) if len(names) == 1 else None
+        return teachers.actors[names.pop()].score.remote(samples_ref, self.top_k, self.hidden) if len(names) == 1 else None
 
     def chunk(self, samples: list[Sample], teacher_ref) -> tuple[Rewards, object]:
         if self.teacher is None:
@@ -67,7 +67,7 @@ class ChunkScorer:
         elif teacher_ref is not None:
             collect = lambda: ray.get(teacher_ref)  # noqa: E731
         else:
-            collect = self.teacher.score(samples, self.top_k)
+            collect = self.teacher.score(samples, self.top_k, self.hidden)
         rewards = _verify(self.roles, samples)
         rewards.validate(samples)
         return rewards, collect
@@ -99,12 +99,13 @@ def merge_rewards(parts: list[Rewards]) -> Rewards:
 def merge_scores(parts: list[TeacherScores]) -> TeacherScores:
     if len(parts) == 1:
         return parts[0]
-    topk = parts[0].topk_ids is not None
+    topk, hidden = parts[0].topk_ids is not None, parts[0].hidden is not None
     return TeacherScores(
         uids=[u for p in parts for u in p.uids], logprobs=[x for p in parts for x in p.logprobs],
         topk_ids=[x for p in parts for x in p.topk_ids] if topk else None,
         topk_logprobs=[x for p in parts for x in p.topk_logprobs] if topk else None,
         score_seconds=sum(p.score_seconds for p in parts),
+        hidden=[x for p in parts for x in p.hidden] if hidden else None,
     )
 
 
@@ -123,8 +124,8 @@ def sync_weights(roles: Roles, probe_ids: list[int], tolerance: float) -> tuple[
         files = learner.export_adapter.remote()
         load = lambda w: w.load_adapter.remote(files, version, probe_ids, expected, tolerance)  # noqa: E731
     else:
-        blob = learner.export_weights.remote()
-        load = lambda w: w.load_weights.remote(blob, version, probe_ids, expected, tolerance)  # noqa: E731
+        weights = learner.export_weights.remote()
+        load = lambda w: w.load_weights.remote(weights, version, probe_ids, expected, tolerance)  # noqa: E731
     # The pool keeps ``load`` while generations launched at this version are owed: a replacement worker replays them.
     return version, roles.rollout.publish(version, load)
 
@@ -145,6 +146,29 @@ def evaluate(roles: Roles, prompts: list[Prompt], cfg: Config, who: str) -> floa
         texts = [t for part in outs for t in part]
     correct = _verify_all(roles, [f"eval/{p.prompt_id}" for p in prompts], prompts, texts)
     return sum(correct) / len(prompts)
+
+
+def held_out(roles: Roles, prompts: list[Prompt], cfg: Config) -> dict[str, float]:
+    """The student's held-out figures: ``eval_accuracy`` (greedy) and, with a teacher, ``eval_teacher_kl``."""
+    kl = heldout_teacher_kl(roles, prompts, cfg)
+    return {"eval_accuracy": evaluate(roles, prompts, cfg, who="student"), **({} if kl is None else {"eval_teacher_kl": kl})}
+
+
+def heldout_teacher_kl(roles: Roles, prompts: list[Prompt], cfg: Config) -> float | None:
+    """KL(student || teacher) per token on held-out prompts: ``eval.kl_samples`` samples of the student per prompt at
+    temperature 1 (seeded: the same draws each time the same weights are measured), scored by the teacher; the mean
+    of log q - log pi_T over their tokens, the training metric ``teacher_kl`` measured where nothing trains. None when
+    the job has no teacher or ``eval.kl_samples`` is 0."""
+    if roles.teacher is None or not cfg.eval.kl_samples:
+        return None
+    draws = [(p, 0) for p in prompts]
+    kw = {"n": cfg.eval.kl_samples, "temperature": 1.0, "top_p": 1.0, "max_tokens": cfg.rollout.max_new_tokens,
+          "seed": cfg.run.seed}
+    parts = [c for c in split_even(draws, len(roles.rollout)) if c]
+    outs = roles.rollout.map(lambda w, c: w.generate.remote(c, **kw), parts)
+    rollouts = RolloutBatch(-1, [s for samples, _ in outs for s in samples], cfg.eval.kl_samples, -1)
+    scores = roles.teacher.score(rollouts.samples, 0)()
+    return teacher_reverse_kl(rollouts, scores)
 
 
 def _verify_all(roles: Roles, uids: list[str], prompts: list[Prompt], texts: list[str], retries: int = 1) -> list[bool]:
@@ -176,6 +200,7 @@ def step_metrics(
         "verifier_failures": float(len(rewards.failures)),
         "response_length": n_tok / len(rollouts.samples),
         "rollout_tokens_per_s": n_tok / max(rollouts.generate_seconds, 1e-9),
+        "generate_seconds": rollouts.generate_seconds,
         "verify_seconds": rewards.verify_seconds,
         "weight_version": float(version),
         "probe_max_diff": probe_diff,
@@ -186,4 +211,5 @@ def step_metrics(
         m["teacher_kl"] = teacher_reverse_kl(rollouts, scores)
         m["teacher_nonfinite"] = float(scores.nonfinite_samples())
         m["score_tokens_per_s"] = n_tok / max(scores.score_seconds, 1e-9)
+        m["score_seconds"] = scores.score_seconds
     return m

@@ -34,6 +34,7 @@ SPECS = (
     MetricSpec("step_seconds", "opd_step_seconds", "driver", "wall time of the last step (s)"),
     MetricSpec("weight_version", "opd_weight_version", "learner", "weight version the rollout workers serve"),
     MetricSpec("eval_accuracy", "opd_eval_accuracy", "eval", "held-out greedy accuracy of the student"),
+    MetricSpec("eval_teacher_kl", "opd_eval_teacher_kl", "eval", "held-out per-token KL(student || teacher) (nats)"),
     MetricSpec("verifier_failures", "opd_verifier_failures", "verifier", "verifier rows failed (raised, hung, bad output)",
                counter=True),
 )

@@ -20,7 +20,7 @@ from pathlib import Path
 # Curves drawn together because they share a scale; every other numeric key goes into one grid of small panels.
 PANELS = (
     ("reward_accuracy", "reward and accuracy", ("reward", "accuracy", "eval_accuracy")),
-    ("teacher_kl", "teacher KL (nats/token)", ("teacher_kl",)),
+    ("teacher_kl", "teacher KL (nats/token)", ("teacher_kl", "eval_teacher_kl")),
     ("entropy", "student entropy (nats/token)", ("entropy",)),
     ("loss", "loss", ("loss",)),
     ("grad_norm", "gradient norm", ("grad_norm",)),

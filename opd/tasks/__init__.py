@@ -1,1 +1,21 @@
-"""Embedded verifiable tasks that generate `datasets.Dataset` splits."""
+"""Embedded verifiable tasks that generate `datasets.Dataset` splits, and the user's own rows (``task.name=files``)."""
+
+from __future__ import annotations
+
+
+def task_rows(t) -> tuple[list[dict], list[dict]]:
+    """(train rows, test rows) of the task a ``TaskConfig`` names; a file problem raises ``ValueError``."""
+    if t.name == "files":
+        from opd.tasks.files import load_rows
+
+        cols = {"prompt_column": t.prompt_column, "answer_column": t.answer_column}
+        return load_rows(t.train_path, key="task.train_path", **cols), load_rows(t.test_path, key="task.test_path", **cols)
+    if t.name == "word_problems":
+        from opd.tasks.word_problems import build_dataset
+
+        data = build_dataset(t.num_train, t.num_test, t.max_operand, t.seed)
+    else:
+        from opd.tasks.arithmetic import build_dataset
+
+        data = build_dataset(t.num_train, t.num_test, t.max_digits_a, t.max_digits_b, tuple(t.ops), t.seed)
+    return list(data["train"]), list(data["test"])
