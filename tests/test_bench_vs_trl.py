@@ -63,5 +63,9 @@ def test_trl_trains_on_opds_prompt_order(tiny_models, tmp_path):
     before = AutoModelForCausalLM.from_pretrained(cfg.models.student).state_dict()
     after = AutoModelForCausalLM.from_pretrained(result["model_dir"]).state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    acc = bench.held_out_accuracy(result["model_dir"], cfg)
+    teacher = AutoModelForCausalLM.from_pretrained(cfg.models.teacher).eval()
+    judged = bench.held_out(result["model_dir"], cfg, teacher)
+    acc = judged["accuracy"]
     assert 0.0 <= acc <= 1.0 and acc * cfg.eval.num_prompts == round(acc * cfg.eval.num_prompts)
+    assert judged["teacher_kl"] > 0  # a tiny student a couple of steps in is far from its teacher
+    assert bench.held_out(cfg.models.teacher, cfg, teacher)["teacher_kl"] == pytest.approx(0.0, abs=1e-5)

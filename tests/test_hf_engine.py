@@ -109,6 +109,20 @@ def test_greedy_matches_vllm(engine, vllm_engine, prompts):
     ]
 
 
+def test_vllm_seeded_sampling_of_more_prompt_tokens_than_one_scheduler_step(vllm_engine, prompts):
+    """Seeded sampling of a batch whose prefills need several scheduler steps (past max_num_batched_tokens): with
+    chunked prefill vLLM rewinds a split request's seeded generator, which the CPU generator cannot do."""
+    scheduler = vllm_engine.llm.llm_engine.vllm_config.scheduler_config
+    long = [(p * 4)[:24] for p in prompts]  # max_model_len 32 leaves room for 4 new tokens
+    many = [long[i % len(long)] for i in range(scheduler.max_num_batched_tokens // 24 + 8)]
+    assert sum(map(len, many)) > scheduler.max_num_batched_tokens and len(many) <= scheduler.max_num_seqs
+    outs = vllm_engine.generate(many, n=2, temperature=1.0, top_p=1.0, max_tokens=4, seeds=list(range(len(many))))
+    assert len(outs) == len(many) and all(len(g.token_ids) >= 1 for gens in outs for g in gens)
+    # Per-request seeds: the same prompt and seed draw the same tokens wherever they sit in the batch.
+    again = vllm_engine.generate(many[:3], n=2, temperature=1.0, top_p=1.0, max_tokens=4, seeds=[0, 1, 2])
+    assert [[g.token_ids for g in gens] for gens in again] == [[g.token_ids for g in gens] for gens in outs[:3]]
+
+
 def test_score_matches_vllm(engine, vllm_engine, prompts):
     outs = engine.generate(prompts, n=2, temperature=1.0, top_p=1.0, max_tokens=8, seeds=[4, 3, 2, 1])
     seqs = [p + g.token_ids for p, gens in zip(prompts, outs, strict=True) for g in gens]

@@ -84,6 +84,10 @@ class VLLMEngine:
             gpu_memory_utilization=gpu_memory_utilization,
             worker_extension_cls=WORKER_EXTENSION if enable_weight_sync else "",
             enable_prefix_caching=False,
+            # A prompt whose prefill is split across scheduler steps has its first draw discarded, and vLLM then rewinds
+            # the request's seeded generator, which the CPU generator cannot do ("CPU Generator does not use offset"):
+            # seeded sampling of batches past max_num_batched_tokens prompt tokens would crash. Whole prefills only.
+            enable_chunked_prefill=False,
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.lora_request = None  # the adapter every request uses; None: the base weights
