@@ -130,7 +130,7 @@ def test_non_finite_loss_skips_the_update(tiny_models):
 def test_sdpo_ema_teacher_moves_toward_student(tiny_models):
     learner, _ = _step(tiny_models, "sdpo", micro=64)
     init = Learner(str(tiny_models / "student"), lr=1e-2).model
-    for t, s, i in zip(learner.self_teacher.parameters(), learner.model.parameters(), init.parameters(), strict=True):
+    for t, s, i in zip(learner.teachers.self_teacher.parameters(), learner.model.parameters(), init.parameters(), strict=True):
         assert torch.allclose(t, 0.95 * i + 0.05 * s, atol=1e-6)
 
 
@@ -216,7 +216,7 @@ def test_full_vocab_from_the_teachers_hidden_states_equals_the_learners_teacher_
     by_hidden = Learner(str(tiny_models / "student"), lr=1e-2, micro_batch_size=4, teacher_dir=str(tiny_models / "teacher"),
                         objective=ObjectiveSpec("opd", opd_divergence="full_vocab", full_vocab_kind=spec.full_vocab_kind,
                                                 full_vocab_source="teacher"))
-    assert by_hidden.hf_teacher is None and by_hidden.teacher_head is not None
+    assert by_hidden.teachers.hf_teacher is None and by_hidden.teachers.teacher_head is not None
     batch = _batch(by_hidden, "opd-full-vocab-jsd")
     teacher = AutoModelForCausalLM.from_pretrained(tiny_models / "teacher", dtype=torch.float32).eval()
     with torch.no_grad():

@@ -104,7 +104,7 @@ def test_objectives_with_extra_models_train_the_adapter(tiny_models, spec):
         assert stats["update_skipped"] == 0.0 and stats["grad_norm"] > 0
     assert any(not torch.equal(before[n], p) for n, p in _adapter(learner).items())
     if spec.name == "sdpo":
-        teacher = {n: p for n, p in learner.self_teacher.named_parameters() if "lora_B" in n}
+        teacher = {n: p for n, p in learner.teachers.self_teacher.named_parameters() if "lora_B" in n}
         assert any(p.abs().max() > 0 for p in teacher.values()), "the self-teacher's adapter did not follow the student"
 
 

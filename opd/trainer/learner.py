@@ -18,7 +18,6 @@ With a ``LoraSpec`` (``lora.r > 0``) the student is a PEFT model: only the adapt
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from opd.rollout.weight_sync import TRANSFER, WeightBuckets
 from opd.trainer.chunks import per_piece, pieces
@@ -43,19 +42,10 @@ from opd.trainer.objectives import entropy_weights
 from opd.trainer.sdpo import ema_update
 from opd.trainer.selection import select_tokens
 from opd.trainer.shards import balance_shards, shard_imbalance, take
+from opd.trainer.teacher_side import TeacherSide, load_model
 from opd.types import TrainBatch
 
 log = logging.getLogger("opd.learner")
-
-
-def _load(model_dir: str) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-
-
-def _frozen(model: torch.nn.Module) -> torch.nn.Module:
-    model.eval()
-    model.requires_grad_(False)
-    return model
 
 
 def _keep_count(n_valid: int, ratio: float) -> int:
@@ -87,7 +77,7 @@ class Learner:
         torch.set_num_threads(torch_threads)
         torch.manual_seed(seed)
         self.spec = objective or ObjectiveSpec()
-        self.model = _load(model_dir)
+        self.model = load_model(model_dir)
         if gradient_checkpointing:
             # Non-reentrant: works with frozen inputs (LoRA) and keeps the RNG state, so the update is unchanged.
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -102,15 +92,8 @@ class Learner:
         self.micro_batch_size, self.micro_batch_tokens = micro_batch_size, micro_batch_tokens
         self.logits_chunk_tokens = logits_chunk_tokens  # LM head + loss in pieces of this many positions; 0: at once
         self.fw = Precision(autocast)
-        # Teacher-side models never receive gradients.
-        self.reference = _frozen(_load(reference_dir or model_dir)) if self.spec.needs_reference else None
-        self.hf_teacher = _frozen(_load(teacher_dir)) if self.spec.needs_hf_teacher else None
-        # With the teacher's trunk in its own actor, only its LM head lives here (the rest of the model is freed).
-        teacher = _load(teacher_dir) if self.spec.needs_teacher_head else None
-        self.teacher_head = _frozen(teacher.get_output_embeddings()) if teacher is not None else None
-        self.teacher_config = teacher.config if teacher is not None else None
-        del teacher
-        self.self_teacher = _frozen(copy.deepcopy(self.model)) if self.spec.needs_self_teacher else None
+        self.teachers = TeacherSide(self.spec, self.model, self.fw, self.pad_id, logits_chunk_tokens,
+                                    reference_dir=reference_dir or model_dir, teacher_dir=teacher_dir)
         self.steps_done = 0
         self.version = 0
         self.comm = Collective()  # one rank until join_group
@@ -139,51 +122,8 @@ class Learner:
             return self.base_lr * (self.steps_done + 1) / self.warmup_steps
         return self.base_lr
 
-    def _pieces(self, mt_or_mask, by_token: bool = False) -> list[tuple]:
-        mask = mt_or_mask.mask_BT if isinstance(mt_or_mask, MicroTensors) else mt_or_mask
-        return pieces(mask.shape[0], mask.shape[1], self.logits_chunk_tokens, by_token)
-
-    @torch.no_grad()
-    def _teacher_pass(self, batch: TrainBatch, idx: list[int], mt: MicroTensors) -> Aux:
-        t_max = mt.mask_BT.shape[1]
-        aux = Aux()
-        if batch.teacher_logprobs is not None:
-            aux.teacher_logp_BT = rows([batch.teacher_logprobs[i] for i in idx], t_max)
-        if batch.teacher_topk_ids is not None:
-            k = len(batch.teacher_topk_ids[idx[0]][0]) if batch.teacher_topk_ids[idx[0]] else 1
-            ids = torch.zeros(len(idx), t_max, k, dtype=torch.long)
-            lps = torch.full((len(idx), t_max, k), -1e4)
-            for j, i in enumerate(idx):
-                n = len(batch.teacher_topk_ids[i])
-                if n:
-                    ids[j, :n] = torch.tensor(batch.teacher_topk_ids[i])
-                    lps[j, :n] = torch.tensor(batch.teacher_topk_logprobs[i])
-            aux.topk_ids_BTK, aux.topk_logp_BTK = ids, lps
-        if self.teacher_head is not None:  # full_vocab_source=teacher: the teacher's actor sent its hidden states
-            if batch.teacher_hidden is None:
-                raise ValueError("opd.full_vocab_source=teacher: the batch carries no teacher hidden states")
-            t_h = torch.zeros(len(idx), t_max, batch.teacher_hidden[idx[0]].shape[1])
-            for j, i in enumerate(idx):
-                t_h[j, : batch.teacher_hidden[i].shape[0]] = torch.as_tensor(batch.teacher_hidden[i])
-            aux.teacher_head = lambda p: self.fw.head(self.teacher_head, self.teacher_config, t_h[p])
-        if self.reference is not None:
-            ref_h = self.fw.hidden(self.reference, mt)
-            aux.ref_logp_BT = per_piece(lambda p: token_logprobs(self.fw.logits(self.reference, ref_h[p]), mt.targets_BT[p]),
-                                        self._pieces(mt))
-        if self.hf_teacher is not None:
-            t_h = self.fw.hidden(self.hf_teacher, mt)  # [B, T, H]: the teacher's logits are made piece by piece
-            aux.teacher_head = lambda p: self.fw.logits(self.hf_teacher, t_h[p])
-            if aux.teacher_logp_BT is None:  # no teacher actor scored the batch: this forward is the teacher
-                aux.teacher_logp_BT = per_piece(lambda p: token_logprobs(aux.teacher_head(p), mt.targets_BT[p]),
-                                                self._pieces(mt))
-        if self.self_teacher is not None:
-            # The self-teacher reads the same response after its own (re-written) prompt.
-            prompts = [batch.teacher_prompt_ids[i] or batch.prompt_ids[i] for i in idx]
-            tmt = build_micro(prompts, [batch.response_ids[i] for i in idx], self.pad_id)
-            s_h = self.fw.hidden(self.self_teacher, tmt)
-            aux.teacher_head = lambda p: self.fw.logits(self.self_teacher, s_h[p])
-            aux.route_sdpo_B = torch.tensor([1.0 if batch.routes[i] == "sdpo" else 0.0 for i in idx])
-        return aux
+    def _pieces(self, mask_BT: torch.Tensor, by_token: bool = False) -> list[tuple]:
+        return pieces(mask_BT.shape[0], mask_BT.shape[1], self.logits_chunk_tokens, by_token)
 
     def _srpo_weights(self, auxes: list[Aux], masks: list[torch.Tensor]) -> None:
         """exp(-beta*H_teacher) normalised to mean 1 over the whole batch's SDPO-routed tokens (§5.2), all ranks'."""
@@ -278,7 +218,7 @@ class Learner:
         lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True)]
         micro = plan(lengths, self.micro_batch_size, self.micro_batch_tokens)
         mts = [build_micro([batch.prompt_ids[i] for i in idx], [batch.response_ids[i] for i in idx], self.pad_id) for idx in micro]
-        auxes = [self._teacher_pass(batch, idx, mt) for idx, mt in zip(micro, mts, strict=True)]
+        auxes = [self.teachers.aux(batch, idx, mt) for idx, mt in zip(micro, mts, strict=True)]
         if self.spec.name == "srpo":
             self._srpo_weights(auxes, [mt.mask_BT for mt in mts])
         denom, n_seqs = self._denominator(mts, auxes, n_seq)
@@ -315,9 +255,9 @@ class Learner:
             for group in self.opt.param_groups:
                 group["lr"] = self._lr()
             self.opt.step()
-            if self.self_teacher is not None:
+            if self.teachers.self_teacher is not None:
                 # Pairs by position; with LoRA only the adapter moves, so only it is averaged.
-                pairs = [(t, s) for t, s in zip(self.self_teacher.parameters(), self.model.parameters(), strict=True) if s.requires_grad]
+                pairs = [(t, s) for t, s in zip(self.teachers.self_teacher.parameters(), self.model.parameters(), strict=True) if s.requires_grad]
                 ema_update([t for t, _ in pairs], [s for _, s in pairs], rate=self.spec.sdpo_ema_rate)
             self.steps_done += 1
             self.version += 1
@@ -341,7 +281,7 @@ class Learner:
     def _teacher_kl(self, batch: TrainBatch, micro: list[list[int]], mts: list[MicroTensors], auxes: list[Aux]) -> tuple[float, float]:
         """(sum, tokens) of the sampled-token KL log q - log pi_T when this learner ran the teacher (then no teacher
         actor scored the batch, and the driver's ``teacher_kl`` comes from here)."""
-        if self.hf_teacher is None:
+        if self.teachers.hf_teacher is None:
             return 0.0, 0.0
         parts = [((rows([batch.sampler_logprobs[i] for i in idx], mt.mask_BT.shape[1]) - a.teacher_logp_BT) * mt.mask_BT).sum()
                  for idx, mt, a in zip(micro, mts, auxes, strict=True)]
@@ -391,8 +331,8 @@ class Learner:
         self.tokenizer.save_pretrained(weights)
         torch.save(self.opt.state_dict(), out / "optimizer.pt")
         torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}, out / "rng.pt")
-        if self.self_teacher is not None:
-            torch.save(self.self_teacher.state_dict(), out / "self_teacher.pt")
+        if self.teachers.self_teacher is not None:
+            torch.save(self.teachers.self_teacher.state_dict(), out / "self_teacher.pt")
         (out / "learner.json").write_text(json.dumps({"steps_done": self.steps_done, "version": self.version}))
 
     def load(self, path: str) -> None:
@@ -403,14 +343,14 @@ class Learner:
         if self.lora:
             load_adapter_weights(self.model, src / "adapter")
         else:
-            self.model.load_state_dict(_load(str(src / "model")).state_dict())
+            self.model.load_state_dict(load_model(str(src / "model")).state_dict())
         self.opt.load_state_dict(torch.load(src / "optimizer.pt", weights_only=False))
         rng = torch.load(src / "rng.pt", weights_only=False)
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
-        if self.self_teacher is not None:
-            self.self_teacher.load_state_dict(torch.load(src / "self_teacher.pt", weights_only=True))
+        if self.teachers.self_teacher is not None:
+            self.teachers.self_teacher.load_state_dict(torch.load(src / "self_teacher.pt", weights_only=True))
         meta = json.loads((src / "learner.json").read_text())
         self.steps_done, self.version = meta["steps_done"], meta["version"]
         if pending:

@@ -1,0 +1,86 @@
+"""The models a learner step reads besides the student, none of which gets a gradient: the ExOPD reference, the
+full-vocabulary teacher (the whole model, or only its LM head when its actor sends hidden states), the SDPO
+self-teacher; and ``aux``, which turns them and the batch's teacher scores into a micro-batch's ``Aux``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from opd.trainer.chunks import per_piece, pieces
+from opd.trainer.forward import MicroTensors, Precision, build_micro, rows
+from opd.trainer.losses import token_logprobs
+from opd.trainer.objective import Aux, ObjectiveSpec
+from opd.types import TrainBatch
+
+
+def load_model(model_dir: str) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
+def frozen(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+class TeacherSide:
+    def __init__(self, spec: ObjectiveSpec, student: torch.nn.Module, fw: Precision, pad_id: int, chunk_tokens: int,
+                 *, reference_dir: str, teacher_dir: str | None):
+        self.fw, self.pad_id, self.chunk_tokens = fw, pad_id, chunk_tokens
+        self.reference = frozen(load_model(reference_dir)) if spec.needs_reference else None
+        self.hf_teacher = frozen(load_model(teacher_dir)) if spec.needs_hf_teacher else None
+        # With the teacher's trunk in its own actor, only its LM head lives here (the rest of the model is freed).
+        teacher = load_model(teacher_dir) if spec.needs_teacher_head else None
+        self.teacher_head = frozen(teacher.get_output_embeddings()) if teacher is not None else None
+        self.teacher_config = teacher.config if teacher is not None else None
+        del teacher
+        self.self_teacher = frozen(copy.deepcopy(student)) if spec.needs_self_teacher else None
+
+    @torch.no_grad()
+    def aux(self, batch: TrainBatch, idx: list[int], mt: MicroTensors) -> Aux:
+        """The micro-batch ``idx``'s teacher-side tensors: the batch's teacher scores as tensors, and the forwards of
+        the reference, HF teacher or self-teacher (their LM heads run later, piece by piece, in ``Aux.piece``)."""
+        t_max = mt.mask_BT.shape[1]
+        aux = Aux()
+        if batch.teacher_logprobs is not None:
+            aux.teacher_logp_BT = rows([batch.teacher_logprobs[i] for i in idx], t_max)
+        if batch.teacher_topk_ids is not None:
+            k = len(batch.teacher_topk_ids[idx[0]][0]) if batch.teacher_topk_ids[idx[0]] else 1
+            ids = torch.zeros(len(idx), t_max, k, dtype=torch.long)
+            lps = torch.full((len(idx), t_max, k), -1e4)
+            for j, i in enumerate(idx):
+                n = len(batch.teacher_topk_ids[i])
+                if n:
+                    ids[j, :n] = torch.tensor(batch.teacher_topk_ids[i])
+                    lps[j, :n] = torch.tensor(batch.teacher_topk_logprobs[i])
+            aux.topk_ids_BTK, aux.topk_logp_BTK = ids, lps
+        if self.teacher_head is not None:  # full_vocab_source=teacher: the teacher's actor sent its hidden states
+            if batch.teacher_hidden is None:
+                raise ValueError("opd.full_vocab_source=teacher: the batch carries no teacher hidden states")
+            t_h = torch.zeros(len(idx), t_max, batch.teacher_hidden[idx[0]].shape[1])
+            for j, i in enumerate(idx):
+                t_h[j, : batch.teacher_hidden[i].shape[0]] = torch.as_tensor(batch.teacher_hidden[i])
+            aux.teacher_head = lambda p: self.fw.head(self.teacher_head, self.teacher_config, t_h[p])
+        if self.reference is not None:
+            ref_h = self.fw.hidden(self.reference, mt)
+            aux.ref_logp_BT = per_piece(lambda p: token_logprobs(self.fw.logits(self.reference, ref_h[p]), mt.targets_BT[p]),
+                                        pieces(mt.mask_BT.shape[0], mt.mask_BT.shape[1], self.chunk_tokens))
+        if self.hf_teacher is not None:
+            t_h = self.fw.hidden(self.hf_teacher, mt)  # [B, T, H]: the teacher's logits are made piece by piece
+            aux.teacher_head = lambda p: self.fw.logits(self.hf_teacher, t_h[p])
+            if aux.teacher_logp_BT is None:  # no teacher actor scored the batch: this forward is the teacher
+                aux.teacher_logp_BT = per_piece(lambda p: token_logprobs(aux.teacher_head(p), mt.targets_BT[p]),
+                                                pieces(mt.mask_BT.shape[0], mt.mask_BT.shape[1], self.chunk_tokens))
+        if self.self_teacher is not None:
+            # The self-teacher reads the same response after its own (re-written) prompt.
+            prompts = [batch.teacher_prompt_ids[i] or batch.prompt_ids[i] for i in idx]
+            tmt = build_micro(prompts, [batch.response_ids[i] for i in idx], self.pad_id)
+            s_h = self.fw.hidden(self.self_teacher, tmt)
+            aux.teacher_head = lambda p: self.fw.logits(self.self_teacher, s_h[p])
+            aux.route_sdpo_B = torch.tensor([1.0 if batch.routes[i] == "sdpo" else 0.0 for i in idx])
+        return aux
+
