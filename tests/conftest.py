@@ -55,3 +55,45 @@ def tiny_overrides(models: Path, out: Path, **extra) -> list[str]:
         **extra,
     }
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def start_shared(cfg):
+    """A job's rollout workers, teacher and verifier hosts, started once for several jobs of a module (engine
+    start-up is most of a short job's time on 2 cores). Call ``train_on`` with each job's config; kill with
+    ``stop_shared``."""
+    import ray
+
+    from opd.cluster import start_roles
+
+    roles = start_roles(cfg)
+    ray.kill(roles.learner)
+    return roles
+
+
+def stop_shared(roles) -> None:
+    import ray
+
+    for actor in [*roles.rollout, *(roles.teacher.actors.values() if roles.teacher else ())]:
+        ray.kill(actor)
+
+
+def train_on(shared, cfg, *, rollout=None, teacher=None, resume: bool = False) -> dict:
+    """``opd run``'s job on engines that are already running: its own learner, the shared rollout workers and teacher
+    (or those given), the shared verifier hosts. Each job pushes its learner's weights to the workers at its start, as
+    every job does, so what an earlier job trained never leaks into the next one."""
+    import ray
+
+    from opd.cluster import Roles, connect_learners, start_learners
+    from opd.driver import prepare, train
+
+    job = prepare(cfg, resume=resume)
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    learners = start_learners(cfg)
+    connect_learners(learners, cfg.trainer.dist_backend)
+    roles = Roles(rollout or shared.rollout, (teacher or shared.teacher) if cfg.needs_teacher else None,
+                  learners.ranks[0], shared.verifiers, learners)
+    try:
+        return train(cfg, job, roles, progress=False)
+    finally:
+        for rank in learners.ranks:
+            ray.kill(rank)

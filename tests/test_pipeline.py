@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import ray
 import torch
-from conftest import tiny_overrides
+from conftest import start_shared, stop_shared, tiny_overrides, train_on
 from transformers import AutoModelForCausalLM
 
+from opd.cluster import start_teachers
 from opd.config import load_config
 from opd.driver import run
 
@@ -63,10 +65,25 @@ OBJECTIVE_RUNS = {
 }
 
 
+@pytest.fixture(scope="module")
+def shared(tiny_models, local_ray, tmp_path_factory):
+    """One rollout worker and one teacher engine for every objective's job (each job has its own learner)."""
+    roles = start_shared(load_config(None, tiny_overrides(tiny_models, tmp_path_factory.mktemp("shared") / "shared")))
+    yield roles
+    stop_shared(roles)
+
+
 @pytest.mark.parametrize("name", list(OBJECTIVE_RUNS))
-def test_objective_two_steps(tiny_models, local_ray, tmp_path, name):
+def test_objective_two_steps(shared, tiny_models, tmp_path, name):
     out = tmp_path / name
-    summary = run(load_config(None, tiny_overrides(tiny_models, out, **OBJECTIVE_RUNS[name])), progress=False)
+    cfg = load_config(None, tiny_overrides(tiny_models, out, **OBJECTIVE_RUNS[name]))
+    # The hidden-state teacher is a transformers engine of its own (teacher.engine=auto); the others share the vLLM one.
+    teacher = start_teachers(cfg, prefix=f"{name}/") if cfg.teacher_sends_hidden else None
+    try:
+        summary = train_on(shared, cfg, teacher=teacher)
+    finally:
+        if teacher is not None:
+            ray.kill(teacher.actors["default"])
     assert summary["steps"] == 2 and summary["weight_version"] >= 1
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [0, 1]
