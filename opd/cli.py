@@ -65,7 +65,9 @@ def _print_table(summary: dict) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from opd.driver import run
 
-    summary = run(_config(args), resume=args.resume, progress=not args.no_progress)
+    if args.resume and args.fresh:
+        raise ConfigError("--resume continues the run in run.output_dir and --fresh replaces it: give one of them")
+    summary = run(_config(args), resume=args.resume, fresh=args.fresh, progress=not args.no_progress)
     _print_table(summary)
     return 0
 
@@ -275,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a distillation job from a config")
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.output_dir")
+    p.add_argument("--fresh", action="store_true", help="replace a run already in run.output_dir (default: refuse)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("demo", help="the embedded default: bootstrap tiny models, distil on CPU, evaluate")
