@@ -123,6 +123,21 @@ def test_vllm_seeded_sampling_of_more_prompt_tokens_than_one_scheduler_step(vllm
     assert [[g.token_ids for g in gens] for gens in again] == [[g.token_ids for g in gens] for gens in outs[:3]]
 
 
+def test_scoring_from_a_start_scores_those_tokens_and_can_return_the_hidden_states(engine, prompts):
+    """Scores from the response start on (the LM head runs there only) equal the rows of full scoring, and the hidden
+    states returned are the decoder's final ones at the positions that predict those tokens."""
+    seqs = [p + [24, 5, 7] for p in prompts]
+    starts = [len(p) for p in prompts]
+    full, part = engine.score(seqs, top_k=3), engine.score(seqs, top_k=3, starts=starts, hidden=True)
+    for f, q, s, st in zip(full, part, seqs, starts, strict=True):
+        assert len(q.token_logprobs) == 3 and q.topk_ids == f.topk_ids[st - 1 :]
+        assert q.token_logprobs == pytest.approx(f.token_logprobs[st - 1 :], abs=1e-5)
+        with torch.no_grad():
+            h = engine.model.get_decoder()(torch.tensor([s])).last_hidden_state[0, st - 1 : -1]
+        assert torch.allclose(torch.from_numpy(q.hidden), h, atol=1e-5)
+    assert all(r.hidden is None for r in full)
+
+
 def test_score_matches_vllm(engine, vllm_engine, prompts):
     outs = engine.generate(prompts, n=2, temperature=1.0, top_p=1.0, max_tokens=8, seeds=[4, 3, 2, 1])
     seqs = [p + g.token_ids for p, gens in zip(prompts, outs, strict=True) for g in gens]
