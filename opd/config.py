@@ -62,6 +62,7 @@ class TaskConfig(_Section):
     max_digits_b: int = Field(3, ge=1, le=9)
     ops: list[Literal["+", "-"]] = ["+"]
     max_operand: int = Field(20, ge=2)  # word_problems: numbers in the problems are 2..max_operand
+    kinds: list[Literal["more", "buy", "take", "lose", "sum"]] = ["more", "buy", "take", "lose", "sum"]  # word_problems
     seed: int = 0
 
 

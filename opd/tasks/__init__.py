@@ -13,7 +13,7 @@ def task_rows(t) -> tuple[list[dict], list[dict]]:
     if t.name == "word_problems":
         from opd.tasks.word_problems import build_dataset
 
-        data = build_dataset(t.num_train, t.num_test, t.max_operand, t.seed)
+        data = build_dataset(t.num_train, t.num_test, t.max_operand, t.seed, tuple(t.kinds))
     else:
         from opd.tasks.arithmetic import build_dataset
 
