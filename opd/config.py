@@ -182,6 +182,9 @@ class TrainerConfig(_Section):
     # LM head and loss in pieces of at most this many response positions (whole sequences), so [tokens, vocab] logits
     # never exist for a whole micro-batch; 0: all at once. The update is the same either way.
     logits_chunk_tokens: int = Field(1024, ge=0)
+    # run each distinct prompt of a micro-batch once, its samples' responses reading its key/value cache (a group's G
+    # samples share their prompt); the same update. Off under gradient_checkpointing (HF drops the cache there)
+    share_prompts: bool = True
     autocast: Literal["off", "bf16"] = "off"  # bf16: forward under bf16 autocast; float32 weights and loss maths
     gradient_checkpointing: bool = False  # recompute the student's layer activations in backward (less memory)
 

@@ -16,7 +16,7 @@ def tiny_models(tmp_path_factory) -> Path:
     from opd.tasks.bootstrap import bootstrap, tiny_spec
 
     cache = os.environ.get("OPD_TEST_MODELS")  # reuse across local sessions; CI builds them fresh
-    out = Path(cache) if cache else tmp_path_factory.mktemp("models")
+    out = Path(cache) / "tiny" if cache else tmp_path_factory.mktemp("models")
     bootstrap(out, tiny_spec())
     return out
 

@@ -136,6 +136,14 @@ def test_scoring_from_a_start_scores_those_tokens_and_can_return_the_hidden_stat
             h = engine.model.get_decoder()(torch.tensor([s])).last_hidden_state[0, st - 1 : -1]
         assert torch.allclose(torch.from_numpy(q.hidden), h, atol=1e-5)
     assert all(r.hidden is None for r in full)
+    # Sequences that continue one prompt (a group's samples) run it once: the same scores as one at a time.
+    grouped = [p + r for p in prompts for r in ([24, 5, 7], [9, 11])]
+    starts = [len(p) for p in prompts for _ in range(2)]
+    together = engine.score(grouped, top_k=3, starts=starts, hidden=True)
+    for seq, st, got in zip(grouped, starts, together, strict=True):
+        alone = engine.score([seq], top_k=3, starts=[st], hidden=True)[0]
+        assert got.token_logprobs == pytest.approx(alone.token_logprobs, abs=1e-5) and got.topk_ids == alone.topk_ids
+        assert torch.allclose(torch.from_numpy(got.hidden), torch.from_numpy(alone.hidden), atol=1e-5)
 
 
 def test_score_matches_vllm(engine, vllm_engine, prompts):

@@ -30,9 +30,10 @@ SPECS = {
 }
 
 
-def _batch(learner: Learner, name: str, n: int = 6, seed: int = 0) -> TrainBatch:
+def _batch(learner: Learner, name: str, n: int = 6, seed: int = 0, group: int = 1) -> TrainBatch:
     rng = random.Random(seed)
-    prompts = [[rng.randrange(6, 90) for _ in range(rng.randint(3, 6))] for _ in range(n)]
+    prompts = [[rng.randrange(6, 90) for _ in range(rng.randint(3, 6))] for _ in range(n // group)]
+    prompts = [p for p in prompts for _ in range(group)]  # a group's samples share their prompt
     responses = [[rng.randrange(6, 90) for _ in range(rng.randint(1, 4))] for _ in range(n)]
     sampler = [learner.probe_logprobs(p + r)[len(p) - 1 :] for p, r in zip(prompts, responses, strict=True)]
     teacher = [[x - rng.uniform(-1, 1) for x in s] for s in sampler]
@@ -53,11 +54,11 @@ def _batch(learner: Learner, name: str, n: int = 6, seed: int = 0) -> TrainBatch
     )
 
 
-def _step(models, name, micro, spec=None, n=6, **kw):
+def _step(models, name, micro, spec=None, n=6, group=1, **kw):
     torch.manual_seed(0)
     student = str(models / "student")
     learner = Learner(student, lr=1e-2, micro_batch_size=micro, objective=spec or SPECS[name], teacher_dir=str(models / "teacher"), **kw)
-    stats = learner.train_step(_batch(learner, name, n=n))
+    stats = learner.train_step(_batch(learner, name, n=n, group=group))
     return learner, stats
 
 
@@ -96,6 +97,20 @@ def test_lm_head_and_loss_in_pieces_give_the_same_update(tiny_models, name):
     assert b["train_tokens"] == a["train_tokens"] and b["update_skipped"] == 0.0
     assert b["entropy"] == pytest.approx(a["entropy"], rel=1e-6)
     _same_grads(whole, piecewise, "the LM head in pieces", rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(PIECE_SPECS))
+def test_shared_prompts_give_the_same_update_with_less_activation_memory(tiny_models, name):
+    """Each distinct prompt run once with its group's responses reading its cache: the loss and gradients of one
+    forward per sequence, on fewer positions (the reference, HF teacher and self-teacher share prompts too)."""
+    spec = PIECE_SPECS[name]
+    batch_name = {"opd-full-vocab-reverse": "opd-full-vocab-jsd", "opd-tip": "opd"}.get(name, name)
+    plain, a = _step(tiny_models, batch_name, micro=64, spec=spec, group=2, share_prompts=False)
+    shared, b = _step(tiny_models, batch_name, micro=64, spec=spec, group=2, share_prompts=True)
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+    assert b["train_tokens"] == a["train_tokens"] and b["update_skipped"] == 0.0
+    _same_grads(plain, shared, "sharing prompts", rtol=1e-4)
+    assert b["activation_mib"] < a["activation_mib"]
 
 
 def test_token_selection_trains_fewer_tokens_with_less_activation_memory(tiny_models):

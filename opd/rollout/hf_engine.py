@@ -12,12 +12,14 @@ prompt's seed and the sample's index: the same seeds give the same samples whate
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterator
 
 import torch
 
 from opd.models.head import head_logits
+from opd.models.prefix import SharedPrompts, share_prompts, shared_response_hidden
 from opd.rollout.engine import Generation, PromptScores
 from opd.teacher.align import response_slice, score_starts
 
@@ -30,6 +32,10 @@ def _row_seed(seed: int, sample: int) -> int:
     """A 63-bit generator seed per (prompt seed, sample index); hashed so nearby seeds give unrelated streams."""
     digest = hashlib.blake2b(f"{seed}/{sample}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def _on(shared: SharedPrompts, device: torch.device) -> SharedPrompts:
+    return SharedPrompts(*(getattr(shared, f.name).to(device) for f in dataclasses.fields(shared)))
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -207,17 +213,10 @@ class HFEngine:
         return [by_index[i] for i in range(len(sequences))]
 
     def _score_chunk(self, seqs: list[list[int]], starts: list[int], top_k: int, hidden: bool) -> list[PromptScores]:
-        # Right padding: a causal model's positions never see the pads after them, so no mask is needed.
-        B, T = len(seqs), max(map(len, seqs))
-        ids_BT = torch.full((B, T), self.pad_id, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            ids_BT[b, : len(s)] = torch.tensor(s)
-        ids_BT = ids_BT.to(self.device)
-        h_BTH = self.model.get_decoder()(input_ids=ids_BT, use_cache=False).last_hidden_state
         spans = [response_slice(st, len(s) - st) for s, st in zip(seqs, starts, strict=True)]
-        h_NH = torch.cat([h_BTH[b, sl] for b, sl in enumerate(spans)])  # only the rows that are scored
+        h_NH = self._scored_hidden(seqs, starts, spans)  # only the rows that are scored
         logp_NV = torch.log_softmax(head_logits(self.model.get_output_embeddings(), self.model.config, h_NH).float(), -1)
-        targets_N = torch.cat([ids_BT[b, sl.start + 1 : sl.stop + 1] for b, sl in enumerate(spans)])
+        targets_N = torch.tensor([t for s, st in zip(seqs, starts, strict=True) for t in s[st:]], device=self.device)
         tok_N = logp_NV.gather(-1, targets_N[:, None]).squeeze(-1).cpu().tolist()
         if top_k:
             top_lp, top_ids = logp_NV.topk(min(top_k, logp_NV.shape[-1]), dim=-1)
@@ -229,6 +228,22 @@ class HFEngine:
             out.append(PromptScores(tok_N[at - k : at], top_ids[at - k : at] if top_k else None,
                                     top_lp[at - k : at] if top_k else None, h_NH[at - k : at] if hidden else None))
         return out
+
+    def _scored_hidden(self, seqs: list[list[int]], starts: list[int], spans: list[slice]) -> torch.Tensor:
+        """Final hidden states at the positions predicting the scored tokens, all sequences' rows one after another.
+        Sequences that continue the same prompt (a group's samples) run it once (``opd.models.prefix``)."""
+        decoder = self.model.get_decoder()
+        shared = share_prompts([s[:st] for s, st in zip(seqs, starts, strict=True)],
+                               [s[st:] for s, st in zip(seqs, starts, strict=True)], self.pad_id)
+        if shared is not None:
+            h_BTH = shared_response_hidden(decoder, _on(shared, self.device))
+            return torch.cat([h_BTH[b, : sl.stop - sl.start] for b, sl in enumerate(spans)])
+        # Right padding: a causal model's positions never see the pads after them, so no mask is needed.
+        ids_BT = torch.full((len(seqs), max(map(len, seqs))), self.pad_id, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids_BT[b, : len(s)] = torch.tensor(s)
+        h_BTH = decoder(input_ids=ids_BT.to(self.device), use_cache=False).last_hidden_state
+        return torch.cat([h_BTH[b, sl] for b, sl in enumerate(spans)])
 
     def load_weights(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
         """The learner's weights as (name, tensor) pairs (``weight_sync``); every parameter must be covered."""

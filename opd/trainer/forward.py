@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from opd.models.head import head_logits
+from opd.models.prefix import SharedPrompts, share_prompts, shared_response_hidden
 
 
 @dataclass
@@ -28,9 +29,10 @@ class MicroTensors:
     pos_BT: torch.Tensor  # [B, T] index into L of the logit predicting response token t
     targets_BT: torch.Tensor  # [B, T] response token ids
     mask_BT: torch.Tensor  # [B, T] 1 on real response tokens
+    shared: SharedPrompts | None = None  # the same rows with each distinct prompt run once (trainer.share_prompts)
 
 
-def build_micro(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> MicroTensors:
+def build_micro(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int, share: bool = False) -> MicroTensors:
     seqs = [p + r for p, r in zip(prompt_ids, response_ids, strict=True)]
     width = max(len(s) for s in seqs)
     t_max = max(max((len(r) for r in response_ids), default=0), 1)
@@ -49,7 +51,8 @@ def build_micro(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_
         pos_BT[i, :n] = torch.arange(len(p) - 1, len(p) - 1 + n)
         targets_BT[i, :n] = torch.tensor(r, dtype=torch.long)
         mask_BT[i, :n] = 1.0
-    return MicroTensors(input_ids, attn, pos_BT, targets_BT, mask_BT)
+    shared = share_prompts(prompt_ids, response_ids, pad_id) if share else None
+    return MicroTensors(input_ids, attn, pos_BT, targets_BT, mask_BT, shared)
 
 
 def rows(values: list[list[float]], t_max: int) -> torch.Tensor:
@@ -61,7 +64,10 @@ def rows(values: list[list[float]], t_max: int) -> torch.Tensor:
 
 
 def response_hidden(model, mt: MicroTensors) -> torch.Tensor:
-    """Final hidden states at the response-predicting positions, [B, T, H]."""
+    """Final hidden states at the response-predicting positions, [B, T, H]; with ``mt.shared`` each distinct prompt
+    runs once and its sequences' responses read its cache (``opd.models.prefix``)."""
+    if mt.shared is not None:
+        return shared_response_hidden(model.get_decoder(), mt.shared)
     # No KV cache: a training forward never decodes, and HF would otherwise build one (and warn under checkpointing).
     hidden = model.get_decoder()(input_ids=mt.input_ids, attention_mask=mt.attention_mask, use_cache=False).last_hidden_state
     return hidden.gather(1, mt.pos_BT.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))

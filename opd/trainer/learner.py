@@ -65,6 +65,7 @@ class Learner:
         micro_batch_size: int = 64,
         micro_batch_tokens: int = 0,
         logits_chunk_tokens: int = 1024,
+        share_prompts: bool = True,
         autocast: str = "off",
         gradient_checkpointing: bool = False,
         torch_threads: int = 1,
@@ -81,6 +82,8 @@ class Learner:
         if gradient_checkpointing:
             # Non-reentrant: works with frozen inputs (LoRA) and keeps the RNG state, so the update is unchanged.
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # A shared prompt's cache is what checkpointing would recompute without: HF turns the cache off under it.
+        self.share_prompts = share_prompts and not gradient_checkpointing
         self.lora = lora if lora and lora.r > 0 else None
         if self.lora:
             self.model = wrap(self.model, self.lora, seed)
@@ -93,7 +96,8 @@ class Learner:
         self.logits_chunk_tokens = logits_chunk_tokens  # LM head + loss in pieces of this many positions; 0: at once
         self.fw = Precision(autocast)
         self.teachers = TeacherSide(self.spec, self.model, self.fw, self.pad_id, logits_chunk_tokens,
-                                    reference_dir=reference_dir or model_dir, teacher_dir=teacher_dir)
+                                    reference_dir=reference_dir or model_dir, teacher_dir=teacher_dir,
+                                    share_prompts=self.share_prompts)
         self.steps_done = 0
         self.version = 0
         self.comm = Collective()  # one rank until join_group
@@ -217,7 +221,8 @@ class Learner:
         n_seq = len(batch.uids)
         lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True)]
         micro = plan(lengths, self.micro_batch_size, self.micro_batch_tokens)
-        mts = [build_micro([batch.prompt_ids[i] for i in idx], [batch.response_ids[i] for i in idx], self.pad_id) for idx in micro]
+        mts = [build_micro([batch.prompt_ids[i] for i in idx], [batch.response_ids[i] for i in idx], self.pad_id,
+                           self.share_prompts) for idx in micro]
         auxes = [self.teachers.aux(batch, idx, mt) for idx, mt in zip(micro, mts, strict=True)]
         if self.spec.name == "srpo":
             self._srpo_weights(auxes, [mt.mask_BT for mt in mts])

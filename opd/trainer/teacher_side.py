@@ -29,8 +29,8 @@ def frozen(model: torch.nn.Module) -> torch.nn.Module:
 
 class TeacherSide:
     def __init__(self, spec: ObjectiveSpec, student: torch.nn.Module, fw: Precision, pad_id: int, chunk_tokens: int,
-                 *, reference_dir: str, teacher_dir: str | None):
-        self.fw, self.pad_id, self.chunk_tokens = fw, pad_id, chunk_tokens
+                 *, reference_dir: str, teacher_dir: str | None, share_prompts: bool = False):
+        self.fw, self.pad_id, self.chunk_tokens, self.share_prompts = fw, pad_id, chunk_tokens, share_prompts
         self.reference = frozen(load_model(reference_dir)) if spec.needs_reference else None
         self.hf_teacher = frozen(load_model(teacher_dir)) if spec.needs_hf_teacher else None
         # With the teacher's trunk in its own actor, only its LM head lives here (the rest of the model is freed).
@@ -78,7 +78,7 @@ class TeacherSide:
         if self.self_teacher is not None:
             # The self-teacher reads the same response after its own (re-written) prompt.
             prompts = [batch.teacher_prompt_ids[i] or batch.prompt_ids[i] for i in idx]
-            tmt = build_micro(prompts, [batch.response_ids[i] for i in idx], self.pad_id)
+            tmt = build_micro(prompts, [batch.response_ids[i] for i in idx], self.pad_id, self.share_prompts)
             s_h = self.fw.hidden(self.self_teacher, tmt)
             aux.teacher_head = lambda p: self.fw.logits(self.self_teacher, s_h[p])
             aux.route_sdpo_B = torch.tensor([1.0 if batch.routes[i] == "sdpo" else 0.0 for i in idx])

@@ -1,0 +1,72 @@
+"""Two steps of every objective on local Ray with the real vLLM engines, the real learner and verifier hosts; the
+jobs share one rollout worker and one teacher engine (each job has its own learner), which this module releases
+before the next one starts its own."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import ray
+from conftest import start_shared, stop_shared, tiny_overrides, train_on
+
+from opd.cluster import start_teachers
+from opd.config import load_config
+
+pytestmark = pytest.mark.slow
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+OBJECTIVE_RUNS = {
+    "grpo": {"algorithm": "grpo"},
+    "exopd": {"algorithm": "exopd"},
+    "sdpo": {"algorithm": "sdpo", "sdpo.top_k": 8, "sdpo.success_threshold": 0.0},
+    "srpo": {"algorithm": "srpo", "sdpo.top_k": 8},
+    "opd-tip50": {"selection.mode": "overconfident", "selection.keep_ratio": 0.5},
+    "opd-paced": {"weighting.paced": "true"},
+    "opd-topk": {"opd.divergence": "teacher_topk", "teacher.top_k": 5},
+    "opd-full-vocab": {"opd.divergence": "full_vocab", "teacher.top_k": 0},
+    "opd-full-vocab-teacher": {"opd.divergence": "full_vocab", "opd.full_vocab_source": "teacher"},
+}
+
+
+@pytest.fixture(scope="module")
+def shared(tiny_models, local_ray, tmp_path_factory):
+    """One rollout worker and one teacher engine for every objective's job (each job has its own learner)."""
+    roles = start_shared(load_config(None, tiny_overrides(tiny_models, tmp_path_factory.mktemp("shared") / "shared")))
+    yield roles
+    stop_shared(roles)
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVE_RUNS))
+def test_objective_two_steps(shared, tiny_models, tmp_path, name):
+    out = tmp_path / name
+    cfg = load_config(None, tiny_overrides(tiny_models, out, **OBJECTIVE_RUNS[name]))
+    # The hidden-state teacher is a transformers engine of its own (teacher.engine=auto); the others share the vLLM one.
+    teacher = start_teachers(cfg, prefix=f"{name}/") if cfg.teacher_sends_hidden else None
+    try:
+        summary = train_on(shared, cfg, teacher=teacher)
+    finally:
+        if teacher is not None:
+            ray.kill(teacher.actors["default"])
+    assert summary["steps"] == 2 and summary["weight_version"] >= 1
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [0, 1]
+    assert all(r["probe_max_diff"] < 1e-3 for r in rows)
+    trained = [r for r in rows if not r["update_skipped"]]
+    assert trained, f"{name}: no step updated the student"
+    for r in trained:
+        assert r["loss"] is not None and r["train_tokens"] > 0
+    if name == "grpo":
+        assert summary["teacher_accuracy"] is None and all("teacher_kl" not in r for r in rows)
+    if name == "opd-full-vocab":  # the learner's teacher forward gives the KL; no teacher actor scored the samples
+        assert all("teacher_kl" in r and "score_tokens_per_s" not in r for r in trained)
+    if name == "opd-full-vocab-teacher":  # the teacher actor scored the samples and sent its hidden states
+        assert all("score_tokens_per_s" in r and "teacher_kl" in r for r in rows)
+    if name == "opd-tip50":
+        assert all(r["train_tokens"] <= 0.5 * r["response_length"] * 8 + 1 for r in trained)
+
+
