@@ -49,16 +49,21 @@ def causal_pairs(n: int, start: int = 0) -> int:
     return n * (n + 1) // 2 - start * (start + 1) // 2
 
 
-def score(shape: Shape, prompt_lens: list[int], response_lens: list[int], logits_all: bool) -> float:
+def score(shape: Shape, prompt_lens: list[int], response_lens: list[int], logits_all: bool, group: int = 1) -> float:
     """A forward over prompt + response; the LM head at the response positions (or at every position, as vLLM's
-    ``prompt_logprobs`` does)."""
-    return sum(shape.forward(p + r, causal_pairs(p + r), (p + r) if logits_all else r)
-               for p, r in zip(prompt_lens, response_lens, strict=True))
+    ``prompt_logprobs`` does). ``group`` > 1: each run of ``group`` sequences shares one prompt, which runs once
+    (``opd.models.prefix``), and only the responses run per sequence."""
+    if group == 1:
+        return sum(shape.forward(p + r, causal_pairs(p + r), (p + r) if logits_all else r)
+                   for p, r in zip(prompt_lens, response_lens, strict=True))
+    prompts = sum(shape.forward(p, causal_pairs(p), 0) for p in prompt_lens[::group])
+    return prompts + sum(shape.forward(r - 1, causal_pairs(p + r - 1, p), r)
+                         for p, r in zip(prompt_lens, response_lens, strict=True))
 
 
-def train(shape: Shape, prompt_lens: list[int], response_lens: list[int]) -> float:
+def train(shape: Shape, prompt_lens: list[int], response_lens: list[int], group: int = 1) -> float:
     """Forward and backward of the student with logits at the response positions only."""
-    return 3 * score(shape, prompt_lens, response_lens, logits_all=False)
+    return 3 * score(shape, prompt_lens, response_lens, logits_all=False, group=group)
 
 
 def generate(shape: Shape, prompt_lens: list[int], response_lens: list[int]) -> float:

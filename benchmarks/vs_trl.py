@@ -258,10 +258,25 @@ def opd_systems(args) -> dict[str, dict]:
         "opd-teacher_topk": {"opd.divergence": "teacher_topk"},
     }
     # The next batch generated (and teacher-scored) while the learner trains; samples one weight version old,
-    # corrected by the truncated importance weights.
+    # corrected by the truncated importance weights. The stages now run at once, so they split the cores: one thread
+    # each for the rollout engine, the teacher and the learner (more threads than cores stall OpenMP's barriers).
     for name in OPD_BASE:
-        runs[f"{name}-async"] = {**runs[name], "rollout.max_staleness": 1, "rollout.engine": args.async_engine}
+        runs[f"{name}-async"] = {**runs[name], "rollout.max_staleness": 1, "rollout.engine": args.async_engine,
+                                 "rollout.num_cpus": 1, "teacher.num_cpus": 1, "trainer.torch_threads": 1}
     return runs
+
+
+def stage_plan(name: str, args) -> dict:
+    """How a system ran its stages (threads, where the teacher ran, shared prompts), read from the config the opd
+    child wrote into its run directory; TRL runs everything in one process on ``--threads`` threads."""
+    if name.startswith("trl"):
+        return {"threads": {"generate": args.threads, "train": args.threads}, "learner_teacher": True, "share": False}
+    from opd.config import load_config
+
+    cfg = load_config(args.work_dir / name / "config.yaml")
+    return {"threads": {"generate": cfg.rollout.num_cpus, "score": cfg.teacher.num_cpus, "train": cfg.trainer.torch_threads},
+            "learner_teacher": cfg.learner_runs_teacher, "share": cfg.trainer.share_prompts,
+            "teacher_share": cfg.teacher_engine == "hf", "score_all": cfg.teacher_engine == "vllm"}
 
 
 def ensure_models(cfg) -> None:
@@ -335,16 +350,11 @@ def assemble(args, cfg, results: dict, notes: list[str], beta: float, teacher, s
     r, t = cfg.rollout, cfg.trainer
     ok = {k: v for k, v in results.items() if "error" not in v}
     student_shape, teacher_shape = Shape.of(AutoConfig.from_pretrained(cfg.models.student)), Shape.of(teacher.config)
-    rates = {n: round(matmul_rate(n), 1) for n in (1, args.threads)}
+    rates = {n: round(matmul_rate(n), 1) for n in sorted({1, 2, args.threads})}
     prompt_len = statistics.mean(len(p.token_ids) for step in schedule for p in step)
-    runs = opd_systems(args)
     for name, res in ok.items():
-        o = runs.get(name, {})
-        learner_teacher = o.get("opd.divergence") == "full_vocab" and o.get("opd.full_vocab_source", "learner") == "learner"
-        score_engine = "hf" if o.get("opd.full_vocab_source") == "teacher" else o.get("rollout.engine", r.engine)
-        threads = {"generate": args.threads if name.startswith("trl") else 1, "score": 1, "train": args.threads}
         res["stages"] = stage_bounds(name, res, student_shape, teacher_shape, prompt_len, r.group_size,
-                                     r.prompts_per_step, rates, threads, learner_teacher, score_all=score_engine == "vllm")
+                                     r.prompts_per_step, rates, stage_plan(name, args))
         res.pop("response_tokens", None)
     before = held_out(cfg.models.student, cfg, teacher)
     notes += [

@@ -12,26 +12,30 @@ BOUND_TARGET = 1.25  # a stage's median time / its FLOP bound
 
 
 def stage_bounds(system: str, res: dict, student: Shape, teacher: Shape, prompt_len: float, g: int, n_prompts: int,
-                 rates: dict[int, float], threads: dict[str, int], learner_teacher: bool, score_all: bool) -> dict:
-    """Per stage: median seconds, GFLOP and time / (GFLOP / matmul rate at that stage's threads)."""
+                 rates: dict[int, float], plan: dict) -> dict:
+    """Per stage: median seconds, GFLOP and time / (GFLOP / matmul rate at that stage's threads). ``plan``: the
+    system's ``threads`` per stage, whether the learner runs the teacher (``learner_teacher``), whether prompts are
+    shared in the learner (``share``) and in the teacher's scoring (``teacher_share``), and whether the teacher's
+    head runs at every position (``score_all``, vLLM's prompt_logprobs)."""
     resp = [round(x / (n_prompts * g)) for x in res["response_tokens"][1:] or res["response_tokens"]]
     mean_resp = max(1, round(statistics.mean(resp)))
     prompts, responses = [round(prompt_len)] * (n_prompts * g), [mean_resp] * (n_prompts * g)
+    learn_group = g if plan.get("share") else 1
     gflop = {"generate": generate(student, prompts, responses) / 1e9}
-    if system.startswith("trl"):
-        gflop["train"] = (train(student, prompts, responses) + score(teacher, prompts, responses, False)) / 1e9
+    gflop["train"] = train(student, prompts, responses, learn_group) / 1e9
+    if plan["learner_teacher"]:
+        gflop["train"] += score(teacher, prompts, responses, False, learn_group) / 1e9
     else:
-        gflop["train"] = (train(student, prompts, responses) + (score(teacher, prompts, responses, False) if learner_teacher else 0)) / 1e9
-        if not learner_teacher:
-            gflop["score"] = score(teacher, prompts, responses, score_all) / 1e9
+        gflop["score"] = score(teacher, prompts, responses, plan["score_all"], g if plan.get("teacher_share") else 1) / 1e9
     out = {}
     for stage, gf in gflop.items():
         secs = res.get("stage_seconds", {}).get(stage)
-        if not secs:
+        if not secs or stage not in plan["threads"]:
             continue
         med = statistics.median(secs)
-        bound = gf / rates[threads[stage]]
-        out[stage] = {"s_median": round(med, 3), "gflop": round(gf, 1), "threads": threads[stage],
+        threads = plan["threads"][stage]
+        bound = gf / rates[threads]
+        out[stage] = {"s_median": round(med, 3), "gflop": round(gf, 1), "threads": threads,
                       "bound_s": round(bound, 3), "time_over_bound": round(med / bound, 2)}
     return out
 

@@ -64,7 +64,8 @@ def init_ray(cfg: Config) -> None:
         return
     # Logical CPUs: one per role so every actor schedules even on a 2-core laptop; the stages take turns. The teacher
     # slot is counted even when this job has no local teacher: a later job in the same process (a benchmark) may.
-    need = cfg.rollout.num_workers + len(cfg.models.teachers) + 1 + cfg.trainer.num_ranks
+    need = (cfg.rollout.num_workers * cfg.rollout.num_cpus + (len(cfg.models.teachers) + 1) * cfg.teacher.num_cpus
+            + cfg.trainer.num_ranks)
     ray.init(
         address="local",
         num_cpus=max(cfg.cluster.num_cpus or os.cpu_count() or 1, need),
@@ -96,7 +97,7 @@ def start_rollout_worker(cfg: Config, i: int):
     name = cfg.run.name
     return (
         ray.remote(RolloutWorker)
-        .options(name=f"{name}/rollout-{i}", num_cpus=1, max_concurrency=1)
+        .options(name=f"{name}/rollout-{i}", num_cpus=cfg.rollout.num_cpus, max_concurrency=1)
         .remote(
             cfg.models.student, seed=cfg.run.seed + i, max_model_len=cfg.rollout.max_model_len,
             kv_cache_gib=cfg.rollout.kv_cache_gib, dtype=cfg.models.dtype, worker_id=i, lora_rank=cfg.lora.r,
@@ -198,7 +199,7 @@ def start_teachers(cfg: Config, prefix: str | None = None, max_logprobs: int | N
 
 
 def _local_teacher(cfg: Config, model_dir: str, opts: dict, max_logprobs: int | None):
-    return ray.remote(VLLMTeacher).options(num_cpus=1, **opts).remote(
+    return ray.remote(VLLMTeacher).options(num_cpus=cfg.teacher.num_cpus, **opts).remote(
         model_dir, seed=cfg.run.seed, max_model_len=cfg.rollout.max_model_len, kv_cache_gib=cfg.rollout.kv_cache_gib,
         dtype=cfg.models.dtype, max_logprobs=max_logprobs or cfg.teacher.max_logprobs, engine=cfg.teacher_engine,
     )

@@ -123,6 +123,9 @@ class GRPOConfig(_Section):
 
 class RolloutConfig(_Section):
     num_workers: int = Field(1, ge=1)
+    # Ray CPUs per rollout worker: its engine runs this many threads (Ray sets OMP_NUM_THREADS). Synchronous runs on
+    # few cores give each stage every core, since the stages take turns; asynchronous ones split the cores instead
+    num_cpus: int = Field(1, ge=1)
     prompts_per_step: int = Field(32, ge=1)
     group_size: int = Field(4, ge=1)  # G samples per prompt
     max_new_tokens: int = Field(8, ge=1)
@@ -145,6 +148,7 @@ class TeacherConfig(_Section):
     timeout_s: float = Field(120.0, gt=0)  # per HTTP request to teacher.url; failures retry with back-off
     retry_deadline_s: float = Field(300.0, gt=0)  # teacher.url unreachable this long (retrying with back-off): fail the job
     column: str | None = None  # dataset column naming each row's teacher (a models.teachers key); empty: default
+    num_cpus: int = Field(1, ge=1)  # Ray CPUs (engine threads) per local teacher actor, as rollout.num_cpus
     # local teacher actors' engine. auto: transformers (hf) when opd.full_vocab_source=teacher (hidden states), else
     # rollout.engine. hf scores only the response positions with the LM head; vllm's prompt_logprobs scores all
     engine: Literal["auto", "vllm", "hf"] = "auto"
