@@ -97,6 +97,7 @@ def test_lm_head_and_loss_in_pieces_give_the_same_update(tiny_models, name):
     assert b["train_tokens"] == a["train_tokens"] and b["update_skipped"] == 0.0
     assert b["entropy"] == pytest.approx(a["entropy"], rel=1e-6)
     _same_grads(whole, piecewise, "the LM head in pieces", rtol=1e-5)
+    assert b["activation_mib"] < a["activation_mib"]  # one piece's logits live at a time, not the batch's
 
 
 @pytest.mark.parametrize("name", list(PIECE_SPECS))

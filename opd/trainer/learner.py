@@ -98,6 +98,7 @@ class Learner:
         self.teachers = TeacherSide(self.spec, self.model, self.fw, self.pad_id, logits_chunk_tokens,
                                     reference_dir=reference_dir or model_dir, teacher_dir=teacher_dir,
                                     share_prompts=self.share_prompts)
+        self._weights = [*self.model.parameters(), *self.teachers.parameters()]  # not activations (ActivationMeter)
         self.steps_done = 0
         self.version = 0
         self.comm = Collective()  # one rank until join_group
@@ -232,7 +233,7 @@ class Learner:
         total, ent_sum, kept, counted, absdiff, finite = 0.0, 0.0, 0.0, 0.0, 0.0, True
         peak_activation = 0
         for idx, mt, aux in zip(micro, mts, auxes, strict=True):
-            with ActivationMeter() as meter:
+            with ActivationMeter(weights=self._weights) as meter:
                 out = self._learn_micro(batch, idx, mt, aux, denom, n_seqs)
             peak_activation = max(peak_activation, meter.bytes)
             if not out["finite"]:

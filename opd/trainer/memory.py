@@ -2,25 +2,43 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 
 class ActivationMeter:
-    """Bytes of tensors autograd saves for backward during a forward pass: the learner's activation memory.
+    """Peak bytes of the tensors autograd holds for backward during a learning pass: the learner's activation memory.
 
-    Deterministic on any device (unlike RSS on CPU), so memory effects such as token selection can be compared.
+    A saved tensor counts from the moment autograd saves it until it is freed (its backward has run and let go of
+    it), so computing the LM head and loss piece by piece shows as the lower peak it is. Deterministic on any device
+    (unlike RSS on CPU), so memory effects such as token selection or shared prompts can be compared.
     """
 
-    def __init__(self) -> None:
-        self.bytes = 0
-        self._seen: set[tuple[int, int]] = set()
+    def __init__(self, weights=()) -> None:
+        self.bytes = 0  # the peak
+        self.live = 0
+        self._held: dict[tuple[int, int], int] = {}  # storage (pointer, size) -> saved tensors still holding it
+        # Weights autograd saves (a matmul's backward reads them) are the model, not activations.
+        self._weights = {w.untyped_storage().data_ptr() for w in weights}
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if key not in self._seen:
-            self._seen.add(key)
-            self.bytes += key[1]
+        if key[0] in self._weights:
+            return t
+        if key not in self._held:
+            self._held[key] = 0
+            self.live += key[1]
+            self.bytes = max(self.bytes, self.live)
+        self._held[key] += 1
+        weakref.finalize(t, self._release, key)
         return t
+
+    def _release(self, key: tuple[int, int]) -> None:
+        self._held[key] -= 1
+        if not self._held[key]:
+            del self._held[key]
+            self.live -= key[1]
 
     def __enter__(self) -> ActivationMeter:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)

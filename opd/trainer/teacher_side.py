@@ -40,6 +40,10 @@ class TeacherSide:
         del teacher
         self.self_teacher = frozen(copy.deepcopy(student)) if spec.needs_self_teacher else None
 
+    def parameters(self) -> list[torch.Tensor]:
+        return [p for m in (self.reference, self.hf_teacher, self.teacher_head, self.self_teacher) if m is not None
+                for p in m.parameters()]
+
     @torch.no_grad()
     def aux(self, batch: TrainBatch, idx: list[int], mt: MicroTensors) -> Aux:
         """The micro-batch ``idx``'s teacher-side tensors: the batch's teacher scores as tensors, and the forwards of
