@@ -27,7 +27,7 @@ KL_SEED = 1234
 def held_out_prompts(cfg) -> list:
     from transformers import AutoTokenizer
 
-    from opd.driver import load_prompts
+    from opd.preflight import load_prompts
 
     return load_prompts(cfg, AutoTokenizer.from_pretrained(cfg.models.student))[1]
 

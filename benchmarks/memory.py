@@ -36,7 +36,7 @@ def _reset_peak() -> None:
 def _batch(cfg, n: int, seed: int = 0):
     from transformers import AutoTokenizer
 
-    from opd.driver import load_prompts
+    from opd.preflight import load_prompts
 
     train, _ = load_prompts(cfg, AutoTokenizer.from_pretrained(cfg.models.student))
     rng = random.Random(seed)

@@ -246,7 +246,7 @@ def analyse(run_dir: Path, work: Path, watch: Watch) -> dict:
 
     from opd.config import load_config
     from opd.data import PromptSource
-    from opd.driver import load_prompts
+    from opd.preflight import load_prompts
     from opd.types import sample_uid
 
     c = load_config(work / "job.yaml")
@@ -333,10 +333,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     sys.path.insert(0, str(FAULTS_FILE.parent))
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="opd-soak-"))
-    if args.work and work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    missing = [str(args.models / m) for m in ("student", "teacher") if not (args.models / m / "config.json").is_file()]
+    if missing:
+        print(f"soak: no checkpoint in {', '.join(missing)}: build the demo models first (`.venv/bin/opd bootstrap "
+              f"--out {args.models}`, or make demo) or pass --models DIR", file=sys.stderr)
+        return 2
+    if args.work:
+        shutil.rmtree(args.work, ignore_errors=True)
+        args.work.mkdir(parents=True)
+    work = args.work or Path(tempfile.mkdtemp(prefix="opd-soak-"))  # mkdtemp creates it
     run_dir = work / "run"
     cfg = job_config(args, run_dir, work)
     t0 = time.perf_counter()
@@ -409,7 +414,7 @@ def _write_heldout(work: Path) -> None:
     from transformers import AutoTokenizer
 
     from opd.config import load_config
-    from opd.driver import load_prompts
+    from opd.preflight import load_prompts
 
     c = load_config(work / "job.yaml")
     _, test = load_prompts(c, AutoTokenizer.from_pretrained(c.models.student))

@@ -58,7 +58,7 @@ def prompt_schedule(cfg, steps: int) -> list[list]:
     from transformers import AutoTokenizer
 
     from opd.data import PromptSource
-    from opd.driver import load_prompts
+    from opd.preflight import load_prompts
 
     train, _ = load_prompts(cfg, AutoTokenizer.from_pretrained(cfg.models.student))
     source = PromptSource(train, cfg.run.seed)

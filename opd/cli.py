@@ -172,8 +172,10 @@ def _job_call(fn) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from opd import submit
+    from opd.driver import prepare
 
     cfg = load_config(args.config, args.overrides)
+    prepare(cfg)  # the job's inputs pass the same checks as `opd run` before anything is sent
 
     def go() -> int:
         job_id = submit.submit(cfg, args.address, args.working_dir)
@@ -312,7 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may follow flags (`opd run C --resume key=value`): argparse leaves those behind as unrecognised.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.fn(args)
     except ConfigError as e:

@@ -8,7 +8,6 @@ config in one pass. Nothing on disk is touched here.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,12 +22,13 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan pass a `gt=0` bound; no value of this tree means either
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class RunConfig(_Section):
     name: str = "run"
-    output_dir: str = "runs/run"  # metrics, TensorBoard events, checkpoints, summary
+    output_dir: str = Field("runs/run", min_length=1)  # metrics, TensorBoard events, checkpoints, summary
     seed: int = 0
     log_samples: bool = False  # one JSON line per trained sample in RUN_DIR/samples.jsonl (a rollout dump)
 
@@ -168,10 +168,15 @@ class VerifierEntry(_Section):
 
 
 class VerifiersConfig(_Section):
-    functions: list[VerifierEntry] = [VerifierEntry(name="exact_answer")]
+    functions: list[VerifierEntry] = Field([VerifierEntry(name="exact_answer")], min_length=1)
     timeout_s: float = Field(10.0, gt=0)
     chunk_size: int = Field(64, ge=1)
     num_workers: int = Field(2, ge=1)  # long-lived verifier host processes
+
+    @field_validator("functions", mode="before")
+    @classmethod
+    def _names(cls, v: Any) -> Any:
+        return [{"name": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v  # "name" = {name: ...}
 
 
 class TrainerConfig(_Section):
@@ -191,6 +196,13 @@ class TrainerConfig(_Section):
     share_prompts: bool = True
     autocast: Literal["off", "bf16"] = "off"  # bf16: forward under bf16 autocast; float32 weights and loss maths
     gradient_checkpointing: bool = False  # recompute the student's layer activations in backward (less memory)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"each of Adam's betas must be in [0, 1) (got {list(v)})")
+        return v
 
     @field_validator("autocast", mode="before")
     @classmethod
@@ -256,6 +268,12 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
+        for key, n in (("rollout.max_new_tokens", self.rollout.max_new_tokens), ("eval.max_new_tokens", self.eval.max_new_tokens)):
+            if n >= self.rollout.max_model_len:
+                raise ValueError(f"{key}={n} leaves no room for a prompt in rollout.max_model_len={self.rollout.max_model_len}")
+        names = [f.name for f in self.verifiers.functions]
+        if dups := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"verifiers.functions lists {dups} more than once (their scores are keyed by name)")
         if self.teacher.top_k > self.teacher.max_logprobs:
             self.teacher.max_logprobs = self.teacher.top_k
         if "default" in self.models.teachers:
@@ -351,6 +369,9 @@ def _format_errors(err: ValidationError) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown config key")
+        elif e["type"] == "value_error":  # our validators' messages name the keys and the value themselves
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  {msg}" if key == "<root>" else f"  {key}: {msg}")
         else:
             got = e.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
@@ -365,6 +386,22 @@ def build_config(tree: dict) -> Config:
         raise ConfigError(_format_errors(e)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML keeps the last of two equal keys without a word, so a second ``trainer:`` section would silently
+    replace the first; this loader refuses it, naming the key and both lines."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"config file {key_node.start_mark.name!r}: key {key!r} appears twice (lines "
+                                  f"{seen[key]} and {line}); merge them into one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     tree: dict = {}
     if path is not None:
@@ -372,7 +409,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            with p.open() as f:
+                tree = yaml.load(f, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
         if not isinstance(tree, dict):
@@ -380,40 +418,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
     return build_config(tree)
-
-
-def check_model_dirs(cfg: Config) -> None:
-    """Fail before anything is written when a model directory is missing or not a HF checkpoint, or when the remote
-    teacher's token variable is unset.
-
-    With ``teacher.url`` the teacher's weights live on the server, but ``models.teacher`` must still hold the
-    teacher's tokenizer files: the tokenizer pre-flight compares them with the student's locally (a tokenizer-only
-    directory is enough, unless ``opd.divergence=full_vocab`` runs the teacher's HF forward in the learner).
-    """
-    problems = []
-    remote = cfg.teacher.url is not None and not (cfg.algorithm == "opd" and cfg.opd.divergence == "full_vocab")
-    keys = ["student"] + (["teacher"] if cfg.needs_teacher and not remote else [])
-    dirs = [(f"models.{k}", getattr(cfg.models, k)) for k in keys]
-    if cfg.needs_teacher:
-        dirs += [(f"models.teachers.{name}", d) for name, d in cfg.models.teachers.items()]
-    if cfg.algorithm == "exopd" and cfg.exopd.reference:
-        dirs.append(("exopd.reference", cfg.exopd.reference))
-    for key, d in dirs:
-        d = Path(d)
-        if not d.is_dir():
-            problems.append(f"  {key}: directory {str(d)!r} does not exist (build the demo models with `opd bootstrap`)")
-        elif not (d / "config.json").is_file():
-            problems.append(f"  {key}: {str(d)!r} has no config.json; expected a save_pretrained directory")
-    if cfg.needs_teacher and remote:
-        d = Path(cfg.models.teacher)
-        if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            problems.append(f"  models.teacher: {str(d)!r} holds no tokenizer files; with teacher.url set it must hold "
-                            "the teacher's tokenizer (for the tokenizer pre-flight check)")
-    env = cfg.teacher.token_env
-    if cfg.needs_teacher and cfg.teacher.url and env and not os.environ.get(env):
-        problems.append(f"  teacher.token_env: environment variable {env!r} is not set (it holds the server's token)")
-    if problems:
-        raise ConfigError("invalid config:\n" + "\n".join(problems))
 
 
 def dump_config(cfg: Config) -> str:

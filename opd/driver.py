@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
-from transformers import AutoTokenizer
 
 from opd.checkpoint import latest_checkpoint, load_state, save_checkpoint
 from opd.cluster import Roles, init_ray, start_roles, stop_roles
-from opd.config import Config, ConfigError, check_model_dirs, dump_config
-from opd.data import Cursor, PromptSource, render_prompts
+from opd.config import Config, ConfigError, dump_config
+from opd.data import Cursor, PromptSource
 from opd.monitor.sinks import MetricsLogger, truncate_jsonl
 from opd.plan import route_plan
+from opd.preflight import check_inputs
 from opd.rollout.stream import RolloutStream, load_in_flight
 from opd.steps import (
     ChunkScorer,
@@ -34,9 +34,6 @@ from opd.steps import (
     verify_and_score,
     warm_up_verifiers,
 )
-from opd.tasks import task_rows
-from opd.teacher.multi import DEFAULT, unknown_teacher_rows
-from opd.teacher.preflight import TokenizerMismatch, check_tokenizers
 from opd.trainer.routing import route
 from opd.types import Prompt, Rewards, RolloutBatch, TrainBatch
 
@@ -64,41 +61,9 @@ class RunState:
     teacher_kl_before: float | None = None  # held-out KL(student || teacher) per token before training
 
 
-def load_prompts(cfg: Config, tok) -> tuple[list[Prompt], list[Prompt]]:
-    """Train prompts and the held-out evaluation prompts, rendered with the student's chat template."""
-    try:
-        train_rows, test_rows = task_rows(cfg.task)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    train = _fits(render_prompts(train_rows, tok, "train"), cfg)
-    return train, _fits(render_prompts(test_rows, tok, "test"), cfg)[: cfg.eval.num_prompts]
-
-
-def _fits(prompts: list[Prompt], cfg: Config) -> list[Prompt]:
-    """Prompts with room for a full response; the others are refused or, with task.too_long=skip, dropped and counted."""
-    # One position more: the teacher scores prompt + full response with prompt_logprobs, which needs a token to spare.
-    limit = cfg.rollout.max_model_len - max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens) - 1
-    fits = [p for p in prompts if len(p.token_ids) <= limit]
-    too_long = [p.prompt_id for p in prompts if len(p.token_ids) > limit]
-    if too_long and cfg.task.too_long == "fail":
-        raise ConfigError(
-            f"rollout.max_model_len={cfg.rollout.max_model_len} is too short for {len(too_long)} prompts (first: "
-            f"{too_long[0]}); raise it, shorten the prompts, or set task.too_long=skip"
-        )
-    if not fits:
-        raise ConfigError(f"rollout.max_model_len={cfg.rollout.max_model_len}: every prompt is too long (first: {too_long[0]})")
-    if too_long:
-        logger.warning("skipped %d of %d prompts longer than %d tokens (first: %s)", len(too_long), len(prompts), limit, too_long[0])
-    return fits
-
-
 def prepare(cfg: Config, *, resume: bool = False, fresh: bool = False) -> Job:
-    """Validate models, tokenizers, data and the run directory; raise ConfigError before writing anything."""
-    check_model_dirs(cfg)
-    tok = AutoTokenizer.from_pretrained(cfg.models.student)
-    train, test = load_prompts(cfg, tok)
-    if cfg.needs_teacher:
-        _check_teachers(cfg, tok, train + test)
+    """Validate models, tokenizers, data, verifiers and the run directory; raise ConfigError before writing anything."""
+    tok, train, test = check_inputs(cfg)
     run_dir = Path(cfg.run.output_dir)
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
@@ -109,22 +74,6 @@ def prepare(cfg: Config, *, resume: bool = False, fresh: bool = False) -> Job:
         shutil.rmtree(run_dir)
     probe = test[0].token_ids + tok(test[0].answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     return Job(run_dir, train, test, probe, ckpt, _renderer(tok))
-
-
-def _check_teachers(cfg: Config, tok, prompts: list[Prompt]) -> None:
-    """Every teacher speaks the student's tokenizer, and every row names a teacher the config defines."""
-    texts = [p.columns["prompt"] for p in prompts[:8]]
-    for key, d in [("models.teacher", cfg.models.teacher)] + [(f"models.teachers.{n}", d) for n, d in cfg.models.teachers.items()]:
-        try:
-            check_tokenizers(tok, AutoTokenizer.from_pretrained(d), texts)
-        except TokenizerMismatch as e:
-            raise ConfigError(f"{key}: {e}") from None
-    bad = unknown_teacher_rows(prompts, cfg.teacher.column, {DEFAULT, *cfg.models.teachers})
-    if bad:
-        raise ConfigError(
-            f"teacher.column={cfg.teacher.column!r}: {len(bad)} rows name a teacher that models.teachers does not define "
-            f"(first: row {bad[0][0]} names {bad[0][1]!r}; defined: {sorted({DEFAULT, *cfg.models.teachers})})"
-        )
 
 
 def run(cfg: Config, *, resume: bool = False, fresh: bool = False, progress: bool = True) -> dict:

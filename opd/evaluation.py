@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import ray
-from transformers import AutoTokenizer
 
 from opd.cluster import Roles, init_ray, start_teachers, start_verifiers
-from opd.config import Config, check_model_dirs
-from opd.driver import load_prompts
+from opd.config import Config
+from opd.preflight import check_inputs
 from opd.rollout.worker import RolloutWorker
 from opd.steps import evaluate
 
 
 def evaluate_models(cfg: Config, teacher: bool = False) -> dict:
     cfg = cfg.model_copy(update={"algorithm": "opd" if teacher else cfg.algorithm})
-    check_model_dirs(cfg)
-    _, test = load_prompts(cfg, AutoTokenizer.from_pretrained(cfg.models.student))
+    _, _, test = check_inputs(cfg)
     init_ray(cfg)
     common = {"seed": cfg.run.seed, "max_model_len": cfg.rollout.max_model_len, "kv_cache_gib": cfg.rollout.kv_cache_gib, "dtype": cfg.models.dtype}
     worker = ray.remote(RolloutWorker).options(num_cpus=1).remote(cfg.models.student, **common)

@@ -34,7 +34,7 @@ def test_trl_trains_on_opds_prompt_order(tiny_models, tmp_path):
 
     from opd.config import load_config
     from opd.data import PromptSource
-    from opd.driver import load_prompts
+    from opd.preflight import load_prompts
 
     bench = _bench()
     cfg = load_config(ROOT / "configs" / "demo.yaml", tiny_overrides(tiny_models, tmp_path / "opd", **{"trainer.warmup_steps": 4}))

@@ -72,7 +72,7 @@ def test_missing_file_and_unknown_suffix(tmp_path):
 
 def _files_overrides(tiny_models, tmp_path, train, test, **extra):
     return tiny_overrides(tiny_models, tmp_path / "run", **{
-        "task.name": "files", "task.train_path": str(train), "task.test_path": str(test), **extra,
+        "task.name": "files", "task.train_path": str(train), "task.test_path": str(test), "eval.num_prompts": 1, **extra,
     })
 
 

@@ -31,7 +31,7 @@ def _config(tmp_path, tiny_models, rows_train, rows_test):
                                     "teacher": {"column": "teacher", "top_k": 3}}))
     overrides = tiny_overrides(tiny_models, tmp_path / "run", **{
         "task.name": "files", "task.train_path": str(tmp_path / "train.jsonl"),
-        "task.test_path": str(tmp_path / "test.jsonl"), "opd.divergence": "teacher_topk",
+        "task.test_path": str(tmp_path / "test.jsonl"), "opd.divergence": "teacher_topk", "eval.num_prompts": len(rows_test),
     })
     return load_config(path, overrides)
 

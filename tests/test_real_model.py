@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from opd.cli import main as opd_main
 from opd.cluster import start_rollout_worker, start_teachers
 from opd.config import load_config
-from opd.driver import load_prompts
+from opd.preflight import load_prompts
 
 pytestmark = pytest.mark.slow
 

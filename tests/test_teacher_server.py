@@ -17,7 +17,8 @@ from servers import TEACHER_MAX_LEN as MAX_LEN
 from servers import TEACHER_TOKEN_ENV as TOKEN_ENV
 from servers import FlakyProxy, free_port
 
-from opd.config import ConfigError, check_model_dirs, load_config
+from opd.config import ConfigError, load_config
+from opd.preflight import check_model_dirs
 from opd.teacher import api
 from opd.teacher.http import HTTPTeacher, TeacherServerError
 from opd.types import Prompt, Sample
