@@ -20,4 +20,14 @@ if [ "$extra" = cpu ]; then
   # `import transformers.models.qwen2` ("operator torchvision::nms does not exist").
   "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
+# bubblewrap gives the code verifier's sandbox its private view (docs/sandbox.md); without it the sandbox falls back
+# to less (said there). Installed here when this user may; otherwise say how.
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get install -y -qq bubblewrap >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq bubblewrap >/dev/null; } \
+      || echo "install.sh: could not install bubblewrap; the code sandbox runs without its private view" >&2
+  else
+    echo "install.sh: bwrap not found; install Debian's bubblewrap for the code sandbox's private view (docs/sandbox.md)" >&2
+  fi
+fi
 "$venv/bin/python" -c "import transformers.models.qwen2, vllm, ray, torch; print('opd env ok: torch', torch.__version__, 'vllm', vllm.__version__, 'ray', ray.__version__)"

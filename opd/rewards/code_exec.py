@@ -10,9 +10,16 @@ otherwise), one cell per row, in any of these shapes:
   (other statements in it, e.g. imports, are setup and run in order);
 * a list mixing both, or a JSON string holding either.
 
-A run that hits a sandbox limit (timeout, CPU, memory, processes, file size, output) scores the whole row 0.0 and
-skips its remaining tests: the budget of a row must not grow with the tests of a hostile solution. A malformed cell
-gives that row a ``ValueError`` naming it, which the runner records as that row's failure.
+A run that hits a sandbox limit (timeout, CPU, memory, processes, file size, disk, output) scores the whole row 0.0
+and skips its remaining tests: the budget of a row must not grow with the tests of a hostile solution. A malformed
+cell gives that row a ``ValueError`` naming it, which the runner records as that row's failure; so does an
+interpreter that dies of a crash signal (SIGSEGV, SIGBUS, SIGILL, SIGABRT): no verdict, rather than a wrong answer.
+
+Before its first row in a process, ``code_exec`` runs a known-correct program in the same sandbox with the same
+limits (``self_test``): it imports common standard-library modules (and numpy when this interpreter has it) and
+must print the expected answer. If it does not, every call raises ``SandboxError``: a sandbox in which correct code
+fails would score every solution 0, a silently wrong reward. ``opd run`` calls each verifier once before Ray starts,
+so such a machine fails the job at once with exit code 2.
 
 Config::
 
@@ -20,7 +27,8 @@ Config::
       functions: [{name: code_exec, kwargs: {timeout_s: 5, memory_mb: 256, workers: 4}}]
 
 kwargs: ``tests_column``; ``workers`` (rows run at once, default 4); limits ``timeout_s`` (wall clock per run),
-``cpu_s``, ``memory_mb``, ``file_size_mb``, ``nproc``, ``nofile``, ``max_output_kb``, ``network`` (see docs/sandbox.md).
+``cpu_s``, ``memory_mb``, ``file_size_mb``, ``nproc``, ``nofile``, ``max_output_kb``, ``network``, ``view``, ``disk_mb``
+(see docs/sandbox.md).
 """
 
 from __future__ import annotations
@@ -29,13 +37,20 @@ import ast
 import json
 import re
 import secrets
+import signal
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from importlib.util import find_spec
 
 from opd.rewards.registry import register
 
 _FENCE = re.compile(r"```(?:python3?|py)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
+_CRASH_SIGNALS = (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGABRT)
+_SELF_TEST_MODULES = ("glob", "csv", "pickle", "shutil", "json", "re", "collections", "itertools", "functools",
+                      "heapq", "bisect", "math", "fractions", "decimal", "statistics", "datetime", "string", "random",
+                      "typing", "dataclasses", "copy", "array", "struct", "hashlib", "io", "os", "sys", "tempfile")
 _LIMIT_KWARGS = {"timeout_s": "wall_s", "cpu_s": "cpu_s", "memory_mb": "memory_mb", "file_size_mb": "file_size_mb",
-                 "nproc": "nproc", "nofile": "nofile", "network": "network"}
+                 "nproc": "nproc", "nofile": "nofile", "network": "network", "view": "view", "disk_mb": "disk_mb"}
 
 
 @register("code_exec")
@@ -64,6 +79,7 @@ def code_exec(prompts: list[str], completions: list[str], *, tests_column: str =
     limits = SandboxLimits().replace(**overrides)
     if int(workers) < 1:
         raise ValueError(f"code_exec: workers must be >= 1, got {workers}")
+    self_test(limits)
 
     parsed: list[list | ValueError] = []
     for i, cell in enumerate(tests):
@@ -72,12 +88,35 @@ def code_exec(prompts: list[str], completions: list[str], *, tests_column: str =
         except ValueError as e:
             parsed.append(ValueError(f"code_exec: row {i}, column {tests_column!r}: {e}"))
 
-    def score(i: int) -> float | ValueError:
+    def score(i: int) -> float | Exception:
         cases = parsed[i]
-        return cases if isinstance(cases, ValueError) else _score_row(extract_code(completions[i]), cases, limits)
+        if isinstance(cases, ValueError):
+            return cases
+        try:
+            return _score_row(extract_code(completions[i]), cases, limits)
+        except InterpreterCrash as e:
+            return e
 
     with ThreadPoolExecutor(max_workers=min(int(workers), max(n, 1)), thread_name_prefix="code_exec") as pool:
         return list(pool.map(score, range(n)))
+
+
+@lru_cache(maxsize=8)
+def self_test(limits) -> str:
+    """Run a known-correct program under ``limits``; raise ``SandboxError`` unless it passes. Cached per process and
+    limits (a pass is returned as the modules it imported)."""
+    from opd.rewards.sandbox import SandboxError, run_sandboxed
+
+    modules = [*_SELF_TEST_MODULES, *(["numpy"] if find_spec("numpy") else [])]
+    program = f"import {', '.join(modules)}\nprint(sum(int(x) for x in input().split()))\n"
+    result = run_sandboxed(program, "19 23\n", limits=limits)
+    if not (result.ok and result.stdout.strip() == "42"):
+        raise SandboxError(
+            f"code_exec self-test: a correct program importing {', '.join(modules)} did not pass in the sandbox "
+            f"({result.reason or 'wrong output ' + repr(result.stdout[:100])}; view {result.network}; stderr: "
+            f"{result.stderr.strip()[-600:]!r}); correct solutions would score 0 here. docs/sandbox.md says what the "
+            "sandbox needs (an interpreter whose standard library its uid can read)")
+    return ",".join(modules)
 
 
 def extract_code(completion: str) -> str:
@@ -116,6 +155,16 @@ def parse_tests(cell: object) -> list[dict | str]:
     return out
 
 
+class InterpreterCrash(RuntimeError):
+    """The sandboxed interpreter died of a crash signal: the row gets no verdict (a verifier failure)."""
+
+
+def _check_crash(result) -> None:
+    if result.signal in _CRASH_SIGNALS:
+        raise InterpreterCrash(f"the sandboxed interpreter died of signal {result.signal} "
+                               f"({signal.Signals(result.signal).name}): {result.stderr.strip()[-300:]!r}")
+
+
 def _score_row(code: str, cases: list[dict | str], limits) -> float:
     from opd.rewards.sandbox import run_sandboxed
 
@@ -123,6 +172,7 @@ def _score_row(code: str, cases: list[dict | str], limits) -> float:
     for case in cases:
         if isinstance(case, dict):
             result = run_sandboxed(code, case["input"], limits=limits)
+            _check_crash(result)
             total += 1
             passed += result.ok and _same_output(result.stdout, case["output"])
         else:
@@ -130,6 +180,7 @@ def _score_row(code: str, cases: list[dict | str], limits) -> float:
             units = [ast.get_source_segment(case, s) or ast.unparse(s) for s in body]
             is_test = [isinstance(s, ast.Assert) for s in body]
             result, verdicts = _run_asserts(code, units, limits)
+            _check_crash(result)
             total += sum(is_test)
             passed += sum(ok for ok, t in zip(verdicts, is_test, strict=True) if t)
         if result.limit_hit:

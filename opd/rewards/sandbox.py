@@ -9,9 +9,12 @@ What is in force (details and the gaps in ``docs/sandbox.md``):
 * when the parent is root, the child drops to a uid of its own (unique per run, no groups), so RLIMIT_NPROC binds
   and the parent's files and ``/proc/<pid>/environ`` are off limits; at the end every process of that uid is
   killed, including ones that left the process group;
-* no network: a new network namespace (only a down loopback) when the kernel lets us make one, else an audit hook
-  in the child that refuses sockets, process spawning and ctypes calls (not a boundary: see the docs).
-  ``SandboxResult.network`` says which one a run had.
+* a private view of the system when bubblewrap is installed (``opd.rewards.isolation``): its own mount, PID, IPC
+  and network namespaces, the host read-only, its own size-capped ``/tmp`` (the working directory) and
+  ``/dev/shm``; else no network through a new network namespace (only a down loopback) when the kernel lets us
+  make one, else an audit hook in the child that refuses sockets, process spawning and ctypes calls (not a
+  boundary: see the docs). ``SandboxResult.network`` says which one a run had;
+* a seccomp filter, last before the code runs: no new user namespaces and no ``AF_UNIX`` sockets.
 
 Setup happens in a small bootstrap run by the child interpreter itself rather than in ``preexec_fn``: the verifier
 hosts are multi-threaded, and Python code between fork and exec can deadlock there.
@@ -36,8 +39,11 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 
+from opd.rewards.isolation import SANDBOX_ROOT, bwrap_argv, seccomp_program
+from opd.rewards.sandbox_boot import BOOT as _BOOT
+
 # Reasons that mean "the code hit a sandbox limit" (vs. it merely failed or exited non-zero).
-LIMIT_REASONS = ("timeout", "cpu", "memory", "file size", "processes", "open files", "output too large")
+LIMIT_REASONS = ("timeout", "cpu", "memory", "file size", "disk", "processes", "open files", "output too large")
 _UID_BASE = 1 << 31  # per-run uids: far above real users and the usual /etc/subuid ranges
 _RUN_COUNTER = itertools.count()
 _TOKEN_VAR = "OPD_SANDBOX_RUN"  # marks the run's processes (see _kill_all); not a secret
@@ -56,12 +62,16 @@ class SandboxLimits:
     max_output_bytes: int = 64 * 1024
     network: str = "auto"  # "auto": network namespace if possible, else the audit hook; "audit": always the hook
     python: str = ""  # interpreter to run; "" = the current one (sys.executable)
+    view: str = "auto"  # "auto": the private bubblewrap view when bwrap is installed (opd.rewards.isolation); "host": none
+    disk_mb: int = 64  # bubblewrap view: size of its /tmp (the working directory) and of its /dev/shm
 
     def validate(self) -> SandboxLimits:
         bad = [f"{f.name} must be > 0, got {getattr(self, f.name)!r}" for f in dataclasses.fields(self)
                if f.type in ("float", "int") and not getattr(self, f.name) > 0]
         if self.network not in ("auto", "audit"):
             bad.append(f"network must be 'auto' or 'audit', got {self.network!r}")
+        if self.view not in ("auto", "host"):
+            bad.append(f"view must be 'auto' or 'host', got {self.view!r}")
         if self.nproc < 2:
             bad.append(f"nproc must be >= 2 (the interpreter itself counts), got {self.nproc}")
         if bad:
@@ -97,7 +107,7 @@ class SandboxResult:
     cpu_s: float
     timed_out: bool
     reason: str | None
-    network: str  # "netns", "userns+netns" or "audit-hook"
+    network: str  # "bwrap" (the private view, its own network namespace), "netns", "userns+netns" or "audit-hook"
     uid: int | None  # the per-run uid when the parent was root, else None (ran as the caller)
     pid: int  # the child's pid = its process group and session id
 
@@ -131,15 +141,21 @@ def run_sandboxed(code: str, stdin: str = "", *, limits: SandboxLimits | None = 
         io_paths = [os.path.join(base, n) for n in ("stdin", "stdout", "stderr")]
         with open(io_paths[0], "w", encoding="utf-8") as f:
             f.write(stdin)
+        # The private view (bubblewrap) needs the network namespace it makes; network=audit asks for the fallback.
+        view = bwrap_argv(python, os.path.join(work, "main.py"), limits.disk_mb, uid is not None) \
+            if limits.view == "auto" and limits.network == "auto" else None
+        seccomp = seccomp_program()
         cfg = {
             "uid": uid,
-            "net": limits.network,
+            "net": "bwrap" if view else limits.network,
             "nproc": limits.nproc,
-            "preimport": uid is not None and not _stdlib_world_readable(python),
+            "preimport": uid is not None and not view and not _stdlib_world_readable(python),
             "rlimits": _rlimits(limits),
+            "seccomp": seccomp.hex() if seccomp else None,
         }
         token = secrets.token_hex(8)
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": work, "TMPDIR": work,
+        home = SANDBOX_ROOT if view else work
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home, "TMPDIR": home,
                _TOKEN_VAR: token}
         status_r, status_w = os.pipe()
         cfg["status_fd"] = status_w
@@ -147,7 +163,7 @@ def run_sandboxed(code: str, stdin: str = "", *, limits: SandboxLimits | None = 
             start = time.monotonic()
             try:
                 proc = subprocess.Popen(
-                    [python, "-I", "-c", _BOOT, json.dumps(cfg)], stdin=fin, stdout=fout, stderr=ferr, cwd=work,
+                    [*(view or []), python, "-I", "-c", _BOOT, json.dumps(cfg)], stdin=fin, stdout=fout, stderr=ferr, cwd=work,
                     env=env, start_new_session=True, pass_fds=(status_w,), close_fds=True,
                 )
             except OSError as e:
@@ -169,6 +185,8 @@ def run_sandboxed(code: str, stdin: str = "", *, limits: SandboxLimits | None = 
         raise SandboxError(f"sandbox setup failed: {setup.get('error') or stderr.strip()[-2000:]}")
     sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
     code_ = None if sig is not None else os.WEXITSTATUS(status)
+    if view and code_ is not None and code_ > 128 and setup.get("network"):  # bwrap exits 128 + the code's signal
+        sig, code_ = code_ - 128, None
     cpu = rusage.ru_utime + rusage.ru_stime if rusage else 0.0
     too_big = out_size > limits.max_output_bytes
     return SandboxResult(
@@ -275,6 +293,7 @@ def _read_capped(path: str, cap: int) -> tuple[str, int]:
 _STDERR_LIMITS = (  # (reason, evidence in the child's stderr)
     ("memory", ("MemoryError", "Cannot allocate memory")),
     ("file size", ("[Errno 27]", "File too large")),
+    ("disk", ("[Errno 28]", "No space left on device")),  # the private view's /tmp or /dev/shm is full
     ("processes", ("[Errno 11] Resource temporarily unavailable", "can't start new thread")),
     ("open files", ("[Errno 24]", "Too many open files")),
 )
@@ -320,92 +339,3 @@ def _stdlib_world_readable(python: str) -> bool:
         if parent == path:
             return True
         path = parent
-
-
-# The child's bootstrap: runs as `python -I -c _BOOT <json>`, sets the sandbox up, then runs main.py as __main__.
-# Order matters: the network namespace needs root (or a user namespace), so it comes before dropping the uid;
-# RLIMIT_NPROC comes after it, since a new user namespace restarts the process count.
-_BOOT = r"""
-import json, os, resource, sys
-_cfg = json.loads(sys.argv[1])
-_status = os.fdopen(_cfg["status_fd"], "w")
-def _fail(msg):
-    _status.write(json.dumps({"error": msg})); _status.close(); os._exit(125)
-def _unshare(flags):
-    try:
-        import ctypes
-        return ctypes.CDLL(None, use_errno=True).unshare(flags) == 0
-    except Exception:
-        return False
-_net = None
-if _cfg["net"] == "auto" and os.geteuid() == 0 and _unshare(0x40000000):  # CLONE_NEWNET
-    _net = "netns"
-if _cfg["preimport"]:  # the stdlib is unreadable once we drop the uid: load the common modules now
-    for _m in ("collections", "itertools", "functools", "heapq", "bisect", "math", "cmath", "re", "string",
-               "json", "random", "fractions", "decimal", "statistics", "typing", "dataclasses", "copy", "operator",
-               "array", "textwrap", "datetime", "enum", "traceback", "linecache", "unittest", "socket",
-               "encodings.idna", "threading", "queue", "struct", "hashlib", "base64", "io", "time", "ast"):
-        try:
-            __import__(_m)
-        except Exception:
-            pass
-if _cfg["uid"] is not None:
-    try:
-        os.setgroups([]); os.setgid(_cfg["uid"]); os.setuid(_cfg["uid"])
-    except OSError as e:
-        _fail(f"cannot switch to uid {_cfg['uid']} (a user-namespaced container?): {e}")
-if _net is None and _cfg["net"] == "auto":
-    _uid, _gid = os.getuid(), os.getgid()
-    if _unshare(0x10000000 | 0x40000000):  # CLONE_NEWUSER | CLONE_NEWNET
-        _net = "userns+netns"
-        for _p, _v in (("setgroups", "deny"), ("uid_map", f"{_uid} {_uid} 1"), ("gid_map", f"{_gid} {_gid} 1")):
-            try:
-                with open(f"/proc/self/{_p}", "w") as _f:
-                    _f.write(_v)
-            except OSError:
-                pass
-_nproc = _cfg["nproc"]
-if _net != "userns+netns" and _cfg["uid"] is None and os.getuid() != 0:
-    # The count is per user here, and the caller's other processes count too: allow that many more.
-    _me = os.getuid()
-    for _p in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{_p}/status") as _f:
-                _st = dict(l.split(":", 1) for l in _f if ":" in l)
-            if int(_st["Uid"].split()[0]) == _me:
-                _nproc += int(_st["Threads"])
-        except (OSError, ValueError, KeyError):
-            pass
-try:
-    for _k, _v in _cfg["rlimits"].items():
-        _hard = resource.getrlimit(getattr(resource, "RLIMIT_" + _k))[1]
-        _cap = lambda x: x if _hard == resource.RLIM_INFINITY else min(x, _hard)
-        resource.setrlimit(getattr(resource, "RLIMIT_" + _k), (_cap(_v[0]), _cap(_v[1])))
-    resource.setrlimit(resource.RLIMIT_NPROC, (_nproc, _nproc))
-except (OSError, ValueError) as e:
-    _fail(f"setrlimit: {e}")
-os.umask(0o077)
-if _net is None:
-    _net = "audit-hook"
-    def _hook(event, args, _deny=("socket.__new__", "socket.connect", "socket.bind", "os.system", "os.exec",
-                                  "os.posix_spawn", "os.spawn", "subprocess.Popen", "ctypes.call_function")):
-        if event in _deny:
-            raise PermissionError(f"sandbox: {event} is blocked (no network namespace available)")
-        # Same uid as the caller here: keep it out of other processes' /proc entries (environ, mem, ...).
-        if event == "open" and isinstance(args[0], (str, bytes)):
-            _parts = os.path.realpath(os.fsdecode(args[0])).split("/")
-            if len(_parts) > 2 and _parts[1] == "proc" and _parts[2].isdigit() and int(_parts[2]) != os.getpid():
-                raise PermissionError(f"sandbox: {args[0]!r} is another process's /proc entry")
-    sys.addaudithook(_hook)
-_status.write(json.dumps({"network": _net, "userns": os.readlink("/proc/self/ns/user")
-                          if _net == "userns+netns" else None})); _status.close()
-del _cfg, _status
-sys.argv = ["main.py"]
-_main = type(sys)("__main__")
-_main.__file__, _main.__builtins__ = "main.py", __builtins__
-sys.modules["__main__"] = _main
-with open("main.py", encoding="utf-8") as _f:
-    _code = compile(_f.read(), "main.py", "exec")
-del _f
-exec(_code, _main.__dict__)
-"""
