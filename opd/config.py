@@ -31,6 +31,7 @@ class RunConfig(_Section):
     output_dir: str = Field("runs/run", min_length=1)  # metrics, TensorBoard events, checkpoints, summary
     seed: int = 0
     log_samples: bool = False  # one JSON line per trained sample in RUN_DIR/samples.jsonl (a rollout dump)
+    log_every_s: float = Field(0.0, ge=0)  # off a terminal: one line per step, or at most one per this many seconds
 
 
 class ClusterConfig(_Section):

@@ -147,7 +147,7 @@ def train(cfg: Config, job: Job, roles: Roles, progress: bool = True) -> dict:
     # First, so a tracker that cannot start fails the job before minutes of evaluation.
     log = MetricsLogger(job.run_dir, cfg.trainer.total_steps, st.step, progress, job=cfg.run.name,
                         shared_ray=cfg.cluster.address is not None, tracking=cfg.tracking,
-                        config=cfg.model_dump(mode="json"), run_name=cfg.run.name)
+                        config=cfg.model_dump(mode="json"), run_name=cfg.run.name, log_every_s=cfg.run.log_every_s)
     stream = RolloutStream(roles.rollout, PromptSource(job.train, cfg.run.seed, st.cursor), cfg.rollout, cfg.run.seed,
                            load_in_flight(job.checkpoint), scorer=ChunkScorer(roles, cfg))
     st.version, probe = sync_weights(roles, job.probe_ids, cfg.rollout.probe_tolerance)
@@ -157,6 +157,7 @@ def train(cfg: Config, job: Job, roles: Roles, progress: bool = True) -> dict:
         before = held_out(roles, job.test, cfg)
         st.accuracy_before, st.teacher_kl_before = before["eval_accuracy"], before.get("eval_teacher_kl")
         st.teacher_accuracy = evaluate(roles, job.test, cfg, who="teacher") if roles.teacher else None
+        log.held_out("before training", before)
     plan = route_plan(cfg)
     samples_log = SampleLog(job.run_dir, st.step, cfg.run.log_samples)
     for step in range(st.step, cfg.trainer.total_steps):
@@ -184,8 +185,9 @@ def train(cfg: Config, job: Job, roles: Roles, progress: bool = True) -> dict:
             probe()  # a checkpoint only ever follows a checked sync
             _save(cfg, job, roles, st, stream)
     probe()
-    log.close()
     after = held_out(roles, job.test, cfg)
+    log.held_out("after training", after)
+    log.close()
     summary = {
         "algorithm": cfg.algorithm,
         "teacher_accuracy": st.teacher_accuracy,

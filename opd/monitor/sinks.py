@@ -8,13 +8,10 @@ import math
 import os
 from pathlib import Path
 
-from tqdm import tqdm
-
 from opd.config import TrackingConfig
+from opd.monitor.console import Console, eval_line
 from opd.monitor.ray_metrics import RayMetricsSink
 from opd.monitor.tracking import Trackers
-
-CONSOLE_KEYS = (("reward", "reward"), ("accuracy", "acc"), ("teacher_kl", "kl"), ("entropy", "ent"), ("step_seconds", "s/step"))
 
 
 class MetricsLogger:
@@ -24,12 +21,14 @@ class MetricsLogger:
         tracking: TrackingConfig | None = None,  # W&B / MLflow sinks, when enabled there
         config: dict | None = None,  # the run's config dump: W&B config, MLflow params
         run_name: str | None = None,  # the tracker run's display name (default: the job name)
+        log_every_s: float = 0.0,  # off a terminal: at most one step line per this many seconds (0: every step)
     ):
         from torch.utils.tensorboard import SummaryWriter
 
         self.path = run_dir / "metrics.jsonl"
         self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step)
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="opd", disable=not progress, dynamic_ncols=True)
+        # A bar on a terminal (unless progress is off); lines wherever else the output goes (a job log, CI)
+        self.console = Console(total_steps, start_step, bar=None if progress else False, min_interval_s=log_every_s)
         self.ray = RayMetricsSink(job, flush_on_close=shared_ray)
         if start_step:
             truncate_jsonl(self.path, start_step)
@@ -50,16 +49,18 @@ class MetricsLogger:
                 self.tb.add_scalar(key, value, step)
         self.ray.log(step, metrics)
         self.trackers.log(step, metrics)
-        shown = {label: f"{metrics[k]:.3g}" for k, label in CONSOLE_KEYS if k in metrics and metrics[k] is not None}
-        self.bar.set_postfix(shown, refresh=False)
-        self.bar.update(1)
+        self.console.step(step, metrics)
+
+    def held_out(self, label: str, metrics: dict) -> None:
+        """Held-out results outside the steps (before and after training), on a line of their own."""
+        self.console.note(eval_line(label, metrics))
 
     def close(self) -> None:
         self.trackers.close()
         self._close_local()
 
     def _close_local(self) -> None:
-        self.bar.close()
+        self.console.close()
         self.tb.flush()
         self.tb.close()
         self.ray.close()
