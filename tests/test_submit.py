@@ -125,7 +125,10 @@ def test_submit_runs_job_and_exports_metrics(head, tiny_models, tmp_path):
     assert [r["step"] for r in rows] == list(range(20)) and all(r["teacher_kl"] is not None for r in rows)
     # The driver waits for one more metrics export before it exits on a cluster, so the final step is exported
     # even though this 2-step job is shorter than Ray's 10 s report interval; the agent keeps serving it.
-    want, seen = {"ray_opd_teacher_kl", "ray_opd_reward", "ray_opd_step", "ray_opd_rollout_tokens_per_s"}, set()
+    # Failures and restarts are exported from step 0 (as 0 here), not only after the first one.
+    want = {"ray_opd_teacher_kl", "ray_opd_reward", "ray_opd_step", "ray_opd_rollout_tokens_per_s",
+            "ray_opd_verifier_failures", "ray_opd_rollout_worker_restarts"}
+    seen = set()
     for _ in range(10):
         seen |= _opd_metrics(metrics_url)
         if want <= seen:

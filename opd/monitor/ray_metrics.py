@@ -20,7 +20,9 @@ class MetricSpec:
     name: str  # Ray metric name
     role: str
     description: str
-    counter: bool = False  # a Counter accumulates the per-step value; a Gauge shows the latest one
+    # a running total of the per-step value, as a Gauge: unlike a Ray Counter (which refuses an increment of 0) the
+    # series exists from step 0, so a dashboard shows "0 so far" rather than no data
+    cumulative: bool = False
 
 
 SPECS = (
@@ -35,8 +37,10 @@ SPECS = (
     MetricSpec("weight_version", "opd_weight_version", "learner", "weight version the rollout workers serve"),
     MetricSpec("eval_accuracy", "opd_eval_accuracy", "eval", "held-out greedy accuracy of the student"),
     MetricSpec("eval_teacher_kl", "opd_eval_teacher_kl", "eval", "held-out per-token KL(student || teacher) (nats)"),
-    MetricSpec("verifier_failures", "opd_verifier_failures", "verifier", "verifier rows failed (raised, hung, bad output)",
-               counter=True),
+    MetricSpec("verifier_failures", "opd_verifier_failures", "verifier",
+               "verifier rows failed so far (raised, hung, bad output)", cumulative=True),
+    MetricSpec("rollout_worker_restarts", "opd_rollout_worker_restarts", "rollout",
+               "dead rollout workers replaced so far by this driver"),
 )
 
 
@@ -64,6 +68,7 @@ class RayMetricsSink:
         self._metrics: dict[str, object] | None = None  # built on first use, in a process where Ray is up
         self._step = None
         self._last_record = None
+        self._totals: dict[str, float] = {}
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         import ray
@@ -71,17 +76,14 @@ class RayMetricsSink:
         if not ray.is_initialized():
             return
         if self._metrics is None:
-            from ray.util.metrics import Counter, Gauge
+            from ray.util.metrics import Gauge
 
-            self._metrics = {s.key: (Counter if s.counter else Gauge)(s.name, s.description, TAG_KEYS) for s in SPECS}
+            self._metrics = {s.key: Gauge(s.name, s.description, TAG_KEYS) for s in SPECS}
             self._step = Gauge("opd_step", "steps completed", TAG_KEYS)
         for spec, value in metric_values(metrics):
-            tags = {"job": self.job, "role": spec.role}
-            if spec.counter:
-                if value > 0:  # Ray counters refuse non-positive increments
-                    self._metrics[spec.key].inc(value, tags=tags)
-            else:
-                self._metrics[spec.key].set(value, tags=tags)
+            if spec.cumulative:
+                value = self._totals[spec.key] = self._totals.get(spec.key, 0.0) + value
+            self._metrics[spec.key].set(value, tags={"job": self.job, "role": spec.role})
         self._step.set(step + 1, tags={"job": self.job, "role": "driver"})
         self._last_record = time.monotonic()
 
