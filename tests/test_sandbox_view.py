@@ -95,7 +95,8 @@ def test_a_world_writable_host_unix_socket_is_unreachable(view):
 def test_correct_code_using_the_standard_library_and_numpy_scores_as_correct(view):
     code = "```python\nimport glob, csv, pickle, shutil, io\nimport numpy as np\nprint(int(np.sum([int(x) for x in input().split()])))\n```"
     tests = [[{"input": "2 3", "output": "5"}, {"input": "10 -4", "output": "6"}]]
-    if view == "host" and os.geteuid() == 0 and not _stdlib_world_readable(sys.executable):
+    without_view = view == "host" or bwrap_path() is None
+    if without_view and os.geteuid() == 0 and not _stdlib_world_readable(sys.executable):
         # This machine's case (a Python under a 0700 /root): without the view the per-run uid cannot read what
         # numpy imports, so correct code would fail; the self-test says so instead of scoring it 0.
         with pytest.raises(SandboxError, match="code_exec self-test"):
