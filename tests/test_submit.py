@@ -108,6 +108,19 @@ def test_submit_runs_job_and_exports_metrics(head, tiny_models, tmp_path):
     job_id = stdout.splitlines()[0].strip()  # printed first; --wait then follows the logs to the end
     assert rc == 0 and job_id == "submitted-1", f"job {job_id} did not succeed:\n{stdout[-4000:]}\n{stderr[-2000:]}"
     assert f"run directory: {out}" in stderr
+    # The driver waits for one more metrics export before it exits on a cluster, so the final step is exported
+    # even when the job is shorter than Ray's 10 s report interval; read at once, as the agent drops a finished
+    # driver's series after a while.
+    # Failures and restarts are exported from step 0 (as 0 here), not only after the first one.
+    want = {"ray_opd_teacher_kl", "ray_opd_reward", "ray_opd_step", "ray_opd_rollout_tokens_per_s",
+            "ray_opd_verifier_failures", "ray_opd_rollout_worker_restarts"}
+    seen = set()
+    for _ in range(10):
+        seen |= _opd_metrics(metrics_url)
+        if want <= seen:
+            break
+        time.sleep(2)
+    assert want <= seen, f"opd metrics exported: {sorted(seen)}"
     rc, stdout, stderr = _opd("status", job_id, "--address", url)
     info = json.loads(stdout)
     assert rc == 0 and info["status"] == "SUCCEEDED" and info["name"] == "submitted", stderr
@@ -123,18 +136,6 @@ def test_submit_runs_job_and_exports_metrics(head, tiny_models, tmp_path):
     assert rc == 2 and "already holds a run; pass --resume" in stderr  # refused here, before anything is sent
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(20)) and all(r["teacher_kl"] is not None for r in rows)
-    # The driver waits for one more metrics export before it exits on a cluster, so the final step is exported
-    # even though this 2-step job is shorter than Ray's 10 s report interval; the agent keeps serving it.
-    # Failures and restarts are exported from step 0 (as 0 here), not only after the first one.
-    want = {"ray_opd_teacher_kl", "ray_opd_reward", "ray_opd_step", "ray_opd_rollout_tokens_per_s",
-            "ray_opd_verifier_failures", "ray_opd_rollout_worker_restarts"}
-    seen = set()
-    for _ in range(10):
-        seen |= _opd_metrics(metrics_url)
-        if want <= seen:
-            break
-        time.sleep(2)
-    assert want <= seen, f"opd metrics exported: {sorted(seen)}"
     rc, stdout, _ = _opd("stop", job_id, "--address", url)
     assert rc == 0 and stdout.strip() == "not running"
     rc, _, stderr = _opd("status", "raysubmit_nosuchjob", "--address", url)

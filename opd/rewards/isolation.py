@@ -36,6 +36,9 @@ _ERRNO = 0x00050000  # | errno
 EPERM, ENOSYS = 1, 38
 _X32_BIT = 0x40000000
 SANDBOX_ROOT = "/tmp/work"
+# Replaced by empty tmpfs in the view: /tmp and /dev/shm (size-capped, writable), /run and /var/tmp (where host
+# daemons keep sockets and state)
+_MASKED = ("/tmp", "/dev/shm", "/run", "/var/tmp")
 logger = logging.getLogger(__name__)  # the run's working directory inside the bubblewrap view
 
 
@@ -89,8 +92,9 @@ def _closed_ancestor(path: str) -> str | None:
 def interpreter_dirs(python: str) -> list[str]:
     """What the interpreter needs to start and import: its own directory, its prefix and base prefix (a venv's
     ``sys.prefix`` and the Python it was made from)."""
-    dirs = {os.path.dirname(os.path.realpath(python)), sys.prefix, sys.base_prefix, os.path.dirname(python)}
-    return sorted(os.path.realpath(d) for d in dirs)
+    dirs = sorted({os.path.realpath(d) for d in (os.path.dirname(os.path.realpath(python)), sys.prefix,
+                                                   sys.base_prefix, os.path.dirname(python))})
+    return [d for d in dirs if not any(d.startswith(o + "/") for o in dirs)]  # a directory inside another goes with it
 
 
 def bwrap_argv(python: str, main_py: str, disk_mb: int, root: bool) -> list[str] | None:
@@ -102,16 +106,17 @@ def bwrap_argv(python: str, main_py: str, disk_mb: int, root: bool) -> list[str]
         return None
     size = str(disk_mb << 20)
     argv = [bw, "--die-with-parent", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net",
-            "--unshare-cgroup-try", "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev",
-            "--size", size, "--perms", "1777", "--tmpfs", "/tmp",
-            "--size", size, "--perms", "1777", "--tmpfs", "/dev/shm",
-            "--perms", "0755", "--tmpfs", "/run", "--perms", "0755", "--tmpfs", "/var/tmp"]
+            "--unshare-cgroup-try", "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev"]
+    for m in _MASKED:
+        writable = m in ("/tmp", "/dev/shm")
+        argv += [*(["--size", size] if writable else []), "--perms", "1777" if writable else "0755", "--tmpfs", m]
     closed = sorted({a for d in interpreter_dirs(python) if (a := _closed_ancestor(d))})
     made = set(closed)
     for a in closed:
         argv += ["--perms", "0755", "--tmpfs", a]
+    hidden = [*_MASKED, *closed]  # an interpreter (a venv) under one of these is bound back in, read-only
     for d in interpreter_dirs(python):
-        a = next((a for a in closed if d.startswith(a + "/")), None)
+        a = next((a for a in hidden if d.startswith(a + "/")), None)
         if a is None:
             continue
         parts = d[len(a) + 1:].split("/")
