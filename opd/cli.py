@@ -234,7 +234,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
         chunks = submit.follow_logs(address, args.job_id) if args.follow else [submit.logs(address, args.job_id)]
         for chunk in chunks:
             print(chunk, end="", flush=True)
-        return submit.EXIT_CODES.get(submit.status(address, args.job_id)["status"], 1) if args.follow else 0
+        return submit.EXIT_CODES.get(submit.job_state(address, args.job_id), 1) if args.follow else 0
 
     return _job_call(go)
 

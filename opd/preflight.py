@@ -5,7 +5,6 @@ The config's own values are checked earlier, by ``opd.config``."""
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import json
 import logging
@@ -170,15 +169,16 @@ def check_tokenizer_covers(tok, student_dir: str, splits: dict[str, list[dict]])
                           "would drop these characters:\n" + "\n".join(f"  {b}" for b in bad[:_SHOWN]) + more)
 
 
-def _call(fn, args: tuple, kwargs: dict, timeout_s: float) -> tuple[str, object]:
+def _call(fn, args: tuple, columns: dict, kwargs: dict, timeout_s: float) -> tuple[str, object]:
     """("ok", value) | ("raised", exception) | ("timeout", None): one call on a daemon thread, so a verifier that
     hangs delays the start by at most its deadline (the run's deadlines then handle it as a fault)."""
+    from opd.rewards.runner import call_verifier
+
     box: dict = {}
 
     def target() -> None:
         try:
-            out = fn(*args, **kwargs)
-            box["ok"] = asyncio.run(_await(out)) if inspect.isawaitable(out) else out
+            box["ok"] = call_verifier(fn, *args, columns, kwargs)
         except Exception as e:  # noqa: BLE001 - reported to the user as the verifier's own error
             box["raised"] = e
 
@@ -188,10 +188,6 @@ def _call(fn, args: tuple, kwargs: dict, timeout_s: float) -> tuple[str, object]
     if t.is_alive():
         return "timeout", None
     return ("ok", box["ok"]) if "ok" in box else ("raised", box["raised"])
-
-
-async def _await(awaitable):
-    return await awaitable
 
 
 def _score_problem(out: object) -> str | None:
@@ -228,16 +224,15 @@ def check_verifiers(cfg: Config, row: Prompt) -> list:
                     if ":" in entry.name and "no module named" in str(e) else "")
             problems.append(f"  {key}: {e}{hint}")
             continue
-        kwargs = {**columns, **entry.kwargs}
         try:
-            inspect.signature(fn).bind(*args, **kwargs)
+            inspect.signature(fn).bind(*args, **columns, **entry.kwargs)
         except TypeError as e:
             problems.append(f"  {key}: {entry.name!r} cannot be called as fn(prompts, completions, "
-                            f"{', '.join(f'{k}=' for k in kwargs)}): {e}")
+                            f"{', '.join(f'{k}=' for k in {**columns, **entry.kwargs})}): {e}")
             continue
         except ValueError:
             pass  # no signature to inspect (a builtin or C function): the call below decides
-        status, out = _call(fn, args, kwargs, cfg.verifiers.timeout_s)
+        status, out = _call(fn, args, columns, entry.kwargs, cfg.verifiers.timeout_s)
         if status == "raised":
             problems.append(f"  {key}: {entry.name!r} raised on test row 0 ({row.columns['prompt']!r}): "
                             f"{type(out).__name__}: {out}")

@@ -159,6 +159,11 @@ def status(address: str, job_id: str) -> dict:
     return out
 
 
+def job_state(address: str, job_id: str) -> str:
+    """Only the job's state (no metadata, no log): what an exit code follows."""
+    return str(_call(address, job_id, "status", lambda c: c.get_job_status(job_id)).value)
+
+
 def _last_metrics(run_dir: str | None) -> dict | None:
     path = Path(run_dir) / "metrics.jsonl" if run_dir else None
     if path is None or not path.is_file():

@@ -127,6 +127,8 @@ def test_submit_runs_job_and_exports_metrics(head, tiny_models, tmp_path):
     assert info["run_dir"] == str(out) and info["last_step"]["step"] == 19
     rc, logs, _ = _opd("logs", job_id, "--address", url)
     assert rc == 0 and "student accuracy after" in logs
+    rc, followed, _ = _opd("logs", job_id, "--address", url, "--follow")  # ends with the job; exits with its state
+    assert rc == 0 and "student accuracy after" in followed
     step_lines = [ln for ln in logs.splitlines() if ln.startswith("step ")]  # the job log is not a terminal
     assert len(step_lines) == 20 and step_lines[-1].startswith("step 20/20 | reward ")
     assert "eval before training | accuracy" in logs and "eval after training | accuracy" in logs

@@ -71,12 +71,16 @@ class _VerifierHost:
         """
         prompts, completions, columns = chunk
         try:
-            out = fn(prompts, completions, **columns, **(kwargs or {}))
-            if inspect.isawaitable(out):
-                out = asyncio.run(_await(out))
-            return True, list(out)
+            return True, list(call_verifier(fn, prompts, completions, columns, kwargs))
         except Exception as e:  # noqa: BLE001 - any verifier error becomes a per-row failure
             return False, f"{type(e).__name__}: {e}"
+
+
+def call_verifier(fn: Verifier, prompts: list, completions: list, columns: dict, kwargs: dict | None = None):
+    """One verifier call the way a run makes it: columns and config kwargs as keyword arguments, a coroutine (an
+    async verifier) run to its result."""
+    out = fn(prompts, completions, **columns, **(kwargs or {}))
+    return asyncio.run(_await(out)) if inspect.isawaitable(out) else out
 
 
 async def _await(awaitable):
