@@ -114,7 +114,7 @@ def start_rollout_worker(cfg: Config, i: int):
 def start_verifiers(cfg: Config) -> VerifierRunner:
     v = cfg.verifiers
     return VerifierRunner([VerifierSpec(s.name, s.weight, dict(s.kwargs)) for s in v.functions], timeout_s=v.timeout_s,
-                          chunk_size=v.chunk_size, num_workers=v.num_workers)
+                          chunk_size=v.chunk_size, num_workers=v.num_workers, job=cfg.run.name)
 
 
 def start_learners(cfg: Config) -> LearnerGroup:

@@ -30,6 +30,7 @@ class MetricsLogger:
         # A bar on a terminal (unless progress is off); lines wherever else the output goes (a job log, CI)
         self.console = Console(total_steps, start_step, bar=None if progress else False, min_interval_s=log_every_s)
         self.ray = RayMetricsSink(job, flush_on_close=shared_ray)
+        self.ray.start(start_step)  # steps done, failures and restarts exist before the first step ends
         if start_step:
             truncate_jsonl(self.path, start_step)
         # Started last, so a tracker that fails to start (a ConfigError) leaves nothing else half-open.
@@ -53,6 +54,7 @@ class MetricsLogger:
 
     def held_out(self, label: str, metrics: dict) -> None:
         """Held-out results outside the steps (before and after training), on a line of their own."""
+        self.ray.held_out(metrics)
         self.console.note(eval_line(label, metrics))
 
     def close(self) -> None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import ray
 import ray.cloudpickle
 
+from opd.monitor.ray_metrics import RoleMetrics
 from opd.rewards.registry import FILE_MODULE_MARK, Verifier, VerifierSpecError, resolve
 from opd.types import Rewards
 
@@ -133,6 +134,7 @@ class VerifierRunner:
         chunk_size: int = 64,
         success_threshold: float = 1.0,
         num_workers: int = 2,
+        job: str | None = None,  # run.name: tags this runner's per-verifier series (none without it)
     ):
         self.specs = [VerifierSpec.parse(s) for s in specs]
         if not self.specs:
@@ -150,6 +152,7 @@ class VerifierRunner:
         self.num_workers = int(num_workers)
         self.success_threshold = float(success_threshold)
         self._fns: list[Verifier] = []
+        self.metrics = RoleMetrics("verifier", job=job)
         self.validate()
 
     def validate(self) -> None:
@@ -245,6 +248,8 @@ class VerifierRunner:
                         scores[names[v]][r] = float(value)
 
         seconds = time.monotonic() - start
+        for name in names:
+            self.metrics.record(replica=name, rows=n, failed_rows=sum(failed[name]), seconds=seconds)
         for host in broken.values():
             _POOL.replace(host)
         rewards = [sum(s.weight * scores[s.name][i] for s in self.specs) for i in range(n)]

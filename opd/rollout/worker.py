@@ -11,6 +11,7 @@ import logging
 import time
 import zlib
 
+from opd.monitor.ray_metrics import RoleMetrics
 from opd.rollout.engine import VLLMEngine
 from opd.rollout.weight_sync import TRANSFER, WeightBuckets
 from opd.types import Prompt, Sample, sample_uid
@@ -54,6 +55,8 @@ class RolloutWorker:
                                   dtype=dtype, lora_rank=lora_rank)
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadNotice())
         self.version = 0
+        self.metrics = RoleMetrics("rollout")  # <job>/rollout-<i>: this worker's own series
+        self.metrics.record(tokens=0, weight_version=0)
 
     def generate(
         self, draws: list[tuple[Prompt, int]], *, n: int, temperature: float, top_p: float, max_tokens: int, seed: int
@@ -78,7 +81,10 @@ class RolloutWorker:
             for (p, epoch), gens in zip(draws, outs, strict=True)
             for g, gen in enumerate(gens)
         ]
-        return samples, time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        n_tok = sum(len(s.response_ids) for s in samples)
+        self.metrics.record(tokens=n_tok, tokens_per_s=n_tok / max(seconds, 1e-9))
+        return samples, seconds
 
     def generate_greedy(self, prompt_ids: list[list[int]], max_tokens: int) -> list[str]:
         outs = self.engine.generate(prompt_ids, n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens)
@@ -105,4 +111,5 @@ class RolloutWorker:
                 f"(max |logprob diff| {diff:.3g} > tolerance {tolerance:.3g}); the engine is not serving the learner's {noun}"
             )
         self.version = version
+        self.metrics.record(weight_version=version)
         return diff

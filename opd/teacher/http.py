@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 
 from opd.teacher.api import GenerateResponse, Health, ScoreResponse
-from opd.teacher.scorer import scores_from_rows
+from opd.teacher.scorer import record_scored, scores_from_rows
 from opd.types import Sample, TeacherScores
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,9 @@ class HTTPTeacher:
         ]
         rows = [r for reply in self.pool.map(lambda b: self._request("POST", "/v1/score", b), bodies)
                 for r in ScoreResponse.model_validate(reply).scores]
-        return scores_from_rows(samples, rows, top_k, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        record_scored(samples, seconds)
+        return scores_from_rows(samples, rows, top_k, seconds)
 
     def generate_greedy(self, prompt_ids: list[list[int]], max_tokens: int) -> list[str]:
         reply = self._request("POST", "/v1/generate", {"prompts": prompt_ids, "max_tokens": max_tokens})

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from opd.monitor.ray_metrics import RoleMetrics
 from opd.types import Sample, TeacherScores
 
 
@@ -28,6 +29,15 @@ class ResponseScores:
     topk_ids: list[list[int]] | None = None
     topk_logprobs: list[list[float]] | None = None
     hidden: object = None  # numpy float32 [T, H]: final hidden states at the response-predicting positions
+
+
+_METRICS = RoleMetrics("teacher")  # in a teacher actor (<job>/teacher-<name>): its own series
+
+
+def record_scored(samples: list[Sample], seconds: float) -> None:
+    """A teacher actor's throughput series; nothing outside one."""
+    n_tok = sum(len(s.response_ids) for s in samples)
+    _METRICS.record(tokens=n_tok, tokens_per_s=n_tok / max(seconds, 1e-9))
 
 
 def scores_from_rows(samples: list[Sample], rows: list, top_k: int, seconds: float, hidden: bool = False) -> TeacherScores:
@@ -77,7 +87,9 @@ class VLLMTeacher:
     def score(self, samples: list[Sample], top_k: int = 0, hidden: bool = False) -> TeacherScores:
         t0 = time.perf_counter()
         rows = self.score_tokens([s.full_ids for s in samples], [len(s.prompt.token_ids) for s in samples], top_k, hidden)
-        return scores_from_rows(samples, rows, top_k, time.perf_counter() - t0, hidden)
+        seconds = time.perf_counter() - t0
+        record_scored(samples, seconds)
+        return scores_from_rows(samples, rows, top_k, seconds, hidden)
 
     def generate_greedy(self, prompt_ids: list[list[int]], max_tokens: int) -> list[str]:
         outs = self.engine.generate(prompt_ids, n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
+from opd.monitor.ray_metrics import RoleMetrics
 from opd.rollout.weight_sync import TRANSFER, WeightBuckets
 from opd.trainer.chunks import per_piece, pieces
 from opd.trainer.dist import Collective, free_port, join
@@ -103,6 +104,7 @@ class Learner:
         self.version = 0
         self.comm = Collective()  # one rank until join_group
         self.peers: list = []  # rank 0 of several: actor handles of ranks 1..N-1
+        self.metrics = RoleMetrics("learner")  # in an actor named <job>/learner-<rank>: this rank's own series
 
     def version_number(self) -> int:
         return self.version
@@ -242,6 +244,7 @@ class Learner:
             total += out["loss"]
             ent_sum, kept, counted = ent_sum + out["entropy_sum"], kept + out["tokens"], counted + out["counted"]
             absdiff = max(absdiff, out["absdiff"])
+        own_tokens, own_activation = kept, peak_activation
         # The batch's statistics, and a non-finite loss on any rank, in one SUM and one MAX over ranks (float64:
         # a single rank's values pass through exactly). Every rank then takes the same skip-or-step decision.
         sums = [total, ent_sum, kept, counted, float(not finite), float(sum(lengths)), float(padded_tokens(lengths, micro)),
@@ -268,6 +271,8 @@ class Learner:
             self.steps_done += 1
             self.version += 1
         seconds = time.perf_counter() - t0
+        self.metrics.record(tokens=own_tokens, tokens_per_s=own_tokens / max(seconds, 1e-9),
+                            activation_mib=own_activation / 2**20, version=self.version)
         return {
             "loss": total if finite else math.nan,
             "grad_norm": grad_norm,
