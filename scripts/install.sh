@@ -20,14 +20,20 @@ if [ "$extra" = cpu ]; then
   # `import transformers.models.qwen2` ("operator torchvision::nms does not exist").
   "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
-# bubblewrap gives the code verifier's sandbox its private view (docs/sandbox.md); without it the sandbox falls back
-# to less (said there). Installed here when this user may; otherwise say how.
-if ! command -v bwrap >/dev/null 2>&1; then
+# Debian tools opd uses when present, installed here when this user may (root with apt); otherwise say how:
+#   bubblewrap: the code verifier's sandbox gets its private view (docs/sandbox.md); without it, less (said there)
+#   prometheus: tests/test_prometheus.py scrapes a real Ray head with it (skipped, naming the binary, without it)
+debian_tool() {  # COMMAND PACKAGE WHAT-IT-IS-FOR
+  command -v "$1" >/dev/null 2>&1 && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get install -y -qq bubblewrap >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq bubblewrap >/dev/null; } \
-      || echo "install.sh: could not install bubblewrap; the code sandbox runs without its private view" >&2
+    apt-get install -y -qq "$2" >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq "$2" >/dev/null; } \
+      || echo "install.sh: could not install $2; $3" >&2
   else
-    echo "install.sh: bwrap not found; install Debian's bubblewrap for the code sandbox's private view (docs/sandbox.md)" >&2
+    echo "install.sh: $1 not found; install Debian's $2 ($3)" >&2
   fi
+}
+debian_tool bwrap bubblewrap "the code sandbox runs without its private view"
+if [ "$(id -u)" = 0 ]; then  # a dev machine or CI; the images (docker/, non-root) run Prometheus as its own service
+  debian_tool prometheus prometheus "the Prometheus test is skipped"
 fi
 "$venv/bin/python" -c "import transformers.models.qwen2, vllm, ray, torch; print('opd env ok: torch', torch.__version__, 'vllm', vllm.__version__, 'ray', ray.__version__)"

@@ -8,6 +8,7 @@ other Ray on the machine.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -62,6 +63,44 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
     deadline = time.time() + 10
     while group_alive(proc.pid) and time.time() < deadline:
         time.sleep(0.5)
+
+
+PROMETHEUS = shutil.which("prometheus")  # Debian's package; scripts/install.sh installs it when run as root
+
+
+def start_prometheus(workdir: Path, targets_file: Path) -> tuple[subprocess.Popen, str]:
+    """A real Prometheus on a free loopback port, scraping every second the targets Ray lists in ``targets_file``
+    (its service-discovery file, as Ray's generated prometheus.yml does); returns (process, base url)."""
+    port = free_port()
+    config = workdir / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"scrape_configs:\n  - job_name: ray\n    file_sd_configs: [{{files: ['{targets_file}']}}]\n"
+    )
+    log = workdir / "prometheus.log"
+    proc = start([PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+                  f"--web.listen-address=127.0.0.1:{port}"], log, clean_env())
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        if proc.poll() is not None or time.time() > deadline:
+            stop_group(proc, 5)
+            raise RuntimeError(f"Prometheus did not become ready:\n{tail(log)}")
+        try:
+            if requests.get(f"{url}/-/ready", timeout=2).status_code == 200:
+                return proc, url
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+
+
+def prom_range(url: str, query: str, start_s: float, end_s: float) -> list[dict]:
+    """The series a PromQL range query returns between two Unix times, at 1 s resolution."""
+    r = requests.get(f"{url}/api/v1/query_range", params={"query": query, "start": start_s, "end": end_s, "step": "1s"},
+                     timeout=30)
+    body = r.json()
+    assert body.get("status") == "success", f"{query}: {body}"
+    return body["data"]["result"]
 
 
 def group_alive(pgid: int) -> bool:

@@ -97,8 +97,9 @@ def test_build_context_keeps_what_the_dockerfile_copies(mode):
 def test_compose_starts_a_head_and_a_worker_from_the_cpu_image():
     compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"head", "worker"}
-    for name, svc in services.items():
+    assert set(services) == {"head", "worker", "prometheus", "grafana"}
+    for name in ("head", "worker"):
+        svc = services[name]
         assert svc["build"]["dockerfile"] == "docker/Dockerfile.cpu", name
         assert (ROOT / "docker" / svc["build"]["context"] / svc["build"]["dockerfile"]).is_file(), name
         assert any(v.startswith("../configs:") for v in svc["volumes"]), f"{name} does not mount configs/"
@@ -132,3 +133,31 @@ def test_install_script_refuses_a_wrong_mode_before_touching_anything(tmp_path):
 
 def test_makefile_uses_the_same_script():
     assert re.search(r"bash scripts/install\.sh auto \$\(VENV\)", (ROOT / "Makefile").read_text())
+
+
+def test_compose_wires_prometheus_and_grafana_the_way_ray_expects():
+    """Prometheus reads the target list Ray writes into the shared session directory; Grafana provisions Ray's
+    generated dashboards and opd's (the committed file is what ``opd.monitor.grafana`` builds); the head is told
+    where both are, so its Metrics tab embeds them."""
+    from ray._private.ray_constants import PROMETHEUS_SERVICE_DISCOVERY_FILE
+
+    from opd.monitor.grafana import render
+
+    services = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]
+    session = "ray-session:/tmp/ray"
+    assert session in services["head"]["volumes"]
+    assert f"{session}:ro" in services["prometheus"]["volumes"] and f"{session}:ro" in services["grafana"]["volumes"]
+    env = services["head"]["environment"]
+    assert env["RAY_PROMETHEUS_HOST"] == "http://prometheus:9090" and env["RAY_GRAFANA_HOST"] == "http://grafana:3000"
+    assert any(v.startswith("../configs:") for v in services["head"]["volumes"])  # an own list replaces the anchor's
+
+    prom = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+    files = prom["scrape_configs"][0]["file_sd_configs"][0]["files"]
+    assert files == [f"/tmp/ray/{PROMETHEUS_SERVICE_DISCOVERY_FILE}"]
+
+    mounts = dict(v.rsplit(":", 1)[0].split(":", 1) for v in services["grafana"]["volumes"])
+    assert mounts["./grafana/opd.json"].startswith("/var/lib/grafana/dashboards/opd/")
+    providers = yaml.safe_load((DOCKER / "grafana/provisioning/dashboards/dashboards.yml").read_text())["providers"]
+    paths = {p["name"]: p["options"]["path"] for p in providers}
+    assert paths == {"Ray": "/tmp/ray/session_latest/metrics/grafana/dashboards", "opd": "/var/lib/grafana/dashboards/opd"}
+    assert (DOCKER / "grafana/opd.json").read_text() == render(), "regenerate: python -m opd.monitor.grafana > docker/grafana/opd.json"

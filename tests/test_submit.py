@@ -20,9 +20,21 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import tiny_overrides
-from servers import VENV_BIN, clean_env, free_port, group_alive, start, stop_group, tail
+from servers import (
+    PROMETHEUS,
+    VENV_BIN,
+    clean_env,
+    free_port,
+    group_alive,
+    prom_range,
+    start,
+    start_prometheus,
+    stop_group,
+    tail,
+)
 
 from opd.config import ConfigError, load_config
+from opd.monitor.grafana import dashboard
 from opd.submit import job_client, staged_config
 
 
@@ -43,7 +55,8 @@ def test_staging_makes_paths_absolute_and_ships_verifier_files(tmp_path, monkeyp
 
 @pytest.fixture(scope="module")
 def head():
-    """A fresh Ray head with a dashboard (Job API) and a Prometheus metrics port; yields (dashboard url, metrics url)."""
+    """A fresh Ray head with a dashboard (Job API) and a Prometheus metrics port; yields (dashboard url, metrics url,
+    temp dir)."""
     temp = Path(tempfile.mkdtemp(prefix="opdray", dir="/tmp"))  # short: Ray's socket paths live under it
     dash, metrics = free_port(), free_port()
     ports = {"--port": free_port(), "--dashboard-port": dash, "--metrics-export-port": metrics,
@@ -68,7 +81,7 @@ def head():
             except Exception as e:  # not listening yet
                 last = e
                 time.sleep(2)
-        yield url, f"http://127.0.0.1:{metrics}/metrics"
+        yield url, f"http://127.0.0.1:{metrics}/metrics", temp
     finally:
         stop_group(proc)
         assert not group_alive(proc.pid), "the Ray head left processes behind"
@@ -88,12 +101,12 @@ def _opd_metrics(metrics_url: str) -> set[str]:
         text = requests.get(metrics_url, timeout=5).text
     except requests.RequestException:
         return set()
-    return set(re.findall(r"^(\w*opd_\w+)\{[^}]*job=\"submitted\"", text, re.M))
+    return set(re.findall(r"^(\w*opd_\w+)\{[^}]*run=\"submitted\"", text, re.M))
 
 
 @pytest.mark.slow
 def test_submit_runs_job_and_exports_metrics(head, tiny_models, tmp_path):
-    url, metrics_url = head
+    url, metrics_url, _ = head
     verifier = tmp_path / "digits.py"
     verifier.write_text(textwrap.dedent("""
         def has_digit(prompts, completions, **columns):
@@ -142,6 +155,54 @@ def test_submit_runs_job_and_exports_metrics(head, tiny_models, tmp_path):
     assert rc == 0 and stdout.strip() == "not running"
     rc, _, stderr = _opd("status", "raysubmit_nosuchjob", "--address", url)
     assert rc == 1 and "raysubmit_nosuchjob" in stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(PROMETHEUS is None, reason="needs the `prometheus` binary (Debian's prometheus package; "
+                    "scripts/install.sh installs it when run as root)")
+def test_prometheus_scrapes_each_role_and_every_grafana_query_finds_its_series(head, tiny_models, tmp_path):
+    """A real Prometheus scrapes the head's metrics port (found through Ray's own service-discovery file) during a
+    5-step job: opd_reward and opd_teacher_kl come back for the job from PromQL; the rollout workers', learner's
+    and teacher's series come from those actors' processes, not the driver's; every query of the Grafana dashboard
+    returns data for the run."""
+    url, _, temp = head
+    targets = temp / "prom_metrics_service_discovery.json"
+    assert targets.is_file(), f"no Ray service-discovery file in {temp}: {sorted(p.name for p in temp.iterdir())}"
+    prom, prom_url = start_prometheus(tmp_path, targets)
+    try:
+        out = tmp_path / "scraped"
+        over = tiny_overrides(tiny_models, out, **{"trainer.total_steps": 5, "checkpoint.every": 0})
+        t0 = time.time()
+        rc, stdout, stderr = _opd("submit", _config_file(tmp_path), *over, "--wait", "--address", url)
+        assert rc == 0, f"{stdout[-3000:]}\n{stderr[-2000:]}"
+        time.sleep(3)  # one more scrape after the driver's last export
+        t1 = time.time()
+
+        def series(query: str) -> list[dict]:
+            return prom_range(prom_url, query, t0, t1)
+
+        for name in ("ray_opd_reward", "ray_opd_teacher_kl"):
+            got = series(f'{name}{{run="scraped"}}')
+            assert got and all(len(s["values"]) for s in got), f"{name}: {got}"
+        kl = [float(v) for s in series('ray_opd_teacher_kl{run="scraped"}') for _, v in s["values"]]
+        assert all(x == x and x > -1e-6 for x in kl), kl  # a KL estimate: finite, not negative
+
+        driver = {s["metric"]["WorkerId"] for s in series('ray_opd_step{run="scraped"}')}
+        for name, replicas in (("rollout_worker_tokens", {"0"}), ("learner_tokens", {"0"}),
+                               ("teacher_worker_tokens", {"default"}), ("verifier_rows", {"exact_answer"})):
+            got = series(f'ray_opd_{name}{{run="scraped"}}')
+            assert {s["metric"]["replica"] for s in got} == replicas, (name, got)
+            if name != "verifier_rows":  # the verifier runner waits on its hosts' deadlines in the driver
+                assert not {s["metric"]["WorkerId"] for s in got} & driver, f"{name} came from the driver"
+            assert max(float(v) for s in got for _, v in s["values"]) > 0, (name, got)
+
+        board = dashboard()
+        queries = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
+        assert len(queries) >= 20
+        empty = [q for q in queries if not series(q.replace("$run", "scraped"))]
+        assert not empty, f"Grafana queries with no data for the run: {empty}"
+    finally:
+        stop_group(prom, 10)
 
 
 def _config_file(tmp_path: Path) -> str:
