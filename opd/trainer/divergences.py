@@ -35,18 +35,28 @@ def kl_penalty(logp_BT: torch.Tensor, ref_logp_BT: torch.Tensor, kind: str = "lo
     raise ValueError(f"unknown kl kind {kind!r}; valid: {KL_KINDS}")
 
 
+def _expect(logp: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``Σ_v p(v)·value(v)`` over the last dim, where ``p = exp(logp)``.
+
+    A category with ``logp = -inf`` (a masked vocabulary entry) adds 0, as ``0·x = 0`` in the maths, rather than
+    ``0·(-inf) = NaN``: the value is zeroed there before the product, so the gradient stays finite as well (a
+    ``torch.where`` after the product would still send the NaN into the backward).
+    """
+    return (logp.exp() * value.masked_fill(torch.isneginf(logp), 0.0)).sum(-1)
+
+
 def reverse_kl(s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
     """Mode-seeking ``KL(S‖T) = Σ_v S(v)(log S(v) - log T(v))`` over the last dim (§0.5); shape ``..``.
 
     Written out rather than via ``F.kl_div``, whose ``(input, target)`` order computes ``KL(target‖input)``.
     """
-    return (s_logp.exp() * (s_logp - t_logp.detach())).sum(-1)
+    return _expect(s_logp, s_logp - t_logp.detach())
 
 
 def forward_kl(s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
     """Mode-covering ``KL(T‖S) = Σ_v T(v)(log T(v) - log S(v))`` over the last dim (§0.5); shape ``..``."""
     t = t_logp.detach()
-    return (t.exp() * (t - s_logp)).sum(-1)
+    return _expect(t, t - s_logp)
 
 
 def generalized_jsd(s_logp: torch.Tensor, t_logp: torch.Tensor, beta: float) -> torch.Tensor:
@@ -62,11 +72,13 @@ def generalized_jsd(s_logp: torch.Tensor, t_logp: torch.Tensor, beta: float) -> 
         return forward_kl(s_logp, t)
     if beta == 1.0:
         return reverse_kl(s_logp, t)
-    # log M by logsumexp: mixing in prob space would underflow for the tiny tail probabilities.
-    log_m = torch.logsumexp(torch.stack([t + math.log(beta), s_logp + math.log(1.0 - beta)]), dim=0)
-    kl_t_m = (t.exp() * (t - log_m)).sum(-1)
-    kl_s_m = (s_logp.exp() * (s_logp - log_m)).sum(-1)
-    return beta * kl_t_m + (1.0 - beta) * kl_s_m
+    # log M by logsumexp: mixing in prob space would underflow for the tiny tail probabilities. Where both sides are
+    # -inf, M is 0 and both terms vanish; a logsumexp over two -inf would still put NaN into the gradient.
+    both = torch.isneginf(t) & torch.isneginf(s_logp)
+    log_m = torch.logsumexp(
+        torch.stack([t.masked_fill(both, 0.0) + math.log(beta), s_logp.masked_fill(both, 0.0) + math.log(1.0 - beta)]), dim=0
+    )
+    return beta * _expect(t, t - log_m) + (1.0 - beta) * _expect(s_logp, s_logp - log_m)
 
 
 def with_tail(topk_logp: torch.Tensor) -> torch.Tensor:
@@ -84,7 +96,7 @@ def _renormalize(logp: torch.Tensor) -> torch.Tensor:
 
 
 def _entropy(logp: torch.Tensor) -> torch.Tensor:
-    return -(logp.exp() * logp).sum(-1)
+    return -_expect(logp, logp)
 
 
 def student_topk_divergence(
