@@ -199,6 +199,56 @@ def test_teacher_topk_forward_kl_descends():
     _sgd_moves_toward_teacher(loss, teacher)
 
 
+def _nearly_all_in(top_logits, tail_mass, n_tail=5):
+    """Float64 logits whose first entries hold all but ``tail_mass`` of the mass, spread evenly over ``n_tail``."""
+    top = torch.tensor(top_logits, dtype=torch.float64)
+    z_tail = math.log(tail_mass / (1 - tail_mass) * float(top.exp().sum()) / n_tail)
+    return torch.cat([top, torch.full((n_tail,), z_tail, dtype=torch.float64)]).view(1, 1, -1)
+
+
+def _support(logp, k):
+    """Reference (K+1)-category support: the first k log-probs and the exact log-mass of the rest."""
+    return torch.cat([logp[..., :k], torch.logsumexp(logp[..., k:], -1, keepdim=True)], -1)
+
+
+@pytest.mark.parametrize("tail_mass", [4e-8, 2e-12])
+def test_teacher_topk_forward_kl_is_exact_when_the_student_leaves_almost_nothing_outside(tail_mass):
+    """The student's tail is the mass outside the teacher's top-k, summed in log space: with a tail of 4e-8 or 2e-12
+    (log(1 - Σp) rounds it to a clamp there) the loss equals a float64 reference, and so does the gradient that
+    raises the tail logits towards the teacher's 12% tail."""
+    z = _nearly_all_in([0.0, 1.0, 0.5], tail_mass).requires_grad_(True)
+    z_ref = z.detach().clone().requires_grad_(True)
+    ids = torch.tensor([[[0, 1, 2]]])
+    t_top = torch.log(torch.tensor([[[0.5, 0.25, 0.13]]], dtype=torch.float64))
+    got = teacher_topk_forward_kl(torch.log_softmax(z, -1), ids, t_top)
+    t_sup = torch.cat([t_top, torch.log(torch.tensor([[[0.12]]], dtype=torch.float64))], -1)
+    want = (t_sup.exp() * (t_sup - _support(torch.log_softmax(z_ref, -1), 3))).sum(-1)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    got.sum().backward()
+    want.sum().backward()
+    assert (z.grad[..., 3:] < -0.02).all()  # about -0.12 / 5 each: mass flows back to the tail
+    assert torch.allclose(z.grad, z_ref.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("tail_mass", [4e-8, 2e-12])
+def test_sdpo_forward_kl_over_the_student_top_k_is_exact_for_a_tiny_student_tail(tail_mass):
+    """SDPO at alpha = 0 (forward KL(T‖S) over the student's top-k + tail): both tails are the exact log-mass
+    outside the student's top-k, so a student tail of 4e-8 or 2e-12 gives the float64 reference's loss, gradient
+    and teacher entropy."""
+    z = _nearly_all_in([0.0, 1.0, 0.5], tail_mass).requires_grad_(True)
+    z_ref = z.detach().clone().requires_grad_(True)
+    teacher = torch.tensor([[[1.0, 0.0, 0.5, 0.0, -1.0, 0.3, 0.2, -0.5]]], dtype=torch.float64)
+    div, ent = student_topk_divergence(z, teacher, k=3, beta=0.0)
+    t_sup = _support(torch.log_softmax(teacher, -1), 3)
+    want = (t_sup.exp() * (t_sup - _support(torch.log_softmax(z_ref, -1), 3))).sum(-1)
+    assert div.item() == pytest.approx(want.item(), rel=1e-5)
+    assert ent.item() == pytest.approx(-(t_sup.exp() * t_sup).sum().item(), rel=1e-5)
+    div.sum().backward()
+    want.sum().backward()
+    assert (z.grad[..., 3:] < -0.01).all()
+    assert torch.allclose(z.grad, z_ref.grad, rtol=1e-4, atol=1e-7)
+
+
 # ---- full vocabulary -------------------------------------------------------------------------------------------
 
 
