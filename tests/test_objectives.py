@@ -95,6 +95,19 @@ def test_entropy_weights_all_masked_are_zero():
     assert torch.equal(w, torch.zeros(2, 3))
 
 
+def test_entropy_weights_do_not_underflow_at_large_beta_times_entropy():
+    """beta*H near 1000 (exp(-1000) is 0 even in float64): the weights keep their ratios exp(-beta*dH), normalised
+    to mean 1 over the SDPO tokens, as computed by hand; a masked token's entropy may be anything."""
+    h = torch.tensor([[1000.0, 1001.0], [1002.0, 3.0]])
+    m = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    mean = (1 + math.exp(-1) + math.exp(-2)) / 3
+    want = [1 / mean, math.exp(-1) / mean, math.exp(-2) / mean, 0.0]
+    assert entropy_weights(h, m).flatten().tolist() == pytest.approx(want, rel=1e-6)
+    assert entropy_weights(h / 8, m, beta=8.0).flatten().tolist() == pytest.approx(want, rel=1e-6)
+    h[1, 1] = -5000.0  # exp(+5000) would be inf, and inf * 0 NaN
+    assert entropy_weights(h, m).flatten().tolist() == pytest.approx(want, rel=1e-6)
+
+
 def test_srpo_shared_denominator_by_hand():
     grpo = torch.tensor([[1.0, 1.0, 1.0], [50.0, 50.0, 50.0]], requires_grad=True)
     sdpo = torch.tensor([[100.0, 100.0, 100.0], [4.0, 9.0, 9.0]], requires_grad=True)

@@ -139,7 +139,8 @@ class Learner:
         # An empty shard still joins the normaliser's all-reduce, with an empty [0, T] batch.
         ent = torch.cat([pad(e) for e in teacher_ent] or [torch.zeros(0, t_max)])
         sd_mask = torch.cat([pad(a.route_sdpo_B.unsqueeze(-1) * m) for a, m in zip(auxes, masks, strict=True)] or [torch.zeros(0, t_max)])
-        w = entropy_weights(ent, sd_mask, beta=self.spec.srpo_entropy_beta, sum_over_ranks=self.comm.sum)
+        w = entropy_weights(ent, sd_mask, beta=self.spec.srpo_entropy_beta, sum_over_ranks=self.comm.sum,
+                            max_over_ranks=self.comm.max)
         start = 0
         for a, m in zip(auxes, masks, strict=True):
             a.entropy_weights_BT = w[start : start + m.shape[0], : m.shape[1]]

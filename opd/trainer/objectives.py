@@ -52,17 +52,25 @@ def entropy_weights(
     sdpo_token_mask_BT: torch.Tensor,
     beta: float = 1.0,
     sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    max_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """DW-SDPO token weights (§5.2), shape [B, T], detached: ``w̃ = exp(−β·H)``, normalised to mean 1.
 
     ``sdpo_token_mask_BT`` = response mask × ``z_sdpo`` (the SDPO-routed valid tokens, Ω_sdpo). The mean is taken
     over all of Ω_sdpo in the tensor given (global over the batch, as the paper words it). Low teacher entropy
     (a confident teacher) gets more weight. Tokens outside the mask get 0; an empty mask gives all zeros.
-    When the batch is sharded over learner ranks, ``sum_over_ranks`` (an all-reduce SUM) turns the shard's token
-    count and weight sum into the batch's, so every rank normalises by the same global mean.
+    When the batch is sharded over learner ranks, ``sum_over_ranks`` and ``max_over_ranks`` (all-reduce SUM and
+    MAX) turn the shard's token count, weight sum and largest ``-β·H`` into the batch's, so every rank normalises
+    by the same global mean.
     """
     m = sdpo_token_mask_BT.detach().float()
-    w_raw = torch.exp(-beta * teacher_entropy_BT.detach().float()) * m
+    neg_bh = torch.where(m > 0, -beta * teacher_entropy_BT.detach().float(), -torch.inf)
+    # exp(-β·H) underflows to 0 everywhere once β·H passes ~100; the normalisation cancels any common factor, so
+    # shift by the batch's largest -β·H first (its token gets exp(0) = 1). Masked tokens are -inf: exp gives 0.
+    local_max = neg_bh.max().reshape(1) if neg_bh.numel() else torch.full((1,), -torch.inf)
+    shift = max_over_ranks(local_max) if max_over_ranks is not None else local_max
+    shift = shift if torch.isfinite(shift).all() else torch.zeros_like(shift)  # empty Ω_sdpo on every rank
+    w_raw = torch.exp(neg_bh - shift)
     sums = torch.stack([m.sum(), w_raw.sum()])
     count, total = sum_over_ranks(sums) if sum_over_ranks is not None else sums
     # Empty Ω_sdpo: numerator is all zeros, so clamping the denominator yields zeros instead of 0/0.
