@@ -9,6 +9,7 @@ import torch
 from opd.trainer.advantages import opd_token_advantages
 from opd.trainer.divergences import student_topk_divergence
 from opd.trainer.losses import aggregate, clipped_pg_loss, token_logprobs
+from opd.trainer.objective import Aux, ObjectiveSpec, token_loss
 from opd.trainer.objectives import (
     entropy_weights,
     gopd_token_advantages,
@@ -295,6 +296,21 @@ def test_sdpo_token_loss_by_hand():
     cur = old + torch.tensor([[math.log(1.5), math.log(3.0), 0.0]])
     loss2, _ = sdpo_token_loss(student, teacher, old, None, mask, k=2, alpha=1.0, logp_BT=cur)
     assert loss2[0].tolist() == pytest.approx([1.5 * rev, 2.0 * rev, 0.0], rel=1e-5)
+
+
+@pytest.mark.parametrize("cap", [2.0, 1.25, 5.0])
+def test_sdpo_objective_caps_the_rollout_importance_weight_at_sdpo_is_cap(cap):
+    """The learner's SDPO loss: on-policy (current = old), so the weight that remains is the sampler->learner one,
+    pi/q = 3 here, capped at ``sdpo.is_cap``: the per-token loss is min(3, cap) times the reverse KL over the top-2 + tail."""
+    student = torch.log(torch.tensor([[[0.4, 0.3, 0.2, 0.1]]]))
+    teacher = torch.log(torch.tensor([[[0.1, 0.2, 0.3, 0.4]]]))
+    target = torch.tensor([[1]])
+    sampler = token_logprobs(student, target) - math.log(3.0)
+    aux = Aux(teacher_logits_BTV=teacher, route_sdpo_B=torch.ones(1))
+    spec = ObjectiveSpec("sdpo", sdpo_top_k=2, sdpo_alpha=1.0, sdpo_is_cap=cap)
+    loss, count = token_loss(spec, student, target, torch.ones(1, 1), sampler, torch.zeros(1, 1), aux)
+    rev = 0.4 * math.log(0.4 / 0.1) + 0.3 * math.log(0.3 / 0.2) + 0.3 * math.log(0.3 / 0.7)
+    assert loss.item() == pytest.approx(min(3.0, cap) * rev, rel=1e-5) and count.item() == 1.0
 
 
 def test_sdpo_token_loss_descends_and_all_masked():

@@ -124,6 +124,8 @@ def token_loss(
         sd_loss_BT, _ = sdpo_token_loss(
             logits_BTV, aux.teacher_logits_BTV, logp_BT.detach(), sampler_BT, mask_BT,
             k=spec.sdpo_top_k, alpha=spec.sdpo_alpha, is_cap=spec.sdpo_is_cap, logp_BT=logp_BT,
+            # On-policy the pi/pi_old ratio is 1, so the sampler->learner weight is the one sdpo.is_cap must bound.
+            rollout_is_cap=spec.sdpo_is_cap,
         )
         z_sd = aux.route_sdpo_B.unsqueeze(-1) * mask_BT
         if spec.name == "sdpo":
