@@ -15,9 +15,8 @@ from opd.trainer.objectives import (
     gopd_token_advantages,
     paced_weights,
     quality_gate,
-    srpo_loss,
-    srpo_route,
 )
+from opd.trainer.routing import RoutePlan, route
 from opd.trainer.sdpo import (
     RepromptTemplates,
     TeacherContext,
@@ -28,6 +27,7 @@ from opd.trainer.sdpo import (
     strip_thinking,
 )
 from opd.trainer.selection import select_tokens
+from opd.types import Prompt, Rewards, RolloutBatch, Sample
 
 # ---- §4 G-OPD / ExOPD ------------------------------------------------------------------------------------------
 
@@ -73,10 +73,15 @@ def test_exopd_pushes_past_teacher_where_opd_is_silent():
 # ---- §5 SRPO ---------------------------------------------------------------------------------------------------
 
 
-def test_srpo_route_truth_table():
-    z_g, z_sd = srpo_route(torch.tensor([1, 1, 0, 0]), torch.tensor([True, False, True, False]))
-    assert z_sd.tolist() == [0.0, 0.0, 1.0, 0.0]  # only failed-with-teacher is distilled
-    assert z_g.tolist() == [1.0, 1.0, 0.0, 1.0]
+def test_srpo_routes_only_failed_rollouts_with_a_self_teacher_to_sdpo():
+    """§5.1 on the router: z_sdpo = (1 - correct) * has_teacher. Groups of two: [right, wrong] (the right one has no
+    teacher: its only success is itself), [right, right] (each shows the other), [wrong, wrong] (no teacher)."""
+    prompt = Prompt("p", "q?", [5, 6], "1")
+    samples = [Sample(f"u{i}", prompt, i % 2, [7, 8], "a", [-1.0, -1.0], 0) for i in range(6)]
+    rewards = Rewards([s.uid for s in samples], [1.0, 0.0, 1.0, 1.0, 0.0, 0.0], [True, False, True, True, False, False])
+    batch = route(RolloutBatch(0, samples, 2, 0), rewards, None, RoutePlan("srpo"), render=lambda t: [9] * len(t))
+    assert batch.routes == ["grpo", "sdpo", "grpo", "grpo", "grpo", "grpo"]
+    assert [tp is not None for tp in batch.teacher_prompt_ids] == [False, True, True, True, False, False]
 
 
 def test_entropy_weights_by_hand_mean_one():
@@ -109,41 +114,22 @@ def test_entropy_weights_do_not_underflow_at_large_beta_times_entropy():
     assert entropy_weights(h, m).flatten().tolist() == pytest.approx(want, rel=1e-6)
 
 
-def test_srpo_shared_denominator_by_hand():
-    grpo = torch.tensor([[1.0, 1.0, 1.0], [50.0, 50.0, 50.0]], requires_grad=True)
-    sdpo = torch.tensor([[100.0, 100.0, 100.0], [4.0, 9.0, 9.0]], requires_grad=True)
-    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
-    z_g, z_sd = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
-    loss = srpo_loss(grpo, sdpo, z_g, z_sd, mask)
-    # Shared: (1+1+1 + 4) / (3 + 1) = 1.75; separate token-means would give 1 + 4 = 5 or (1 + 4)/2 = 2.5.
-    assert loss.item() == pytest.approx(7 / 4)
-    assert loss.item() != pytest.approx(5.0) and loss.item() != pytest.approx(2.5)
-    loss.backward()
-    assert grpo.grad.flatten().tolist() == pytest.approx([0.25] * 3 + [0.0] * 3)
-    assert sdpo.grad.flatten().tolist() == pytest.approx([0.0] * 3 + [0.25, 0.0, 0.0])
-    w = torch.tensor([[9.0, 9.0, 9.0], [0.5, 9.0, 9.0]])
-    assert srpo_loss(grpo, sdpo, z_g, z_sd, mask, w).item() == pytest.approx((3 + 0.5 * 4) / 4)
-
-
-def test_srpo_all_masked_is_zero_with_gradient():
-    x = torch.randn(2, 3, requires_grad=True)
-    loss = srpo_loss(x, 2 * x, torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), torch.zeros(2, 3))
-    loss.backward()
-    assert loss.item() == 0.0 and torch.isfinite(x.grad).all() and x.grad.abs().sum() == 0
-
-
-def test_srpo_step_improves_both_branches():
-    """Row 0 is correct (GRPO, positive advantage on its token); row 1 failed with a teacher (SDPO)."""
+def test_srpo_objective_shares_one_denominator_and_a_step_improves_both_branches():
+    """The learner's SRPO loss (§5.3): row 0 is correct (GRPO, advantage +1 on its token), row 1 failed with a
+    teacher (SDPO, entropy weight 0.5). Each row's loss is its own branch's, and both count in one shared
+    denominator: the mean over the two tokens. One step raises row 0's token and brings row 1 to the teacher."""
     logits = torch.zeros(2, 1, 4, requires_grad=True)
     teacher = torch.tensor([[[0.0, 0.0, 0.0, 0.0]], [[3.0, 0.0, -1.0, 0.5]]])
     target = torch.tensor([[2], [0]])
-    logp = token_logprobs(logits, target)
-    grpo_BT = -logp * 1.0  # on-policy PG with A = +1: ratio 1, loss -A * log pi
-    sdpo_BT, ent = student_topk_divergence(logits, teacher, k=4, beta=0.5)
-    z_g, z_sd = srpo_route(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]))
-    mask = torch.ones(2, 1)
-    w = entropy_weights(ent, mask * z_sd[:, None])
-    srpo_loss(grpo_BT, sdpo_BT, z_g, z_sd, mask, w).backward()
+    logp = token_logprobs(logits, target).detach()
+    aux = Aux(teacher_logits_BTV=teacher, route_sdpo_B=torch.tensor([0.0, 1.0]),
+              entropy_weights_BT=torch.tensor([[7.0], [0.5]]))
+    spec = ObjectiveSpec("srpo", sdpo_top_k=4)
+    loss_BT, count_BT = token_loss(spec, logits, target, torch.ones(2, 1), logp, torch.tensor([[1.0], [0.0]]), aux)
+    sdpo_BT, _ = student_topk_divergence(logits.detach(), teacher, k=4, beta=0.5)
+    assert loss_BT[:, 0].tolist() == pytest.approx([-1.0, 0.5 * sdpo_BT[1, 0].item()], rel=1e-6)
+    assert count_BT.tolist() == [[1.0], [1.0]]
+    (loss_BT.sum() / count_BT.sum()).backward()
     with torch.no_grad():
         stepped = logits - 1.0 * logits.grad
         assert token_logprobs(stepped, target)[0] > logp[0]

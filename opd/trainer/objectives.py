@@ -35,18 +35,6 @@ def gopd_token_advantages(
     return adv_BT * mask_BT.to(adv_BT.dtype)
 
 
-def srpo_route(correct_B: torch.Tensor, has_teacher_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """SRPO sample routing (§5.1): returns ``(z_grpo_B, z_sdpo_B)`` as float 0/1 tensors.
-
-    ``z_sdpo = (1 − c)·m``: only failed rollouts that have teacher information (a successful sibling or feedback)
-    are distilled; correct ones, and failed ones without a teacher, go to GRPO.
-    """
-    c = correct_B.detach().float()
-    m = has_teacher_B.detach().float()
-    z_sdpo_B = (1.0 - c) * m
-    return 1.0 - z_sdpo_B, z_sdpo_B
-
-
 def entropy_weights(
     teacher_entropy_BT: torch.Tensor,
     sdpo_token_mask_BT: torch.Tensor,
@@ -75,29 +63,6 @@ def entropy_weights(
     count, total = sum_over_ranks(sums) if sum_over_ranks is not None else sums
     # Empty Ω_sdpo: numerator is all zeros, so clamping the denominator yields zeros instead of 0/0.
     return w_raw * count / total.clamp(min=torch.finfo(w_raw.dtype).tiny)
-
-
-def srpo_loss(
-    grpo_loss_BT: torch.Tensor,
-    sdpo_loss_BT: torch.Tensor,
-    z_grpo_B: torch.Tensor,
-    z_sdpo_B: torch.Tensor,
-    mask_BT: torch.Tensor,
-    weights_BT: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """SRPO's joint objective with ONE shared token denominator (§5.3), a scalar.
-
-    ``(Σ z_g·m·ℓ_g + Σ z_sd·m·w·ℓ_sd) / (Σ z_g·m + Σ z_sd·m)``: each branch counts in proportion to its routed
-    tokens; token-meaning each branch separately and adding them would over-weight the smaller branch.
-    ``weights_BT`` (entropy weights, detached) default to 1. An all-masked batch gives 0 with a gradient.
-    """
-    m = mask_BT.to(grpo_loss_BT.dtype)
-    zg_BT = z_grpo_B.detach().to(m.dtype)[:, None] * m
-    zs_BT = z_sdpo_B.detach().to(m.dtype)[:, None] * m
-    if weights_BT is not None:
-        sdpo_loss_BT = sdpo_loss_BT * weights_BT.detach()
-    numerator = (zg_BT * grpo_loss_BT).sum() + (zs_BT * sdpo_loss_BT).sum()
-    return numerator / (zg_BT.sum() + zs_BT.sum()).clamp(min=1.0)
 
 
 def paced_weights(
