@@ -68,7 +68,7 @@ class TaskConfig(_Section):
 
 
 class OPDConfig(_Section):
-    kl_coef: float = Field(1.0, gt=0)  # advantage = -kl_coef * (log q - log pi_T) per token
+    kl_coef: float = Field(1.0, gt=0)  # advantage = -kl_coef * (log pi - log pi_T) per token, pi the learner's
     tis_cap: float = Field(2.0, gt=0)  # cap of the sampler->learner importance ratio
     divergence: Literal["sampled", "teacher_topk", "full_vocab"] = "sampled"
     full_vocab_kind: Literal["reverse", "forward", "jsd"] = "reverse"

@@ -137,7 +137,7 @@ def test_non_finite_loss_skips_the_update(tiny_models):
     learner = Learner(str(tiny_models / "student"), lr=1e-2, objective=SPECS["opd"])
     before = [p.detach().clone() for p in learner.model.parameters()]
     batch = _batch(learner, "opd")
-    batch.advantages[0][0] = float("nan")
+    batch.teacher_logprobs[0][0] = float("nan")  # OPD's advantage comes from the teacher's and the learner's log-probs
     stats = learner.train_step(batch)
     assert stats["update_skipped"] == 1.0 and learner.version == 0
     assert all(torch.equal(a, b) for a, b in zip(before, learner.model.parameters(), strict=True))

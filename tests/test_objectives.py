@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+from opd.config import Config
+from opd.plan import objective_spec
 from opd.trainer.advantages import opd_token_advantages
 from opd.trainer.divergences import student_topk_divergence
 from opd.trainer.losses import aggregate, clipped_pg_loss, token_logprobs
@@ -27,7 +29,45 @@ from opd.trainer.sdpo import (
     strip_thinking,
 )
 from opd.trainer.selection import select_tokens
-from opd.types import Prompt, Rewards, RolloutBatch, Sample
+from opd.types import Prompt, Rewards, RolloutBatch, Sample, TeacherScores
+
+# ---- §1.1 OPD, sampled token -------------------------------------------------------------------------------------
+
+
+def test_sampled_opd_expected_gradient_is_the_reverse_kl_gradient_off_policy():
+    """The sampler's q is the student's pi with 0.5-nat noise (stale weights, another engine's numerics). Tokens come
+    from q, the router hands the learner its batch, the learner's loss weighs each by min(pi/q, cap): summed over
+    the whole vocabulary with weights q(v), the gradient is exactly grad KL(pi || pi_T), computed by autograd."""
+    torch.manual_seed(11)
+    V = 6
+    z = torch.randn(V, dtype=torch.float64)
+    t_logp = torch.log_softmax(torch.randn(V, dtype=torch.float64), -1)
+    q_logp = torch.log_softmax(torch.log_softmax(z, -1) + 0.5 * torch.tensor([1.0, -1, 1, -1, 1, -1]), -1)
+    assert (torch.log_softmax(z, -1) - q_logp).exp().max() < 2.0  # the cap (opd.tis_cap = 2) does not bind
+
+    prompt = Prompt("p", "q?", [5, 6], "1")
+    samples = [Sample(f"u{v}", prompt, v, [v], "a", [float(q_logp[v])], 0) for v in range(V)]
+    rewards = Rewards([s.uid for s in samples], [0.0] * V, [False] * V)
+    scores = TeacherScores([s.uid for s in samples], [[float(t_logp[v])] for v in range(V)])
+    batch = route(RolloutBatch(0, samples, V, 0), rewards, scores, RoutePlan("opd"))
+
+    def expected_grad(spec):
+        logits = z.clone().requires_grad_(True)
+        loss_BT, _ = token_loss(
+            spec, logits.expand(V, 1, V), torch.arange(V).view(V, 1), torch.ones(V, 1), torch.tensor(batch.sampler_logprobs),
+            torch.tensor(batch.advantages), Aux(teacher_logp_BT=torch.tensor(batch.teacher_logprobs)),
+        )
+        (q_logp.exp().view(V, 1) * loss_BT).sum().backward()
+        return logits.grad
+
+    z_ref = z.clone().requires_grad_(True)
+    pi_logp = torch.log_softmax(z_ref, -1)
+    (pi_logp.exp() * (pi_logp - t_logp)).sum().backward()
+    got = expected_grad(objective_spec(Config()))
+    assert torch.allclose(got, z_ref.grad, atol=1e-6), (got - z_ref.grad).abs().max()
+    coef2 = objective_spec(Config.model_validate({"opd": {"kl_coef": 2.0}}))
+    assert torch.allclose(expected_grad(coef2), 2 * z_ref.grad, atol=2e-6)
+
 
 # ---- §4 G-OPD / ExOPD ------------------------------------------------------------------------------------------
 
