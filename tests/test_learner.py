@@ -27,6 +27,8 @@ SPECS = {
     "opd-full-vocab-jsd": ObjectiveSpec("opd", opd_divergence="full_vocab", full_vocab_kind="jsd"),
     "sdpo": ObjectiveSpec("sdpo", sdpo_top_k=8),
     "srpo": ObjectiveSpec("srpo", sdpo_top_k=8),
+    "opd-tip": ObjectiveSpec("opd", select_mode="entropy", keep_ratio=0.5),
+    "opd-tip-soft-or": ObjectiveSpec("opd", select_mode="soft_or", keep_ratio=0.4),
 }
 
 
@@ -81,8 +83,7 @@ def test_every_objective_steps_and_accumulates_exactly(tiny_models, name):
     assert any(p.grad.abs().sum() > 0 for p in full.model.parameters())
 
 
-PIECE_SPECS = {**SPECS, "opd-full-vocab-reverse": ObjectiveSpec("opd", opd_divergence="full_vocab"),
-               "opd-tip": ObjectiveSpec("opd", select_mode="entropy", keep_ratio=0.5)}
+PIECE_SPECS = {**SPECS, "opd-full-vocab-reverse": ObjectiveSpec("opd", opd_divergence="full_vocab")}
 
 
 @pytest.mark.parametrize("name", list(PIECE_SPECS))
@@ -90,10 +91,12 @@ def test_lm_head_and_loss_in_pieces_give_the_same_update(tiny_models, name):
     """The LM head and the loss run piece by piece (one sequence, or one kept token with TIP, per piece) and their
     gradients flow into the trunk in one backward: the same loss and gradients as computing them all at once."""
     spec = PIECE_SPECS[name]
-    batch_name = {"opd-full-vocab-reverse": "opd-full-vocab-jsd", "opd-tip": "opd"}.get(name, name)
+    batch_name = {"opd-full-vocab-reverse": "opd-full-vocab-jsd"}.get(name, name)
     whole, a = _step(tiny_models, batch_name, micro=64, spec=spec, logits_chunk_tokens=0)
     piecewise, b = _step(tiny_models, batch_name, micro=64, spec=spec, logits_chunk_tokens=1)
-    assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-7)
+    # 1e-5: the LM head on one token and on many rounds differently (~1e-7 in a log-prob), and OPD's advantage
+    # reads the log-prob itself.
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
     assert b["train_tokens"] == a["train_tokens"] and b["update_skipped"] == 0.0
     assert b["entropy"] == pytest.approx(a["entropy"], rel=1e-6)
     _same_grads(whole, piecewise, "the LM head in pieces", rtol=1e-5)
@@ -105,7 +108,7 @@ def test_shared_prompts_give_the_same_update_with_less_activation_memory(tiny_mo
     """Each distinct prompt run once with its group's responses reading its cache: the loss and gradients of one
     forward per sequence, on fewer positions (the reference, HF teacher and self-teacher share prompts too)."""
     spec = PIECE_SPECS[name]
-    batch_name = {"opd-full-vocab-reverse": "opd-full-vocab-jsd", "opd-tip": "opd"}.get(name, name)
+    batch_name = {"opd-full-vocab-reverse": "opd-full-vocab-jsd"}.get(name, name)
     plain, a = _step(tiny_models, batch_name, micro=64, spec=spec, group=2, share_prompts=False)
     shared, b = _step(tiny_models, batch_name, micro=64, spec=spec, group=2, share_prompts=True)
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
