@@ -16,6 +16,7 @@ from opd.trainer.learner import Learner
 from opd.trainer.lora import LoraSpec
 from opd.trainer.microbatch import by_token_budget, padded_tokens, plan
 from opd.trainer.objective import ObjectiveSpec
+from opd.trainer.shards import take
 from opd.types import TrainBatch
 
 SPECS = {
@@ -117,10 +118,29 @@ def test_shared_prompts_give_the_same_update_with_less_activation_memory(tiny_mo
     assert b["activation_mib"] < a["activation_mib"]
 
 
+@pytest.mark.parametrize("name", ["opd", "sdpo", "srpo", "grpo-seq-mean", "opd-tip"])
+def test_zero_weight_samples_count_as_filtered_out(tiny_models, name):
+    """A sample of weight 0 (PACED's all-right or all-wrong problems, the quality gate) is as if filtered out: the
+    step equals the step on the batch without it, loss and gradient. Its tokens stay out of the token-mean's
+    denominator (and of TIP's selection), its sequence out of a sequence-mean's count."""
+    torch.manual_seed(0)
+    full = Learner(str(tiny_models / "student"), lr=1e-2, micro_batch_size=64, objective=SPECS[name])
+    batch = _batch(full, name)
+    assert 0.0 in batch.loss_weights
+    a = full.train_step(batch)
+    torch.manual_seed(0)
+    kept = Learner(str(tiny_models / "student"), lr=1e-2, micro_batch_size=64, objective=SPECS[name])
+    b = kept.train_step(take(batch, [i for i, w in enumerate(batch.loss_weights) if w > 0]))
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    _same_grads(full, kept, "dropping the zero-weight sample")
+
+
 def test_token_selection_trains_fewer_tokens_with_less_activation_memory(tiny_models):
     _, all_tokens = _step(tiny_models, "opd", micro=64)
-    _, half = _step(tiny_models, "opd", micro=64, spec=ObjectiveSpec("opd", select_mode="entropy", keep_ratio=0.5))
-    assert half["train_tokens"] == pytest.approx(all_tokens["train_tokens"] // 2, abs=1)
+    tip, half = _step(tiny_models, "opd", micro=64, spec=ObjectiveSpec("opd", select_mode="entropy", keep_ratio=0.5))
+    batch = _batch(tip, "opd")  # the same lengths and weights; a weight-0 sample's tokens are never selected
+    live_tokens = sum(len(r) for r, w in zip(batch.response_ids, batch.loss_weights, strict=True) if w)
+    assert half["train_tokens"] == live_tokens // 2 < all_tokens["train_tokens"] // 2
     assert half["activation_mib"] < all_tokens["activation_mib"]
     # The same selection twice gives the same update: selection is deterministic for the ranked modes.
     tip_a, _ = _step(tiny_models, "opd", micro=64, spec=ObjectiveSpec("opd", select_mode="overconfident", keep_ratio=0.5))

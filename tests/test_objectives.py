@@ -9,6 +9,8 @@ import torch
 from opd.config import Config
 from opd.plan import objective_spec
 from opd.trainer.advantages import opd_token_advantages
+from opd.trainer.batchwide import counted_tokens, denominators, live_samples
+from opd.trainer.dist import Collective
 from opd.trainer.divergences import student_topk_divergence
 from opd.trainer.losses import aggregate, clipped_pg_loss, token_logprobs
 from opd.trainer.objective import Aux, ObjectiveSpec, token_loss
@@ -197,6 +199,19 @@ def test_paced_all_uninformative_is_zero():
 
 def test_quality_gate():
     assert quality_gate(torch.tensor([0.0, 0.49, 0.5, 1.0]), 0.5).tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_zero_weight_samples_leave_the_denominators_by_hand():
+    """PACED gives p in {0, 1} weight 0 and promises such problems act as if filtered out: their tokens leave the
+    token-mean's denominator and their sequences a sequence-mean's count (the learner's step on it is
+    tests/test_learner.py::test_zero_weight_samples_count_as_filtered_out)."""
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    live = live_samples([2.0, 0.0, 0.5, 1.0], [0, 1, 2])
+    assert live.tolist() == [1.0, 0.0, 1.0]
+    assert counted_tokens(mask, live).sum().item() == 3 + 4  # not 9: the weight-0 row's 2 tokens stay out
+    assert counted_tokens(mask, live, route_sdpo_B=torch.tensor([1.0, 1.0, 0.0])).sum().item() == 3
+    assert denominators([counted_tokens(mask, live)], [live], Collective()) == (7.0, 2)
+    assert live_samples(None, [0, 1]).tolist() == [1.0, 1.0]
 
 
 # ---- §6 TIP selection ------------------------------------------------------------------------------------------

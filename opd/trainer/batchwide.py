@@ -31,6 +31,14 @@ def _split(whole_NT: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tenso
     return out
 
 
+def live_samples(loss_weights: list[float] | None, idx: list[int]) -> torch.Tensor:
+    """[B] 1.0 for the samples of ``idx`` whose loss weight is non-zero. A weight-0 sample (PACED's all-right or
+    all-wrong problem, the quality gate) is as if filtered out: it joins no denominator and no selection."""
+    if loss_weights is None:
+        return torch.ones(len(idx))
+    return torch.tensor([1.0 if loss_weights[i] != 0 else 0.0 for i in idx])
+
+
 def keep_masks(entropy: list[torch.Tensor], divergence: list[torch.Tensor], valid: list[torch.Tensor],
                keep_ratio: float, mode: str) -> list[torch.Tensor]:
     """TIP's kept tokens (``selection.select_tokens``) chosen once among the valid tokens of all micro-batches."""
@@ -46,16 +54,18 @@ def srpo_weights(teacher_entropy: list[torch.Tensor], sdpo_tokens: list[torch.Te
     return _split(w_NT, sdpo_tokens)
 
 
-def counted_tokens(mask_BT: torch.Tensor, keep_BT: torch.Tensor | None = None,
+def counted_tokens(mask_BT: torch.Tensor, live_B: torch.Tensor, keep_BT: torch.Tensor | None = None,
                    route_sdpo_B: torch.Tensor | None = None) -> torch.Tensor:
     """[B, T] the tokens of one micro-batch in the token-mean's denominator: TIP's kept tokens when it selects, else
-    the response tokens, and of those only the SDPO-routed ones when given (SDPO, §10.4)."""
+    the live samples' tokens, and of those only the SDPO-routed ones when given (SDPO, §10.4)."""
     if keep_BT is not None:
         return keep_BT
-    return mask_BT * route_sdpo_B.unsqueeze(-1) if route_sdpo_B is not None else mask_BT
+    m = mask_BT * live_B.unsqueeze(-1)
+    return m * route_sdpo_B.unsqueeze(-1) if route_sdpo_B is not None else m
 
 
-def denominators(counted: list[torch.Tensor], n_seq: int, comm: Collective) -> tuple[float, int]:
+def denominators(counted: list[torch.Tensor], live: list[torch.Tensor], comm: Collective) -> tuple[float, int]:
     """(tokens, sequences) of the whole batch, summed over ranks: each shard's loss is a share of the batch's."""
-    tokens, seqs = comm.sum(torch.tensor([float(sum(c.sum() for c in counted)), float(n_seq)], dtype=torch.float64)).tolist()
-    return tokens or 1.0, int(seqs)
+    local = [float(sum(c.sum() for c in counted)), float(sum(x.sum() for x in live))]
+    tokens, seqs = comm.sum(torch.tensor(local, dtype=torch.float64)).tolist()
+    return tokens or 1.0, int(seqs) or 1

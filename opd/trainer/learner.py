@@ -126,15 +126,16 @@ class Learner:
     def _pieces(self, mask_BT: torch.Tensor, by_token: bool = False) -> list[tuple]:
         return pieces(mask_BT.shape[0], mask_BT.shape[1], self.logits_chunk_tokens, by_token)
 
-    def _srpo_weights(self, auxes: list[Aux], masks: list[torch.Tensor]) -> None:
+    def _srpo_weights(self, auxes: list[Aux], masks: list[torch.Tensor], live: list[torch.Tensor]) -> None:
         """Each micro-batch's SRPO entropy weights, from the self-teacher's entropy on its SDPO-routed tokens."""
         ent = [per_piece(lambda p, a=a: entropy_from_logits(a.teacher_head(p)), self._pieces(m)) for a, m in zip(auxes, masks, strict=True)]
-        sdpo = [a.route_sdpo_B.unsqueeze(-1) * m for a, m in zip(auxes, masks, strict=True)]
+        sdpo = [(a.route_sdpo_B * x).unsqueeze(-1) * m for a, m, x in zip(auxes, masks, live, strict=True)]
         for a, w in zip(auxes, batchwide.srpo_weights(ent, sdpo, self.spec.srpo_entropy_beta, self.comm), strict=True):
             a.entropy_weights_BT = w
 
     @torch.no_grad()
-    def _keep_masks(self, batch: TrainBatch, micro: list[list[int]], mts: list[MicroTensors], auxes: list[Aux]) -> list[torch.Tensor]:
+    def _keep_masks(self, batch: TrainBatch, micro: list[list[int]], mts: list[MicroTensors], auxes: list[Aux],
+                    live: list[torch.Tensor]) -> list[torch.Tensor]:
         """TIP over the whole batch: the student's entropy (a forward without grad, before any micro-batch learns)
         and the sampled-token teacher divergence |log q - log pi_T|, ranked once over all micro-batches' tokens."""
         ent, div = [], []
@@ -142,7 +143,8 @@ class Learner:
             h = self.fw.hidden(self.model, mt)
             ent.append(per_piece(lambda p, h=h: entropy_from_logits(self.fw.logits(self.model, h[p])), self._pieces(mt.mask_BT)))
             div.append((rows([batch.sampler_logprobs[i] for i in idx], mt.mask_BT.shape[1]) - a.teacher_logp_BT).abs())
-        return batchwide.keep_masks(ent, div, [mt.mask_BT for mt in mts], self.spec.keep_ratio, self.spec.select_mode)
+        valid = [mt.mask_BT * x.unsqueeze(-1) for mt, x in zip(mts, live, strict=True)]
+        return batchwide.keep_masks(ent, div, valid, self.spec.keep_ratio, self.spec.select_mode)
 
     def _learn_micro(self, batch: TrainBatch, idx: list[int], mt: MicroTensors, aux: Aux, keep: torch.Tensor | None,
                      denom: float, n_seqs: int) -> dict:
@@ -216,12 +218,13 @@ class Learner:
         mts = [build_micro([batch.prompt_ids[i] for i in idx], [batch.response_ids[i] for i in idx], self.pad_id,
                            self.share_prompts) for idx in micro]
         auxes = [self.teachers.aux(batch, idx, mt) for idx, mt in zip(micro, mts, strict=True)]
+        live = [batchwide.live_samples(batch.loss_weights, idx) for idx in micro]
         if self.spec.name == "srpo":
-            self._srpo_weights(auxes, [mt.mask_BT for mt in mts])
-        keeps = self._keep_masks(batch, micro, mts, auxes) if self.spec.select_mode else [None] * len(micro)
-        denom_tokens = [batchwide.counted_tokens(mt.mask_BT, k, a.route_sdpo_B if self.spec.name == "sdpo" else None)
-                        for mt, k, a in zip(mts, keeps, auxes, strict=True)]
-        denom, n_seqs = batchwide.denominators(denom_tokens, len(batch.uids), self.comm)
+            self._srpo_weights(auxes, [mt.mask_BT for mt in mts], live)
+        keeps = self._keep_masks(batch, micro, mts, auxes, live) if self.spec.select_mode else [None] * len(micro)
+        denom_tokens = [batchwide.counted_tokens(mt.mask_BT, x, k, a.route_sdpo_B if self.spec.name == "sdpo" else None)
+                        for mt, x, k, a in zip(mts, live, keeps, auxes, strict=True)]
+        denom, n_seqs = batchwide.denominators(denom_tokens, live, self.comm)
         kl_sum, kl_tokens = self._teacher_kl(batch, micro, mts, auxes)
         self.opt.zero_grad(set_to_none=True)
         total, ent_sum, kept, counted, absdiff, finite = 0.0, 0.0, 0.0, 0.0, 0.0, True
