@@ -68,7 +68,7 @@ class TaskConfig(_Section):
 
 
 class OPDConfig(_Section):
-    kl_coef: float = Field(1.0, gt=0)  # advantage = -kl_coef * (log q - log pi_T) per token
+    kl_coef: float = Field(1.0, gt=0)  # advantage = -kl_coef * (log pi - log pi_T) per token, pi the learner's
     tis_cap: float = Field(2.0, gt=0)  # cap of the sampler->learner importance ratio
     divergence: Literal["sampled", "teacher_topk", "full_vocab"] = "sampled"
     full_vocab_kind: Literal["reverse", "forward", "jsd"] = "reverse"
@@ -90,7 +90,7 @@ class SDPOConfig(_Section):
     ema_rate: float = Field(0.05, ge=0, le=1)  # self-teacher <- (1-rate)*teacher + rate*student after each step
     top_k: int = Field(100, ge=1)  # student top-k support (+ tail bucket) of the JSD
     alpha: float = Field(0.5, ge=0, le=1)  # teacher weight of the JSD (0 forward KL, 1 reverse KL)
-    is_cap: float = Field(2.0, gt=0)
+    is_cap: float = Field(2.0, gt=0)  # cap of the SDPO loss's importance weights (pi/pi_old and sampler->learner pi/q)
     success_threshold: float = 1.0  # a sibling with reward >= this is a solution to show the self-teacher
     dont_reprompt_on_self_success: bool = True
     max_reprompt_len: int = Field(256, ge=8)  # self-teacher prompt tokens; longer ones are cut on the right

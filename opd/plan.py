@@ -21,6 +21,7 @@ def objective_spec(cfg: Config) -> ObjectiveSpec:
         full_vocab_kind=o.full_vocab_kind,
         full_vocab_source=o.full_vocab_source,
         jsd_beta=o.jsd_beta,
+        opd_kl_coef=o.kl_coef,
         exopd_lam=cfg.exopd.lam,
         sdpo_top_k=sd.top_k,
         sdpo_alpha=sd.alpha,
@@ -36,7 +37,6 @@ def route_plan(cfg: Config) -> RoutePlan:
     w = cfg.weighting
     return RoutePlan(
         objective=cfg.algorithm,
-        kl_coef=cfg.opd.kl_coef,
         norm_by_std=cfg.grpo.norm_adv_by_std,
         adv_eps=cfg.grpo.adv_eps,
         use_topk=cfg.algorithm == "opd" and cfg.opd.divergence == "teacher_topk",

@@ -111,7 +111,7 @@ def _skip_and_load(single: Learner, batch: TrainBatch, rank0, rank1, w_before: d
     """A NaN in a sample that lands on rank 1 skips the update on both ranks; then rank 0's load restores both."""
     lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True)]
     on_rank1 = balance_shards(lengths, 2)[1][0]
-    batch.advantages[on_rank1][0] = float("nan")
+    batch.teacher_logprobs[on_rank1][0] = float("nan")
     stats = ray.get(rank0.train_step.remote(batch))
     unchanged = [all(torch.equal(w_before[k], w[k]) for k in w_before) for w in (_weights(rank0), _weights(rank1))]
     ckpt = out / "ckpt"

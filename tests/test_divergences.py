@@ -16,6 +16,7 @@ from opd.trainer.divergences import (
     teacher_topk_forward_kl,
     with_tail,
 )
+from opd.trainer.losses import entropy_from_logits
 from opd.trainer.selection import normalized_entropy, normalized_jsd
 
 S2 = torch.log(torch.tensor([0.5, 0.5]))
@@ -198,6 +199,56 @@ def test_teacher_topk_forward_kl_descends():
     _sgd_moves_toward_teacher(loss, teacher)
 
 
+def _nearly_all_in(top_logits, tail_mass, n_tail=5):
+    """Float64 logits whose first entries hold all but ``tail_mass`` of the mass, spread evenly over ``n_tail``."""
+    top = torch.tensor(top_logits, dtype=torch.float64)
+    z_tail = math.log(tail_mass / (1 - tail_mass) * float(top.exp().sum()) / n_tail)
+    return torch.cat([top, torch.full((n_tail,), z_tail, dtype=torch.float64)]).view(1, 1, -1)
+
+
+def _support(logp, k):
+    """Reference (K+1)-category support: the first k log-probs and the exact log-mass of the rest."""
+    return torch.cat([logp[..., :k], torch.logsumexp(logp[..., k:], -1, keepdim=True)], -1)
+
+
+@pytest.mark.parametrize("tail_mass", [4e-8, 2e-12])
+def test_teacher_topk_forward_kl_is_exact_when_the_student_leaves_almost_nothing_outside(tail_mass):
+    """The student's tail is the mass outside the teacher's top-k, summed in log space: with a tail of 4e-8 or 2e-12
+    (log(1 - Σp) rounds it to a clamp there) the loss equals a float64 reference, and so does the gradient that
+    raises the tail logits towards the teacher's 12% tail."""
+    z = _nearly_all_in([0.0, 1.0, 0.5], tail_mass).requires_grad_(True)
+    z_ref = z.detach().clone().requires_grad_(True)
+    ids = torch.tensor([[[0, 1, 2]]])
+    t_top = torch.log(torch.tensor([[[0.5, 0.25, 0.13]]], dtype=torch.float64))
+    got = teacher_topk_forward_kl(torch.log_softmax(z, -1), ids, t_top)
+    t_sup = torch.cat([t_top, torch.log(torch.tensor([[[0.12]]], dtype=torch.float64))], -1)
+    want = (t_sup.exp() * (t_sup - _support(torch.log_softmax(z_ref, -1), 3))).sum(-1)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    got.sum().backward()
+    want.sum().backward()
+    assert (z.grad[..., 3:] < -0.02).all()  # about -0.12 / 5 each: mass flows back to the tail
+    assert torch.allclose(z.grad, z_ref.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("tail_mass", [4e-8, 2e-12])
+def test_sdpo_forward_kl_over_the_student_top_k_is_exact_for_a_tiny_student_tail(tail_mass):
+    """SDPO at alpha = 0 (forward KL(T‖S) over the student's top-k + tail): both tails are the exact log-mass
+    outside the student's top-k, so a student tail of 4e-8 or 2e-12 gives the float64 reference's loss, gradient
+    and teacher entropy."""
+    z = _nearly_all_in([0.0, 1.0, 0.5], tail_mass).requires_grad_(True)
+    z_ref = z.detach().clone().requires_grad_(True)
+    teacher = torch.tensor([[[1.0, 0.0, 0.5, 0.0, -1.0, 0.3, 0.2, -0.5]]], dtype=torch.float64)
+    div, ent = student_topk_divergence(z, teacher, k=3, beta=0.0)
+    t_sup = _support(torch.log_softmax(teacher, -1), 3)
+    want = (t_sup.exp() * (t_sup - _support(torch.log_softmax(z_ref, -1), 3))).sum(-1)
+    assert div.item() == pytest.approx(want.item(), rel=1e-5)
+    assert ent.item() == pytest.approx(-(t_sup.exp() * t_sup).sum().item(), rel=1e-5)
+    div.sum().backward()
+    want.sum().backward()
+    assert (z.grad[..., 3:] < -0.01).all()
+    assert torch.allclose(z.grad, z_ref.grad, rtol=1e-4, atol=1e-7)
+
+
 # ---- full vocabulary -------------------------------------------------------------------------------------------
 
 
@@ -256,3 +307,53 @@ def test_normalized_entropy_and_jsd_by_hand():
         torch.log_softmax(torch.tensor([[[0.0, 80.0]]]), -1),
     )
     assert far.item() == pytest.approx(1.0, abs=1e-5)
+
+
+# ---- -inf log-probs (a masked vocabulary) ------------------------------------------------------------------------
+
+DIVERGENCES = {"reverse": reverse_kl, "forward": forward_kl, "jsd": lambda s, t: generalized_jsd(s, t, 0.3)}
+
+
+@pytest.mark.parametrize("kind", list(DIVERGENCES))
+def test_masked_vocabulary_gives_the_divergence_over_the_rest_with_finite_gradients(kind):
+    """Entries both sides give -inf (a masked vocabulary) add 0, not 0 * -inf = NaN: the value and the gradient are
+    those of the divergence over the unmasked entries, and the masked logits get gradient 0."""
+    torch.manual_seed(7)
+    s_full = torch.randn(2, 3, 6, dtype=torch.float64)
+    t_full = torch.randn(2, 3, 6, dtype=torch.float64)
+    s_full[..., 4:] = -math.inf
+    t_full[..., 4:] = -math.inf
+    s = s_full.clone().requires_grad_(True)
+    s_kept = s_full[..., :4].clone().requires_grad_(True)
+    fn = DIVERGENCES[kind]
+    got = fn(torch.log_softmax(s, -1), torch.log_softmax(t_full, -1))
+    want = fn(torch.log_softmax(s_kept, -1), torch.log_softmax(t_full[..., :4], -1))
+    assert torch.isfinite(got).all() and torch.allclose(got, want, atol=1e-12)
+    got.sum().backward()
+    want.sum().backward()
+    assert torch.isfinite(s.grad).all() and (s.grad[..., 4:] == 0).all()
+    assert torch.allclose(s.grad[..., :4], s_kept.grad, atol=1e-12)
+    full = full_vocab_divergence(s_full.float(), t_full.float(), torch.ones(2, 3), kind, beta=0.3)
+    assert torch.allclose(full.double(), want.detach(), atol=1e-5)
+
+
+def test_one_sided_zero_probability_adds_nothing_where_its_weight_is_zero():
+    """Reverse KL weighs by the student: a token the student rules out (-inf) adds 0 whatever the teacher says; forward
+    KL weighs by the teacher, so a token the teacher rules out adds 0; the JSD's mixture is positive where either is."""
+    s = torch.log(torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64))
+    t = torch.log(torch.tensor([0.25, 0.5, 0.25], dtype=torch.float64))
+    assert reverse_kl(s, t).item() == pytest.approx(0.5 * math.log(2) + 0.0)
+    assert forward_kl(t, s).item() == pytest.approx(0.5 * math.log(2))  # roles swapped: teacher -inf at entry 2
+    m = [0.375, 0.5, 0.125]
+    jsd = 0.5 * sum(p * math.log(p / q) for p, q in zip([0.25, 0.5, 0.25], m, strict=True)) + 0.5 * sum(
+        p * math.log(p / q) for p, q in zip([0.5, 0.5], m[:2], strict=True))
+    assert generalized_jsd(s, t, 0.5).item() == pytest.approx(jsd)
+
+
+def test_entropy_of_a_masked_vocabulary_is_finite():
+    logits = torch.tensor([[[0.0, 0.0, -math.inf]]], requires_grad=True)
+    h = entropy_from_logits(logits)
+    h.sum().backward()
+    assert h.item() == pytest.approx(math.log(2)) and torch.isfinite(logits.grad).all()
+    _, t_ent = student_topk_divergence(torch.tensor([[[2.0, 1.0, 0.0]]]), logits.detach(), k=2, beta=0.5, tail=False)
+    assert t_ent.item() == pytest.approx(math.log(2))

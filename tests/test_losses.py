@@ -97,7 +97,7 @@ def test_grpo_advantages_by_hand():
 
 
 def test_opd_advantage_is_negative_sampled_reverse_kl():
-    s = torch.tensor([[-1.0, -2.0, -0.1]])  # sampler log q(y_t)
+    s = torch.tensor([[-1.0, -2.0, -0.1]])  # the learner's log pi(y_t)
     tau = torch.tensor([[-0.5, -3.0, -9.0]])  # teacher log pi_T(y_t)
     m = torch.tensor([[1.0, 1.0, 0.0]])
     adv = opd_token_advantages(s, tau, m, coef=2.0)

@@ -6,17 +6,21 @@ import math
 import pytest
 import torch
 
+from opd.config import Config
+from opd.plan import objective_spec
 from opd.trainer.advantages import opd_token_advantages
+from opd.trainer.batchwide import counted_tokens, denominators, live_samples
+from opd.trainer.dist import Collective
 from opd.trainer.divergences import student_topk_divergence
 from opd.trainer.losses import aggregate, clipped_pg_loss, token_logprobs
+from opd.trainer.objective import Aux, ObjectiveSpec, token_loss
 from opd.trainer.objectives import (
     entropy_weights,
     gopd_token_advantages,
     paced_weights,
     quality_gate,
-    srpo_loss,
-    srpo_route,
 )
+from opd.trainer.routing import RoutePlan, route
 from opd.trainer.sdpo import (
     RepromptTemplates,
     TeacherContext,
@@ -27,6 +31,45 @@ from opd.trainer.sdpo import (
     strip_thinking,
 )
 from opd.trainer.selection import select_tokens
+from opd.types import Prompt, Rewards, RolloutBatch, Sample, TeacherScores
+
+# ---- §1.1 OPD, sampled token -------------------------------------------------------------------------------------
+
+
+def test_sampled_opd_expected_gradient_is_the_reverse_kl_gradient_off_policy():
+    """The sampler's q is the student's pi with 0.5-nat noise (stale weights, another engine's numerics). Tokens come
+    from q, the router hands the learner its batch, the learner's loss weighs each by min(pi/q, cap): summed over
+    the whole vocabulary with weights q(v), the gradient is exactly grad KL(pi || pi_T), computed by autograd."""
+    torch.manual_seed(11)
+    V = 6
+    z = torch.randn(V, dtype=torch.float64)
+    t_logp = torch.log_softmax(torch.randn(V, dtype=torch.float64), -1)
+    q_logp = torch.log_softmax(torch.log_softmax(z, -1) + 0.5 * torch.tensor([1.0, -1, 1, -1, 1, -1]), -1)
+    assert (torch.log_softmax(z, -1) - q_logp).exp().max() < 2.0  # the cap (opd.tis_cap = 2) does not bind
+
+    prompt = Prompt("p", "q?", [5, 6], "1")
+    samples = [Sample(f"u{v}", prompt, v, [v], "a", [float(q_logp[v])], 0) for v in range(V)]
+    rewards = Rewards([s.uid for s in samples], [0.0] * V, [False] * V)
+    scores = TeacherScores([s.uid for s in samples], [[float(t_logp[v])] for v in range(V)])
+    batch = route(RolloutBatch(0, samples, V, 0), rewards, scores, RoutePlan("opd"))
+
+    def expected_grad(spec):
+        logits = z.clone().requires_grad_(True)
+        loss_BT, _ = token_loss(
+            spec, logits.expand(V, 1, V), torch.arange(V).view(V, 1), torch.ones(V, 1), torch.tensor(batch.sampler_logprobs),
+            torch.tensor(batch.advantages), Aux(teacher_logp_BT=torch.tensor(batch.teacher_logprobs)),
+        )
+        (q_logp.exp().view(V, 1) * loss_BT).sum().backward()
+        return logits.grad
+
+    z_ref = z.clone().requires_grad_(True)
+    pi_logp = torch.log_softmax(z_ref, -1)
+    (pi_logp.exp() * (pi_logp - t_logp)).sum().backward()
+    got = expected_grad(objective_spec(Config()))
+    assert torch.allclose(got, z_ref.grad, atol=1e-6), (got - z_ref.grad).abs().max()
+    coef2 = objective_spec(Config.model_validate({"opd": {"kl_coef": 2.0}}))
+    assert torch.allclose(expected_grad(coef2), 2 * z_ref.grad, atol=2e-6)
+
 
 # ---- §4 G-OPD / ExOPD ------------------------------------------------------------------------------------------
 
@@ -72,10 +115,15 @@ def test_exopd_pushes_past_teacher_where_opd_is_silent():
 # ---- §5 SRPO ---------------------------------------------------------------------------------------------------
 
 
-def test_srpo_route_truth_table():
-    z_g, z_sd = srpo_route(torch.tensor([1, 1, 0, 0]), torch.tensor([True, False, True, False]))
-    assert z_sd.tolist() == [0.0, 0.0, 1.0, 0.0]  # only failed-with-teacher is distilled
-    assert z_g.tolist() == [1.0, 1.0, 0.0, 1.0]
+def test_srpo_routes_only_failed_rollouts_with_a_self_teacher_to_sdpo():
+    """§5.1 on the router: z_sdpo = (1 - correct) * has_teacher. Groups of two: [right, wrong] (the right one has no
+    teacher: its only success is itself), [right, right] (each shows the other), [wrong, wrong] (no teacher)."""
+    prompt = Prompt("p", "q?", [5, 6], "1")
+    samples = [Sample(f"u{i}", prompt, i % 2, [7, 8], "a", [-1.0, -1.0], 0) for i in range(6)]
+    rewards = Rewards([s.uid for s in samples], [1.0, 0.0, 1.0, 1.0, 0.0, 0.0], [True, False, True, True, False, False])
+    batch = route(RolloutBatch(0, samples, 2, 0), rewards, None, RoutePlan("srpo"), render=lambda t: [9] * len(t))
+    assert batch.routes == ["grpo", "sdpo", "grpo", "grpo", "grpo", "grpo"]
+    assert [tp is not None for tp in batch.teacher_prompt_ids] == [False, True, True, True, False, False]
 
 
 def test_entropy_weights_by_hand_mean_one():
@@ -95,41 +143,35 @@ def test_entropy_weights_all_masked_are_zero():
     assert torch.equal(w, torch.zeros(2, 3))
 
 
-def test_srpo_shared_denominator_by_hand():
-    grpo = torch.tensor([[1.0, 1.0, 1.0], [50.0, 50.0, 50.0]], requires_grad=True)
-    sdpo = torch.tensor([[100.0, 100.0, 100.0], [4.0, 9.0, 9.0]], requires_grad=True)
-    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
-    z_g, z_sd = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
-    loss = srpo_loss(grpo, sdpo, z_g, z_sd, mask)
-    # Shared: (1+1+1 + 4) / (3 + 1) = 1.75; separate token-means would give 1 + 4 = 5 or (1 + 4)/2 = 2.5.
-    assert loss.item() == pytest.approx(7 / 4)
-    assert loss.item() != pytest.approx(5.0) and loss.item() != pytest.approx(2.5)
-    loss.backward()
-    assert grpo.grad.flatten().tolist() == pytest.approx([0.25] * 3 + [0.0] * 3)
-    assert sdpo.grad.flatten().tolist() == pytest.approx([0.0] * 3 + [0.25, 0.0, 0.0])
-    w = torch.tensor([[9.0, 9.0, 9.0], [0.5, 9.0, 9.0]])
-    assert srpo_loss(grpo, sdpo, z_g, z_sd, mask, w).item() == pytest.approx((3 + 0.5 * 4) / 4)
+def test_entropy_weights_do_not_underflow_at_large_beta_times_entropy():
+    """beta*H near 1000 (exp(-1000) is 0 even in float64): the weights keep their ratios exp(-beta*dH), normalised
+    to mean 1 over the SDPO tokens, as computed by hand; a masked token's entropy may be anything."""
+    h = torch.tensor([[1000.0, 1001.0], [1002.0, 3.0]])
+    m = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    mean = (1 + math.exp(-1) + math.exp(-2)) / 3
+    want = [1 / mean, math.exp(-1) / mean, math.exp(-2) / mean, 0.0]
+    assert entropy_weights(h, m).flatten().tolist() == pytest.approx(want, rel=1e-6)
+    assert entropy_weights(h / 8, m, beta=8.0).flatten().tolist() == pytest.approx(want, rel=1e-6)
+    h[1, 1] = -5000.0  # exp(+5000) would be inf, and inf * 0 NaN
+    assert entropy_weights(h, m).flatten().tolist() == pytest.approx(want, rel=1e-6)
 
 
-def test_srpo_all_masked_is_zero_with_gradient():
-    x = torch.randn(2, 3, requires_grad=True)
-    loss = srpo_loss(x, 2 * x, torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), torch.zeros(2, 3))
-    loss.backward()
-    assert loss.item() == 0.0 and torch.isfinite(x.grad).all() and x.grad.abs().sum() == 0
-
-
-def test_srpo_step_improves_both_branches():
-    """Row 0 is correct (GRPO, positive advantage on its token); row 1 failed with a teacher (SDPO)."""
+def test_srpo_objective_shares_one_denominator_and_a_step_improves_both_branches():
+    """The learner's SRPO loss (§5.3): row 0 is correct (GRPO, advantage +1 on its token), row 1 failed with a
+    teacher (SDPO, entropy weight 0.5). Each row's loss is its own branch's, and both count in one shared
+    denominator: the mean over the two tokens. One step raises row 0's token and brings row 1 to the teacher."""
     logits = torch.zeros(2, 1, 4, requires_grad=True)
     teacher = torch.tensor([[[0.0, 0.0, 0.0, 0.0]], [[3.0, 0.0, -1.0, 0.5]]])
     target = torch.tensor([[2], [0]])
-    logp = token_logprobs(logits, target)
-    grpo_BT = -logp * 1.0  # on-policy PG with A = +1: ratio 1, loss -A * log pi
-    sdpo_BT, ent = student_topk_divergence(logits, teacher, k=4, beta=0.5)
-    z_g, z_sd = srpo_route(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]))
-    mask = torch.ones(2, 1)
-    w = entropy_weights(ent, mask * z_sd[:, None])
-    srpo_loss(grpo_BT, sdpo_BT, z_g, z_sd, mask, w).backward()
+    logp = token_logprobs(logits, target).detach()
+    aux = Aux(teacher_logits_BTV=teacher, route_sdpo_B=torch.tensor([0.0, 1.0]),
+              entropy_weights_BT=torch.tensor([[7.0], [0.5]]))
+    spec = ObjectiveSpec("srpo", sdpo_top_k=4)
+    loss_BT, count_BT = token_loss(spec, logits, target, torch.ones(2, 1), logp, torch.tensor([[1.0], [0.0]]), aux)
+    sdpo_BT, _ = student_topk_divergence(logits.detach(), teacher, k=4, beta=0.5)
+    assert loss_BT[:, 0].tolist() == pytest.approx([-1.0, 0.5 * sdpo_BT[1, 0].item()], rel=1e-6)
+    assert count_BT.tolist() == [[1.0], [1.0]]
+    (loss_BT.sum() / count_BT.sum()).backward()
     with torch.no_grad():
         stepped = logits - 1.0 * logits.grad
         assert token_logprobs(stepped, target)[0] > logp[0]
@@ -157,6 +199,19 @@ def test_paced_all_uninformative_is_zero():
 
 def test_quality_gate():
     assert quality_gate(torch.tensor([0.0, 0.49, 0.5, 1.0]), 0.5).tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_zero_weight_samples_leave_the_denominators_by_hand():
+    """PACED gives p in {0, 1} weight 0 and promises such problems act as if filtered out: their tokens leave the
+    token-mean's denominator and their sequences a sequence-mean's count (the learner's step on it is
+    tests/test_learner.py::test_zero_weight_samples_count_as_filtered_out)."""
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    live = live_samples([2.0, 0.0, 0.5, 1.0], [0, 1, 2])
+    assert live.tolist() == [1.0, 0.0, 1.0]
+    assert counted_tokens(mask, live).sum().item() == 3 + 4  # not 9: the weight-0 row's 2 tokens stay out
+    assert counted_tokens(mask, live, route_sdpo_B=torch.tensor([1.0, 1.0, 0.0])).sum().item() == 3
+    assert denominators([counted_tokens(mask, live)], [live], Collective()) == (7.0, 2)
+    assert live_samples(None, [0, 1]).tolist() == [1.0, 1.0]
 
 
 # ---- §6 TIP selection ------------------------------------------------------------------------------------------
@@ -282,6 +337,21 @@ def test_sdpo_token_loss_by_hand():
     cur = old + torch.tensor([[math.log(1.5), math.log(3.0), 0.0]])
     loss2, _ = sdpo_token_loss(student, teacher, old, None, mask, k=2, alpha=1.0, logp_BT=cur)
     assert loss2[0].tolist() == pytest.approx([1.5 * rev, 2.0 * rev, 0.0], rel=1e-5)
+
+
+@pytest.mark.parametrize("cap", [2.0, 1.25, 5.0])
+def test_sdpo_objective_caps_the_rollout_importance_weight_at_sdpo_is_cap(cap):
+    """The learner's SDPO loss: on-policy (current = old), so the weight that remains is the sampler->learner one,
+    pi/q = 3 here, capped at ``sdpo.is_cap``: the per-token loss is min(3, cap) times the reverse KL over the top-2 + tail."""
+    student = torch.log(torch.tensor([[[0.4, 0.3, 0.2, 0.1]]]))
+    teacher = torch.log(torch.tensor([[[0.1, 0.2, 0.3, 0.4]]]))
+    target = torch.tensor([[1]])
+    sampler = token_logprobs(student, target) - math.log(3.0)
+    aux = Aux(teacher_logits_BTV=teacher, route_sdpo_B=torch.ones(1))
+    spec = ObjectiveSpec("sdpo", sdpo_top_k=2, sdpo_alpha=1.0, sdpo_is_cap=cap)
+    loss, count = token_loss(spec, student, target, torch.ones(1, 1), sampler, torch.zeros(1, 1), aux)
+    rev = 0.4 * math.log(0.4 / 0.1) + 0.3 * math.log(0.3 / 0.2) + 0.3 * math.log(0.3 / 0.7)
+    assert loss.item() == pytest.approx(min(3.0, cap) * rev, rel=1e-5) and count.item() == 1.0
 
 
 def test_sdpo_token_loss_descends_and_all_masked():

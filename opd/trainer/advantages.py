@@ -23,12 +23,15 @@ def grpo_advantages(rewards_PG: torch.Tensor, *, norm_by_std: bool = True, eps: 
 
 
 def opd_token_advantages(
-    sampler_logprobs_BT: torch.Tensor, teacher_logprobs_BT: torch.Tensor, mask_BT: torch.Tensor, coef: float = 1.0
+    student_logprobs_BT: torch.Tensor, teacher_logprobs_BT: torch.Tensor, mask_BT: torch.Tensor, coef: float = 1.0
 ) -> torch.Tensor:
-    """Sampled-token reverse KL as a per-token advantage (§1.1): ``A_t = -coef * (log q(y_t) - log pi_T(y_t))``.
+    """Sampled-token reverse KL as a per-token advantage (§1.1): ``A_t = -coef * (log pi(y_t) - log pi_T(y_t))``.
 
-    Positive where the teacher likes the drawn token more than the student did. Discount 0: each token carries
-    only its own term, as in every reference implementation.
+    ``student_logprobs_BT`` is the learner's current log-prob of the drawn token, not the sampler's log q: the
+    policy-gradient term, weighted by pi/q for tokens drawn from q, then has expectation grad KL(pi || pi_T);
+    with log q in the advantage it would be off by E_pi[(log q - log pi) grad log pi] whenever q != pi. Positive
+    where the teacher likes the drawn token more than the student does. Discount 0: each token carries only its
+    own term, as in every reference implementation.
     """
-    kl_BT = (sampler_logprobs_BT - teacher_logprobs_BT).detach()
+    kl_BT = (student_logprobs_BT - teacher_logprobs_BT).detach()
     return -coef * kl_BT * mask_BT.to(kl_BT.dtype)

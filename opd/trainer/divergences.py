@@ -35,18 +35,28 @@ def kl_penalty(logp_BT: torch.Tensor, ref_logp_BT: torch.Tensor, kind: str = "lo
     raise ValueError(f"unknown kl kind {kind!r}; valid: {KL_KINDS}")
 
 
+def _expect(logp: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``Σ_v p(v)·value(v)`` over the last dim, where ``p = exp(logp)``.
+
+    A category with ``logp = -inf`` (a masked vocabulary entry) adds 0, as ``0·x = 0`` in the maths, rather than
+    ``0·(-inf) = NaN``: the value is zeroed there before the product, so the gradient stays finite as well (a
+    ``torch.where`` after the product would still send the NaN into the backward).
+    """
+    return (logp.exp() * value.masked_fill(torch.isneginf(logp), 0.0)).sum(-1)
+
+
 def reverse_kl(s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
     """Mode-seeking ``KL(S‖T) = Σ_v S(v)(log S(v) - log T(v))`` over the last dim (§0.5); shape ``..``.
 
     Written out rather than via ``F.kl_div``, whose ``(input, target)`` order computes ``KL(target‖input)``.
     """
-    return (s_logp.exp() * (s_logp - t_logp.detach())).sum(-1)
+    return _expect(s_logp, s_logp - t_logp.detach())
 
 
 def forward_kl(s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
     """Mode-covering ``KL(T‖S) = Σ_v T(v)(log T(v) - log S(v))`` over the last dim (§0.5); shape ``..``."""
     t = t_logp.detach()
-    return (t.exp() * (t - s_logp)).sum(-1)
+    return _expect(t, t - s_logp)
 
 
 def generalized_jsd(s_logp: torch.Tensor, t_logp: torch.Tensor, beta: float) -> torch.Tensor:
@@ -62,21 +72,36 @@ def generalized_jsd(s_logp: torch.Tensor, t_logp: torch.Tensor, beta: float) -> 
         return forward_kl(s_logp, t)
     if beta == 1.0:
         return reverse_kl(s_logp, t)
-    # log M by logsumexp: mixing in prob space would underflow for the tiny tail probabilities.
-    log_m = torch.logsumexp(torch.stack([t + math.log(beta), s_logp + math.log(1.0 - beta)]), dim=0)
-    kl_t_m = (t.exp() * (t - log_m)).sum(-1)
-    kl_s_m = (s_logp.exp() * (s_logp - log_m)).sum(-1)
-    return beta * kl_t_m + (1.0 - beta) * kl_s_m
+    # log M by logsumexp: mixing in prob space would underflow for the tiny tail probabilities. Where both sides are
+    # -inf, M is 0 and both terms vanish; a logsumexp over two -inf would still put NaN into the gradient.
+    both = torch.isneginf(t) & torch.isneginf(s_logp)
+    log_m = torch.logsumexp(
+        torch.stack([t.masked_fill(both, 0.0) + math.log(beta), s_logp.masked_fill(both, 0.0) + math.log(1.0 - beta)]), dim=0
+    )
+    return beta * _expect(t, t - log_m) + (1.0 - beta) * _expect(s_logp, s_logp - log_m)
 
 
 def with_tail(topk_logp: torch.Tensor) -> torch.Tensor:
     """Append the tail bucket ``log(1 - Σ_k p_k)`` to top-k log-probs: ``[.., K] -> [.., K+1]`` (§0.5, SDPO).
 
-    Computed as ``log(-expm1(logsumexp))`` for precision when the top-k mass is close to 1; the logsumexp is
-    clamped at -1e-7 so a top-k holding all the mass gives a tiny finite tail instead of ``log 0``.
+    For a side known only by its top-k (a teacher server's). Computed as ``log(-expm1(logsumexp))`` for precision
+    when the top-k mass is close to 1; the logsumexp is clamped at -1e-7 so a top-k holding all the mass gives a
+    tiny finite tail instead of ``log 0``. Below that the tail is wrong and has no gradient: a side whose full
+    log-probs are at hand takes ``at_with_rest`` instead.
     """
     log_mass = torch.logsumexp(topk_logp, dim=-1, keepdim=True).clamp(max=-1e-7)
     return torch.cat([topk_logp, torch.log(-torch.expm1(log_mass))], dim=-1)
+
+
+def at_with_rest(logp_BTV: torch.Tensor, idx_BTK: torch.Tensor) -> torch.Tensor:
+    """Full log-probs -> the K at ``idx_BTK`` and, last, the log of the mass at every other index: ``[.., K+1]``.
+
+    The rest is a logsumexp over the other entries, exact however little mass they hold (4e-8, 2e-12, ...), and its
+    gradient is the one that moves mass back there; ``log(1 - Σ_k p_k)`` loses both once ``Σ_k p_k`` rounds to 1.
+    ``idx_BTK`` must leave at least one index out.
+    """
+    rest = logp_BTV.scatter(-1, idx_BTK, -math.inf)
+    return torch.cat([logp_BTV.gather(-1, idx_BTK), torch.logsumexp(rest, dim=-1, keepdim=True)], dim=-1)
 
 
 def _renormalize(logp: torch.Tensor) -> torch.Tensor:
@@ -84,7 +109,7 @@ def _renormalize(logp: torch.Tensor) -> torch.Tensor:
 
 
 def _entropy(logp: torch.Tensor) -> torch.Tensor:
-    return -(logp.exp() * logp).sum(-1)
+    return -_expect(logp, logp)
 
 
 def student_topk_divergence(
@@ -93,20 +118,20 @@ def student_topk_divergence(
     """SDPO's divergence over the student's top-k support (§0.5 variant 1, §3.2): returns ``(div_BT, t_ent_BT)``.
 
     Indices of the student's top-``k`` logits pick K categories; the teacher's log-probs are gathered at the same
-    indices. With ``tail`` a (K+1)-th bucket holds each side's remaining mass; without it both are renormalised
-    over the K entries. ``div_BT`` is the generalised JSD with teacher weight ``beta``; ``t_ent_BT`` is the
-    teacher's entropy over that same support (SRPO's entropy weights, §5.2), detached. Logits should already be
-    divided by the rollout temperature.
+    indices. With ``tail`` a (K+1)-th bucket holds each side's remaining mass (``at_with_rest``: both sides' full
+    log-probs are here); without it both are renormalised over the K entries. A top-k covering the whole vocabulary
+    needs no tail. ``div_BT`` is the generalised JSD with teacher weight ``beta``; ``t_ent_BT`` is the teacher's
+    entropy over that same support (SRPO's entropy weights, §5.2), detached. Logits should already be divided by
+    the rollout temperature.
     """
     s_logp_BTV = torch.log_softmax(student_logits_BTV.float(), dim=-1)
     t_logp_BTV = torch.log_softmax(teacher_logits_BTV.detach().float(), dim=-1)
     k = min(k, s_logp_BTV.shape[-1])
     idx_BTK = s_logp_BTV.detach().topk(k, dim=-1).indices
-    s_BTK = s_logp_BTV.gather(-1, idx_BTK)
-    t_BTK = t_logp_BTV.gather(-1, idx_BTK)
-    s_sup, t_sup = (
-        (with_tail(s_BTK), with_tail(t_BTK)) if tail else (_renormalize(s_BTK), _renormalize(t_BTK))
-    )
+    if tail and k < s_logp_BTV.shape[-1]:
+        s_sup, t_sup = at_with_rest(s_logp_BTV, idx_BTK), at_with_rest(t_logp_BTV, idx_BTK)
+    else:
+        s_sup, t_sup = _renormalize(s_logp_BTV.gather(-1, idx_BTK)), _renormalize(t_logp_BTV.gather(-1, idx_BTK))
     return generalized_jsd(s_sup, t_sup, beta), _entropy(t_sup)
 
 
@@ -119,15 +144,15 @@ def teacher_topk_forward_kl(
     """Forward ``KL(T‖S)`` over the teacher's top-k ids (§0.5 variant 2), shape [B, T].
 
     What a teacher server can feed: it returns only its top-k ids and (full-vocabulary) log-probs. With ``tail``
-    the extra bucket is the student's mass outside those ids on the student side and the teacher's leftover mass
-    on the teacher side; without it both are renormalised over the K ids (SD-Zero / TRL server mode).
+    the extra bucket is the student's mass outside those ids on the student side (exact, from its full log-probs:
+    ``at_with_rest``) and the teacher's leftover mass ``1 - Σ_k`` on the teacher side (``with_tail``); without it
+    both are renormalised over the K ids (SD-Zero / TRL server mode).
     """
-    s_BTK = student_logp_BTV.float().gather(-1, teacher_topk_ids_BTK.long())
+    ids_BTK = teacher_topk_ids_BTK.long()
     t_BTK = teacher_topk_logp_BTK.detach().float()
-    s_sup, t_sup = (
-        (with_tail(s_BTK), with_tail(t_BTK)) if tail else (_renormalize(s_BTK), _renormalize(t_BTK))
-    )
-    return forward_kl(s_sup, t_sup)
+    if tail:
+        return forward_kl(at_with_rest(student_logp_BTV.float(), ids_BTK), with_tail(t_BTK))
+    return forward_kl(_renormalize(student_logp_BTV.float().gather(-1, ids_BTK)), _renormalize(t_BTK))
 
 
 def full_vocab_divergence(

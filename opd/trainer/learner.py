@@ -2,8 +2,9 @@
 
 Runs inside a Ray actor (placed by ``opd.cluster``) but imports torch and transformers only, so it can be driven
 directly in tests or replayed on a dumped ``TrainBatch``. A step has two passes: a teacher-side pass without
-gradient (reference model, HF teacher, SDPO self-teacher) that also fixes batch-wide normalisers, then the learning
-pass over micro-batches, whose gradients add up to the full-batch loss. Micro-batches hold a fixed count of
+gradient (reference model, HF teacher, SDPO self-teacher) that also fixes what depends on the whole batch
+(``opd.trainer.batchwide``: denominators, SRPO's weights, TIP's kept tokens), then the learning pass over
+micro-batches, whose gradients add up to the full-batch loss. Micro-batches hold a fixed count of
 sequences or, with a token budget, length-sorted sequences within ``rows x longest`` tokens (``opd.trainer.microbatch``).
 
 Several ranks (``trainer.num_ranks``): ``opd.cluster`` starts one Learner per rank, joins them in a process group
@@ -31,6 +32,7 @@ from transformers import AutoTokenizer
 
 from opd.monitor.ray_metrics import RoleMetrics
 from opd.rollout.weight_sync import TRANSFER, WeightBuckets
+from opd.trainer import batchwide
 from opd.trainer.chunks import per_piece, pieces
 from opd.trainer.dist import Collective, free_port, join
 from opd.trainer.forward import MicroTensors, Precision, build_micro, flatten_kept, rows
@@ -39,18 +41,12 @@ from opd.trainer.losses import aggregate, entropy_from_logits, token_logprobs
 from opd.trainer.memory import ActivationMeter
 from opd.trainer.microbatch import padded_tokens, plan
 from opd.trainer.objective import Aux, ObjectiveSpec, token_loss
-from opd.trainer.objectives import entropy_weights
 from opd.trainer.sdpo import ema_update
-from opd.trainer.selection import select_tokens
 from opd.trainer.shards import balance_shards, shard_imbalance, take
 from opd.trainer.teacher_side import TeacherSide, load_model
 from opd.types import TrainBatch
 
 log = logging.getLogger("opd.learner")
-
-
-def _keep_count(n_valid: int, ratio: float) -> int:
-    return max(1, math.floor(ratio * n_valid + 1e-9)) if n_valid else 0
 
 
 class Learner:
@@ -132,29 +128,28 @@ class Learner:
     def _pieces(self, mask_BT: torch.Tensor, by_token: bool = False) -> list[tuple]:
         return pieces(mask_BT.shape[0], mask_BT.shape[1], self.logits_chunk_tokens, by_token)
 
-    def _srpo_weights(self, auxes: list[Aux], masks: list[torch.Tensor]) -> None:
-        """exp(-beta*H_teacher) normalised to mean 1 over the whole batch's SDPO-routed tokens (§5.2), all ranks'."""
-        t_max = max((m.shape[1] for m in masks), default=1)
-        pad = lambda t: torch.nn.functional.pad(t, (0, t_max - t.shape[1]))  # noqa: E731
-        teacher_ent = [per_piece(lambda p, a=a: entropy_from_logits(a.teacher_head(p)), self._pieces(m))
-                       for a, m in zip(auxes, masks, strict=True)]
-        # An empty shard still joins the normaliser's all-reduce, with an empty [0, T] batch.
-        ent = torch.cat([pad(e) for e in teacher_ent] or [torch.zeros(0, t_max)])
-        sd_mask = torch.cat([pad(a.route_sdpo_B.unsqueeze(-1) * m) for a, m in zip(auxes, masks, strict=True)] or [torch.zeros(0, t_max)])
-        w = entropy_weights(ent, sd_mask, beta=self.spec.srpo_entropy_beta, sum_over_ranks=self.comm.sum)
-        start = 0
-        for a, m in zip(auxes, masks, strict=True):
-            a.entropy_weights_BT = w[start : start + m.shape[0], : m.shape[1]]
-            start += m.shape[0]
+    def _srpo_weights(self, auxes: list[Aux], masks: list[torch.Tensor], live: list[torch.Tensor]) -> None:
+        """Each micro-batch's SRPO entropy weights, from the self-teacher's entropy on its SDPO-routed tokens."""
+        ent = [per_piece(lambda p, a=a: entropy_from_logits(a.teacher_head(p)), self._pieces(m)) for a, m in zip(auxes, masks, strict=True)]
+        sdpo = [(a.route_sdpo_B * x).unsqueeze(-1) * m for a, m, x in zip(auxes, masks, live, strict=True)]
+        for a, w in zip(auxes, batchwide.srpo_weights(ent, sdpo, self.spec.srpo_entropy_beta, self.comm), strict=True):
+            a.entropy_weights_BT = w
 
-    def _select(self, h_BTH, mask_BT, sampler_BT, aux: Aux) -> torch.Tensor:
-        """TIP keep mask from the student's entropy and the sampled-token teacher divergence |log q - log pi_T|."""
-        h = h_BTH.detach()
-        ent_BT = per_piece(lambda p: entropy_from_logits(self.fw.logits(self.model, h[p])), self._pieces(mask_BT))
-        div_BT = (sampler_BT - aux.teacher_logp_BT).abs()
-        return select_tokens(ent_BT, div_BT, mask_BT, self.spec.keep_ratio, self.spec.select_mode)
+    @torch.no_grad()
+    def _keep_masks(self, batch: TrainBatch, micro: list[list[int]], mts: list[MicroTensors], auxes: list[Aux],
+                    live: list[torch.Tensor]) -> list[torch.Tensor]:
+        """TIP over the whole batch: the student's entropy (a forward without grad, before any micro-batch learns)
+        and the sampled-token teacher divergence |log q - log pi_T|, ranked once over all micro-batches' tokens."""
+        ent, div = [], []
+        for idx, mt, a in zip(micro, mts, auxes, strict=True):
+            h = self.fw.hidden(self.model, mt)
+            ent.append(per_piece(lambda p, h=h: entropy_from_logits(self.fw.logits(self.model, h[p])), self._pieces(mt.mask_BT)))
+            div.append((rows([batch.sampler_logprobs[i] for i in idx], mt.mask_BT.shape[1]) - a.teacher_logp_BT).abs())
+        valid = [mt.mask_BT * x.unsqueeze(-1) for mt, x in zip(mts, live, strict=True)]
+        return batchwide.keep_masks(ent, div, valid, self.spec.keep_ratio, self.spec.select_mode)
 
-    def _learn_micro(self, batch: TrainBatch, idx: list[int], mt: MicroTensors, aux: Aux, denom: float, n_seqs: int) -> dict:
+    def _learn_micro(self, batch: TrainBatch, idx: list[int], mt: MicroTensors, aux: Aux, keep: torch.Tensor | None,
+                     denom: float, n_seqs: int) -> dict:
         """Forward and backward of one micro-batch: the trunk once, then the LM head and the loss piece by piece
         (``opd.trainer.chunks``), each piece's backward into the trunk's output, then one backward through the
         trunk. A non-finite piece stops the micro-batch before its backward (the step will be skipped)."""
@@ -166,8 +161,7 @@ class Learner:
             weights_BT = weights_BT * torch.tensor([batch.loss_weights[i] for i in idx]).unsqueeze(-1)
         h_BTH = self.fw.hidden(self.model, mt)
         targets_BT, mask_BT = mt.targets_BT, mt.mask_BT
-        if self.spec.select_mode:
-            keep = self._select(h_BTH, mask_BT, sampler_BT, aux)
+        if keep is not None:
             h_BTH, targets_BT, mask_BT = flatten_kept(h_BTH, keep), flatten_kept(targets_BT, keep), flatten_kept(mask_BT, keep)
             sampler_BT, adv_BT, weights_BT = flatten_kept(sampler_BT, keep), flatten_kept(adv_BT, keep), flatten_kept(weights_BT, keep)
             for name in ("teacher_logp_BT", "ref_logp_BT", "topk_ids_BTK", "topk_logp_BTK"):
@@ -221,22 +215,25 @@ class Learner:
     def train_shard(self, batch: TrainBatch) -> dict[str, float]:
         """This rank's forward/backward over its shard, then the update that every rank applies identically."""
         t0 = time.perf_counter()
-        n_seq = len(batch.uids)
         lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True)]
         micro = plan(lengths, self.micro_batch_size, self.micro_batch_tokens)
         mts = [build_micro([batch.prompt_ids[i] for i in idx], [batch.response_ids[i] for i in idx], self.pad_id,
                            self.share_prompts) for idx in micro]
         auxes = [self.teachers.aux(batch, idx, mt) for idx, mt in zip(micro, mts, strict=True)]
+        live = [batchwide.live_samples(batch.loss_weights, idx) for idx in micro]
         if self.spec.name == "srpo":
-            self._srpo_weights(auxes, [mt.mask_BT for mt in mts])
-        denom, n_seqs = self._denominator(mts, auxes, n_seq)
+            self._srpo_weights(auxes, [mt.mask_BT for mt in mts], live)
+        keeps = self._keep_masks(batch, micro, mts, auxes, live) if self.spec.select_mode else [None] * len(micro)
+        denom_tokens = [batchwide.counted_tokens(mt.mask_BT, x, k, a.route_sdpo_B if self.spec.name == "sdpo" else None)
+                        for mt, x, k, a in zip(mts, live, keeps, auxes, strict=True)]
+        denom, n_seqs = batchwide.denominators(denom_tokens, live, self.comm)
         kl_sum, kl_tokens = self._teacher_kl(batch, micro, mts, auxes)
         self.opt.zero_grad(set_to_none=True)
         total, ent_sum, kept, counted, absdiff, finite = 0.0, 0.0, 0.0, 0.0, 0.0, True
         peak_activation = 0
-        for idx, mt, aux in zip(micro, mts, auxes, strict=True):
+        for idx, mt, aux, keep in zip(micro, mts, auxes, keeps, strict=True):
             with ActivationMeter(weights=self._weights) as meter:
-                out = self._learn_micro(batch, idx, mt, aux, denom, n_seqs)
+                out = self._learn_micro(batch, idx, mt, aux, keep, denom, n_seqs)
             peak_activation = max(peak_activation, meter.bytes)
             if not out["finite"]:
                 finite = False
@@ -297,18 +294,6 @@ class Learner:
         parts = [((rows([batch.sampler_logprobs[i] for i in idx], mt.mask_BT.shape[1]) - a.teacher_logp_BT) * mt.mask_BT).sum()
                  for idx, mt, a in zip(micro, mts, auxes, strict=True)]
         return float(sum(parts)), float(sum(mt.mask_BT.sum() for mt in mts))
-
-    def _denominator(self, mts: list[MicroTensors], auxes: list[Aux], n_seq: int) -> tuple[float, int]:
-        """Tokens in the batch-wide token-mean (kept tokens with TIP, SDPO-routed tokens with SDPO, else all tokens)
-        and sequences in the batch, both summed over ranks: each shard's loss is a share of the whole batch's."""
-        if self.spec.select_mode:
-            local = float(sum(_keep_count(int(mt.mask_BT.sum()), self.spec.keep_ratio) for mt in mts))
-        elif self.spec.name == "sdpo":
-            local = float(sum((a.route_sdpo_B.unsqueeze(-1) * mt.mask_BT).sum() for a, mt in zip(auxes, mts, strict=True)))
-        else:
-            local = float(sum(mt.mask_BT.sum() for mt in mts))
-        tokens, seqs = self.comm.sum(torch.tensor([local, float(n_seq)], dtype=torch.float64)).tolist()
-        return tokens or 1.0, int(seqs)
 
     @torch.no_grad()
     def probe_logprobs(self, token_ids: list[int]) -> list[float]:

@@ -116,4 +116,5 @@ def token_logprobs(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, temperatu
 def entropy_from_logits(logits_BTV: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Per-token entropy ``-sum_v p log p`` of the softmax over the vocabulary, shape [B, T]."""
     logp = torch.log_softmax(logits_BTV.float() / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    # A masked logit (-inf) has p = 0 and adds 0, not 0 * -inf = NaN; zeroed before the product for the gradient too.
+    return -(logp.exp() * logp.masked_fill(torch.isneginf(logp), 0.0)).sum(-1)

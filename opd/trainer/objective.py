@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from opd.trainer.advantages import opd_token_advantages
 from opd.trainer.divergences import full_vocab_divergence, teacher_topk_forward_kl
 from opd.trainer.losses import clipped_pg_token_loss, prefix_is_weights, token_logprobs, truncated_is_weights
 from opd.trainer.objectives import gopd_token_advantages
@@ -35,6 +36,7 @@ class ObjectiveSpec:
     full_vocab_kind: str = "reverse"
     full_vocab_source: str = "learner"  # learner: HF forward of the teacher here; teacher: its actor sends hidden states
     jsd_beta: float = 0.5
+    opd_kl_coef: float = 1.0
     exopd_lam: float = 1.25
     sdpo_top_k: int = 100
     sdpo_alpha: float = 0.5
@@ -107,10 +109,17 @@ def token_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-token loss, denominator tokens) for one micro-batch; both [B, T] and zero outside ``mask_BT``."""
     logp_BT = token_logprobs(logits_BTV, targets_BT)
-    if spec.name == "grpo" or (spec.name == "opd" and spec.opd_divergence == "sampled"):
+    if spec.name == "grpo":
         return _pg(spec, logp_BT, sampler_BT, adv_BT) * mask_BT, mask_BT
-    if spec.name == "exopd":
-        adv = gopd_token_advantages(aux.teacher_logp_BT, aux.ref_logp_BT, sampler_BT, mask_BT, lam=spec.exopd_lam)
+    if spec.name == "exopd" or (spec.name == "opd" and spec.opd_divergence == "sampled"):
+        if aux.teacher_logp_BT is None:
+            raise ValueError(f"{spec.name} needs the teacher's per-token log-probs, and the batch carries none")
+        # The advantage takes the learner's log pi, not the sampler's log q: with _pg's truncated weight pi/q the
+        # expected gradient is then grad KL(pi || pi_T) even when q != pi (stale weights, another engine's numerics).
+        if spec.name == "opd":
+            adv = opd_token_advantages(logp_BT, aux.teacher_logp_BT, mask_BT, coef=spec.opd_kl_coef)
+        else:
+            adv = gopd_token_advantages(aux.teacher_logp_BT, aux.ref_logp_BT, logp_BT, mask_BT, lam=spec.exopd_lam)
         return _pg(spec, logp_BT, sampler_BT, adv) * mask_BT, mask_BT
     if spec.name == "opd" and spec.opd_divergence in ("teacher_topk", "full_vocab"):
         if spec.opd_divergence == "teacher_topk":
@@ -124,6 +133,8 @@ def token_loss(
         sd_loss_BT, _ = sdpo_token_loss(
             logits_BTV, aux.teacher_logits_BTV, logp_BT.detach(), sampler_BT, mask_BT,
             k=spec.sdpo_top_k, alpha=spec.sdpo_alpha, is_cap=spec.sdpo_is_cap, logp_BT=logp_BT,
+            # On-policy the pi/pi_old ratio is 1, so the sampler->learner weight is the one sdpo.is_cap must bound.
+            rollout_is_cap=spec.sdpo_is_cap,
         )
         z_sd = aux.route_sdpo_B.unsqueeze(-1) * mask_BT
         if spec.name == "sdpo":

@@ -2,8 +2,9 @@
 
 Decides, sample by sample, which objective learns from it (SRPO: correct -> GRPO, failed with a self-teacher
 context -> SDPO), which samples are dropped (uniform groups, quality gate) and how much each weighs (PACED).
-Advantages are computed here as plain numbers wherever they need no model, so the batch can be dumped and
-replayed into a learner alone. Rules take plain values (``RoutePlan``), never the config.
+Advantages are computed here as plain numbers wherever they need no model (OPD's and ExOPD's need the learner's
+log pi: the learner computes them), so the batch can be dumped and replayed into a learner alone. Rules take plain
+values (``RoutePlan``), never the config.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from opd.trainer.advantages import grpo_advantages, opd_token_advantages
+from opd.trainer.advantages import grpo_advantages
 from opd.trainer.objectives import paced_weights, quality_gate
 from opd.trainer.sdpo import build_reprompt, self_teacher_contexts
 from opd.types import Rewards, RolloutBatch, Sample, TeacherScores, TrainBatch
@@ -22,7 +23,6 @@ from opd.types import Rewards, RolloutBatch, Sample, TeacherScores, TrainBatch
 @dataclass(frozen=True)
 class RoutePlan:
     objective: str  # opd | grpo | exopd | sdpo | srpo
-    kl_coef: float = 1.0
     norm_by_std: bool = True
     adv_eps: float = 1e-6
     use_topk: bool = False  # hand the teacher's top-k to the learner (opd.divergence=teacher_topk)
@@ -33,15 +33,6 @@ class RoutePlan:
     success_threshold: float = 1.0
     dont_reprompt_on_self_success: bool = True
     max_reprompt_len: int = 256
-
-
-def _pad(rows: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max((len(r) for r in rows), default=0)
-    values, mask = torch.zeros(len(rows), width), torch.zeros(len(rows), width)
-    for i, r in enumerate(rows):
-        values[i, : len(r)] = torch.tensor(r, dtype=torch.float32)
-        mask[i, : len(r)] = 1.0
-    return values, mask
 
 
 def _groups(n: int, g: int) -> list[range]:
@@ -86,14 +77,12 @@ def route(
     if scores is not None:
         scores.validate(samples)
     lengths = [len(s.response_ids) for s in samples]
-    sampler_BT, mask_BT = _pad([s.sampler_logprobs for s in samples])
-    if plan.objective in ("opd", "exopd") and scores is not None:
-        adv_BT = opd_token_advantages(sampler_BT, _pad(scores.logprobs)[0], mask_BT, coef=plan.kl_coef)
-        advantages = [adv_BT[i, :n].tolist() for i, n in enumerate(lengths)]
-    elif plan.objective == "opd":  # full_vocab: the learner reads the teacher's logits itself; no advantage is used
-        advantages = [[0.0] * n for n in lengths]
-    elif plan.objective == "exopd":
+    if plan.objective == "exopd" and scores is None:
         raise ValueError("exopd needs the teacher's per-token log-probs, and no teacher scores came with the batch")
+    if plan.objective in ("opd", "exopd"):
+        # The learner computes these advantages from its own current log pi (opd.trainer.objective); the sampler's
+        # log q would bias the gradient whenever q != pi. full_vocab uses no advantage at all.
+        advantages = [[0.0] * n for n in lengths]
     else:
         adv = grpo_advantages(torch.tensor(rewards.rewards).view(-1, g), norm_by_std=plan.norm_by_std, eps=plan.adv_eps).flatten()
         advantages = [[float(a)] * n for a, n in zip(adv, lengths, strict=True)]

@@ -1,0 +1,71 @@
+"""What a learner step fixes over its whole batch before the learning pass, without gradient: the tokens TIP keeps,
+SRPO's entropy weights, and the denominators of the token- and sequence-means.
+
+Each is a function of the whole batch (a top-``n`` over all its tokens, a mean over all its SDPO tokens, a count of
+all its tokens), so computing it per micro-batch would make the update depend on ``trainer.micro_batch_size``. The
+learner hands these functions one ``[B, T]`` tensor per micro-batch; they join them (right-padded to the longest
+``T``), decide once, and give the pieces back. With several ranks, counts, weight sums and maxima are reduced over
+ranks (``Collective``); TIP selects within each rank's shard. Torch only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opd.trainer.dist import Collective
+from opd.trainer.objectives import entropy_weights
+from opd.trainer.selection import select_tokens
+
+
+def _join(parts: list[torch.Tensor]) -> torch.Tensor:
+    t_max = max((p.shape[1] for p in parts), default=1)
+    # An empty shard still joins the collectives, with an empty [0, T] batch.
+    return torch.cat([torch.nn.functional.pad(p, (0, t_max - p.shape[1])) for p in parts] or [torch.zeros(0, t_max)])
+
+
+def _split(whole_NT: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    out, start = [], 0
+    for p in like:
+        out.append(whole_NT[start : start + p.shape[0], : p.shape[1]])
+        start += p.shape[0]
+    return out
+
+
+def live_samples(loss_weights: list[float] | None, idx: list[int]) -> torch.Tensor:
+    """[B] 1.0 for the samples of ``idx`` whose loss weight is non-zero. A weight-0 sample (PACED's all-right or
+    all-wrong problem, the quality gate) is as if filtered out: it joins no denominator and no selection."""
+    if loss_weights is None:
+        return torch.ones(len(idx))
+    return torch.tensor([1.0 if loss_weights[i] != 0 else 0.0 for i in idx])
+
+
+def keep_masks(entropy: list[torch.Tensor], divergence: list[torch.Tensor], valid: list[torch.Tensor],
+               keep_ratio: float, mode: str) -> list[torch.Tensor]:
+    """TIP's kept tokens (``selection.select_tokens``) chosen once among the valid tokens of all micro-batches."""
+    keep_NT = select_tokens(_join(entropy), _join(divergence), _join(valid), keep_ratio, mode)
+    return _split(keep_NT, valid)
+
+
+def srpo_weights(teacher_entropy: list[torch.Tensor], sdpo_tokens: list[torch.Tensor], beta: float,
+                 comm: Collective) -> list[torch.Tensor]:
+    """exp(-beta*H_teacher) normalised to mean 1 over the whole batch's SDPO-routed tokens, all ranks' (§5.2)."""
+    w_NT = entropy_weights(_join(teacher_entropy), _join(sdpo_tokens), beta=beta, sum_over_ranks=comm.sum,
+                           max_over_ranks=comm.max)
+    return _split(w_NT, sdpo_tokens)
+
+
+def counted_tokens(mask_BT: torch.Tensor, live_B: torch.Tensor, keep_BT: torch.Tensor | None = None,
+                   route_sdpo_B: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T] the tokens of one micro-batch in the token-mean's denominator: TIP's kept tokens when it selects, else
+    the live samples' tokens, and of those only the SDPO-routed ones when given (SDPO, §10.4)."""
+    if keep_BT is not None:
+        return keep_BT
+    m = mask_BT * live_B.unsqueeze(-1)
+    return m * route_sdpo_B.unsqueeze(-1) if route_sdpo_B is not None else m
+
+
+def denominators(counted: list[torch.Tensor], live: list[torch.Tensor], comm: Collective) -> tuple[float, int]:
+    """(tokens, sequences) of the whole batch, summed over ranks: each shard's loss is a share of the batch's."""
+    local = [float(sum(c.sum() for c in counted)), float(sum(x.sum() for x in live))]
+    tokens, seqs = comm.sum(torch.tensor(local, dtype=torch.float64)).tolist()
+    return tokens or 1.0, int(seqs) or 1
