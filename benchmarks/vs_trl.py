@@ -275,7 +275,7 @@ def stage_plan(name: str, args) -> dict:
 
     cfg = load_config(args.work_dir / name / "config.yaml")
     return {"threads": {"generate": cfg.rollout.num_cpus, "score": cfg.teacher.num_cpus, "train": cfg.trainer.torch_threads},
-            "learner_teacher": cfg.learner_runs_teacher, "share": cfg.trainer.share_prompts,
+            "learner_teacher": cfg.teacher_signal.learner_runs_teacher, "share": cfg.trainer.share_prompts,
             "teacher_share": cfg.teacher_engine == "hf", "score_all": cfg.teacher_engine == "vllm"}
 
 

@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from opd.signal import TeacherSignal, teacher_signal
+
 ALGORITHMS = ("opd", "grpo", "exopd", "sdpo", "srpo")
 
 
@@ -279,7 +281,8 @@ class Config(_Section):
             self.teacher.max_logprobs = self.teacher.top_k
         if "default" in self.models.teachers:
             raise ValueError("models.teachers: 'default' names models.teacher; choose another name")
-        if self.models.teachers and self.opd.divergence == "full_vocab" and self.algorithm == "opd":
+        signal = self.teacher_signal
+        if self.models.teachers and signal.kind == "full_vocab":
             raise ValueError("models.teachers: opd.divergence=full_vocab runs one teacher in the learner; use one teacher")
         if self.task.name == "files" and not (self.task.train_path and self.task.test_path):
             raise ValueError("task.name=files needs task.train_path and task.test_path")
@@ -289,17 +292,17 @@ class Config(_Section):
             raise ValueError(f"selection.mode={self.selection.mode!r} applies to algorithm opd or exopd, not {self.algorithm!r}")
         if self.selection.mode and self.opd.divergence != "sampled":
             raise ValueError("selection.mode needs opd.divergence=sampled (it ranks tokens by the sampled-token divergence)")
-        if self.algorithm == "opd" and self.opd.divergence == "teacher_topk" and self.teacher.top_k == 0:
+        if signal.kind == "topk" and self.teacher.top_k == 0:
             raise ValueError("opd.divergence=teacher_topk needs teacher.top_k > 0")
         if self.algorithm in ("sdpo", "srpo") and self.rollout.group_size < 2:
             raise ValueError(f"algorithm={self.algorithm} needs rollout.group_size >= 2 (siblings are the self-teacher's solutions)")
         if self.trainer.num_ranks > 1 and self.trainer.placement_strategy == "STRICT_SPREAD" and not self.cluster.address:
             raise ValueError("trainer.placement_strategy=STRICT_SPREAD puts each learner rank on its own node; an embedded "
                              "local Ray has one node (set cluster.address, or use PACK / SPREAD)")
-        if self.teacher_sends_hidden and self.teacher.url:
+        if signal.hidden and self.teacher.url:
             raise ValueError("opd.full_vocab_source=teacher: a teacher server (teacher.url) returns log-probs, not hidden "
                              "states; run the teacher locally or use opd.full_vocab_source=learner")
-        if self.teacher_sends_hidden and self.teacher.engine == "vllm":
+        if signal.hidden and self.teacher.engine == "vllm":
             raise ValueError("opd.full_vocab_source=teacher needs the teacher's hidden states, which the vLLM engine does "
                              "not return: set teacher.engine=hf (or auto)")
         if self.lora.r > 0 and self.rollout.engine != "vllm":
@@ -314,29 +317,22 @@ class Config(_Section):
         return self
 
     @property
+    def teacher_signal(self) -> TeacherSignal:
+        """What the teacher gives each step and who computes it (``opd.signal``: the one place that decides)."""
+        return teacher_signal(self.algorithm, self.opd.divergence, self.opd.full_vocab_source, self.teacher.top_k)
+
+    @property
     def needs_teacher(self) -> bool:
-        """Whether a teacher scorer must run: OPD and ExOPD learn from its per-token log-probs."""
-        return self.algorithm in ("opd", "exopd")
-
-    @property
-    def learner_runs_teacher(self) -> bool:
-        """OPD with ``opd.divergence=full_vocab`` (``opd.full_vocab_source=learner``): the learner runs the teacher's forward itself (the loss, the
-        sampled-token log-probs and the ``teacher_kl`` metric all come from it), so no teacher actor scores samples;
-        the teacher actor is still started, for its held-out accuracy."""
-        return self.algorithm == "opd" and self.opd.divergence == "full_vocab" and self.opd.full_vocab_source == "learner"
-
-    @property
-    def teacher_sends_hidden(self) -> bool:
-        """OPD with ``opd.divergence=full_vocab`` and ``opd.full_vocab_source=teacher``: the teacher actor sends its
-        final hidden states at the response positions with its scores, and the learner applies the teacher's head."""
-        return self.algorithm == "opd" and self.opd.divergence == "full_vocab" and self.opd.full_vocab_source == "teacher"
+        """Whether teacher actors start: whenever the objective reads a teacher (also when the learner computes the
+        training signal itself, as the teacher actor answers the held-out evaluation)."""
+        return self.teacher_signal.kind != "none"
 
     @property
     def teacher_engine(self) -> str:
         """The engine of local teacher actors (``teacher.engine``, ``auto`` resolved)."""
         if self.teacher.engine != "auto":
             return self.teacher.engine
-        return "hf" if self.teacher_sends_hidden else self.rollout.engine
+        return "hf" if self.teacher_signal.hidden else self.rollout.engine
 
 
 def _set_dotted(tree: dict, key: str, value: object) -> None:

@@ -95,7 +95,7 @@ def check_model_dirs(cfg: Config) -> None:
     directory is enough, unless ``opd.divergence=full_vocab`` runs the teacher's HF forward in the learner).
     """
     problems = []
-    remote = cfg.teacher.url is not None and not (cfg.algorithm == "opd" and cfg.opd.divergence == "full_vocab")
+    remote = cfg.teacher.url is not None and not cfg.teacher_signal.learner_runs_teacher
     keys = ["student"] + (["teacher"] if cfg.needs_teacher and not remote else [])
     dirs = [(f"models.{k}", getattr(cfg.models, k)) for k in keys]
     if cfg.needs_teacher:

@@ -53,8 +53,9 @@ class ChunkScorer:
     thread as each chunk arrives: it verifies the chunk (and starts the teacher on a chunk of mixed teachers)."""
 
     def __init__(self, roles: Roles, cfg: Config):
-        self.roles, self.top_k, self.hidden = roles, cfg.teacher.top_k, cfg.teacher_sends_hidden
-        self.teacher = None if cfg.learner_runs_teacher else roles.teacher
+        signal = cfg.teacher_signal  # only what the learner reads: no top-k rows for sampled-token objectives
+        self.roles, self.top_k, self.hidden = roles, signal.top_k, signal.hidden
+        self.teacher = roles.teacher if signal.scored_by_actor else None
 
     def chain(self, draws: list[tuple[Prompt, int]], samples_ref):
         teachers = self.teacher

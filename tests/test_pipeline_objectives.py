@@ -46,7 +46,7 @@ def test_objective_two_steps(shared, tiny_models, tmp_path, name):
     out = tmp_path / name
     cfg = load_config(None, tiny_overrides(tiny_models, out, **OBJECTIVE_RUNS[name]))
     # The hidden-state teacher is a transformers engine of its own (teacher.engine=auto); the others share the vLLM one.
-    teacher = start_teachers(cfg, prefix=f"{name}/") if cfg.teacher_sends_hidden else None
+    teacher = start_teachers(cfg, prefix=f"{name}/") if cfg.teacher_signal.hidden else None
     try:
         summary = train_on(shared, cfg, teacher=teacher)
     finally:

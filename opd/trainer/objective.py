@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from opd.signal import TeacherSignal, teacher_signal
 from opd.trainer.advantages import opd_token_advantages
 from opd.trainer.divergences import full_vocab_divergence, teacher_topk_forward_kl
 from opd.trainer.losses import clipped_pg_token_loss, prefix_is_weights, token_logprobs, truncated_is_weights
@@ -55,13 +56,18 @@ class ObjectiveSpec:
         return self.name == "exopd"
 
     @property
+    def signal(self) -> TeacherSignal:
+        """The teacher signal this objective reads (``opd.signal``: decided there, as for every other role)."""
+        return teacher_signal(self.name, self.opd_divergence, self.full_vocab_source, top_k=0)
+
+    @property
     def needs_hf_teacher(self) -> bool:
-        return self.name == "opd" and self.opd_divergence == "full_vocab" and self.full_vocab_source == "learner"
+        return self.signal.learner_runs_teacher
 
     @property
     def needs_teacher_head(self) -> bool:
         """The teacher's actor sends its hidden states; this learner holds only the teacher's LM head."""
-        return self.name == "opd" and self.opd_divergence == "full_vocab" and self.full_vocab_source == "teacher"
+        return self.signal.hidden
 
 
 def _at(t: torch.Tensor | None, piece: tuple) -> torch.Tensor | None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from opd.signal import TeacherSignal
 from opd.trainer.advantages import grpo_advantages
 from opd.trainer.objectives import paced_weights, quality_gate
 from opd.trainer.sdpo import build_reprompt, self_teacher_contexts
@@ -25,8 +26,7 @@ class RoutePlan:
     objective: str  # opd | grpo | exopd | sdpo | srpo
     norm_by_std: bool = True
     adv_eps: float = 1e-6
-    use_topk: bool = False  # hand the teacher's top-k to the learner (opd.divergence=teacher_topk)
-    use_hidden: bool = False  # hand the teacher's hidden states to the learner (opd.full_vocab_source=teacher)
+    signal: TeacherSignal = TeacherSignal()  # what of the teacher's scores the learner reads (top-k rows, hidden states)
     paced: tuple[float, float] | None = None  # (a, b) of w(p) = p^a (1-p)^b
     quality_gate: float | None = None
     drop_uniform_groups: bool = False
@@ -108,11 +108,11 @@ def route(
         teacher_logprobs=pick(scores.logprobs) if scores is not None else None,
         objective=plan.objective,
         loss_weights=pick(_sample_weights(rewards, g, plan)),
-        teacher_topk_ids=pick(scores.topk_ids) if scores is not None and plan.use_topk else None,
-        teacher_topk_logprobs=pick(scores.topk_logprobs) if scores is not None and plan.use_topk else None,
+        teacher_topk_ids=pick(scores.topk_ids) if scores is not None and plan.signal.kind == "topk" else None,
+        teacher_topk_logprobs=pick(scores.topk_logprobs) if scores is not None and plan.signal.kind == "topk" else None,
         teacher_prompt_ids=pick(teacher_prompts),
         routes=pick(routes),
-        teacher_hidden=pick(scores.hidden) if scores is not None and plan.use_hidden else None,
+        teacher_hidden=pick(scores.hidden) if scores is not None and plan.signal.hidden else None,
     )
     batch.validate()
     return batch

@@ -1,0 +1,53 @@
+"""What the teacher contributes to a training step, and which process computes it: one decision, made once.
+
+``teacher_signal`` is the only place that reads the objective and its divergence to decide it; the config
+(``Config.teacher_signal``), the driver's chunk scorer (what to ask the teacher actor for), the router (what to hand
+the learner) and the learner (which teacher models to load) all read the resulting ``TeacherSignal``. Nobody asks
+the teacher for what another role then throws away.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Kind = Literal["none", "sampled", "topk", "full_vocab"]
+Source = Literal["none", "teacher", "learner"]
+
+# The objectives whose loss reads a teacher, and the signal each reads (OPD's follows opd.divergence).
+_FIXED: dict[str, Kind] = {"grpo": "none", "sdpo": "none", "srpo": "none", "exopd": "sampled"}
+_OPD_FAMILY = ("opd", "opd_reward")
+_BY_DIVERGENCE: dict[str, Kind] = {"sampled": "sampled", "teacher_topk": "topk", "full_vocab": "full_vocab"}
+
+
+@dataclass(frozen=True)
+class TeacherSignal:
+    kind: Kind = "none"  # none | sampled (log-prob of each drawn token) | topk (+ top-k rows) | full_vocab
+    # teacher: the teacher actor (or server) scores each chunk; learner: the learner runs the teacher's forward itself
+    source: Source = "none"
+    top_k: int = 0  # top-k rows per token asked of the teacher (topk only)
+    hidden: bool = False  # full_vocab from the teacher actor: it sends final hidden states, the learner applies the head
+
+    @property
+    def scored_by_actor(self) -> bool:
+        """Whether the teacher actor scores the training samples (else it only answers held-out evaluation)."""
+        return self.source == "teacher"
+
+    @property
+    def learner_runs_teacher(self) -> bool:
+        return self.source == "learner"
+
+
+def teacher_signal(objective: str, divergence: str, full_vocab_source: str, top_k: int) -> TeacherSignal:
+    if objective in _OPD_FAMILY:
+        kind = _BY_DIVERGENCE[divergence]
+    elif objective in _FIXED:
+        kind = _FIXED[objective]
+    else:
+        raise ValueError(f"unknown objective {objective!r}")
+    if kind == "none":
+        return TeacherSignal()
+    if kind == "full_vocab":
+        source: Source = "learner" if full_vocab_source == "learner" else "teacher"
+        return TeacherSignal(kind, source, hidden=source == "teacher")
+    return TeacherSignal(kind, "teacher", top_k=top_k if kind == "topk" else 0)
