@@ -16,8 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from opd.signal import TeacherSignal, teacher_signal
 
-ALGORITHMS = ("opd", "grpo", "exopd", "sdpo", "srpo")
-
 
 class ConfigError(ValueError):
     """Bad configuration; the message names every offending dotted key. The CLI exits with code 2."""
@@ -86,6 +84,13 @@ class ExOPDConfig(_Section):
     lam: float = Field(1.25, gt=0)  # reward scale; 1.0 is exactly OPD, >1 extrapolates past the teacher
     reference: str | None = None  # reference model dir; None: the student's initial weights
     tis_cap: float = Field(2.0, gt=0)
+
+
+class OPDRewardConfig(_Section):
+    """algorithm=opd_reward: per-token advantage kl_weight * (log pi_T - log pi) + reward_weight * GRPO advantage."""
+
+    kl_weight: float = Field(1.0, ge=0)
+    reward_weight: float = Field(1.0, ge=0)
 
 
 class SDPOConfig(_Section):
@@ -252,8 +257,9 @@ class Config(_Section):
     cluster: ClusterConfig = ClusterConfig()
     models: ModelsConfig = ModelsConfig()
     task: TaskConfig = TaskConfig()
-    algorithm: Literal["opd", "grpo", "exopd", "sdpo", "srpo"] = "opd"
+    algorithm: str = "opd"  # a module of opd.objectives
     opd: OPDConfig = OPDConfig()
+    opd_reward: OPDRewardConfig = OPDRewardConfig()
     grpo: GRPOConfig = GRPOConfig()
     exopd: ExOPDConfig = ExOPDConfig()
     sdpo: SDPOConfig = SDPOConfig()
@@ -269,8 +275,20 @@ class Config(_Section):
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
 
+    @field_validator("algorithm")
+    @classmethod
+    def _known_objective(cls, v: str) -> str:
+        from opd.objectives import REGISTRY  # torch: only when a config is validated
+
+        if v not in REGISTRY:
+            raise ValueError(f"unknown objective {v!r}; valid: {', '.join(REGISTRY)}")
+        return v
+
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
+        from opd.objectives import get
+
+        objective = get(self.algorithm)
         for key, n in (("rollout.max_new_tokens", self.rollout.max_new_tokens), ("eval.max_new_tokens", self.eval.max_new_tokens)):
             if n >= self.rollout.max_model_len:
                 raise ValueError(f"{key}={n} leaves no room for a prompt in rollout.max_model_len={self.rollout.max_model_len}")
@@ -288,14 +306,18 @@ class Config(_Section):
             raise ValueError("task.name=files needs task.train_path and task.test_path")
         if self.task.name != "files" and self.eval.num_prompts > self.task.num_test:
             raise ValueError(f"eval.num_prompts={self.eval.num_prompts} exceeds task.num_test={self.task.num_test}")
-        if self.selection.mode and self.algorithm not in ("opd", "exopd"):
+        if self.selection.mode and not objective.token_selection:
             raise ValueError(f"selection.mode={self.selection.mode!r} applies to algorithm opd or exopd, not {self.algorithm!r}")
         if self.selection.mode and self.opd.divergence != "sampled":
             raise ValueError("selection.mode needs opd.divergence=sampled (it ranks tokens by the sampled-token divergence)")
         if signal.kind == "topk" and self.teacher.top_k == 0:
             raise ValueError("opd.divergence=teacher_topk needs teacher.top_k > 0")
-        if self.algorithm in ("sdpo", "srpo") and self.rollout.group_size < 2:
-            raise ValueError(f"algorithm={self.algorithm} needs rollout.group_size >= 2 (siblings are the self-teacher's solutions)")
+        if self.rollout.group_size < objective.min_group:
+            why = "siblings are the self-teacher's solutions" if objective.self_teacher else "a group of one has zero relative advantage"
+            raise ValueError(f"algorithm={self.algorithm} needs rollout.group_size >= {objective.min_group} ({why})")
+        if self.algorithm == "opd_reward" and self.opd.divergence != "sampled":
+            raise ValueError("algorithm=opd_reward adds the teacher's sampled-token advantage to the reward's: set "
+                             "opd.divergence=sampled")
         if self.trainer.num_ranks > 1 and self.trainer.placement_strategy == "STRICT_SPREAD" and not self.cluster.address:
             raise ValueError("trainer.placement_strategy=STRICT_SPREAD puts each learner rank on its own node; an embedded "
                              "local Ray has one node (set cluster.address, or use PACK / SPREAD)")
@@ -312,8 +334,6 @@ class Config(_Section):
             raise ValueError(f"lora.r={self.lora.r} exceeds vLLM's largest max_lora_rank (512)")
         if self.lora.r > 0 and not self.lora.target_modules:
             raise ValueError("lora.target_modules is empty: name the modules that get an adapter (e.g. q_proj, v_proj)")
-        if self.algorithm == "grpo" and self.rollout.group_size < 2:
-            raise ValueError("algorithm=grpo needs rollout.group_size >= 2 (a group of one has zero relative advantage)")
         return self
 
     @property

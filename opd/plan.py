@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from opd.config import Config
+from opd.objectives import get
 from opd.trainer.objective import ObjectiveSpec
 from opd.trainer.routing import RoutePlan
 
 
 def objective_spec(cfg: Config) -> ObjectiveSpec:
     g, o, sd = cfg.grpo, cfg.opd, cfg.sdpo
-    tis = {"opd": o.tis_cap, "exopd": cfg.exopd.tis_cap}.get(cfg.algorithm, g.tis_cap)
+    objective = get(cfg.algorithm)
+    # The truncated importance weight's cap: the section of the objective's own signal (teacher: opd / exopd).
+    tis = {"opd": o.tis_cap, "opd_reward": o.tis_cap, "exopd": cfg.exopd.tis_cap}.get(cfg.algorithm, g.tis_cap)
     return ObjectiveSpec(
         name=cfg.algorithm,
-        agg=g.loss_agg if cfg.algorithm == "grpo" else "token-mean",
+        agg=g.loss_agg if objective.sequence_agg else "token-mean",
         clip_low=g.clip_low,
         clip_high=g.clip_high,
         tis_cap=tis,
@@ -23,6 +26,8 @@ def objective_spec(cfg: Config) -> ObjectiveSpec:
         jsd_beta=o.jsd_beta,
         opd_kl_coef=o.kl_coef,
         exopd_lam=cfg.exopd.lam,
+        opd_reward_kl_weight=cfg.opd_reward.kl_weight,
+        opd_reward_reward_weight=cfg.opd_reward.reward_weight,
         sdpo_top_k=sd.top_k,
         sdpo_alpha=sd.alpha,
         sdpo_is_cap=sd.is_cap,

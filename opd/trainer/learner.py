@@ -173,7 +173,7 @@ class Learner:
             logits_BTV = self.fw.logits(self.model, h_leaf[p])
             loss_BT, count_BT = token_loss(self.spec, logits_BTV, targets_BT[p], mask_BT[p], sampler_BT[p], adv_BT[p], aux.piece(p))
             loss_BT = loss_BT * weights_BT[p]
-            if self.spec.name == "grpo" and self.spec.agg != "token-mean":
+            if self.spec.objective.sequence_agg and self.spec.agg != "token-mean":
                 loss = aggregate(loss_BT, mask_BT[p], self.spec.agg, self.spec.norm_len) * loss_BT.shape[0] / n_seqs
             else:
                 loss = loss_BT.sum() / denom
@@ -221,10 +221,10 @@ class Learner:
                            self.share_prompts) for idx in micro]
         auxes = [self.teachers.aux(batch, idx, mt) for idx, mt in zip(micro, mts, strict=True)]
         live = [batchwide.live_samples(batch.loss_weights, idx) for idx in micro]
-        if self.spec.name == "srpo":
+        if self.spec.objective.entropy_weighted:
             self._srpo_weights(auxes, [mt.mask_BT for mt in mts], live)
         keeps = self._keep_masks(batch, micro, mts, auxes, live) if self.spec.select_mode else [None] * len(micro)
-        denom_tokens = [batchwide.counted_tokens(mt.mask_BT, x, k, a.route_sdpo_B if self.spec.name == "sdpo" else None)
+        denom_tokens = [batchwide.counted_tokens(mt.mask_BT, x, k, a.route_sdpo_B if self.spec.objective.routed_denominator else None)
                         for mt, x, k, a in zip(mts, live, keeps, auxes, strict=True)]
         denom, n_seqs = batchwide.denominators(denom_tokens, live, self.comm)
         kl_sum, kl_tokens = self._teacher_kl(batch, micro, mts, auxes)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from opd.objectives import get
 from opd.signal import TeacherSignal
 from opd.trainer.advantages import grpo_advantages
 from opd.trainer.objectives import paced_weights, quality_gate
@@ -23,7 +24,7 @@ from opd.types import Rewards, RolloutBatch, Sample, TeacherScores, TrainBatch
 
 @dataclass(frozen=True)
 class RoutePlan:
-    objective: str  # opd | grpo | exopd | sdpo | srpo
+    objective: str  # a name in opd.objectives
     norm_by_std: bool = True
     adv_eps: float = 1e-6
     signal: TeacherSignal = TeacherSignal()  # what of the teacher's scores the learner reads (top-k rows, hidden states)
@@ -77,22 +78,20 @@ def route(
     if scores is not None:
         scores.validate(samples)
     lengths = [len(s.response_ids) for s in samples]
-    if plan.objective == "exopd" and scores is None:
-        raise ValueError("exopd needs the teacher's per-token log-probs, and no teacher scores came with the batch")
-    if plan.objective in ("opd", "exopd"):
-        # The learner computes these advantages from its own current log pi (opd.trainer.objective); the sampler's
-        # log q would bias the gradient whenever q != pi. full_vocab uses no advantage at all.
-        advantages = [[0.0] * n for n in lengths]
-    else:
+    objective = get(plan.objective)
+    if plan.signal.scored_by_actor and scores is None:
+        raise ValueError(f"{plan.objective} needs the teacher's per-token log-probs, and no teacher scores came with the batch")
+    if objective.group_advantages:
         adv = grpo_advantages(torch.tensor(rewards.rewards).view(-1, g), norm_by_std=plan.norm_by_std, eps=plan.adv_eps).flatten()
         advantages = [[float(a)] * n for a, n in zip(adv, lengths, strict=True)]
+    else:
+        # A teacher's per-token advantage is the learner's to compute, from its own current log pi (the sampler's
+        # log q would bias the gradient whenever q != pi); a divergence over the vocabulary uses none.
+        advantages = [[0.0] * n for n in lengths]
     teacher_prompts = routes = None
-    if plan.objective in ("sdpo", "srpo"):
+    if objective.self_teacher:
         teacher_prompts = _self_teacher_prompts(samples, rewards, g, plan, render)
-        if plan.objective == "sdpo":
-            routes = ["sdpo" if tp is not None else "none" for tp in teacher_prompts]
-        else:  # SRPO §5.1: z_sdpo = (1 - correct) * has_teacher
-            routes = ["sdpo" if (tp is not None and not c) else "grpo" for tp, c in zip(teacher_prompts, rewards.correct, strict=True)]
+        routes = objective.routes([tp is not None for tp in teacher_prompts], rewards.correct)
     keep = list(range(len(samples)))
     if plan.drop_uniform_groups:
         keep = [i for grp in _groups(len(samples), g) if len({rewards.rewards[j] for j in grp}) > 1 for i in grp]

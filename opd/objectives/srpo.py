@@ -1,0 +1,27 @@
+"""SRPO: correct samples learn by GRPO, failed ones with a self-teacher by SDPO, over one denominator (§5)."""
+
+from __future__ import annotations
+
+from opd.objectives import Objective, pg_token_loss, register
+from opd.objectives.sdpo import self_distillation_loss
+
+
+class SRPO(Objective):
+    name = "srpo"
+    group_advantages = True
+    self_teacher = True
+    min_group = 2
+    entropy_weighted = True
+
+    def routes(self, has_teacher, correct):
+        return ["sdpo" if t and not c else "grpo" for t, c in zip(has_teacher, correct, strict=True)]  # §5.1
+
+    def token_loss(self, spec, logits_BTV, targets_BT, mask_BT, sampler_BT, adv_BT, aux):
+        sd_loss_BT, logp_BT = self_distillation_loss(spec, logits_BTV, targets_BT, mask_BT, sampler_BT, aux)
+        z_sd = aux.route_sdpo_B.unsqueeze(-1) * mask_BT
+        z_g = (1.0 - aux.route_sdpo_B).unsqueeze(-1) * mask_BT
+        g_loss_BT = pg_token_loss(spec, logp_BT, sampler_BT, adv_BT)
+        return z_g * g_loss_BT + z_sd * aux.entropy_weights_BT * sd_loss_BT, mask_BT
+
+
+register(SRPO())
