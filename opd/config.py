@@ -93,6 +93,14 @@ class OPDRewardConfig(_Section):
     reward_weight: float = Field(1.0, ge=0)
 
 
+class KLRefConfig(_Section):
+    """A KL penalty to a frozen reference model, added to any objective's per-token loss (verl's use_kl_loss)."""
+
+    coef: float = Field(0.0, ge=0)  # 0: off
+    kind: Literal["k1", "k2", "k3", "low_var_kl"] = "low_var_kl"
+    reference: str | None = None  # reference model dir; None: the student's initial weights
+
+
 class SDPOConfig(_Section):
     ema_rate: float = Field(0.05, ge=0, le=1)  # self-teacher <- (1-rate)*teacher + rate*student after each step
     top_k: int = Field(100, ge=1)  # student top-k support (+ tail bucket) of the JSD
@@ -260,6 +268,7 @@ class Config(_Section):
     algorithm: str = "opd"  # a module of opd.objectives
     opd: OPDConfig = OPDConfig()
     opd_reward: OPDRewardConfig = OPDRewardConfig()
+    kl_ref: KLRefConfig = KLRefConfig()
     grpo: GRPOConfig = GRPOConfig()
     exopd: ExOPDConfig = ExOPDConfig()
     sdpo: SDPOConfig = SDPOConfig()
@@ -315,6 +324,9 @@ class Config(_Section):
         if self.rollout.group_size < objective.min_group:
             why = "siblings are the self-teacher's solutions" if objective.self_teacher else "a group of one has zero relative advantage"
             raise ValueError(f"algorithm={self.algorithm} needs rollout.group_size >= {objective.min_group} ({why})")
+        if (self.kl_ref.coef and objective.reference and self.kl_ref.reference
+                and self.kl_ref.reference != self.exopd.reference):
+            raise ValueError("kl_ref.reference: the learner holds one reference model, and exopd.reference names another")
         if self.algorithm == "opd_reward" and self.opd.divergence != "sampled":
             raise ValueError("algorithm=opd_reward adds the teacher's sampled-token advantage to the reward's: set "
                              "opd.divergence=sampled")
@@ -346,6 +358,11 @@ class Config(_Section):
         """Whether teacher actors start: whenever the objective reads a teacher (also when the learner computes the
         training signal itself, as the teacher actor answers the held-out evaluation)."""
         return self.teacher_signal.kind != "none"
+
+    @property
+    def reference_dir(self) -> str | None:
+        """The reference model the learner holds (ExOPD's reward, the kl_ref penalty); None: the student's start."""
+        return self.exopd.reference if self.algorithm == "exopd" else self.kl_ref.reference
 
     @property
     def teacher_engine(self) -> str:

@@ -28,6 +28,8 @@ def objective_spec(cfg: Config) -> ObjectiveSpec:
         exopd_lam=cfg.exopd.lam,
         opd_reward_kl_weight=cfg.opd_reward.kl_weight,
         opd_reward_reward_weight=cfg.opd_reward.reward_weight,
+        kl_ref_coef=cfg.kl_ref.coef,
+        kl_ref_kind=cfg.kl_ref.kind,
         sdpo_top_k=sd.top_k,
         sdpo_alpha=sd.alpha,
         sdpo_is_cap=sd.is_cap,

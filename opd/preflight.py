@@ -100,8 +100,8 @@ def check_model_dirs(cfg: Config) -> None:
     dirs = [(f"models.{k}", getattr(cfg.models, k)) for k in keys]
     if cfg.needs_teacher:
         dirs += [(f"models.teachers.{name}", d) for name, d in cfg.models.teachers.items()]
-    if cfg.algorithm == "exopd" and cfg.exopd.reference:
-        dirs.append(("exopd.reference", cfg.exopd.reference))
+    if cfg.reference_dir:
+        dirs.append(("exopd.reference" if cfg.algorithm == "exopd" else "kl_ref.reference", cfg.reference_dir))
     for key, d in dirs:
         d = Path(d)
         if d.exists() and not d.is_dir():

@@ -45,8 +45,9 @@ def staged_config(cfg: Config, stage: Path) -> Config:
     tree["models"]["student"] = _absolute(cfg.models.student)
     tree["models"]["teacher"] = _absolute(cfg.models.teacher)
     tree["run"]["output_dir"] = _absolute(cfg.run.output_dir)
-    if cfg.exopd.reference:
-        tree["exopd"]["reference"] = _absolute(cfg.exopd.reference)
+    for section in ("exopd", "kl_ref"):
+        if getattr(cfg, section).reference:
+            tree[section]["reference"] = _absolute(getattr(cfg, section).reference)
     problems = []
     for i, entry in enumerate(tree["verifiers"]["functions"]):
         spec = file_spec(entry["name"])

@@ -72,3 +72,26 @@ def test_config_route_and_spec():
         load_config("configs/demo.yaml", ["algorithm=opd_reward", "opd.divergence=teacher_topk"])
     with pytest.raises(ConfigError, match="algorithm: .*unknown objective 'ppo'; valid: .*opd_reward"):
         load_config("configs/demo.yaml", ["algorithm=ppo"])
+
+
+def test_kl_ref_penalty_adds_to_any_objective_over_its_counted_tokens():
+    """kl_ref.coef * (log pi - log pi_ref) (k1) on each counted token, added to the objective's own loss, with the
+    gradient coef * grad log pi; the reference's log-probs are constants."""
+    ref = torch.tensor([[-0.9, -0.4]], dtype=torch.float64)
+    logp = torch.log_softmax(LOGITS, -1).gather(-1, TARGETS.unsqueeze(-1)).squeeze(-1)
+    onehot = torch.nn.functional.one_hot(TARGETS, 3).to(torch.float64)
+    dlogp = onehot - torch.softmax(LOGITS, -1)
+    for name in ("grpo", "opd_reward"):
+        plain = _loss(ObjectiveSpec(name=name), adv=0.5)
+        logits = LOGITS.clone().requires_grad_(True)
+        spec = ObjectiveSpec(name=name, kl_ref_coef=0.1, kl_ref_kind="k1")
+        assert spec.needs_reference and not ObjectiveSpec(name=name).needs_reference
+        loss_BT, count_BT = token_loss(spec, logits, TARGETS, MASK, logp.detach(), torch.full((1, 2), 0.5, dtype=torch.float64),
+                                       Aux(teacher_logp_BT=TEACHER, ref_logp_BT=ref))
+        loss_BT.sum().backward()
+        torch.testing.assert_close(loss_BT.detach(), plain[0] + 0.1 * (logp - ref))
+        torch.testing.assert_close(logits.grad, plain[2] + 0.1 * dlogp)
+    with pytest.raises(ValueError, match="kl_ref.coef > 0 needs the reference"):
+        token_loss(ObjectiveSpec(name="grpo", kl_ref_coef=0.1), LOGITS, TARGETS, MASK, logp, torch.zeros(1, 2), Aux())
+    cfg = load_config("configs/demo.yaml", ["algorithm=grpo", "kl_ref.coef=0.05", "kl_ref.reference=models/ref"])
+    assert cfg.reference_dir == "models/ref" and objective_spec(cfg).kl_ref_coef == 0.05

@@ -11,6 +11,8 @@ import torch
 
 from opd.objectives import Objective, get
 from opd.signal import TeacherSignal, teacher_signal
+from opd.trainer.divergences import kl_penalty
+from opd.trainer.losses import token_logprobs
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ class ObjectiveSpec:
     exopd_lam: float = 1.25
     opd_reward_kl_weight: float = 1.0  # opd_reward: weight of the teacher's per-token term
     opd_reward_reward_weight: float = 1.0  # opd_reward: weight of the GRPO task-reward advantage
+    kl_ref_coef: float = 0.0  # > 0: a KL penalty to the reference model on top of any objective
+    kl_ref_kind: str = "low_var_kl"  # k1 | k2 | k3 | low_var_kl (opd.trainer.divergences.kl_penalty)
     sdpo_top_k: int = 100
     sdpo_alpha: float = 0.5
     sdpo_is_cap: float = 2.0
@@ -49,7 +53,7 @@ class ObjectiveSpec:
 
     @property
     def needs_reference(self) -> bool:
-        return self.objective.reference
+        return self.objective.reference or self.kl_ref_coef > 0
 
     @property
     def signal(self) -> TeacherSignal:
@@ -100,5 +104,13 @@ class Aux:
 def token_loss(
     spec: ObjectiveSpec, logits_BTV, targets_BT, mask_BT, sampler_BT, adv_BT, aux: Aux
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-token loss, denominator tokens) for one micro-batch, from ``spec.name``'s module in ``opd.objectives``."""
-    return get(spec.name).token_loss(spec, logits_BTV, targets_BT, mask_BT, sampler_BT, adv_BT, aux)
+    """(per-token loss, denominator tokens) for one micro-batch, from ``spec.name``'s module in ``opd.objectives``,
+    plus ``kl_ref.coef`` times the per-token KL to the reference model on the tokens the objective counts (so it
+    shares the objective's denominator, whichever objective it is)."""
+    loss_BT, count_BT = get(spec.name).token_loss(spec, logits_BTV, targets_BT, mask_BT, sampler_BT, adv_BT, aux)
+    if spec.kl_ref_coef:
+        if aux.ref_logp_BT is None:
+            raise ValueError("kl_ref.coef > 0 needs the reference model's log-probs, and the micro-batch carries none")
+        kl_BT = kl_penalty(token_logprobs(logits_BTV, targets_BT), aux.ref_logp_BT, spec.kl_ref_kind)
+        loss_BT = loss_BT + spec.kl_ref_coef * kl_BT * count_BT
+    return loss_BT, count_BT
