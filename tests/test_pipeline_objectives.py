@@ -25,6 +25,8 @@ OBJECTIVE_RUNS = {
     "exopd": {"algorithm": "exopd"},
     "sdpo": {"algorithm": "sdpo", "sdpo.top_k": 8, "sdpo.success_threshold": 0.0},
     "srpo": {"algorithm": "srpo", "sdpo.top_k": 8},
+    "opd_reward": {"algorithm": "opd_reward", "opd.divergence": "sampled"},
+    "grpo-kl_ref": {"algorithm": "grpo", "kl_ref.coef": 0.05},
     "opd-tip50": {"selection.mode": "overconfident", "selection.keep_ratio": 0.5},
     "opd-paced": {"weighting.paced": "true"},
     "opd-topk": {"opd.divergence": "teacher_topk", "teacher.top_k": 5},
@@ -60,6 +62,8 @@ def test_objective_two_steps(shared, tiny_models, tmp_path, name):
     assert trained, f"{name}: no step updated the student"
     for r in trained:
         assert r["loss"] is not None and r["train_tokens"] > 0
+    if name == "opd_reward":  # the teacher scored every sample and the verifiers' rewards trained too
+        assert all("teacher_kl" in r and "score_tokens_per_s" in r for r in rows)
     if name == "grpo":
         assert summary["teacher_accuracy"] is None and all("teacher_kl" not in r for r in rows)
     if name == "opd-full-vocab":  # the learner's teacher forward gives the KL; no teacher actor scored the samples
