@@ -317,7 +317,7 @@ class Config(_Section):
             raise ValueError(f"eval.num_prompts={self.eval.num_prompts} exceeds task.num_test={self.task.num_test}")
         if self.selection.mode and not objective.token_selection:
             raise ValueError(f"selection.mode={self.selection.mode!r} applies to algorithm opd or exopd, not {self.algorithm!r}")
-        if self.selection.mode and self.opd.divergence != "sampled":
+        if self.selection.mode and signal.kind != "sampled":
             raise ValueError("selection.mode needs opd.divergence=sampled (it ranks tokens by the sampled-token divergence)")
         if signal.kind == "topk" and self.teacher.top_k == 0:
             raise ValueError("opd.divergence=teacher_topk needs teacher.top_k > 0")
