@@ -12,15 +12,15 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 
-from opd.checkpoint import latest_checkpoint, load_state, save_checkpoint
+from opd.checkpoint import RunState, latest_checkpoint, load_state, save_checkpoint
 from opd.cluster import Roles, init_ray, start_roles, stop_roles
 from opd.config import Config, ConfigError, dump_config
-from opd.data import Cursor, PromptSource
+from opd.data import PromptSource
 from opd.monitor.sinks import MetricsLogger, truncate_jsonl
 from opd.plan import route_plan
 from opd.preflight import check_inputs
@@ -48,17 +48,6 @@ class Job:
     probe_ids: list[int]
     checkpoint: Path | None
     render: Callable[[str], list[int]]  # text -> student chat-template prompt ids (SDPO self-teacher prompts)
-
-
-@dataclass
-class RunState:
-    step: int = 0
-    version: int = 0
-    cursor: Cursor = field(default_factory=Cursor)
-    accuracy_before: float | None = None
-    teacher_accuracy: float | None = None
-    consumed: int = 0
-    teacher_kl_before: float | None = None  # held-out KL(student || teacher) per token before training
 
 
 def prepare(cfg: Config, *, resume: bool = False, fresh: bool = False) -> Job:
@@ -92,21 +81,16 @@ def run(cfg: Config, *, resume: bool = False, fresh: bool = False, progress: boo
 def _restore(job: Job, roles: Roles) -> RunState:
     if job.checkpoint is None:
         return RunState()
-    s = load_state(job.checkpoint)
     ray.get(roles.learner.load.remote(str(job.checkpoint)))
-    return RunState(s["step"], s["version"], Cursor(**s["cursor"]), s["accuracy_before"], s["teacher_accuracy"], s["consumed"],
-                    s.get("teacher_kl_before"))
+    return load_state(job.checkpoint)
 
 
 def _save(cfg: Config, job: Job, roles: Roles, st: RunState, stream: RolloutStream) -> None:
-    state = {"step": st.step, "version": st.version, "cursor": vars(st.cursor), "accuracy_before": st.accuracy_before,
-             "teacher_accuracy": st.teacher_accuracy, "consumed": st.consumed, "teacher_kl_before": st.teacher_kl_before}
-
     def write(path: str) -> None:
         ray.get(roles.learner.save.remote(path))
         stream.save_in_flight(path)
 
-    save_checkpoint(job.run_dir, st.step, write, state, cfg.checkpoint.keep)
+    save_checkpoint(job.run_dir, st, write, cfg.checkpoint.keep)
 
 
 def _renderer(tok):
