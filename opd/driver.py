@@ -31,7 +31,6 @@ from opd.steps import (
     held_out,
     step_metrics,
     sync_weights,
-    verify_and_score,
     warm_up_verifiers,
 )
 from opd.trainer.routing import route
@@ -150,8 +149,6 @@ def train(cfg: Config, job: Job, roles: Roles, progress: bool = True) -> dict:
         # max_staleness > 0, the next batches are launched here and scored while the learner trains).
         taken = stream.take(step, cfg.trainer.total_steps)
         rollouts, rewards, scores = taken.batch, taken.rewards, taken.scores
-        if rewards is None:
-            rewards, scores = verify_and_score(roles, rollouts, cfg)
         batch = route(rollouts, rewards, scores, plan, job.render)
         # The last sync's loads ran while this batch was scored; nothing generated at those weights trains unchecked.
         probe_diff = probe()

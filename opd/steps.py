@@ -10,10 +10,10 @@ import ray
 
 from opd.cluster import Roles
 from opd.config import Config
-from opd.rollout.stream import launch, split_even
-from opd.teacher.multi import teacher_name
+from opd.rollout.stream import Scored, launch, split_even
+from opd.teacher.multi import TeacherCall, teacher_name
 from opd.trainer.routing import teacher_reverse_kl
-from opd.types import Prompt, Rewards, RolloutBatch, Sample, TeacherScores
+from opd.types import Prompt, Rewards, RolloutBatch, Sample, ScoredChunk, TeacherScores
 
 log = logging.getLogger("opd.steps")
 
@@ -38,15 +38,9 @@ def _verify(roles: Roles, samples: list[Sample]) -> Rewards:
     return _score(roles, [s.uid for s in samples], [s.prompt for s in samples], [s.response_text for s in samples])
 
 
-def verify_and_score(roles: Roles, rollouts: RolloutBatch, cfg: Config) -> tuple[Rewards, TeacherScores | None]:
-    """A whole batch scored at once (one chunk): teacher scoring runs on its actor while verifiers run in their
-    hosts; both finish before routing."""
-    scorer = ChunkScorer(roles, cfg)
-    return scorer.merge(rollouts.samples, [scorer.chunk(rollouts.samples, None)])
-
-
 class ChunkScorer:
-    """Scores a batch chunk by chunk (a chunk: one generation call of a rollout worker), off the driver's main thread.
+    """The driver's ``opd.rollout.stream.Scorer``: scores a batch chunk by chunk (a chunk: one generation call of a
+    rollout worker), off the driver's main thread.
 
     ``chain`` runs when a chunk is issued: a chunk whose rows all go to one teacher is handed to that teacher actor
     as the generation's ObjectRef, so scoring starts the moment generation ends. ``chunk`` runs on the stream's
@@ -56,30 +50,30 @@ class ChunkScorer:
         self.roles, self.top_k, self.hidden = roles, cfg.teacher.top_k, cfg.teacher_sends_hidden
         self.teacher = None if cfg.learner_runs_teacher else roles.teacher
 
-    def chain(self, draws: list[tuple[Prompt, int]], samples_ref):
+    def chain(self, draws: list[tuple[Prompt, int]], samples_ref: ray.ObjectRef) -> ray.ObjectRef | None:
         teachers = self.teacher
         names = {teacher_name(p, teachers.column) for p, _ in draws} if teachers else set()
         return teachers.actors[names.pop()].score.remote(samples_ref, self.top_k, self.hidden) if len(names) == 1 else None
 
-    def chunk(self, samples: list[Sample], teacher_ref) -> tuple[Rewards, object]:
+    def chunk(self, samples: list[Sample], teacher_ref: ray.ObjectRef | None) -> ScoredChunk:
         if self.teacher is None:
-            collect = None
+            teacher = None
         elif teacher_ref is not None:
-            collect = lambda: ray.get(teacher_ref)  # noqa: E731
+            teacher = TeacherCall.whole(samples, teacher_ref, self.top_k, self.hidden)
         else:
-            collect = self.teacher.score(samples, self.top_k, self.hidden)
+            teacher = self.teacher.submit(samples, self.top_k, self.hidden)
         rewards = _verify(self.roles, samples)
         rewards.validate(samples)
-        return rewards, collect
+        return ScoredChunk(rewards, teacher)
 
-    def merge(self, samples: list[Sample], parts: list[tuple[Rewards, object]]) -> tuple[Rewards, TeacherScores | None]:
-        rewards = merge_rewards([r for r, _ in parts])
-        rewards.validate(samples)
+    def merge(self, batch: RolloutBatch, parts: list[ScoredChunk]) -> Scored:
+        rewards = merge_rewards([p.rewards for p in parts])
+        rewards.validate(batch.samples)
         if self.teacher is None:
-            return rewards, None
-        scores = merge_scores([collect() for _, collect in parts])
-        scores.validate(samples)
-        return rewards, scores
+            return Scored(batch, rewards)
+        scores = merge_scores([p.teacher.result() for p in parts])
+        scores.validate(batch.samples)
+        return Scored(batch, rewards, scores)
 
 
 def merge_rewards(parts: list[Rewards]) -> Rewards:
@@ -167,7 +161,7 @@ def heldout_teacher_kl(roles: Roles, prompts: list[Prompt], cfg: Config) -> floa
     parts = [c for c in split_even(draws, len(roles.rollout)) if c]
     outs = roles.rollout.map(lambda w, c: w.generate.remote(c, **kw), parts)
     rollouts = RolloutBatch(-1, [s for samples, _ in outs for s in samples], cfg.eval.kl_samples, -1)
-    scores = roles.teacher.score(rollouts.samples, 0)()
+    scores = roles.teacher.submit(rollouts.samples, 0).result()
     return teacher_reverse_kl(rollouts, scores)
 
 
