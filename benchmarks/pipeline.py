@@ -55,7 +55,8 @@ def stages_alone(cfg, job, roles, repeats: int) -> dict[str, float]:
         "route": _timed(lambda: route(batch, rewards, scores, plan, job.render), repeats),
         "train_step": _timed(lambda: ray.get(roles.learner.train_step.remote(routed)), repeats),
         # Publishing returns at once; the stage is the loads and probes, so it is timed until they are checked.
-        "sync_weights": _timed(lambda: sync_weights(roles, job.probe_ids, cfg.rollout.probe_tolerance)[1](), repeats),
+        "sync_weights": _timed(lambda: (sync_weights(roles, job.probe_ids, cfg.rollout.probe_tolerance),
+                                        roles.rollout.checked()), repeats),
     }
 
 

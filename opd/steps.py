@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 
 import ray
 
@@ -103,12 +102,12 @@ def merge_scores(parts: list[TeacherScores]) -> TeacherScores:
     )
 
 
-def sync_weights(roles: Roles, probe_ids: list[int], tolerance: float) -> tuple[int, Callable[[], float]]:
+def sync_weights(roles: Roles, probe_ids: list[int], tolerance: float) -> int:
     """Publish the learner's weights to every rollout worker; each verifies them with the probe sequence.
 
-    Returns the version and a function that waits for the loads and gives the max probe difference: the loads run
-    while the driver goes on (the learner's next step, the next batch's scoring), and the driver waits only before
-    it trains on samples generated at this version. The exported weights and the probe's expected log-probs go to
+    Returns the version at once: the loads run while the driver goes on (the learner's next step, the next batch's
+    scoring), and the rollout pool checks the probe (``RolloutPool.checked``) before anything generated at this
+    version is handed out, stored or evaluated. The exported weights and the probe's expected log-probs go to
     the workers as ObjectRefs, never through the driver. A LoRA student publishes its adapter's files instead (the
     engines keep their base weights); workers on other nodes need no shared file system either way."""
     learner = roles.learner
@@ -121,7 +120,8 @@ def sync_weights(roles: Roles, probe_ids: list[int], tolerance: float) -> tuple[
         weights = learner.export_weights.remote()
         load = lambda w: w.load_weights.remote(weights, version, probe_ids, expected, tolerance)  # noqa: E731
     # The pool keeps ``load`` while generations launched at this version are owed: a replacement worker replays them.
-    return version, roles.rollout.publish(version, load)
+    roles.rollout.publish(version, load)
+    return version
 
 
 def warm_up_verifiers(roles: Roles, prompt: Prompt) -> None:
@@ -183,10 +183,8 @@ def _verify_all(roles: Roles, uids: list[str], prompts: list[Prompt], texts: lis
     return correct
 
 
-def step_metrics(
-    rollouts: RolloutBatch, rewards: Rewards, scores: TeacherScores | None, learner: dict, probe_diff: float,
-    version: int, step_seconds: float,
-) -> dict[str, float]:
+def step_metrics(taken: Scored, learner: dict, version: int, step_seconds: float) -> dict[str, float]:
+    rollouts, rewards, scores = taken.batch, taken.rewards, taken.scores
     n_tok = rollouts.num_response_tokens
     m = {
         "reward": sum(rewards.rewards) / len(rewards.rewards),
@@ -197,7 +195,7 @@ def step_metrics(
         "generate_seconds": rollouts.generate_seconds,
         "verify_seconds": rewards.verify_seconds,
         "weight_version": float(version),
-        "probe_max_diff": probe_diff,
+        "probe_max_diff": taken.probe_max_diff,
         "step_seconds": step_seconds,
         **learner,
     }

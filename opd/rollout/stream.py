@@ -13,6 +13,10 @@ correct for it with their truncated importance weight against the sampler's log-
 
 Batches still in flight at a checkpoint are finished, scored and stored with it, so a resumed run trains on exactly
 the samples (and teacher scores) the uninterrupted run would have.
+
+The stream hands out nothing generated at unchecked weights: ``take`` waits for the last weight sync's probe
+(``RolloutPool.checked``) before it returns a batch, and ``save_in_flight`` before it stores any, so a failed sync
+stops the run there and a checkpoint only ever follows a checked sync.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import pickle
 import threading
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -60,6 +64,9 @@ class Scored:
     batch: RolloutBatch
     rewards: Rewards | None = None
     scores: TeacherScores | None = None
+    # Set by ``take``: the max probe difference of the weight sync checked before the batch was handed out (the
+    # check of the weights the step starts from); None without a sync.
+    probe_max_diff: float | None = None
 
     @property
     def step(self) -> int:
@@ -142,30 +149,33 @@ class RolloutStream:
     def __init__(self, workers: list, data: PromptSource, rollout_cfg, seed: int, ready: list[Scored] | None = None,
                  scorer: Scorer | None = None):
         """``scorer`` scores every batch as it is generated; None leaves scoring to the caller."""
-        self.workers, self.data, self.cfg, self.seed, self.scorer = workers, data, rollout_cfg, seed, scorer
+        self.pool = workers if isinstance(workers, RolloutPool) else RolloutPool(workers)
+        self.data, self.cfg, self.seed, self.scorer = data, rollout_cfg, seed, scorer
         self.queue: deque[Pending | Scored] = deque(ready or [])
 
     def _next_step(self, step: int) -> int:
         return self.queue[-1].step + 1 if self.queue else step
 
     def take(self, step: int, last_step: int) -> Scored:
-        """The batch for ``step`` (scored when it was launched ahead), after launching generation up to
-        ``max_staleness`` steps ahead (never past the run)."""
+        """The batch for ``step``, scored, once the last weight sync's probe passed; generation is launched up to
+        ``max_staleness`` steps ahead first (never past the run)."""
         while self._next_step(step) <= min(step + self.cfg.max_staleness, last_step - 1):
             s = self._next_step(step)
             draws = self.data.next_batch(self.cfg.prompts_per_step)
-            self.queue.append(launch(self.workers, draws, s, self.cfg, self.seed, self.scorer))
+            self.queue.append(launch(self.pool, draws, s, self.cfg, self.seed, self.scorer))
         head = self.queue.popleft()
         if head.step != step:
             raise RuntimeError(f"rollout stream out of order: wanted step {step}, next batch is step {head.step}")
         taken = head if isinstance(head, Scored) else head.scored()
         if taken.rewards is None and self.scorer is not None:  # stored bare by a checkpoint of an older version
             taken = score_whole(self.scorer, taken.batch)
-        return taken
+        return replace(taken, probe_max_diff=self.pool.checked())
 
     def save_in_flight(self, directory: str) -> None:
         """Finish (and score) the batches launched ahead and store them beside a checkpoint (they are generated
-        already, or about to be: the worker runs them before the weight sync that preceded this save)."""
+        already, or about to be: the worker runs them before the weight sync that preceded this save). That sync's
+        probe is checked first, with or without batches in flight: the checkpoint must not follow a failed sync."""
+        self.pool.checked()
         done = [b if isinstance(b, Scored) else b.scored() for b in self.queue]
         self.queue = deque(done)
         if done:
