@@ -17,6 +17,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from opd.config import Config
 from opd.plan import objective_spec
 from opd.rewards import VerifierRunner, VerifierSpec
+from opd.rollout.engine import ACTOR_ENV
 from opd.rollout.pool import RolloutPool
 from opd.rollout.worker import RolloutWorker
 from opd.teacher.http import HTTPTeacher
@@ -24,15 +25,6 @@ from opd.teacher.multi import DEFAULT, Teachers
 from opd.teacher.scorer import VLLMTeacher
 from opd.trainer.learner import Learner
 from opd.trainer.lora import LoraSpec
-
-# vLLM runs in-process inside each actor (no extra engine-core process), quietly. The engines run eager; the one
-# op vLLM still torch.compiles (logprob ranks) would cost every fresh actor an inductor build on its first call.
-ACTOR_ENV = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_LOGGING_LEVEL": "WARNING",
-    "TOKENIZERS_PARALLELISM": "false",
-    "TORCHDYNAMO_DISABLE": "1",
-}
 
 
 @dataclass
