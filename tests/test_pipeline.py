@@ -92,3 +92,28 @@ def test_opd_eval_cli(opd_run, tiny_models, local_ray, capsys):
     assert result["eval_prompts"] == 20
     assert result["student_accuracy"] == pytest.approx(summary["student_accuracy_after"])
     assert result["teacher_accuracy"] == pytest.approx(summary["teacher_accuracy"])
+
+
+def test_opd_eval_starts_the_engines_rollout_engine_names(opd_run, local_ray, monkeypatch, capsys):
+    """``opd eval ... rollout.engine=hf`` builds its engines as a run does: transformers in the student's worker and
+    in the teacher (``teacher.engine: auto`` follows it), and vLLM is never imported in either actor."""
+    import sys
+
+    import ray
+
+    from opd import evaluation
+    from opd.cli import main
+
+    out, _ = opd_run
+    seen, stop = {}, evaluation.stop_roles
+
+    def look_then_stop(roles):
+        look = lambda actor: ray.get(actor.__ray_call__.remote(  # noqa: E731
+            lambda self: (type(self.engine).__name__, "vllm" in sys.modules)))
+        seen.update(student=look(roles.rollout[0]), teacher=look(roles.teacher.actors["default"]))
+        stop(roles)
+
+    monkeypatch.setattr(evaluation, "stop_roles", look_then_stop)
+    assert main(["eval", str(out / "config.yaml"), "rollout.engine=hf", "--teacher"]) == 0
+    assert json.loads(capsys.readouterr().out)["eval_prompts"] == 20
+    assert seen == {"student": ("HFEngine", False), "teacher": ("HFEngine", False)}
