@@ -198,7 +198,3 @@ class TrainBatch:
             value = getattr(self, name)
             if value is not None and len(value) != n:
                 raise RecordError(f"TrainBatch: {name} has {len(value)} rows for {n} samples")
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(r) for r in self.response_ids)
