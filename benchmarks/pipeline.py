@@ -45,17 +45,18 @@ def stages_alone(cfg, job, roles, repeats: int) -> dict[str, float]:
     data = PromptSource(job.train, cfg.run.seed)
     plan = route_plan(cfg)
     batch = sample(roles, data.next_batch(cfg.rollout.prompts_per_step), 0, cfg)
-    scores = roles.teacher.score(batch.samples, cfg.teacher.top_k)() if roles.teacher else None
+    scores = roles.teacher.submit(batch.samples, cfg.teacher.top_k).result() if roles.teacher else None
     rewards = _verify(roles, batch.samples)
     routed = route(batch, rewards, scores, plan, job.render)
     return {
         "generate": _timed(lambda: sample(roles, data.next_batch(cfg.rollout.prompts_per_step), 0, cfg), repeats),
-        "teacher_score": _timed(lambda: roles.teacher.score(batch.samples, cfg.teacher.top_k)(), repeats) if roles.teacher else 0.0,
+        "teacher_score": _timed(lambda: roles.teacher.submit(batch.samples, cfg.teacher.top_k).result(), repeats) if roles.teacher else 0.0,
         "verify": _timed(lambda: _verify(roles, batch.samples), repeats),
         "route": _timed(lambda: route(batch, rewards, scores, plan, job.render), repeats),
         "train_step": _timed(lambda: ray.get(roles.learner.train_step.remote(routed)), repeats),
         # Publishing returns at once; the stage is the loads and probes, so it is timed until they are checked.
-        "sync_weights": _timed(lambda: sync_weights(roles, job.probe_ids, cfg.rollout.probe_tolerance)[1](), repeats),
+        "sync_weights": _timed(lambda: (sync_weights(roles, job.probe_ids, cfg.rollout.probe_tolerance),
+                                        roles.rollout.checked()), repeats),
     }
 
 

@@ -120,7 +120,7 @@ def main() -> None:
 
     import ray
 
-    from opd.cluster import ACTOR_ENV
+    from opd.rollout.engine import ACTOR_ENV
     from opd.rollout.worker import RolloutWorker
     from opd.types import Prompt
 

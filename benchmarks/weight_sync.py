@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     import ray
 
-    from opd.cluster import ACTOR_ENV
+    from opd.rollout.engine import ACTOR_ENV
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": ACTOR_ENV}, log_to_driver=False)
     try:

@@ -17,6 +17,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from opd.config import Config
 from opd.plan import objective_spec
 from opd.rewards import VerifierRunner, VerifierSpec
+from opd.rollout.engine import ACTOR_ENV
 from opd.rollout.pool import RolloutPool
 from opd.rollout.worker import RolloutWorker
 from opd.teacher.http import HTTPTeacher
@@ -24,15 +25,6 @@ from opd.teacher.multi import DEFAULT, Teachers
 from opd.teacher.scorer import VLLMTeacher
 from opd.trainer.learner import Learner
 from opd.trainer.lora import LoraSpec
-
-# vLLM runs in-process inside each actor (no extra engine-core process), quietly. The engines run eager; the one
-# op vLLM still torch.compiles (logprob ranks) would cost every fresh actor an inductor build on its first call.
-ACTOR_ENV = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_LOGGING_LEVEL": "WARNING",
-    "TOKENIZERS_PARALLELISM": "false",
-    "TORCHDYNAMO_DISABLE": "1",
-}
 
 
 @dataclass
@@ -84,7 +76,7 @@ def start_roles(cfg: Config) -> Roles:
     # The learners' placement group first: it reserves the ranks' CPUs (one per node with STRICT_SPREAD) before the
     # engines, which schedule anywhere, can take them.
     learners = start_learners(cfg)
-    start = lambda i: start_rollout_worker(cfg, i)  # noqa: E731
+    start = lambda i: start_rollout_worker(cfg, i, prefix=f"{name}/")  # noqa: E731
     rollout = RolloutPool([start(i) for i in range(cfg.rollout.num_workers)], start, cfg.rollout.max_restarts,
                           cfg.cluster.start_timeout_s)
     teacher = start_teachers(cfg, prefix=f"{name}/") if cfg.needs_teacher else None
@@ -96,13 +88,13 @@ def start_roles(cfg: Config) -> Roles:
     return Roles(rollout, teacher, learners.ranks[0], verifiers, learners)
 
 
-def start_rollout_worker(cfg: Config, i: int):
-    """Rollout worker ``i`` (``<run>/rollout-<i>``); the pool calls this again, same options and name, to replace a
-    dead one."""
-    name = cfg.run.name
+def start_rollout_worker(cfg: Config, i: int, prefix: str | None = None):
+    """Rollout worker ``i`` (named ``<prefix>rollout-<i>`` when ``prefix`` is given) with the engine ``rollout.engine``
+    picks; the pool calls this again, same options and name, to replace a dead one."""
+    opts = {"name": f"{prefix}rollout-{i}"} if prefix else {}
     return (
         ray.remote(RolloutWorker)
-        .options(name=f"{name}/rollout-{i}", num_cpus=cfg.rollout.num_cpus, max_concurrency=1)
+        .options(num_cpus=cfg.rollout.num_cpus, max_concurrency=1, **opts)
         .remote(
             cfg.models.student, seed=cfg.run.seed + i, max_model_len=cfg.rollout.max_model_len,
             kv_cache_gib=cfg.rollout.kv_cache_gib, dtype=cfg.models.dtype, worker_id=i, lora_rank=cfg.lora.r,

@@ -12,30 +12,29 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 
-from opd.checkpoint import latest_checkpoint, load_state, save_checkpoint
+from opd.checkpoint import RunState, latest_checkpoint, load_state, save_checkpoint
 from opd.cluster import Roles, init_ray, start_roles, stop_roles
 from opd.config import Config, ConfigError, dump_config
-from opd.data import Cursor, PromptSource
+from opd.data import PromptSource
 from opd.monitor.sinks import MetricsLogger, truncate_jsonl
 from opd.plan import route_plan
 from opd.preflight import check_inputs
-from opd.rollout.stream import RolloutStream, load_in_flight
+from opd.rollout.stream import RolloutStream, Scored, load_in_flight
 from opd.steps import (
     ChunkScorer,
     evaluate,
     held_out,
     step_metrics,
     sync_weights,
-    verify_and_score,
     warm_up_verifiers,
 )
 from opd.trainer.routing import route
-from opd.types import Prompt, Rewards, RolloutBatch, TrainBatch
+from opd.types import Prompt, TrainBatch
 
 logger = logging.getLogger(__name__)
 
@@ -48,17 +47,6 @@ class Job:
     probe_ids: list[int]
     checkpoint: Path | None
     render: Callable[[str], list[int]]  # text -> student chat-template prompt ids (SDPO self-teacher prompts)
-
-
-@dataclass
-class RunState:
-    step: int = 0
-    version: int = 0
-    cursor: Cursor = field(default_factory=Cursor)
-    accuracy_before: float | None = None
-    teacher_accuracy: float | None = None
-    consumed: int = 0
-    teacher_kl_before: float | None = None  # held-out KL(student || teacher) per token before training
 
 
 def prepare(cfg: Config, *, resume: bool = False, fresh: bool = False) -> Job:
@@ -92,21 +80,16 @@ def run(cfg: Config, *, resume: bool = False, fresh: bool = False, progress: boo
 def _restore(job: Job, roles: Roles) -> RunState:
     if job.checkpoint is None:
         return RunState()
-    s = load_state(job.checkpoint)
     ray.get(roles.learner.load.remote(str(job.checkpoint)))
-    return RunState(s["step"], s["version"], Cursor(**s["cursor"]), s["accuracy_before"], s["teacher_accuracy"], s["consumed"],
-                    s.get("teacher_kl_before"))
+    return load_state(job.checkpoint)
 
 
 def _save(cfg: Config, job: Job, roles: Roles, st: RunState, stream: RolloutStream) -> None:
-    state = {"step": st.step, "version": st.version, "cursor": vars(st.cursor), "accuracy_before": st.accuracy_before,
-             "teacher_accuracy": st.teacher_accuracy, "consumed": st.consumed, "teacher_kl_before": st.teacher_kl_before}
-
     def write(path: str) -> None:
         ray.get(roles.learner.save.remote(path))
-        stream.save_in_flight(path)
+        stream.save_in_flight(path)  # checks the last sync's probe: a checkpoint only ever follows a checked sync
 
-    save_checkpoint(job.run_dir, st.step, write, state, cfg.checkpoint.keep)
+    save_checkpoint(job.run_dir, st, write, cfg.checkpoint.keep)
 
 
 def _renderer(tok):
@@ -127,9 +110,10 @@ class SampleLog:
         if self.path is not None:
             truncate_jsonl(self.path, start_step)
 
-    def log(self, step: int, rollouts: RolloutBatch, rewards: Rewards, batch: TrainBatch | None) -> None:
+    def log(self, step: int, taken: Scored, batch: TrainBatch | None) -> None:
         if self.path is None:
             return
+        rollouts, rewards = taken.batch, taken.rewards
         routed = set(batch.uids) if batch else set()
         rows = [
             {"step": step, "uid": s.uid, "prompt_id": s.prompt.prompt_id, "weight_version": s.weight_version,
@@ -150,8 +134,9 @@ def train(cfg: Config, job: Job, roles: Roles, progress: bool = True) -> dict:
                         config=cfg.model_dump(mode="json"), run_name=cfg.run.name, log_every_s=cfg.run.log_every_s)
     stream = RolloutStream(roles.rollout, PromptSource(job.train, cfg.run.seed, st.cursor), cfg.rollout, cfg.run.seed,
                            load_in_flight(job.checkpoint), scorer=ChunkScorer(roles, cfg))
-    st.version, probe = sync_weights(roles, job.probe_ids, cfg.rollout.probe_tolerance)
-    probe()
+    # Every sync's probe is checked by the rollout pool before anything generated at those weights is handed out,
+    # evaluated or stored with a checkpoint (RolloutPool.checked): the loop never waits for it by hand.
+    st.version = sync_weights(roles, job.probe_ids, cfg.rollout.probe_tolerance)
     warm_up_verifiers(roles, job.test[0])
     if st.accuracy_before is None:
         before = held_out(roles, job.test, cfg)
@@ -162,29 +147,21 @@ def train(cfg: Config, job: Job, roles: Roles, progress: bool = True) -> dict:
     samples_log = SampleLog(job.run_dir, st.step, cfg.run.log_samples)
     for step in range(st.step, cfg.trainer.total_steps):
         t0 = time.perf_counter()
-        # Batches come back scored: each chunk is teacher-scored and verified as soon as it is generated (with
-        # max_staleness > 0, the next batches are launched here and scored while the learner trains).
+        # Scored chunk by chunk as it was generated (max_staleness > 0: the next batches are launched here and scored
+        # while the learner trains); handed out once the last sync's probe passed (its loads ran meanwhile).
         taken = stream.take(step, cfg.trainer.total_steps)
-        rollouts, rewards, scores = taken.batch, taken.rewards, taken.scores
-        if rewards is None:
-            rewards, scores = verify_and_score(roles, rollouts, cfg)
-        batch = route(rollouts, rewards, scores, plan, job.render)
-        # The last sync's loads ran while this batch was scored; nothing generated at those weights trains unchecked.
-        probe_diff = probe()
+        batch = route(taken.batch, taken.rewards, taken.scores, plan, job.render)
         stats = ray.get(roles.learner.train_step.remote(batch)) if batch else {"update_skipped": 1.0}
-        stats["sample_staleness"] = float(st.version - rollouts.weight_version)
-        st.version, probe = sync_weights(roles, job.probe_ids, cfg.rollout.probe_tolerance)
+        stats["sample_staleness"] = float(st.version - taken.batch.weight_version)
+        st.version = sync_weights(roles, job.probe_ids, cfg.rollout.probe_tolerance)
         stats["rollout_worker_restarts"] = float(roles.rollout.restarts)  # replacements so far in this driver process
-        st.step, st.cursor, st.consumed = step + 1, stream.data.cursor, st.consumed + len(rollouts.samples)
+        st.step, st.cursor, st.consumed = step + 1, stream.data.cursor, st.consumed + len(taken.batch.samples)
         if cfg.eval.every and st.step % cfg.eval.every == 0:
-            probe()
             stats.update(held_out(roles, job.test, cfg))
-        samples_log.log(step, rollouts, rewards, batch)
-        log.log(step, step_metrics(rollouts, rewards, scores, stats, probe_diff, st.version, time.perf_counter() - t0))
+        samples_log.log(step, taken, batch)
+        log.log(step, step_metrics(taken, stats, st.version, time.perf_counter() - t0))
         if st.step == cfg.trainer.total_steps or (cfg.checkpoint.every and st.step % cfg.checkpoint.every == 0):
-            probe()  # a checkpoint only ever follows a checked sync
             _save(cfg, job, roles, st, stream)
-    probe()
     after = held_out(roles, job.test, cfg)
     log.held_out("after training", after)
     log.close()

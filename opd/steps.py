@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 
 import ray
 
 from opd.cluster import Roles
 from opd.config import Config
-from opd.rollout.stream import launch, split_even
-from opd.teacher.multi import teacher_name
+from opd.rollout.stream import Scored, launch, split_even
+from opd.teacher.multi import TeacherCall, teacher_name
 from opd.trainer.routing import teacher_reverse_kl
-from opd.types import Prompt, Rewards, RolloutBatch, Sample, TeacherScores
+from opd.types import Prompt, Rewards, RolloutBatch, Sample, ScoredChunk, TeacherScores
 
 log = logging.getLogger("opd.steps")
 
@@ -38,15 +37,9 @@ def _verify(roles: Roles, samples: list[Sample]) -> Rewards:
     return _score(roles, [s.uid for s in samples], [s.prompt for s in samples], [s.response_text for s in samples])
 
 
-def verify_and_score(roles: Roles, rollouts: RolloutBatch, cfg: Config) -> tuple[Rewards, TeacherScores | None]:
-    """A whole batch scored at once (one chunk): teacher scoring runs on its actor while verifiers run in their
-    hosts; both finish before routing."""
-    scorer = ChunkScorer(roles, cfg)
-    return scorer.merge(rollouts.samples, [scorer.chunk(rollouts.samples, None)])
-
-
 class ChunkScorer:
-    """Scores a batch chunk by chunk (a chunk: one generation call of a rollout worker), off the driver's main thread.
+    """The driver's ``opd.rollout.stream.Scorer``: scores a batch chunk by chunk (a chunk: one generation call of a
+    rollout worker), off the driver's main thread.
 
     ``chain`` runs when a chunk is issued: a chunk whose rows all go to one teacher is handed to that teacher actor
     as the generation's ObjectRef, so scoring starts the moment generation ends. ``chunk`` runs on the stream's
@@ -57,30 +50,30 @@ class ChunkScorer:
         self.roles, self.top_k, self.hidden = roles, signal.top_k, signal.hidden
         self.teacher = roles.teacher if signal.scored_by_actor else None
 
-    def chain(self, draws: list[tuple[Prompt, int]], samples_ref):
+    def chain(self, draws: list[tuple[Prompt, int]], samples_ref: ray.ObjectRef) -> ray.ObjectRef | None:
         teachers = self.teacher
         names = {teacher_name(p, teachers.column) for p, _ in draws} if teachers else set()
         return teachers.actors[names.pop()].score.remote(samples_ref, self.top_k, self.hidden) if len(names) == 1 else None
 
-    def chunk(self, samples: list[Sample], teacher_ref) -> tuple[Rewards, object]:
+    def chunk(self, samples: list[Sample], teacher_ref: ray.ObjectRef | None) -> ScoredChunk:
         if self.teacher is None:
-            collect = None
+            teacher = None
         elif teacher_ref is not None:
-            collect = lambda: ray.get(teacher_ref)  # noqa: E731
+            teacher = TeacherCall.whole(samples, teacher_ref, self.top_k, self.hidden)
         else:
-            collect = self.teacher.score(samples, self.top_k, self.hidden)
+            teacher = self.teacher.submit(samples, self.top_k, self.hidden)
         rewards = _verify(self.roles, samples)
         rewards.validate(samples)
-        return rewards, collect
+        return ScoredChunk(rewards, teacher)
 
-    def merge(self, samples: list[Sample], parts: list[tuple[Rewards, object]]) -> tuple[Rewards, TeacherScores | None]:
-        rewards = merge_rewards([r for r, _ in parts])
-        rewards.validate(samples)
+    def merge(self, batch: RolloutBatch, parts: list[ScoredChunk]) -> Scored:
+        rewards = merge_rewards([p.rewards for p in parts])
+        rewards.validate(batch.samples)
         if self.teacher is None:
-            return rewards, None
-        scores = merge_scores([collect() for _, collect in parts])
-        scores.validate(samples)
-        return rewards, scores
+            return Scored(batch, rewards)
+        scores = merge_scores([p.teacher.result() for p in parts])
+        scores.validate(batch.samples)
+        return Scored(batch, rewards, scores)
 
 
 def merge_rewards(parts: list[Rewards]) -> Rewards:
@@ -110,12 +103,12 @@ def merge_scores(parts: list[TeacherScores]) -> TeacherScores:
     )
 
 
-def sync_weights(roles: Roles, probe_ids: list[int], tolerance: float) -> tuple[int, Callable[[], float]]:
+def sync_weights(roles: Roles, probe_ids: list[int], tolerance: float) -> int:
     """Publish the learner's weights to every rollout worker; each verifies them with the probe sequence.
 
-    Returns the version and a function that waits for the loads and gives the max probe difference: the loads run
-    while the driver goes on (the learner's next step, the next batch's scoring), and the driver waits only before
-    it trains on samples generated at this version. The exported weights and the probe's expected log-probs go to
+    Returns the version at once: the loads run while the driver goes on (the learner's next step, the next batch's
+    scoring), and the rollout pool checks the probe (``RolloutPool.checked``) before anything generated at this
+    version is handed out, stored or evaluated. The exported weights and the probe's expected log-probs go to
     the workers as ObjectRefs, never through the driver. A LoRA student publishes its adapter's files instead (the
     engines keep their base weights); workers on other nodes need no shared file system either way."""
     learner = roles.learner
@@ -128,7 +121,8 @@ def sync_weights(roles: Roles, probe_ids: list[int], tolerance: float) -> tuple[
         weights = learner.export_weights.remote()
         load = lambda w: w.load_weights.remote(weights, version, probe_ids, expected, tolerance)  # noqa: E731
     # The pool keeps ``load`` while generations launched at this version are owed: a replacement worker replays them.
-    return version, roles.rollout.publish(version, load)
+    roles.rollout.publish(version, load)
+    return version
 
 
 def warm_up_verifiers(roles: Roles, prompt: Prompt) -> None:
@@ -168,7 +162,7 @@ def heldout_teacher_kl(roles: Roles, prompts: list[Prompt], cfg: Config) -> floa
     parts = [c for c in split_even(draws, len(roles.rollout)) if c]
     outs = roles.rollout.map(lambda w, c: w.generate.remote(c, **kw), parts)
     rollouts = RolloutBatch(-1, [s for samples, _ in outs for s in samples], cfg.eval.kl_samples, -1)
-    scores = roles.teacher.score(rollouts.samples, 0)()
+    scores = roles.teacher.submit(rollouts.samples, 0).result()
     return teacher_reverse_kl(rollouts, scores)
 
 
@@ -190,10 +184,8 @@ def _verify_all(roles: Roles, uids: list[str], prompts: list[Prompt], texts: lis
     return correct
 
 
-def step_metrics(
-    rollouts: RolloutBatch, rewards: Rewards, scores: TeacherScores | None, learner: dict, probe_diff: float,
-    version: int, step_seconds: float,
-) -> dict[str, float]:
+def step_metrics(taken: Scored, learner: dict, version: int, step_seconds: float) -> dict[str, float]:
+    rollouts, rewards, scores = taken.batch, taken.rewards, taken.scores
     n_tok = rollouts.num_response_tokens
     m = {
         "reward": sum(rewards.rewards) / len(rewards.rewards),
@@ -204,7 +196,7 @@ def step_metrics(
         "generate_seconds": rollouts.generate_seconds,
         "verify_seconds": rewards.verify_seconds,
         "weight_version": float(version),
-        "probe_max_diff": probe_diff,
+        "probe_max_diff": taken.probe_max_diff,
         "step_seconds": step_seconds,
         **learner,
     }

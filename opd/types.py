@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 class RecordError(ValueError):
@@ -120,6 +121,14 @@ class TeacherScores:
         return sum(1 for lp, k in rows if not all(map(math.isfinite, lp)) or (k and not all(math.isfinite(x) for r in k for x in r)))
 
 
+class PendingScores(Protocol):
+    """Teacher scores still being computed (``opd.teacher.multi.TeacherCall``)."""
+
+    def result(self) -> TeacherScores:
+        """Wait for the scores (raising the teacher's error)."""
+        ...
+
+
 @dataclass
 class Rewards:
     """One scalar reward per sample, plus per-verifier parts and failures (a failed verifier scores 0)."""
@@ -138,6 +147,15 @@ class Rewards:
             raise RecordError("Rewards: length does not match the rollout batch")
         if not all(math.isfinite(r) for r in self.rewards):
             raise RecordError("Rewards: non-finite reward")
+
+
+@dataclass
+class ScoredChunk:
+    """One generation call's samples, verified, with their teacher scores in flight (None: no teacher actor scores
+    them, e.g. the learner runs the teacher itself)."""
+
+    rewards: Rewards
+    teacher: PendingScores | None = None
 
 
 @dataclass
@@ -180,7 +198,3 @@ class TrainBatch:
             value = getattr(self, name)
             if value is not None and len(value) != n:
                 raise RecordError(f"TrainBatch: {name} has {len(value)} rows for {n} samples")
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(r) for r in self.response_ids)

@@ -25,7 +25,7 @@ def tiny_models(tmp_path_factory) -> Path:
 def local_ray():
     import ray
 
-    from opd.cluster import ACTOR_ENV
+    from opd.rollout.engine import ACTOR_ENV
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env={"env_vars": ACTOR_ENV}, log_to_driver=False)
     yield ray

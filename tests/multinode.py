@@ -22,10 +22,11 @@ from ray.util.placement_group import placement_group_table, remove_placement_gro
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_overrides  # noqa: E402
 
-from opd.cluster import ACTOR_ENV, connect_learners, start_learners  # noqa: E402
+from opd.cluster import connect_learners, start_learners  # noqa: E402
 from opd.config import load_config  # noqa: E402
 from opd.driver import run  # noqa: E402
 from opd.plan import objective_spec  # noqa: E402
+from opd.rollout.engine import ACTOR_ENV  # noqa: E402
 from opd.rollout.weight_sync import TRANSFER  # noqa: E402
 from opd.trainer.learner import Learner  # noqa: E402
 from opd.trainer.shards import balance_shards  # noqa: E402

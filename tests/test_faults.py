@@ -85,7 +85,7 @@ def test_driver_sigkill_then_resume_matches_uninterrupted_run(tiny_models, local
     config = tmp_path / "killed.yaml"
     config.write_text(dump_config(load_config(None, tiny_overrides(tiny_models, killed_dir, **overrides))))
     _crash_after_first_checkpoint(["run", "--no-progress", str(config)])
-    assert load_state(latest_checkpoint(killed_dir))["step"] == 1 and not (killed_dir / "summary.json").exists()
+    assert load_state(latest_checkpoint(killed_dir)).step == 1 and not (killed_dir / "summary.json").exists()
 
     summary = run(load_config(None, tiny_overrides(tiny_models, killed_dir, **overrides)), resume=True, progress=False)
     assert summary["steps"] == STEPS

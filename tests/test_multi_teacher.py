@@ -12,7 +12,8 @@ from opd.cluster import start_roles, stop_roles
 from opd.config import ConfigError, load_config
 from opd.data import PromptSource
 from opd.driver import prepare, train
-from opd.steps import sample, verify_and_score
+from opd.rollout.stream import score_whole
+from opd.steps import ChunkScorer, sample
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +44,7 @@ def test_rows_are_scored_by_the_teacher_they_name(tiny_models, local_ray, tmp_pa
     try:
         draws = PromptSource(job.train, seed=0).next_batch(6)
         rollouts = sample(roles, draws, 0, cfg)
-        _, scores = verify_and_score(roles, rollouts, cfg)
+        scores = score_whole(ChunkScorer(roles, cfg), rollouts).scores
         assert scores.uids == [s.uid for s in rollouts.samples]
         for s, lp, ids in zip(rollouts.samples, scores.logprobs, scores.topk_ids, strict=True):
             gap = max(abs(a - b) for a, b in zip(s.sampler_logprobs, lp, strict=True))
@@ -63,3 +64,31 @@ def test_a_row_naming_an_undefined_teacher_is_refused(tiny_models, tmp_path):
     with pytest.raises(ConfigError, match=r"teacher.column='teacher': 5 rows name a teacher .* names 'nobody'"):
         prepare(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_teacher_call_puts_each_teachers_part_back_in_batch_order(local_ray):
+    """``Teachers.submit``'s hand-off: ``result()`` is the batch's ``TeacherScores``, rows in batch order whichever
+    teacher scored them (parts stand in as ObjectRefs of the actors' answers)."""
+    import numpy as np
+    import ray
+
+    from opd.teacher.multi import TeacherCall
+    from opd.types import Prompt, Sample, TeacherScores
+
+    samples = [Sample(f"p{i}/e0/g0", Prompt(f"p{i}", "", [1], ""), 0, [7] * (i + 1), "", [-1.0] * (i + 1), 0)
+               for i in range(4)]
+
+    def part(idx):
+        rows = [samples[i] for i in idx]
+        return ray.put(TeacherScores([s.uid for s in rows], [[-float(i)] * (i + 1) for i in idx],
+                                     [[[i]] * (i + 1) for i in idx], [[[-float(i)]] * (i + 1) for i in idx], 1.0,
+                                     [np.full((i + 1, 2), i, np.float32) for i in idx]))
+
+    call = TeacherCall(samples, {"a": ([0, 2], part([0, 2])), "b": ([1, 3], part([1, 3]))}, top_k=1, hidden=True)
+    got = call.result()
+    assert got.uids == [s.uid for s in samples]
+    assert got.logprobs == [[-float(i)] * (i + 1) for i in range(4)]
+    assert got.topk_ids == [[[i]] * (i + 1) for i in range(4)]
+    assert [h[0, 0] for h in got.hidden] == [0, 1, 2, 3]
+    whole = TeacherCall.whole(samples, part([0, 1, 2, 3]), 1, True).result()  # one part: the actor's answer as is
+    assert whole.score_seconds == 1.0 and whole.logprobs == got.logprobs

@@ -3,7 +3,7 @@
 import pytest
 
 from opd.data import Cursor, PromptSource
-from opd.teacher.align import response_slice, score_starts
+from opd.rollout.align import response_slice, score_starts
 from opd.teacher.preflight import TokenizerMismatch, check_tokenizers
 from opd.types import Prompt, RecordError, Sample, TeacherScores, sample_uid
 

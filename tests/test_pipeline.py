@@ -56,6 +56,9 @@ def test_resume_reproduces_uninterrupted_run(opd_run, tiny_models, local_ray, tm
     mlflow = {"tracking.mlflow": True}  # the file store under the run dir; the resumed driver appends to the same run
     first = run(load_config(None, tiny_overrides(tiny_models, out, **mlflow, **{"trainer.total_steps": 1})), progress=False)
     assert first["steps"] == 1
+    # The checkpoint's state as the first opd wrote it (no held-out teacher KL yet): it still resumes, by name.
+    state = out / "checkpoints" / "step_000001" / "state.json"
+    state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "teacher_kl_before"}))
     summary = run(load_config(None, tiny_overrides(tiny_models, out, **mlflow)), resume=True, progress=False)
     assert summary["steps"] == 2
     assert [r["step"] for r in _metrics(out)] == [0, 1]  # each step logged exactly once
@@ -89,3 +92,28 @@ def test_opd_eval_cli(opd_run, tiny_models, local_ray, capsys):
     assert result["eval_prompts"] == 20
     assert result["student_accuracy"] == pytest.approx(summary["student_accuracy_after"])
     assert result["teacher_accuracy"] == pytest.approx(summary["teacher_accuracy"])
+
+
+def test_opd_eval_starts_the_engines_rollout_engine_names(opd_run, local_ray, monkeypatch, capsys):
+    """``opd eval ... rollout.engine=hf`` builds its engines as a run does: transformers in the student's worker and
+    in the teacher (``teacher.engine: auto`` follows it), and vLLM is never imported in either actor."""
+    import sys
+
+    import ray
+
+    from opd import evaluation
+    from opd.cli import main
+
+    out, _ = opd_run
+    seen, stop = {}, evaluation.stop_roles
+
+    def look_then_stop(roles):
+        look = lambda actor: ray.get(actor.__ray_call__.remote(  # noqa: E731
+            lambda self: (type(self.engine).__name__, "vllm" in sys.modules)))
+        seen.update(student=look(roles.rollout[0]), teacher=look(roles.teacher.actors["default"]))
+        stop(roles)
+
+    monkeypatch.setattr(evaluation, "stop_roles", look_then_stop)
+    assert main(["eval", str(out / "config.yaml"), "rollout.engine=hf", "--teacher"]) == 0
+    assert json.loads(capsys.readouterr().out)["eval_prompts"] == 20
+    assert seen == {"student": ("HFEngine", False), "teacher": ("HFEngine", False)}

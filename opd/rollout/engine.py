@@ -20,9 +20,18 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-from opd.teacher.align import score_starts
+from opd.rollout.align import score_starts
 
 WORKER_EXTENSION = "opd.rollout.weight_sync.WeightReceiverExtension"
+# The environment of every process that runs an engine (Ray actors, the teacher server's replicas): vLLM runs
+# in-process inside each actor (no extra engine-core process), quietly. The engines run eager; the one op vLLM still
+# torch.compiles (logprob ranks) would cost every fresh actor an inductor build on its first call.
+ACTOR_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_LOGGING_LEVEL": "WARNING",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TORCHDYNAMO_DISABLE": "1",
+}
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
 

@@ -9,6 +9,10 @@ loaded and probed. ``rollout.max_restarts`` bounds the restarts of a run.
 The pool is a ``list`` of the live actor handles, replaced in place, so code that iterates ``roles.rollout`` always
 talks to the current workers. One lock orders every call the pool issues: the driver's main thread and the scoring
 thread of an asynchronous stream may both meet a dead worker.
+
+The pool also owns the check of every weight sync: ``publish`` returns at once, and ``checked`` waits for the last
+publish's probe. What depends on the workers' weights calls ``checked`` first (the stream before it hands out a batch
+or stores one with a checkpoint, ``map`` before a held-out evaluation), so no caller has to remember it.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ class RolloutPool(list):
         self.weights: dict[int, Load] = {}
         self.owed: list[Chunk] = []  # issued generations not yet collected, in issue order
         self.lock = threading.RLock()
+        self._probe: Callable[[], float] | None = None  # waits for the last publish's loads; None before any
 
     # -- generation ---------------------------------------------------------------------------------------------
     def issue(self, chunk: Chunk) -> None:
@@ -96,12 +101,11 @@ class RolloutPool(list):
             return out[0], out[1], teacher
 
     # -- weights ------------------------------------------------------------------------------------------------
-    def publish(self, version: int, load: Load) -> Callable[[], float]:
+    def publish(self, version: int, load: Load) -> None:
         """Issue the load of ``version`` on every worker (``load(worker)`` issues the call) and return at once.
 
-        The returned function waits for the loads and gives the max probe difference (raising the probe's error
-        if one failed); call it before training on anything generated at this version. A worker runs its calls
-        in order, so generations issued after this publish see these weights whether or not anyone waited."""
+        A worker runs its calls in order, so generations issued after this publish see these weights whether or not
+        anyone waited; ``checked`` waits for the loads and their probes."""
         with self.lock:
             self.weights[version], self.version = load, version
             self._prune()
@@ -116,11 +120,18 @@ class RolloutPool(list):
                 done.append(max(self._wait(i, inc, ref, current) for i, inc, ref in issued))
             return done[0]
 
-        return wait
+        self._probe = wait
+
+    def checked(self) -> float | None:
+        """The max probe difference of the last published version, once every worker loaded it (raising the probe's
+        error if one failed); None before any publish. Call it before anything generated at those weights is used."""
+        return self._probe() if self._probe is not None else None
 
     def map(self, call: Callable, parts: list) -> list:
         """``call(worker, part)`` on worker i for part i (a call that needs no particular weights, like greedy
-        evaluation at the current version), re-issued on the replacement when the worker dies."""
+        evaluation at the current version, which is checked first), re-issued on the replacement when the worker
+        dies."""
+        self.checked()
         with self.lock:
             issued = [(i, self.incarnation[i], call(self[i], p)) for i, p in enumerate(parts)]
         return [self._wait(i, inc, ref, lambda w, p=parts[i]: call(w, p)) for i, inc, ref in issued]

@@ -13,6 +13,10 @@ correct for it with their truncated importance weight against the sampler's log-
 
 Batches still in flight at a checkpoint are finished, scored and stored with it, so a resumed run trains on exactly
 the samples (and teacher scores) the uninterrupted run would have.
+
+The stream hands out nothing generated at unchecked weights: ``take`` waits for the last weight sync's probe
+(``RolloutPool.checked``) before it returns a batch, and ``save_in_flight`` before it stores any, so a failed sync
+stops the run there and a checkpoint only ever follows a checked sync.
 """
 
 from __future__ import annotations
@@ -21,12 +25,16 @@ import pickle
 import threading
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from opd.data import PromptSource
 from opd.rollout.pool import Chunk, RolloutPool
-from opd.types import Rewards, RolloutBatch, TeacherScores
+from opd.types import Prompt, Rewards, RolloutBatch, Sample, ScoredChunk, TeacherScores
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
 
 IN_FLIGHT_FILE = "in_flight_rollouts.pkl"
 
@@ -51,21 +59,47 @@ def pieces(share: list, size: int) -> list[list]:
 
 @dataclass
 class Scored:
-    """A step's batch with its verifier rewards and teacher scores; both None while the driver has yet to score it."""
+    """A step's batch with its verifier rewards and teacher scores (both None from a stream without a scorer)."""
 
     batch: RolloutBatch
     rewards: Rewards | None = None
     scores: TeacherScores | None = None
+    # Set by ``take``: the max probe difference of the weight sync checked before the batch was handed out (the
+    # check of the weights the step starts from); None without a sync.
+    probe_max_diff: float | None = None
 
     @property
     def step(self) -> int:
         return self.batch.step
 
 
+class Scorer(Protocol):
+    """What the stream needs to score batches as they are generated; the driver hands one down
+    (``opd.steps.ChunkScorer``), so the rollout layer never imports the roles that score."""
+
+    def chain(self, draws: list[tuple[Prompt, int]], samples_ref: ObjectRef) -> ObjectRef | None:
+        """When a chunk is issued: a teacher call on the generation's ObjectRef (it starts the moment generation
+        ends), or None to score the chunk when it arrives."""
+        ...
+
+    def chunk(self, samples: list[Sample], teacher_ref: ObjectRef | None) -> ScoredChunk:
+        """On the stream's thread as each chunk arrives: verify it (and start its teacher scoring if not chained)."""
+        ...
+
+    def merge(self, batch: RolloutBatch, parts: list[ScoredChunk]) -> Scored:
+        """The batch's chunks as one scored batch, in batch order (waits for the teacher scores)."""
+        ...
+
+
+def score_whole(scorer: Scorer, batch: RolloutBatch) -> Scored:
+    """A batch scored as one chunk, all at once."""
+    return scorer.merge(batch, [scorer.chunk(batch.samples, None)])
+
+
 class Pending:
     """One step's generation, launched on the workers and not yet collected (and, with a scorer, being scored)."""
 
-    def __init__(self, step: int, pool: RolloutPool, chunks: list[Chunk], group_size: int, scorer=None):
+    def __init__(self, step: int, pool: RolloutPool, chunks: list[Chunk], group_size: int, scorer: Scorer | None = None):
         self.step, self.pool, self.chunks, self.group_size, self.scorer = step, pool, chunks, group_size, scorer
         self.future: Future | None = None
         if scorer is not None:
@@ -89,10 +123,9 @@ class Pending:
 
     def _score(self) -> None:
         try:
-            parts = []  # each chunk verified as it arrives, while later chunks still generate
+            parts: list[ScoredChunk] = []  # each chunk verified as it arrives, while later chunks still generate
             batch = self._collect(lambda samples, teacher: parts.append(self.scorer.chunk(samples, teacher)))
-            rewards, scores = self.scorer.merge(batch.samples, parts)
-            self.future.set_result(Scored(batch, rewards, scores))
+            self.future.set_result(self.scorer.merge(batch, parts))
         except BaseException as e:  # noqa: BLE001 - handed to the driver's thread, which raises it
             self.future.set_exception(e)
 
@@ -100,7 +133,7 @@ class Pending:
         return self.future.result() if self.future is not None else Scored(self.result())
 
 
-def launch(workers: list, draws: list, step: int, rollout_cfg, seed: int, scorer=None) -> Pending:
+def launch(workers: list, draws: list, step: int, rollout_cfg, seed: int, scorer: Scorer | None = None) -> Pending:
     r = rollout_cfg
     pool = workers if isinstance(workers, RolloutPool) else RolloutPool(workers)
     kwargs = {"n": r.group_size, "temperature": r.temperature, "top_p": r.top_p, "max_tokens": r.max_new_tokens, "seed": seed}
@@ -114,29 +147,35 @@ def launch(workers: list, draws: list, step: int, rollout_cfg, seed: int, scorer
 
 class RolloutStream:
     def __init__(self, workers: list, data: PromptSource, rollout_cfg, seed: int, ready: list[Scored] | None = None,
-                 scorer=None):
-        """``scorer`` (``opd.steps.ChunkScorer``) scores the batches launched ahead; None leaves scoring to the driver."""
-        self.workers, self.data, self.cfg, self.seed, self.scorer = workers, data, rollout_cfg, seed, scorer
+                 scorer: Scorer | None = None):
+        """``scorer`` scores every batch as it is generated; None leaves scoring to the caller."""
+        self.pool = workers if isinstance(workers, RolloutPool) else RolloutPool(workers)
+        self.data, self.cfg, self.seed, self.scorer = data, rollout_cfg, seed, scorer
         self.queue: deque[Pending | Scored] = deque(ready or [])
 
     def _next_step(self, step: int) -> int:
         return self.queue[-1].step + 1 if self.queue else step
 
     def take(self, step: int, last_step: int) -> Scored:
-        """The batch for ``step`` (scored when it was launched ahead), after launching generation up to
-        ``max_staleness`` steps ahead (never past the run)."""
+        """The batch for ``step``, scored, once the last weight sync's probe passed; generation is launched up to
+        ``max_staleness`` steps ahead first (never past the run)."""
         while self._next_step(step) <= min(step + self.cfg.max_staleness, last_step - 1):
             s = self._next_step(step)
             draws = self.data.next_batch(self.cfg.prompts_per_step)
-            self.queue.append(launch(self.workers, draws, s, self.cfg, self.seed, self.scorer))
+            self.queue.append(launch(self.pool, draws, s, self.cfg, self.seed, self.scorer))
         head = self.queue.popleft()
         if head.step != step:
             raise RuntimeError(f"rollout stream out of order: wanted step {step}, next batch is step {head.step}")
-        return head if isinstance(head, Scored) else head.scored()
+        taken = head if isinstance(head, Scored) else head.scored()
+        if taken.rewards is None and self.scorer is not None:  # stored bare by a checkpoint of an older version
+            taken = score_whole(self.scorer, taken.batch)
+        return replace(taken, probe_max_diff=self.pool.checked())
 
     def save_in_flight(self, directory: str) -> None:
         """Finish (and score) the batches launched ahead and store them beside a checkpoint (they are generated
-        already, or about to be: the worker runs them before the weight sync that preceded this save)."""
+        already, or about to be: the worker runs them before the weight sync that preceded this save). That sync's
+        probe is checked first, with or without batches in flight: the checkpoint must not follow a failed sync."""
+        self.pool.checked()
         done = [b if isinstance(b, Scored) else b.scored() for b in self.queue]
         self.queue = deque(done)
         if done:
@@ -147,5 +186,5 @@ def load_in_flight(checkpoint: Path | None) -> list[Scored]:
     path = checkpoint / IN_FLIGHT_FILE if checkpoint else None
     if not (path and path.is_file()):
         return []
-    # Checkpoints written before scoring moved into the stream hold bare batches: the driver scores those.
+    # Checkpoints written before scoring moved into the stream hold bare batches: ``take`` scores those.
     return [b if isinstance(b, Scored) else Scored(b) for b in pickle.loads(path.read_bytes())]

@@ -7,15 +7,16 @@
       column: teacher                     # dataset column holding "code", or nothing for the default
 
 Each teacher is its own actor; a step's samples are split by teacher, scored in parallel and put back in batch order,
-so the learner sees one ``TeacherScores`` exactly as with a single teacher.
+so the learner sees one ``TeacherScores`` exactly as with a single teacher. ``Teachers`` lives in the driver and hands
+scoring off (``submit`` returns a ``TeacherCall`` at once); each actor behind it is an ``opd.teacher.scorer.Teacher``.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import ray
+from ray import ObjectRef
 
 from opd.types import Prompt, Sample, TeacherScores
 
@@ -33,8 +34,44 @@ def unknown_teacher_rows(prompts: list[Prompt], column: str | None, names: set[s
     return [(p.prompt_id, n) for p in prompts if (n := teacher_name(p, column)) not in names]
 
 
+class TeacherCall:
+    """Scoring in flight on the teacher actors concerned (``PendingScores``); ``result()`` waits for every part and
+    gives the batch's ``TeacherScores`` in batch order."""
+
+    def __init__(self, samples: list[Sample], parts: dict[str, tuple[list[int], ObjectRef]], top_k: int, hidden: bool,
+                 t0: float | None = None):
+        self.samples, self.parts, self.top_k, self.hidden = samples, parts, top_k, hidden
+        self.t0 = time.perf_counter() if t0 is None else t0  # merged scores' seconds count from the first call issued
+
+    @classmethod
+    def whole(cls, samples: list[Sample], ref: ObjectRef, top_k: int, hidden: bool) -> TeacherCall:
+        """One actor scoring every sample, in order (a call chained on the samples' generation)."""
+        return cls(samples, {DEFAULT: (list(range(len(samples))), ref)}, top_k, hidden)
+
+    def result(self) -> TeacherScores:
+        got = dict(zip(self.parts, ray.get([ref for _, ref in self.parts.values()]), strict=True))
+        if len(got) == 1:  # the common case: one teacher scored the whole batch, in order
+            return next(iter(got.values()))
+        n, top_k, hidden = len(self.samples), self.top_k, self.hidden
+        logprobs: list = [None] * n
+        ids: list | None = [None] * n if top_k else None
+        lps: list | None = [None] * n if top_k else None
+        hid: list | None = [None] * n if hidden else None
+        for name, (idx, _) in self.parts.items():
+            part = got[name]
+            for j, i in enumerate(idx):
+                logprobs[i] = part.logprobs[j]
+                if top_k:
+                    ids[i], lps[i] = part.topk_ids[j], part.topk_logprobs[j]
+                if hidden:
+                    hid[i] = part.hidden[j]
+        scores = TeacherScores([s.uid for s in self.samples], logprobs, ids, lps, time.perf_counter() - self.t0, hid)
+        scores.validate(self.samples)
+        return scores
+
+
 class Teachers:
-    """The job's teacher actors by name, with the single-teacher protocol (score, greedy generation) over all of them."""
+    """The job's teacher actors by name: scoring split by each row's teacher (``submit``) and greedy answers."""
 
     def __init__(self, actors: dict[str, object], column: str | None = None):
         if DEFAULT not in actors:
@@ -48,34 +85,12 @@ class Teachers:
             parts.setdefault(teacher_name(p, self.column), []).append(i)
         return parts
 
-    def score(self, samples: list[Sample], top_k: int, hidden: bool = False) -> Callable[[], TeacherScores]:
-        """Start scoring on every teacher concerned; the returned callable waits and merges in batch order."""
+    def submit(self, samples: list[Sample], top_k: int, hidden: bool = False) -> TeacherCall:
+        """Start scoring on every teacher concerned and return at once."""
         t0 = time.perf_counter()
-        parts = self._split([s.prompt for s in samples])
-        refs = {name: self.actors[name].score.remote([samples[i] for i in idx], top_k, hidden) for name, idx in parts.items()}
-
-        def collect() -> TeacherScores:
-            got = dict(zip(refs, ray.get(list(refs.values())), strict=True))
-            if len(got) == 1:  # the common case: one teacher scored the whole batch, in order
-                return next(iter(got.values()))
-            n = len(samples)
-            logprobs: list = [None] * n
-            ids: list | None = [None] * n if top_k else None
-            lps: list | None = [None] * n if top_k else None
-            hid: list | None = [None] * n if hidden else None
-            for name, idx in parts.items():
-                part = got[name]
-                for j, i in enumerate(idx):
-                    logprobs[i] = part.logprobs[j]
-                    if top_k:
-                        ids[i], lps[i] = part.topk_ids[j], part.topk_logprobs[j]
-                    if hidden:
-                        hid[i] = part.hidden[j]
-            scores = TeacherScores([s.uid for s in samples], logprobs, ids, lps, time.perf_counter() - t0, hid)
-            scores.validate(samples)
-            return scores
-
-        return collect
+        parts = {name: (idx, self.actors[name].score.remote([samples[i] for i in idx], top_k, hidden))
+                 for name, idx in self._split([s.prompt for s in samples]).items()}
+        return TeacherCall(samples, parts, top_k, hidden, t0)
 
     def generate_greedy(self, prompts: list[Prompt], max_tokens: int) -> list[str]:
         """Each prompt answered by its own teacher (the teacher accuracy a job reports is that of its teachers)."""

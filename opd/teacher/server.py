@@ -244,7 +244,7 @@ def serve_forever(settings: ServerSettings, *, host: str, port: int, replicas: i
     SIGTERM/SIGINT, then shut Serve and Ray down."""
     import ray
 
-    from opd.cluster import ACTOR_ENV
+    from opd.rollout.engine import ACTOR_ENV
 
     if address:
         ray.init(address=address, runtime_env={"env_vars": ACTOR_ENV})
