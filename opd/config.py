@@ -14,11 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from opd.errors import ConfigError
 from opd.signal import TeacherSignal, teacher_signal
-
-
-class ConfigError(ValueError):
-    """Bad configuration; the message names every offending dotted key. The CLI exits with code 2."""
 
 
 class _Section(BaseModel):
@@ -265,7 +262,7 @@ class Config(_Section):
     cluster: ClusterConfig = ClusterConfig()
     models: ModelsConfig = ModelsConfig()
     task: TaskConfig = TaskConfig()
-    algorithm: str = "opd"  # a module of opd.objectives
+    algorithm: str = "opd"  # a module of opd.trainer.objectives
     opd: OPDConfig = OPDConfig()
     opd_reward: OPDRewardConfig = OPDRewardConfig()
     kl_ref: KLRefConfig = KLRefConfig()
@@ -287,7 +284,7 @@ class Config(_Section):
     @field_validator("algorithm")
     @classmethod
     def _known_objective(cls, v: str) -> str:
-        from opd.objectives import REGISTRY  # torch: only when a config is validated
+        from opd.trainer.objectives import REGISTRY  # torch: only when a config is validated
 
         if v not in REGISTRY:
             raise ValueError(f"unknown objective {v!r}; valid: {', '.join(REGISTRY)}")
@@ -295,7 +292,7 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
-        from opd.objectives import get
+        from opd.trainer.objectives import get
 
         objective = get(self.algorithm)
         for key, n in (("rollout.max_new_tokens", self.rollout.max_new_tokens), ("eval.max_new_tokens", self.eval.max_new_tokens)):

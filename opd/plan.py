@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from opd.config import Config
-from opd.objectives import get
 from opd.trainer.objective import ObjectiveSpec
+from opd.trainer.objectives import get
 from opd.trainer.routing import RoutePlan
 
 

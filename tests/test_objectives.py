@@ -8,18 +8,12 @@ import torch
 
 from opd.config import Config
 from opd.plan import objective_spec
-from opd.trainer.advantages import opd_token_advantages
+from opd.trainer.advantages import gopd_token_advantages, opd_token_advantages
 from opd.trainer.batchwide import counted_tokens, denominators, live_samples
 from opd.trainer.dist import Collective
 from opd.trainer.divergences import student_topk_divergence
 from opd.trainer.losses import aggregate, clipped_pg_loss, token_logprobs
 from opd.trainer.objective import Aux, ObjectiveSpec, token_loss
-from opd.trainer.objectives import (
-    entropy_weights,
-    gopd_token_advantages,
-    paced_weights,
-    quality_gate,
-)
 from opd.trainer.routing import RoutePlan, route
 from opd.trainer.sdpo import (
     RepromptTemplates,
@@ -31,6 +25,7 @@ from opd.trainer.sdpo import (
     strip_thinking,
 )
 from opd.trainer.selection import select_tokens
+from opd.trainer.weights import entropy_weights, paced_weights, quality_gate
 from opd.types import Prompt, Rewards, RolloutBatch, Sample, TeacherScores
 
 # ---- §1.1 OPD, sampled token -------------------------------------------------------------------------------------

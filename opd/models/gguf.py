@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from opd.config import ConfigError
+from opd.errors import ConfigError
 from opd.models.store import building, read_stamp, write_stamp
 
 log = logging.getLogger("opd.models")

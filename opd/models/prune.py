@@ -16,7 +16,7 @@ import math
 import re
 from pathlib import Path
 
-from opd.config import ConfigError
+from opd.errors import ConfigError
 from opd.models.store import building, read_stamp, write_stamp
 
 log = logging.getLogger("opd.models")

@@ -7,11 +7,14 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from opd.config import TrackingConfig
 from opd.monitor.console import Console, eval_line
 from opd.monitor.ray_metrics import RayMetricsSink
 from opd.monitor.tracking import Trackers
+
+if TYPE_CHECKING:
+    from opd.config import TrackingConfig
 
 
 class MetricsLogger:

@@ -19,9 +19,13 @@ import re
 import secrets
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from opd.config import ConfigError, TrackingConfig
+from opd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from opd.config import TrackingConfig
 
 log = logging.getLogger("opd.tracking")
 

@@ -178,7 +178,7 @@ class VLLMEngine:
         """Serve adapter ``version`` from now on; the previous one leaves the engine and the disk."""
         from vllm.lora.request import LoRARequest
 
-        from opd.trainer.lora import write_adapter
+        from opd.rollout.weight_sync import write_adapter
 
         if self._adapter_root is None:
             raise RuntimeError("load_adapter: this engine was started without LoRA (lora_rank=0)")

@@ -23,11 +23,13 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
 
 DEFAULT_BUCKET_BYTES = 64 << 20
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a LoRA adapter as PEFT saves it
 
 
 @dataclass(frozen=True)
@@ -124,3 +126,15 @@ class WeightReceiverExtension:
     def opd_receive_weights(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
         # HF checkpoints with tied embeddings carry lm_head.weight too; vLLM's loader skips what it ties.
         self.reload_weights(weights_iterator=weights)  # type: ignore[attr-defined]
+
+
+def write_adapter(files: dict[str, bytes], directory: Path) -> Path:
+    """Write a LoRA adapter's files (what the learner exports) into ``directory`` (created), complete before the
+    caller hands it to vLLM."""
+    missing = [n for n in ADAPTER_FILES if n not in files]
+    if missing:
+        raise ValueError(f"adapter is missing {missing}; got {sorted(files)}")
+    directory.mkdir(parents=True, exist_ok=False)
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+    return directory

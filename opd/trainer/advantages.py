@@ -35,3 +35,24 @@ def opd_token_advantages(
     """
     kl_BT = (student_logprobs_BT - teacher_logprobs_BT).detach()
     return -coef * kl_BT * mask_BT.to(kl_BT.dtype)
+
+
+def gopd_token_advantages(
+    teacher_logp_BT: torch.Tensor,
+    ref_logp_BT: torch.Tensor,
+    student_logp_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    lam: float = 1.25,
+) -> torch.Tensor:
+    """G-OPD per-token reward as a detached advantage (§4.1–4.2), shape [B, T], 0 where masked.
+
+    ``A_t = λ·(log π_T − log π_ref) − (log π_θ − log π_ref)`` on the sampled token, with ``student_logp_BT`` the
+    rollout-time (old or sampler) log-prob. ``λ = 1`` is plain OPD (π_ref cancels) and is routed through
+    ``opd_token_advantages`` so the identity holds bit for bit, as G-OPD's code special-cases it; ``λ > 1`` is
+    ExOPD (reward extrapolation past the teacher along ref → teacher, default 1.25); ``0 < λ < 1`` interpolates.
+    """
+    if lam == 1.0:
+        return opd_token_advantages(student_logp_BT, teacher_logp_BT, mask_BT, coef=1.0)
+    ref = ref_logp_BT.detach()
+    adv_BT = lam * (teacher_logp_BT.detach() - ref) - (student_logp_BT.detach() - ref)
+    return adv_BT * mask_BT.to(adv_BT.dtype)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from opd.trainer.dist import Collective
-from opd.trainer.objectives import entropy_weights
 from opd.trainer.selection import select_tokens
+from opd.trainer.weights import entropy_weights
 
 
 def _join(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -20,8 +20,6 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
 
 @dataclass(frozen=True)
 class LoraSpec:
@@ -64,17 +62,6 @@ def adapter_files(model: PeftModel) -> dict[str, bytes]:
         config.save_pretrained(tmp)
         config_bytes = (Path(tmp) / "adapter_config.json").read_bytes()
     return {"adapter_config.json": config_bytes, "adapter_model.safetensors": save(state, metadata={"format": "pt"})}
-
-
-def write_adapter(files: dict[str, bytes], directory: Path) -> Path:
-    """Write an adapter's files into ``directory`` (created), complete before the caller hands it to vLLM."""
-    missing = [n for n in ADAPTER_FILES if n not in files]
-    if missing:
-        raise ValueError(f"adapter is missing {missing}; got {sorted(files)}")
-    directory.mkdir(parents=True, exist_ok=False)
-    for name, data in files.items():
-        (directory / name).write_bytes(data)
-    return directory
 
 
 def load_adapter_weights(model: PeftModel, directory: Path) -> None:

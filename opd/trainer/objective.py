@@ -1,5 +1,5 @@
 """The learner's view of the objective (``ObjectiveSpec``: plain values), the teacher-side tensors of a micro-batch
-(``Aux``), and ``token_loss``, which hands both to the objective's own module (``opd.objectives``).
+(``Aux``), and ``token_loss``, which hands both to the objective's own module (``opd.trainer.objectives``).
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
-from opd.objectives import Objective, get
 from opd.signal import TeacherSignal, teacher_signal
 from opd.trainer.divergences import kl_penalty
 from opd.trainer.losses import token_logprobs
+from opd.trainer.objectives import Objective, get
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ class Aux:
 def token_loss(
     spec: ObjectiveSpec, logits_BTV, targets_BT, mask_BT, sampler_BT, adv_BT, aux: Aux
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-token loss, denominator tokens) for one micro-batch, from ``spec.name``'s module in ``opd.objectives``,
+    """(per-token loss, denominator tokens) for one micro-batch, from ``spec.name``'s module in ``opd.trainer.objectives``,
     plus ``kl_ref.coef`` times the per-token KL to the reference model on the tokens the objective counts (so it
     shares the objective's denominator, whichever objective it is)."""
     loss_BT, count_BT = get(spec.name).token_loss(spec, logits_BTV, targets_BT, mask_BT, sampler_BT, adv_BT, aux)

@@ -14,17 +14,17 @@ from dataclasses import dataclass
 
 import torch
 
-from opd.objectives import get
 from opd.signal import TeacherSignal
 from opd.trainer.advantages import grpo_advantages
-from opd.trainer.objectives import paced_weights, quality_gate
+from opd.trainer.objectives import get
 from opd.trainer.sdpo import build_reprompt, self_teacher_contexts
+from opd.trainer.weights import paced_weights, quality_gate
 from opd.types import Rewards, RolloutBatch, Sample, TeacherScores, TrainBatch
 
 
 @dataclass(frozen=True)
 class RoutePlan:
-    objective: str  # a name in opd.objectives
+    objective: str  # a name in opd.trainer.objectives
     norm_by_std: bool = True
     adv_eps: float = 1e-6
     signal: TeacherSignal = TeacherSignal()  # what of the teacher's scores the learner reads (top-k rows, hidden states)

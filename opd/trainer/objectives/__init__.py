@@ -72,4 +72,4 @@ def get(name: str) -> Objective:
 
 
 # Registered on import, in the order the config lists them.
-from opd.objectives import exopd, grpo, opd, opd_reward, sdpo, srpo  # noqa: E402, F401
+from opd.trainer.objectives import exopd, grpo, opd, opd_reward, sdpo, srpo  # noqa: E402, F401

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from opd.objectives import Objective, pg_token_loss, register, teacher_logprobs
+from opd.trainer.advantages import gopd_token_advantages
 from opd.trainer.losses import token_logprobs
-from opd.trainer.objectives import gopd_token_advantages
+from opd.trainer.objectives import Objective, pg_token_loss, register, teacher_logprobs
 
 
 class ExOPD(Objective):

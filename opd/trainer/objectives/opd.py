@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from opd.objectives import Objective, pg_token_loss, register, teacher_logprobs
 from opd.trainer.advantages import opd_token_advantages
 from opd.trainer.divergences import full_vocab_divergence, teacher_topk_forward_kl
 from opd.trainer.losses import prefix_is_weights, token_logprobs
+from opd.trainer.objectives import Objective, pg_token_loss, register, teacher_logprobs
 
 
 class OPD(Objective):

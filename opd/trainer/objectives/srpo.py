@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from opd.objectives import Objective, pg_token_loss, register
-from opd.objectives.sdpo import self_distillation_loss
+from opd.trainer.objectives import Objective, pg_token_loss, register
+from opd.trainer.objectives.sdpo import self_distillation_loss
 
 
 class SRPO(Objective):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from opd.objectives import Objective, pg_token_loss, register
 from opd.trainer.losses import token_logprobs
+from opd.trainer.objectives import Objective, pg_token_loss, register
 
 
 class GRPO(Objective):

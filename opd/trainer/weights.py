@@ -1,8 +1,8 @@
-"""Objective-level pieces for G-OPD/ExOPD, SRPO, PACED and KEPO, as pure functions over tensors (torch only).
+"""Sample and token weights for SRPO, PACED, KEPO and the quality gate, as pure functions over tensors (torch only).
 
 Shapes: ``B`` sequences, ``T`` padded response length, ``P`` problems (prompts). ``mask_BT`` is 1 on real
 response tokens. Advantages and weights are constants for the loss: every such output is detached. Maths:
-``reference/algorithms.md`` §4 (G-OPD), §5 (SRPO), §7 (PACED), §8.1 (KEPO). Tested in ``tests/test_objectives.py``.
+``reference/algorithms.md`` §5 (SRPO), §7 (PACED), §8.1 (KEPO). Tested in ``tests/test_objectives.py``.
 """
 
 from __future__ import annotations
@@ -10,29 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-
-from opd.trainer.advantages import opd_token_advantages
-
-
-def gopd_token_advantages(
-    teacher_logp_BT: torch.Tensor,
-    ref_logp_BT: torch.Tensor,
-    student_logp_BT: torch.Tensor,
-    mask_BT: torch.Tensor,
-    lam: float = 1.25,
-) -> torch.Tensor:
-    """G-OPD per-token reward as a detached advantage (§4.1–4.2), shape [B, T], 0 where masked.
-
-    ``A_t = λ·(log π_T − log π_ref) − (log π_θ − log π_ref)`` on the sampled token, with ``student_logp_BT`` the
-    rollout-time (old or sampler) log-prob. ``λ = 1`` is plain OPD (π_ref cancels) and is routed through
-    ``opd_token_advantages`` so the identity holds bit for bit, as G-OPD's code special-cases it; ``λ > 1`` is
-    ExOPD (reward extrapolation past the teacher along ref → teacher, default 1.25); ``0 < λ < 1`` interpolates.
-    """
-    if lam == 1.0:
-        return opd_token_advantages(student_logp_BT, teacher_logp_BT, mask_BT, coef=1.0)
-    ref = ref_logp_BT.detach()
-    adv_BT = lam * (teacher_logp_BT.detach() - ref) - (student_logp_BT.detach() - ref)
-    return adv_BT * mask_BT.to(adv_BT.dtype)
 
 
 def entropy_weights(

@@ -5,9 +5,9 @@ The teacher pulls every token towards itself; the reward moves whole answers tha
 
 from __future__ import annotations
 
-from opd.objectives import Objective, pg_token_loss, register, teacher_logprobs
 from opd.trainer.advantages import opd_token_advantages
 from opd.trainer.losses import token_logprobs
+from opd.trainer.objectives import Objective, pg_token_loss, register, teacher_logprobs
 
 
 class OPDReward(Objective):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from opd.objectives import Objective, register
 from opd.trainer.losses import token_logprobs
+from opd.trainer.objectives import Objective, register
 from opd.trainer.sdpo import sdpo_token_loss
 
 
