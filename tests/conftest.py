@@ -57,6 +57,20 @@ def tiny_overrides(models: Path, out: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
+def answered_right(model_dir, prompts: list, max_tokens: int) -> list[bool]:
+    """Whether ``model_dir`` answers each prompt right, greedily on the HF engine (whose greedy tokens are vLLM's:
+    tests/test_hf_engine.py) and judged by exact_answer, the default first verifier: a job's held-out accuracy
+    recomputed apart from the job, so a test can check the job evaluated the right model on the right prompts."""
+    from opd.rollout.hf_engine import HFEngine
+    from opd.tasks.arithmetic import exact_answer
+
+    outs = HFEngine(str(model_dir), max_model_len=None).generate(
+        [p.token_ids for p in prompts], n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens)
+    scores = exact_answer([p.columns["prompt"] for p in prompts], [gens[0].text for gens in outs],
+                          answer=[p.answer for p in prompts])
+    return [s == 1.0 for s in scores]
+
+
 def start_shared(cfg):
     """A job's rollout workers, teacher and verifier hosts, started once for several jobs of a module (engine
     start-up is most of a short job's time on 2 cores). Call ``train_on`` with each job's config; kill with

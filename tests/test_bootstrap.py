@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import shutil
-import time
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from opd.tasks.bootstrap import (
     render_prompt,
     sft_example,
     sft_tensors,
+    task_splits,
     tiny_spec,
 )
 from opd.tasks.tokenizer import build_tokenizer
@@ -34,9 +36,8 @@ def tok():
 @pytest.fixture(scope="module")
 def tiny_boot(tmp_path_factory):
     out = tmp_path_factory.mktemp("boot") / "models"
-    start = time.monotonic()
     meta = bootstrap(out, tiny_spec(), num_threads=1)  # one thread: two oversubscribed ones can stall for minutes
-    return out, meta, time.monotonic() - start
+    return out, meta
 
 
 @pytest.mark.parametrize("text", ["12 + 3=", "123+45=", "a  b\n~ !", ""])
@@ -111,10 +112,20 @@ def test_spec_hash_and_dict_roundtrip():
 
 
 def test_tiny_bootstrap_writes_loadable_checkpoints(tiny_boot, tok):
-    out, meta, seconds = tiny_boot
-    assert seconds < 300  # ~5 s on an idle machine; the bound only catches a runaway
+    out, meta = tiny_boot
+    spec = tiny_spec()
     assert json.loads((out / "bootstrap.json").read_text()) == meta
-    assert meta["spec_hash"] == tiny_spec().hash()
+    assert meta["spec_hash"] == spec.hash()
+    # Training is driven by steps, so a runaway shows in the counts: the teacher runs its whole schedule; the student
+    # stops at its first validation check at or above stop_at_accuracy, else at its last step.
+    assert meta["teacher"]["steps"] == spec.teacher_sft.steps
+    student, sft = meta["student"], spec.student_sft
+    reached = [step for step, acc in student["val_curve"] if acc >= sft.stop_at_accuracy]
+    assert student["steps"] == (reached[0] if reached else sft.steps)
+    assert [step for step, _ in student["val_curve"]] == list(range(sft.eval_every, student["steps"] + 1, sft.eval_every))
+    # Both learned (below the uniform guess over the vocabulary), the bigger, longer-trained teacher more.
+    assert meta["teacher"]["final_loss"] < meta["student"]["final_loss"] < math.log(len(tok))
+    test_rows = task_splits(spec.task)["test"]
     for role in ("teacher", "student"):
         model = AutoModelForCausalLM.from_pretrained(out / role)
         loaded_tok = AutoTokenizer.from_pretrained(out / role)
@@ -122,25 +133,28 @@ def test_tiny_bootstrap_writes_loadable_checkpoints(tiny_boot, tok):
         assert loaded_tok.get_vocab() == tok.get_vocab() and loaded_tok.chat_template == tok.chat_template
         assert (out / role / "generation_config.json").exists()
         assert sum(p.numel() for p in model.parameters()) == meta[role]["params"]
-        assert 0.0 <= meta[role]["accuracy"] <= 1.0
+        # The recorded accuracy is this checkpoint's: evaluated again from disk, the held-out rows give the same number.
+        assert evaluate_accuracy(model, loaded_tok, test_rows, spec.eval_batch_size, num_threads=1) == meta[role]["accuracy"]
         enc = loaded_tok([render_prompt(loaded_tok, "12+34=")], add_special_tokens=False, return_tensors="pt")
         out_ids = model.generate(**enc, max_new_tokens=4, do_sample=False)
         assert out_ids.shape[1] > enc["input_ids"].shape[1]
     assert not list(out.parent.glob(f".{out.name}.tmp-*"))  # the staging dir was renamed away
 
 
-def test_second_bootstrap_is_a_cached_noop(tiny_boot):
-    out, meta, _ = tiny_boot
-    mtime = (out / "teacher" / "model.safetensors").stat().st_mtime_ns
-    start = time.monotonic()
-    again = bootstrap(out, tiny_spec(), num_threads=1)
-    assert time.monotonic() - start < 30
+def test_second_bootstrap_is_a_cached_noop(tiny_boot, caplog):
+    out, meta = tiny_boot
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    with caplog.at_level(logging.INFO, logger="opd.bootstrap"):
+        again = bootstrap(out, tiny_spec(), num_threads=1)
     assert again == meta
-    assert (out / "teacher" / "model.safetensors").stat().st_mtime_ns == mtime
+    # Nothing trained (training logs every model's size and its steps) and nothing was written or replaced.
+    logged = [r.getMessage() for r in caplog.records if r.name == "opd.bootstrap"]
+    assert logged == [f"bootstrap cache hit at {out} (spec {meta['spec_hash']})"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == files
 
 
 def test_changed_spec_or_corrupt_cache_rebuilds(tiny_boot, tmp_path):
-    out, meta, _ = tiny_boot
+    out, meta = tiny_boot
     copy = tmp_path / "models"
     shutil.copytree(out, copy)
     (copy / "student" / "model.safetensors").write_bytes(b"not a checkpoint")
@@ -156,7 +170,7 @@ def test_bootstrap_refuses_to_replace_foreign_dir(tmp_path):
     assert (tmp_path / "mine.txt").read_text() == "keep me"
 
 
-def test_left_padded_eval_matches_unpadded(tok):
+def test_left_padded_eval_matches_unpadded(tok, tiny_boot):
     torch.manual_seed(0)
     model = build_model(ModelSpec(64, 1, 2, 1, 128), tok).eval()
     rows = [{"prompt": p, "answer": "0"} for p in ("1+2=", "999+99=", "12+3=")]
@@ -167,4 +181,14 @@ def test_left_padded_eval_matches_unpadded(tok):
     together = model.generate(**batch, max_new_tokens=3, do_sample=False)[0, batch["input_ids"].shape[1] :]
     assert tok.padding_side == "left"
     assert tok.decode(alone, skip_special_tokens=True) == tok.decode(together, skip_special_tokens=True)
-    assert 0.0 <= evaluate_accuracy(model, tok, rows, batch_size=2, num_threads=1) <= 1.0
+    # evaluate_accuracy batches the same way. Its answers are set to what the trained teacher writes for each prompt
+    # alone (it ends each with <|end|>, so the token budget does not change them): one left-padded batch must find
+    # all three, and not the wrong one.
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_boot[0] / "teacher").eval()
+    judged = [{"prompt": "5+5=", "answer": "wrong"}]
+    for r in rows:
+        enc = tok([render_prompt(tok, r["prompt"])], add_special_tokens=False, return_tensors="pt")
+        ids = teacher.generate(**enc, max_new_tokens=8, do_sample=False)[0, enc["input_ids"].shape[1] :]
+        assert ids[-1] == tok.eos_token_id
+        judged.append({"prompt": r["prompt"], "answer": tok.decode(ids, skip_special_tokens=True)})
+    assert evaluate_accuracy(teacher, tok, judged, batch_size=4, num_threads=1) == 0.75

@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_overrides
-from transformers import AutoModelForCausalLM
+from conftest import answered_right, tiny_overrides
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opd.config import load_config
 from opd.driver import run
+from opd.preflight import load_prompts
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +34,14 @@ def opd_run(tiny_models, local_ray, tmp_path_factory):
 def test_opd_two_steps(opd_run, tiny_models):
     out, summary = opd_run
     assert summary["steps"] == 2 and summary["weight_version"] == 2 and summary["eval_prompts"] == 20
-    for key in ("teacher_accuracy", "student_accuracy_before", "student_accuracy_after"):
-        assert 0.0 <= summary[key] <= 1.0
+    # Each accuracy is its own model's on the job's held-out prompts, recomputed here on the HF engine.
+    cfg = load_config(None, tiny_overrides(tiny_models, out))
+    held_out = load_prompts(cfg, AutoTokenizer.from_pretrained(cfg.models.student))[1]
+    final = out / "checkpoints" / "step_000002"
+    for key, model in (("teacher_accuracy", tiny_models / "teacher"), ("student_accuracy_before", tiny_models / "student"),
+                       ("student_accuracy_after", final / "model")):
+        right = answered_right(model, held_out, cfg.eval.max_new_tokens)
+        assert summary[key] == sum(right) / len(right), key
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [0, 1]
     assert [r["weight_version"] for r in rows] == [1, 2]
@@ -44,7 +51,6 @@ def test_opd_two_steps(opd_run, tiny_models):
         assert r["teacher_kl"] is not None and r["update_skipped"] == 0.0
         assert r["train_tokens"] > 0 and r["rollout_tokens_per_s"] > 0 and r["score_tokens_per_s"] > 0
     assert (out / "tensorboard").is_dir() and any((out / "tensorboard").iterdir())
-    final = out / "checkpoints" / "step_000002"
     assert (final / "model" / "config.json").is_file() and (final / "optimizer.pt").is_file()
     before, after = _weights(tiny_models / "student"), _weights(final / "model")
     assert any(not torch.equal(before[k], after[k]) for k in before), "two OPD steps left the student unchanged"
