@@ -27,6 +27,7 @@ import torch
 from opd.data import render_prompts
 from opd.rewards.registry import resolve
 from opd.rollout.worker import RolloutWorker
+from opd.signal import TeacherSignal
 from opd.tasks.bootstrap import task_splits, tiny_spec
 from opd.teacher.scorer import VLLMTeacher
 from opd.trainer.learner import Learner
@@ -143,10 +144,12 @@ def _assert_moved(name: str, metric: str, before: tuple[float, float], after: tu
 # exopd 1.07 -> 0.43-0.50; with the loss's sign flipped they rise to 6.5, 4.3, 7.1 and 6.3.
 KL_RUNS = {
     "opd": (ObjectiveSpec("opd"), RoutePlan("opd"), 0),
-    "opd-topk": (ObjectiveSpec("opd", opd_divergence="teacher_topk"), RoutePlan("opd", use_topk=True), 20),
+    "opd-topk": (ObjectiveSpec("opd", opd_divergence="teacher_topk"), RoutePlan("opd", signal=TeacherSignal("topk", "teacher", 20)), 20),
     # The learner runs the teacher itself (opd.full_vocab_source=learner): no teacher actor scores the batch.
     "opd-full-vocab": (ObjectiveSpec("opd", opd_divergence="full_vocab"), RoutePlan("opd"), None),
     "exopd": (ObjectiveSpec("exopd"), RoutePlan("exopd"), 0),
+    # The teacher's term and format_digits' group advantage in one loss: the teacher's pull must still show.
+    "opd_reward": (ObjectiveSpec("opd_reward"), RoutePlan("opd_reward"), 0),
 }
 
 
