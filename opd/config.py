@@ -148,6 +148,10 @@ class RolloutConfig(_Section):
     kv_cache_gib: float = Field(1.0, gt=0)
     probe_tolerance: float = Field(1e-3, gt=0)  # max |logprob diff| between learner and engine after a sync
     max_staleness: int = Field(0, ge=0)  # 0: synchronous; k: generation runs up to k steps ahead of the learner
+    # DAPO's dynamic sampling: keep only groups whose rewards differ, drawing more prompts (up to
+    # max_resample_rounds extra batches) until prompts_per_step such groups fill the step
+    dynamic_sampling: bool = False
+    max_resample_rounds: int = Field(4, ge=1)
     chunk_prompts: int = Field(0, ge=0)  # prompts per generation call, each scored as it finishes; 0: one call per worker
     max_restarts: int = Field(3, ge=0)  # dead rollout workers replaced per run before the job fails
     engine: Literal["vllm", "hf"] = "vllm"  # hf: transformers generate (CPU runs, tests); vllm is the production path
@@ -324,6 +328,9 @@ class Config(_Section):
         if (self.kl_ref.coef and objective.reference and self.kl_ref.reference
                 and self.kl_ref.reference != self.exopd.reference):
             raise ValueError("kl_ref.reference: the learner holds one reference model, and exopd.reference names another")
+        if self.rollout.dynamic_sampling and not objective.group_advantages:
+            raise ValueError(f"rollout.dynamic_sampling keeps groups whose rewards differ, which only a group-relative "
+                             f"advantage learns from; algorithm={self.algorithm} has none (use grpo, srpo or opd_reward)")
         if self.algorithm == "opd_reward" and self.opd.divergence != "sampled":
             raise ValueError("algorithm=opd_reward adds the teacher's sampled-token advantage to the reward's: set "
                              "opd.divergence=sampled")

@@ -67,40 +67,13 @@ class ChunkScorer:
         return ScoredChunk(rewards, teacher)
 
     def merge(self, batch: RolloutBatch, parts: list[ScoredChunk]) -> Scored:
-        rewards = merge_rewards([p.rewards for p in parts])
+        rewards = Rewards.concat([p.rewards for p in parts])
         rewards.validate(batch.samples)
         if self.teacher is None:
             return Scored(batch, rewards)
-        scores = merge_scores([p.teacher.result() for p in parts])
+        scores = TeacherScores.concat([p.teacher.result() for p in parts])
         scores.validate(batch.samples)
         return Scored(batch, rewards, scores)
-
-
-def merge_rewards(parts: list[Rewards]) -> Rewards:
-    """Chunks' rewards as one record in batch order (verifier seconds add up: the chunks ran one after another)."""
-    if len(parts) == 1:
-        return parts[0]
-    names = list(parts[0].per_verifier)
-    return Rewards(
-        uids=[u for p in parts for u in p.uids], rewards=[x for p in parts for x in p.rewards],
-        correct=[x for p in parts for x in p.correct],
-        per_verifier={n: [x for p in parts for x in p.per_verifier[n]] for n in names},
-        failures={u: why for p in parts for u, why in p.failures.items()},
-        verify_seconds=sum(p.verify_seconds for p in parts),
-    )
-
-
-def merge_scores(parts: list[TeacherScores]) -> TeacherScores:
-    if len(parts) == 1:
-        return parts[0]
-    topk, hidden = parts[0].topk_ids is not None, parts[0].hidden is not None
-    return TeacherScores(
-        uids=[u for p in parts for u in p.uids], logprobs=[x for p in parts for x in p.logprobs],
-        topk_ids=[x for p in parts for x in p.topk_ids] if topk else None,
-        topk_logprobs=[x for p in parts for x in p.topk_logprobs] if topk else None,
-        score_seconds=sum(p.score_seconds for p in parts),
-        hidden=[x for p in parts for x in p.hidden] if hidden else None,
-    )
 
 
 def sync_weights(roles: Roles, probe_ids: list[int], tolerance: float) -> int:
@@ -200,6 +173,9 @@ def step_metrics(taken: Scored, learner: dict, version: int, step_seconds: float
         "step_seconds": step_seconds,
         **learner,
     }
+    if taken.generated_groups is not None:  # rollout.dynamic_sampling: the share of generated groups that taught
+        m["dynamic_kept_fraction"] = len(rollouts.samples) / rollouts.group_size / max(taken.generated_groups, 1)
+        m["resample_rounds"] = float(taken.resample_rounds)
     if scores is not None:
         m["teacher_kl"] = teacher_reverse_kl(rollouts, scores)
         m["teacher_nonfinite"] = float(scores.nonfinite_samples())

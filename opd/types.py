@@ -114,6 +114,25 @@ class TeacherScores:
                 if h.shape[0] != len(s.response_ids):
                     raise RecordError(f"TeacherScores {s.uid}: {h.shape[0]} hidden-state rows for {len(s.response_ids)} response tokens")
 
+    @staticmethod
+    def concat(parts: list[TeacherScores]) -> TeacherScores:
+        """Several chunks' scores as one record, in order (scoring seconds add up)."""
+        if len(parts) == 1:
+            return parts[0]
+        topk, hidden = parts[0].topk_ids is not None, parts[0].hidden is not None
+        return TeacherScores(
+            uids=[u for p in parts for u in p.uids], logprobs=[x for p in parts for x in p.logprobs],
+            topk_ids=[x for p in parts for x in p.topk_ids] if topk else None,
+            topk_logprobs=[x for p in parts for x in p.topk_logprobs] if topk else None,
+            score_seconds=sum(p.score_seconds for p in parts),
+            hidden=[x for p in parts for x in p.hidden] if hidden else None,
+        )
+
+    def rows(self, idx: list[int]) -> TeacherScores:
+        pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
+        return TeacherScores(pick(self.uids), pick(self.logprobs), pick(self.topk_ids), pick(self.topk_logprobs),
+                             self.score_seconds, pick(self.hidden))
+
     def nonfinite_samples(self) -> int:
         """Samples with a NaN/inf teacher log-prob (sampled token or top-k). Not an error here: such a value makes the
         step's loss non-finite, and the learner skips that update on every rank, which is the survivable outcome."""
@@ -139,6 +158,32 @@ class Rewards:
     per_verifier: dict[str, list[float]] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)  # uid -> reason
     verify_seconds: float = 0.0
+
+    @staticmethod
+    def concat(parts: list[Rewards]) -> Rewards:
+        """Several chunks' rewards as one record, in order (verifier seconds add up: the chunks ran in turn)."""
+        if len(parts) == 1:
+            return parts[0]
+        names = list(parts[0].per_verifier)
+        return Rewards(
+            uids=[u for p in parts for u in p.uids], rewards=[x for p in parts for x in p.rewards],
+            correct=[x for p in parts for x in p.correct],
+            per_verifier={n: [x for p in parts for x in p.per_verifier[n]] for n in names},
+            failures={u: why for p in parts for u, why in p.failures.items()},
+            verify_seconds=sum(p.verify_seconds for p in parts),
+        )
+
+    def rows(self, idx: list[int]) -> Rewards:
+        uids = [self.uids[i] for i in idx]
+        return Rewards(uids, [self.rewards[i] for i in idx], [self.correct[i] for i in idx],
+                       {n: [v[i] for i in idx] for n, v in self.per_verifier.items()},
+                       {u: self.failures[u] for u in uids if u in self.failures}, self.verify_seconds)
+
+    def varied_groups(self, group_size: int) -> list[int]:
+        """The groups (of ``group_size`` consecutive samples) whose rewards are not all equal: the only ones a
+        group-relative advantage learns from (DAPO's dynamic sampling keeps these, ``drop_uniform_groups`` too)."""
+        return [k for k in range(len(self.rewards) // group_size)
+                if len(set(self.rewards[k * group_size : (k + 1) * group_size])) > 1]
 
     def validate(self, samples: list[Sample]) -> None:
         if self.uids != [s.uid for s in samples]:

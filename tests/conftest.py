@@ -91,7 +91,7 @@ def stop_shared(roles) -> None:
         ray.kill(actor)
 
 
-def train_on(shared, cfg, *, rollout=None, teacher=None, resume: bool = False) -> dict:
+def train_on(shared, cfg, *, rollout=None, teacher=None, verifiers=None, resume: bool = False) -> dict:
     """``opd run``'s job on engines that are already running: its own learner, the shared rollout workers and teacher
     (or those given), the shared verifier hosts. Each job pushes its learner's weights to the workers at its start, as
     every job does, so what an earlier job trained never leaks into the next one."""
@@ -105,7 +105,7 @@ def train_on(shared, cfg, *, rollout=None, teacher=None, resume: bool = False) -
     learners = start_learners(cfg)
     connect_learners(learners, cfg.trainer.dist_backend)
     roles = Roles(rollout or shared.rollout, (teacher or shared.teacher) if cfg.needs_teacher else None,
-                  learners.ranks[0], shared.verifiers, learners)
+                  learners.ranks[0], verifiers or shared.verifiers, learners)
     try:
         return train(cfg, job, roles, progress=False)
     finally:

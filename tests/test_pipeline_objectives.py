@@ -74,3 +74,29 @@ def test_objective_two_steps(shared, tiny_models, tmp_path, name):
         assert all(r["train_tokens"] <= 0.5 * r["response_length"] * 8 + 1 for r in trained)
 
 
+
+
+def test_dynamic_sampling_trains_only_groups_whose_rewards_differ(shared, tiny_models, tmp_path):
+    """DAPO's dynamic sampling on a real job: format_digits (met by ~3/4 of the tiny student's answers) leaves about
+    two groups of three uniform, so each step draws extra prompts until 4 varied groups fill it. Every trained group's
+    rewards differ, each step holds 4 groups, and the log says how many groups were generated for them."""
+    from opd.cluster import start_verifiers
+
+    out = tmp_path / "dapo"
+    cfg = load_config(None, tiny_overrides(tiny_models, out, **{
+        "algorithm": "grpo", "rollout.dynamic_sampling": "true", "rollout.max_resample_rounds": 8,
+        "verifiers.functions": "[{name: format_digits}]", "run.log_samples": "true", "trainer.total_steps": 3}))
+    summary = train_on(shared, cfg, verifiers=start_verifiers(cfg))
+    assert summary["steps"] == 3
+    rows = _metrics(out)
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    for r in rows:
+        step = [s for s in samples if s["step"] == r["step"]]
+        groups: dict[str, set] = {}
+        for s in step:
+            groups.setdefault(s["prompt_id"], set()).add(s["reward"])
+        assert len(groups) == 4 and len(step) == 8, (r["step"], groups)  # prompts_per_step groups of G=2
+        assert all(len(rewards) > 1 for rewards in groups.values()), groups
+        assert r["resample_rounds"] >= 0 and 0 < r["dynamic_kept_fraction"] <= 1
+    # over the run some generated groups were uniform and dropped (a kept fraction of 1 everywhere means no filter)
+    assert min(r["dynamic_kept_fraction"] for r in rows) < 1 and max(r["resample_rounds"] for r in rows) >= 1

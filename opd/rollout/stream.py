@@ -67,10 +67,28 @@ class Scored:
     # Set by ``take``: the max probe difference of the weight sync checked before the batch was handed out (the
     # check of the weights the step starts from); None without a sync.
     probe_max_diff: float | None = None
+    # rollout.dynamic_sampling: groups generated for this step (extra rounds included) and extra rounds drawn
+    generated_groups: int | None = None
+    resample_rounds: int = 0
 
     @property
     def step(self) -> int:
         return self.batch.step
+
+    def groups(self, keep: list[int]) -> Scored:
+        """The batch cut down to the groups ``keep`` (indices of ``group_size`` consecutive samples)."""
+        g = self.batch.group_size
+        idx = [i for k in keep for i in range(k * g, (k + 1) * g)]
+        return replace(self, batch=replace(self.batch, samples=[self.batch.samples[i] for i in idx]),
+                       rewards=self.rewards.rows(idx), scores=None if self.scores is None else self.scores.rows(idx))
+
+    @staticmethod
+    def concat(parts: list[Scored]) -> Scored:
+        first = parts[0]
+        batch = replace(first.batch, samples=[s for p in parts for s in p.batch.samples],
+                        generate_seconds=sum(p.batch.generate_seconds for p in parts))
+        scores = None if first.scores is None else TeacherScores.concat([p.scores for p in parts])
+        return replace(first, batch=batch, rewards=Rewards.concat([p.rewards for p in parts]), scores=scores)
 
 
 class Scorer(Protocol):
@@ -169,7 +187,28 @@ class RolloutStream:
         taken = head if isinstance(head, Scored) else head.scored()
         if taken.rewards is None and self.scorer is not None:  # stored bare by a checkpoint of an older version
             taken = score_whole(self.scorer, taken.batch)
-        return replace(taken, probe_max_diff=self.pool.checked())
+        probe = self.pool.checked()
+        if self.cfg.dynamic_sampling:
+            taken = self._informative(taken, step)
+        return replace(taken, probe_max_diff=probe)
+
+    def _informative(self, taken: Scored, step: int) -> Scored:
+        """DAPO's dynamic sampling: keep the groups whose rewards differ; while fewer than ``prompts_per_step``
+        remain, draw and score another batch of prompts (at most ``rollout.max_resample_rounds`` times), then cut
+        to ``prompts_per_step`` groups. A step still short after the last round trains on what it has."""
+        if taken.rewards is None:
+            raise RuntimeError("rollout.dynamic_sampling needs the stream to verify its batches (a scorer)")
+        g, target = self.cfg.group_size, self.cfg.prompts_per_step
+        kept, generated, rounds = taken.groups(taken.rewards.varied_groups(g)), len(taken.batch.samples) // g, 0
+        while len(kept.batch.samples) // g < target and rounds < self.cfg.max_resample_rounds:
+            rounds += 1
+            more = launch(self.pool, self.data.next_batch(target), step, self.cfg, self.seed, self.scorer).scored()
+            generated += len(more.batch.samples) // g
+            kept = Scored.concat([kept, more.groups(more.rewards.varied_groups(g))])
+        if not kept.batch.samples:  # nothing varied in any round: the first batch, whose groups teach nothing either
+            kept = taken
+        kept = kept.groups(list(range(min(target, len(kept.batch.samples) // g))))
+        return replace(kept, generated_groups=generated, resample_rounds=rounds)
 
     def save_in_flight(self, directory: str) -> None:
         """Finish (and score) the batches launched ahead and store them beside a checkpoint (they are generated

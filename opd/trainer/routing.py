@@ -94,7 +94,7 @@ def route(
         routes = objective.routes([tp is not None for tp in teacher_prompts], rewards.correct)
     keep = list(range(len(samples)))
     if plan.drop_uniform_groups:
-        keep = [i for grp in _groups(len(samples), g) if len({rewards.rewards[j] for j in grp}) > 1 for i in grp]
+        keep = [i for k in rewards.varied_groups(g) for i in range(k * g, (k + 1) * g)]
     if not keep:
         return None
     pick = lambda xs: None if xs is None else [xs[i] for i in keep]  # noqa: E731
