@@ -43,6 +43,7 @@ from opd.trainer.microbatch import padded_tokens, plan
 from opd.trainer.objective import Aux, ObjectiveSpec, token_loss
 from opd.trainer.sdpo import ema_update
 from opd.trainer.shards import balance_shards, shard_imbalance, take
+from opd.trainer.stats import StepStats
 from opd.trainer.teacher_side import TeacherSide, load_model
 from opd.types import TrainBatch
 
@@ -228,28 +229,20 @@ class Learner:
                         for mt, x, k, a in zip(mts, live, keeps, auxes, strict=True)]
         denom, n_seqs = batchwide.denominators(denom_tokens, live, self.comm)
         kl_sum, kl_tokens = self._teacher_kl(batch, micro, mts, auxes)
+        own = StepStats(real_positions=float(sum(lengths)), padded_positions=float(padded_tokens(lengths, micro)),
+                        kl_sum=kl_sum, kl_tokens=kl_tokens)
         self.opt.zero_grad(set_to_none=True)
-        total, ent_sum, kept, counted, absdiff, finite = 0.0, 0.0, 0.0, 0.0, 0.0, True
-        peak_activation = 0
         for idx, mt, aux, keep in zip(micro, mts, auxes, keeps, strict=True):
             with ActivationMeter(weights=self._weights) as meter:
                 out = self._learn_micro(batch, idx, mt, aux, keep, denom, n_seqs)
-            peak_activation = max(peak_activation, meter.bytes)
+            own = own.add(activation_bytes=float(meter.bytes))
             if not out["finite"]:
-                finite = False
+                own = own.add(nonfinite=1.0)
                 break
-            total += out["loss"]
-            ent_sum, kept, counted = ent_sum + out["entropy_sum"], kept + out["tokens"], counted + out["counted"]
-            absdiff = max(absdiff, out["absdiff"])
-        own_tokens, own_activation = kept, peak_activation
-        # The batch's statistics, and a non-finite loss on any rank, in one SUM and one MAX over ranks (float64:
-        # a single rank's values pass through exactly). Every rank then takes the same skip-or-step decision.
-        sums = [total, ent_sum, kept, counted, float(not finite), float(sum(lengths)), float(padded_tokens(lengths, micro)),
-                kl_sum, kl_tokens]
-        total, ent_sum, kept, counted, nonfinite, real, padded, kl_sum, kl_tokens = self.comm.sum(
-            torch.tensor(sums, dtype=torch.float64)).tolist()
-        absdiff, peak_activation = self.comm.max(torch.tensor([absdiff, float(peak_activation)], dtype=torch.float64)).tolist()
-        finite = nonfinite == 0
+            own = own.add(loss=out["loss"], entropy_sum=out["entropy_sum"], tokens=out["tokens"], counted=out["counted"],
+                          absdiff=out["absdiff"])
+        step = own.reduce(self.comm)  # the batch's: every rank then takes the same skip-or-step decision
+        finite = step.finite
         if finite:
             self.comm.sum_grads(trainable(self.model))  # identical gradients -> identical clipping and step
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable(self.model), self.grad_clip)) if finite else math.nan
@@ -268,23 +261,10 @@ class Learner:
             self.steps_done += 1
             self.version += 1
         seconds = time.perf_counter() - t0
-        self.metrics.record(tokens=own_tokens, tokens_per_s=own_tokens / max(seconds, 1e-9),
-                            activation_mib=own_activation / 2**20, version=self.version)
-        return {
-            "loss": total if finite else math.nan,
-            "grad_norm": grad_norm,
-            "entropy": ent_sum / max(kept, 1.0),
-            "learner_sampler_absdiff_max": absdiff,
-            "update_skipped": float(skipped),
-            "lr": self._lr(),
-            "train_tokens": kept,
-            "loss_tokens": counted,
-            "train_seconds": seconds,
-            "train_tokens_per_s": kept / max(seconds, 1e-9),
-            "activation_mib": peak_activation / 2**20,
-            "pad_fraction": 1.0 - real / max(padded, 1.0),  # forward positions that were padding
-            **({"teacher_kl": kl_sum / kl_tokens} if kl_tokens else {}),
-        }
+        self.metrics.record(tokens=own.tokens, tokens_per_s=own.tokens / max(seconds, 1e-9),
+                            activation_mib=own.activation_bytes / 2**20, version=self.version)
+        return {**step.metrics(), "grad_norm": grad_norm, "update_skipped": float(skipped), "lr": self._lr(),
+                "train_seconds": seconds, "train_tokens_per_s": step.tokens / max(seconds, 1e-9)}
 
     def _teacher_kl(self, batch: TrainBatch, micro: list[list[int]], mts: list[MicroTensors], auxes: list[Aux]) -> tuple[float, float]:
         """(sum, tokens) of the sampled-token KL log q - log pi_T when this learner ran the teacher (then no teacher
