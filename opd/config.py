@@ -132,6 +132,10 @@ class GRPOConfig(_Section):
     adv_eps: float = Field(1e-6, gt=0)
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     tis_cap: float = Field(2.0, gt=0)
+    # every policy-gradient loss (grpo, sampled-token opd, exopd, srpo's GRPO branch, opd_reward): tis weighs the
+    # gradient by min(pi/q, tis_cap); ppo clips the ratio pi/q itself, with dual_clip bounding negative advantages
+    ratio: Literal["tis", "ppo"] = "tis"
+    dual_clip: float | None = Field(None, gt=1)
 
 
 class RolloutConfig(_Section):
@@ -328,6 +332,8 @@ class Config(_Section):
         if (self.kl_ref.coef and objective.reference and self.kl_ref.reference
                 and self.kl_ref.reference != self.exopd.reference):
             raise ValueError("kl_ref.reference: the learner holds one reference model, and exopd.reference names another")
+        if self.grpo.dual_clip is not None and self.grpo.ratio != "ppo":
+            raise ValueError("grpo.dual_clip bounds the PPO ratio pi/q: set grpo.ratio=ppo (with tis the ratio is 1)")
         if self.rollout.dynamic_sampling and not objective.group_advantages:
             raise ValueError(f"rollout.dynamic_sampling keeps groups whose rewards differ, which only a group-relative "
                              f"advantage learns from; algorithm={self.algorithm} has none (use grpo, srpo or opd_reward)")

@@ -19,6 +19,8 @@ def objective_spec(cfg: Config) -> ObjectiveSpec:
         clip_low=g.clip_low,
         clip_high=g.clip_high,
         tis_cap=tis,
+        ratio=g.ratio,
+        dual_clip=g.dual_clip,
         norm_len=cfg.rollout.max_new_tokens,
         opd_divergence=o.divergence,
         full_vocab_kind=o.full_vocab_kind,

@@ -24,6 +24,8 @@ class ObjectiveSpec:
     clip_low: float = 0.2
     clip_high: float = 0.2
     tis_cap: float = 2.0
+    ratio: str = "tis"  # tis | ppo (opd.trainer.objectives.pg_token_loss)
+    dual_clip: float | None = None  # ppo: bound of a negative advantage's loss, -dual_clip * A
     norm_len: int | None = None
     opd_divergence: str = "sampled"  # sampled | teacher_topk | full_vocab
     full_vocab_kind: str = "reverse"

@@ -42,7 +42,16 @@ class Objective:
 
 
 def pg_token_loss(spec: ObjectiveSpec, logp_BT: torch.Tensor, sampler_BT: torch.Tensor, adv_BT: torch.Tensor) -> torch.Tensor:
-    """Per-token clipped policy-gradient loss, on-policy (old = current, detached), with truncated IS weights."""
+    """Per-token policy-gradient loss against the sampler q, as ``grpo.ratio`` says.
+
+    ``tis``: the surrogate's ratio is pi over its detached self (1: one update per batch), and the truncated weight
+    min(pi/q, tis_cap) corrects for q != pi. ``ppo``: the ratio is pi/q itself, PPO-clipped to [1 - clip_low,
+    1 + clip_high], with ``grpo.dual_clip`` c bounding a negative advantage's loss at -c*A (Ye et al. 2020): stale
+    or mismatched tokens stop pulling once outside the trust region instead of being re-weighted."""
+    if spec.ratio == "ppo":
+        loss_BT, _, _ = clipped_pg_token_loss(logp_BT, sampler_BT, adv_BT, clip_low=spec.clip_low,
+                                              clip_high=spec.clip_high, dual_clip=spec.dual_clip)
+        return loss_BT
     w_BT = truncated_is_weights(logp_BT, sampler_BT, spec.tis_cap)
     loss_BT, _, _ = clipped_pg_token_loss(
         logp_BT, logp_BT.detach(), adv_BT, clip_low=spec.clip_low, clip_high=spec.clip_high, token_weights_BT=w_BT
