@@ -1,4 +1,5 @@
-"""algorithm=opd_reward: the teacher's per-token term and the task reward's group advantage in one loss."""
+"""Objectives and modifiers added as modules: opd_reward (the teacher and the task reward in one loss), the kl_ref
+penalty on any objective, and the pieces of DAPO's dynamic sampling."""
 
 from __future__ import annotations
 
@@ -95,3 +96,18 @@ def test_kl_ref_penalty_adds_to_any_objective_over_its_counted_tokens():
         token_loss(ObjectiveSpec(name="grpo", kl_ref_coef=0.1), LOGITS, TARGETS, MASK, logp, torch.zeros(1, 2), Aux())
     cfg = load_config("configs/demo.yaml", ["algorithm=grpo", "kl_ref.coef=0.05", "kl_ref.reference=models/ref"])
     assert cfg.reference_dir == "models/ref" and objective_spec(cfg).kl_ref_coef == 0.05
+
+
+def test_dynamic_sampling_pieces_by_hand():
+    """The groups DAPO keeps (rewards not all equal) and a scored batch cut to some groups and joined again."""
+    from opd.rollout.stream import Scored
+
+    rollouts, rewards, scores = _batch()
+    assert rewards.varied_groups(2) == [0]
+    uniform = Rewards(rewards.uids, [1.0, 1.0], [True, True], {"exact_answer": [1.0, 1.0]}, {}, 0.0)
+    assert uniform.varied_groups(2) == []
+    scored = Scored(rollouts, rewards, scores)
+    assert scored.groups([]).batch.samples == [] and scored.groups([]).scores.logprobs == []
+    both = Scored.concat([scored, scored.groups([0])])
+    assert [s.uid for s in both.batch.samples] == both.rewards.uids == both.scores.uids == [s.uid for s in rollouts.samples] * 2
+    assert both.rewards.rewards == [1.0, 0.0, 1.0, 0.0] and both.scores.logprobs[2:] == scores.logprobs
