@@ -86,7 +86,7 @@ def test_take_hands_out_a_batch_only_after_the_last_syncs_probe_passed(local_ray
 
     pool = RolloutPool([_Worker.remote(), _Worker.remote()])
     rollout = SimpleNamespace(max_staleness=0, prompts_per_step=2, group_size=2, temperature=1.0, top_p=1.0,
-                              max_new_tokens=1, chunk_prompts=0)
+                              max_new_tokens=1, chunk_prompts=0, dynamic_sampling=False)
     stream = RolloutStream(pool, PromptSource([Prompt(f"p{i}", "", [1], "5") for i in range(4)], seed=0), rollout, 0)
     assert pool.checked() is None  # nothing published yet: nothing to wait for
     pool.publish(1, lambda w: w.load.remote(1))
