@@ -309,9 +309,11 @@ def main(argv: list[str] | None = None) -> dict:
                 try:
                     rows.append(run_case(shape, model_dir, case, load, args, device))
                 except torch.OutOfMemoryError as e:  # a finding to report, not a reason to lose the other cases
-                    gc.collect()
-                    torch.cuda.empty_cache()
                     rows.append({"shape": name, "name": case.name, "error": f"out of memory: {str(e)[:200]}"})
+                # Here, not in the handler: there the traceback's frames still hold the failed case's tensors.
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     report = {
         "what": "opd Learner.train_step on synthetic rollouts, random-weight Qwen2 students built from configs",
