@@ -23,6 +23,7 @@ from opd.rollout.worker import RolloutWorker
 from opd.teacher.http import HTTPTeacher
 from opd.teacher.multi import DEFAULT, Teachers
 from opd.teacher.scorer import VLLMTeacher
+from opd.trainer.device import learner_placement
 from opd.trainer.learner import Learner
 from opd.trainer.lora import LoraSpec
 
@@ -110,26 +111,29 @@ def start_verifiers(cfg: Config) -> VerifierRunner:
 
 
 def start_learners(cfg: Config) -> LearnerGroup:
-    """``trainer.num_ranks`` Learner actors, ``<run>/learner-<rank>``. One rank is a plain actor, as always; several
-    share a placement group, one bundle per rank (``{"CPU": 1}``, plus ``{"GPU": 1}`` on a GPU cluster), spread
-    over nodes as ``trainer.placement_strategy`` says. Every rank loads the student (and the reference model or
-    self-teacher its objective needs): the ranks must hold identical copies. Call ``connect_learners`` once they run.
+    """``trainer.num_ranks`` Learner actors, ``<run>/learner-<rank>``. One rank is a plain actor; several share a
+    placement group, one bundle per rank (``{"CPU": 1}``, plus ``{"GPU": 1}`` where ranks run on CUDA), spread
+    over nodes as ``trainer.placement_strategy`` says. Whether a rank holds a GPU, and so which device it runs on,
+    is decided once, by ``learner_placement``, for one rank and several alike. Every rank loads the student (and
+    the reference model or self-teacher its objective needs): the ranks must hold identical copies. Call
+    ``connect_learners`` once they run.
     """
     t, lc = cfg.trainer, cfg.lora
+    device, gpu = learner_placement(t.device, t.dist_backend, t.num_ranks, ray.cluster_resources().get("GPU", 0))
 
     def rank(r: int, **opts):
-        return ray.remote(Learner).options(name=f"{cfg.run.name}/learner-{r}", num_cpus=1, **opts).remote(
+        return ray.remote(Learner).options(name=f"{cfg.run.name}/learner-{r}", num_cpus=1, num_gpus=int(gpu), **opts).remote(
             cfg.models.student, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
             grad_clip=t.grad_clip, micro_batch_size=t.micro_batch_size, torch_threads=t.torch_threads,
             micro_batch_tokens=t.micro_batch_tokens, logits_chunk_tokens=t.logits_chunk_tokens, share_prompts=t.share_prompts,
             autocast=t.autocast, gradient_checkpointing=t.gradient_checkpointing,
             seed=cfg.run.seed, objective=objective_spec(cfg), reference_dir=cfg.reference_dir,
             teacher_dir=cfg.models.teacher, lora=LoraSpec(lc.r, lc.alpha, lc.dropout, tuple(lc.target_modules)),
+            device=device,
         )
 
     if t.num_ranks == 1:
         return LearnerGroup([rank(0)])
-    gpu = t.dist_backend == "nccl" or (t.dist_backend == "auto" and ray.cluster_resources().get("GPU", 0) >= t.num_ranks)
     bundle = {"CPU": 1, **({"GPU": 1} if gpu else {})}
     pg = placement_group([bundle] * t.num_ranks, strategy=t.placement_strategy, name=f"{cfg.run.name}/learners")
     ready, _ = ray.wait([pg.ready()], timeout=cfg.cluster.start_timeout_s)
@@ -142,7 +146,7 @@ def start_learners(cfg: Config) -> LearnerGroup:
             f"{cfg.cluster.start_timeout_s:g}s. STRICT_SPREAD needs that many nodes; free resources or add nodes."
         )
     return LearnerGroup(
-        [rank(r, num_gpus=int(gpu), scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r))
+        [rank(r, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r))
          for r in range(t.num_ranks)],
         pg,
     )
@@ -171,7 +175,9 @@ def _wait_placed(actors: list, timeout_s: float) -> None:
         raise RuntimeError(
             f"{len(pending)} of {len(refs)} actors did not start within cluster.start_timeout_s={timeout_s:g}s; the "
             f"cluster has {ray.available_resources().get('CPU', 0):g} of {ray.cluster_resources().get('CPU', 0):g} CPUs "
-            "free (each engine and the learner take one). Free resources, or raise the timeout for slow model loads."
+            f"and {ray.available_resources().get('GPU', 0):g} of {ray.cluster_resources().get('GPU', 0):g} GPUs free "
+            "(each engine and learner rank takes a CPU; a learner rank on CUDA a GPU too, trainer.device). Free "
+            "resources, or raise the timeout for slow model loads."
         )
     ray.get(refs)  # re-raises an actor's start-up error
 

@@ -217,6 +217,9 @@ class TrainerConfig(_Section):
     share_prompts: bool = True
     autocast: Literal["off", "bf16"] = "off"  # bf16: forward under bf16 autocast; float32 weights and loss maths
     gradient_checkpointing: bool = False  # recompute the student's layer activations in backward (less memory)
+    # where each learner rank runs: auto takes one GPU per rank when the cluster has them (and a learner driven
+    # directly, the GPU its process sees), else the CPU; cuda without a GPU is refused at start-up
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @field_validator("betas")
     @classmethod

@@ -20,6 +20,7 @@ from opd.data import render_prompts
 from opd.tasks import task_rows
 from opd.teacher.multi import DEFAULT, unknown_teacher_rows
 from opd.teacher.preflight import TokenizerMismatch, check_tokenizers
+from opd.trainer.device import NoCudaError, resolve_device
 from opd.types import Prompt
 
 _SHOWN = 8  # offending rows named per message
@@ -30,6 +31,7 @@ def check_inputs(cfg: Config) -> tuple:
     """(student tokenizer, train prompts, held-out prompts) once every input of the job has passed its check."""
     check_model_dirs(cfg)
     check_output_dir(cfg)
+    check_device(cfg)
     tok = AutoTokenizer.from_pretrained(cfg.models.student)
     train, test = load_prompts(cfg, tok)
     if cfg.needs_teacher:
@@ -131,6 +133,17 @@ def _max_positions(model_dir: Path) -> int | None:
     except (OSError, ValueError):
         return None  # an unreadable config.json is the loader's error to report, with its own message
     return value if isinstance(value, int) else None
+
+
+def check_device(cfg: Config) -> None:
+    """``trainer.device=cuda`` needs a GPU this process sees, when the job runs on the embedded local Ray (this
+    machine). On a cluster the driver may have no GPU while the workers do: there the learner rank reports it."""
+    if cfg.cluster.address:
+        return
+    try:
+        resolve_device(cfg.trainer.device)
+    except NoCudaError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_output_dir(cfg: Config) -> None:

@@ -9,7 +9,7 @@ the weights as they would through each copy (tested against the plain forward, `
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -26,6 +26,9 @@ class SharedPrompts:
     response_in_BT: torch.Tensor  # [B, T - 1] response tokens fed as inputs
     attention_BL: torch.Tensor  # [B, Lp + T - 1] the prompt's mask, then the response inputs'
     response_pos_BT: torch.Tensor  # [B, T - 1] absolute positions of the response inputs
+
+    def to(self, device: torch.device) -> SharedPrompts:
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
 def share_prompts(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> SharedPrompts | None:

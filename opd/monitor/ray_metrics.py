@@ -166,8 +166,10 @@ class RoleMetrics:
         self._gauges = _Gauges(specs, ROLE_TAG_KEYS)
 
     def _identity(self) -> bool:
-        import ray
-
+        try:
+            import ray
+        except ImportError:  # a learner driven where Ray is not installed (a lent GPU machine): no series to feed
+            return False
         if not ray.is_initialized():
             return False
         if self.job is None:

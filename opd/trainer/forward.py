@@ -12,7 +12,7 @@ logsumexp, divergences) is computed in float32 outside autocast.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -30,6 +30,12 @@ class MicroTensors:
     targets_BT: torch.Tensor  # [B, T] response token ids
     mask_BT: torch.Tensor  # [B, T] 1 on real response tokens
     shared: SharedPrompts | None = None  # the same rows with each distinct prompt run once (trainer.share_prompts)
+
+    def to(self, device: torch.device) -> MicroTensors:
+        """The micro-batch on ``device``: built on the CPU row by row, then copied once per tensor (not per row)."""
+        return replace(self, input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
+                       pos_BT=self.pos_BT.to(device), targets_BT=self.targets_BT.to(device), mask_BT=self.mask_BT.to(device),
+                       shared=self.shared.to(device) if self.shared is not None else None)
 
 
 def build_micro(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int, share: bool = False) -> MicroTensors:
@@ -55,12 +61,12 @@ def build_micro(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_
     return MicroTensors(input_ids, attn, pos_BT, targets_BT, mask_BT, shared)
 
 
-def rows(values: list[list[float]], t_max: int) -> torch.Tensor:
-    """Ragged per-token floats -> zero-padded [B, T]."""
+def rows(values: list[list[float]], t_max: int, device: torch.device | None = None) -> torch.Tensor:
+    """Ragged per-token floats -> zero-padded [B, T] float32, on ``device`` (filled on the CPU, copied once)."""
     out = torch.zeros(len(values), t_max)
     for i, v in enumerate(values):
         out[i, : len(v)] = torch.tensor(v, dtype=torch.float32)
-    return out
+    return out if device is None else out.to(device)
 
 
 def response_hidden(model, mt: MicroTensors) -> torch.Tensor:

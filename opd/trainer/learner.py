@@ -13,6 +13,11 @@ batch into token-balanced shards, each rank trains one (``train_shard``), and th
 (``opd.trainer.dist``) for the batch-wide normalisers, the gradient sum and the statistics, so every rank applies
 the same update and the weights stay identical. With one rank the collectives are the identity.
 
+Tensors live on ``device`` (``opd.trainer.device``: CUDA when the process sees a GPU under ``auto``): the student
+and the teacher-side models are moved there once and each micro-batch's tensors are built on the CPU and copied
+there; the weights and AdamW's state stay float32 (``trainer.autocast: bf16`` only changes the forward's matmuls) and
+everything handed out (exported weights, the adapter, probe log-probs, checkpoints) is on the CPU.
+
 With a ``LoraSpec`` (``lora.r > 0``) the student is a PEFT model: only the adapter is trained, synced
 (``export_adapter``) and checkpointed (``adapter/``, PEFT's format); the base weights stay as loaded.
 """
@@ -34,6 +39,7 @@ from opd.monitor.ray_metrics import RoleMetrics
 from opd.rollout.weight_sync import TRANSFER, WeightBuckets
 from opd.trainer import batchwide
 from opd.trainer.chunks import per_piece, pieces
+from opd.trainer.device import resolve_device
 from opd.trainer.dist import Collective, free_port, join
 from opd.trainer.forward import MicroTensors, Precision, build_micro, flatten_kept, rows
 from opd.trainer.lora import LoraSpec, adapter_files, load_adapter_weights, trainable, wrap
@@ -72,9 +78,11 @@ class Learner:
         reference_dir: str | None = None,
         teacher_dir: str | None = None,
         lora: LoraSpec | None = None,
+        device: str = "auto",
     ) -> None:
         torch.set_num_threads(torch_threads)
         torch.manual_seed(seed)
+        self.device = resolve_device(device)
         self.spec = objective or ObjectiveSpec()
         self.model = load_model(model_dir)
         if gradient_checkpointing:
@@ -85,17 +93,21 @@ class Learner:
         self.lora = lora if lora and lora.r > 0 else None
         if self.lora:
             self.model = wrap(self.model, self.lora, seed)
+        # Moved after wrapping: the adapter is drawn on the CPU from the seed, so every device starts from the same one.
+        self.model.to(self.device)
         self.model.train()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)  # saved with every checkpoint: model/ (or adapter/) loads alone
         self.pad_id = self.model.config.pad_token_id or 0
-        self.opt = torch.optim.AdamW(trainable(self.model), lr=lr, betas=betas, weight_decay=weight_decay)
+        # Fused AdamW on CUDA: one kernel for every parameter's update; the CPU keeps torch's default (bit-for-bit).
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        self.opt = torch.optim.AdamW(trainable(self.model), lr=lr, betas=betas, weight_decay=weight_decay, **fused)
         self.base_lr, self.warmup_steps, self.grad_clip = lr, warmup_steps, grad_clip
         self.micro_batch_size, self.micro_batch_tokens = micro_batch_size, micro_batch_tokens
         self.logits_chunk_tokens = logits_chunk_tokens  # LM head + loss in pieces of this many positions; 0: at once
         self.fw = Precision(autocast)
         self.teachers = TeacherSide(self.spec, self.model, self.fw, self.pad_id, logits_chunk_tokens,
                                     reference_dir=reference_dir or model_dir, teacher_dir=teacher_dir,
-                                    share_prompts=self.share_prompts)
+                                    share_prompts=self.share_prompts, device=self.device)
         self._weights = [*self.model.parameters(), *self.teachers.parameters()]  # not activations (ActivationMeter)
         self.steps_done = 0
         self.version = 0
@@ -145,7 +157,7 @@ class Learner:
         for idx, mt, a in zip(micro, mts, auxes, strict=True):
             h = self.fw.hidden(self.model, mt)
             ent.append(per_piece(lambda p, h=h: entropy_from_logits(self.fw.logits(self.model, h[p])), self._pieces(mt.mask_BT)))
-            div.append((rows([batch.sampler_logprobs[i] for i in idx], mt.mask_BT.shape[1]) - a.teacher_logp_BT).abs())
+            div.append((rows([batch.sampler_logprobs[i] for i in idx], mt.mask_BT.shape[1], self.device) - a.teacher_logp_BT).abs())
         valid = [mt.mask_BT * x.unsqueeze(-1) for mt, x in zip(mts, live, strict=True)]
         return batchwide.keep_masks(ent, div, valid, self.spec.keep_ratio, self.spec.select_mode)
 
@@ -155,11 +167,11 @@ class Learner:
         (``opd.trainer.chunks``), each piece's backward into the trunk's output, then one backward through the
         trunk. A non-finite piece stops the micro-batch before its backward (the step will be skipped)."""
         t_max = mt.mask_BT.shape[1]
-        sampler_BT = rows([batch.sampler_logprobs[i] for i in idx], t_max)
-        adv_BT = rows([batch.advantages[i] for i in idx], t_max)
+        sampler_BT = rows([batch.sampler_logprobs[i] for i in idx], t_max, self.device)
+        adv_BT = rows([batch.advantages[i] for i in idx], t_max, self.device)
         weights_BT = torch.ones_like(mt.mask_BT)
         if batch.loss_weights is not None:
-            weights_BT = weights_BT * torch.tensor([batch.loss_weights[i] for i in idx]).unsqueeze(-1)
+            weights_BT = weights_BT * torch.tensor([batch.loss_weights[i] for i in idx], device=self.device).unsqueeze(-1)
         h_BTH = self.fw.hidden(self.model, mt)
         targets_BT, mask_BT = mt.targets_BT, mt.mask_BT
         if keep is not None:
@@ -219,9 +231,9 @@ class Learner:
         lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True)]
         micro = plan(lengths, self.micro_batch_size, self.micro_batch_tokens)
         mts = [build_micro([batch.prompt_ids[i] for i in idx], [batch.response_ids[i] for i in idx], self.pad_id,
-                           self.share_prompts) for idx in micro]
+                           self.share_prompts).to(self.device) for idx in micro]
         auxes = [self.teachers.aux(batch, idx, mt) for idx, mt in zip(micro, mts, strict=True)]
-        live = [batchwide.live_samples(batch.loss_weights, idx) for idx in micro]
+        live = [batchwide.live_samples(batch.loss_weights, idx).to(self.device) for idx in micro]
         if self.spec.objective.entropy_weighted:
             self._srpo_weights(auxes, [mt.mask_BT for mt in mts], live)
         keeps = self._keep_masks(batch, micro, mts, auxes, live) if self.spec.select_mode else [None] * len(micro)
@@ -271,14 +283,14 @@ class Learner:
         actor scored the batch, and the driver's ``teacher_kl`` comes from here)."""
         if self.teachers.hf_teacher is None:
             return 0.0, 0.0
-        parts = [((rows([batch.sampler_logprobs[i] for i in idx], mt.mask_BT.shape[1]) - a.teacher_logp_BT) * mt.mask_BT).sum()
+        parts = [((rows([batch.sampler_logprobs[i] for i in idx], mt.mask_BT.shape[1], self.device) - a.teacher_logp_BT) * mt.mask_BT).sum()
                  for idx, mt, a in zip(micro, mts, auxes, strict=True)]
         return float(sum(parts)), float(sum(mt.mask_BT.sum() for mt in mts))
 
     @torch.no_grad()
     def probe_logprobs(self, token_ids: list[int]) -> list[float]:
         """Log-probs of tokens 1..n of a fixed sequence; compared against the engines after each sync."""
-        ids = torch.tensor([token_ids])
+        ids = torch.tensor([token_ids], device=self.device)
         self.model.eval()  # the engines run without LoRA dropout
         try:
             logits = self.model(input_ids=ids).logits[:, :-1]
@@ -305,10 +317,14 @@ class Learner:
         weights = out / ("adapter" if self.lora else "model")
         self.model.save_pretrained(weights)
         self.tokenizer.save_pretrained(weights)
-        torch.save(self.opt.state_dict(), out / "optimizer.pt")
-        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}, out / "rng.pt")
+        # CPU tensors in every file, so a checkpoint resumes on any device (``load`` maps it to this one).
+        torch.save(_cpu(self.opt.state_dict()), out / "optimizer.pt")
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        if self.device.type == "cuda":  # LoRA dropout on CUDA draws from the device's generator
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        torch.save(rng, out / "rng.pt")
         if self.teachers.self_teacher is not None:
-            torch.save(self.teachers.self_teacher.state_dict(), out / "self_teacher.pt")
+            torch.save(_cpu(self.teachers.self_teacher.state_dict()), out / "self_teacher.pt")
         (out / "learner.json").write_text(json.dumps({"steps_done": self.steps_done, "version": self.version}))
 
     def load(self, path: str) -> None:
@@ -320,17 +336,30 @@ class Learner:
             load_adapter_weights(self.model, src / "adapter")
         else:
             self.model.load_state_dict(load_model(str(src / "model")).state_dict())
-        self.opt.load_state_dict(torch.load(src / "optimizer.pt", weights_only=False))
+        self.opt.load_state_dict(torch.load(src / "optimizer.pt", map_location=self.device, weights_only=False))
         rng = torch.load(src / "rng.pt", weights_only=False)
         torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
         if self.teachers.self_teacher is not None:
-            self.teachers.self_teacher.load_state_dict(torch.load(src / "self_teacher.pt", weights_only=True))
+            self.teachers.self_teacher.load_state_dict(torch.load(src / "self_teacher.pt", map_location=self.device, weights_only=True))
         meta = json.loads((src / "learner.json").read_text())
         self.steps_done, self.version = meta["steps_done"], meta["version"]
         if pending:
             _wait(pending)
+
+
+def _cpu(state):
+    """A (nested) state dict with its tensors on the CPU; on the CPU the very same tensors."""
+    if isinstance(state, torch.Tensor):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {k: _cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_cpu(v) for v in state)
+    return state
 
 
 def _wait(pending: list) -> None:

@@ -31,8 +31,12 @@ class ActivationMeter:
             self.live += key[1]
             self.bytes = max(self.bytes, self.live)
         self._held[key] += 1
-        weakref.finalize(t, self._release, key)
-        return t
+        # A detached alias, not ``t``: an op that saves its own output (log_softmax, exp) would otherwise hold that
+        # output, whose grad_fn is the op's node holding it back, a cycle through C++ that no collector sees. A
+        # branch of the graph that is never backpropagated (a log-prob only read detached) then leaked every step.
+        saved = t.detach()
+        weakref.finalize(saved, self._release, key)
+        return saved
 
     def _release(self, key: tuple[int, int]) -> None:
         self._held[key] -= 1

@@ -17,8 +17,10 @@ from opd.trainer.objective import Aux, ObjectiveSpec
 from opd.types import TrainBatch
 
 
-def load_model(model_dir: str) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+def load_model(model_dir: str, device: torch.device | None = None) -> torch.nn.Module:
+    """Float32 weights (the optimizer's master copy, or a teacher's at the student's precision) on ``device``."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return model if device is None else model.to(device)
 
 
 def frozen(model: torch.nn.Module) -> torch.nn.Module:
@@ -29,13 +31,16 @@ def frozen(model: torch.nn.Module) -> torch.nn.Module:
 
 class TeacherSide:
     def __init__(self, spec: ObjectiveSpec, student: torch.nn.Module, fw: Precision, pad_id: int, chunk_tokens: int,
-                 *, reference_dir: str, teacher_dir: str | None, share_prompts: bool = False):
+                 *, reference_dir: str, teacher_dir: str | None, share_prompts: bool = False,
+                 device: torch.device | None = None):
         self.fw, self.pad_id, self.chunk_tokens, self.share_prompts = fw, pad_id, chunk_tokens, share_prompts
-        self.reference = frozen(load_model(reference_dir)) if spec.needs_reference else None
-        self.hf_teacher = frozen(load_model(teacher_dir)) if spec.needs_hf_teacher else None
-        # With the teacher's trunk in its own actor, only its LM head lives here (the rest of the model is freed).
+        self.device = device or torch.device("cpu")
+        self.reference = frozen(load_model(reference_dir, self.device)) if spec.needs_reference else None
+        self.hf_teacher = frozen(load_model(teacher_dir, self.device)) if spec.needs_hf_teacher else None
+        # With the teacher's trunk in its own actor, only its LM head lives here (the rest of the model is freed,
+        # never copied to the device).
         teacher = load_model(teacher_dir) if spec.needs_teacher_head else None
-        self.teacher_head = frozen(teacher.get_output_embeddings()) if teacher is not None else None
+        self.teacher_head = frozen(teacher.get_output_embeddings().to(self.device)) if teacher is not None else None
         self.teacher_config = teacher.config if teacher is not None else None
         del teacher
         self.self_teacher = frozen(copy.deepcopy(student)) if spec.needs_self_teacher else None
@@ -51,7 +56,7 @@ class TeacherSide:
         t_max = mt.mask_BT.shape[1]
         aux = Aux()
         if batch.teacher_logprobs is not None:
-            aux.teacher_logp_BT = rows([batch.teacher_logprobs[i] for i in idx], t_max)
+            aux.teacher_logp_BT = rows([batch.teacher_logprobs[i] for i in idx], t_max, self.device)
         if batch.teacher_topk_ids is not None:
             k = len(batch.teacher_topk_ids[idx[0]][0]) if batch.teacher_topk_ids[idx[0]] else 1
             ids = torch.zeros(len(idx), t_max, k, dtype=torch.long)
@@ -61,13 +66,14 @@ class TeacherSide:
                 if n:
                     ids[j, :n] = torch.tensor(batch.teacher_topk_ids[i])
                     lps[j, :n] = torch.tensor(batch.teacher_topk_logprobs[i])
-            aux.topk_ids_BTK, aux.topk_logp_BTK = ids, lps
+            aux.topk_ids_BTK, aux.topk_logp_BTK = ids.to(self.device), lps.to(self.device)
         if self.teacher_head is not None:  # full_vocab_source=teacher: the teacher's actor sent its hidden states
             if batch.teacher_hidden is None:
                 raise ValueError("opd.full_vocab_source=teacher: the batch carries no teacher hidden states")
             t_h = torch.zeros(len(idx), t_max, batch.teacher_hidden[idx[0]].shape[1])
             for j, i in enumerate(idx):
                 t_h[j, : batch.teacher_hidden[i].shape[0]] = torch.as_tensor(batch.teacher_hidden[i])
+            t_h = t_h.to(self.device)
             aux.teacher_head = lambda p: self.fw.head(self.teacher_head, self.teacher_config, t_h[p])
         if self.reference is not None:
             ref_h = self.fw.hidden(self.reference, mt)
@@ -82,9 +88,9 @@ class TeacherSide:
         if self.self_teacher is not None:
             # The self-teacher reads the same response after its own (re-written) prompt.
             prompts = [batch.teacher_prompt_ids[i] or batch.prompt_ids[i] for i in idx]
-            tmt = build_micro(prompts, [batch.response_ids[i] for i in idx], self.pad_id, self.share_prompts)
+            tmt = build_micro(prompts, [batch.response_ids[i] for i in idx], self.pad_id, self.share_prompts).to(self.device)
             s_h = self.fw.hidden(self.self_teacher, tmt)
             aux.teacher_head = lambda p: self.fw.logits(self.self_teacher, s_h[p])
-            aux.route_sdpo_B = torch.tensor([1.0 if batch.routes[i] == "sdpo" else 0.0 for i in idx])
+            aux.route_sdpo_B = torch.tensor([1.0 if batch.routes[i] == "sdpo" else 0.0 for i in idx], device=self.device)
         return aux
 
