@@ -8,7 +8,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import math
 import os
 import threading
 from pathlib import Path
@@ -208,15 +207,9 @@ def _score_problem(out: object) -> str | None:
         return f"returned {type(out).__name__}, not a list of scores"
     if len(out) != 1:
         return f"returned {len(out)} scores for 1 row"
-    value = list(out)[0]
-    if isinstance(value, bool) or value is None:
-        return None if isinstance(value, bool) else "returned None as a score"
-    try:
-        if not math.isfinite(float(value)):
-            return f"returned a non-finite score ({value!r})"
-    except (TypeError, ValueError):
-        return f"returned a score that is not a number ({value!r})"
-    return None
+    from opd.rewards.runner import bad_value
+
+    return bad_value(list(out)[0])  # judged as the run judges each row: what fails there fails here
 
 
 def check_verifiers(cfg: Config, row: Prompt) -> list:

@@ -91,6 +91,8 @@ def nan(prompts, completions, **_):
     return [math.nan]
 def text(prompts, completions, **_):
     return ["yes"]
+def numeric_text(prompts, completions, **_):
+    return ["1.0"]
 NOT_CALLABLE = 3
 """
 
@@ -115,8 +117,10 @@ def _check(specs: list[str]):
         ("{plugin}:needs_tests", "cannot be called as fn(prompts, completions, answer=)"),
         ("{plugin}:boom", "raised on test row 0 ('12+34='): RuntimeError: cannot score"),
         ("{plugin}:short", "returned 0 scores for 1 row"),
-        ("{plugin}:nan", "returned a non-finite score"),
-        ("{plugin}:text", "returned a score that is not a number ('yes')"),
+        ("{plugin}:nan", "returned non-finite value nan"),
+        ("{plugin}:text", "returned non-number 'yes' (str)"),
+        # float("1.0") works, but the run fails every row that is not a number: refused here as it is judged there
+        ("{plugin}:numeric_text", "returned non-number '1.0' (str)"),
     ],
 )
 def test_each_broken_verifier_is_named_before_anything_starts(tmp_path, name, needle):

@@ -241,7 +241,7 @@ class VerifierRunner:
                 fail(v, rows, f"returned {len(payload)} scores for {len(rows)} rows")
             else:
                 for r, value in zip(rows, payload, strict=True):
-                    bad = _bad_value(value)
+                    bad = bad_value(value)
                     if bad:
                         fail(v, range(r, r + 1), bad)
                     else:
@@ -265,7 +265,7 @@ class VerifierRunner:
         )
 
 
-def _bad_value(value: object) -> str | None:
+def bad_value(value: object) -> str | None:
     """Why a single returned value is not a usable score, or None when it is."""
     if value is None:
         return "returned None"
