@@ -59,7 +59,7 @@ class ChunkScorer:
         if self.teacher is None:
             teacher = None
         elif teacher_ref is not None:
-            teacher = TeacherCall.whole(samples, teacher_ref, self.top_k, self.hidden)
+            teacher = TeacherCall.whole(samples, teacher_ref)
         else:
             teacher = self.teacher.submit(samples, self.top_k, self.hidden)
         rewards = _verify(self.roles, samples)

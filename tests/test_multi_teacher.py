@@ -90,11 +90,11 @@ def test_teacher_call_puts_each_teachers_part_back_in_batch_order(local_ray):
                                      [[[i]] * (i + 1) for i in idx], [[[-float(i)]] * (i + 1) for i in idx], 1.0,
                                      [np.full((i + 1, 2), i, np.float32) for i in idx]))
 
-    call = TeacherCall(samples, {"a": ([0, 2], part([0, 2])), "b": ([1, 3], part([1, 3]))}, top_k=1, hidden=True)
+    call = TeacherCall(samples, {"a": ([0, 2], part([0, 2])), "b": ([1, 3], part([1, 3]))})
     got = call.result()
     assert got.uids == [s.uid for s in samples]
     assert got.logprobs == [[-float(i)] * (i + 1) for i in range(4)]
     assert got.topk_ids == [[[i]] * (i + 1) for i in range(4)]
     assert [h[0, 0] for h in got.hidden] == [0, 1, 2, 3]
-    whole = TeacherCall.whole(samples, part([0, 1, 2, 3]), 1, True).result()  # one part: the actor's answer as is
+    whole = TeacherCall.whole(samples, part([0, 1, 2, 3])).result()  # one part: the actor's answer as is
     assert whole.score_seconds == 1.0 and whole.logprobs == got.logprobs

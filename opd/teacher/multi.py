@@ -14,6 +14,7 @@ scoring off (``submit`` returns a ``TeacherCall`` at once); each actor behind it
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import ray
 from ray import ObjectRef
@@ -38,34 +39,24 @@ class TeacherCall:
     """Scoring in flight on the teacher actors concerned (``PendingScores``); ``result()`` waits for every part and
     gives the batch's ``TeacherScores`` in batch order."""
 
-    def __init__(self, samples: list[Sample], parts: dict[str, tuple[list[int], ObjectRef]], top_k: int, hidden: bool,
-                 t0: float | None = None):
-        self.samples, self.parts, self.top_k, self.hidden = samples, parts, top_k, hidden
+    def __init__(self, samples: list[Sample], parts: dict[str, tuple[list[int], ObjectRef]], t0: float | None = None):
+        self.samples, self.parts = samples, parts
         self.t0 = time.perf_counter() if t0 is None else t0  # merged scores' seconds count from the first call issued
 
     @classmethod
-    def whole(cls, samples: list[Sample], ref: ObjectRef, top_k: int, hidden: bool) -> TeacherCall:
+    def whole(cls, samples: list[Sample], ref: ObjectRef) -> TeacherCall:
         """One actor scoring every sample, in order (a call chained on the samples' generation)."""
-        return cls(samples, {DEFAULT: (list(range(len(samples))), ref)}, top_k, hidden)
+        return cls(samples, {DEFAULT: (list(range(len(samples))), ref)})
 
     def result(self) -> TeacherScores:
         got = dict(zip(self.parts, ray.get([ref for _, ref in self.parts.values()]), strict=True))
         if len(got) == 1:  # the common case: one teacher scored the whole batch, in order
             return next(iter(got.values()))
-        n, top_k, hidden = len(self.samples), self.top_k, self.hidden
-        logprobs: list = [None] * n
-        ids: list | None = [None] * n if top_k else None
-        lps: list | None = [None] * n if top_k else None
-        hid: list | None = [None] * n if hidden else None
-        for name, (idx, _) in self.parts.items():
-            part = got[name]
-            for j, i in enumerate(idx):
-                logprobs[i] = part.logprobs[j]
-                if top_k:
-                    ids[i], lps[i] = part.topk_ids[j], part.topk_logprobs[j]
-                if hidden:
-                    hid[i] = part.hidden[j]
-        scores = TeacherScores([s.uid for s in self.samples], logprobs, ids, lps, time.perf_counter() - self.t0, hid)
+        # The parts one after another, then each sample's row taken back to its place in the batch.
+        joined = TeacherScores.concat([got[name] for name in self.parts])
+        at = {i: j for j, i in enumerate(i for idx, _ in self.parts.values() for i in idx)}
+        scores = replace(joined.rows([at[i] for i in range(len(self.samples))]),
+                         score_seconds=time.perf_counter() - self.t0)
         scores.validate(self.samples)
         return scores
 
@@ -90,7 +81,7 @@ class Teachers:
         t0 = time.perf_counter()
         parts = {name: (idx, self.actors[name].score.remote([samples[i] for i in idx], top_k, hidden))
                  for name, idx in self._split([s.prompt for s in samples]).items()}
-        return TeacherCall(samples, parts, top_k, hidden, t0)
+        return TeacherCall(samples, parts, t0)
 
     def generate_greedy(self, prompts: list[Prompt], max_tokens: int) -> list[str]:
         """Each prompt answered by its own teacher (the teacher accuracy a job reports is that of its teachers)."""
