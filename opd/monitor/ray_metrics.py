@@ -164,6 +164,7 @@ class RoleMetrics:
         if not specs:
             raise ValueError(f"no opd series for role {role!r}")
         self._gauges = _Gauges(specs, ROLE_TAG_KEYS)
+        self._looked_up = job is not None  # an actor's name never changes: look it up once
 
     def _identity(self) -> bool:
         try:
@@ -172,7 +173,8 @@ class RoleMetrics:
             return False
         if not ray.is_initialized():
             return False
-        if self.job is None:
+        if not self._looked_up:
+            self._looked_up = True
             job, _, tail = (ray.get_runtime_context().get_actor_name() or "").rpartition("/")
             if job and tail.startswith(self.role + "-"):
                 self.job, self.replica = job, self.replica or tail[len(self.role) + 1:]
