@@ -85,7 +85,7 @@ def start_roles(cfg: Config) -> Roles:
     # Surface engine start-up failures here, not at the first step, and an actor the cluster cannot place as an
     # error rather than a silent wait.
     _wait_placed(rollout + (list(teacher.actors.values()) if teacher else []) + learners.ranks, cfg.cluster.start_timeout_s)
-    connect_learners(learners, cfg.trainer.dist_backend)
+    connect_learners(learners, cfg.trainer.dist_backend, cfg.trainer.strategy)
     return Roles(rollout, teacher, learners.ranks[0], verifiers, learners)
 
 
@@ -152,7 +152,7 @@ def start_learners(cfg: Config) -> LearnerGroup:
     )
 
 
-def connect_learners(group: LearnerGroup, backend: str) -> None:
+def connect_learners(group: LearnerGroup, backend: str, strategy: str) -> None:
     """Rendezvous: rank 0's node IP (from the placement group) and a free port there host the process group's
     store; every rank calls ``init_process_group`` concurrently (it returns once all have joined); then rank 0
     gets the handles of ranks 1..N-1. Across real nodes gloo must find the right network interface: set
@@ -164,7 +164,7 @@ def connect_learners(group: LearnerGroup, backend: str) -> None:
     node_id = placement_group_table(group.placement_group)["bundles_to_node_id"][0]
     host = next(node["NodeManagerAddress"] for node in ray.nodes() if node["NodeID"] == node_id)
     port = ray.get(group.ranks[0].free_port.remote())
-    ray.get([actor.join_group.remote(r, n, host, port, backend) for r, actor in enumerate(group.ranks)])
+    ray.get([actor.join_group.remote(r, n, host, port, backend, strategy) for r, actor in enumerate(group.ranks)])
     ray.get(group.ranks[0].set_peers.remote(group.ranks[1:]))
 
 

@@ -236,6 +236,9 @@ class TrainerConfig(_Section):
     num_ranks: int = Field(1, ge=1)  # learner ranks (torch.distributed); >1 splits each batch into token-balanced shards
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # Ray placement group of the ranks
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl where the rank sees a GPU, else gloo
+    # How several ranks hold the student: fsdp2 shards weights, gradients and AdamW state per decoder layer (and
+    # the reference / self-teacher alike); ddp keeps a whole replica on each rank and all-reduces the gradients.
+    strategy: Literal["fsdp2", "ddp"] = "fsdp2"
 
 
 class LoraConfig(_Section):

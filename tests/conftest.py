@@ -103,7 +103,7 @@ def train_on(shared, cfg, *, rollout=None, teacher=None, verifiers=None, resume:
     job = prepare(cfg, resume=resume)
     job.run_dir.mkdir(parents=True, exist_ok=True)
     learners = start_learners(cfg)
-    connect_learners(learners, cfg.trainer.dist_backend)
+    connect_learners(learners, cfg.trainer.dist_backend, cfg.trainer.strategy)
     roles = Roles(rollout or shared.rollout, (teacher or shared.teacher) if cfg.needs_teacher else None,
                   learners.ranks[0], verifiers or shared.verifiers, learners)
     try:

@@ -32,7 +32,9 @@ from opd.trainer.learner import Learner  # noqa: E402
 from opd.trainer.shards import balance_shards  # noqa: E402
 from opd.types import TrainBatch  # noqa: E402
 
-ALGORITHMS = {"opd": {}, "grpo": {}, "srpo": {"sdpo.top_k": 8}}
+# (algorithm, strategy): every family sharded (the default), and replicas once.
+RUNS = {"opd": ("opd", "fsdp2", {}), "grpo": ("grpo", "fsdp2", {}), "srpo": ("srpo", "fsdp2", {"sdpo.top_k": 8}),
+        "opd-ddp": ("opd", "ddp", {})}
 
 
 def make_batch(learner: Learner, algorithm: str, n: int, seed: int) -> TrainBatch:
@@ -69,11 +71,11 @@ def _rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[f
 
 def equivalence(models: Path, out: Path, address: str) -> dict:
     results = {}
-    for algorithm, extra in ALGORITHMS.items():
+    for name, (algorithm, strategy, extra) in RUNS.items():
         t0 = time.perf_counter()
         overrides = {"algorithm": algorithm, "trainer.num_ranks": 2, "trainer.placement_strategy": "STRICT_SPREAD",
                      "trainer.micro_batch_size": 4, "trainer.lr": 1e-3, "cluster.address": address,
-                     "run.name": f"eq-{algorithm}", **extra}
+                     "trainer.strategy": strategy, "run.name": f"eq-{name}", **extra}
         cfg = load_config(None, tiny_overrides(models, out / algorithm, **overrides))
         t = cfg.trainer
         # The same arguments as opd.cluster.start_learners gives every rank.
@@ -83,45 +85,49 @@ def equivalence(models: Path, out: Path, address: str) -> dict:
         batches = [make_batch(single, algorithm, n=16, seed=s) for s in (0, 1)]  # fixed before either learner trains
         group = start_learners(cfg)
         ray.get([r.__ray_ready__.remote() for r in group.ranks])
-        connect_learners(group, t.dist_backend)
+        connect_learners(group, t.dist_backend, t.strategy)
         rank0, rank1 = group.ranks
         steps = []
         for b in batches:
             one, two = single.train_step(b), ray.get(rank0.train_step.remote(b))
             steps.append({k: (one[k], two[k]) for k in ("loss", "grad_norm", "entropy", "train_tokens", "loss_tokens", "update_skipped")}
                          | {"shard_token_imbalance": (one["shard_token_imbalance"], two["shard_token_imbalance"])})
-        w_single, w0, w1 = single.model.state_dict(), _weights(rank0), _weights(rank1)
+        # Rank 0's export is what the engines load (sharded, rank 1 joins its gathers); replicas each export theirs.
+        w_single, w0 = single.model.state_dict(), _weights(rank0)
+        w1 = _weights(rank1) if strategy == "ddp" else w0
         abs_d, rel_d = _rel_diff(w_single, w0)
         res = {
-            "max_abs_diff": abs_d, "max_rel_diff": rel_d, "steps": steps,
+            "strategy": strategy, "max_abs_diff": abs_d, "max_rel_diff": rel_d, "steps": steps,
             "ranks_identical": all(torch.equal(w0[k], w1[k]) for k in w0),
             "versions": [single.version, *ray.get([r.version_number.remote() for r in group.ranks])],
             "nodes": sorted(set(placement_group_table(group.placement_group)["bundles_to_node_id"].values())),
         }
         if algorithm == "opd":
-            res |= _skip_and_load(single, batches[0], rank0, rank1, w0, out)
+            res |= _skip_and_load(single, batches[0], rank0, rank1, w0, out / name, strategy)
         res["seconds"] = time.perf_counter() - t0
-        results[algorithm] = res
+        results[name] = res
         for r in group.ranks:
             ray.kill(r)
         remove_placement_group(group.placement_group)
     return results
 
 
-def _skip_and_load(single: Learner, batch: TrainBatch, rank0, rank1, w_before: dict, out: Path) -> dict:
-    """A NaN in a sample that lands on rank 1 skips the update on both ranks; then rank 0's load restores both."""
+def _skip_and_load(single: Learner, batch: TrainBatch, rank0, rank1, w_before: dict, out: Path, strategy: str) -> dict:
+    """A NaN in a sample that lands on rank 1 skips the update on both ranks; then rank 0's load restores both
+    (replicas: each rank's own export; shards: rank 0's, which gathers rank 1's half)."""
     lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True)]
     on_rank1 = balance_shards(lengths, 2)[1][0]
     batch.teacher_logprobs[on_rank1][0] = float("nan")
     stats = ray.get(rank0.train_step.remote(batch))
-    unchanged = [all(torch.equal(w_before[k], w[k]) for k in w_before) for w in (_weights(rank0), _weights(rank1))]
+    ranks = (rank0, rank1) if strategy == "ddp" else (rank0,)
+    unchanged = [all(torch.equal(w_before[k], w[k]) for k in w_before) for w in map(_weights, ranks)]
     ckpt = out / "ckpt"
     ckpt.mkdir(parents=True)
     single.train_step(make_batch(single, "opd", n=8, seed=7))  # a third step, so the checkpoint differs from the ranks
     single.save(str(ckpt))
     ray.get(rank0.load.remote(str(ckpt)))
     w_ckpt = single.model.state_dict()
-    loaded = [all(torch.equal(w_ckpt[k], w[k]) for k in w_ckpt) for w in (_weights(rank0), _weights(rank1))]
+    loaded = [all(torch.equal(w_ckpt[k], w[k]) for k in w_ckpt) for w in map(_weights, ranks)]
     return {"nan_skipped": stats["update_skipped"], "nan_unchanged": unchanged, "load_restored": loaded,
             "loaded_versions": ray.get([rank0.version_number.remote(), rank1.version_number.remote()])}
 

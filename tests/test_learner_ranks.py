@@ -85,9 +85,12 @@ def _result(two_nodes, part: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["opd", "grpo", "srpo"])
+@pytest.mark.parametrize("algorithm", ["opd", "grpo", "srpo", "opd-ddp"])
 def test_two_ranks_on_two_nodes_match_one_rank(two_nodes, algorithm):
+    """Sharded (FSDP2, the default) for every family, and as replicas (ddp) once; rank 0's exported weights are the
+    engines' and must equal one unsharded learner's."""
     r = _result(two_nodes, "equivalence")[algorithm]
+    assert r["strategy"] == ("ddp" if algorithm.endswith("-ddp") else "fsdp2")
     assert len(r["nodes"]) == 2, "STRICT_SPREAD should have put the two ranks on different nodes"
     assert r["ranks_identical"], "the ranks' weights drifted apart: their updates differ"
     assert r["versions"] == [2, 2, 2]
@@ -108,10 +111,12 @@ def test_two_ranks_on_two_nodes_match_one_rank(two_nodes, algorithm):
 
 
 @pytest.mark.slow
-def test_non_finite_loss_on_one_rank_skips_every_rank_and_load_restores_every_rank(two_nodes):
-    r = _result(two_nodes, "equivalence")["opd"]
-    assert r["nan_skipped"] == 1.0 and r["nan_unchanged"] == [True, True]
-    assert r["load_restored"] == [True, True] and r["loaded_versions"] == [3, 3]
+@pytest.mark.parametrize("run", ["opd", "opd-ddp"])
+def test_non_finite_loss_on_one_rank_skips_every_rank_and_load_restores_every_rank(two_nodes, run):
+    r = _result(two_nodes, "equivalence")[run]
+    exports = 2 if run.endswith("-ddp") else 1  # replicas export their own weights; shards export rank 0's gather
+    assert r["nan_skipped"] == 1.0 and r["nan_unchanged"] == [True] * exports
+    assert r["load_restored"] == [True] * exports and r["loaded_versions"] == [3, 3]
 
 
 @pytest.mark.slow

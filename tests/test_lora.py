@@ -232,7 +232,7 @@ def test_two_learner_ranks_train_the_same_adapter_as_one(tiny_models, local_ray)
                                  f"trainer.num_ranks={ranks}", "lora.r=4", "trainer.lr=1e-2"])
         group = start_learners(cfg)
         try:
-            connect_learners(group, "gloo")
+            connect_learners(group, "gloo", "ddp")  # replicas: each rank exports its own adapter below
             local = Learner(str(tiny_models / "student"), lr=1e-2, lora=SPEC)  # only to make the batches
             for seed in (0, 1):
                 ray.get(group.ranks[0].train_step.remote(_batch(local, n=8, seed=seed)))

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from torch.distributed.tensor import DTensor
 
 DEFAULT_BUCKET_BYTES = 64 << 20
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a LoRA adapter as PEFT saves it
@@ -58,13 +59,27 @@ class WeightTransfer(Protocol):
     def receive(self, handle: WeightBuckets) -> Iterator[tuple[str, torch.Tensor]]: ...
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a shard of an FSDP2 learner (a DTensor) is gathered from every rank, so every rank calls
+    this for the same tensors in the same order; any other tensor is itself."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def gather_only(state: dict[str, torch.Tensor]) -> None:
+    """A peer rank's side of ``publish`` under FSDP2: the same gathers in the same order, nothing kept."""
+    for t in _dedupe(state)[0].values():
+        whole(t)
+
+
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
-    """Tensors that are views of the same storage (tied embeddings) once, and the other names of each."""
+    """Tensors that are views of the same storage (tied embeddings) once, and the other names of each; a shard's
+    storage is its local slice."""
     first: dict[tuple, str] = {}
     unique: dict[str, torch.Tensor] = {}
     aliases: dict[str, list[str]] = {}
     for name, t in state.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        local = t.to_local() if isinstance(t, DTensor) else t
+        key = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(t.shape), t.dtype)
         if key in first:
             aliases.setdefault(first[key], []).append(name)
         else:
@@ -85,7 +100,7 @@ class ObjectStoreTransfer:
         unique, aliases = _dedupe(state)
         refs, metas, bucket, meta, size, total = [], [], {}, [], 0, 0
         for name, t in unique.items():
-            t = t.detach().to("cpu").contiguous()
+            t = whole(t).detach().to("cpu").contiguous()  # gathered one tensor at a time: a bucket at most is held
             # As raw bytes: numpy has no bfloat16, and the receiver views them back as the recorded dtype.
             bucket[name] = t.view(-1).view(torch.uint8).numpy()
             meta.append(TensorMeta(name, str(t.dtype).removeprefix("torch."), tuple(t.shape)))

@@ -40,10 +40,15 @@ def live_samples(loss_weights: list[float] | None, idx: list[int]) -> torch.Tens
 
 
 def keep_masks(entropy: list[torch.Tensor], divergence: list[torch.Tensor], valid: list[torch.Tensor],
-               keep_ratio: float, mode: str) -> list[torch.Tensor]:
-    """TIP's kept tokens (``selection.select_tokens``) chosen once among the valid tokens of all micro-batches."""
-    keep_NT = select_tokens(_join(entropy), _join(divergence), _join(valid), keep_ratio, mode)
-    return _split(keep_NT, valid)
+               keep_ratio: float, mode: str, comm: Collective) -> list[torch.Tensor]:
+    """TIP's kept tokens (``selection.select_tokens``) chosen once among the valid tokens of all micro-batches of
+    every rank: each rank sees all ranks' scores (``Collective.cat``), makes the same choice and keeps its part."""
+    valid_NT = _join(valid)
+    h, start = comm.cat(_join(entropy).reshape(-1))
+    d, _ = comm.cat(_join(divergence).reshape(-1))
+    m, _ = comm.cat(valid_NT.reshape(-1))
+    keep = select_tokens(h, d, m, keep_ratio, mode)
+    return _split(keep[start : start + valid_NT.numel()].view(valid_NT.shape), valid)
 
 
 def srpo_weights(teacher_entropy: list[torch.Tensor], sdpo_tokens: list[torch.Tensor], beta: float,

@@ -41,6 +41,20 @@ class Collective:
     def max(self, t: torch.Tensor) -> torch.Tensor:
         return self._reduce(t, dist.ReduceOp.MAX)
 
+    def cat(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Every rank's 1-D ``t`` joined in rank order (lengths may differ), and where this rank's part starts."""
+        if self.world_size == 1:
+            return t, 0
+        sizes = [torch.zeros(1, dtype=torch.long, device=self.device) for _ in range(self.world_size)]
+        dist.all_gather(sizes, torch.tensor([t.numel()], device=self.device))
+        sizes = [int(x) for x in sizes]
+        buf = torch.zeros(max(sizes), dtype=t.dtype, device=self.device)
+        buf[: t.numel()] = t.detach()
+        parts = [torch.empty_like(buf) for _ in sizes]
+        dist.all_gather(parts, buf)
+        joined = torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)]).to(t.device)
+        return joined, sum(sizes[: self.rank])
+
     def sum_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Replace every trainable parameter's gradient by its sum over ranks, in one flat all-reduce.
 
@@ -81,8 +95,12 @@ def join(rank: int, world_size: int, host: str, port: int, backend: str, timeout
     hanging (gloo notices a closed connection sooner).
     """
     backend = resolve_backend(backend)
-    dist.init_process_group(
-        backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
-    )
+    if dist.is_initialized():  # a second learner in a process already in the group (tests/fsdp_ranks.py) shares it
+        if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
+            raise RuntimeError(f"this process is rank {dist.get_rank()} of {dist.get_world_size()}, not {rank} of {world_size}")
+    else:
+        dist.init_process_group(
+            backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+        )
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     return Collective(rank, world_size, device)

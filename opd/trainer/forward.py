@@ -79,6 +79,21 @@ def response_hidden(model, mt: MicroTensors) -> torch.Tensor:
     return hidden.gather(1, mt.pos_BT.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
 
+class Trunk(torch.nn.Module):
+    """A causal LM up to the response positions' final hidden states (``response_hidden``), as a module of its own.
+
+    Learners run every forward through one, so that under FSDP2 (``opd.trainer.fsdp``) it is the root unit whose
+    forward gathers the weights the decoder layers do not hold: embeddings, final norm, LM head. Unsharded it is
+    only the call. Its parameters are the model's, in the model's order."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, mt: MicroTensors) -> torch.Tensor:
+        return response_hidden(self.model, mt)
+
+
 def flatten_kept(t_BT: torch.Tensor, keep_BT: torch.Tensor) -> torch.Tensor:
     """[B, T, ...] -> [1, N, ...] over the kept tokens: token-level losses then run on N tokens only."""
     return t_BT[keep_BT.bool()].unsqueeze(0)
@@ -100,9 +115,9 @@ class Precision:
         # The device the weights live on: autocast on a device the tensors are not on would do nothing.
         return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)
 
-    def hidden(self, model, mt: MicroTensors) -> torch.Tensor:
-        with self._ctx(model):
-            return response_hidden(model, mt)
+    def hidden(self, trunk: Trunk, mt: MicroTensors) -> torch.Tensor:
+        with self._ctx(trunk):
+            return trunk(mt)
 
     def logits(self, model, h: torch.Tensor) -> torch.Tensor:
         return self.head(model.get_output_embeddings(), model.config, h)

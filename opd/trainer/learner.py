@@ -10,8 +10,11 @@ sequences or, with a token budget, length-sorted sequences within ``rows x longe
 Several ranks (``trainer.num_ranks``): ``opd.cluster`` starts one Learner per rank, joins them in a process group
 and hands rank 0 the others' handles. Rank 0 stays the only learner the driver sees: ``train_step`` splits the
 batch into token-balanced shards, each rank trains one (``train_shard``), and the ranks meet in collectives
-(``opd.trainer.dist``) for the batch-wide normalisers, the gradient sum and the statistics, so every rank applies
-the same update and the weights stay identical. With one rank the collectives are the identity.
+(``opd.trainer.dist``) for the batch-wide normalisers and the statistics. ``trainer.strategy`` says how they hold
+the model: ``fsdp2`` shards it (``opd.trainer.fsdp``: each rank 1/N of the weights, gradients and AdamW state, and
+rank 0 asks its peers to join every call that reads the whole model), ``ddp`` keeps a full replica per rank and
+all-reduces the gradients. Either way every rank applies the same update. With one rank the collectives are the
+identity and nothing is sharded.
 
 Tensors live on ``device`` (``opd.trainer.device``: CUDA when the process sees a GPU under ``auto``): the student
 and the teacher-side models are moved there once and each micro-batch's tensors are built on the CPU and copied
@@ -24,25 +27,22 @@ With a ``LoraSpec`` (``lora.r > 0``) the student is a PEFT model: only the adapt
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import random
 import time
-from pathlib import Path
+from dataclasses import replace
 
-import numpy as np
 import torch
 from transformers import AutoTokenizer
 
 from opd.monitor.ray_metrics import RoleMetrics
-from opd.rollout.weight_sync import TRANSFER, WeightBuckets
-from opd.trainer import batchwide
+from opd.rollout.weight_sync import TRANSFER, WeightBuckets, gather_only, whole
+from opd.trainer import batchwide, fsdp, persist
 from opd.trainer.chunks import per_piece, pieces
 from opd.trainer.device import resolve_device
 from opd.trainer.dist import Collective, free_port, join
-from opd.trainer.forward import MicroTensors, Precision, build_micro, flatten_kept, rows
-from opd.trainer.lora import LoraSpec, adapter_files, load_adapter_weights, trainable, wrap
+from opd.trainer.forward import MicroTensors, Precision, Trunk, build_micro, flatten_kept, rows
+from opd.trainer.lora import LoraSpec, adapter_files, trainable, wrap
 from opd.trainer.losses import aggregate, entropy_from_logits, token_logprobs
 from opd.trainer.memory import ActivationMeter
 from opd.trainer.microbatch import padded_tokens, plan
@@ -96,11 +96,11 @@ class Learner:
         # Moved after wrapping: the adapter is drawn on the CPU from the seed, so every device starts from the same one.
         self.model.to(self.device)
         self.model.train()
+        self.trunk = Trunk(self.model)  # every student forward goes through it (FSDP2's root unit)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)  # saved with every checkpoint: model/ (or adapter/) loads alone
         self.pad_id = self.model.config.pad_token_id or 0
-        # Fused AdamW on CUDA: one kernel for every parameter's update; the CPU keeps torch's default (bit-for-bit).
-        fused = {"fused": True} if self.device.type == "cuda" else {}
-        self.opt = torch.optim.AdamW(trainable(self.model), lr=lr, betas=betas, weight_decay=weight_decay, **fused)
+        self.adam = {"lr": lr, "betas": betas, "weight_decay": weight_decay}
+        self.opt = self._optimizer()
         self.base_lr, self.warmup_steps, self.grad_clip = lr, warmup_steps, grad_clip
         self.micro_batch_size, self.micro_batch_tokens = micro_batch_size, micro_batch_tokens
         self.logits_chunk_tokens = logits_chunk_tokens  # LM head + loss in pieces of this many positions; 0: at once
@@ -112,6 +112,7 @@ class Learner:
         self.steps_done = 0
         self.version = 0
         self.comm = Collective()  # one rank until join_group
+        self.sharded = False  # FSDP2 over the ranks (join_group with strategy fsdp2)
         self.peers: list = []  # rank 0 of several: actor handles of ranks 1..N-1
         self.metrics = RoleMetrics("learner")  # in an actor named <job>/learner-<rank>: this rank's own series
 
@@ -125,9 +126,31 @@ class Learner:
         """A free port on this rank's host: rank 0 hosts the process group's rendezvous store."""
         return free_port()
 
-    def join_group(self, rank: int, world_size: int, host: str, port: int, backend: str) -> None:
-        """Every rank calls this concurrently; it returns once all have joined."""
+    def join_group(self, rank: int, world_size: int, host: str, port: int, backend: str, strategy: str = "ddp") -> None:
+        """Every rank calls this concurrently; it returns once all have joined (and, for fsdp2, sharded the student
+        and its frozen models: every rank loaded identical ones, and each now keeps its slice)."""
+        if strategy not in fsdp.STRATEGIES:
+            raise ValueError(f"trainer.strategy must be one of {fsdp.STRATEGIES}, got {strategy!r}")
         self.comm = join(rank, world_size, host, port, backend)
+        if strategy == "fsdp2" and world_size > 1:
+            fsdp.shard(self.trunk, self.device)
+            self.teachers.shard()
+            # A shared-prompt forward runs the layers twice (prompts, then responses) and a plain one once, so the
+            # ranks' micro-batches would differ in how many gathers they run: sharded, every row runs whole.
+            self.share_prompts = self.teachers.share_prompts = False
+            self.opt = self._optimizer()  # over the shards; no step was taken yet
+            self._weights = [*self.model.parameters(), *self.teachers.parameters()]
+            self.sharded = True
+
+    def _optimizer(self) -> torch.optim.AdamW:
+        # Fused AdamW on CUDA: one kernel for every parameter's update; the CPU keeps torch's default (bit-for-bit).
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        return torch.optim.AdamW(trainable(self.model), **self.adam, **fused)
+
+    def _collective(self, method: str, *args) -> list:
+        """Rank 0's side of a call that reads the whole sharded model (export, probe, checkpoint): the peers make the
+        same call meanwhile, since its gathers and forwards are collectives. Replicas answer alone."""
+        return [getattr(peer, method).remote(*args) for peer in self.peers] if self.sharded else []
 
     def set_peers(self, peers: list) -> None:
         """Rank 0 only: the handles of ranks 1..N-1, which train the other shards of each batch."""
@@ -155,24 +178,25 @@ class Learner:
         and the sampled-token teacher divergence |log q - log pi_T|, ranked once over all micro-batches' tokens."""
         ent, div = [], []
         for idx, mt, a in zip(micro, mts, auxes, strict=True):
-            h = self.fw.hidden(self.model, mt)
+            h = self.fw.hidden(self.trunk, mt)
             ent.append(per_piece(lambda p, h=h: entropy_from_logits(self.fw.logits(self.model, h[p])), self._pieces(mt.mask_BT)))
             div.append((rows([batch.sampler_logprobs[i] for i in idx], mt.mask_BT.shape[1], self.device) - a.teacher_logp_BT).abs())
         valid = [mt.mask_BT * x.unsqueeze(-1) for mt, x in zip(mts, live, strict=True)]
-        return batchwide.keep_masks(ent, div, valid, self.spec.keep_ratio, self.spec.select_mode)
+        return batchwide.keep_masks(ent, div, valid, self.spec.keep_ratio, self.spec.select_mode, self.comm)
 
     def _learn_micro(self, batch: TrainBatch, idx: list[int], mt: MicroTensors, aux: Aux, keep: torch.Tensor | None,
-                     denom: float, n_seqs: int) -> dict:
+                     live: torch.Tensor, denom: float, n_seqs: int) -> dict:
         """Forward and backward of one micro-batch: the trunk once, then the LM head and the loss piece by piece
         (``opd.trainer.chunks``), each piece's backward into the trunk's output, then one backward through the
-        trunk. A non-finite piece stops the micro-batch before its backward (the step will be skipped)."""
+        trunk. A non-finite piece stops the micro-batch before its backward (the step will be skipped); sharded,
+        the trunk's backward still runs (with what the pieces before it gave): it is a collective."""
         t_max = mt.mask_BT.shape[1]
         sampler_BT = rows([batch.sampler_logprobs[i] for i in idx], t_max, self.device)
         adv_BT = rows([batch.advantages[i] for i in idx], t_max, self.device)
-        weights_BT = torch.ones_like(mt.mask_BT)
+        weights_BT = live.unsqueeze(-1) * torch.ones_like(mt.mask_BT)  # 0 on a padding micro-batch (fsdp.pad_micro)
         if batch.loss_weights is not None:
             weights_BT = weights_BT * torch.tensor([batch.loss_weights[i] for i in idx], device=self.device).unsqueeze(-1)
-        h_BTH = self.fw.hidden(self.model, mt)
+        h_BTH = self.fw.hidden(self.trunk, mt)
         targets_BT, mask_BT = mt.targets_BT, mt.mask_BT
         if keep is not None:
             h_BTH, targets_BT, mask_BT = flatten_kept(h_BTH, keep), flatten_kept(targets_BT, keep), flatten_kept(mask_BT, keep)
@@ -192,7 +216,7 @@ class Learner:
                 loss = loss_BT.sum() / denom
             if not torch.isfinite(loss.detach()):
                 out["finite"] = False
-                return out
+                break
             loss.backward()
             with torch.no_grad():
                 logp_BT = token_logprobs(logits_BTV, targets_BT[p])
@@ -204,7 +228,9 @@ class Learner:
                 if m.any():
                     out["absdiff"] = max(out["absdiff"], float(((logp_BT - sampler_BT[p]).abs() * m).max()))
             del logits_BTV, loss_BT, loss
-        if h_leaf.grad is not None:
+        if self.sharded:
+            h_BTH.backward(h_leaf.grad if h_leaf.grad is not None else torch.zeros_like(h_BTH))
+        elif out["finite"] and h_leaf.grad is not None:
             h_BTH.backward(h_leaf.grad)
         return out
 
@@ -212,52 +238,71 @@ class Learner:
         """One optimizer step over the whole batch. A non-finite loss or gradient on any rank skips it on all.
 
         Rank 0 of several sends each peer its token-balanced shard and trains its own meanwhile; the statistics
-        it returns are the whole batch's (summed over ranks in ``train_shard``).
+        it returns are the whole batch's (summed over ranks in ``train_shard``). Sharded, a rank left without samples
+        (fewer samples than ranks) still runs the forwards: it trains the batch's first sample at weight 0.
         """
         batch.validate()
-        lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True)]
-        shards = balance_shards(lengths, 1 + len(self.peers))
+        parts, imbalance = self.shards(batch, 1 + len(self.peers))
         if self.peers:
-            pending = [peer.train_shard.remote(take(batch, idx)) for peer, idx in zip(self.peers, shards[1:], strict=True)]
-            stats = self.train_shard(take(batch, shards[0]))
+            pending = [peer.train_shard.remote(*part) for peer, part in zip(self.peers, parts[1:], strict=True)]
+            stats = self.train_shard(*parts[0])
             _wait(pending)
         else:
             stats = self.train_shard(batch)
-        return {**stats, "shard_token_imbalance": shard_imbalance(lengths, shards)}
+        return {**stats, "shard_token_imbalance": imbalance}
 
-    def train_shard(self, batch: TrainBatch) -> dict[str, float]:
-        """This rank's forward/backward over its shard, then the update that every rank applies identically."""
+    def shards(self, batch: TrainBatch, ranks: int) -> tuple[list[tuple[TrainBatch, bool]], float]:
+        """The batch's token-balanced shards, one per rank, each with whether it is a stand-in (an empty shard of a
+        sharded learner: sample 0, run at weight 0), and their imbalance (max / mean tokens)."""
+        lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True)]
+        idx = balance_shards(lengths, ranks)
+        parts = [(take(batch, i), False) if i or not self.sharded else (replace(take(batch, [0]), loss_weights=[0.0]), True)
+                 for i in idx]
+        return parts, shard_imbalance(lengths, idx)
+
+    def train_shard(self, batch: TrainBatch, stand_in: bool = False) -> dict[str, float]:
+        """This rank's forward/backward over its shard, then the update that every rank applies identically. A
+        stand-in shard (``shards``) only joins the other ranks' forwards and backwards: it adds no statistics."""
         t0 = time.perf_counter()
         lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True)]
         micro = plan(lengths, self.micro_batch_size, self.micro_batch_tokens)
+        n_own = 0 if stand_in else len(micro)  # the micro-batches whose statistics count
+        if self.sharded:  # every rank runs as many forwards and backwards: the longest plan's count
+            micro, _ = fsdp.pad_micro(micro, int(self.comm.max(torch.tensor(float(len(micro))))))
         mts = [build_micro([batch.prompt_ids[i] for i in idx], [batch.response_ids[i] for i in idx], self.pad_id,
                            self.share_prompts).to(self.device) for idx in micro]
         auxes = [self.teachers.aux(batch, idx, mt) for idx, mt in zip(micro, mts, strict=True)]
-        live = [batchwide.live_samples(batch.loss_weights, idx).to(self.device) for idx in micro]
+        live = [batchwide.live_samples(batch.loss_weights, idx).to(self.device) * float(j < n_own) for j, idx in enumerate(micro)]
         if self.spec.objective.entropy_weighted:
             self._srpo_weights(auxes, [mt.mask_BT for mt in mts], live)
         keeps = self._keep_masks(batch, micro, mts, auxes, live) if self.spec.select_mode else [None] * len(micro)
         denom_tokens = [batchwide.counted_tokens(mt.mask_BT, x, k, a.route_sdpo_B if self.spec.objective.routed_denominator else None)
                         for mt, x, k, a in zip(mts, live, keeps, auxes, strict=True)]
         denom, n_seqs = batchwide.denominators(denom_tokens, live, self.comm)
-        kl_sum, kl_tokens = self._teacher_kl(batch, micro, mts, auxes)
-        own = StepStats(real_positions=float(sum(lengths)), padded_positions=float(padded_tokens(lengths, micro)),
+        kl_sum, kl_tokens = self._teacher_kl(batch, micro[:n_own], mts[:n_own], auxes[:n_own])
+        own = StepStats(real_positions=float(sum(lengths) * (not stand_in)), padded_positions=float(padded_tokens(lengths, micro[:n_own])),
                         kl_sum=kl_sum, kl_tokens=kl_tokens)
         self.opt.zero_grad(set_to_none=True)
-        for idx, mt, aux, keep in zip(micro, mts, auxes, keeps, strict=True):
+        for j, (idx, mt, aux, keep, x) in enumerate(zip(micro, mts, auxes, keeps, live, strict=True)):
             with ActivationMeter(weights=self._weights) as meter:
-                out = self._learn_micro(batch, idx, mt, aux, keep, denom, n_seqs)
+                out = self._learn_micro(batch, idx, mt, aux, keep, x, denom, n_seqs)
             own = own.add(activation_bytes=float(meter.bytes))
             if not out["finite"]:
                 own = own.add(nonfinite=1.0)
+                if self.sharded:
+                    continue  # the other ranks' forwards and backwards still need this one's
                 break
-            own = own.add(loss=out["loss"], entropy_sum=out["entropy_sum"], tokens=out["tokens"], counted=out["counted"],
-                          absdiff=out["absdiff"])
+            if j < n_own:
+                own = own.add(loss=out["loss"], entropy_sum=out["entropy_sum"], tokens=out["tokens"], counted=out["counted"],
+                              absdiff=out["absdiff"])
+        self.teachers.reshard()
+        fsdp.reshard(self.trunk)  # a padding micro-batch's or TIP's forward may have left the root gathered
         step = own.reduce(self.comm)  # the batch's: every rank then takes the same skip-or-step decision
         finite = step.finite
-        if finite:
+        if finite and not self.sharded:
             self.comm.sum_grads(trainable(self.model))  # identical gradients -> identical clipping and step
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable(self.model), self.grad_clip)) if finite else math.nan
+        # Sharded, the backward already summed each shard's gradient over the ranks, and the norm spans them too.
+        grad_norm = float(whole(torch.nn.utils.clip_grad_norm_(trainable(self.model), self.grad_clip))) if finite else math.nan
         skipped = not (finite and math.isfinite(grad_norm))
         if skipped:
             log.warning("non-finite loss or gradient at learner step %d: update skipped", self.steps_done)
@@ -290,81 +335,58 @@ class Learner:
     @torch.no_grad()
     def probe_logprobs(self, token_ids: list[int]) -> list[float]:
         """Log-probs of tokens 1..n of a fixed sequence; compared against the engines after each sync."""
-        ids = torch.tensor([token_ids], device=self.device)
+        pending = self._collective("probe_logprobs", token_ids)
+        mt = build_micro([token_ids[:1]], [token_ids[1:]], self.pad_id).to(self.device)
         self.model.eval()  # the engines run without LoRA dropout
         try:
-            logits = self.model(input_ids=ids).logits[:, :-1]
+            logits = self.fw.logits(self.model, self.trunk(mt))
         finally:
             self.model.train()
-        return token_logprobs(logits, ids[:, 1:])[0].tolist()
+            fsdp.reshard(self.trunk)
+        _wait(pending)
+        return token_logprobs(logits, mt.targets_BT)[0].tolist()
 
     def uses_lora(self) -> bool:
         return self.lora is not None
 
-    def export_weights(self) -> WeightBuckets:
-        """The student's weights published for the engines (``weight_sync.TRANSFER``: Ray's object store, in buckets)."""
-        return TRANSFER.publish(self.model.state_dict())
+    def export_weights(self) -> WeightBuckets | None:
+        """The student's weights published for the engines (``weight_sync.TRANSFER``: Ray's object store, in buckets).
+        Sharded, each tensor is gathered as its bucket fills (every rank joins; only rank 0 publishes)."""
+        if self.sharded and self.comm.rank != 0:  # a peer's part: the gathers only
+            return gather_only(self.model.state_dict())
+        pending = self._collective("export_weights")
+        handle = TRANSFER.publish(self.model.state_dict())
+        _wait(pending)
+        return handle
 
     def export_adapter(self) -> dict[str, bytes]:
         """The adapter's files (PEFT format) for the engines: a few MB where ``export_weights`` sends the model."""
         if self.lora is None:
             raise RuntimeError("export_adapter: this learner trains every weight (lora.r = 0); use export_weights")
-        return adapter_files(self.model)
+        pending = self._collective("export_adapter")
+        files = adapter_files(self.model)
+        _wait(pending)
+        return files
 
     def save(self, path: str) -> None:
-        out = Path(path)
-        # With LoRA only the adapter is saved (its config names the base model): PeftModel.from_pretrained loads it.
-        weights = out / ("adapter" if self.lora else "model")
-        self.model.save_pretrained(weights)
-        self.tokenizer.save_pretrained(weights)
-        # CPU tensors in every file, so a checkpoint resumes on any device (``load`` maps it to this one).
-        torch.save(_cpu(self.opt.state_dict()), out / "optimizer.pt")
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-        if self.device.type == "cuda":  # LoRA dropout on CUDA draws from the device's generator
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        torch.save(rng, out / "rng.pt")
-        if self.teachers.self_teacher is not None:
-            torch.save(_cpu(self.teachers.self_teacher.state_dict()), out / "self_teacher.pt")
-        (out / "learner.json").write_text(json.dumps({"steps_done": self.steps_done, "version": self.version}))
+        """Write a checkpoint (``opd.trainer.persist``); sharded, every rank gathers and rank 0 writes."""
+        pending = self._collective("save", path)
+        persist.save(self, path)
+        _wait(pending)
 
     def load(self, path: str) -> None:
         """Restore a checkpoint. Rank 0 of several restores every rank from the same files (storage all nodes see, as
         the run directory already must be), so weights, optimizer and self-teacher stay identical across ranks."""
         pending = [peer.load.remote(path) for peer in self.peers]
-        src = Path(path)
-        if self.lora:
-            load_adapter_weights(self.model, src / "adapter")
-        else:
-            self.model.load_state_dict(load_model(str(src / "model")).state_dict())
-        self.opt.load_state_dict(torch.load(src / "optimizer.pt", map_location=self.device, weights_only=False))
-        rng = torch.load(src / "rng.pt", weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if self.teachers.self_teacher is not None:
-            self.teachers.self_teacher.load_state_dict(torch.load(src / "self_teacher.pt", map_location=self.device, weights_only=True))
-        meta = json.loads((src / "learner.json").read_text())
-        self.steps_done, self.version = meta["steps_done"], meta["version"]
-        if pending:
-            _wait(pending)
-
-
-def _cpu(state):
-    """A (nested) state dict with its tensors on the CPU; on the CPU the very same tensors."""
-    if isinstance(state, torch.Tensor):
-        return state.cpu()
-    if isinstance(state, dict):
-        return {k: _cpu(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(_cpu(v) for v in state)
-    return state
+        persist.load(self, path)
+        _wait(pending)
 
 
 def _wait(pending: list) -> None:
     """Wait for peers' calls and re-raise their errors. Ray is imported only here: only rank 0 of several, itself a
     Ray actor, calls other actors; a single learner (and every test that drives one directly) never gets here."""
+    if not pending:
+        return
     import ray
 
     ray.get(pending)

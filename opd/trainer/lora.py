@@ -20,6 +20,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save
 
+from opd.rollout.weight_sync import whole
+
 
 @dataclass(frozen=True)
 class LoraSpec:
@@ -55,7 +57,8 @@ def adapter_files(model: PeftModel) -> dict[str, bytes]:
     Built in memory rather than through ``save_pretrained``, which also renders a model card: that took 5-10x
     longer than the rest of the export on the demo student, at every step's sync.
     """
-    state = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    # Whole tensors: under FSDP2 each is gathered from every rank (so every rank calls this, rank 0 keeps it).
+    state = {k: whole(v).detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(model).items()}
     config = copy.copy(model.peft_config["default"])
     config.inference_mode = True  # as save_pretrained marks a saved adapter
     with tempfile.TemporaryDirectory(prefix="opd-lora-config-") as tmp:
@@ -64,11 +67,12 @@ def adapter_files(model: PeftModel) -> dict[str, bytes]:
     return {"adapter_config.json": config_bytes, "adapter_model.safetensors": save(state, metadata={"format": "pt"})}
 
 
-def load_adapter_weights(model: PeftModel, directory: Path) -> None:
+def load_adapter_weights(model: PeftModel, directory: Path, load=None) -> None:
     """Restore the adapter's weights from a ``save_pretrained`` directory into ``model`` in place.
 
     The saved adapter must have been built as this one (``lora.*`` unchanged since it was saved): the same weights
-    under another alpha would be another model."""
+    under another alpha would be another model. ``load(model, state, strict)``, when given, takes the state dict in
+    the model's own names instead of ``model.load_state_dict`` (FSDP2's shards: ``opd.trainer.fsdp``)."""
     saved = json.loads((directory / "adapter_config.json").read_text())
     ours = model.peft_config["default"]
     for key, mine, theirs in [("r", ours.r, saved.get("r")), ("alpha", ours.lora_alpha, saved.get("lora_alpha")),
@@ -76,7 +80,18 @@ def load_adapter_weights(model: PeftModel, directory: Path) -> None:
         if mine != theirs:
             raise ValueError(f"lora.{key}: the adapter in {directory} was saved with {theirs!r}, this run has {mine!r}")
     state = load_file(str(directory / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(model, state)
+    if load is not None:
+        # PEFT names the keys as the model does, then calls the model's load_state_dict once: that call goes to
+        # ``load`` (which may call the model's own load_state_dict, so the detour is removed first).
+        def routed(sd, strict=False, assign=False):
+            del model.load_state_dict
+            return load(model, sd, strict=False)
+
+        model.load_state_dict = routed
+    try:
+        result = set_peft_model_state_dict(model, state)
+    finally:
+        model.__dict__.pop("load_state_dict", None)
     # Loading is non-strict (the base weights are not in the file): an adapter key left unset is the mismatch.
     wrong = list(result.unexpected_keys) + [k for k in result.missing_keys if "lora_" in k]
     if wrong or not state:

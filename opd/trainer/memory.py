@@ -19,12 +19,17 @@ class ActivationMeter:
         self.bytes = 0  # the peak
         self.live = 0
         self._held: dict[tuple[int, int], int] = {}  # storage (pointer, size) -> saved tensors still holding it
-        # Weights autograd saves (a matmul's backward reads them) are the model, not activations.
-        self._weights = {w.untyped_storage().data_ptr() for w in weights}
+        # Weights autograd saves (a matmul's backward reads them) are the model, not activations. A shard's storage is
+        # its local slice; the whole weights FSDP2 gathers for a layer are parameters of their own (``_is_weight``).
+        self._weights = {(w.to_local() if hasattr(w, "to_local") else w).untyped_storage().data_ptr() for w in weights}
+
+    @staticmethod
+    def _is_weight(t: torch.Tensor) -> bool:
+        return isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if key[0] in self._weights:
+        if key[0] in self._weights or self._is_weight(t):
             return t
         if key not in self._held:
             self._held[key] = 0

@@ -10,8 +10,9 @@ import copy
 import torch
 from transformers import AutoModelForCausalLM
 
+from opd.trainer import fsdp
 from opd.trainer.chunks import per_piece, pieces
-from opd.trainer.forward import MicroTensors, Precision, build_micro, rows
+from opd.trainer.forward import MicroTensors, Precision, Trunk, build_micro, rows
 from opd.trainer.losses import token_logprobs
 from opd.trainer.objective import Aux, ObjectiveSpec
 from opd.types import TrainBatch
@@ -35,19 +36,33 @@ class TeacherSide:
                  device: torch.device | None = None):
         self.fw, self.pad_id, self.chunk_tokens, self.share_prompts = fw, pad_id, chunk_tokens, share_prompts
         self.device = device or torch.device("cpu")
-        self.reference = frozen(load_model(reference_dir, self.device)) if spec.needs_reference else None
-        self.hf_teacher = frozen(load_model(teacher_dir, self.device)) if spec.needs_hf_teacher else None
+        # Whole models run as trunks (their LM heads piece by piece), so FSDP2 can shard them as it shards the student.
+        self.reference = Trunk(frozen(load_model(reference_dir, self.device))) if spec.needs_reference else None
+        self.hf_teacher = Trunk(frozen(load_model(teacher_dir, self.device))) if spec.needs_hf_teacher else None
         # With the teacher's trunk in its own actor, only its LM head lives here (the rest of the model is freed,
         # never copied to the device).
         teacher = load_model(teacher_dir) if spec.needs_teacher_head else None
         self.teacher_head = frozen(teacher.get_output_embeddings().to(self.device)) if teacher is not None else None
         self.teacher_config = teacher.config if teacher is not None else None
         del teacher
-        self.self_teacher = frozen(copy.deepcopy(student)) if spec.needs_self_teacher else None
+        self.self_teacher = Trunk(frozen(copy.deepcopy(student))) if spec.needs_self_teacher else None
+
+    def trunks(self) -> list[Trunk]:
+        return [t for t in (self.reference, self.hf_teacher, self.self_teacher) if t is not None]
 
     def parameters(self) -> list[torch.Tensor]:
-        return [p for m in (self.reference, self.hf_teacher, self.teacher_head, self.self_teacher) if m is not None
-                for p in m.parameters()]
+        return [p for m in (*self.trunks(), self.teacher_head) if m is not None for p in m.parameters()]
+
+    def shard(self) -> None:
+        """FSDP2 over the learner ranks, as the student: each holds 1/N of every frozen model. The teacher head (an
+        LM head alone, read piece by piece on every rank) stays whole."""
+        for t in self.trunks():
+            fsdp.shard(t, self.device)
+
+    def reshard(self) -> None:
+        """After a step: their forwards had no backward, so their roots are still gathered (``fsdp.reshard``)."""
+        for t in self.trunks():
+            fsdp.reshard(t)
 
     @torch.no_grad()
     def aux(self, batch: TrainBatch, idx: list[int], mt: MicroTensors) -> Aux:
@@ -77,11 +92,11 @@ class TeacherSide:
             aux.teacher_head = lambda p: self.fw.head(self.teacher_head, self.teacher_config, t_h[p])
         if self.reference is not None:
             ref_h = self.fw.hidden(self.reference, mt)
-            aux.ref_logp_BT = per_piece(lambda p: token_logprobs(self.fw.logits(self.reference, ref_h[p]), mt.targets_BT[p]),
+            aux.ref_logp_BT = per_piece(lambda p: token_logprobs(self.fw.logits(self.reference.model, ref_h[p]), mt.targets_BT[p]),
                                         pieces(mt.mask_BT.shape[0], mt.mask_BT.shape[1], self.chunk_tokens))
         if self.hf_teacher is not None:
             t_h = self.fw.hidden(self.hf_teacher, mt)  # [B, T, H]: the teacher's logits are made piece by piece
-            aux.teacher_head = lambda p: self.fw.logits(self.hf_teacher, t_h[p])
+            aux.teacher_head = lambda p: self.fw.logits(self.hf_teacher.model, t_h[p])
             if aux.teacher_logp_BT is None:  # no teacher actor scored the batch: this forward is the teacher
                 aux.teacher_logp_BT = per_piece(lambda p: token_logprobs(aux.teacher_head(p), mt.targets_BT[p]),
                                                 pieces(mt.mask_BT.shape[0], mt.mask_BT.shape[1], self.chunk_tokens))
@@ -90,7 +105,7 @@ class TeacherSide:
             prompts = [batch.teacher_prompt_ids[i] or batch.prompt_ids[i] for i in idx]
             tmt = build_micro(prompts, [batch.response_ids[i] for i in idx], self.pad_id, self.share_prompts).to(self.device)
             s_h = self.fw.hidden(self.self_teacher, tmt)
-            aux.teacher_head = lambda p: self.fw.logits(self.self_teacher, s_h[p])
+            aux.teacher_head = lambda p: self.fw.logits(self.self_teacher.model, s_h[p])
             aux.route_sdpo_B = torch.tensor([1.0 if batch.routes[i] == "sdpo" else 0.0 for i in idx], device=self.device)
         return aux
 
