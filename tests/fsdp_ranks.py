@@ -38,13 +38,15 @@ CASES = {
     "grpo": {"objective": ObjectiveSpec("grpo")},
     "srpo": {"objective": ObjectiveSpec("srpo", sdpo_top_k=8)},
     "opd-lora": {"objective": ObjectiveSpec("opd"), "lora": LoraSpec(r=4)},
+    "grpo-checkpointing": {"objective": ObjectiveSpec("grpo"), "checkpointing": True},  # layers re-gathered in backward
 }
 SIZES = (9, 8, 1)
 
 
 def learner(models: Path, case: dict) -> Learner:
     return Learner(str(models / "student"), lr=1e-3, micro_batch_size=2, seed=0, objective=case["objective"],
-                   share_prompts=True, teacher_dir=str(models / "teacher"), lora=case.get("lora"), device="cpu")
+                   share_prompts=True, teacher_dir=str(models / "teacher"), lora=case.get("lora"), device="cpu",
+                   gradient_checkpointing=case.get("checkpointing", False))
 
 
 def make_batch(probe: Learner, name: str, n: int, seed: int) -> TrainBatch:
@@ -61,9 +63,9 @@ def make_batch(probe: Learner, name: str, n: int, seed: int) -> TrainBatch:
     sampler = [probe.probe_logprobs(p + r)[len(p) - 1 :] for p, r in zip(prompts, responses, strict=True)]
     teacher = [[x - rng.uniform(-1, 1) for x in s] for s in sampler]
     adv = [[-(s - t) for s, t in zip(srow, trow, strict=True)] for srow, trow in zip(sampler, teacher, strict=True)]
-    if name in ("grpo", "srpo"):
+    if case_objective(name) in ("grpo", "srpo"):
         adv = [[(-1) ** i * 0.7] * len(r) for i, r in enumerate(responses)]
-    sd = name == "srpo"
+    sd = case_objective(name) == "srpo"
     return TrainBatch(
         uids=[f"s{seed}u{i}" for i in range(n)], prompt_ids=prompts, response_ids=responses, sampler_logprobs=sampler,
         advantages=adv, teacher_logprobs=teacher, objective=case_objective(name),
