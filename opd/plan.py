@@ -11,8 +11,7 @@ from opd.trainer.routing import RoutePlan
 def objective_spec(cfg: Config) -> ObjectiveSpec:
     g, o, sd = cfg.grpo, cfg.opd, cfg.sdpo
     objective = get(cfg.algorithm)
-    # The truncated importance weight's cap: the section of the objective's own signal (teacher: opd / exopd).
-    tis = {"opd": o.tis_cap, "opd_reward": o.tis_cap, "exopd": cfg.exopd.tis_cap}.get(cfg.algorithm, g.tis_cap)
+    tis = getattr(cfg, objective.tis_section).tis_cap  # the objective names the section (opd.py, exopd.py, ...)
     return ObjectiveSpec(
         name=cfg.algorithm,
         agg=g.loss_agg if objective.sequence_agg else "token-mean",

@@ -75,6 +75,14 @@ def test_config_route_and_spec():
         load_config("configs/demo.yaml", ["algorithm=ppo"])
 
 
+@pytest.mark.parametrize("algorithm, cap", [("opd", 1.5), ("opd_reward", 1.5), ("exopd", 2.5), ("grpo", 3.5),
+                                            ("srpo", 3.5), ("sdpo", 3.5)])
+def test_each_objective_reads_the_tis_cap_of_its_own_section(algorithm, cap):
+    cfg = load_config("configs/demo.yaml", [f"algorithm={algorithm}", "opd.divergence=sampled", "opd.tis_cap=1.5", "exopd.tis_cap=2.5",
+                                            "grpo.tis_cap=3.5", "rollout.group_size=2"])
+    assert objective_spec(cfg).tis_cap == cap
+
+
 def test_kl_ref_penalty_adds_to_any_objective_over_its_counted_tokens():
     """kl_ref.coef * (log pi - log pi_ref) (k1) on each counted token, added to the objective's own loss, with the
     gradient coef * grad log pi; the reference's log-probs are constants."""

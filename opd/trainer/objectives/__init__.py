@@ -31,6 +31,7 @@ class Objective:
     token_selection: ClassVar[bool] = False  # TIP (selection.mode) ranks its sampled-token divergence
     entropy_weighted: ClassVar[bool] = False  # SRPO: the self-teacher's exp(-beta*H) weights its SDPO tokens
     routed_denominator: ClassVar[bool] = False  # only samples routed to it count in the denominator (SDPO §10.4)
+    tis_section: ClassVar[str] = "grpo"  # the config section whose tis_cap caps its sampler->learner weight
 
     def routes(self, has_teacher: list[bool], correct: list[bool]) -> list[str] | None:
         """Per sample, which loss learns from it (self-teacher objectives); None: this objective's, for all."""

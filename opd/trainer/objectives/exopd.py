@@ -9,6 +9,7 @@ from opd.trainer.objectives import Objective, pg_token_loss, register, teacher_l
 
 class ExOPD(Objective):
     name = "exopd"
+    tis_section = "exopd"
     reference = True
     token_selection = True
 

@@ -14,6 +14,7 @@ from opd.trainer.objectives import Objective, pg_token_loss, register, teacher_l
 
 class OPD(Objective):
     name = "opd"
+    tis_section = "opd"
     token_selection = True
 
     def token_loss(self, spec, logits_BTV, targets_BT, mask_BT, sampler_BT, adv_BT, aux):

@@ -12,6 +12,7 @@ from opd.trainer.objectives import Objective, pg_token_loss, register, teacher_l
 
 class OPDReward(Objective):
     name = "opd_reward"
+    tis_section = "opd"
     group_advantages = True
     min_group = 2
 
