@@ -15,11 +15,13 @@ from opd.tasks.bootstrap import (
     IGNORE_INDEX,
     BootstrapSpec,
     ModelSpec,
+    SFTSpec,
     bootstrap,
     build_model,
     demo_spec,
     evaluate_accuracy,
     render_prompt,
+    sft,
     sft_example,
     sft_tensors,
     task_splits,
@@ -103,6 +105,22 @@ def test_build_model_checks_head_dim(tok):
     assert model.config.eos_token_id == tok.eos_token_id and model.config.pad_token_id == tok.pad_token_id
     with pytest.raises(ValueError, match="head_dim"):
         build_model(ModelSpec(96, 1, 2, 1, 128), tok)  # head_dim 48
+
+
+@pytest.mark.parametrize(("target", "extend", "steps_run"), [
+    (None, 6, 4),  # no target: extension steps would only train past the schedule
+    (1.01, 0, 4),  # target unmet, no extension: the schedule's length
+    (1.01, 6, 10),  # target unmet: every extension step runs
+    (0.0, 6, 2),  # target met at the first check: stop there
+])
+def test_sft_extends_past_its_schedule_only_while_a_target_is_unmet(tok, target, extend, steps_run):
+    rows = task_splits(tiny_spec().task)
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(64, 1, 2, 1, 128), tok)
+    spec = SFTSpec(steps=4, batch_size=8, warmup_steps=1, eval_every=2, stop_at_accuracy=target, extend_steps=extend)
+    out = sft(model, tok, rows["train"].select(range(64)), spec, num_threads=1, val_rows=rows["val"].select(range(8)))
+    assert out["steps"] == steps_run
+    assert [s for s, _ in out["val_curve"]] == list(range(2, steps_run + 1, 2))
 
 
 def test_spec_hash_and_dict_roundtrip():
