@@ -235,7 +235,8 @@ def _sft(model, tokenizer, train_rows, spec: SFTSpec, seed: int, name: str, val_
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, spec))
     order, cursor, loss_avg, curve, step = torch.randperm(len(ids), generator=gen), 0, float("nan"), [], 0
     model.train()
-    most = spec.most_steps(validating=bool(val_rows and spec.eval_every))
+    validating = bool(val_rows and spec.eval_every)
+    most = spec.most_steps(validating)
     while step < most:
         if cursor + spec.batch_size > len(order):  # next epoch, fresh seeded shuffle
             order, cursor = torch.randperm(len(ids), generator=gen), 0
@@ -255,7 +256,7 @@ def _sft(model, tokenizer, train_rows, spec: SFTSpec, seed: int, name: str, val_
         if step % max(1, spec.steps // 10) == 0:
             log.info("%s sft step %d/%d loss %.4f lr %.2e %.0fs", name, step, most, loss_avg,
                      sched.get_last_lr()[0], time.monotonic() - start)
-        if val_rows and spec.eval_every and step % spec.eval_every == 0:
+        if validating and step % spec.eval_every == 0:
             acc = _evaluate(model, tokenizer, val_rows, 250)
             model.train()
             curve.append([step, acc])
