@@ -15,7 +15,7 @@ from ray.util.placement_group import placement_group, placement_group_table, rem
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from opd.config import Config
-from opd.plan import objective_spec
+from opd.plan import learner_args
 from opd.rewards import VerifierRunner, VerifierSpec
 from opd.rollout.engine import ACTOR_ENV
 from opd.rollout.pool import RolloutPool
@@ -25,7 +25,6 @@ from opd.teacher.multi import DEFAULT, Teachers
 from opd.teacher.scorer import VLLMTeacher
 from opd.trainer.device import learner_placement
 from opd.trainer.learner import Learner
-from opd.trainer.lora import LoraSpec
 
 
 @dataclass
@@ -118,19 +117,12 @@ def start_learners(cfg: Config) -> LearnerGroup:
     the reference model or self-teacher its objective needs): the ranks must hold identical copies. Call
     ``connect_learners`` once they run.
     """
-    t, lc = cfg.trainer, cfg.lora
+    t = cfg.trainer
     device, gpu = learner_placement(t.device, t.dist_backend, t.num_ranks, ray.cluster_resources().get("GPU", 0))
 
     def rank(r: int, **opts):
         return ray.remote(Learner).options(name=f"{cfg.run.name}/learner-{r}", num_cpus=1, num_gpus=int(gpu), **opts).remote(
-            cfg.models.student, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
-            grad_clip=t.grad_clip, micro_batch_size=t.micro_batch_size, torch_threads=t.torch_threads,
-            micro_batch_tokens=t.micro_batch_tokens, logits_chunk_tokens=t.logits_chunk_tokens, share_prompts=t.share_prompts,
-            autocast=t.autocast, gradient_checkpointing=t.gradient_checkpointing,
-            seed=cfg.run.seed, objective=objective_spec(cfg), reference_dir=cfg.reference_dir,
-            teacher_dir=cfg.models.teacher, lora=LoraSpec(lc.r, lc.alpha, lc.dropout, tuple(lc.target_modules)),
-            device=device,
-        )
+            **learner_args(cfg), device=device)
 
     if t.num_ranks == 1:
         return LearnerGroup([rank(0)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from opd.config import Config
+from opd.trainer.lora import LoraSpec
 from opd.trainer.objective import ObjectiveSpec
 from opd.trainer.objectives import get
 from opd.trainer.routing import RoutePlan
@@ -54,4 +55,17 @@ def route_plan(cfg: Config) -> RoutePlan:
         success_threshold=cfg.sdpo.success_threshold,
         dont_reprompt_on_self_success=cfg.sdpo.dont_reprompt_on_self_success,
         max_reprompt_len=cfg.sdpo.max_reprompt_len,
+    )
+
+
+def learner_args(cfg: Config) -> dict:
+    """The Learner's keyword arguments, but its device (``opd.trainer.device`` places each rank)."""
+    t, lc = cfg.trainer, cfg.lora
+    return dict(
+        model_dir=cfg.models.student, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_steps, grad_clip=t.grad_clip, micro_batch_size=t.micro_batch_size,
+        torch_threads=t.torch_threads, micro_batch_tokens=t.micro_batch_tokens, logits_chunk_tokens=t.logits_chunk_tokens,
+        share_prompts=t.share_prompts, autocast=t.autocast, gradient_checkpointing=t.gradient_checkpointing,
+        seed=cfg.run.seed, objective=objective_spec(cfg), reference_dir=cfg.reference_dir, teacher_dir=cfg.models.teacher,
+        lora=LoraSpec(lc.r, lc.alpha, lc.dropout, tuple(lc.target_modules)),
     )
