@@ -357,3 +357,24 @@ def test_entropy_of_a_masked_vocabulary_is_finite():
     assert h.item() == pytest.approx(math.log(2)) and torch.isfinite(logits.grad).all()
     _, t_ent = student_topk_divergence(torch.tensor([[[2.0, 1.0, 0.0]]]), logits.detach(), k=2, beta=0.5, tail=False)
     assert t_ent.item() == pytest.approx(math.log(2))
+
+
+@pytest.mark.parametrize("beta", [0.5, 1.0])
+def test_student_topk_with_every_other_logit_masked_has_finite_gradients(beta):
+    """The student's logits are -inf outside its top-2: its tail bucket is empty (log 0) and carries no gradient,
+    and the value is the divergence with the teacher's rest as one bucket (JSD at SDPO's default 0.5; reverse KL at
+    1). NaN gradients before (right values). Forward KL (0) is infinite there: the teacher has mass the student lacks."""
+    student = torch.tensor([[[1.0, 0.5, -math.inf, -math.inf]]], requires_grad=True)
+    teacher = torch.log(torch.tensor([[[0.1, 0.2, 0.3, 0.4]]]))
+    div, _ = student_topk_divergence(student, teacher, k=2, beta=beta, tail=True)
+    div.sum().backward()
+    assert torch.isfinite(student.grad).all() and torch.equal(student.grad[..., 2:], torch.zeros(1, 1, 2))
+    s = torch.softmax(torch.tensor([1.0, 0.5]), -1).tolist() + [0.0]
+    t = [0.1, 0.2, 0.7]
+    if beta == 1.0:
+        want = sum(sv * math.log(sv / tv) for sv, tv in zip(s, t, strict=True) if sv)
+    else:
+        m = [beta * tv + (1 - beta) * sv for sv, tv in zip(s, t, strict=True)]
+        want = sum(beta * tv * math.log(tv / mv) + ((1 - beta) * sv * math.log(sv / mv) if sv else 0.0)
+                   for sv, tv, mv in zip(s, t, m, strict=True))
+    assert div.item() == pytest.approx(want, rel=1e-5)

@@ -101,7 +101,11 @@ def at_with_rest(logp_BTV: torch.Tensor, idx_BTK: torch.Tensor) -> torch.Tensor:
     ``idx_BTK`` must leave at least one index out.
     """
     rest = logp_BTV.scatter(-1, idx_BTK, -math.inf)
-    return torch.cat([logp_BTV.gather(-1, idx_BTK), torch.logsumexp(rest, dim=-1, keepdim=True)], dim=-1)
+    # Where every other entry is -inf (logits masked outside the top-k), the rest is -inf with no gradient; a
+    # logsumexp over -inf alone would still be -inf but send NaN (exp(-inf - -inf)) into the backward.
+    empty = torch.isneginf(rest).all(dim=-1, keepdim=True)
+    lse = torch.logsumexp(rest.masked_fill(empty, 0.0), dim=-1, keepdim=True).masked_fill(empty, -math.inf)
+    return torch.cat([logp_BTV.gather(-1, idx_BTK), lse], dim=-1)
 
 
 def _renormalize(logp: torch.Tensor) -> torch.Tensor:
