@@ -130,17 +130,67 @@ def run_sandboxed(code: str, stdin: str = "", *, limits: SandboxLimits | None = 
     python = limits.python or sys.executable
     uid = _UID_BASE + ((os.getpid() & 0x3FFFFF) << 8 | next(_RUN_COUNTER) & 0xFF) if os.geteuid() == 0 else None
     with tempfile.TemporaryDirectory(prefix="opd-sandbox-", ignore_cleanup_errors=True) as base:
-        os.chmod(base, 0o711)  # the child may traverse to its workdir (HOME is an absolute path) but not list
-        work = os.path.join(base, "work")
-        os.mkdir(work, 0o700)
-        with open(os.path.join(work, "main.py"), "w", encoding="utf-8") as f:
-            f.write(code)
-        if uid is not None:
-            for path in (work, os.path.join(work, "main.py")):
-                os.chown(path, uid, uid)
-        io_paths = [os.path.join(base, n) for n in ("stdin", "stdout", "stderr")]
-        with open(io_paths[0], "w", encoding="utf-8") as f:
-            f.write(stdin)
+        work, io_paths = _stage(base, code, stdin, uid)
+        launch = _Launch.plan(limits, python, work, uid)
+        run = launch.run(io_paths, limits.wall_s)
+        stdout, out_size = _read_capped(io_paths[1], limits.max_output_bytes)
+        stderr, err_size = _read_capped(io_paths[2], limits.max_output_bytes)
+    if "network" not in run.setup and not run.timed_out:  # the bootstrap never reached the code
+        raise SandboxError(f"sandbox setup failed: {run.setup.get('error') or stderr.strip()[-2000:]}")
+    sig = os.WTERMSIG(run.status) if os.WIFSIGNALED(run.status) else None
+    code_ = None if sig is not None else os.WEXITSTATUS(run.status)
+    if launch.view and code_ is not None and code_ > 128 and run.setup.get("network"):  # bwrap exits 128 + its signal
+        sig, code_ = code_ - 128, None
+    cpu = run.rusage.ru_utime + run.rusage.ru_stime if run.rusage else 0.0
+    too_big = out_size > limits.max_output_bytes
+    return SandboxResult(
+        returncode=code_, signal=sig, stdout=stdout, stderr=stderr, stdout_truncated=too_big,
+        stderr_truncated=err_size > limits.max_output_bytes, wall_s=run.wall_s, cpu_s=cpu, timed_out=run.timed_out,
+        reason=_reason(code_, sig, run.timed_out, cpu, limits, stderr, too_big), network=run.setup.get("network", "?"),
+        uid=uid, pid=run.pid,
+    )
+
+
+def _stage(base: str, code: str, stdin: str, uid: int | None) -> tuple[str, list[str]]:
+    """The code's work directory (``main.py`` in it, owned by the sandbox user) and the stdin/stdout/stderr files."""
+    os.chmod(base, 0o711)  # the child may traverse to its workdir (HOME is an absolute path) but not list
+    work = os.path.join(base, "work")
+    os.mkdir(work, 0o700)
+    with open(os.path.join(work, "main.py"), "w", encoding="utf-8") as f:
+        f.write(code)
+    if uid is not None:
+        for path in (work, os.path.join(work, "main.py")):
+            os.chown(path, uid, uid)
+    io_paths = [os.path.join(base, n) for n in ("stdin", "stdout", "stderr")]
+    with open(io_paths[0], "w", encoding="utf-8") as f:
+        f.write(stdin)
+    return work, io_paths
+
+
+@dataclass
+class _Ran:
+    status: int
+    rusage: object
+    timed_out: bool
+    setup: dict  # what the bootstrap reported through the status pipe (network mode, user namespace, error)
+    wall_s: float
+    pid: int
+
+
+@dataclass
+class _Launch:
+    """How the bootstrap starts: its argv prefix (the private view), its config, its environment."""
+
+    python: str
+    work: str
+    view: list[str] | None
+    cfg: dict
+    env: dict
+    token: str
+    uid: int | None
+
+    @classmethod
+    def plan(cls, limits: SandboxLimits, python: str, work: str, uid: int | None) -> _Launch:
         # The private view (bubblewrap) needs the network namespace it makes; network=audit asks for the fallback.
         view = bwrap_argv(python, os.path.join(work, "main.py"), limits.disk_mb, uid is not None) \
             if limits.view == "auto" and limits.network == "auto" else None
@@ -155,46 +205,33 @@ def run_sandboxed(code: str, stdin: str = "", *, limits: SandboxLimits | None = 
         }
         token = secrets.token_hex(8)
         home = SANDBOX_ROOT if view else work
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home, "TMPDIR": home,
-               _TOKEN_VAR: token}
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home, "TMPDIR": home, _TOKEN_VAR: token}
+        return cls(python, work, view, cfg, env, token, uid)
+
+    def run(self, io_paths: list[str], wall_s: float) -> _Ran:
+        """Start the bootstrap in its own session, wait up to ``wall_s``, then kill whatever it left behind."""
         status_r, status_w = os.pipe()
-        cfg["status_fd"] = status_w
+        cfg = {**self.cfg, "status_fd": status_w}
         with open(io_paths[0], "rb") as fin, open(io_paths[1], "wb") as fout, open(io_paths[2], "wb") as ferr:
             start = time.monotonic()
             try:
                 proc = subprocess.Popen(
-                    [*(view or []), python, "-I", "-c", _BOOT, json.dumps(cfg)], stdin=fin, stdout=fout, stderr=ferr, cwd=work,
-                    env=env, start_new_session=True, pass_fds=(status_w,), close_fds=True,
+                    [*(self.view or []), self.python, "-I", "-c", _BOOT, json.dumps(cfg)], stdin=fin, stdout=fout,
+                    stderr=ferr, cwd=self.work, env=self.env, start_new_session=True, pass_fds=(status_w,), close_fds=True,
                 )
             except OSError as e:
                 os.close(status_r)
-                raise SandboxError(f"cannot start the sandbox interpreter {python!r}: {e}") from e
+                raise SandboxError(f"cannot start the sandbox interpreter {self.python!r}: {e}") from e
             finally:
                 os.close(status_w)
             try:
-                status, rusage, timed_out = _wait(proc, limits.wall_s)
+                status, rusage, timed_out = _wait(proc, wall_s)
             finally:
                 _killpg(proc.pid)  # first: the status pipe below reads to EOF, which a live bootstrap would hold
                 with os.fdopen(status_r, "rb") as f:  # the child closed it before running the code
                     setup = json.loads(f.read() or b"{}")
-                _kill_all(uid, setup.get("userns"), token)
-            wall = time.monotonic() - start
-        stdout, out_size = _read_capped(io_paths[1], limits.max_output_bytes)
-        stderr, err_size = _read_capped(io_paths[2], limits.max_output_bytes)
-    if "network" not in setup and not timed_out:  # the bootstrap never reached the code
-        raise SandboxError(f"sandbox setup failed: {setup.get('error') or stderr.strip()[-2000:]}")
-    sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-    code_ = None if sig is not None else os.WEXITSTATUS(status)
-    if view and code_ is not None and code_ > 128 and setup.get("network"):  # bwrap exits 128 + the code's signal
-        sig, code_ = code_ - 128, None
-    cpu = rusage.ru_utime + rusage.ru_stime if rusage else 0.0
-    too_big = out_size > limits.max_output_bytes
-    return SandboxResult(
-        returncode=code_, signal=sig, stdout=stdout, stderr=stderr, stdout_truncated=too_big,
-        stderr_truncated=err_size > limits.max_output_bytes, wall_s=wall, cpu_s=cpu, timed_out=timed_out,
-        reason=_reason(code_, sig, timed_out, cpu, limits, stderr, too_big), network=setup.get("network", "?"),
-        uid=uid, pid=proc.pid,
-    )
+                _kill_all(self.uid, setup.get("userns"), self.token)
+            return _Ran(status, rusage, timed_out, setup, time.monotonic() - start, proc.pid)
 
 
 def _rlimits(limits: SandboxLimits) -> dict[str, list[int]]:
