@@ -50,32 +50,44 @@ def _read(path: Path, key: str) -> list:
         return _read_saved_dataset(path, key)
     if not path.is_file():
         raise DataError(f"{key}: {str(path)!r} does not exist")
-    suffix = path.suffix.lower()
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"{key}: {str(path)!r} has an unsupported suffix; use one of {list(SUFFIXES)} or a "
+                        "save_to_disk directory")
     try:
-        if suffix == ".jsonl":
-            rows = []
-            for i, line in enumerate(path.read_text().splitlines()):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{key}: {str(path)!r} line {i + 1} is not valid JSON: {e.msg}") from None
-            return rows
-        if suffix == ".json":
-            data = json.loads(path.read_text())
-            if not isinstance(data, list):
-                raise DataError(f"{key}: {str(path)!r} must hold a JSON list of rows")
-            return data
-        if suffix in (".parquet", ".csv"):
-            from datasets import Dataset
-
-            ds = Dataset.from_parquet(str(path)) if suffix == ".parquet" else Dataset.from_csv(str(path))
-            return list(ds)
+        return reader(path, key)
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - a corrupt file of any kind is bad input, not a crash
         raise DataError(f"{key}: cannot read {str(path)!r}: {type(e).__name__}: {e}") from None
-    raise DataError(f"{key}: {str(path)!r} has an unsupported suffix; use one of {list(SUFFIXES)} or a save_to_disk directory")
+
+
+def _read_jsonl(path: Path, key: str) -> list:
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{key}: {str(path)!r} line {i + 1} is not valid JSON: {e.msg}") from None
+    return rows
+
+
+def _read_json(path: Path, key: str) -> list:
+    data = json.loads(path.read_text())
+    if not isinstance(data, list):
+        raise DataError(f"{key}: {str(path)!r} must hold a JSON list of rows")
+    return data
+
+
+def _read_table(path: Path, key: str) -> list:
+    from datasets import Dataset
+
+    return list(Dataset.from_parquet(str(path)) if path.suffix.lower() == ".parquet" else Dataset.from_csv(str(path)))
+
+
+_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_table, ".csv": _read_table}
 
 
 def _read_saved_dataset(path: Path, key: str) -> list:
