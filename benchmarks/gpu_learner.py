@@ -196,10 +196,10 @@ def _status_kib(field: str) -> int:
 
 
 def run_case(shape: Shape, model_dir: Path, case: Case, load: Load, args, device: torch.device) -> dict:
+    from opd.plan import spec_of
     from opd.trainer.learner import Learner
-    from opd.trainer.objective import ObjectiveSpec
 
-    spec = ObjectiveSpec(case.objective, opd_divergence=case.divergence)
+    spec = spec_of(f"algorithm={case.objective}", f"opd.divergence={case.divergence}", f"teacher.top_k={TOP_K}")
     learner = Learner(str(model_dir), lr=1e-5, device=device.type, autocast=args.autocast, micro_batch_size=load.sequences,
                       micro_batch_tokens=load.micro_batch_tokens, logits_chunk_tokens=load.chunk_tokens if case.chunked else 0,
                       gradient_checkpointing=case.gradient_checkpointing, torch_threads=args.threads, objective=spec,

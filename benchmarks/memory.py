@@ -57,13 +57,13 @@ def child(spec: dict) -> dict:
     cfg = load_config(spec["config"], spec["overrides"])
     prompts, responses = _batch(cfg, spec["n"])
     if spec["system"].startswith("opd"):
+        from opd.plan import spec_of
         from opd.trainer.learner import Learner
-        from opd.trainer.objective import ObjectiveSpec
         from opd.types import TrainBatch
 
         learner = Learner(cfg.models.student, lr=1e-5, torch_threads=spec["threads"], micro_batch_size=spec["n"],
                           logits_chunk_tokens=spec["chunk"], teacher_dir=cfg.models.teacher,
-                          objective=ObjectiveSpec("opd", opd_divergence="full_vocab"))
+                          objective=spec_of("opd.divergence=full_vocab"))
         batch = TrainBatch(uids=[str(i) for i in range(spec["n"])], prompt_ids=prompts, response_ids=responses,
                            sampler_logprobs=[[-3.0] * len(r) for r in responses],
                            advantages=[[0.0] * len(r) for r in responses], teacher_logprobs=None, objective="opd")

@@ -77,12 +77,12 @@ def run_config(model: str, batch: int, response_len: int, selection: str, steps:
     """One configuration, in a fresh process: a small warm-up step, one untimed full step, ``steps`` timed steps."""
     from transformers.utils import logging as hf_logging
 
+    from opd.plan import spec_of
     from opd.trainer.learner import Learner
-    from opd.trainer.objective import ObjectiveSpec
 
     hf_logging.disable_progress_bar()
     sel = SELECTIONS[selection]
-    spec = ObjectiveSpec("opd", select_mode=sel[0], keep_ratio=sel[1]) if sel else ObjectiveSpec("opd")
+    spec = spec_of(f"selection.mode={sel[0]}", f"selection.keep_ratio={sel[1]}") if sel else spec_of()
     learner = Learner(model, lr=1e-4, micro_batch_size=micro or batch, torch_threads=threads, objective=spec)
     vocab = learner.model.config.vocab_size
     batches = [_batch(batch, response_len, vocab, seed) for seed in range(steps + 1)]

@@ -62,12 +62,20 @@ def _print_table(summary: dict) -> None:
         print(f"{key.ljust(width)} | {shown}")
 
 
+def _check_job(cfg: Config, args: argparse.Namespace) -> None:
+    """The config's files and run directory, before torch, Ray or vLLM are imported: a mistake costs a second."""
+    from opd.preflight import check_job
+
+    check_job(cfg, resume=args.resume, fresh=getattr(args, "fresh", False), change_objective=args.change_objective)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    _check_job(cfg, args)
     from opd.driver import run
 
-    if args.resume and args.fresh:
-        raise ConfigError("--resume continues the run in run.output_dir and --fresh replaces it: give one of them")
-    summary = run(_config(args), resume=args.resume, fresh=args.fresh, progress=not args.no_progress)
+    summary = run(cfg, resume=args.resume, fresh=args.fresh, progress=not args.no_progress,
+                  change_objective=args.change_objective)
     _print_table(summary)
     return 0
 
@@ -108,9 +116,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from opd.preflight import check_model_dirs
+
+    cfg = _config(args)
+    check_model_dirs(cfg, teacher=args.teacher)  # before torch, Ray or vLLM are imported
     from opd.evaluation import evaluate_models
 
-    result = evaluate_models(_config(args), teacher=args.teacher)
+    result = evaluate_models(cfg, teacher=args.teacher)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -171,13 +183,15 @@ def _job_call(fn) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    _check_job(cfg, args)
     from opd import submit
     from opd.cluster import cpus_needed
     from opd.driver import prepare
 
     address = submit.dashboard_address(args.address)
-    cfg = load_config(args.config, args.overrides)
-    prepare(cfg, resume=args.resume)  # the job's inputs pass the same checks as `opd run` before anything is sent
+    # the job's inputs pass the same checks as `opd run` before anything is sent
+    prepare(cfg, resume=args.resume, change_objective=args.change_objective)
     try:
         runtime_env = json.loads(args.runtime_env_json) if args.runtime_env_json else None
     except ValueError as e:
@@ -188,7 +202,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     def go() -> int:
         job_id = submit.submit(cfg, address, args.working_dir, job_id=args.submission_id, resume=args.resume,
-                               runtime_env=runtime_env, resources=resources)
+                               runtime_env=runtime_env, resources=resources, change_objective=args.change_objective)
         print(job_id, flush=True)
         print(f"run directory: {Path(cfg.run.output_dir).resolve()}; the job's actors need {cpus_needed(cfg)} Ray CPUs "
               f"on the cluster; follow it with: opd logs {job_id} --follow --address {address}", file=sys.stderr)
@@ -289,6 +303,8 @@ def _add_service_parsers(sub) -> None:
     p.add_argument("--working-dir", help="a directory shipped with the job (e.g. your verifier package)")
     p.add_argument("--wait", action="store_true", help="follow the job's logs; exit 0 only if it succeeds")
     p.add_argument("--resume", action="store_true", help="continue the run in run.output_dir from its newest checkpoint")
+    p.add_argument("--change-objective", action="store_true",
+                   help="with --resume: go on under this config's objective though the run was trained with another")
     p.add_argument("--submission-id", help="the job's id (default RUN-YYYYMMDD-HHMMSS from run.name)")
     p.add_argument("--runtime-env-json", help="Ray runtime_env as JSON (env_vars, pip, ...); opd sets working_dir")
     p.add_argument("--entrypoint-num-cpus", type=float, help="CPUs reserved for the driver process")
@@ -315,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.output_dir")
     p.add_argument("--fresh", action="store_true", help="replace a run already in run.output_dir (default: refuse)")
+    p.add_argument("--change-objective", action="store_true",
+                   help="with --resume: go on under this config's objective though the run was trained with another")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("demo", help="the embedded default: bootstrap tiny models, distil on CPU, evaluate")

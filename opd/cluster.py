@@ -16,7 +16,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from opd.config import Config
 from opd.plan import learner_args
-from opd.rewards import VerifierRunner, VerifierSpec
+from opd.rewards import VerifierRunner
 from opd.rollout.engine import ACTOR_ENV
 from opd.rollout.pool import RolloutPool
 from opd.rollout.worker import RolloutWorker
@@ -105,7 +105,7 @@ def start_rollout_worker(cfg: Config, i: int, prefix: str | None = None):
 
 def start_verifiers(cfg: Config) -> VerifierRunner:
     v = cfg.verifiers
-    return VerifierRunner([VerifierSpec(s.name, s.weight, dict(s.kwargs)) for s in v.functions], timeout_s=v.timeout_s,
+    return VerifierRunner(v.functions, timeout_s=v.timeout_s,
                           chunk_size=v.chunk_size, num_workers=v.num_workers, job=cfg.run.name)
 
 

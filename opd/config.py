@@ -12,15 +12,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
 from opd.errors import ConfigError
+from opd.rewards.spec import VerifierSpec, spec_problems
+from opd.section import Section as _Section
 from opd.signal import TeacherSignal, teacher_signal
-
-
-class _Section(BaseModel):
-    # inf and nan pass a `gt=0` bound; no value of this tree means either
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+from opd.trainer.objectives import DEFAULT, REGISTRY, TEACHER_SECTION, Objective, get, names
 
 
 class RunConfig(_Section):
@@ -43,6 +41,9 @@ class ModelsConfig(_Section):
     teacher: str = "models/demo/teacher"  # the default teacher
     teachers: dict[str, str] = {}  # more teachers by name; a row picks one with teacher.column
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # the chat template prompts are rendered with, for a student (and teacher) whose tokenizer has none (a base
+    # model): a .jinja file or the Jinja text itself; None: the tokenizer's own
+    chat_template: str | None = None
 
 
 class TaskConfig(_Section):
@@ -64,52 +65,12 @@ class TaskConfig(_Section):
     seed: int = 0
 
 
-class OPDConfig(_Section):
-    kl_coef: float = Field(1.0, gt=0)  # advantage = -kl_coef * (log pi - log pi_T) per token, pi the learner's
-    tis_cap: float = Field(2.0, gt=0)  # cap of the sampler->learner importance ratio
-    divergence: Literal["sampled", "teacher_topk", "full_vocab"] = "sampled"
-    full_vocab_kind: Literal["reverse", "forward", "jsd"] = "reverse"
-    jsd_beta: float = Field(0.5, ge=0, le=1)  # teacher weight of the generalised JSD
-    # full_vocab: where the teacher's distribution comes from. learner: an HF forward of the teacher in the learner;
-    # teacher: the teacher actor (transformers) runs the teacher's trunk as each chunk of samples is generated and
-    # sends its final hidden states at the response positions (H floats per token, not V); the learner applies the
-    # teacher's LM head piece by piece. Same loss; the teacher's forward leaves the learner
-    full_vocab_source: Literal["learner", "teacher"] = "learner"
-
-
-class ExOPDConfig(_Section):
-    lam: float = Field(1.25, gt=0)  # reward scale; 1.0 is exactly OPD, >1 extrapolates past the teacher
-    reference: str | None = None  # reference model dir; None: the student's initial weights
-    tis_cap: float = Field(2.0, gt=0)
-
-
-class OPDRewardConfig(_Section):
-    """algorithm=opd_reward: per-token advantage kl_weight * (log pi_T - log pi) + reward_weight * GRPO advantage."""
-
-    kl_weight: float = Field(1.0, ge=0)
-    reward_weight: float = Field(1.0, ge=0)
-
-
 class KLRefConfig(_Section):
     """A KL penalty to a frozen reference model, added to any objective's per-token loss (verl's use_kl_loss)."""
 
     coef: float = Field(0.0, ge=0)  # 0: off
     kind: Literal["k1", "k2", "k3", "low_var_kl"] = "low_var_kl"
     reference: str | None = None  # reference model dir; None: the student's initial weights
-
-
-class SDPOConfig(_Section):
-    ema_rate: float = Field(0.05, ge=0, le=1)  # self-teacher <- (1-rate)*teacher + rate*student after each step
-    top_k: int = Field(100, ge=1)  # student top-k support (+ tail bucket) of the JSD
-    alpha: float = Field(0.5, ge=0, le=1)  # teacher weight of the JSD (0 forward KL, 1 reverse KL)
-    is_cap: float = Field(2.0, gt=0)  # cap of the SDPO loss's importance weights (pi/pi_old and sampler->learner pi/q)
-    success_threshold: float = 1.0  # a sibling with reward >= this is a solution to show the self-teacher
-    dont_reprompt_on_self_success: bool = True
-    max_reprompt_len: int = Field(256, ge=8)  # self-teacher prompt tokens; longer ones are cut on the right
-
-
-class SRPOConfig(_Section):
-    entropy_beta: float = Field(1.0, ge=0)  # weight exp(-beta * H_teacher) on SDPO tokens
 
 
 class SelectionConfig(_Section):
@@ -123,19 +84,6 @@ class WeightingConfig(_Section):
     paced_b: float = Field(1.0, ge=0)
     quality_gate: float | None = None  # train only on samples whose reward >= this (KEPO-style gate)
     drop_uniform_groups: bool = False  # drop groups whose rewards are all equal (no GRPO signal)
-
-
-class GRPOConfig(_Section):
-    clip_low: float = Field(0.2, ge=0, lt=1)
-    clip_high: float = Field(0.2, ge=0)
-    norm_adv_by_std: bool = True  # False gives Dr.GRPO's mean-centred advantage
-    adv_eps: float = Field(1e-6, gt=0)
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
-    tis_cap: float = Field(2.0, gt=0)
-    # every policy-gradient loss (grpo, sampled-token opd, exopd, srpo's GRPO branch, opd_reward): tis weighs the
-    # gradient by min(pi/q, tis_cap); ppo clips the ratio pi/q itself, with dual_clip bounding negative advantages
-    ratio: Literal["tis", "ppo"] = "tis"
-    dual_clip: float | None = Field(None, gt=1)
 
 
 class RolloutConfig(_Section):
@@ -182,14 +130,8 @@ class TeacherConfig(_Section):
         return v
 
 
-class VerifierEntry(_Section):
-    name: str  # registered name, "package.module:function" or "path/to/file.py:function"
-    weight: float = 1.0
-    kwargs: dict[str, Any] = {}  # extra keyword arguments for the function (e.g. code_exec limits)
-
-
 class VerifiersConfig(_Section):
-    functions: list[VerifierEntry] = Field([VerifierEntry(name="exact_answer")], min_length=1)
+    functions: list[VerifierSpec] = Field([VerifierSpec(name="exact_answer")], min_length=1)
     timeout_s: float = Field(10.0, gt=0)
     chunk_size: int = Field(64, ge=1)
     num_workers: int = Field(2, ge=1)  # long-lived verifier host processes
@@ -198,6 +140,12 @@ class VerifiersConfig(_Section):
     @classmethod
     def _names(cls, v: Any) -> Any:
         return [{"name": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v  # "name" = {name: ...}
+
+    @model_validator(mode="after")
+    def _usable(self) -> VerifiersConfig:
+        if problems := spec_problems(self.functions):
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class TrainerConfig(_Section):
@@ -271,19 +219,15 @@ class CheckpointConfig(_Section):
     keep: int = Field(2, ge=1)
 
 
-class Config(_Section):
+class _Core(_Section):
+    """The sections every job has; ``Config`` adds one per objective (``opd.trainer.objectives``), under its name."""
+
     run: RunConfig = RunConfig()
     cluster: ClusterConfig = ClusterConfig()
     models: ModelsConfig = ModelsConfig()
     task: TaskConfig = TaskConfig()
-    algorithm: str = "opd"  # a module of opd.trainer.objectives
-    opd: OPDConfig = OPDConfig()
-    opd_reward: OPDRewardConfig = OPDRewardConfig()
+    algorithm: str = DEFAULT  # a module of opd.trainer.objectives
     kl_ref: KLRefConfig = KLRefConfig()
-    grpo: GRPOConfig = GRPOConfig()
-    exopd: ExOPDConfig = ExOPDConfig()
-    sdpo: SDPOConfig = SDPOConfig()
-    srpo: SRPOConfig = SRPOConfig()
     selection: SelectionConfig = SelectionConfig()
     weighting: WeightingConfig = WeightingConfig()
     rollout: RolloutConfig = RolloutConfig()
@@ -298,62 +242,60 @@ class Config(_Section):
     @field_validator("algorithm")
     @classmethod
     def _known_objective(cls, v: str) -> str:
-        from opd.trainer.objectives import REGISTRY  # torch: only when a config is validated
-
         if v not in REGISTRY:
             raise ValueError(f"unknown objective {v!r}; valid: {', '.join(REGISTRY)}")
         return v
 
-    @model_validator(mode="after")
-    def _cross_checks(self) -> Config:
-        from opd.trainer.objectives import get
+    @property
+    def objective(self) -> Objective:
+        return get(self.algorithm)
 
-        objective = get(self.algorithm)
+    @model_validator(mode="after")
+    def _cross_checks(self) -> _Core:
+        objective = self.objective
         for key, n in (("rollout.max_new_tokens", self.rollout.max_new_tokens), ("eval.max_new_tokens", self.eval.max_new_tokens)):
             if n >= self.rollout.max_model_len:
                 raise ValueError(f"{key}={n} leaves no room for a prompt in rollout.max_model_len={self.rollout.max_model_len}")
-        names = [f.name for f in self.verifiers.functions]
-        if dups := sorted({n for n in names if names.count(n) > 1}):
-            raise ValueError(f"verifiers.functions lists {dups} more than once (their scores are keyed by name)")
         if self.teacher.top_k > self.teacher.max_logprobs:
             self.teacher.max_logprobs = self.teacher.top_k
         if "default" in self.models.teachers:
             raise ValueError("models.teachers: 'default' names models.teacher; choose another name")
         signal = self.teacher_signal
+        divergence = f"{TEACHER_SECTION}.divergence"
+        if objective.teacher == "divergence" and self.teacher_settings.divergence not in objective.divergences:
+            raise ValueError(f"algorithm={self.algorithm} reads {divergence}={' or '.join(objective.divergences)} only "
+                             f"(got {self.teacher_settings.divergence}): set {divergence}={objective.divergences[0]}")
         if self.models.teachers and signal.kind == "full_vocab":
-            raise ValueError("models.teachers: opd.divergence=full_vocab runs one teacher in the learner; use one teacher")
+            raise ValueError(f"models.teachers: {divergence}=full_vocab runs one teacher in the learner; use one teacher")
         if self.task.name == "files" and not (self.task.train_path and self.task.test_path):
             raise ValueError("task.name=files needs task.train_path and task.test_path")
         if self.task.name != "files" and self.eval.num_prompts > self.task.num_test:
             raise ValueError(f"eval.num_prompts={self.eval.num_prompts} exceeds task.num_test={self.task.num_test}")
         if self.selection.mode and not objective.token_selection:
-            raise ValueError(f"selection.mode={self.selection.mode!r} applies to algorithm opd or exopd, not {self.algorithm!r}")
+            raise ValueError(f"selection.mode={self.selection.mode!r} applies to algorithm {names('token_selection')}, "
+                             f"not {self.algorithm!r}")
         if self.selection.mode and signal.kind != "sampled":
-            raise ValueError("selection.mode needs opd.divergence=sampled (it ranks tokens by the sampled-token divergence)")
+            raise ValueError(f"selection.mode needs {divergence}=sampled (it ranks tokens by the sampled-token divergence)")
         if signal.kind == "topk" and self.teacher.top_k == 0:
-            raise ValueError("opd.divergence=teacher_topk needs teacher.top_k > 0")
+            raise ValueError(f"{divergence}=teacher_topk needs teacher.top_k > 0")
         if self.rollout.group_size < objective.min_group:
-            why = "siblings are the self-teacher's solutions" if objective.self_teacher else "a group of one has zero relative advantage"
-            raise ValueError(f"algorithm={self.algorithm} needs rollout.group_size >= {objective.min_group} ({why})")
-        if (self.kl_ref.coef and objective.reference and self.kl_ref.reference
-                and self.kl_ref.reference != self.exopd.reference):
-            raise ValueError("kl_ref.reference: the learner holds one reference model, and exopd.reference names another")
-        if self.grpo.dual_clip is not None and self.grpo.ratio != "ppo":
-            raise ValueError("grpo.dual_clip bounds the PPO ratio pi/q: set grpo.ratio=ppo (with tis the ratio is 1)")
+            raise ValueError(f"algorithm={self.algorithm} needs rollout.group_size >= {objective.min_group} "
+                             f"({objective.min_group_reason})")
+        if self.kl_ref.coef and objective.reference and self.kl_ref.reference and self.kl_ref.reference != self._own_reference:
+            raise ValueError(f"kl_ref.reference: the learner holds one reference model, and {self.algorithm}.reference "
+                             "names another")
         if self.rollout.dynamic_sampling and not objective.group_advantages:
             raise ValueError(f"rollout.dynamic_sampling keeps groups whose rewards differ, which only a group-relative "
-                             f"advantage learns from; algorithm={self.algorithm} has none (use grpo, srpo or opd_reward)")
-        if self.algorithm == "opd_reward" and self.opd.divergence != "sampled":
-            raise ValueError("algorithm=opd_reward adds the teacher's sampled-token advantage to the reward's: set "
-                             "opd.divergence=sampled")
+                             f"advantage learns from; algorithm={self.algorithm} has none (use {names('group_advantages')})")
         if self.trainer.num_ranks > 1 and self.trainer.placement_strategy == "STRICT_SPREAD" and not self.cluster.address:
             raise ValueError("trainer.placement_strategy=STRICT_SPREAD puts each learner rank on its own node; an embedded "
                              "local Ray has one node (set cluster.address, or use PACK / SPREAD)")
+        source = f"{TEACHER_SECTION}.full_vocab_source"
         if signal.hidden and self.teacher.url:
-            raise ValueError("opd.full_vocab_source=teacher: a teacher server (teacher.url) returns log-probs, not hidden "
-                             "states; run the teacher locally or use opd.full_vocab_source=learner")
+            raise ValueError(f"{source}=teacher: a teacher server (teacher.url) returns log-probs, not hidden "
+                             f"states; run the teacher locally or use {source}=learner")
         if signal.hidden and self.teacher.engine == "vllm":
-            raise ValueError("opd.full_vocab_source=teacher needs the teacher's hidden states, which the vLLM engine does "
+            raise ValueError(f"{source}=teacher needs the teacher's hidden states, which the vLLM engine does "
                              "not return: set teacher.engine=hf (or auto)")
         if self.lora.r > 0 and self.rollout.engine != "vllm":
             raise ValueError(f"lora.r={self.lora.r}: LoRA adapters are served by the vLLM engine only; set "
@@ -364,10 +306,20 @@ class Config(_Section):
             raise ValueError("lora.target_modules is empty: name the modules that get an adapter (e.g. q_proj, v_proj)")
         return self
 
+    def section(self, name: str) -> _Section:
+        """An objective's section (``Config`` has one per registered objective, as an attribute of its name)."""
+        return getattr(self, name)
+
+    @property
+    def teacher_settings(self):
+        """The section whose divergence and full-vocabulary settings every objective that reads a teacher follows."""
+        return self.section(TEACHER_SECTION)
+
     @property
     def teacher_signal(self) -> TeacherSignal:
         """What the teacher gives each step and who computes it (``opd.signal``: the one place that decides)."""
-        return teacher_signal(self.algorithm, self.opd.divergence, self.opd.full_vocab_source, self.teacher.top_k)
+        t = self.teacher_settings
+        return teacher_signal(self.objective, t.divergence, t.full_vocab_source, self.teacher.top_k)
 
     @property
     def needs_teacher(self) -> bool:
@@ -376,9 +328,18 @@ class Config(_Section):
         return self.teacher_signal.kind != "none"
 
     @property
+    def _own_reference(self) -> str | None:
+        return self.section(self.algorithm).reference if self.objective.reference else None
+
+    @property
+    def reference_key(self) -> str:
+        """The dotted key naming the reference model the learner holds: the objective's own, else kl_ref's."""
+        return f"{self.algorithm}.reference" if self.objective.reference else "kl_ref.reference"
+
+    @property
     def reference_dir(self) -> str | None:
-        """The reference model the learner holds (ExOPD's reward, the kl_ref penalty); None: the student's start."""
-        return self.exopd.reference if self.algorithm == "exopd" else self.kl_ref.reference
+        """The reference model the learner holds (the objective's, the kl_ref penalty's); None: the student's start."""
+        return self._own_reference if self.objective.reference else self.kl_ref.reference
 
     @property
     def teacher_engine(self) -> str:
@@ -386,6 +347,13 @@ class Config(_Section):
         if self.teacher.engine != "auto":
             return self.teacher.engine
         return "hf" if self.teacher_signal.hidden else self.rollout.engine
+
+
+# One section per registered objective, under its name (``Objective.section``), after the core ones.
+Config = create_model(
+    "Config", __base__=_Core, __module__=__name__,
+    **{name: (o.section, o.section()) for name, o in REGISTRY.items() if o.section is not None},
+)
 
 
 def _set_dotted(tree: dict, key: str, value: object) -> None:
@@ -421,7 +389,7 @@ def _format_errors(err: ValidationError) -> str:
             lines.append(f"  {key}: unknown config key")
         elif e["type"] == "value_error":  # our validators' messages name the keys and the value themselves
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"  {msg}" if key == "<root>" else f"  {key}: {msg}")
+            lines.append(f"  {msg}" if key == "<root>" or msg.startswith(f"{key}.") else f"  {key}: {msg}")
         else:
             got = e.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
@@ -460,9 +428,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
             with p.open() as f:
-                tree = yaml.load(f, Loader=_UniqueKeyLoader) or {}
+                tree = yaml.load(f, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+        if tree is None:  # a wrong path to an empty file, or one an editor truncated: never "all defaults"
+            raise ConfigError(f"config file {str(p)!r} is empty (or only comments); give the sections to run, e.g. "
+                              "copy configs/demo.yaml")
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
     for key, value in parse_overrides(overrides or []):

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import ray
 
-from opd.checkpoint import RunState, latest_checkpoint, load_state, save_checkpoint
+from opd.checkpoint import RunState, load_state, save_checkpoint
 from opd.cluster import Roles, init_ray, start_roles, stop_roles
-from opd.config import Config, ConfigError, dump_config
+from opd.config import Config, dump_config
 from opd.data import PromptSource
 from opd.monitor.sinks import MetricsLogger, truncate_jsonl
 from opd.plan import route_plan
-from opd.preflight import check_inputs
+from opd.preflight import check_inputs, check_job
 from opd.rollout.stream import RolloutStream, Scored, load_in_flight
 from opd.steps import (
     ChunkScorer,
@@ -49,23 +49,21 @@ class Job:
     render: Callable[[str], list[int]]  # text -> student chat-template prompt ids (SDPO self-teacher prompts)
 
 
-def prepare(cfg: Config, *, resume: bool = False, fresh: bool = False) -> Job:
-    """Validate models, tokenizers, data, verifiers and the run directory; raise ConfigError before writing anything."""
+def prepare(cfg: Config, *, resume: bool = False, fresh: bool = False, change_objective: bool = False) -> Job:
+    """Validate models, tokenizers, data, verifiers and the run directory; raise ConfigError before writing anything
+    (``opd.preflight``). Then ``fresh`` clears a run already in ``run.output_dir``."""
+    ckpt = check_job(cfg, resume=resume, fresh=fresh, change_objective=change_objective)
     tok, train, test = check_inputs(cfg)
     run_dir = Path(cfg.run.output_dir)
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if resume and ckpt is None:
-        raise ConfigError(f"run.output_dir: --resume given but {str(run_dir)!r} holds no complete checkpoint")
-    if not resume and (run_dir / "metrics.jsonl").exists():
-        if not fresh:
-            raise ConfigError(f"run.output_dir: {str(run_dir)!r} already holds a run; pass --resume or choose another directory")
+    if fresh and (run_dir / "metrics.jsonl").exists():
         shutil.rmtree(run_dir)
     probe = test[0].token_ids + tok(test[0].answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     return Job(run_dir, train, test, probe, ckpt, _renderer(tok))
 
 
-def run(cfg: Config, *, resume: bool = False, fresh: bool = False, progress: bool = True) -> dict:
-    job = prepare(cfg, resume=resume, fresh=fresh)
+def run(cfg: Config, *, resume: bool = False, fresh: bool = False, progress: bool = True,
+        change_objective: bool = False) -> dict:
+    job = prepare(cfg, resume=resume, fresh=fresh, change_objective=change_objective)
     job.run_dir.mkdir(parents=True, exist_ok=True)
     (job.run_dir / "config.yaml").write_text(dump_config(cfg))
     init_ray(cfg)
@@ -92,7 +90,7 @@ def _save(cfg: Config, job: Job, roles: Roles, st: RunState, stream: RolloutStre
     save_checkpoint(job.run_dir, st, write, cfg.checkpoint.keep)
 
 
-def _renderer(tok):
+def _renderer(tok):  # the student's tokenizer, its chat template as the job's (preflight.student_tokenizer)
     def render(text: str) -> list[int]:
         msgs = [{"role": "user", "content": text}]
         return tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]

@@ -15,8 +15,8 @@ from opd.steps import evaluate
 
 def evaluate_models(cfg: Config, teacher: bool = False) -> dict:
     # models.student is evaluated as it is (no adapter is loaded): its engine needs no LoRA slot.
-    cfg = cfg.model_copy(update={"algorithm": "opd" if teacher else cfg.algorithm, "lora": cfg.lora.model_copy(update={"r": 0})})
-    _, _, test = check_inputs(cfg)
+    cfg = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"r": 0})})
+    _, _, test = check_inputs(cfg, teacher=teacher)
     init_ray(cfg)
     roles = None
     try:

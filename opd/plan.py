@@ -4,39 +4,20 @@ from __future__ import annotations
 
 from opd.config import Config
 from opd.trainer.lora import LoraSpec
-from opd.trainer.objective import ObjectiveSpec
-from opd.trainer.objectives import get
+from opd.trainer.objectives import REGISTRY
+from opd.trainer.objectives.spec import ObjectiveSpec
 from opd.trainer.routing import RoutePlan
 
 
 def objective_spec(cfg: Config) -> ObjectiveSpec:
-    g, o, sd = cfg.grpo, cfg.opd, cfg.sdpo
-    objective = get(cfg.algorithm)
-    tis = getattr(cfg, objective.tis_section).tis_cap  # the objective names the section (opd.py, exopd.py, ...)
+    """The learner's view of ``cfg``'s objective: every objective section as the config holds it, and the values all
+    objectives share."""
     return ObjectiveSpec(
         name=cfg.algorithm,
-        agg=g.loss_agg if objective.sequence_agg else "token-mean",
-        clip_low=g.clip_low,
-        clip_high=g.clip_high,
-        tis_cap=tis,
-        ratio=g.ratio,
-        dual_clip=g.dual_clip,
+        sections={name: cfg.section(name) for name, o in REGISTRY.items() if o.section is not None},
         norm_len=cfg.rollout.max_new_tokens,
-        opd_divergence=o.divergence,
-        full_vocab_kind=o.full_vocab_kind,
-        full_vocab_source=o.full_vocab_source,
-        jsd_beta=o.jsd_beta,
-        opd_kl_coef=o.kl_coef,
-        exopd_lam=cfg.exopd.lam,
-        opd_reward_kl_weight=cfg.opd_reward.kl_weight,
-        opd_reward_reward_weight=cfg.opd_reward.reward_weight,
         kl_ref_coef=cfg.kl_ref.coef,
         kl_ref_kind=cfg.kl_ref.kind,
-        sdpo_top_k=sd.top_k,
-        sdpo_alpha=sd.alpha,
-        sdpo_is_cap=sd.is_cap,
-        sdpo_ema_rate=sd.ema_rate,
-        srpo_entropy_beta=cfg.srpo.entropy_beta,
         select_mode=cfg.selection.mode,
         keep_ratio=cfg.selection.keep_ratio,
     )
@@ -46,15 +27,11 @@ def route_plan(cfg: Config) -> RoutePlan:
     w = cfg.weighting
     return RoutePlan(
         objective=cfg.algorithm,
-        norm_by_std=cfg.grpo.norm_adv_by_std,
-        adv_eps=cfg.grpo.adv_eps,
         signal=cfg.teacher_signal,
         paced=(w.paced_a, w.paced_b) if w.paced else None,
         quality_gate=w.quality_gate,
         drop_uniform_groups=w.drop_uniform_groups,
-        success_threshold=cfg.sdpo.success_threshold,
-        dont_reprompt_on_self_success=cfg.sdpo.dont_reprompt_on_self_success,
-        max_reprompt_len=cfg.sdpo.max_reprompt_len,
+        **objective_spec(cfg).route_settings(),
     )
 
 
@@ -69,3 +46,11 @@ def learner_args(cfg: Config) -> dict:
         seed=cfg.run.seed, objective=objective_spec(cfg), reference_dir=cfg.reference_dir, teacher_dir=cfg.models.teacher,
         lora=LoraSpec(lc.r, lc.alpha, lc.dropout, tuple(lc.target_modules)),
     )
+
+
+def spec_of(*overrides: str) -> ObjectiveSpec:
+    """``objective_spec`` of the default config with ``key=value`` overrides, for replays, benchmarks and tests:
+    ``spec_of("algorithm=exopd", "exopd.lam=1.0")``."""
+    from opd.config import load_config
+
+    return objective_spec(load_config(None, list(overrides)))

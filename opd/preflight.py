@@ -1,46 +1,79 @@
-"""Checks of a job's inputs that need its files: the run directory, the data against the tokenizer, and every
-verifier imported and called once on a real row. ``driver.prepare`` runs them (for ``opd run``, ``opd submit`` and
-``opd eval`` alike) before Ray starts or anything is written; each raises ``ConfigError`` naming the key or row.
-The config's own values are checked earlier, by ``opd.config``."""
+"""Checks of a job's inputs before Ray starts or anything is written, for ``opd run``, ``opd submit`` and ``opd eval``
+alike; each raises ``ConfigError`` naming the key or row. The config's own values are checked earlier, by
+``opd.config``.
+
+Two layers. ``check_job`` reads only files (the model directories and the run directory) and imports neither torch
+nor transformers, so a wrong path, a partial download or a run directory in the wrong state is answered in about a
+second. ``check_inputs`` then loads what needs loading: the tokenizers against each other and the data, the device,
+and every verifier called on real rows (``opd.rewards.preflight``).
+"""
 
 from __future__ import annotations
 
-import inspect
-import json
 import logging
 import os
-import threading
 from pathlib import Path
 
-from transformers import AutoTokenizer
+import yaml
 
+from opd.checkpoint import latest_checkpoint
 from opd.config import Config, ConfigError
-from opd.data import render_prompts
-from opd.tasks import task_rows
-from opd.teacher.multi import DEFAULT, unknown_teacher_rows
-from opd.teacher.preflight import TokenizerMismatch, check_tokenizers
-from opd.trainer.device import NoCudaError, resolve_device
+from opd.models import files
+from opd.trainer.objectives import DEFAULT, REGISTRY, TEACHER_SECTION
 from opd.types import Prompt
 
 _SHOWN = 8  # offending rows named per message
 logger = logging.getLogger(__name__)
 
 
-def check_inputs(cfg: Config) -> tuple:
-    """(student tokenizer, train prompts, held-out prompts) once every input of the job has passed its check."""
+def check_job(cfg: Config, *, resume: bool = False, fresh: bool = False, change_objective: bool = False) -> Path | None:
+    """Every check that needs no model loaded; returns the checkpoint a resumed run continues from."""
     check_model_dirs(cfg)
     check_output_dir(cfg)
+    return check_run_dir(cfg, resume=resume, fresh=fresh, change_objective=change_objective)
+
+
+def check_inputs(cfg: Config, teacher: bool | None = None) -> tuple:
+    """(student tokenizer, train prompts, held-out prompts) once every input of the job has passed its check.
+    ``teacher``: whether the teacher is used (default: whether the objective reads one; ``opd eval --teacher``)."""
+    from opd.rewards.preflight import check_verifiers
+
+    teacher = cfg.needs_teacher if teacher is None else teacher
+    check_model_dirs(cfg, teacher)
     check_device(cfg)
-    tok = AutoTokenizer.from_pretrained(cfg.models.student)
+    tok = student_tokenizer(cfg)
     train, test = load_prompts(cfg, tok)
-    if cfg.needs_teacher:
+    if teacher:
         _check_teachers(cfg, tok, train + test)
-    check_verifiers(cfg, test[0])
+    check_verifiers(cfg, test[:2])
     return tok, train, test
+
+
+def student_tokenizer(cfg: Config):
+    """The student's tokenizer, with ``models.chat_template`` as its template when the config gives one."""
+    return _tokenizer(cfg.models.student, cfg.models.chat_template)
+
+
+def _tokenizer(model_dir: str, template: str | None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if template is not None:
+        tok.chat_template = chat_template_text(template)
+    return tok
+
+
+def chat_template_text(value: str) -> str:
+    """``models.chat_template``: a path to a Jinja file, or the template itself."""
+    path = Path(value).expanduser()
+    return path.read_text() if value.endswith((".jinja", ".j2", ".txt")) and path.is_file() else value
 
 
 def load_prompts(cfg: Config, tok) -> tuple[list[Prompt], list[Prompt]]:
     """Train prompts and the held-out evaluation prompts, rendered with the student's chat template."""
+    from opd.data import render_prompts
+    from opd.tasks import task_rows
+
     try:
         train_rows, test_rows = task_rows(cfg.task)
     except ValueError as e:
@@ -71,67 +104,96 @@ def _fits(prompts: list[Prompt], cfg: Config) -> list[Prompt]:
     return fits
 
 
+def _teacher_dirs(cfg: Config) -> list[tuple[str, str]]:
+    return [("models.teacher", cfg.models.teacher)] + [(f"models.teachers.{n}", d) for n, d in cfg.models.teachers.items()]
+
+
 def _check_teachers(cfg: Config, tok, prompts: list[Prompt]) -> None:
     """Every teacher speaks the student's tokenizer, and every row names a teacher the config defines."""
+    from opd.teacher.multi import DEFAULT as DEFAULT_TEACHER
+    from opd.teacher.multi import unknown_teacher_rows
+    from opd.teacher.preflight import TokenizerMismatch, check_tokenizers
+
     texts = [p.columns["prompt"] for p in prompts[:8]]
-    for key, d in [("models.teacher", cfg.models.teacher)] + [(f"models.teachers.{n}", d) for n, d in cfg.models.teachers.items()]:
+    for key, d in _teacher_dirs(cfg):
+        template = None if files.has_chat_template(Path(d)) else cfg.models.chat_template
         try:
-            check_tokenizers(tok, AutoTokenizer.from_pretrained(d), texts)
+            check_tokenizers(tok, _tokenizer(d, template), texts)
         except TokenizerMismatch as e:
             raise ConfigError(f"{key}: {e}") from None
-    bad = unknown_teacher_rows(prompts, cfg.teacher.column, {DEFAULT, *cfg.models.teachers})
+    defined = {DEFAULT_TEACHER, *cfg.models.teachers}
+    bad = unknown_teacher_rows(prompts, cfg.teacher.column, defined)
     if bad:
         raise ConfigError(
             f"teacher.column={cfg.teacher.column!r}: {len(bad)} rows name a teacher that models.teachers does not define "
-            f"(first: row {bad[0][0]} names {bad[0][1]!r}; defined: {sorted({DEFAULT, *cfg.models.teachers})})"
+            f"(first: row {bad[0][0]} names {bad[0][1]!r}; defined: {sorted(defined)})"
         )
 
 
-def check_model_dirs(cfg: Config) -> None:
-    """Fail before anything is written when a model directory is missing or not a HF checkpoint, or when the remote
-    teacher's token variable is unset.
+def check_model_dirs(cfg: Config, teacher: bool | None = None) -> None:
+    """Fail before anything is written when a model directory is missing, not a HF checkpoint, holds weights shorter
+    than their own headers say, or a tokenizer without a chat template (and ``models.chat_template`` gives none);
+    when ``lora.target_modules`` names a module the student does not have; or when the remote teacher's token
+    variable is unset. ``teacher``: whether the teacher is used (default: whether the objective reads one).
 
     With ``teacher.url`` the teacher's weights live on the server, but ``models.teacher`` must still hold the
     teacher's tokenizer files: the tokenizer pre-flight compares them with the student's locally (a tokenizer-only
     directory is enough, unless ``opd.divergence=full_vocab`` runs the teacher's HF forward in the learner).
     """
-    problems = []
+    teacher = cfg.needs_teacher if teacher is None else teacher
     remote = cfg.teacher.url is not None and not cfg.teacher_signal.learner_runs_teacher
-    keys = ["student"] + (["teacher"] if cfg.needs_teacher and not remote else [])
-    dirs = [(f"models.{k}", getattr(cfg.models, k)) for k in keys]
-    if cfg.needs_teacher:
-        dirs += [(f"models.teachers.{name}", d) for name, d in cfg.models.teachers.items()]
+    weights = [("models.student", cfg.models.student)]
+    if teacher:
+        weights += [(k, d) for k, d in _teacher_dirs(cfg) if not (remote and k == "models.teacher")]
     if cfg.reference_dir:
-        dirs.append(("exopd.reference" if cfg.algorithm == "exopd" else "kl_ref.reference", cfg.reference_dir))
-    for key, d in dirs:
-        d = Path(d)
-        if d.exists() and not d.is_dir():
-            problems.append(f"  {key}: {str(d)!r} is a file; expected a save_pretrained directory")
-        elif not d.is_dir():
-            problems.append(f"  {key}: directory {str(d)!r} does not exist (build the demo models with `opd bootstrap`)")
-        elif not (d / "config.json").is_file():
-            problems.append(f"  {key}: {str(d)!r} has no config.json; expected a save_pretrained directory")
-        elif (limit := _max_positions(d)) is not None and cfg.rollout.max_model_len > limit:
-            problems.append(f"  rollout.max_model_len: {cfg.rollout.max_model_len} exceeds {key}'s "
-                            f"max_position_embeddings ({limit}, {str(d / 'config.json')!r})")
-    if cfg.needs_teacher and remote:
+        weights.append((cfg.reference_key, cfg.reference_dir))
+    problems = [p for key, d in weights for p in _checkpoint_problems(cfg, key, Path(d))]
+    if teacher and remote:
         d = Path(cfg.models.teacher)
         if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
             problems.append(f"  models.teacher: {str(d)!r} holds no tokenizer files; with teacher.url set it must hold "
                             "the teacher's tokenizer (for the tokenizer pre-flight check)")
+    templates = [("models.student", cfg.models.student)] + (_teacher_dirs(cfg) if teacher else [])
+    if cfg.models.chat_template is None:
+        problems += [f"  {key}: the tokenizer in {d!r} has no chat template (a base model?); set models.chat_template to "
+                     "a Jinja template or a .jinja file that renders the user turn" for key, d in templates
+                     if files.has_tokenizer(Path(d)) and not files.has_chat_template(Path(d))]
+    elif (p := Path(cfg.models.chat_template).expanduser()).suffix in (".jinja", ".j2", ".txt") and not p.is_file():
+        problems.append(f"  models.chat_template: file {str(p)!r} does not exist")
+    if cfg.lora.r > 0 and not problems:
+        problems += _lora_target_problems(cfg)
     env = cfg.teacher.token_env
-    if cfg.needs_teacher and cfg.teacher.url and env and not os.environ.get(env):
+    if teacher and cfg.teacher.url and env and not os.environ.get(env):
         problems.append(f"  teacher.token_env: environment variable {env!r} is not set (it holds the server's token)")
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(problems))
 
 
-def _max_positions(model_dir: Path) -> int | None:
-    try:
-        value = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
-    except (OSError, ValueError):
-        return None  # an unreadable config.json is the loader's error to report, with its own message
-    return value if isinstance(value, int) else None
+def _checkpoint_problems(cfg: Config, key: str, d: Path) -> list[str]:
+    if d.exists() and not d.is_dir():
+        return [f"  {key}: {str(d)!r} is a file; expected a save_pretrained directory"]
+    if not d.is_dir():
+        return [f"  {key}: directory {str(d)!r} does not exist (build the demo models with `opd bootstrap`)"]
+    if not (d / "config.json").is_file():
+        return [f"  {key}: {str(d)!r} has no config.json; expected a save_pretrained directory"]
+    problems = [f"  {key}: {str(d)!r}: {why}" for why in files.weight_problems(d)]
+    if (limit := files.max_positions(d)) is not None and cfg.rollout.max_model_len > limit:
+        problems.append(f"  rollout.max_model_len: {cfg.rollout.max_model_len} exceeds {key}'s "
+                        f"max_position_embeddings ({limit}, {str(d / 'config.json')!r})")
+    return problems
+
+
+def _lora_target_problems(cfg: Config) -> list[str]:
+    """PEFT matches a target to a module whose dotted name is it or ends in ``.target``; name those that match none."""
+    names = files.module_names(Path(cfg.models.student))
+    if names is None:
+        return []  # not safetensors: PEFT reports it when the adapter is made
+    missing = [t for t in cfg.lora.target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if not missing:
+        return []
+    have = sorted({n.rpartition(".")[2] for n in names if not n.rpartition(".")[2].isdigit()})
+    return [f"  lora.target_modules: {missing} match no module of models.student {cfg.models.student!r} (its modules: "
+            f"{', '.join(have)})"]
 
 
 def check_device(cfg: Config) -> None:
@@ -139,6 +201,8 @@ def check_device(cfg: Config) -> None:
     machine). On a cluster the driver may have no GPU while the workers do: there the learner rank reports it."""
     if cfg.cluster.address:
         return
+    from opd.trainer.device import NoCudaError, resolve_device
+
     try:
         resolve_device(cfg.trainer.device)
     except NoCudaError as e:
@@ -153,6 +217,43 @@ def check_output_dir(cfg: Config) -> None:
     parent = next((p for p in d.absolute().parents if p.exists()), None)
     if not d.exists() and parent is not None and not parent.is_dir():
         raise ConfigError(f"run.output_dir: {str(parent)!r} is a file, so {str(d)!r} cannot be created")
+
+
+def check_run_dir(cfg: Config, *, resume: bool, fresh: bool, change_objective: bool = False) -> Path | None:
+    """The run directory in the state the flags expect; the checkpoint to resume from. A resumed run keeps its
+    objective (``algorithm``, and the teacher divergence it follows) unless ``change_objective`` says otherwise."""
+    run_dir = Path(cfg.run.output_dir)
+    if resume and fresh:
+        raise ConfigError("--resume continues the run in run.output_dir and --fresh replaces it: give one of them")
+    if not resume:
+        if (run_dir / "metrics.jsonl").exists() and not fresh:
+            raise ConfigError(f"run.output_dir: {str(run_dir)!r} already holds a run; pass --resume or choose another directory")
+        return None
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise ConfigError(f"run.output_dir: --resume given but {str(run_dir)!r} holds no complete checkpoint")
+    if not change_objective and (change := _objective_change(cfg, run_dir / "config.yaml")):
+        raise ConfigError(f"run.output_dir: {str(run_dir)!r} was trained with {change[0]} and this config says {change[1]}; "
+                          "resume it with its own objective, or pass --change-objective to go on under the new one")
+    return ckpt
+
+
+def _objective_change(cfg: Config, saved_path: Path) -> tuple[str, str] | None:
+    """(before, now) when the saved run's objective differs from ``cfg``'s, else None."""
+    try:
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None  # a run directory of an older layout: nothing to compare
+
+    def objective(algorithm: str, teacher_section: dict) -> str:
+        """The objective and, where it follows it, the teacher divergence."""
+        key = f"{TEACHER_SECTION}.divergence"
+        follows = algorithm in REGISTRY and REGISTRY[algorithm].teacher == "divergence"
+        return f"algorithm={algorithm}" + (f", {key}={teacher_section.get('divergence', 'sampled')}" if follows else "")
+
+    before = objective(str(saved.get("algorithm", DEFAULT)), saved.get(TEACHER_SECTION) or {})
+    now = objective(cfg.algorithm, cfg.teacher_settings.model_dump())
+    return None if before == now else (before, now)
 
 
 def untokenizable_rows(tok, rows: list[dict], split: str) -> list[str]:
@@ -179,75 +280,3 @@ def check_tokenizer_covers(tok, student_dir: str, splits: dict[str, list[dict]])
         more = f" (and {len(bad) - _SHOWN} more rows)" if len(bad) > _SHOWN else ""
         raise ConfigError(f"models.student: the tokenizer of {student_dir!r} cannot represent {len(bad)} prompts; it "
                           "would drop these characters:\n" + "\n".join(f"  {b}" for b in bad[:_SHOWN]) + more)
-
-
-def _call(fn, args: tuple, columns: dict, kwargs: dict, timeout_s: float) -> tuple[str, object]:
-    """("ok", value) | ("raised", exception) | ("timeout", None): one call on a daemon thread, so a verifier that
-    hangs delays the start by at most its deadline (the run's deadlines then handle it as a fault)."""
-    from opd.rewards.runner import call_verifier
-
-    box: dict = {}
-
-    def target() -> None:
-        try:
-            box["ok"] = call_verifier(fn, *args, columns, kwargs)
-        except Exception as e:  # noqa: BLE001 - reported to the user as the verifier's own error
-            box["raised"] = e
-
-    t = threading.Thread(target=target, daemon=True, name="opd-verifier-preflight")
-    t.start()
-    t.join(timeout_s)
-    if t.is_alive():
-        return "timeout", None
-    return ("ok", box["ok"]) if "ok" in box else ("raised", box["raised"])
-
-
-def _score_problem(out: object) -> str | None:
-    if isinstance(out, (str, bytes)) or not hasattr(out, "__len__"):
-        return f"returned {type(out).__name__}, not a list of scores"
-    if len(out) != 1:
-        return f"returned {len(out)} scores for 1 row"
-    from opd.rewards.runner import bad_value
-
-    return bad_value(list(out)[0])  # judged as the run judges each row: what fails there fails here
-
-
-def check_verifiers(cfg: Config, row: Prompt) -> list:
-    """Every verifier of ``verifiers.functions`` resolved (registered name, importable module or file), its signature
-    bound to ``(prompts, completions, **columns, **kwargs)`` with this dataset's columns, and called once on ``row``
-    with its ground truth as the completion: the call must return one finite score. Returns the functions."""
-    from opd.rewards.registry import VerifierSpecError, resolve
-
-    problems, fns = [], []
-    columns = {k: [v] for k, v in row.columns.items() if k != "prompt"}
-    args = ([str(row.columns["prompt"])], [str(row.answer)])
-    for i, entry in enumerate(cfg.verifiers.functions):
-        key = f"verifiers.functions.{i}.name"
-        try:
-            fn = resolve(entry.name)
-        except VerifierSpecError as e:
-            hint = ("; a module is imported from the current directory and PYTHONPATH, a file path from anywhere"
-                    if ":" in entry.name and "no module named" in str(e) else "")
-            problems.append(f"  {key}: {e}{hint}")
-            continue
-        try:
-            inspect.signature(fn).bind(*args, **columns, **entry.kwargs)
-        except TypeError as e:
-            problems.append(f"  {key}: {entry.name!r} cannot be called as fn(prompts, completions, "
-                            f"{', '.join(f'{k}=' for k in {**columns, **entry.kwargs})}): {e}")
-            continue
-        except ValueError:
-            pass  # no signature to inspect (a builtin or C function): the call below decides
-        status, out = _call(fn, args, columns, entry.kwargs, cfg.verifiers.timeout_s)
-        if status == "raised":
-            problems.append(f"  {key}: {entry.name!r} raised on test row 0 ({row.columns['prompt']!r}): "
-                            f"{type(out).__name__}: {out}")
-        elif status == "timeout":
-            logger.warning("%s: %r did not return within verifiers.timeout_s=%gs on test row 0; the run treats such calls "
-                           "as failed rows", key, entry.name, cfg.verifiers.timeout_s)
-        elif (why := _score_problem(out)):
-            problems.append(f"  {key}: {entry.name!r} {why} (called on test row 0)")
-        fns.append(fn)
-    if problems:
-        raise ConfigError("invalid config:\n" + "\n".join(problems))
-    return fns

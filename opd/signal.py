@@ -1,6 +1,6 @@
 """What the teacher contributes to a training step, and which process computes it: one decision, made once.
 
-``teacher_signal`` is the only place that reads the objective and its divergence to decide it; the config
+``teacher_signal`` is the only place that reads the objective's declaration and the divergence to decide it; the config
 (``Config.teacher_signal``), the driver's chunk scorer (what to ask the teacher actor for), the router (what to hand
 the learner) and the learner (which teacher models to load) all read the resulting ``TeacherSignal``. Nobody asks
 the teacher for what another role then throws away.
@@ -9,14 +9,14 @@ the teacher for what another role then throws away.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from opd.trainer.objectives import Objective
 
 Kind = Literal["none", "sampled", "topk", "full_vocab"]
 Source = Literal["none", "teacher", "learner"]
 
-# The objectives whose loss reads a teacher, and the signal each reads (OPD's follows opd.divergence).
-_FIXED: dict[str, Kind] = {"grpo": "none", "sdpo": "none", "srpo": "none", "exopd": "sampled"}
-_OPD_FAMILY = ("opd", "opd_reward")
 _BY_DIVERGENCE: dict[str, Kind] = {"sampled": "sampled", "teacher_topk": "topk", "full_vocab": "full_vocab"}
 
 
@@ -38,15 +38,11 @@ class TeacherSignal:
         return self.source == "learner"
 
 
-def teacher_signal(objective: str, divergence: str, full_vocab_source: str, top_k: int) -> TeacherSignal:
-    if objective in _OPD_FAMILY:
-        kind = _BY_DIVERGENCE[divergence]
-    elif objective in _FIXED:
-        kind = _FIXED[objective]
-    else:
-        raise ValueError(f"unknown objective {objective!r}")
-    if kind == "none":
+def teacher_signal(objective: Objective, divergence: str, full_vocab_source: str, top_k: int) -> TeacherSignal:
+    """The signal ``objective`` reads, from what it declares (``Objective.teacher``) and the teacher settings."""
+    if objective.teacher == "none":
         return TeacherSignal()
+    kind = "sampled" if objective.teacher == "sampled" else _BY_DIVERGENCE[divergence]
     if kind == "full_vocab":
         source: Source = "learner" if full_vocab_source == "learner" else "teacher"
         return TeacherSignal(kind, source, hidden=source == "teacher")

@@ -45,9 +45,9 @@ def staged_config(cfg: Config, stage: Path) -> Config:
     tree["models"]["student"] = _absolute(cfg.models.student)
     tree["models"]["teacher"] = _absolute(cfg.models.teacher)
     tree["run"]["output_dir"] = _absolute(cfg.run.output_dir)
-    for section in ("exopd", "kl_ref"):
-        if getattr(cfg, section).reference:
-            tree[section]["reference"] = _absolute(getattr(cfg, section).reference)
+    for section in tree.values():  # a reference model's directory, in whichever section names one
+        if isinstance(section, dict) and section.get("reference"):
+            section["reference"] = _absolute(section["reference"])
     problems = []
     for i, entry in enumerate(tree["verifiers"]["functions"]):
         spec = file_spec(entry["name"])
@@ -107,7 +107,8 @@ def submission_id(cfg: Config, given: str | None = None) -> str:
 
 
 def submit(cfg: Config, address: str, working_dir: str | None = None, *, job_id: str | None = None,
-           resume: bool = False, runtime_env: dict | None = None, resources: dict | None = None) -> str:
+           resume: bool = False, runtime_env: dict | None = None, resources: dict | None = None,
+           change_objective: bool = False) -> str:
     """Stage and submit ``cfg``; returns the job id. Nothing is left on disk here (the staging dir is removed).
     ``runtime_env`` is merged under the staged working dir (env_vars, pip, ...); ``resources``: the entrypoint's
     ``entrypoint_num_cpus`` / ``entrypoint_num_gpus`` / ``entrypoint_memory``."""
@@ -127,7 +128,7 @@ def submit(cfg: Config, address: str, working_dir: str | None = None, *, job_id:
         config_path.write_text(dump_config(staged))
         entrypoint = f"python -m opd.cli run {STAGE_DIR}/config.yaml --address auto --no-progress"
         if resume:
-            entrypoint += " --resume"
+            entrypoint += " --resume" + (" --change-objective" if change_objective else "")
         client = job_client(address)
         metadata = {"job_name": cfg.run.name, "opd_run": cfg.run.name, "run_dir": staged.run.output_dir}
         try:

@@ -216,12 +216,12 @@ class TrainBatch:
     sampler_logprobs: list[list[float]]
     advantages: list[list[float]]
     teacher_logprobs: list[list[float]] | None
-    objective: str  # "opd" | "grpo" | "exopd" | "sdpo" | "srpo"
+    objective: str  # a name in opd.trainer.objectives
     loss_weights: list[float] | None = None  # per-sample multiplier (PACED, quality gate); 1.0 when None
     teacher_topk_ids: list[list[list[int]]] | None = None  # [B][T_b][K] for the teacher top-k divergence
     teacher_topk_logprobs: list[list[list[float]]] | None = None
     teacher_prompt_ids: list[list[int] | None] | None = None  # SDPO self-teacher prompt per sample (None: no context)
-    routes: list[str] | None = None  # SDPO/SRPO per-sample route: "sdpo" | "grpo" | "none"
+    routes: list[str] | None = None  # self-teacher objectives: each sample's route (``Objective.routes``)
     teacher_hidden: list | None = None  # [B] float32 arrays [T_b, H] from the teacher actor (TeacherScores.hidden)
 
     def validate(self) -> None:

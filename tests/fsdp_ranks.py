@@ -21,22 +21,23 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from opd.plan import spec_of
 from opd.rollout.weight_sync import whole
 from opd.trainer.dist import free_port
 from opd.trainer.learner import Learner
 from opd.trainer.lora import LoraSpec
-from opd.trainer.objective import ObjectiveSpec
+from opd.trainer.objectives.spec import ObjectiveSpec
 from opd.types import TrainBatch
 
 # One per objective family, and LoRA. Sizes: 9 and 8 samples at 2 per micro-batch, so the ranks' plans differ in
 # length (5 / 4 samples -> 3 / 2 micro-batches: the shorter one pads), then a 1-sample step (rank 1's shard is empty).
 CASES = {
     "opd": {"objective": ObjectiveSpec("opd")},
-    "opd-full-vocab": {"objective": ObjectiveSpec("opd", opd_divergence="full_vocab"), "teacher": True},
-    "opd-tip": {"objective": ObjectiveSpec("opd", select_mode="entropy", keep_ratio=0.5)},
+    "opd-full-vocab": {"objective": spec_of("opd.divergence=full_vocab"), "teacher": True},
+    "opd-tip": {"objective": spec_of("selection.mode=entropy", "selection.keep_ratio=0.5")},
     "exopd": {"objective": ObjectiveSpec("exopd")},
     "grpo": {"objective": ObjectiveSpec("grpo")},
-    "srpo": {"objective": ObjectiveSpec("srpo", sdpo_top_k=8)},
+    "srpo": {"objective": spec_of("algorithm=srpo", "sdpo.top_k=8")},
     "opd-lora": {"objective": ObjectiveSpec("opd"), "lora": LoraSpec(r=4)},
     "grpo-checkpointing": {"objective": ObjectiveSpec("grpo"), "checkpointing": True},  # layers re-gathered in backward
 }

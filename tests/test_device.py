@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from opd.config import ConfigError, load_config
+from opd.plan import spec_of
 from opd.preflight import check_device, check_inputs
 from opd.trainer.device import NoCudaError, learner_placement, resolve_device
 from opd.trainer.learner import Learner
-from opd.trainer.objective import ObjectiveSpec
+from opd.trainer.objectives.spec import ObjectiveSpec
 from opd.types import TrainBatch
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
@@ -78,7 +79,7 @@ def _batch(n: int = 4, seed: int = 0) -> TrainBatch:
 def test_every_model_the_learner_holds_and_its_optimizer_state_live_on_its_device(tiny_models, tmp_path):
     """ExOPD holds a reference model, full-vocabulary OPD an HF teacher: all of them, the student and AdamW's
     state on the learner's device; what leaves the learner (probe, checkpoint) is on the CPU."""
-    for spec in (ObjectiveSpec("exopd", exopd_lam=1.25), ObjectiveSpec("opd", opd_divergence="full_vocab")):
+    for spec in (spec_of("algorithm=exopd", "exopd.lam=1.25"), spec_of("opd.divergence=full_vocab")):
         learner = Learner(str(tiny_models / "student"), lr=1e-3, objective=spec, teacher_dir=str(tiny_models / "teacher"),
                           device="auto")
         assert learner.device == resolve_device("auto")

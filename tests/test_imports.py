@@ -65,3 +65,48 @@ def test_no_import_cycles_between_layers():
     cycles = {tuple(sorted((a, b))) for a in reach for b in reach[a] if a != b and a in reach.get(b, set())}
     assert cycles <= KNOWN, f"import cycles between layers: {sorted(cycles - KNOWN)}"
     assert KNOWN <= cycles, f"{sorted(KNOWN - cycles)} no longer form a cycle: drop them from KNOWN"
+
+
+# Strings equal to an objective's name that are something else: the project's own name and a metric's.
+NOT_OBJECTIVES = {("opd/cli.py", "opd"), ("opd/config.py", "opd"), ("opd/monitor/console.py", "opd"),
+                  ("opd/monitor/grafana.py", "opd"), ("opd/monitor/grafana.py", "opd_reward"),
+                  ("opd/monitor/ray_metrics.py", "opd_reward")}
+
+
+def test_no_module_outside_the_objectives_names_an_objective():
+    """Each objective declares what the rest of opd asks of it (``opd.trainer.objectives``): no other module compares
+    with, keys on or reads a section by an objective's name."""
+    from opd.trainer.objectives import REGISTRY
+
+    found = []
+    for path in sorted((ROOT / "opd").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith("opd/trainer/objectives/"):
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and node.value in REGISTRY and id(node) not in docstrings:
+                if (rel, node.value) not in NOT_OBJECTIVES:
+                    found.append(f"{rel}:{node.lineno}: {node.value!r}")
+            elif isinstance(node, ast.Attribute) and node.attr in REGISTRY:
+                found.append(f"{rel}:{node.lineno}: .{node.attr}")
+    assert not found, "objective names outside opd/trainer/objectives:\n" + "\n".join(found)
+
+
+def test_the_roles_import_nothing_above_them():
+    """Roles (rollout, teacher, trainer, rewards) reach metrics through ``opd.metrics``, below them; ``opd.monitor``
+    (the driver's sinks, reports, the Grafana board) and the config sit above. The objectives' declarations import
+    without torch (``opd.config`` validates against them)."""
+    modules = _modules()
+    roles = ("opd.rollout", "opd.teacher", "opd.trainer", "opd.rewards")
+    above = ("opd.monitor", "opd.config", "opd.driver", "opd.cluster", "opd.steps")
+    up = sorted(f"{a} -> {b}" for a, path in modules.items() if a.startswith(roles)
+                for b in _imports(a, path, modules) if b.startswith(above))
+    assert not up, f"roles importing layers above them: {up}"
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import sys, opd.config, opd.trainer.objectives.spec; print('torch' in sys.modules)"],
+                         capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "False"

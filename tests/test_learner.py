@@ -13,24 +13,25 @@ import random
 import pytest
 import torch
 
+from opd.plan import spec_of
 from opd.trainer.learner import Learner
 from opd.trainer.lora import LoraSpec
 from opd.trainer.microbatch import by_token_budget, padded_tokens, plan
-from opd.trainer.objective import ObjectiveSpec
+from opd.trainer.objectives.spec import ObjectiveSpec
 from opd.trainer.shards import take
 from opd.types import TrainBatch
 
 SPECS = {
     "opd": ObjectiveSpec("opd"),
     "grpo": ObjectiveSpec("grpo"),
-    "grpo-seq-mean": ObjectiveSpec("grpo", agg="seq-mean-token-mean"),
-    "exopd": ObjectiveSpec("exopd", exopd_lam=1.25),
-    "opd-topk": ObjectiveSpec("opd", opd_divergence="teacher_topk"),
-    "opd-full-vocab-jsd": ObjectiveSpec("opd", opd_divergence="full_vocab", full_vocab_kind="jsd"),
-    "sdpo": ObjectiveSpec("sdpo", sdpo_top_k=8),
-    "srpo": ObjectiveSpec("srpo", sdpo_top_k=8),
-    "opd-tip": ObjectiveSpec("opd", select_mode="entropy", keep_ratio=0.5),
-    "opd-tip-soft-or": ObjectiveSpec("opd", select_mode="soft_or", keep_ratio=0.4),
+    "grpo-seq-mean": spec_of("algorithm=grpo", "grpo.loss_agg=seq-mean-token-mean"),
+    "exopd": spec_of("algorithm=exopd", "exopd.lam=1.25"),
+    "opd-topk": spec_of("opd.divergence=teacher_topk", "teacher.top_k=5"),
+    "opd-full-vocab-jsd": spec_of("opd.divergence=full_vocab", "opd.full_vocab_kind=jsd"),
+    "sdpo": spec_of("algorithm=sdpo", "sdpo.top_k=8"),
+    "srpo": spec_of("algorithm=srpo", "sdpo.top_k=8"),
+    "opd-tip": spec_of("selection.mode=entropy", "selection.keep_ratio=0.5"),
+    "opd-tip-soft-or": spec_of("selection.mode=soft_or", "selection.keep_ratio=0.4"),
 }
 
 
@@ -51,8 +52,8 @@ def _batch(learner: Learner, name: str, n: int = 6, seed: int = 0, group: int = 
         uids=[f"u{i}" for i in range(n)], prompt_ids=prompts, response_ids=responses, sampler_logprobs=sampler,
         advantages=adv if spec.name != "grpo" else [[(-1) ** i * 0.7] * len(r) for i, r in enumerate(responses)],
         teacher_logprobs=teacher, objective=spec.name, loss_weights=([1.0, 0.5, 2.0, 1.0, 0.0, 1.0] * 2)[:n],
-        teacher_topk_ids=topk_ids if spec.opd_divergence == "teacher_topk" else None,
-        teacher_topk_logprobs=topk_lp if spec.opd_divergence == "teacher_topk" else None,
+        teacher_topk_ids=topk_ids if spec["opd"].divergence == "teacher_topk" else None,
+        teacher_topk_logprobs=topk_lp if spec["opd"].divergence == "teacher_topk" else None,
         teacher_prompt_ids=[(p + [30, 31, 32] if i % 3 else None) for i, p in enumerate(prompts)] if sd else None,
         routes=[("sdpo" if i % 3 else ("none" if spec.name == "sdpo" else "grpo")) for i in range(n)] if sd else None,
     )
@@ -85,7 +86,7 @@ def test_every_objective_steps_and_accumulates_exactly(tiny_models, name):
     assert any(p.grad.abs().sum() > 0 for p in full.model.parameters())
 
 
-PIECE_SPECS = {**SPECS, "opd-full-vocab-reverse": ObjectiveSpec("opd", opd_divergence="full_vocab")}
+PIECE_SPECS = {**SPECS, "opd-full-vocab-reverse": spec_of("opd.divergence=full_vocab")}
 
 
 @pytest.mark.parametrize("name", list(PIECE_SPECS))
@@ -157,20 +158,20 @@ def test_zero_weight_samples_count_as_filtered_out(tiny_models, name):
 
 def test_token_selection_trains_fewer_tokens_with_less_activation_memory(tiny_models):
     _, all_tokens = _step(tiny_models, "opd", micro=64)
-    tip, half = _step(tiny_models, "opd", micro=64, spec=ObjectiveSpec("opd", select_mode="entropy", keep_ratio=0.5))
+    tip, half = _step(tiny_models, "opd", micro=64, spec=spec_of("selection.mode=entropy", "selection.keep_ratio=0.5"))
     batch = _batch(tip, "opd")  # the same lengths and weights; a weight-0 sample's tokens are never selected
     live_tokens = sum(len(r) for r, w in zip(batch.response_ids, batch.loss_weights, strict=True) if w)
     assert half["train_tokens"] == live_tokens // 2 < all_tokens["train_tokens"] // 2
     assert half["activation_mib"] < all_tokens["activation_mib"]
     # The same selection twice gives the same update: selection is deterministic for the ranked modes.
-    tip_a, _ = _step(tiny_models, "opd", micro=64, spec=ObjectiveSpec("opd", select_mode="overconfident", keep_ratio=0.5))
-    tip_b, _ = _step(tiny_models, "opd", micro=64, spec=ObjectiveSpec("opd", select_mode="overconfident", keep_ratio=0.5))
+    tip_a, _ = _step(tiny_models, "opd", micro=64, spec=spec_of("selection.mode=overconfident", "selection.keep_ratio=0.5"))
+    tip_b, _ = _step(tiny_models, "opd", micro=64, spec=spec_of("selection.mode=overconfident", "selection.keep_ratio=0.5"))
     assert all(torch.equal(a, b) for a, b in zip(tip_a.model.parameters(), tip_b.model.parameters(), strict=True))
 
 
 def test_exopd_with_lambda_one_is_opd(tiny_models):
     opd, _ = _step(tiny_models, "opd", micro=64)
-    ex1, _ = _step(tiny_models, "exopd", micro=64, spec=ObjectiveSpec("exopd", exopd_lam=1.0))
+    ex1, _ = _step(tiny_models, "exopd", micro=64, spec=spec_of("algorithm=exopd", "exopd.lam=1.0"))
     # OPD's advantages were computed in Python floats, ExOPD's in float32: equal up to rounding.
     for a, b in zip(opd.model.parameters(), ex1.model.parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-5)
@@ -273,8 +274,8 @@ def test_full_vocab_from_the_teachers_hidden_states_equals_the_learners_teacher_
     by_learner, stats = _step(tiny_models, "opd-full-vocab-jsd", micro=4)
     torch.manual_seed(0)
     by_hidden = Learner(str(tiny_models / "student"), lr=1e-2, micro_batch_size=4, teacher_dir=str(tiny_models / "teacher"),
-                        objective=ObjectiveSpec("opd", opd_divergence="full_vocab", full_vocab_kind=spec.full_vocab_kind,
-                                                full_vocab_source="teacher"))
+                        objective=spec_of("opd.divergence=full_vocab", f"opd.full_vocab_kind={spec['opd'].full_vocab_kind}",
+                                                "opd.full_vocab_source=teacher"))
     assert by_hidden.teachers.hf_teacher is None and by_hidden.teachers.teacher_head is not None
     batch = _batch(by_hidden, "opd-full-vocab-jsd")
     teacher = AutoModelForCausalLM.from_pretrained(tiny_models / "teacher", dtype=torch.float32).eval()
@@ -289,6 +290,25 @@ def test_full_vocab_from_the_teachers_hidden_states_equals_the_learners_teacher_
 def test_full_vocab_from_the_teacher_without_hidden_states_is_refused(tiny_models):
     """A batch whose scores came without the teacher's hidden states cannot give the full-vocabulary loss."""
     learner = Learner(str(tiny_models / "student"), lr=1e-2, micro_batch_size=4, teacher_dir=str(tiny_models / "teacher"),
-                      objective=ObjectiveSpec("opd", opd_divergence="full_vocab", full_vocab_source="teacher"))
+                      objective=spec_of("opd.divergence=full_vocab", "opd.full_vocab_source=teacher"))
     with pytest.raises(ValueError, match="carries no teacher hidden states"):
         learner.train_step(_batch(learner, "opd-full-vocab-jsd"))
+
+
+def test_a_row_without_tokens_counts_the_same_however_the_batch_is_split(tiny_models):
+    """grpo.loss_agg=seq-mean-token-mean with an empty response: the per-sequence mean of each piece leaves the row
+    out, and so does the batch's sequence count, so micro-batches of 6, 2 and 1 give one loss and one gradient
+    (before: -0.168 at 6 and -0.280 at 2, as the rescaling by rows kept the row the mean had left out)."""
+    spec = spec_of("algorithm=grpo", "grpo.loss_agg=seq-mean-token-mean")
+    runs = []
+    for micro in (6, 2, 1):
+        torch.manual_seed(0)
+        learner = Learner(str(tiny_models / "student"), lr=1e-2, micro_batch_size=micro, objective=spec)
+        batch = _batch(learner, "grpo-seq-mean")
+        batch.response_ids[1], batch.sampler_logprobs[1], batch.advantages[1] = [], [], []
+        batch.teacher_logprobs[1] = []
+        runs.append((learner, learner.train_step(batch)))
+    (whole, a), *rest = runs
+    for split, b in rest:
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6) and b["update_skipped"] == 0.0
+        _same_grads(whole, split, "splitting the batch around an empty row")

@@ -19,10 +19,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from opd.config import ConfigError, load_config
+from opd.plan import spec_of
 from opd.trainer.learner import Learner
 from opd.trainer.lora import LoraSpec
 from opd.trainer.losses import token_logprobs
-from opd.trainer.objective import ObjectiveSpec
+from opd.trainer.objectives.spec import ObjectiveSpec
 from opd.types import TrainBatch
 
 SPEC = LoraSpec(r=4, alpha=8.0)
@@ -86,7 +87,7 @@ def test_steps_move_the_adapter_and_leave_the_base(tiny_models):
 
 @pytest.mark.parametrize(
     "spec",
-    [ObjectiveSpec("opd", opd_divergence="full_vocab"), ObjectiveSpec("exopd"), ObjectiveSpec("sdpo", sdpo_top_k=8)],
+    [spec_of("opd.divergence=full_vocab"), ObjectiveSpec("exopd"), spec_of("algorithm=sdpo", "sdpo.top_k=8")],
     ids=["opd-full-vocab", "exopd", "sdpo"],
 )
 def test_objectives_with_extra_models_train_the_adapter(tiny_models, spec):

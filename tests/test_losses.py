@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from opd.plan import spec_of
 from opd.trainer.advantages import grpo_advantages, opd_token_advantages
 from opd.trainer.losses import (
     aggregate,
@@ -14,7 +15,7 @@ from opd.trainer.losses import (
     token_logprobs,
     truncated_is_weights,
 )
-from opd.trainer.objective import Aux, ObjectiveSpec, token_loss
+from opd.trainer.objectives.loss import Aux, token_loss
 
 L = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
 M = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
@@ -143,7 +144,7 @@ def test_opd_divergences_are_weighted_by_the_prefix_is_weight(divergence):
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     top = teacher.log_softmax(-1).topk(3, dim=-1)
     aux = Aux(topk_ids_BTK=top.indices, topk_logp_BTK=top.values, teacher_logits_BTV=teacher)
-    spec = ObjectiveSpec(opd_divergence=divergence, tis_cap=2.0)
+    spec = spec_of(f"opd.divergence={divergence}", "opd.tis_cap=2.0", "teacher.top_k=3")
     logp = token_logprobs(logits, targets).detach()
     on_policy, count = token_loss(spec, logits, targets, mask, logp, None, aux)
     log_ratio = torch.tensor([[0.0, math.log(1.5), 3.0], [5.0, -math.log(2.0), 0.0]])

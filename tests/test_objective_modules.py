@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from opd.config import ConfigError, load_config
-from opd.plan import objective_spec, route_plan
-from opd.trainer.objective import Aux, ObjectiveSpec, token_loss
+from opd.plan import objective_spec, route_plan, spec_of
+from opd.trainer.objectives.loss import Aux, token_loss
+from opd.trainer.objectives.spec import ObjectiveSpec
 from opd.trainer.routing import route
 from opd.types import Prompt, Rewards, RolloutBatch, Sample, TeacherScores
 
@@ -30,7 +31,7 @@ def _loss(spec: ObjectiveSpec, adv: float):
 def test_loss_and_gradient_by_hand():
     """On-policy the clipped ratio is 1, so each token's loss is -A_t and its gradient -A_t * grad log pi(y_t), with
     A_t = kl_weight * (log pi_T - log pi) + reward_weight * A (here 2 * (log pi_T - log pi) + 3 * 0.5)."""
-    spec = ObjectiveSpec(name="opd_reward", opd_reward_kl_weight=2.0, opd_reward_reward_weight=3.0)
+    spec = spec_of("algorithm=opd_reward", "opd_reward.kl_weight=2.0", "opd_reward.reward_weight=3.0")
     loss, count, grad = _loss(spec, adv=0.5)
     logp = torch.log_softmax(LOGITS, -1).gather(-1, TARGETS.unsqueeze(-1)).squeeze(-1)
     a = 2.0 * (TEACHER - logp) + 3.0 * 0.5
@@ -42,9 +43,9 @@ def test_loss_and_gradient_by_hand():
 
 
 def test_each_weight_at_zero_is_the_other_objective():
-    only_kl = _loss(ObjectiveSpec(name="opd_reward", opd_reward_reward_weight=0.0), adv=0.7)
-    opd = _loss(ObjectiveSpec(name="opd", opd_divergence="sampled"), adv=0.7)
-    only_reward = _loss(ObjectiveSpec(name="opd_reward", opd_reward_kl_weight=0.0), adv=0.7)
+    only_kl = _loss(spec_of("algorithm=opd_reward", "opd_reward.reward_weight=0.0"), adv=0.7)
+    opd = _loss(spec_of("algorithm=opd", "opd.divergence=sampled"), adv=0.7)
+    only_reward = _loss(spec_of("algorithm=opd_reward", "opd_reward.kl_weight=0.0"), adv=0.7)
     grpo = _loss(ObjectiveSpec(name="grpo"), adv=0.7)
     for got, want in ((only_kl, opd), (only_reward, grpo)):
         torch.testing.assert_close(got[0], want[0])
@@ -63,7 +64,7 @@ def test_config_route_and_spec():
     cfg = load_config("configs/demo.yaml", ["algorithm=opd_reward", "opd.divergence=sampled", "opd_reward.kl_weight=0.5",
                                             "rollout.group_size=2"])
     spec = objective_spec(cfg)
-    assert (spec.opd_reward_kl_weight, spec.opd_reward_reward_weight) == (0.5, 1.0)
+    assert (spec["opd_reward"].kl_weight, spec["opd_reward"].reward_weight) == (0.5, 1.0)
     assert cfg.teacher_signal.kind == "sampled" and cfg.needs_teacher
     batch = route(*_batch(), route_plan(cfg))
     # The router gives each sample its group advantage (rewards 1 and 0: +-1/std); the teacher's log-probs ride along
@@ -93,7 +94,7 @@ def test_kl_ref_penalty_adds_to_any_objective_over_its_counted_tokens():
     for name in ("grpo", "opd_reward"):
         plain = _loss(ObjectiveSpec(name=name), adv=0.5)
         logits = LOGITS.clone().requires_grad_(True)
-        spec = ObjectiveSpec(name=name, kl_ref_coef=0.1, kl_ref_kind="k1")
+        spec = spec_of(f"algorithm={name}", "kl_ref.coef=0.1", "kl_ref.kind=k1")
         assert spec.needs_reference and not ObjectiveSpec(name=name).needs_reference
         loss_BT, count_BT = token_loss(spec, logits, TARGETS, MASK, logp.detach(), torch.full((1, 2), 0.5, dtype=torch.float64),
                                        Aux(teacher_logp_BT=TEACHER, ref_logp_BT=ref))
@@ -101,7 +102,7 @@ def test_kl_ref_penalty_adds_to_any_objective_over_its_counted_tokens():
         torch.testing.assert_close(loss_BT.detach(), plain[0] + 0.1 * (logp - ref))
         torch.testing.assert_close(logits.grad, plain[2] + 0.1 * dlogp)
     with pytest.raises(ValueError, match="kl_ref.coef > 0 needs the reference"):
-        token_loss(ObjectiveSpec(name="grpo", kl_ref_coef=0.1), LOGITS, TARGETS, MASK, logp, torch.zeros(1, 2), Aux())
+        token_loss(spec_of("algorithm=grpo", "kl_ref.coef=0.1"), LOGITS, TARGETS, MASK, logp, torch.zeros(1, 2), Aux())
     cfg = load_config("configs/demo.yaml", ["algorithm=grpo", "kl_ref.coef=0.05", "kl_ref.reference=models/ref"])
     assert cfg.reference_dir == "models/ref" and objective_spec(cfg).kl_ref_coef == 0.05
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from opd.config import Config
-from opd.plan import objective_spec
+from opd.plan import objective_spec, spec_of
 from opd.trainer.advantages import gopd_token_advantages, opd_token_advantages
 from opd.trainer.batchwide import counted_tokens, denominators, live_samples
 from opd.trainer.dist import Collective
 from opd.trainer.divergences import student_topk_divergence
 from opd.trainer.losses import aggregate, clipped_pg_loss, token_logprobs
-from opd.trainer.objective import Aux, ObjectiveSpec, token_loss
+from opd.trainer.objectives.loss import Aux, token_loss
 from opd.trainer.routing import RoutePlan, route
 from opd.trainer.sdpo import (
     RepromptTemplates,
@@ -161,7 +161,7 @@ def test_srpo_objective_shares_one_denominator_and_a_step_improves_both_branches
     logp = token_logprobs(logits, target).detach()
     aux = Aux(teacher_logits_BTV=teacher, route_sdpo_B=torch.tensor([0.0, 1.0]),
               entropy_weights_BT=torch.tensor([[7.0], [0.5]]))
-    spec = ObjectiveSpec("srpo", sdpo_top_k=4)
+    spec = spec_of("algorithm=srpo", "sdpo.top_k=4")
     loss_BT, count_BT = token_loss(spec, logits, target, torch.ones(2, 1), logp, torch.tensor([[1.0], [0.0]]), aux)
     sdpo_BT, _ = student_topk_divergence(logits.detach(), teacher, k=4, beta=0.5)
     assert loss_BT[:, 0].tolist() == pytest.approx([-1.0, 0.5 * sdpo_BT[1, 0].item()], rel=1e-6)
@@ -343,7 +343,7 @@ def test_sdpo_objective_caps_the_rollout_importance_weight_at_sdpo_is_cap(cap):
     target = torch.tensor([[1]])
     sampler = token_logprobs(student, target) - math.log(3.0)
     aux = Aux(teacher_logits_BTV=teacher, route_sdpo_B=torch.ones(1))
-    spec = ObjectiveSpec("sdpo", sdpo_top_k=2, sdpo_alpha=1.0, sdpo_is_cap=cap)
+    spec = spec_of("algorithm=sdpo", "sdpo.top_k=2", "sdpo.alpha=1.0", f"sdpo.is_cap={cap}")
     loss, count = token_loss(spec, student, target, torch.ones(1, 1), sampler, torch.zeros(1, 1), aux)
     rev = 0.4 * math.log(0.4 / 0.1) + 0.3 * math.log(0.3 / 0.2) + 0.3 * math.log(0.3 / 0.7)
     assert loss.item() == pytest.approx(min(3.0, cap) * rev, rel=1e-5) and count.item() == 1.0

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from opd.config import ConfigError, load_config
-from opd.plan import objective_spec
-from opd.trainer.objective import Aux, ObjectiveSpec, token_loss
+from opd.plan import objective_spec, spec_of
+from opd.trainer.objectives.loss import Aux, token_loss
+from opd.trainer.objectives.spec import ObjectiveSpec
 
 LOGITS = torch.tensor([[[0.3, -0.2, 1.0], [0.0, 0.4, -0.7], [1.5, 0.2, 0.1], [-0.4, 0.9, 0.3]]], dtype=torch.float64)
 TARGETS = torch.tensor([[2, 1, 0, 1]])
@@ -34,7 +35,7 @@ def _dlogp(t: int) -> torch.Tensor:
 
 
 def test_ppo_ratio_against_the_sampler_clips_and_dual_clips_by_hand():
-    loss, grad = _run(ObjectiveSpec(name="grpo", ratio="ppo", clip_low=0.2, clip_high=0.2, dual_clip=3.0))
+    loss, grad = _run(spec_of("algorithm=grpo", "grpo.ratio=ppo", "grpo.clip_low=0.2", "grpo.clip_high=0.2", "grpo.dual_clip=3.0"))
     # -min(rho*A, clip(rho)*A); for A < 0 then min(that, -3*A)
     torch.testing.assert_close(loss, torch.tensor([[-1.1, -1.2, 3.0, 0.8]], dtype=torch.float64))
     # only the in-range token pulls: d(-rho*A)/dlogits = -A * rho * dlogp; the clipped ones give nothing
@@ -43,9 +44,9 @@ def test_ppo_ratio_against_the_sampler_clips_and_dual_clips_by_hand():
 
 
 def test_without_dual_clip_the_far_token_loss_is_unbounded_and_tis_weighs_instead():
-    loss, _ = _run(ObjectiveSpec(name="grpo", ratio="ppo"))
+    loss, _ = _run(spec_of("algorithm=grpo", "grpo.ratio=ppo"))
     assert loss[0, 2] == pytest.approx(5.0)  # -min(-5, -1.2): the stale token's loss grows with its ratio
-    loss, grad = _run(ObjectiveSpec(name="grpo", ratio="tis", tis_cap=2.0))
+    loss, grad = _run(spec_of("algorithm=grpo", "grpo.ratio=tis", "grpo.tis_cap=2.0"))
     # tis: the surrogate's ratio is 1 and each token is weighted min(rho, 2): loss -A * w, gradient -A * w * dlogp
     w = RATIOS.clamp(max=2.0)
     torch.testing.assert_close(loss, -ADV * w)

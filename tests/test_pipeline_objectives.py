@@ -12,6 +12,7 @@ from conftest import start_shared, stop_shared, tiny_overrides, train_on
 
 from opd.cluster import start_teachers
 from opd.config import load_config
+from opd.trainer.objectives import DEFAULT, REGISTRY
 
 pytestmark = pytest.mark.slow
 
@@ -33,6 +34,9 @@ OBJECTIVE_RUNS = {
     "opd-full-vocab": {"opd.divergence": "full_vocab", "teacher.top_k": 0},
     "opd-full-vocab-teacher": {"opd.divergence": "full_vocab", "opd.full_vocab_source": "teacher"},
 }
+# Every registered objective runs here: one that none of the above runs (an objective added later) with its defaults.
+OBJECTIVE_RUNS.update({name: {"algorithm": name} for name in REGISTRY
+                       if name not in {run.get("algorithm", DEFAULT) for run in OBJECTIVE_RUNS.values()}})
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ import yaml
 
 from opd.cli import main
 from opd.config import ConfigError, load_config
-from opd.preflight import check_model_dirs, check_output_dir, check_verifiers, untokenizable_rows
+from opd.preflight import check_model_dirs, check_output_dir, untokenizable_rows
+from opd.rewards.preflight import check_verifiers
 from opd.types import Prompt
 
 
@@ -162,8 +163,10 @@ def test_cli_takes_flags_among_overrides_and_exits_2_writing_nothing(tmp_path, c
     for split, n in (("train", 4), ("test", 3)):
         (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(n)))
     files = ["task.name=files", f"task.train_path={tmp_path / 'train.jsonl'}", f"task.test_path={tmp_path / 'test.jsonl'}"]
-    code, err = _cli_run(tmp_path, capsys, *models, "--resume", *files, "eval.num_prompts=5")
+    code, err = _cli_run(tmp_path, capsys, *models, "--fresh", *files, "eval.num_prompts=5")
     assert code == 2 and "eval.num_prompts=5: task.test_path" in err and "has 3 rows" in err
+    code, err = _cli_run(tmp_path, capsys, *models, "--resume", *files)
+    assert code == 2 and "--resume given but" in err and "holds no complete checkpoint" in err
     assert not (tmp_path / "run").exists()
     with pytest.raises(SystemExit) as e:
         main(["run", str(tmp_path / "cfg.yaml"), "--no-such-flag"])

@@ -11,7 +11,8 @@ import math
 import pytest
 import ray
 
-from opd.monitor.ray_metrics import ROLE_SPECS, SPECS, RayMetricsSink, RoleMetrics, metric_values
+from opd.metrics import ROLE_SPECS, RoleMetrics
+from opd.monitor.ray_metrics import SPECS, RayMetricsSink, metric_values
 
 
 def test_metric_values_keep_known_finite_keys():

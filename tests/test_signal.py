@@ -7,6 +7,7 @@ import pytest
 from opd.config import load_config
 from opd.plan import objective_spec, route_plan
 from opd.signal import TeacherSignal, teacher_signal
+from opd.trainer.objectives import get
 
 CASES = [
     # algorithm, opd.divergence, opd.full_vocab_source -> kind, source, top_k, hidden
@@ -46,4 +47,4 @@ def test_sampled_token_objectives_ask_the_teacher_for_no_top_k_rows():
 
 def test_unknown_objective_is_refused():
     with pytest.raises(ValueError, match="unknown objective 'ppo'"):
-        teacher_signal("ppo", "sampled", "learner", 0)
+        teacher_signal(get("ppo"), "sampled", "learner", 0)

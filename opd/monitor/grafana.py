@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import sys
 
-from opd.monitor.ray_metrics import ROLE_SPECS, SPECS, STEP, MetricSpec
+from opd.metrics import ROLE_SPECS, MetricSpec
+from opd.monitor.ray_metrics import SPECS, STEP
 
 UID = "opd-run"
 _BY_NAME = {s.name: s for s in (*SPECS, STEP, *ROLE_SPECS)}

@@ -18,39 +18,17 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import math
-import numbers
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import ray
 import ray.cloudpickle
 
-from opd.monitor.ray_metrics import RoleMetrics
-from opd.rewards.registry import FILE_MODULE_MARK, Verifier, VerifierSpecError, resolve
+from opd.metrics import RoleMetrics
+from opd.rewards.registry import FILE_MODULE_MARK, Verifier
+from opd.rewards.spec import VerifierSpec, bad_value, checked, scores_problem
 from opd.types import Rewards
-
-
-@dataclass
-class VerifierSpec:
-    """One verifier from the config: a spec string for ``resolve``, the weight of its score in the reward, and extra
-    keyword arguments bound to the function (like ``functools.partial``)."""
-
-    name: str
-    weight: float = 1.0
-    kwargs: dict = field(default_factory=dict)
-
-    @classmethod
-    def parse(cls, obj: object) -> VerifierSpec:
-        """Accept ``"name"``, ``{"name": ..., "weight": ...}`` or a ``VerifierSpec`` (the shapes a config holds)."""
-        if isinstance(obj, cls):
-            return obj
-        if isinstance(obj, str):
-            return cls(obj)
-        if isinstance(obj, dict) and set(obj) <= {"name", "weight", "kwargs"} and "name" in obj and isinstance(obj.get("kwargs", {}), dict):
-            return cls(str(obj["name"]), float(obj.get("weight", 1.0)), dict(obj.get("kwargs", {})))
-        raise VerifierSpecError(f"verifier entry must be a name or {{name, weight, kwargs}}, got {obj!r}")
 
 
 class _VerifierHost:
@@ -72,9 +50,11 @@ class _VerifierHost:
         """
         prompts, completions, columns = chunk
         try:
-            return True, list(call_verifier(fn, prompts, completions, columns, kwargs))
+            out = call_verifier(fn, prompts, completions, columns, kwargs)
         except Exception as e:  # noqa: BLE001 - any verifier error becomes a per-row failure
             return False, f"{type(e).__name__}: {e}"
+        why = scores_problem(out, len(prompts))
+        return (False, why) if why else (True, list(out))
 
 
 def call_verifier(fn: Verifier, prompts: list, completions: list, columns: dict, kwargs: dict | None = None):
@@ -123,6 +103,39 @@ def _start_host():
 _POOL = _HostPool()
 
 
+class _Tally:
+    """Per verifier, each row's score and whether it failed; per row, the failure reasons in verifier order."""
+
+    def __init__(self, names: list[str], n: int):
+        self.names = names
+        self.scores = {name: [0.0] * n for name in names}
+        self.failed = {name: [False] * n for name in names}
+        self.reasons: dict[int, list[tuple[int, str]]] = {}
+
+    def fail(self, v: int, rows: range, reason: str) -> None:
+        for r in rows:
+            self.failed[self.names[v]][r] = True
+            self.reasons.setdefault(r, []).append((v, f"{self.names[v]}: {reason}"))
+
+    def take(self, v: int, rows: range, values: list) -> None:
+        """A call's values: each usable one is the row's score, each other fails its row alone."""
+        for r, value in zip(rows, values, strict=True):
+            if bad := bad_value(value):
+                self.fail(v, range(r, r + 1), bad)
+            else:
+                self.scores[self.names[v]][r] = float(value)
+
+    def failures(self, uids: list[str]) -> dict[str, str]:
+        return {uids[r]: "; ".join(m for _, m in sorted(msgs)) for r, msgs in sorted(self.reasons.items())}
+
+
+@dataclass
+class _Call:
+    verifier: int
+    rows: range
+    host: object
+
+
 class VerifierRunner:
     """Scores completions with several weighted verifiers under one wall-clock deadline per call."""
 
@@ -136,42 +149,19 @@ class VerifierRunner:
         num_workers: int = 2,
         job: str | None = None,  # run.name: tags this runner's per-verifier series (none without it)
     ):
-        self.specs = [VerifierSpec.parse(s) for s in specs]
-        if not self.specs:
-            raise VerifierSpecError(
-                "at least one verifier is required (the first one is the correctness check)"
-            )
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        self.timeout_s = float(timeout_s)
-        self.chunk_size = int(chunk_size)
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        # Validated and resolved now, so a typo in the config fails at start-up rather than at the first step.
+        self.specs, self._fns = checked(specs)
+        self.timeout_s = float(timeout_s)
+        self.chunk_size = int(chunk_size)
         self.num_workers = int(num_workers)
         self.success_threshold = float(success_threshold)
-        self._fns: list[Verifier] = []
         self.metrics = RoleMetrics("verifier", job=job)
-        self.validate()
-
-    def validate(self) -> None:
-        """Resolve every spec now, so a typo in the config fails at start-up rather than at the first step."""
-        seen: set[str] = set()
-        fns = []
-        for i, spec in enumerate(self.specs):
-            if spec.name in seen:
-                raise VerifierSpecError(
-                    f"verifier {spec.name!r} is listed twice; per_verifier scores are keyed by name"
-                )
-            seen.add(spec.name)
-            if not math.isfinite(spec.weight):
-                raise VerifierSpecError(f"verifier {spec.name!r}: weight must be finite, got {spec.weight}")
-            try:
-                fns.append(resolve(spec.name))
-            except VerifierSpecError as e:
-                raise VerifierSpecError(f"verifiers[{i}] ({spec.name!r}): {e}") from e
-        self._fns = fns
 
     def score(
         self, uids: list[str], prompts: list[str], completions: list[str], columns: dict[str, list]
@@ -186,96 +176,59 @@ class VerifierRunner:
             if len(col) != n:
                 raise ValueError(f"score: column {key!r} has {len(col)} rows for {n} uids")
         start = time.monotonic()
-        names = [s.name for s in self.specs]
-        scores = {name: [0.0] * n for name in names}
-        failed = {name: [False] * n for name in names}
-        reasons: dict[int, list[tuple[int, str]]] = {}  # row -> [(verifier index, "name: reason")]
+        tally = _Tally([s.name for s in self.specs], n)
+        calls = self._launch(prompts, completions, columns)
+        broken = self._collect(calls, tally, deadline=start + self.timeout_s)
+        seconds = time.monotonic() - start
+        for name in tally.names:
+            self.metrics.record(replica=name, rows=n, failed_rows=sum(tally.failed[name]), seconds=seconds)
+        for host in broken:
+            _POOL.replace(host)
+        rewards = [sum(s.weight * tally.scores[s.name][i] for s in self.specs) for i in range(n)]
+        first = tally.names[0]
+        correct = [not tally.failed[first][i] and tally.scores[first][i] >= self.success_threshold for i in range(n)]
+        return Rewards(uids=list(uids), rewards=rewards, correct=correct, per_verifier=tally.scores,
+                       failures=tally.failures(uids), verify_seconds=seconds)
 
-        def fail(v: int, rows: range, reason: str) -> None:
-            for r in rows:
-                failed[names[v]][r] = True
-                reasons.setdefault(r, []).append((v, f"{names[v]}: {reason}"))
-
-        # Each chunk goes into the object store once and is shared by all verifiers (Ray resolves a top-level
-        # ObjectRef argument to its value in the task); each function is put once too.
+    def _launch(self, prompts: list[str], completions: list[str], columns: dict[str, list]) -> dict:
+        """One call per (verifier, chunk), spread over the hosts. Each chunk goes into the object store once and is
+        shared by all verifiers (Ray resolves a top-level ObjectRef argument to its value); each function too."""
+        n = len(prompts)
         chunks = [range(lo, min(lo + self.chunk_size, n)) for lo in range(0, n, self.chunk_size)]
-        chunk_refs = [
-            ray.put(
-                (
-                    prompts[c.start : c.stop],
-                    completions[c.start : c.stop],
-                    {k: list(v[c.start : c.stop]) for k, v in columns.items()},
-                )
-            )
-            for c in chunks
-        ]
+        data = [ray.put((prompts[c.start : c.stop], completions[c.start : c.stop],
+                         {k: list(v[c.start : c.stop]) for k, v in columns.items()})) for c in chunks]
         hosts = _POOL.get(self.num_workers)
-        deadline = time.monotonic() + self.timeout_s
-        tasks = {}  # ObjectRef -> (verifier index, rows, host)
+        calls: dict = {}  # ObjectRef -> _Call
         for v, fn in enumerate(self._fns):
             _ship_by_value(fn)
             fn_ref = ray.put(fn)
-            for rows, data_ref in zip(chunks, chunk_refs, strict=True):
-                host = hosts[len(tasks) % len(hosts)]
-                tasks[host.run.remote(fn_ref, data_ref, self.specs[v].kwargs)] = (v, rows, host)
+            for rows, data_ref in zip(chunks, data, strict=True):
+                host = hosts[len(calls) % len(hosts)]
+                calls[host.run.remote(fn_ref, data_ref, self.specs[v].kwargs)] = _Call(v, rows, host)
+        return calls
 
-        refs = list(tasks)
+    def _collect(self, calls: dict, tally: _Tally, deadline: float) -> list:
+        """Fold each call's result into ``tally`` by the deadline; the hosts to replace (hung or dead)."""
+        refs = list(calls)
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
         for ref in pending:
-            v, rows, _ = tasks[ref]
-            fail(v, rows, f"timeout after {self.timeout_s:g}s")
-        broken = {id(tasks[r][2]): tasks[r][2] for r in pending}
+            tally.fail(calls[ref].verifier, calls[ref].rows, f"timeout after {self.timeout_s:g}s")
+        broken = {id(calls[r].host): calls[r].host for r in pending}
         for ref in ready:
-            v, rows, host = tasks[ref]
+            call = calls[ref]
             try:
                 ok, payload = ray.get(ref)
             except Exception as e:  # the host died (a verifier exited or crashed it), or fn could not be unpickled
                 if isinstance(e, ray.exceptions.RayActorError):
-                    broken[id(host)] = host
+                    broken[id(call.host)] = call.host
                 cause = getattr(e, "cause", None) or e
-                fail(v, rows, f"{type(cause).__name__}: {cause}")
+                tally.fail(call.verifier, call.rows, f"{type(cause).__name__}: {cause}")
                 continue
-            if not ok:
-                fail(v, rows, str(payload))
-            elif len(payload) != len(rows):
-                fail(v, rows, f"returned {len(payload)} scores for {len(rows)} rows")
+            if ok:
+                tally.take(call.verifier, call.rows, payload)
             else:
-                for r, value in zip(rows, payload, strict=True):
-                    bad = bad_value(value)
-                    if bad:
-                        fail(v, range(r, r + 1), bad)
-                    else:
-                        scores[names[v]][r] = float(value)
-
-        seconds = time.monotonic() - start
-        for name in names:
-            self.metrics.record(replica=name, rows=n, failed_rows=sum(failed[name]), seconds=seconds)
-        for host in broken.values():
-            _POOL.replace(host)
-        rewards = [sum(s.weight * scores[s.name][i] for s in self.specs) for i in range(n)]
-        first = names[0]
-        correct = [not failed[first][i] and scores[first][i] >= self.success_threshold for i in range(n)]
-        return Rewards(
-            uids=list(uids),
-            rewards=rewards,
-            correct=correct,
-            per_verifier=scores,
-            failures={uids[r]: "; ".join(m for _, m in sorted(msgs)) for r, msgs in sorted(reasons.items())},
-            verify_seconds=seconds,
-        )
-
-
-def bad_value(value: object) -> str | None:
-    """Why a single returned value is not a usable score, or None when it is."""
-    if value is None:
-        return "returned None"
-    if isinstance(value, Exception):  # a verifier's per-row error (e.g. math_answer on a gold it cannot parse)
-        return f"{type(value).__name__}: {value}"
-    if not isinstance(value, numbers.Real):
-        return f"returned non-number {value!r} ({type(value).__name__})"
-    if not math.isfinite(float(value)):
-        return f"returned non-finite value {float(value)}"
-    return None
+                tally.fail(call.verifier, call.rows, str(payload))
+        return list(broken.values())
 
 
 def _ship_by_value(fn: Verifier) -> None:

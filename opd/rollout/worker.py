@@ -11,7 +11,7 @@ import logging
 import time
 import zlib
 
-from opd.monitor.ray_metrics import RoleMetrics
+from opd.metrics import RoleMetrics
 from opd.rollout.engine import VLLMEngine
 from opd.rollout.weight_sync import TRANSFER, WeightBuckets
 from opd.types import Prompt, Sample, sample_uid

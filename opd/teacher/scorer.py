@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from opd.monitor.ray_metrics import RoleMetrics
+from opd.metrics import RoleMetrics
 from opd.types import Sample, TeacherScores
 
 

@@ -69,8 +69,18 @@ def counted_tokens(mask_BT: torch.Tensor, live_B: torch.Tensor, keep_BT: torch.T
     return m * route_sdpo_B.unsqueeze(-1) if route_sdpo_B is not None else m
 
 
+def sequences(mask_BT: torch.Tensor, agg: str) -> float:
+    """What a piece's ``aggregate`` divided by, to be undone before dividing by the batch's sequence count
+    (``denominators``): one rule for a row without tokens, which no count includes. The per-sequence mean left it
+    out already; Dr.GRPO's constant length divided by every row of the piece (an empty one adds nothing to the sum)."""
+    if agg == "seq-mean-token-mean":
+        return float((mask_BT.sum(-1) > 0).sum())
+    return float(mask_BT.shape[0])
+
+
 def denominators(counted: list[torch.Tensor], live: list[torch.Tensor], comm: Collective) -> tuple[float, int]:
-    """(tokens, sequences) of the whole batch, summed over ranks: each shard's loss is a share of the batch's."""
+    """(tokens, sequences) of the whole batch, summed over ranks: each shard's loss is a share of the batch's.
+    ``live``: [B] per micro-batch, 1 for each sample of the batch's sequence count (live, with tokens)."""
     local = [float(sum(c.sum() for c in counted)), float(sum(x.sum() for x in live))]
     tokens, seqs = comm.sum(torch.tensor(local, dtype=torch.float64)).tolist()
     return tokens or 1.0, int(seqs) or 1

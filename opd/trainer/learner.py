@@ -30,12 +30,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import AutoTokenizer
 
-from opd.monitor.ray_metrics import RoleMetrics
+from opd.metrics import RoleMetrics
 from opd.rollout.weight_sync import TRANSFER, WeightBuckets, gather_only, whole
 from opd.trainer import batchwide, fsdp, persist
 from opd.trainer.chunks import per_piece, pieces
@@ -46,7 +46,8 @@ from opd.trainer.lora import LoraSpec, adapter_files, trainable, wrap
 from opd.trainer.losses import aggregate, entropy_from_logits, token_logprobs
 from opd.trainer.memory import ActivationMeter
 from opd.trainer.microbatch import padded_tokens, plan
-from opd.trainer.objective import Aux, ObjectiveSpec, token_loss
+from opd.trainer.objectives.loss import Aux, token_loss
+from opd.trainer.objectives.spec import ObjectiveSpec
 from opd.trainer.sdpo import ema_update
 from opd.trainer.shards import balance_shards, shard_imbalance, take
 from opd.trainer.stats import StepStats
@@ -54,6 +55,21 @@ from opd.trainer.teacher_side import TeacherSide, load_model
 from opd.types import TrainBatch
 
 log = logging.getLogger("opd.learner")
+
+
+@dataclass
+class _Shard:
+    """One rank's shard of a step laid out: its micro-batches and what the whole batch fixed before they learn."""
+
+    micro: list[list[int]]
+    n_own: int  # the micro-batches whose statistics count (0 for a stand-in shard; padding ones come after)
+    mts: list[MicroTensors]
+    auxes: list[Aux]
+    live: list[torch.Tensor]
+    keeps: list[torch.Tensor | None]
+    denom: float
+    n_seqs: int
+    base: StepStats  # positions, padding and the learner-side teacher KL, before any micro-batch ran
 
 
 class Learner:
@@ -168,7 +184,7 @@ class Learner:
         """Each micro-batch's SRPO entropy weights, from the self-teacher's entropy on its SDPO-routed tokens."""
         ent = [per_piece(lambda p, a=a: entropy_from_logits(a.teacher_head(p)), self._pieces(m)) for a, m in zip(auxes, masks, strict=True)]
         sdpo = [(a.route_sdpo_B * x).unsqueeze(-1) * m for a, m, x in zip(auxes, masks, live, strict=True)]
-        for a, w in zip(auxes, batchwide.srpo_weights(ent, sdpo, self.spec.srpo_entropy_beta, self.comm), strict=True):
+        for a, w in zip(auxes, batchwide.srpo_weights(ent, sdpo, self.spec.entropy_beta, self.comm), strict=True):
             a.entropy_weights_BT = w
 
     @torch.no_grad()
@@ -185,7 +201,7 @@ class Learner:
         return batchwide.keep_masks(ent, div, valid, self.spec.keep_ratio, self.spec.select_mode, self.comm)
 
     def _learn_micro(self, batch: TrainBatch, idx: list[int], mt: MicroTensors, aux: Aux, keep: torch.Tensor | None,
-                     live: torch.Tensor, denom: float, n_seqs: int) -> dict:
+                     live: torch.Tensor, denom: float, n_seqs: int) -> StepStats:
         """Forward and backward of one micro-batch: the trunk once, then the LM head and the loss piece by piece
         (``opd.trainer.chunks``), each piece's backward into the trunk's output, then one backward through the
         trunk. A non-finite piece stops the micro-batch before its backward (the step will be skipped); sharded,
@@ -205,32 +221,31 @@ class Learner:
                 if getattr(aux, name) is not None:
                     setattr(aux, name, flatten_kept(getattr(aux, name), keep))
         h_leaf = h_BTH.detach().requires_grad_(True)
-        out = {"loss": 0.0, "entropy_sum": 0.0, "tokens": 0.0, "counted": 0.0, "absdiff": 0.0, "finite": True}
+        out = StepStats()
         for p in self._pieces(mask_BT, by_token=bool(self.spec.select_mode)):
             logits_BTV = self.fw.logits(self.model, h_leaf[p])
             loss_BT, count_BT = token_loss(self.spec, logits_BTV, targets_BT[p], mask_BT[p], sampler_BT[p], adv_BT[p], aux.piece(p))
             loss_BT = loss_BT * weights_BT[p]
             if self.spec.objective.sequence_agg and self.spec.agg != "token-mean":
-                loss = aggregate(loss_BT, mask_BT[p], self.spec.agg, self.spec.norm_len) * loss_BT.shape[0] / n_seqs
+                loss = aggregate(loss_BT, mask_BT[p], self.spec.agg, self.spec.norm_len) * batchwide.sequences(
+                    mask_BT[p], self.spec.agg) / n_seqs
             else:
                 loss = loss_BT.sum() / denom
             if not torch.isfinite(loss.detach()):
-                out["finite"] = False
+                out = out.add(nonfinite=1.0)
                 break
             loss.backward()
             with torch.no_grad():
                 logp_BT = token_logprobs(logits_BTV, targets_BT[p])
                 m = mask_BT[p]
-                out["loss"] += float(loss)
-                out["entropy_sum"] += float((entropy_from_logits(logits_BTV) * m).sum())
-                out["tokens"] += float(m.sum())
-                out["counted"] += float(count_BT.sum())
+                out = out.add(loss=float(loss), entropy_sum=float((entropy_from_logits(logits_BTV) * m).sum()),
+                              tokens=float(m.sum()), counted=float(count_BT.sum()))
                 if m.any():
-                    out["absdiff"] = max(out["absdiff"], float(((logp_BT - sampler_BT[p]).abs() * m).max()))
+                    out = out.add(absdiff=float(((logp_BT - sampler_BT[p]).abs() * m).max()))
             del logits_BTV, loss_BT, loss
         if self.sharded:
             h_BTH.backward(h_leaf.grad if h_leaf.grad is not None else torch.zeros_like(h_BTH))
-        elif out["finite"] and h_leaf.grad is not None:
+        elif out.finite and h_leaf.grad is not None:
             h_BTH.backward(h_leaf.grad)
         return out
 
@@ -264,6 +279,21 @@ class Learner:
         """This rank's forward/backward over its shard, then the update that every rank applies identically. A
         stand-in shard (``shards``) only joins the other ranks' forwards and backwards: it adds no statistics."""
         t0 = time.perf_counter()
+        shard = self._lay_out(batch, stand_in)
+        own = self._accumulate(batch, shard)
+        self.teachers.reshard()
+        fsdp.reshard(self.trunk)  # a padding micro-batch's or TIP's forward may have left the root gathered
+        step = own.reduce(self.comm)  # the batch's: every rank then takes the same skip-or-step decision
+        grad_norm, skipped = self._apply(step.finite)
+        seconds = time.perf_counter() - t0
+        self.metrics.record(tokens=own.tokens, tokens_per_s=own.tokens / max(seconds, 1e-9),
+                            activation_mib=own.activation_bytes / 2**20, version=self.version)
+        return {**step.metrics(), "grad_norm": grad_norm, "update_skipped": float(skipped), "lr": self._lr(),
+                "train_seconds": seconds, "train_tokens_per_s": step.tokens / max(seconds, 1e-9)}
+
+    def _lay_out(self, batch: TrainBatch, stand_in: bool) -> _Shard:
+        """Micro-batches and their tensors, then what the whole batch fixes before any of them learns: SRPO's
+        weights, TIP's kept tokens, the token and sequence denominators (``opd.trainer.batchwide``)."""
         lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True)]
         micro = plan(lengths, self.micro_batch_size, self.micro_batch_tokens)
         n_own = 0 if stand_in else len(micro)  # the micro-batches whose statistics count
@@ -272,33 +302,41 @@ class Learner:
         mts = [build_micro([batch.prompt_ids[i] for i in idx], [batch.response_ids[i] for i in idx], self.pad_id,
                            self.share_prompts).to(self.device) for idx in micro]
         auxes = [self.teachers.aux(batch, idx, mt) for idx, mt in zip(micro, mts, strict=True)]
-        live = [batchwide.live_samples(batch.loss_weights, idx).to(self.device) * float(j < n_own) for j, idx in enumerate(micro)]
-        if self.spec.objective.entropy_weighted:
+        live = [batchwide.live_samples(batch.loss_weights, idx).to(self.device) * float(j < n_own)
+                for j, idx in enumerate(micro)]
+        objective = self.spec.objective
+        if objective.entropy_weighted:
             self._srpo_weights(auxes, [mt.mask_BT for mt in mts], live)
         keeps = self._keep_masks(batch, micro, mts, auxes, live) if self.spec.select_mode else [None] * len(micro)
-        denom_tokens = [batchwide.counted_tokens(mt.mask_BT, x, k, a.route_sdpo_B if self.spec.objective.routed_denominator else None)
-                        for mt, x, k, a in zip(mts, live, keeps, auxes, strict=True)]
-        denom, n_seqs = batchwide.denominators(denom_tokens, live, self.comm)
+        counted = [batchwide.counted_tokens(mt.mask_BT, x, k, a.route_sdpo_B if objective.routed_denominator else None)
+                   for mt, x, k, a in zip(mts, live, keeps, auxes, strict=True)]
+        with_tokens = [x * (mt.mask_BT.sum(-1) > 0) for mt, x in zip(mts, live, strict=True)]
+        denom, n_seqs = batchwide.denominators(counted, with_tokens, self.comm)
         kl_sum, kl_tokens = self._teacher_kl(batch, micro[:n_own], mts[:n_own], auxes[:n_own])
-        own = StepStats(real_positions=float(sum(lengths) * (not stand_in)), padded_positions=float(padded_tokens(lengths, micro[:n_own])),
-                        kl_sum=kl_sum, kl_tokens=kl_tokens)
+        base = StepStats(real_positions=float(sum(lengths) * (not stand_in)),
+                         padded_positions=float(padded_tokens(lengths, micro[:n_own])), kl_sum=kl_sum, kl_tokens=kl_tokens)
+        return _Shard(micro, n_own, mts, auxes, live, keeps, denom, n_seqs, base)
+
+    def _accumulate(self, batch: TrainBatch, shard: _Shard) -> StepStats:
+        """Every micro-batch's forward and backward; gradients add up to the whole batch's loss."""
+        own = shard.base
         self.opt.zero_grad(set_to_none=True)
-        for j, (idx, mt, aux, keep, x) in enumerate(zip(micro, mts, auxes, keeps, live, strict=True)):
+        for j, (idx, mt, aux, keep, x) in enumerate(zip(shard.micro, shard.mts, shard.auxes, shard.keeps, shard.live, strict=True)):
             with ActivationMeter(weights=self._weights) as meter:
-                out = self._learn_micro(batch, idx, mt, aux, keep, x, denom, n_seqs)
+                got = self._learn_micro(batch, idx, mt, aux, keep, x, shard.denom, shard.n_seqs)
             own = own.add(activation_bytes=float(meter.bytes))
-            if not out["finite"]:
+            if not got.finite:
                 own = own.add(nonfinite=1.0)
                 if self.sharded:
                     continue  # the other ranks' forwards and backwards still need this one's
                 break
-            if j < n_own:
-                own = own.add(loss=out["loss"], entropy_sum=out["entropy_sum"], tokens=out["tokens"], counted=out["counted"],
-                              absdiff=out["absdiff"])
-        self.teachers.reshard()
-        fsdp.reshard(self.trunk)  # a padding micro-batch's or TIP's forward may have left the root gathered
-        step = own.reduce(self.comm)  # the batch's: every rank then takes the same skip-or-step decision
-        finite = step.finite
+            if j < shard.n_own:
+                own = own.add(loss=got.loss, entropy_sum=got.entropy_sum, tokens=got.tokens, counted=got.counted,
+                              absdiff=got.absdiff)
+        return own
+
+    def _apply(self, finite: bool) -> tuple[float, bool]:
+        """Clip and step (or skip a non-finite step on every rank); (grad norm, skipped)."""
         if finite and not self.sharded:
             self.comm.sum_grads(trainable(self.model))  # identical gradients -> identical clipping and step
         # Sharded, the backward already summed each shard's gradient over the ranks, and the norm spans them too.
@@ -307,21 +345,18 @@ class Learner:
         if skipped:
             log.warning("non-finite loss or gradient at learner step %d: update skipped", self.steps_done)
             self.opt.zero_grad(set_to_none=True)
-        else:
-            for group in self.opt.param_groups:
-                group["lr"] = self._lr()
-            self.opt.step()
-            if self.teachers.self_teacher is not None:
-                # Pairs by position; with LoRA only the adapter moves, so only it is averaged.
-                pairs = [(t, s) for t, s in zip(self.teachers.self_teacher.parameters(), self.model.parameters(), strict=True) if s.requires_grad]
-                ema_update([t for t, _ in pairs], [s for _, s in pairs], rate=self.spec.sdpo_ema_rate)
-            self.steps_done += 1
-            self.version += 1
-        seconds = time.perf_counter() - t0
-        self.metrics.record(tokens=own.tokens, tokens_per_s=own.tokens / max(seconds, 1e-9),
-                            activation_mib=own.activation_bytes / 2**20, version=self.version)
-        return {**step.metrics(), "grad_norm": grad_norm, "update_skipped": float(skipped), "lr": self._lr(),
-                "train_seconds": seconds, "train_tokens_per_s": step.tokens / max(seconds, 1e-9)}
+            return grad_norm, True
+        for group in self.opt.param_groups:
+            group["lr"] = self._lr()
+        self.opt.step()
+        if self.teachers.self_teacher is not None:
+            # Pairs by position; with LoRA only the adapter moves, so only it is averaged.
+            pairs = [(t, s) for t, s in zip(self.teachers.self_teacher.parameters(), self.model.parameters(), strict=True)
+                     if s.requires_grad]
+            ema_update([t for t, _ in pairs], [s for _, s in pairs], rate=self.spec.self_teacher_settings.ema_rate)
+        self.steps_done += 1
+        self.version += 1
+        return grad_norm, False
 
     def _teacher_kl(self, batch: TrainBatch, micro: list[list[int]], mts: list[MicroTensors], auxes: list[Aux]) -> tuple[float, float]:
         """(sum, tokens) of the sampled-token KL log q - log pi_T when this learner ran the teacher (then no teacher

@@ -14,7 +14,9 @@ from opd.trainer import fsdp
 from opd.trainer.chunks import per_piece, pieces
 from opd.trainer.forward import MicroTensors, Precision, Trunk, build_micro, rows
 from opd.trainer.losses import token_logprobs
-from opd.trainer.objective import Aux, ObjectiveSpec
+from opd.trainer.objectives import SELF_TEACHER_ROUTE
+from opd.trainer.objectives.loss import Aux
+from opd.trainer.objectives.spec import ObjectiveSpec
 from opd.types import TrainBatch
 
 
@@ -106,6 +108,6 @@ class TeacherSide:
             tmt = build_micro(prompts, [batch.response_ids[i] for i in idx], self.pad_id, self.share_prompts).to(self.device)
             s_h = self.fw.hidden(self.self_teacher, tmt)
             aux.teacher_head = lambda p: self.fw.logits(self.self_teacher.model, s_h[p])
-            aux.route_sdpo_B = torch.tensor([1.0 if batch.routes[i] == "sdpo" else 0.0 for i in idx], device=self.device)
+            aux.route_sdpo_B = torch.tensor([1.0 if batch.routes[i] == SELF_TEACHER_ROUTE else 0.0 for i in idx], device=self.device)
         return aux
 
