@@ -102,10 +102,10 @@ def main() -> None:
 
     if args.flip_sign:
         _flip_sign()
-    if args.steps:
-        T.STEPS = args.steps
+    if args.steps:  # after each run's own overrides: these win
+        args.set.append(f"trainer.total_steps={args.steps}")
     if args.prompts:
-        T.PROMPTS = args.prompts
+        args.set.append(f"rollout.prompts_per_step={args.prompts}")
     names = [n for n in args.runs.split(",") if n] or [*T.KL_RUNS, *T.REWARD_RUNS, "sdpo"]
     rows, t0 = [], time.perf_counter()
     for boot in _ints(args.boots):
@@ -117,8 +117,7 @@ def main() -> None:
                 row = {"boot": boot, **one_run(T, world, name, seed, args.lr, args.set)}
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 rows.append(row)
-    result = {"command": " ".join(sys.argv), "flip_sign": args.flip_sign, "steps": T.STEPS, "prompts": T.PROMPTS,
-              "group": T.GROUP, "wall_s": round(time.perf_counter() - t0), "summary": summary(rows, T.MARGIN), "rows": rows}
+    result = {"command": " ".join(sys.argv), "flip_sign": args.flip_sign, "overrides": args.set, "group": T.GROUP, "wall_s": round(time.perf_counter() - t0), "summary": summary(rows, T.MARGIN), "rows": rows}
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
