@@ -3,8 +3,8 @@
     python benchmarks/algorithms.py --out runs/bench-algorithms            # default budget (<= 60 min on 2 cores)
     python benchmarks/algorithms.py --out /tmp/b --steps 4 --seeds 1 --objectives opd grpo   # smoke
 
-Writes DIR/algorithms.json (per objective: held-out accuracy per evaluated step, final accuracy, steps to reach 90 %
-of the teacher's accuracy, peak learner activation memory, tokens trained; per seed and averaged),
+Writes DIR/algorithms.json (per objective: held-out accuracy per evaluated step, final accuracy, steps to
+reach 90 % of the teacher's accuracy, peak learner activation memory, tokens trained; per seed and averaged),
 DIR/algorithms.md (a table) and DIR/algorithms.png (accuracy vs step). Prints the JSON summary.
 """
 
@@ -20,17 +20,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Shared by every objective on top of configs/demo.yaml: the same steps, prompts and samples. Groups of 4, because
-# GRPO, SDPO, SRPO and PACED learn from the spread of rewards inside a group.
+# Shared by every objective on top of configs/demo.yaml: the same steps, prompts and samples. Groups of 4,
+# because GRPO, SDPO, SRPO and PACED learn from the spread of rewards inside a group.
 BUDGET = {"rollout.prompts_per_step": 64, "rollout.group_size": 4, "trainer.warmup_steps": 20}
 
-# Two learning rates, each the highest measured stable for its family on these models: objectives that push on the
-# sampled tokens only (policy gradient: GRPO, sampled-token OPD/ExOPD, SDPO/SRPO) collapse at 2e-3 (GRPO went
-# 11 % -> 0 % in 40 steps) and learn at 3e-4; a dense target over the teacher's top-k is stable at 3e-3.
+# Two learning rates, each the highest measured stable for its family on these models: objectives that push on
+# the sampled tokens only (policy gradient: GRPO, sampled-token OPD/ExOPD, SDPO/SRPO) collapse at 2e-3 (GRPO
+# went 11 % -> 0 % in 40 steps) and learn at 3e-4; a dense target over the teacher's top-k is stable at 3e-3.
 LR_PG, LR_DENSE = 3e-4, 3e-3
 
-# name -> overrides. "opd" is the demo's estimator (teacher top-k forward KL); "opd-sampled" is the sampled-token
-# one, which ExOPD extrapolates and TIP ranks tokens by, so those comparisons are like for like.
+# name -> overrides. "opd" is the demo's estimator (teacher top-k forward KL); "opd-sampled" is the
+# sampled-token one, which ExOPD extrapolates and TIP ranks tokens by, so those comparisons are like for like.
 OBJECTIVES = {
     "grpo": {"algorithm": "grpo", "trainer.lr": LR_PG},
     "opd": {"algorithm": "opd", "trainer.lr": LR_DENSE},
@@ -38,12 +38,12 @@ OBJECTIVES = {
     "exopd": {"algorithm": "exopd", "trainer.lr": LR_PG},
     "sdpo": {"algorithm": "sdpo", "trainer.lr": LR_PG},
     "srpo": {"algorithm": "srpo", "trainer.lr": LR_PG},
-    # TIP's headline setting: entropy-weighted sampling of 50 % of the tokens (the Q3 "overconfident" quadrant keeps
-    # ~3 % of the tokens on this task, far below the ratio).
+    # TIP's headline setting: entropy-weighted sampling of 50 % of the tokens (the Q3 "overconfident" quadrant
+    # keeps ~3 % of the tokens on this task, far below the ratio).
     "opd-sampled+tip50": {"algorithm": "opd", "opd.divergence": "sampled", "selection.mode": "entropy_sample",
                           "selection.keep_ratio": 0.5, "trainer.lr": LR_PG},
-    # PACED zeroes every group whose samples all agree, so few groups carry signal: the sparse-signal rate. At the
-    # dense rate (3e-3) it collapsed to 0 % on both seeds within 30 steps.
+    # PACED zeroes every group whose samples all agree, so few groups carry signal: the sparse-signal rate. At
+    # the dense rate (3e-3) it collapsed to 0 % on both seeds within 30 steps.
     "opd+paced": {"algorithm": "opd", "weighting.paced": True, "trainer.lr": LR_PG},
 }
 
@@ -83,7 +83,8 @@ def run_one(name: str, seed: int, args) -> dict:
 
 
 def half_gap(start: float, teacher: float) -> float:
-    """The accuracy halfway from the student's start to the teacher: a target every objective can meet in budget."""
+    """The accuracy halfway from the student's start to the teacher: a target every objective can meet in
+    budget."""
     return start + 0.5 * (teacher - start)
 
 

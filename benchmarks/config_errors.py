@@ -1,10 +1,12 @@
-"""How long a user waits for a config error: each bad invocation run as a user runs it (a fresh ``opd`` process),
-timed to its exit, beside ``opd --help`` (the interpreter and the CLI's own imports) on the same machine.
+"""How long a user waits for a config error: each bad invocation run as a user runs it (a fresh ``opd``
+process), timed to its exit, beside ``opd --help`` (the interpreter and the CLI's own imports) on the same
+machine.
 
     python benchmarks/config_errors.py --repeats 5 --out benchmarks/results/config_errors.json
 
-Prints JSON: per case the median and worst seconds to the exit, the exit code, whether the message names the key,
-and the ratio to ``opd --help``. Every case must exit 2; none starts Ray or imports torch (tests/test_late_inputs.py).
+Prints JSON: per case the median and worst seconds to the exit, the exit code, whether the message names the
+key, and the ratio to ``opd --help``. Every case must exit 2; none starts Ray or imports torch
+(tests/test_late_inputs.py).
 """
 
 from __future__ import annotations

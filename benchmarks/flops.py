@@ -1,11 +1,11 @@
-"""FLOPs of each stage of an on-policy distillation step, and this machine's float32 matmul rate: the bound every
-stage's measured time is set against (``benchmarks/vs_trl.py`` reports time / bound per stage).
+"""FLOPs of each stage of an on-policy distillation step, and this machine's float32 matmul rate: the bound
+every stage's measured time is set against (``benchmarks/vs_trl.py`` reports time / bound per stage).
 
     python benchmarks/flops.py models/smollm2-L20 models/smollm2      # the bound of one step of configs/smollm2.yaml
 
-Counts are of matrix products only (the layers' weights, attention scores and values, the LM head), 2 FLOPs per
-multiply-add; a backward pass costs twice its forward. Norms, activations, softmax and the optimiser are left
-out: they are memory-bound and small next to the products at these sizes.
+Counts are of matrix products only (the layers' weights, attention scores and values, the LM head), 2 FLOPs
+per multiply-add; a backward pass costs twice its forward. Norms, activations, softmax and the optimiser are
+left out: they are memory-bound and small next to the products at these sizes.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ class Shape:
         return attn + 3 * self.hidden * self.intermediate  # gated MLP: gate, up, down
 
     def forward(self, tokens: int, context: int, logits: int) -> float:
-        """``tokens`` positions through every layer, ``context`` (query, key) pairs attended in all, the LM head at
+        """``tokens`` positions through every layer, ``context`` (query, key) pairs attended in all, the LM
+        head at
         ``logits`` positions."""
         return (2 * self.layers * self.layer_params * tokens + 4 * self.layers * self.heads * self.head_dim * context
                 + 2 * self.hidden * self.vocab * logits)
@@ -50,9 +51,10 @@ def causal_pairs(n: int, start: int = 0) -> int:
 
 
 def score(shape: Shape, prompt_lens: list[int], response_lens: list[int], logits_all: bool, group: int = 1) -> float:
-    """A forward over prompt + response; the LM head at the response positions (or at every position, as vLLM's
-    ``prompt_logprobs`` does). ``group`` > 1: each run of ``group`` sequences shares one prompt, which runs once
-    (``opd.models.prefix``), and only the responses run per sequence."""
+    """A forward over prompt + response; the LM head at the response positions (or at every position, as
+    vLLM's
+    ``prompt_logprobs`` does). ``group`` > 1: each run of ``group`` sequences shares one prompt, which runs
+    once (``opd.models.prefix``), and only the responses run per sequence."""
     if group == 1:
         return sum(shape.forward(p + r, causal_pairs(p + r), (p + r) if logits_all else r)
                    for p, r in zip(prompt_lens, response_lens, strict=True))
@@ -67,7 +69,8 @@ def train(shape: Shape, prompt_lens: list[int], response_lens: list[int], group:
 
 
 def generate(shape: Shape, prompt_lens: list[int], response_lens: list[int]) -> float:
-    """Prefill (logits at the last prompt position) and one decode step per response token, with a KV cache."""
+    """Prefill (logits at the last prompt position) and one decode step per response token, with a KV
+    cache."""
     total = 0.0
     for p, r in zip(prompt_lens, response_lens, strict=True):
         total += shape.forward(p, causal_pairs(p), 1)
@@ -76,7 +79,8 @@ def generate(shape: Shape, prompt_lens: list[int], response_lens: list[int]) -> 
 
 
 def matmul_rate(threads: int, m: int = 1024, k: int = 576, n: int = 1536, seconds: float = 1.0) -> float:
-    """Sustained float32 GFLOP/s of ``[m, k] @ [k, n]`` on ``threads`` torch threads (a layer-shaped product)."""
+    """Sustained float32 GFLOP/s of ``[m, k] @ [k, n]`` on ``threads`` torch threads (a layer-shaped
+    product)."""
     import torch
 
     prev = torch.get_num_threads()

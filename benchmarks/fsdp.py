@@ -1,14 +1,16 @@
-"""Learner ranks sharded (FSDP2) against replicas (ddp) and one rank, on a real checkpoint, side by side in one run.
+"""Learner ranks sharded (FSDP2) against replicas (ddp) and one rank, on a real checkpoint, side by side in
+one run.
 
     python benchmarks/fsdp.py --model models/smollm2 --out benchmarks/results/fsdp_smollm2.json
     python benchmarks/fsdp.py --model models/demo/student --steps 2                 # the tiny demo student
 
-Per configuration (1 rank; 2 gloo ranks as ddp; 2 as fsdp2), each in fresh processes on 127.0.0.1 without Ray (the
-ranks are driven as rank 0 drives its peers in a job): the bytes each rank holds for the student's weights,
-gradients and AdamW state (counted from the tensors: a shard counts its local slice), the peak RSS of each rank's
-process, the seconds per step, and the largest difference of the final weights from the 1-rank run. The batch is
-16 samples of the task's kind of lengths (prompts of 40-60 tokens, 16-token responses), sampled-token OPD against a
-synthetic teacher; what is measured depends on the shapes, not on the words. Prints JSON.
+Per configuration (1 rank; 2 gloo ranks as ddp; 2 as fsdp2), each in fresh processes on 127.0.0.1 without Ray
+(the ranks are driven as rank 0 drives its peers in a job): the bytes each rank holds for the student's
+weights, gradients and AdamW state (counted from the tensors: a shard counts its local slice), the peak RSS of
+each rank's process, the seconds per step, and the largest difference of the final weights from the 1-rank
+run. The batch is 16 samples of the task's kind of lengths (prompts of 40-60 tokens, 16-token responses),
+sampled-token OPD against a synthetic teacher; what is measured depends on the shapes, not on the words.
+Prints JSON.
 """
 
 from __future__ import annotations

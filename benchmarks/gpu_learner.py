@@ -1,21 +1,22 @@
-"""The learner on one GPU: tokens/s, MFU and peak memory of opd's ``Learner`` at Qwen2.5-0.5B and 1.5B shapes, for
-top-k OPD, full-vocabulary OPD with the LM head and loss in pieces and all at once, and GRPO. Prints JSON.
+"""The learner on one GPU: tokens/s, MFU and peak memory of opd's ``Learner`` at Qwen2.5-0.5B and 1.5B shapes,
+for top-k OPD, full-vocabulary OPD with the LM head and loss in pieces and all at once, and GRPO. Prints JSON.
 
     python benchmarks/gpu_learner.py --out benchmarks/results/gpu_learner_h200.json   # one H200: under 8 minutes
     python benchmarks/gpu_learner.py --tiny                                            # the same path on a CPU, seconds
 
-Needs torch, transformers and peft only (the lent GPU machines have no vLLM and no Ray): it drives the Learner class
-in-process on synthetic rollouts. Students are random-weight Qwen2 models built from configs (151,936-token
-vocabulary, tied embeddings) and saved to a temporary directory; the full-vocabulary teacher is a second copy of the
-student's checkpoint, frozen (the same shape, so the teacher-side forward costs what a same-size teacher's would).
-Random weights and tokens change the loss values, not the work.
+Needs torch, transformers and peft only (the lent GPU machines have no vLLM and no Ray): it drives the Learner
+class in-process on synthetic rollouts. Students are random-weight Qwen2 models built from configs
+(151,936-token vocabulary, tied embeddings) and saved to a temporary directory; the full-vocabulary teacher is
+a second copy of the student's checkpoint, frozen (the same shape, so the teacher-side forward costs what a
+same-size teacher's would). Random weights and tokens change the loss values, not the work.
 
-Per case: a fresh Learner, ``--warmup`` untimed steps, then ``--steps`` timed ones (the median is reported). On CUDA
-the peak is ``torch.cuda.max_memory_allocated`` since a reset after the warm-up; on the CPU it is the process's RSS
-high-water mark (VmHWM, reset through /proc/self/clear_refs), with glibc told to map large blocks so freed tensors
-leave the RSS. ``step_peak_over_resident`` subtracts what was allocated before the timed steps (weights, gradients,
-AdamW state, teachers): the memory the steps add. The full-vocabulary pair runs with gradient checkpointing, so what
-the steps add is mostly the LM head and the loss's, which is what computing them in pieces changes.
+Per case: a fresh Learner, ``--warmup`` untimed steps, then ``--steps`` timed ones (the median is reported).
+On CUDA the peak is ``torch.cuda.max_memory_allocated`` since a reset after the warm-up; on the CPU it is the
+process's RSS high-water mark (VmHWM, reset through /proc/self/clear_refs), with glibc told to map large
+blocks so freed tensors leave the RSS. ``step_peak_over_resident`` subtracts what was allocated before the
+timed steps (weights, gradients, AdamW state, teachers): the memory the steps add. The full-vocabulary pair
+runs with gradient checkpointing, so what the steps add is mostly the LM head and the loss's, which is what
+computing them in pieces changes.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ class Case:
 
     @property
     def teacher_forward(self) -> bool:
-        return self.divergence == "full_vocab"  # the learner runs the HF teacher's forward (full_vocab_source=learner)
+        # the learner runs the HF teacher's forward (full_vocab_source=learner)
+        return self.divergence == "full_vocab"
 
 
 CASES = (
@@ -90,12 +92,14 @@ class Load:
     prompt_len: int
     response_min: int
     response_max: int
-    micro_batch_tokens: int  # trainer.micro_batch_tokens: length-sorted micro-batches within this padded budget
+    # trainer.micro_batch_tokens: length-sorted micro-batches within this padded budget
+    micro_batch_tokens: int
     chunk_tokens: int  # trainer.logits_chunk_tokens of the chunked cases (whole sequences per piece)
 
 
 def build_student(shape: Shape, out: Path, device: torch.device) -> Path:
-    """A random-weight Qwen2 checkpoint of ``shape`` (bf16 on disk; the learner loads float32 master weights)."""
+    """A random-weight Qwen2 checkpoint of ``shape`` (bf16 on disk; the learner loads float32 master
+    weights)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from opd.tasks.tokenizer import build_tokenizer
@@ -109,7 +113,8 @@ def build_student(shape: Shape, out: Path, device: torch.device) -> Path:
         model = Qwen2ForCausalLM(cfg)
     path = out / shape.name
     model.to(torch.bfloat16).save_pretrained(path)
-    build_tokenizer().save_pretrained(path)  # the learner saves it with checkpoints; its ids are not used here
+    # the learner saves it with checkpoints; its ids are not used here
+    build_tokenizer().save_pretrained(path)
     del model
     return path
 
@@ -132,16 +137,17 @@ def synthetic_batch(case: Case, load: Load, vocab: int, seed: int):
     adv = ([[rng.choice((-1.0, 1.0))] * len(r) for r in responses] if case.objective == "grpo"
            else [(-gen.uniform(-1, 1, len(r))).tolist() for r in responses])
     return TrainBatch(uids=[f"u{i}" for i in range(n)], prompt_ids=prompts, response_ids=responses,
-                      # Only top-k OPD brings teacher scores from a teacher actor; full-vocab's teacher runs here.
+                      # Only top-k OPD brings teacher scores from a teacher actor; full-vocab's teacher runs
+                      # here.
                       sampler_logprobs=sampler, advantages=adv, teacher_logprobs=sampler if topk else None,
                       objective=case.objective, teacher_topk_ids=ids, teacher_topk_logprobs=lps)
 
 
 def model_flops(shape: Shape, batch, teacher_forward: bool) -> float:
-    """Matmul FLOPs of one step's useful work: 6 per weight per token for the student's forward and backward, 2 for
-    the teacher-side forward. The trunk (every weight but the tied embedding) runs on every real token; the LM
-    head (vocab x hidden) only on response tokens, as opd runs it. Padding, attention scores and recompute under
-    gradient checkpointing are not counted."""
+    """Matmul FLOPs of one step's useful work: 6 per weight per token for the student's forward and backward,
+    2 for the teacher-side forward. The trunk (every weight but the tied embedding) runs on every real token;
+    the LM head (vocab x hidden) only on response tokens, as opd runs it. Padding, attention scores and
+    recompute under gradient checkpointing are not counted."""
     head = shape.vocab * shape.hidden
     attn = shape.hidden * shape.hidden * 2 + 2 * shape.hidden * (shape.hidden // shape.heads) * shape.kv_heads
     trunk = shape.layers * (attn + 3 * shape.hidden * shape.intermediate)
@@ -157,7 +163,8 @@ class Memory:
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         if not self.cuda:
-            try:  # M_MMAP_THRESHOLD: blocks >= 64 KiB mapped and unmapped on free, so RSS follows the live tensors
+            # M_MMAP_THRESHOLD: blocks >= 64 KiB mapped and unmapped on free, so RSS follows the live tensors
+            try:
                 ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)
             except OSError:
                 pass
@@ -231,7 +238,8 @@ def run_case(shape: Shape, model_dir: Path, case: Case, load: Load, args, device
         "shape": shape.name, **asdict(case), "logits_chunk_tokens": load.chunk_tokens if case.chunked else 0,
         "sequences": load.sequences, "tokens_per_step": _median(tokens), "step_seconds": _median(times),
         "step_seconds_all": [round(t, 4) for t in times],
-        # medians of each step's own rate: the steps' lengths differ, so a median time and a median size would not pair
+        # medians of each step's own rate: the steps' lengths differ, so a median time and a median size would
+        # not pair
         "tokens_per_s": round(_median([n / t for n, t in zip(tokens, times, strict=True)]), 1),
         "model_tflops_per_step": round(_median(flops) / 1e12, 3),
         "mfu": round(_median([f / t / peak_flops for f, t in zip(flops, times, strict=True)]), 4) if peak_flops else None,
@@ -246,7 +254,8 @@ def _median(xs: list[float]) -> float:
 
 
 def targets(rows: list[dict]) -> dict:
-    """The issue's targets, reported (not asserted): MFU >= 35 % at 0.5B bf16; full-vocab chunked <= 1/4 unchunked."""
+    """The issue's targets, reported (not asserted): MFU >= 35 % at 0.5B bf16; full-vocab chunked <= 1/4
+    unchunked."""
     out: dict = {}
     mfus = [r["mfu"] for r in rows if r["shape"] == "qwen2.5-0.5b" and r["mfu"] is not None and r.get("error") is None]
     if mfus:
@@ -308,7 +317,8 @@ def main(argv: list[str] | None = None) -> dict:
                     continue
                 try:
                     rows.append(run_case(shape, model_dir, case, load, args, device))
-                except torch.OutOfMemoryError as e:  # a finding to report, not a reason to lose the other cases
+                # a finding to report, not a reason to lose the other cases
+                except torch.OutOfMemoryError as e:
                     rows.append({"shape": name, "name": case.name, "error": f"out of memory: {str(e)[:200]}"})
                 # Here, not in the handler: there the traceback's frames still hold the failed case's tensors.
                 gc.collect()

@@ -1,13 +1,15 @@
-"""One judge for every system's final checkpoint: held-out accuracy and held-out teacher KL, with plain transformers.
+"""One judge for every system's final checkpoint: held-out accuracy and held-out teacher KL, with plain
+transformers.
 
     python benchmarks/heldout.py CONFIG MODEL_DIR [MODEL_DIR ...]        # JSON per model
 
-``accuracy``: greedy ``generate`` on the config's held-out prompts (``eval.num_prompts``, ``eval.max_new_tokens``),
-scored by the config's first verifier. ``teacher_kl``: per held-out prompt ``eval.kl_samples`` (at least 1)
-samples of the model at temperature 1 (``rollout.max_new_tokens``; seeded, so a model is always judged on the same
-draws), then the mean over their tokens of ``log p_model(y_t) - log p_teacher(y_t)`` from forward passes of both:
-the same estimator of per-token KL(student || teacher) that opd's own ``eval_teacher_kl`` reports, computed here
-without vLLM or Ray so that opd's and TRL's students are judged by the same code.
+``accuracy``: greedy ``generate`` on the config's held-out prompts (``eval.num_prompts``,
+``eval.max_new_tokens``), scored by the config's first verifier. ``teacher_kl``: per held-out prompt
+``eval.kl_samples`` (at least 1) samples of the model at temperature 1 (``rollout.max_new_tokens``; seeded, so
+a model is always judged on the same
+draws), then the mean over their tokens of ``log p_model(y_t) - log p_teacher(y_t)`` from forward passes of
+both: the same estimator of per-token KL(student || teacher) that opd's own ``eval_teacher_kl`` reports,
+computed here without vLLM or Ray so that opd's and TRL's students are judged by the same code.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ def _verify(fn, prompts: list, texts: list[str]) -> list[float]:
 
 
 def judge(model_dir: str, cfg, teacher=None, batch: int = 50) -> dict:
-    """``{"accuracy": ..., "teacher_kl": ...}`` of one checkpoint (``teacher_kl`` None with no ``models.teacher``)."""
+    """``{"accuracy": ..., "teacher_kl": ...}`` of one checkpoint (``teacher_kl`` None with no
+    ``models.teacher``)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -76,7 +79,8 @@ def judge(model_dir: str, cfg, teacher=None, batch: int = 50) -> dict:
 
 
 def _sampled_kl(model, teacher, ids, attn, eos: int, cfg, seed: int) -> tuple[float, int]:
-    """(sum, count) over the sampled response tokens of log p_model - log p_teacher; a response ends at its EOS."""
+    """(sum, count) over the sampled response tokens of log p_model - log p_teacher; a response ends at its
+    EOS."""
     import torch
 
     n = max(1, cfg.eval.kl_samples)

@@ -1,14 +1,15 @@
-"""How far each learning test of ``tests/test_learning.py`` moves its held-out signal, over training seeds and over
-tiny models bootstrapped with other seeds (which stand in for the same bootstrap on another CPU: where exact-match
-SFT lands moves with float rounding). Prints JSON: per run the before/after signal, the margin in standard errors
-(the test passes above ``MARGIN``), and per objective the pass rate and the spread.
+"""How far each learning test of ``tests/test_learning.py`` moves its held-out signal, over training seeds and
+over tiny models bootstrapped with other seeds (which stand in for the same bootstrap on another CPU: where
+exact-match SFT lands moves with float rounding). Prints JSON: per run the before/after signal, the margin in
+standard errors (the test passes above ``MARGIN``), and per objective the pass rate and the spread.
 
     python benchmarks/learning_spread.py --seeds 0-9 --boots 0,1,2 --out benchmarks/results/learning_spread.json
     python benchmarks/learning_spread.py --runs opd --lr 3e-3 --seeds 0-39 --boots 3   # one objective, another rate
     python benchmarks/learning_spread.py --flip-sign --seeds 0-2 --boots 0             # every run must then fail
     python benchmarks/learning_spread.py --runs srpo --set srpo.entropy_beta=0         # another setting
 
-Each run is the test's own code (its world, config, plan, learner, training loop and yardsticks), ~2-6 s on 2 cores.
+Each run is the test's own code (its world, config, plan, learner, training loop and yardsticks), ~2-6 s on 2
+cores.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def _ints(text: str) -> list[int]:
 
 
 def _flip_sign() -> None:
-    """Every objective's loss negated where the learner takes it: a learning test that still passes guards nothing."""
+    """Every objective's loss negated where the learner takes it: a learning test that still passes guards
+    nothing."""
     from opd.trainer import learner
 
     token_loss = learner.token_loss
@@ -48,7 +50,8 @@ def _flip_sign() -> None:
 
 
 def one_run(T, world, name: str, seed: int, lr: float | None, extra: list[str] | None = None) -> dict:
-    """One learning test's run at ``seed``: (before, after) of its signal and its margin in standard errors."""
+    """One learning test's run at ``seed``: (before, after) of its signal and its margin in standard
+    errors."""
     import math
 
     runs = {**T.KL_RUNS, **T.REWARD_RUNS, "sdpo": T.SDPO_RUN}

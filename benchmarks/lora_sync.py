@@ -1,4 +1,5 @@
-"""Weight sync of a LoRA student against a full-weights student: bytes sent and seconds per sync, with the probe.
+"""Weight sync of a LoRA student against a full-weights student: bytes sent and seconds per sync, with the
+probe.
 
     python benchmarks/lora_sync.py                                   # demo student, r = 8, prints JSON
     python benchmarks/lora_sync.py --student PATH --ranks 8 64 --repeats 10
@@ -6,8 +7,8 @@
 Each sync is what ``opd.steps.sync_weights`` does after a step: the learner exports (full state dict, or the
 adapter's PEFT files), the bytes go through Ray's object store to a real vLLM rollout worker, which loads them
 (in-place weight reload, or a new ``LoRARequest`` replacing the previous adapter) and re-scores the probe. The
-learner takes one small step between syncs so every sync carries new weights. Ratios, not absolute times: these
-machines are noisy.
+learner takes one small step between syncs so every sync carries new weights. Ratios, not absolute times:
+these machines are noisy.
 """
 
 from __future__ import annotations

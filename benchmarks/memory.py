@@ -1,13 +1,15 @@
-"""Learner memory on one batch: opd's learner with the LM head and loss in pieces or all at once, against TRL's
+"""Learner memory on one batch: opd's learner with the LM head and loss in pieces or all at once, against
+TRL's
 ``DistillationTrainer`` step, on the same student, teacher, batch and loss (full-vocabulary reverse KL).
 
     python benchmarks/memory.py --config configs/smollm2.yaml                 # the job's batch, and 4x it
     python benchmarks/memory.py --config configs/demo.yaml --scales 1
 
-Each measurement runs in a fresh process: peak RSS growth over one training step (Linux VmHWM, reset just before the
-step) and the bytes of the tensors autograd saved for the backward (``opd.trainer.memory.ActivationMeter``, wrapped
-around TRL's forward and backward as around opd's). Responses are max_new_tokens random tokens after the task's real
-prompts: memory depends on the lengths, not on the words. Prints JSON.
+Each measurement runs in a fresh process: peak RSS growth over one training step (Linux VmHWM, reset just
+before the step) and the bytes of the tensors autograd saved for the backward
+(``opd.trainer.memory.ActivationMeter``, wrapped around TRL's forward and backward as around opd's). Responses
+are max_new_tokens random tokens after the task's real prompts: memory depends on the lengths, not on the
+words. Prints JSON.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ def child(spec: dict) -> dict:
         batch = TrainBatch(uids=[str(i) for i in range(spec["n"])], prompt_ids=prompts, response_ids=responses,
                            sampler_logprobs=[[-3.0] * len(r) for r in responses],
                            advantages=[[0.0] * len(r) for r in responses], teacher_logprobs=None, objective="opd")
-        learner.train_step(batch)  # warm-up: allocator pools and the optimizer state exist before the measured step
+        # warm-up: allocator pools and the optimizer state exist before the measured step
+        learner.train_step(batch)
         rss0, _ = _rss()
         _reset_peak()
         t0 = time.perf_counter()
@@ -77,7 +80,8 @@ def child(spec: dict) -> dict:
     else:
         trainer = _trl_trainer(cfg, spec)
         inputs = _trl_inputs(prompts, responses, trainer.processing_class.pad_token_id)
-        # The same update as opd's step: an AdamW step after the backward (its temporaries count towards the peak).
+        # The same update as opd's step: an AdamW step after the backward (its temporaries count towards the
+        # peak).
         optimizer = torch.optim.AdamW(trainer.model.parameters(), lr=1e-5)
 
         def step() -> int:

@@ -3,10 +3,11 @@
     python benchmarks/pipeline.py                       # demo models and config, prints JSON
     python benchmarks/pipeline.py --steps 20 --repeats 10 rollout.prompts_per_step=64
 
-Stages alone (each run by itself, the others idle): generate a batch, teacher scoring, verification, routing, the
-learner's step, the weight sync with its probe. Then the same roles run the real loop (``opd.driver.train``) with
-``rollout.max_staleness`` 0 and 1. Targets: synchronous step <= 1.10 x the sum of the stages; asynchronous step
-<= 1.15 x the slowest stage. Ratios, not absolute times: these machines are noisy.
+Stages alone (each run by itself, the others idle): generate a batch, teacher scoring, verification, routing,
+the learner's step, the weight sync with its probe. Then the same roles run the real loop
+(``opd.driver.train``) with
+``rollout.max_staleness`` 0 and 1. Targets: synchronous step <= 1.10 x the sum of the stages; asynchronous
+step <= 1.15 x the slowest stage. Ratios, not absolute times: these machines are noisy.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def stages_alone(cfg, job, roles, repeats: int) -> dict[str, float]:
         "verify": _timed(lambda: _verify(roles, batch.samples), repeats),
         "route": _timed(lambda: route(batch, rewards, scores, plan, job.render), repeats),
         "train_step": _timed(lambda: ray.get(roles.learner.train_step.remote(routed)), repeats),
-        # Publishing returns at once; the stage is the loads and probes, so it is timed until they are checked.
+        # Publishing returns at once; the stage is the loads and probes, so it is timed until they are
+        # checked.
         "sync_weights": _timed(lambda: (sync_weights(roles, job.probe_ids, cfg.rollout.probe_tolerance),
                                         roles.rollout.checked()), repeats),
     }

@@ -1,16 +1,18 @@
-"""Rollout throughput: opd's RolloutWorker actor against the bare engines it wraps, on the same model and prompts.
+"""Rollout throughput: opd's RolloutWorker actor against the bare engines it wraps, on the same model and
+prompts.
 
     python benchmarks/rollout.py                                # both engines, shapes 64x32 and 256x64, JSON out
     python benchmarks/rollout.py --engines hf --repeats 3 --shapes 64x32
 
-Subjects, each a Ray actor with one CPU (as the pipeline places a rollout worker): ``opd_vllm`` and ``opd_hf`` are
-the real ``RolloutWorker.generate`` as ``opd.rollout.stream`` calls it (``Sample`` records come back through Ray);
+Subjects, each a Ray actor with one CPU (as the pipeline places a rollout worker): ``opd_vllm`` and ``opd_hf``
+are the real ``RolloutWorker.generate`` as ``opd.rollout.stream`` calls it (``Sample`` records come back
+through Ray);
 ``bare_vllm`` is ``vllm.LLM.generate`` with the same engine arguments and sampling parameters (``logprobs=0``,
 per-prompt seeds, as opd asks) and ``bare_hf`` is ``model.generate``; the bare ones return only a token count.
 A shape ``SxT`` is S sequences (S/G prompts x group size G) of exactly T new tokens: the model is a randomly
-initialised ~0.4M-parameter Qwen2 with no end-of-sequence token, so nothing stops early on any engine. Calls are
-interleaved across subjects and each figure is a median; the ratios opd/bare (target >= 0.9) are what count on a
-shared machine.
+initialised ~0.4M-parameter Qwen2 with no end-of-sequence token, so nothing stops early on any engine. Calls
+are interleaved across subjects and each figure is a median; the ratios opd/bare (target >= 0.9) are what
+count on a shared machine.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ MODEL = {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
 
 
 def build_model(out: Path) -> tuple[Path, int]:
-    """A ~0.4M-parameter Qwen2 on the character tokenizer, its EOS removed so every sample runs to max_tokens."""
+    """A ~0.4M-parameter Qwen2 on the character tokenizer, its EOS removed so every sample runs to
+    max_tokens."""
     import torch
 
     from opd.tasks.bootstrap import ModelSpec, build_model, num_params
@@ -71,7 +74,8 @@ class BareVLLM:
 
 
 class BareHF:
-    """transformers ``model.generate`` on left-padded prompts (all prompts here have one length: no padding)."""
+    """transformers ``model.generate`` on left-padded prompts (all prompts here have one length: no
+    padding)."""
 
     def __init__(self, model_dir: str, max_model_len: int):
         import torch
@@ -96,8 +100,9 @@ class BareHF:
 
 
 def _opd_call(worker, draws, n, temperature, top_p, max_tokens):
-    """The pipeline's call (``opd.rollout.stream``): tokens in the Sample records that came back, and the seconds the
-    worker itself measured (the rest of the round trip is Ray: the call and the records' transfer)."""
+    """The pipeline's call (``opd.rollout.stream``): tokens in the Sample records that came back, and the
+    seconds the worker itself measured (the rest of the round trip is Ray: the call and the records'
+    transfer)."""
     import ray
 
     samples, seconds = ray.get(worker.generate.remote(draws, n=n, temperature=temperature, top_p=top_p,
@@ -162,7 +167,8 @@ def main() -> None:
         for name in subjects:  # warm-up: first-call allocations and caches
             call(name)
         for rep in range(args.repeats):
-            order = list(subjects) if rep % 2 == 0 else list(reversed(subjects))  # no subject always goes first
+            # no subject always goes first
+            order = list(subjects) if rep % 2 == 0 else list(reversed(subjects))
             for name in order:
                 t0 = time.perf_counter()
                 got, seconds = call(name)

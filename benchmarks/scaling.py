@@ -1,21 +1,24 @@
-"""How the learner's step time and peak memory grow with batch size and response length, with and without TIP token
-selection. Drives the real ``opd.trainer.learner.Learner`` in-process on CPU (no Ray, no engines) on synthetic OPD
-batches, one fresh process per configuration.
+"""How the learner's step time and peak memory grow with batch size and response length, with and without TIP
+token selection. Drives the real ``opd.trainer.learner.Learner`` in-process on CPU (no Ray, no engines) on
+synthetic OPD batches, one fresh process per configuration.
 
     python benchmarks/scaling.py              # default grid (~2-3 min on 2 cores); writes benchmarks/results/scaling.json
     python benchmarks/scaling.py --quick      # smoke run: a 2x2 grid, one timed step; prints only
 
-Memory: each configuration runs in its own process, forked from a server that has already imported torch, so no
-configuration inherits another's allocator state. Right before the first step the process's RSS high-water mark is
-reset to its current RSS (``/proc/self/clear_refs`` = 5); ``peak_rss_mib`` is ``VmHWM`` after the steps and
+Memory: each configuration runs in its own process, forked from a server that has already imported torch, so
+no configuration inherits another's allocator state. Right before the first step the process's RSS high-water
+mark is reset to its current RSS (``/proc/self/clear_refs`` = 5); ``peak_rss_mib`` is ``VmHWM`` after the
+steps and
 ``step_rss_mib`` is that peak minus the RSS at the reset: the memory the steps themselves added (activations,
-gradients, AdamW state, allocator slack), counted as the OS sees it, which is the honest measure for CPU tensors.
-Where clear_refs is not writable it falls back to ``ru_maxrss`` (then ``step_rss_mib`` includes the setup).
-``activation_mib`` is the learner's own count of tensors saved for backward (``opd.trainer.memory.ActivationMeter``): deterministic,
-so it shows the shape of the growth where RSS is noisy.
+gradients, AdamW state, allocator slack), counted as the OS sees it, which is the honest measure for CPU
+tensors. Where clear_refs is not writable it falls back to ``ru_maxrss`` (then ``step_rss_mib`` includes the
+setup).
+``activation_mib`` is the learner's own count of tensors saved for backward
+(``opd.trainer.memory.ActivationMeter``): deterministic, so it shows the shape of the growth where RSS is
+noisy.
 
-Exponents: least-squares slope of log(y) on log(x) over each sweep, i.e. y ~ x^k. Time on a tiny model carries a
-fixed per-step overhead (optimizer, Python), so its exponents sit below 1 until the tokens dominate.
+Exponents: least-squares slope of log(y) on log(x) over each sweep, i.e. y ~ x^k. Time on a tiny model carries
+a fixed per-step overhead (optimizer, Python), so its exponents sit below 1 until the tokens dominate.
 """
 
 from __future__ import annotations
@@ -74,7 +77,8 @@ def _batch(batch: int, response_len: int, vocab: int, seed: int):
 
 def run_config(model: str, batch: int, response_len: int, selection: str, steps: int, threads: int,
                micro: int) -> dict:
-    """One configuration, in a fresh process: a small warm-up step, one untimed full step, ``steps`` timed steps."""
+    """One configuration, in a fresh process: a small warm-up step, one untimed full step, ``steps`` timed
+    steps."""
     from transformers.utils import logging as hf_logging
 
     from opd.plan import spec_of
@@ -86,8 +90,9 @@ def run_config(model: str, batch: int, response_len: int, selection: str, steps:
     learner = Learner(model, lr=1e-4, micro_batch_size=micro or batch, torch_threads=threads, objective=spec)
     vocab = learner.model.config.vocab_size
     batches = [_batch(batch, response_len, vocab, seed) for seed in range(steps + 1)]
-    # Warm-up on a 1x2 batch, outside the memory window: lazily loaded kernels and AdamW's state are a fixed cost,
-    # not part of how a step grows. Small, so it leaves no freed activations for the measured steps to reuse.
+    # Warm-up on a 1x2 batch, outside the memory window: lazily loaded kernels and AdamW's state are a fixed
+    # cost, not part of how a step grows. Small, so it leaves no freed activations for the measured steps to
+    # reuse.
     learner.train_step(_batch(1, 2, vocab, seed=-1))
     import gc
 
@@ -126,7 +131,8 @@ def fit_exponent(xs: list[float], ys: list[float]) -> float | None:
 def _grid(args) -> tuple[list[int], list[int], int, int]:
     if args.quick:
         return [4, 8], [8, 16], 8, 8
-    return [8, 16, 32, 64, 128, 256], [8, 16, 32, 64, 112], 32, 32  # (batches, lengths, fixed length, fixed batch)
+    # (batches, lengths, fixed length, fixed batch)
+    return [8, 16, 32, 64, 128, 256], [8, 16, 32, 64, 112], 32, 32
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -148,7 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     points = sorted({(b, fixed_len) for b in batches} | {(fixed_batch, t) for t in lengths})
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "transformers", "opd.trainer.learner"])  # import once, fork per config
+    # import once, fork per config
+    ctx.set_forkserver_preload(["torch", "transformers", "opd.trainer.learner"])
     t_all = time.perf_counter()
     results = []
     with ProcessPoolExecutor(1, mp_context=ctx, max_tasks_per_child=1) as pool:

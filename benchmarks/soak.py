@@ -5,25 +5,31 @@
     python benchmarks/soak.py --steps 60 --seed 3 rollout.engine=vllm     # trailing key=value: config overrides
 
 The job runs as ``python -m opd.cli run`` in its own session (it owns an embedded Ray), two rollout workers
-generating one step ahead, a checkpoint every few steps, ``run.log_samples=true``. Faults, all from outside the
+generating one step ahead, a checkpoint every few steps, ``run.log_samples=true``. Faults, all from outside
+the
 job (no test hooks in ``opd``):
 
-* ``rollout_worker_kill``: a rollout worker's process SIGKILLed at a random moment of a step (as the OOM killer would);
-* ``driver_sigkill``: the driver's whole process tree SIGKILLed at a random moment, then restarted with ``--resume``;
-* ``verifier_<kind>``: ``benchmarks/soak_faults.py:flaky_verifier``, listed after ``exact_answer``, raises, hangs past
+* ``rollout_worker_kill``: a rollout worker's process SIGKILLed at a random moment of a step (as the OOM
+killer would);
+* ``driver_sigkill``: the driver's whole process tree SIGKILLed at a random moment, then restarted with
+``--resume``;
+* ``verifier_<kind>``: ``benchmarks/soak_faults.py:flaky_verifier``, listed after ``exact_answer``, raises,
+hangs past
   ``verifiers.timeout_s``, returns NaN, returns a short list, or kills its own process on seeded calls;
 * with ``--teacher-server`` (default on, off with ``--quick``) the teacher is ``opd serve-teacher`` behind
-  ``soak_faults.FlakyTeacherProxy``: ``teacher_outage`` cuts every connection for 20 s (the client retries), and
-  ``teacher_nan`` turns a top-k log-prob of seeded /v1/score replies into NaN, which the pipeline carries into a
-  non-finite loss: the learner skips that update.
+  ``soak_faults.FlakyTeacherProxy``: ``teacher_outage`` cuts every connection for 20 s (the client retries),
+  and
+  ``teacher_nan`` turns a top-k log-prob of seeded /v1/score replies into NaN, which the pipeline carries into
+  a non-finite loss: the learner skips that update.
 
-A fault is survived when the job went on past it: for a worker kill, a later step completed in the same driver with
-the restart counted (``rollout_worker_restarts``); for a driver kill, the resumed driver completed a step after the
-one killed; for a verifier fault, every row it hit is in the final ``samples.jsonl`` with the failure recorded; for
-a teacher outage, a step completed after it; for a NaN reply, a step that trained that prompt skipped its update.
-``samples_lost``: ids the schedule (steps x prompts_per_step x G, the prompt order of the run's seed) should have
-trained that the final ``samples.jsonl`` lacks or marks untrained; ``samples_duplicated``: extra copies of ids.
-Exit code 1 when anything was lost, duplicated or not survived, or the job did not finish.
+A fault is survived when the job went on past it: for a worker kill, a later step completed in the same driver
+with the restart counted (``rollout_worker_restarts``); for a driver kill, the resumed driver completed a step
+after the one killed; for a verifier fault, every row it hit is in the final ``samples.jsonl`` with the
+failure recorded; for a teacher outage, a step completed after it; for a NaN reply, a step that trained that
+prompt skipped its update.
+``samples_lost``: ids the schedule (steps x prompts_per_step x G, the prompt order of the run's seed) should
+have trained that the final ``samples.jsonl`` lacks or marks untrained; ``samples_duplicated``: extra copies
+of ids. Exit code 1 when anything was lost, duplicated or not survived, or the job did not finish.
 """
 
 from __future__ import annotations
@@ -54,7 +60,8 @@ OUTAGE_S = 20.0  # teacher server unreachable this long (well inside teacher.ret
 
 
 def job_config(args, run_dir: Path, work: Path) -> dict:
-    """The job's config tree: tiny steps, two workers one step ahead, the flaky verifier after exact_answer."""
+    """The job's config tree: tiny steps, two workers one step ahead, the flaky verifier after
+    exact_answer."""
     from opd.config import dump_config, load_config
 
     p = {"steps": args.steps or (8 if args.quick else 40), "prompts": 4 if args.quick else 8,
@@ -84,8 +91,9 @@ def _yaml(v) -> str:
 
 
 class Schedule:
-    """Seeded steps and moments of the process faults. The driver is killed once (after the first checkpoint); the
-    rollout workers are killed at other steps, away from the driver kill so each one's outcome is observable."""
+    """Seeded steps and moments of the process faults. The driver is killed once (after the first checkpoint);
+    the rollout workers are killed at other steps, away from the driver kill so each one's outcome is
+    observable."""
 
     def __init__(self, rng: random.Random, steps: int, every: int, worker_kills: int, teacher_outage: bool):
         lo = every + 1
@@ -102,7 +110,8 @@ class Schedule:
 
 
 class Watch:
-    """Follows the driver through ``metrics.jsonl`` and injects the scheduled process faults as steps go by."""
+    """Follows the driver through ``metrics.jsonl`` and injects the scheduled process faults as steps go
+    by."""
 
     def __init__(self, run_dir: Path, schedule: Schedule, rng: random.Random, proxy=None):
         self.metrics = run_dir / "metrics.jsonl"
@@ -124,8 +133,8 @@ class Watch:
         return out
 
     def wait_inside_step(self, proc: subprocess.Popen, lines_now: int, delay_s: float) -> None:
-        """A random moment inside the step: ``delay_s``, cut short when the step ends (a new metrics line) or the
-        driver exits, so a fault never lands after the run has moved on, however fast its steps are."""
+        """A random moment inside the step: ``delay_s``, cut short when the step ends (a new metrics line) or
+        the driver exits, so a fault never lands after the run has moved on, however fast its steps are."""
         until = time.monotonic() + delay_s
         while time.monotonic() < until and proc.poll() is None and len(self.lines()) <= lines_now:
             time.sleep(0.05)
@@ -178,8 +187,8 @@ def _title(p: psutil.Process) -> str:
 
 
 def session(proc: subprocess.Popen) -> list[psutil.Process]:
-    """Every process of the driver's session: it, its embedded Ray (GCS, raylet) and the Ray workers, which Ray puts
-    in process groups of their own (so killing the driver's group alone would leave them running)."""
+    """Every process of the driver's session: it, its embedded Ray (GCS, raylet) and the Ray workers, which
+    Ray puts in process groups of their own (so killing the driver's group alone would leave them running)."""
     out = []
     for p in psutil.process_iter(["pid"]):
         try:
@@ -227,8 +236,8 @@ def run_job(cfg_path: Path, run_dir: Path, work: Path, schedule: Schedule, rng: 
 
 
 def count_samples(expected: list[str], rows: list[dict]) -> dict[str, int]:
-    """Lost: expected ids with no trained line; duplicated: lines beyond the first of an id; unexpected: ids logged
-    that the schedule never drew (a wrong cursor or epoch after a resume)."""
+    """Lost: expected ids with no trained line; duplicated: lines beyond the first of an id; unexpected: ids
+    logged that the schedule never drew (a wrong cursor or epoch after a resume)."""
     want = set(expected)
     trained = Counter(r["uid"] for r in rows if r.get("trained", True))
     logged = Counter(r["uid"] for r in rows)
@@ -301,7 +310,8 @@ def analyse(run_dir: Path, work: Path, watch: Watch) -> dict:
     tlog = work / "teacher_faults.jsonl"
     for ln in tlog.read_text().splitlines() if tlog.exists() else []:
         f = json.loads(ln)
-        if f["key"] not in seen_keys:  # survived: a step that trained that prompt skipped its non-finite update
+        # survived: a step that trained that prompt skipped its non-finite update
+        if f["key"] not in seen_keys:
             seen_keys.add(f["key"])
             count(f["kind"], bool(steps_of.get(tuple(f["prompt_ids"]), set()) & skipped))
     summary = run_dir / "summary.json"

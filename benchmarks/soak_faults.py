@@ -1,16 +1,17 @@
 """Fault-injection plug-ins of the soak benchmark (``benchmarks/soak.py``).
 
 ``flaky_verifier`` is an ordinary verifier plug-in, loaded by path like a user's
-(``benchmarks/soak_faults.py:flaky_verifier``) and listed after ``exact_answer`` so correctness still counts. On a
-seeded share of its calls it misbehaves in one of the ways user code does: it raises, hangs past
-``verifiers.timeout_s``, returns NaN for some rows, returns a list of the wrong length, or kills its own process.
+(``benchmarks/soak_faults.py:flaky_verifier``) and listed after ``exact_answer`` so correctness still counts.
+On a seeded share of its calls it misbehaves in one of the ways user code does: it raises, hangs past
+``verifiers.timeout_s``, returns NaN for some rows, returns a list of the wrong length, or kills its own
+process.
 
 Which calls misbehave is a pure function of the seed and the call's rows (prompts and completions), not of a
-counter: a step that is re-run after the driver was killed and resumed draws the same samples, so it meets the same
-fault again and the final record can be checked against it. Each injected fault is appended (and fsynced, before it
-acts: ``exit`` leaves no chance afterwards) to ``log_path`` as one JSON line: kind, key, and the rows it hit.
-Calls on held-out prompts (evaluation, warm-up) are never faulted: evaluation retries failed rows once and then
-fails loudly by design, which is not what this benchmark measures.
+counter: a step that is re-run after the driver was killed and resumed draws the same samples, so it meets the
+same fault again and the final record can be checked against it. Each injected fault is appended (and fsynced,
+before it acts: ``exit`` leaves no chance afterwards) to ``log_path`` as one JSON line: kind, key, and the
+rows it hit. Calls on held-out prompts (evaluation, warm-up) are never faulted: evaluation retries failed rows
+once and then fails loudly by design, which is not what this benchmark measures.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ EXPECTED_REASON = {
     "hang": "timeout after",
     "nan": "non-finite",
     "short": "scores for",
-    "exit": "",  # the host died mid-call; Ray's error text varies by version: any failure of this verifier counts
+    # the host died mid-call; Ray's error text varies by version: any failure of this verifier counts
+    "exit": "",
 }
 
 def _digest(*parts: object) -> int:
@@ -39,7 +41,8 @@ def _digest(*parts: object) -> int:
 def _skip_set(path: str | None) -> frozenset:
     if not path:
         return frozenset()
-    with open(path) as f:  # small, and read per call: a module shipped by value keeps no cache between calls anyway
+    # small, and read per call: a module shipped by value keeps no cache between calls anyway
+    with open(path) as f:
         return frozenset(json.load(f))
 
 
@@ -63,7 +66,8 @@ def _record(log_path: str, entry: dict) -> None:
 def flaky_verifier(prompts: list[str], completions: list[str], *, seed: int = 0, rate: float = 0.1,
                    log_path: str | None = None, skip_prompts_path: str | None = None, hang_s: float = 60.0,
                    **columns) -> list[float]:
-    """Scores 1.0 for a non-empty completion (a harmless format check), except on the calls ``plan_fault`` picks."""
+    """Scores 1.0 for a non-empty completion (a harmless format check), except on the calls ``plan_fault``
+    picks."""
     scores = [1.0 if c.strip() else 0.0 for c in completions]
     if not prompts or _skip_set(skip_prompts_path).intersection(prompts):
         return scores
@@ -89,9 +93,9 @@ def flaky_verifier(prompts: list[str], completions: list[str], *, seed: int = 0,
 
 
 class FlakyTeacherProxy:
-    """An HTTP proxy in front of ``opd serve-teacher`` that can be taken down for a while (every request in the
-    window gets its connection cut without a reply, as during a server restart) and that, on seeded /v1/score
-    replies, turns one teacher top-k log-prob into NaN (a teacher that returns garbage)."""
+    """An HTTP proxy in front of ``opd serve-teacher`` that can be taken down for a while (every request in
+    the window gets its connection cut without a reply, as during a server restart) and that, on seeded
+    /v1/score replies, turns one teacher top-k log-prob into NaN (a teacher that returns garbage)."""
 
     def __init__(self, upstream: str, seed: int, nan_rate: float, log_path: str):
         import http.server
@@ -134,7 +138,8 @@ class FlakyTeacherProxy:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def _maybe_nan(self, request: bytes, reply: dict) -> bytes:
-        """A content-keyed choice, like the verifier's: a re-run step after a resume meets the same reply again."""
+        """A content-keyed choice, like the verifier's: a re-run step after a resume meets the same reply
+        again."""
         key = _digest(self.seed, "teacher", request.decode())
         scores = reply.get("scores") or []
         hit = [i for i, s in enumerate(scores) if s.get("topk_logprobs") and s["topk_logprobs"][0]]

@@ -1,27 +1,31 @@
-"""opd's on-policy distillation against TRL's ``DistillationTrainer``: same student, teacher, prompts, batch, steps.
+"""opd's on-policy distillation against TRL's ``DistillationTrainer``: same student, teacher, prompts, batch,
+steps.
 
     python benchmarks/vs_trl.py                       # default budget; writes benchmarks/results/vs_trl.json
     python benchmarks/vs_trl.py --quick               # a few steps of every system (smoke), JSON under --work-dir
     python benchmarks/vs_trl.py --steps 40 --systems opd-full_vocab trl-hf rollout.prompts_per_step=64
 
-Systems, run one after the other in this invocation, each in its own process (no Ray, vLLM or torch state leaks
-from one into the next): ``opd-full_vocab`` (the like-for-like loss: the exact full-vocabulary divergence TRL
-computes, ``--kind`` reverse/forward/jsd = TRL ``beta`` 1/0/``--jsd-beta``; the teacher's forward in the learner),
-``opd-full_vocab-teacher`` (the same loss, the teacher's trunk run by the teacher actor on each chunk of samples as
-it is generated, ``opd.full_vocab_source=teacher``), ``opd-teacher_topk`` (the teacher's top-k forward KL), their
-``-async`` variants (``rollout.max_staleness=1``: the next batch is generated and scored while the learner trains;
-rollout engine ``--async-engine``), ``trl-vllm`` (TRL generating with vLLM, colocate mode) and ``trl-hf`` (TRL
-generating with transformers ``generate``). TRL is fully on-policy: the student generates every batch.
+Systems, run one after the other in this invocation, each in its own process (no Ray, vLLM or torch state
+leaks from one into the next): ``opd-full_vocab`` (the like-for-like loss: the exact full-vocabulary
+divergence TRL computes, ``--kind`` reverse/forward/jsd = TRL ``beta`` 1/0/``--jsd-beta``; the teacher's
+forward in the learner),
+``opd-full_vocab-teacher`` (the same loss, the teacher's trunk run by the teacher actor on each chunk of
+samples as it is generated, ``opd.full_vocab_source=teacher``), ``opd-teacher_topk`` (the teacher's top-k
+forward KL), their
+``-async`` variants (``rollout.max_staleness=1``: the next batch is generated and scored while the learner
+trains; rollout engine ``--async-engine``), ``trl-vllm`` (TRL generating with vLLM, colocate mode) and
+``trl-hf`` (TRL generating with transformers ``generate``). TRL is fully on-policy: the student generates
+every batch.
 
-Every system sees the prompts of opd's ``PromptSource`` in the same order: prompts_per_step x group_size samples per
-step, TRL's batch being those prompts each repeated group_size times (``shuffle_dataset=False``, gradient
-accumulation 1). Same AdamW, the same warm-up-then-constant learning rate, grad clip, max_new_tokens, temperature 1.
-Seconds per step exclude start-up, evaluation and checkpointing (opd: ``step_seconds`` of metrics.jsonl; TRL: a
-callback from ``on_step_begin`` to ``on_step_end``), median and p90 after ``--warmup`` steps; stages (generation,
-teacher scoring, learner) are timed too and set against their FLOP bound (``benchmarks/flops.py``). Every final
-student (and the initial one and the teacher) is judged by one function, ``benchmarks/heldout.py``: greedy held-out
-accuracy by the config's first verifier, and held-out KL(student || teacher) per token. Ratios, not absolute
-times: the machine is shared and noisy.
+Every system sees the prompts of opd's ``PromptSource`` in the same order: prompts_per_step x group_size
+samples per step, TRL's batch being those prompts each repeated group_size times (``shuffle_dataset=False``,
+gradient accumulation 1). Same AdamW, the same warm-up-then-constant learning rate, grad clip, max_new_tokens,
+temperature 1. Seconds per step exclude start-up, evaluation and checkpointing (opd: ``step_seconds`` of
+metrics.jsonl; TRL: a callback from ``on_step_begin`` to ``on_step_end``), median and p90 after ``--warmup``
+steps; stages (generation, teacher scoring, learner) are timed too and set against their FLOP bound
+(``benchmarks/flops.py``). Every final student (and the initial one and the teacher) is judged by one
+function, ``benchmarks/heldout.py``: greedy held-out accuracy by the config's first verifier, and held-out
+KL(student || teacher) per token. Ratios, not absolute times: the machine is shared and noisy.
 
     python benchmarks/vs_trl.py --config configs/smollm2.yaml --seeds 0 1 2 --steps 20 --work-dir runs/vs-trl-smollm2 \
         --out benchmarks/results/vs_trl_smollm2.json --threads 2 --async-engine vllm
@@ -44,7 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 OPD_BASE = ("opd-full_vocab", "opd-full_vocab-teacher", "opd-teacher_topk")
 SYSTEMS = (*OPD_BASE, *(f"{n}-async" for n in OPD_BASE), "trl-vllm", "trl-hf")
-TRL_BETA = {"reverse": 1.0, "forward": 0.0}  # TRL's generalised-JSD beta for each full-vocabulary kind (jsd: --jsd-beta)
+# TRL's generalised-JSD beta for each full-vocabulary kind (jsd: --jsd-beta)
+TRL_BETA = {"reverse": 1.0, "forward": 0.0}
 
 
 def _cfg(args, extra: dict | None = None):
@@ -66,7 +71,8 @@ def prompt_schedule(cfg, steps: int) -> list[list]:
 
 
 def held_out(model_dir: str, cfg, teacher) -> dict:
-    """The one judge of every checkpoint (``benchmarks/heldout.py``): accuracy and teacher KL on held-out prompts."""
+    """The one judge of every checkpoint (``benchmarks/heldout.py``): accuracy and teacher KL on held-out
+    prompts."""
     from heldout import judge
 
     return judge(model_dir, cfg, teacher)
@@ -77,7 +83,8 @@ def lr_at(step: int, lr: float, warmup: int) -> float:
     return lr * (step + 1) / warmup if warmup and step < warmup else lr
 
 
-# ---------------------------------------------------------------------------------------------------- children
+# ----------------------------------------------------------------------------------------------------
+# children
 
 
 def child_opd(spec: dict) -> dict:
@@ -163,9 +170,9 @@ def child_trl(spec: dict) -> dict:
 
 
 def _vllm_sync_check(trainer, initial_embedding) -> dict:
-    """After one more sync, the largest |difference| between the student's embedding and the vLLM engine's (rows
-    past the vocabulary are vLLM's padding), next to how far training moved it: the colocated engine generated from
-    the trained weights, not the initial checkpoint."""
+    """After one more sync, the largest |difference| between the student's embedding and the vLLM engine's
+    (rows past the vocabulary are vLLM's padding), next to how far training moved it: the colocated engine
+    generated from the trained weights, not the initial checkpoint."""
     gen = trainer.vllm_generation
     gen.sync_weights()
     engine = dict(gen.llm.llm_engine.model_executor.driver_worker.model_runner.model.named_parameters())
@@ -258,8 +265,9 @@ def opd_systems(args) -> dict[str, dict]:
         "opd-teacher_topk": {"opd.divergence": "teacher_topk"},
     }
     # The next batch generated (and teacher-scored) while the learner trains; samples one weight version old,
-    # corrected by the truncated importance weights. The stages now run at once, so they split the cores: one thread
-    # each for the rollout engine, the teacher and the learner (more threads than cores stall OpenMP's barriers).
+    # corrected by the truncated importance weights. The stages now run at once, so they split the cores: one
+    # thread each for the rollout engine, the teacher and the learner (more threads than cores stall OpenMP's
+    # barriers).
     for name in OPD_BASE:
         runs[f"{name}-async"] = {**runs[name], "rollout.max_staleness": 1, "rollout.engine": args.async_engine,
                                  "rollout.num_cpus": 1, "teacher.num_cpus": 1, "trainer.torch_threads": 1}
@@ -267,8 +275,8 @@ def opd_systems(args) -> dict[str, dict]:
 
 
 def stage_plan(name: str, args) -> dict:
-    """How a system ran its stages (threads, where the teacher ran, shared prompts), read from the config the opd
-    child wrote into its run directory; TRL runs everything in one process on ``--threads`` threads."""
+    """How a system ran its stages (threads, where the teacher ran, shared prompts), read from the config the
+    opd child wrote into its run directory; TRL runs everything in one process on ``--threads`` threads."""
     if name.startswith("trl"):
         return {"threads": {"generate": args.threads, "train": args.threads}, "learner_teacher": True, "share": False}
     from opd.config import load_config
@@ -298,7 +306,8 @@ def compare(args) -> dict:
     r, t = cfg.rollout, cfg.trainer
     schedule = prompt_schedule(cfg, args.steps)
     tok = AutoTokenizer.from_pretrained(cfg.models.student)
-    # TRL renders the conversational prompt itself: check it yields opd's prompt ids, or the runs would differ.
+    # TRL renders the conversational prompt itself: check it yields opd's prompt ids, or the runs would
+    # differ.
     for prompt in schedule[0][:8]:
         ids = tok.apply_chat_template([[{"role": "user", "content": prompt.columns["prompt"]}]], add_generation_prompt=True,
                                       tokenize=True, return_dict=True)["input_ids"][0]
@@ -394,8 +403,8 @@ def assemble(args, cfg, results: dict, notes: list[str], beta: float, teacher, s
 
 
 def seeds_main(args) -> int:
-    """Accuracy after the same steps differs by several points between seeds of one system, so one seed cannot tell
-    two systems apart: run (or read) one report per seed and compare the systems seed by seed."""
+    """Accuracy after the same steps differs by several points between seeds of one system, so one seed cannot
+    tell two systems apart: run (or read) one report per seed and compare the systems seed by seed."""
     reports = []
     if args.pair:
         reports = [json.loads(path.read_text()) for path in args.pair]

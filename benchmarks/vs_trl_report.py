@@ -1,5 +1,6 @@
-"""The report of ``benchmarks/vs_trl.py``: speed ratios against TRL, each stage's time against its FLOP bound, the
-targets, and the pairing of several seeds' reports. Pure functions over the systems' results (no runs here)."""
+"""The report of ``benchmarks/vs_trl.py``: speed ratios against TRL, each stage's time against its FLOP bound,
+the targets, and the pairing of several seeds' reports. Pure functions over the systems' results (no runs
+here)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ BOUND_TARGET = 1.25  # a stage's median time / its FLOP bound
 
 def stage_bounds(system: str, res: dict, student: Shape, teacher: Shape, prompt_len: float, g: int, n_prompts: int,
                  rates: dict[int, float], plan: dict) -> dict:
-    """Per stage: median seconds, GFLOP and time / (GFLOP / matmul rate at that stage's threads). ``plan``: the
-    system's ``threads`` per stage, whether the learner runs the teacher (``learner_teacher``), whether prompts are
-    shared in the learner (``share``) and in the teacher's scoring (``teacher_share``), and whether the teacher's
-    head runs at every position (``score_all``, vLLM's prompt_logprobs)."""
+    """Per stage: median seconds, GFLOP and time / (GFLOP / matmul rate at that stage's threads). ``plan``:
+    the system's ``threads`` per stage, whether the learner runs the teacher (``learner_teacher``), whether
+    prompts are shared in the learner (``share``) and in the teacher's scoring (``teacher_share``), and
+    whether the teacher's head runs at every position (``score_all``, vLLM's prompt_logprobs)."""
     resp = [round(x / (n_prompts * g)) for x in res["response_tokens"][1:] or res["response_tokens"]]
     mean_resp = max(1, round(statistics.mean(resp)))
     prompts, responses = [round(prompt_len)] * (n_prompts * g), [mean_resp] * (n_prompts * g)
@@ -65,9 +66,10 @@ def ratios(ok: dict) -> dict:
 
 
 def pair_seeds(reports: list[dict]) -> dict:
-    """Per-seed accuracy, held-out teacher KL and s/step of every system, and for each opd system against each TRL
-    system the mean paired difference (opd - TRL) of accuracy and KL with its standard error over the seeds both
-    ran. Reports may hold different systems of one seed (a later report's figure for a system and seed wins)."""
+    """Per-seed accuracy, held-out teacher KL and s/step of every system, and for each opd system against each
+    TRL system the mean paired difference (opd - TRL) of accuracy and KL with its standard error over the
+    seeds both ran. Reports may hold different systems of one seed (a later report's figure for a system and
+    seed wins)."""
     seeds = [r["settings"].get("seed", 0) for r in reports]
     systems = sorted({k for r in reports for k, v in r["systems"].items() if "error" not in v})
     fields = ("accuracy_after", "teacher_kl_after", "s_per_step_median")

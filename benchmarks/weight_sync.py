@@ -1,12 +1,14 @@
-"""Weight sync, learner -> running vLLM engine: one pickled blob (opd's earlier path) against ``WeightTransfer``'s
-object-store buckets, side by side in one run on the same model, engine and probe.
+"""Weight sync, learner -> running vLLM engine: one pickled blob (opd's earlier path) against
+``WeightTransfer``'s object-store buckets, side by side in one run on the same model, engine and probe.
 
     python benchmarks/weight_sync.py                                  # models/smollm2-L20 (make smollm2 builds it)
     python benchmarks/weight_sync.py --student models/demo/student --repeats 10
 
 Per sync: ``export`` (learner side: torch.save to bytes, or ray.put of the tensors in buckets), ``transfer``
-(the worker gets the tensors: torch.load of the blob, or zero-copy maps of the buckets, forced by reading them),
-``reload`` (vLLM's in-place ``reload_weights``), ``probe`` (the engine re-scores the probe sequence). Medians over
+(the worker gets the tensors: torch.load of the blob, or zero-copy maps of the buckets, forced by reading
+them),
+``reload`` (vLLM's in-place ``reload_weights``), ``probe`` (the engine re-scores the probe sequence). Medians
+over
 ``--repeats`` syncs after one warm-up; the weights change a little before each. Prints JSON.
 """
 

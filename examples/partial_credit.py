@@ -1,7 +1,7 @@
 """A custom verifier: partial credit for each correct answer digit, on top of the exact-match check.
 
-A verifier is a TRL-style reward function: ``fn(prompts, completions, **columns) -> list[float]``, one score per
-row; dataset columns (here ``answer``) arrive as keyword lists. Name it in a config as
+A verifier is a TRL-style reward function: ``fn(prompts, completions, **columns) -> list[float]``, one score
+per row; dataset columns (here ``answer``) arrive as keyword lists. Name it in a config as
 ``examples/partial_credit.py:digit_credit`` (or ``package.module:function`` once installed).
 """
 

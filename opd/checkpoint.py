@@ -1,8 +1,8 @@
 """Checkpoints that are either complete or absent: written to a temporary directory, then renamed.
 
 Layout: ``RUN_DIR/checkpoints/step_000010/{model/, optimizer.pt, rng.pt, learner.json, state.json}`` and
-``RUN_DIR/checkpoints/latest`` naming the newest complete one. ``state.json`` is ``RunState``: where the driver
-stands; the learner and the rollout stream write their own files beside it.
+``RUN_DIR/checkpoints/latest`` naming the newest complete one. ``state.json`` is ``RunState``: where the
+driver stands; the learner and the rollout stream write their own files beside it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from opd.data import Cursor
 
 @dataclass
 class RunState:
-    """The driver's position in a run and the held-out figures measured before training (a resume reuses them)."""
+    """The driver's position in a run and the held-out figures measured before training (a resume reuses
+    them)."""
 
     step: int = 0
     version: int = 0
@@ -29,7 +30,8 @@ class RunState:
     consumed: int = 0
     teacher_kl_before: float | None = None  # held-out KL(student || teacher) per token before training
 
-    # Keys every checkpoint has held since the first; later fields are optional so older checkpoints still resume.
+    # Keys every checkpoint has held since the first; later fields are optional so older checkpoints still
+    # resume.
     REQUIRED = ("step", "version", "cursor", "accuracy_before", "teacher_accuracy", "consumed")
 
     def to_dict(self) -> dict:
@@ -37,8 +39,8 @@ class RunState:
 
     @classmethod
     def from_dict(cls, state: dict) -> RunState:
-        """A state as any opd version wrote it: a field added since (``teacher_kl_before``) takes its default; an
-        unknown key is refused rather than dropped (a newer opd's state would resume wrong)."""
+        """A state as any opd version wrote it: a field added since (``teacher_kl_before``) takes its default;
+        an unknown key is refused rather than dropped (a newer opd's state would resume wrong)."""
         names = {f.name for f in fields(cls)}
         missing = [k for k in cls.REQUIRED if k not in state]
         unknown = sorted(set(state) - names)
@@ -52,7 +54,8 @@ def _root(run_dir: Path) -> Path:
 
 
 def save_checkpoint(run_dir: Path, state: RunState, save_files: Callable[[str], None], keep: int) -> Path:
-    """Checkpoint ``state.step``: ``save_files(directory)`` writes the learner's and the stream's files first."""
+    """Checkpoint ``state.step``: ``save_files(directory)`` writes the learner's and the stream's files
+    first."""
     root = _root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{state.step:06d}"

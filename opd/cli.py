@@ -1,4 +1,5 @@
-"""Command line: ``opd run | demo | bootstrap | prune | eval | report | serve-teacher | submit | status | logs | stop``.
+"""Command line: ``opd run | demo | bootstrap | prune | eval | report | serve-teacher | submit | status | logs
+| stop``.
 
     opd demo                                   # embedded default: bootstrap models, distil, evaluate
     opd run configs/demo.yaml algorithm=grpo   # any config, key=value overrides
@@ -63,7 +64,8 @@ def _print_table(summary: dict) -> None:
 
 
 def _check_job(cfg: Config, args: argparse.Namespace) -> None:
-    """The config's files and run directory, before torch, Ray or vLLM are imported: a mistake costs a second."""
+    """The config's files and run directory, before torch, Ray or vLLM are imported: a mistake costs a
+    second."""
     from opd.preflight import check_job
 
     check_job(cfg, resume=args.resume, fresh=getattr(args, "fresh", False), change_objective=args.change_objective)
@@ -368,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = build_parser()
-    # Overrides may follow flags (`opd run C --resume key=value`): argparse leaves those behind as unrecognised.
+    # Overrides may follow flags (`opd run C --resume key=value`): argparse leaves those behind as
+    # unrecognised.
     args, extra = parser.parse_known_args(argv)
     if extra:
         if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):

@@ -1,8 +1,9 @@
 """Ray start-up and actor placement: the only module that knows how roles map onto hardware.
 
-With no address an embedded local Ray starts (the laptop default); with one, the job joins that cluster. Actors
-are named ``<run>/<role>-<i>`` so the dashboard's actor view reads as the pipeline. Several learner ranks
-(``trainer.num_ranks``) sit in one placement group that may span nodes; rank 0 is the learner the driver talks to.
+With no address an embedded local Ray starts (the laptop default); with one, the job joins that cluster.
+Actors are named ``<run>/<role>-<i>`` so the dashboard's actor view reads as the pipeline. Several learner
+ranks (``trainer.num_ranks``) sit in one placement group that may span nodes; rank 0 is the learner the driver
+talks to.
 """
 
 from __future__ import annotations
@@ -42,16 +43,17 @@ class Roles:
     learner_group: LearnerGroup | None = None  # every rank, for stop_roles
 
     def __post_init__(self):
-        # A bare list (``opd eval``, tests) becomes a pool that cannot restart; start_roles builds one that can.
+        # A bare list (``opd eval``, tests) becomes a pool that cannot restart; start_roles builds one that
+        # can.
         if not isinstance(self.rollout, RolloutPool):
             self.rollout = RolloutPool(list(self.rollout))
 
 
 def cpus_needed(cfg: Config) -> int:
-    """Ray CPUs a job's actors ask for: rollout workers, teachers and learner ranks (verifier hosts ask for none).
-    Logical CPUs: one per role lets every actor schedule even on a 2-core laptop, where the stages take turns. The
-    teacher slot is counted even when this job has no local teacher: a later job in the same process (a benchmark)
-    may start one."""
+    """Ray CPUs a job's actors ask for: rollout workers, teachers and learner ranks (verifier hosts ask for
+    none). Logical CPUs: one per role lets every actor schedule even on a 2-core laptop, where the stages take
+    turns. The teacher slot is counted even when this job has no local teacher: a later job in the same
+    process (a benchmark) may start one."""
     return (cfg.rollout.num_workers * cfg.rollout.num_cpus + (len(cfg.models.teachers) + 1) * cfg.teacher.num_cpus
             + cfg.trainer.num_ranks)
 
@@ -73,24 +75,24 @@ def init_ray(cfg: Config) -> None:
 
 def start_roles(cfg: Config) -> Roles:
     name = cfg.run.name
-    # The learners' placement group first: it reserves the ranks' CPUs (one per node with STRICT_SPREAD) before the
-    # engines, which schedule anywhere, can take them.
+    # The learners' placement group first: it reserves the ranks' CPUs (one per node with STRICT_SPREAD)
+    # before the engines, which schedule anywhere, can take them.
     learners = start_learners(cfg)
     start = lambda i: start_rollout_worker(cfg, i, prefix=f"{name}/")  # noqa: E731
     rollout = RolloutPool([start(i) for i in range(cfg.rollout.num_workers)], start, cfg.rollout.max_restarts,
                           cfg.cluster.start_timeout_s)
     teacher = start_teachers(cfg, prefix=f"{name}/") if cfg.needs_teacher else None
     verifiers = start_verifiers(cfg)
-    # Surface engine start-up failures here, not at the first step, and an actor the cluster cannot place as an
-    # error rather than a silent wait.
+    # Surface engine start-up failures here, not at the first step, and an actor the cluster cannot place as
+    # an error rather than a silent wait.
     _wait_placed(rollout + (list(teacher.actors.values()) if teacher else []) + learners.ranks, cfg.cluster.start_timeout_s)
     connect_learners(learners, cfg.trainer.dist_backend, cfg.trainer.strategy)
     return Roles(rollout, teacher, learners.ranks[0], verifiers, learners)
 
 
 def start_rollout_worker(cfg: Config, i: int, prefix: str | None = None):
-    """Rollout worker ``i`` (named ``<prefix>rollout-<i>`` when ``prefix`` is given) with the engine ``rollout.engine``
-    picks; the pool calls this again, same options and name, to replace a dead one."""
+    """Rollout worker ``i`` (named ``<prefix>rollout-<i>`` when ``prefix`` is given) with the engine
+    ``rollout.engine`` picks; the pool calls this again, same options and name, to replace a dead one."""
     opts = {"name": f"{prefix}rollout-{i}"} if prefix else {}
     return (
         ray.remote(RolloutWorker)
@@ -110,11 +112,12 @@ def start_verifiers(cfg: Config) -> VerifierRunner:
 
 
 def start_learners(cfg: Config) -> LearnerGroup:
-    """``trainer.num_ranks`` Learner actors, ``<run>/learner-<rank>``. One rank is a plain actor; several share a
-    placement group, one bundle per rank (``{"CPU": 1}``, plus ``{"GPU": 1}`` where ranks run on CUDA), spread
-    over nodes as ``trainer.placement_strategy`` says. Whether a rank holds a GPU, and so which device it runs on,
-    is decided once, by ``learner_placement``, for one rank and several alike. Every rank loads the student (and
-    the reference model or self-teacher its objective needs): the ranks must hold identical copies. Call
+    """``trainer.num_ranks`` Learner actors, ``<run>/learner-<rank>``. One rank is a plain actor; several
+    share a placement group, one bundle per rank (``{"CPU": 1}``, plus ``{"GPU": 1}`` where ranks run on
+    CUDA), spread over nodes as ``trainer.placement_strategy`` says. Whether a rank holds a GPU, and so which
+    device it runs on, is decided once, by ``learner_placement``, for one rank and several alike. Every rank
+    loads the student (and the reference model or self-teacher its objective needs): the ranks must hold
+    identical copies. Call
     ``connect_learners`` once they run.
     """
     t = cfg.trainer
@@ -148,8 +151,8 @@ def connect_learners(group: LearnerGroup, backend: str, strategy: str) -> None:
     """Rendezvous: rank 0's node IP (from the placement group) and a free port there host the process group's
     store; every rank calls ``init_process_group`` concurrently (it returns once all have joined); then rank 0
     gets the handles of ranks 1..N-1. Across real nodes gloo must find the right network interface: set
-    ``GLOO_SOCKET_IFNAME`` (or ``NCCL_SOCKET_IFNAME``) in the cluster's environment where the hostname resolves to
-    a loopback address."""
+    ``GLOO_SOCKET_IFNAME`` (or ``NCCL_SOCKET_IFNAME``) in the cluster's environment where the hostname
+    resolves to a loopback address."""
     n = len(group.ranks)
     if n == 1:
         return
@@ -175,11 +178,12 @@ def _wait_placed(actors: list, timeout_s: float) -> None:
 
 
 def start_teachers(cfg: Config, prefix: str | None = None, max_logprobs: int | None = None) -> Teachers:
-    """The default teacher (a local vLLM engine, or with ``teacher.url`` an HTTP client of a running teacher server)
-    and one local engine per ``models.teachers`` entry; ``prefix`` names the actors (``run/teacher-NAME``).
+    """The default teacher (a local vLLM engine, or with ``teacher.url`` an HTTP client of a running teacher
+    server) and one local engine per ``models.teachers`` entry; ``prefix`` names the actors
+    (``run/teacher-NAME``).
 
-    The HTTP client needs no CPU of its own (it waits on the network). Its token is read here, in the driver, and
-    handed to the actor, so a cluster's workers need no copy of the variable."""
+    The HTTP client needs no CPU of its own (it waits on the network). Its token is read here, in the driver,
+    and handed to the actor, so a cluster's workers need no copy of the variable."""
     opts = lambda n: {"name": f"{prefix}teacher-{n}"} if prefix else {}  # noqa: E731
     t = cfg.teacher
     if t.url:

@@ -26,14 +26,16 @@ class RunConfig(_Section):
     output_dir: str = Field("runs/run", min_length=1)  # metrics, TensorBoard events, checkpoints, summary
     seed: int = 0
     log_samples: bool = False  # one JSON line per trained sample in RUN_DIR/samples.jsonl (a rollout dump)
-    log_every_s: float = Field(0.0, ge=0)  # off a terminal: one line per step, or at most one per this many seconds
+    # off a terminal: one line per step, or at most one per this many seconds
+    log_every_s: float = Field(0.0, ge=0)
 
 
 class ClusterConfig(_Section):
     address: str | None = None  # None: start an embedded local Ray; "auto" or "ray://HOST:10001" to join one
     num_cpus: int | None = None  # logical CPUs for an embedded Ray; None lets Ray count them
     include_dashboard: bool = False
-    start_timeout_s: float = Field(600.0, gt=0)  # actors not started by then (no resources, stuck load) fail the job
+    # actors not started by then (no resources, stuck load) fail the job
+    start_timeout_s: float = Field(600.0, gt=0)
 
 
 class ModelsConfig(_Section):
@@ -41,8 +43,8 @@ class ModelsConfig(_Section):
     teacher: str = "models/demo/teacher"  # the default teacher
     teachers: dict[str, str] = {}  # more teachers by name; a row picks one with teacher.column
     dtype: Literal["float32", "bfloat16"] = "float32"
-    # the chat template prompts are rendered with, for a student (and teacher) whose tokenizer has none (a base
-    # model): a .jinja file or the Jinja text itself; None: the tokenizer's own
+    # the chat template prompts are rendered with, for a student (and teacher) whose tokenizer has none (a
+    # base model): a .jinja file or the Jinja text itself; None: the tokenizer's own
     chat_template: str | None = None
 
 
@@ -54,19 +56,22 @@ class TaskConfig(_Section):
     test_path: str | None = None  # files: held-out rows, same format
     prompt_column: str = "prompt"  # files: the column rendered as the user turn of the chat template
     answer_column: str = "answer"  # files: the ground truth handed to verifiers as `answer`
-    too_long: Literal["fail", "skip"] = "fail"  # prompts that leave no room for max_new_tokens: refuse, or drop and count
+    # prompts that leave no room for max_new_tokens: refuse, or drop and count
+    too_long: Literal["fail", "skip"] = "fail"
     num_train: int = Field(20000, gt=0)
     num_test: int = Field(500, gt=0)
     max_digits_a: int = Field(3, ge=1, le=9)
     max_digits_b: int = Field(3, ge=1, le=9)
     ops: list[Literal["+", "-"]] = ["+"]
     max_operand: int = Field(20, ge=2)  # word_problems: numbers in the problems are 2..max_operand
-    kinds: list[Literal["more", "buy", "take", "lose", "sum"]] = ["more", "buy", "take", "lose", "sum"]  # word_problems
+    # word_problems
+    kinds: list[Literal["more", "buy", "take", "lose", "sum"]] = ["more", "buy", "take", "lose", "sum"]
     seed: int = 0
 
 
 class KLRefConfig(_Section):
-    """A KL penalty to a frozen reference model, added to any objective's per-token loss (verl's use_kl_loss)."""
+    """A KL penalty to a frozen reference model, added to any objective's per-token loss (verl's
+    use_kl_loss)."""
 
     coef: float = Field(0.0, ge=0)  # 0: off
     kind: Literal["k1", "k2", "k3", "low_var_kl"] = "low_var_kl"
@@ -88,8 +93,9 @@ class WeightingConfig(_Section):
 
 class RolloutConfig(_Section):
     num_workers: int = Field(1, ge=1)
-    # Ray CPUs per rollout worker: its engine runs this many threads (Ray sets OMP_NUM_THREADS). Synchronous runs on
-    # few cores give each stage every core, since the stages take turns; asynchronous ones split the cores instead
+    # Ray CPUs per rollout worker: its engine runs this many threads (Ray sets OMP_NUM_THREADS). Synchronous
+    # runs on few cores give each stage every core, since the stages take turns; asynchronous ones split the
+    # cores instead
     num_cpus: int = Field(1, ge=1)
     prompts_per_step: int = Field(32, ge=1)
     group_size: int = Field(4, ge=1)  # G samples per prompt
@@ -99,27 +105,34 @@ class RolloutConfig(_Section):
     max_model_len: int = Field(128, ge=8)
     kv_cache_gib: float = Field(1.0, gt=0)
     probe_tolerance: float = Field(1e-3, gt=0)  # max |logprob diff| between learner and engine after a sync
-    max_staleness: int = Field(0, ge=0)  # 0: synchronous; k: generation runs up to k steps ahead of the learner
+    # 0: synchronous; k: generation runs up to k steps ahead of the learner
+    max_staleness: int = Field(0, ge=0)
     # DAPO's dynamic sampling: keep only groups whose rewards differ, drawing more prompts (up to
     # max_resample_rounds extra batches) until prompts_per_step such groups fill the step
     dynamic_sampling: bool = False
     max_resample_rounds: int = Field(4, ge=1)
-    chunk_prompts: int = Field(0, ge=0)  # prompts per generation call, each scored as it finishes; 0: one call per worker
+    # prompts per generation call, each scored as it finishes; 0: one call per worker
+    chunk_prompts: int = Field(0, ge=0)
     max_restarts: int = Field(3, ge=0)  # dead rollout workers replaced per run before the job fails
-    engine: Literal["vllm", "hf"] = "vllm"  # hf: transformers generate (CPU runs, tests); vllm is the production path
+    # hf: transformers generate (CPU runs, tests); vllm is the production path
+    engine: Literal["vllm", "hf"] = "vllm"
 
 
 class TeacherConfig(_Section):
     top_k: int = Field(0, ge=0)  # 0: only the sampled token's logprob (all OPD needs)
     max_logprobs: int = Field(20, ge=1)  # vLLM rejects top_k above this; raised automatically to top_k
-    url: str | None = None  # a running `opd serve-teacher` (http://HOST:PORT); None: a local vLLM teacher actor
+    # a running `opd serve-teacher` (http://HOST:PORT); None: a local vLLM teacher actor
+    url: str | None = None
     token_env: str | None = None  # name of the env var holding the server's bearer token (read by the driver)
     timeout_s: float = Field(120.0, gt=0)  # per HTTP request to teacher.url; failures retry with back-off
-    retry_deadline_s: float = Field(300.0, gt=0)  # teacher.url unreachable this long (retrying with back-off): fail the job
-    column: str | None = None  # dataset column naming each row's teacher (a models.teachers key); empty: default
+    # teacher.url unreachable this long (retrying with back-off): fail the job
+    retry_deadline_s: float = Field(300.0, gt=0)
+    # dataset column naming each row's teacher (a models.teachers key); empty: default
+    column: str | None = None
     num_cpus: int = Field(1, ge=1)  # Ray CPUs (engine threads) per local teacher actor, as rollout.num_cpus
-    # local teacher actors' engine. auto: transformers (hf) when opd.full_vocab_source=teacher (hidden states), else
-    # rollout.engine. hf scores only the response positions with the LM head; vllm's prompt_logprobs scores all
+    # local teacher actors' engine. auto: transformers (hf) when opd.full_vocab_source=teacher (hidden
+    # states), else rollout.engine. hf scores only the response positions with the LM head; vllm's
+    # prompt_logprobs scores all
     engine: Literal["auto", "vllm", "hf"] = "auto"
 
     @field_validator("url")
@@ -139,7 +152,8 @@ class VerifiersConfig(_Section):
     @field_validator("functions", mode="before")
     @classmethod
     def _names(cls, v: Any) -> Any:
-        return [{"name": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v  # "name" = {name: ...}
+        # "name" = {name: ...}
+        return [{"name": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
 
     @model_validator(mode="after")
     def _usable(self) -> VerifiersConfig:
@@ -155,18 +169,23 @@ class TrainerConfig(_Section):
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
-    micro_batch_size: int = Field(64, ge=1)  # sequences per forward/backward; gradients accumulate over a step
-    micro_batch_tokens: int = Field(0, ge=0)  # >0: micro-batches by padded-token budget (length-sorted), not by count
-    # LM head and loss in pieces of at most this many response positions (whole sequences), so [tokens, vocab] logits
-    # never exist for a whole micro-batch; 0: all at once. The update is the same either way.
+    # sequences per forward/backward; gradients accumulate over a step
+    micro_batch_size: int = Field(64, ge=1)
+    # >0: micro-batches by padded-token budget (length-sorted), not by count
+    micro_batch_tokens: int = Field(0, ge=0)
+    # LM head and loss in pieces of at most this many response positions (whole sequences), so [tokens, vocab]
+    # logits never exist for a whole micro-batch; 0: all at once. The update is the same either way.
     logits_chunk_tokens: int = Field(1024, ge=0)
-    # run each distinct prompt of a micro-batch once, its samples' responses reading its key/value cache (a group's G
-    # samples share their prompt); the same update. Off under gradient_checkpointing (HF drops the cache there)
+    # run each distinct prompt of a micro-batch once, its samples' responses reading its key/value cache (a
+    # group's G samples share their prompt); the same update. Off under gradient_checkpointing (HF drops the
+    # cache there)
     share_prompts: bool = True
-    autocast: Literal["off", "bf16"] = "off"  # bf16: forward under bf16 autocast; float32 weights and loss maths
-    gradient_checkpointing: bool = False  # recompute the student's layer activations in backward (less memory)
-    # where each learner rank runs: auto takes one GPU per rank when the cluster has them (and a learner driven
-    # directly, the GPU its process sees), else the CPU; cuda without a GPU is refused at start-up
+    # bf16: forward under bf16 autocast; float32 weights and loss maths
+    autocast: Literal["off", "bf16"] = "off"
+    # recompute the student's layer activations in backward (less memory)
+    gradient_checkpointing: bool = False
+    # where each learner rank runs: auto takes one GPU per rank when the cluster has them (and a learner
+    # driven directly, the GPU its process sees), else the CPU; cuda without a GPU is refused at start-up
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @field_validator("betas")
@@ -181,16 +200,20 @@ class TrainerConfig(_Section):
     def _yaml_off(cls, v: Any) -> Any:
         return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
     torch_threads: int = Field(1, ge=1)
-    num_ranks: int = Field(1, ge=1)  # learner ranks (torch.distributed); >1 splits each batch into token-balanced shards
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # Ray placement group of the ranks
+    # learner ranks (torch.distributed); >1 splits each batch into token-balanced shards
+    num_ranks: int = Field(1, ge=1)
+    # Ray placement group of the ranks
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl where the rank sees a GPU, else gloo
-    # How several ranks hold the student: fsdp2 shards weights, gradients and AdamW state per decoder layer (and
-    # the reference / self-teacher alike); ddp keeps a whole replica on each rank and all-reduces the gradients.
+    # How several ranks hold the student: fsdp2 shards weights, gradients and AdamW state per decoder layer
+    # (and the reference / self-teacher alike); ddp keeps a whole replica on each rank and all-reduces the
+    # gradients.
     strategy: Literal["fsdp2", "ddp"] = "fsdp2"
 
 
 class LoraConfig(_Section):
-    r: int = Field(0, ge=0)  # 0: train all weights; >0: a PEFT LoRA adapter of this rank, synced to vLLM unmerged
+    # 0: train all weights; >0: a PEFT LoRA adapter of this rank, synced to vLLM unmerged
+    r: int = Field(0, ge=0)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -199,7 +222,8 @@ class LoraConfig(_Section):
 class TrackingConfig(_Section):
     wandb: bool = False  # log every step's metrics to Weights & Biases
     wandb_project: str = "opd"
-    wandb_mode: Literal["offline", "online"] = "offline"  # offline: files under RUN_DIR/wandb, `wandb sync` later
+    # offline: files under RUN_DIR/wandb, `wandb sync` later
+    wandb_mode: Literal["offline", "online"] = "offline"
     mlflow: bool = False  # log every step's metrics to MLflow
     mlflow_tracking_uri: str | None = None  # None: a file store under RUN_DIR/mlruns
     mlflow_experiment: str = "opd"
@@ -209,8 +233,9 @@ class EvalConfig(_Section):
     every: int = Field(0, ge=0)  # 0: only before and after training
     num_prompts: int = Field(500, ge=1)
     max_new_tokens: int = Field(8, ge=1)
-    # held-out teacher KL: per held-out prompt this many samples of the student (temperature 1, rollout.max_new_tokens),
-    # scored by the teacher; their mean log q - log pi_T per token estimates KL(student || teacher). 0: not measured
+    # held-out teacher KL: per held-out prompt this many samples of the student (temperature 1,
+    # rollout.max_new_tokens), scored by the teacher; their mean log q - log pi_T per token estimates
+    # KL(student || teacher). 0: not measured
     kl_samples: int = Field(1, ge=0)
 
 
@@ -220,7 +245,8 @@ class CheckpointConfig(_Section):
 
 
 class _Core(_Section):
-    """The sections every job has; ``Config`` adds one per objective (``opd.trainer.objectives``), under its name."""
+    """The sections every job has; ``Config`` adds one per objective (``opd.trainer.objectives``), under its
+    name."""
 
     run: RunConfig = RunConfig()
     cluster: ClusterConfig = ClusterConfig()
@@ -307,24 +333,27 @@ class _Core(_Section):
         return self
 
     def section(self, name: str) -> _Section:
-        """An objective's section (``Config`` has one per registered objective, as an attribute of its name)."""
+        """An objective's section (``Config`` has one per registered objective, as an attribute of its
+        name)."""
         return getattr(self, name)
 
     @property
     def teacher_settings(self):
-        """The section whose divergence and full-vocabulary settings every objective that reads a teacher follows."""
+        """The section whose divergence and full-vocabulary settings every objective that reads a teacher
+        follows."""
         return self.section(TEACHER_SECTION)
 
     @property
     def teacher_signal(self) -> TeacherSignal:
-        """What the teacher gives each step and who computes it (``opd.signal``: the one place that decides)."""
+        """What the teacher gives each step and who computes it (``opd.signal``: the one place that
+        decides)."""
         t = self.teacher_settings
         return teacher_signal(self.objective, t.divergence, t.full_vocab_source, self.teacher.top_k)
 
     @property
     def needs_teacher(self) -> bool:
-        """Whether teacher actors start: whenever the objective reads a teacher (also when the learner computes the
-        training signal itself, as the teacher actor answers the held-out evaluation)."""
+        """Whether teacher actors start: whenever the objective reads a teacher (also when the learner
+        computes the training signal itself, as the teacher actor answers the held-out evaluation)."""
         return self.teacher_signal.kind != "none"
 
     @property
@@ -338,7 +367,8 @@ class _Core(_Section):
 
     @property
     def reference_dir(self) -> str | None:
-        """The reference model the learner holds (the objective's, the kl_ref penalty's); None: the student's start."""
+        """The reference model the learner holds (the objective's, the kl_ref penalty's); None: the student's
+        start."""
         return self._own_reference if self.objective.reference else self.kl_ref.reference
 
     @property

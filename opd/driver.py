@@ -50,8 +50,8 @@ class Job:
 
 
 def prepare(cfg: Config, *, resume: bool = False, fresh: bool = False, change_objective: bool = False) -> Job:
-    """Validate models, tokenizers, data, verifiers and the run directory; raise ConfigError before writing anything
-    (``opd.preflight``). Then ``fresh`` clears a run already in ``run.output_dir``."""
+    """Validate models, tokenizers, data, verifiers and the run directory; raise ConfigError before writing
+    anything (``opd.preflight``). Then ``fresh`` clears a run already in ``run.output_dir``."""
     ckpt = check_job(cfg, resume=resume, fresh=fresh, change_objective=change_objective)
     tok, train, test = check_inputs(cfg)
     run_dir = Path(cfg.run.output_dir)
@@ -85,7 +85,8 @@ def _restore(job: Job, roles: Roles) -> RunState:
 def _save(cfg: Config, job: Job, roles: Roles, st: RunState, stream: RolloutStream) -> None:
     def write(path: str) -> None:
         ray.get(roles.learner.save.remote(path))
-        stream.save_in_flight(path)  # checks the last sync's probe: a checkpoint only ever follows a checked sync
+        # checks the last sync's probe: a checkpoint only ever follows a checked sync
+        stream.save_in_flight(path)
 
     save_checkpoint(job.run_dir, st, write, cfg.checkpoint.keep)
 
@@ -99,9 +100,9 @@ def _renderer(tok):  # the student's tokenizer, its chat template as the job's (
 
 
 class SampleLog:
-    """``RUN_DIR/samples.jsonl``: one line per sample of every trained step (``run.log_samples``), for audits of what
-    was trained: every step's ids, each exactly once across a resume (lines of steps after the checkpoint are
-    dropped when the run resumes, as metrics.jsonl's are)."""
+    """``RUN_DIR/samples.jsonl``: one line per sample of every trained step (``run.log_samples``), for audits
+    of what was trained: every step's ids, each exactly once across a resume (lines of steps after the
+    checkpoint are dropped when the run resumes, as metrics.jsonl's are)."""
 
     def __init__(self, run_dir: Path, start_step: int, enabled: bool):
         self.path = run_dir / "samples.jsonl" if enabled else None
@@ -132,8 +133,8 @@ def train(cfg: Config, job: Job, roles: Roles, progress: bool = True) -> dict:
                         config=cfg.model_dump(mode="json"), run_name=cfg.run.name, log_every_s=cfg.run.log_every_s)
     stream = RolloutStream(roles.rollout, PromptSource(job.train, cfg.run.seed, st.cursor), cfg.rollout, cfg.run.seed,
                            load_in_flight(job.checkpoint), scorer=ChunkScorer(roles, cfg))
-    # Every sync's probe is checked by the rollout pool before anything generated at those weights is handed out,
-    # evaluated or stored with a checkpoint (RolloutPool.checked): the loop never waits for it by hand.
+    # Every sync's probe is checked by the rollout pool before anything generated at those weights is handed
+    # out, evaluated or stored with a checkpoint (RolloutPool.checked): the loop never waits for it by hand.
     st.version = sync_weights(roles, job.probe_ids, cfg.rollout.probe_tolerance)
     warm_up_verifiers(roles, job.test[0])
     if st.accuracy_before is None:
@@ -145,14 +146,16 @@ def train(cfg: Config, job: Job, roles: Roles, progress: bool = True) -> dict:
     samples_log = SampleLog(job.run_dir, st.step, cfg.run.log_samples)
     for step in range(st.step, cfg.trainer.total_steps):
         t0 = time.perf_counter()
-        # Scored chunk by chunk as it was generated (max_staleness > 0: the next batches are launched here and scored
-        # while the learner trains); handed out once the last sync's probe passed (its loads ran meanwhile).
+        # Scored chunk by chunk as it was generated (max_staleness > 0: the next batches are launched here and
+        # scored while the learner trains); handed out once the last sync's probe passed (its loads ran
+        # meanwhile).
         taken = stream.take(step, cfg.trainer.total_steps)
         batch = route(taken.batch, taken.rewards, taken.scores, plan, job.render)
         stats = ray.get(roles.learner.train_step.remote(batch)) if batch else {"update_skipped": 1.0}
         stats["sample_staleness"] = float(st.version - taken.batch.weight_version)
         st.version = sync_weights(roles, job.probe_ids, cfg.rollout.probe_tolerance)
-        stats["rollout_worker_restarts"] = float(roles.rollout.restarts)  # replacements so far in this driver process
+        # replacements so far in this driver process
+        stats["rollout_worker_restarts"] = float(roles.rollout.restarts)
         st.step, st.cursor, st.consumed = step + 1, stream.data.cursor, st.consumed + len(taken.batch.samples)
         if cfg.eval.every and st.step % cfg.eval.every == 0:
             stats.update(held_out(roles, job.test, cfg))

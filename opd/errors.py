@@ -1,5 +1,5 @@
-"""The error every layer raises for bad input: below the config, so models, monitors and roles can raise it without
-importing the config tree."""
+"""The error every layer raises for bad input: below the config, so models, monitors and roles can raise it
+without importing the config tree."""
 
 
 class ConfigError(ValueError):

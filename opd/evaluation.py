@@ -1,8 +1,10 @@
-"""``opd eval``: greedy held-out accuracy of a student directory (any checkpoint's ``model/``) and the teacher.
+"""``opd eval``: greedy held-out accuracy of a student directory (any checkpoint's ``model/``) and the
+teacher.
 
     opd eval runs/demo/config.yaml models.student=runs/demo/checkpoints/step_000040/model --teacher
 
-The engines start as a run's do (``opd.cluster``), so ``rollout.engine`` and ``teacher.engine`` choose them here too.
+The engines start as a run's do (``opd.cluster``), so ``rollout.engine`` and ``teacher.engine`` choose them
+here too.
 """
 
 from __future__ import annotations

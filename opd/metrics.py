@@ -1,10 +1,10 @@
-"""A role's own metrics, recorded in the role's process (rollout worker, teacher, learner rank, verifier runner) as
-Ray custom metrics. Below every role, so the roles import it and nothing above; ``opd.monitor`` (the driver's sinks,
-the Grafana board) reads these tables too.
+"""A role's own metrics, recorded in the role's process (rollout worker, teacher, learner rank, verifier
+runner) as Ray custom metrics. Below every role, so the roles import it and nothing above; ``opd.monitor``
+(the driver's sinks, the Grafana board) reads these tables too.
 
-Every series is named ``opd_*`` and tagged ``run`` (``run.name``; not ``job``, which Prometheus sets to the scrape
-job and would rename ours to ``exported_job``), ``role`` and ``replica`` (rollout worker index, learner rank, teacher
-name, verifier name). Without an initialised Ray (or without Ray installed) nothing is recorded.
+Every series is named ``opd_*`` and tagged ``run`` (``run.name``; not ``job``, which Prometheus sets to the
+scrape job and would rename ours to ``exported_job``), ``role`` and ``replica`` (rollout worker index, learner
+rank, teacher name, verifier name). Without an initialised Ray (or without Ray installed) nothing is recorded.
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ ROLE_TAG_KEYS = ("run", "role", "replica")
 
 @dataclass(frozen=True)
 class MetricSpec:
-    key: str  # the key of the record it comes from (the driver's step metrics, or a role's RoleMetrics.record)
+    # the key of the record it comes from (the driver's step metrics, or a role's RoleMetrics.record)
+    key: str
     name: str  # Ray metric name
     role: str
     description: str
-    # a running total, as a Gauge: unlike a Ray Counter (which refuses an increment of 0) the series exists from
-    # its first record, so a dashboard shows "0 so far" rather than no data
+    # a running total, as a Gauge: unlike a Ray Counter (which refuses an increment of 0) the series exists
+    # from its first record, so a dashboard shows "0 so far" rather than no data
     cumulative: bool = False
 
 
@@ -57,7 +58,8 @@ def metric_values(metrics: dict[str, float], specs: tuple[MetricSpec, ...]) -> l
 
 
 class _Gauges:
-    """Gauges made on first use, in the process that records (a Gauge belongs to the process that created it)."""
+    """Gauges made on first use, in the process that records (a Gauge belongs to the process that created
+    it)."""
 
     def __init__(self, specs: tuple[MetricSpec, ...], tag_keys: tuple[str, ...]):
         self.specs, self.tag_keys = specs, tag_keys
@@ -78,8 +80,8 @@ class _Gauges:
 class RoleMetrics:
     """A role's own series (``ROLE_SPECS`` of ``role``), recorded in its process.
 
-    ``job`` and ``replica`` default to the calling actor's name, ``<job>/<role>-<replica>`` (how ``opd.cluster``
-    names every role's actor); outside a named actor, or without them, nothing is recorded.
+    ``job`` and ``replica`` default to the calling actor's name, ``<job>/<role>-<replica>`` (how
+    ``opd.cluster`` names every role's actor); outside a named actor, or without them, nothing is recorded.
     """
 
     def __init__(self, role: str, job: str | None = None, replica: str | None = None):
@@ -93,7 +95,8 @@ class RoleMetrics:
     def _identity(self) -> bool:
         try:
             import ray
-        except ImportError:  # a learner driven where Ray is not installed (a lent GPU machine): no series to feed
+        # a learner driven where Ray is not installed (a lent GPU machine): no series to feed
+        except ImportError:
             return False
         if not ray.is_initialized():
             return False

@@ -10,8 +10,8 @@ from opd.trainer.routing import RoutePlan
 
 
 def objective_spec(cfg: Config) -> ObjectiveSpec:
-    """The learner's view of ``cfg``'s objective: every objective section as the config holds it, and the values all
-    objectives share."""
+    """The learner's view of ``cfg``'s objective: every objective section as the config holds it, and the
+    values all objectives share."""
     return ObjectiveSpec(
         name=cfg.algorithm,
         sections={name: cfg.section(name) for name, o in REGISTRY.items() if o.section is not None},
@@ -49,7 +49,8 @@ def learner_args(cfg: Config) -> dict:
 
 
 def spec_of(*overrides: str) -> ObjectiveSpec:
-    """``objective_spec`` of the default config with ``key=value`` overrides, for replays, benchmarks and tests:
+    """``objective_spec`` of the default config with ``key=value`` overrides, for replays, benchmarks and
+    tests:
     ``spec_of("algorithm=exopd", "exopd.lam=1.0")``."""
     from opd.config import load_config
 

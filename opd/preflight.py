@@ -1,11 +1,12 @@
-"""Checks of a job's inputs before Ray starts or anything is written, for ``opd run``, ``opd submit`` and ``opd eval``
-alike; each raises ``ConfigError`` naming the key or row. The config's own values are checked earlier, by
+"""Checks of a job's inputs before Ray starts or anything is written, for ``opd run``, ``opd submit`` and
+``opd eval`` alike; each raises ``ConfigError`` naming the key or row. The config's own values are checked
+earlier, by
 ``opd.config``.
 
-Two layers. ``check_job`` reads only files (the model directories and the run directory) and imports neither torch
-nor transformers, so a wrong path, a partial download or a run directory in the wrong state is answered in about a
-second. ``check_inputs`` then loads what needs loading: the tokenizers against each other and the data, the device,
-and every verifier called on real rows (``opd.rewards.preflight``).
+Two layers. ``check_job`` reads only files (the model directories and the run directory) and imports neither
+torch nor transformers, so a wrong path, a partial download or a run directory in the wrong state is answered
+in about a second. ``check_inputs`` then loads what needs loading: the tokenizers against each other and the
+data, the device, and every verifier called on real rows (``opd.rewards.preflight``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def check_job(cfg: Config, *, resume: bool = False, fresh: bool = False, change_
 
 def check_inputs(cfg: Config, teacher: bool | None = None) -> tuple:
     """(student tokenizer, train prompts, held-out prompts) once every input of the job has passed its check.
-    ``teacher``: whether the teacher is used (default: whether the objective reads one; ``opd eval --teacher``)."""
+    ``teacher``: whether the teacher is used (default: whether the objective reads one; ``opd eval
+    --teacher``)."""
     from opd.rewards.preflight import check_verifiers
 
     teacher = cfg.needs_teacher if teacher is None else teacher
@@ -87,8 +89,10 @@ def load_prompts(cfg: Config, tok) -> tuple[list[Prompt], list[Prompt]]:
 
 
 def _fits(prompts: list[Prompt], cfg: Config) -> list[Prompt]:
-    """Prompts with room for a full response; the others are refused or, with task.too_long=skip, dropped and counted."""
-    # One position more: the teacher scores prompt + full response with prompt_logprobs, which needs a token to spare.
+    """Prompts with room for a full response; the others are refused or, with task.too_long=skip, dropped and
+    counted."""
+    # One position more: the teacher scores prompt + full response with prompt_logprobs, which needs a token
+    # to spare.
     limit = cfg.rollout.max_model_len - max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens) - 1
     fits = [p for p in prompts if len(p.token_ids) <= limit]
     too_long = [p.prompt_id for p in prompts if len(p.token_ids) > limit]
@@ -131,14 +135,16 @@ def _check_teachers(cfg: Config, tok, prompts: list[Prompt]) -> None:
 
 
 def check_model_dirs(cfg: Config, teacher: bool | None = None) -> None:
-    """Fail before anything is written when a model directory is missing, not a HF checkpoint, holds weights shorter
-    than their own headers say, or a tokenizer without a chat template (and ``models.chat_template`` gives none);
-    when ``lora.target_modules`` names a module the student does not have; or when the remote teacher's token
-    variable is unset. ``teacher``: whether the teacher is used (default: whether the objective reads one).
+    """Fail before anything is written when a model directory is missing, not a HF checkpoint, holds weights
+    shorter than their own headers say, or a tokenizer without a chat template (and ``models.chat_template``
+    gives none); when ``lora.target_modules`` names a module the student does not have; or when the remote
+    teacher's token variable is unset. ``teacher``: whether the teacher is used (default: whether the
+    objective reads one).
 
     With ``teacher.url`` the teacher's weights live on the server, but ``models.teacher`` must still hold the
-    teacher's tokenizer files: the tokenizer pre-flight compares them with the student's locally (a tokenizer-only
-    directory is enough, unless ``opd.divergence=full_vocab`` runs the teacher's HF forward in the learner).
+    teacher's tokenizer files: the tokenizer pre-flight compares them with the student's locally (a
+    tokenizer-only directory is enough, unless ``opd.divergence=full_vocab`` runs the teacher's HF forward in
+    the learner).
     """
     teacher = cfg.needs_teacher if teacher is None else teacher
     remote = cfg.teacher.url is not None and not cfg.teacher_signal.learner_runs_teacher
@@ -184,7 +190,8 @@ def _checkpoint_problems(cfg: Config, key: str, d: Path) -> list[str]:
 
 
 def _lora_target_problems(cfg: Config) -> list[str]:
-    """PEFT matches a target to a module whose dotted name is it or ends in ``.target``; name those that match none."""
+    """PEFT matches a target to a module whose dotted name is it or ends in ``.target``; name those that match
+    none."""
     names = files.module_names(Path(cfg.models.student))
     if names is None:
         return []  # not safetensors: PEFT reports it when the adapter is made
@@ -197,8 +204,9 @@ def _lora_target_problems(cfg: Config) -> list[str]:
 
 
 def check_device(cfg: Config) -> None:
-    """``trainer.device=cuda`` needs a GPU this process sees, when the job runs on the embedded local Ray (this
-    machine). On a cluster the driver may have no GPU while the workers do: there the learner rank reports it."""
+    """``trainer.device=cuda`` needs a GPU this process sees, when the job runs on the embedded local Ray
+    (this machine). On a cluster the driver may have no GPU while the workers do: there the learner rank
+    reports it."""
     if cfg.cluster.address:
         return
     from opd.trainer.device import NoCudaError, resolve_device
@@ -210,7 +218,8 @@ def check_device(cfg: Config) -> None:
 
 
 def check_output_dir(cfg: Config) -> None:
-    """``run.output_dir`` is a directory or does not exist yet (then its nearest existing parent is a directory)."""
+    """``run.output_dir`` is a directory or does not exist yet (then its nearest existing parent is a
+    directory)."""
     d = Path(cfg.run.output_dir)
     if d.exists() and not d.is_dir():
         raise ConfigError(f"run.output_dir: {str(d)!r} is a file, not a directory")
@@ -221,7 +230,8 @@ def check_output_dir(cfg: Config) -> None:
 
 def check_run_dir(cfg: Config, *, resume: bool, fresh: bool, change_objective: bool = False) -> Path | None:
     """The run directory in the state the flags expect; the checkpoint to resume from. A resumed run keeps its
-    objective (``algorithm``, and the teacher divergence it follows) unless ``change_objective`` says otherwise."""
+    objective (``algorithm``, and the teacher divergence it follows) unless ``change_objective`` says
+    otherwise."""
     run_dir = Path(cfg.run.output_dir)
     if resume and fresh:
         raise ConfigError("--resume continues the run in run.output_dir and --fresh replaces it: give one of them")
@@ -258,7 +268,8 @@ def _objective_change(cfg: Config, saved_path: Path) -> tuple[str, str] | None:
 
 def untokenizable_rows(tok, rows: list[dict], split: str) -> list[str]:
     """Rows whose prompt the tokenizer cannot represent: characters it drops or maps to its unknown token. A
-    character-level tokenizer silently drops what it does not know, so the model would see another question."""
+    character-level tokenizer silently drops what it does not know, so the model would see another
+    question."""
     texts = [str(r["prompt"]) for r in rows]
     if not texts:
         return []

@@ -1,4 +1,5 @@
-"""The base of every config section (``opd.config`` and each objective's own, in ``opd.trainer.objectives``)."""
+"""The base of every config section (``opd.config`` and each objective's own, in
+``opd.trainer.objectives``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The driver's named steps, each a thin call into the role actors. Feature branches live here, not in the loop."""
+"""The driver's named steps, each a thin call into the role actors. Feature branches live here, not in the
+loop."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from opd.types import Prompt, Rewards, RolloutBatch, Sample, ScoredChunk, Teache
 
 log = logging.getLogger("opd.steps")
 
-# The verifier hosts are shared by the process; an asynchronous stream verifies on its own thread while the driver
-# may evaluate, and a host replaced by one caller must not be replaced again by the other.
+# The verifier hosts are shared by the process; an asynchronous stream verifies on its own thread while the
+# driver may evaluate, and a host replaced by one caller must not be replaced again by the other.
 _VERIFIER_LOCK = threading.Lock()
 
 
@@ -38,12 +39,13 @@ def _verify(roles: Roles, samples: list[Sample]) -> Rewards:
 
 
 class ChunkScorer:
-    """The driver's ``opd.rollout.stream.Scorer``: scores a batch chunk by chunk (a chunk: one generation call of a
-    rollout worker), off the driver's main thread.
+    """The driver's ``opd.rollout.stream.Scorer``: scores a batch chunk by chunk (a chunk: one generation call
+    of a rollout worker), off the driver's main thread.
 
-    ``chain`` runs when a chunk is issued: a chunk whose rows all go to one teacher is handed to that teacher actor
-    as the generation's ObjectRef, so scoring starts the moment generation ends. ``chunk`` runs on the stream's
-    thread as each chunk arrives: it verifies the chunk (and starts the teacher on a chunk of mixed teachers)."""
+    ``chain`` runs when a chunk is issued: a chunk whose rows all go to one teacher is handed to that teacher
+    actor as the generation's ObjectRef, so scoring starts the moment generation ends. ``chunk`` runs on the
+    stream's thread as each chunk arrives: it verifies the chunk (and starts the teacher on a chunk of mixed
+    teachers)."""
 
     def __init__(self, roles: Roles, cfg: Config):
         signal = cfg.teacher_signal  # only what the learner reads: no top-k rows for sampled-token objectives
@@ -79,11 +81,12 @@ class ChunkScorer:
 def sync_weights(roles: Roles, probe_ids: list[int], tolerance: float) -> int:
     """Publish the learner's weights to every rollout worker; each verifies them with the probe sequence.
 
-    Returns the version at once: the loads run while the driver goes on (the learner's next step, the next batch's
-    scoring), and the rollout pool checks the probe (``RolloutPool.checked``) before anything generated at this
-    version is handed out, stored or evaluated. The exported weights and the probe's expected log-probs go to
-    the workers as ObjectRefs, never through the driver. A LoRA student publishes its adapter's files instead (the
-    engines keep their base weights); workers on other nodes need no shared file system either way."""
+    Returns the version at once: the loads run while the driver goes on (the learner's next step, the next
+    batch's scoring), and the rollout pool checks the probe (``RolloutPool.checked``) before anything
+    generated at this version is handed out, stored or evaluated. The exported weights and the probe's
+    expected log-probs go to the workers as ObjectRefs, never through the driver. A LoRA student publishes its
+    adapter's files instead (the engines keep their base weights); workers on other nodes need no shared file
+    system either way."""
     learner = roles.learner
     version, lora = ray.get([learner.version_number.remote(), learner.uses_lora.remote()])
     expected = learner.probe_logprobs.remote(probe_ids)
@@ -93,13 +96,15 @@ def sync_weights(roles: Roles, probe_ids: list[int], tolerance: float) -> int:
     else:
         weights = learner.export_weights.remote()
         load = lambda w: w.load_weights.remote(weights, version, probe_ids, expected, tolerance)  # noqa: E731
-    # The pool keeps ``load`` while generations launched at this version are owed: a replacement worker replays them.
+    # The pool keeps ``load`` while generations launched at this version are owed: a replacement worker
+    # replays them.
     roles.rollout.publish(version, load)
     return version
 
 
 def warm_up_verifiers(roles: Roles, prompt: Prompt) -> None:
-    """Load the verifier functions in their hosts before any deadline applies (imports take seconds on a busy machine)."""
+    """Load the verifier functions in their hosts before any deadline applies (imports take seconds on a busy
+    machine)."""
     _score(roles, ["warmup"], [prompt], [prompt.answer])
 
 
@@ -123,10 +128,10 @@ def held_out(roles: Roles, prompts: list[Prompt], cfg: Config) -> dict[str, floa
 
 
 def heldout_teacher_kl(roles: Roles, prompts: list[Prompt], cfg: Config) -> float | None:
-    """KL(student || teacher) per token on held-out prompts: ``eval.kl_samples`` samples of the student per prompt at
-    temperature 1 (seeded: the same draws each time the same weights are measured), scored by the teacher; the mean
-    of log q - log pi_T over their tokens, the training metric ``teacher_kl`` measured where nothing trains. None when
-    the job has no teacher or ``eval.kl_samples`` is 0."""
+    """KL(student || teacher) per token on held-out prompts: ``eval.kl_samples`` samples of the student per
+    prompt at temperature 1 (seeded: the same draws each time the same weights are measured), scored by the
+    teacher; the mean of log q - log pi_T over their tokens, the training metric ``teacher_kl`` measured where
+    nothing trains. None when the job has no teacher or ``eval.kl_samples`` is 0."""
     if roles.teacher is None or not cfg.eval.kl_samples:
         return None
     draws = [(p, 0) for p in prompts]
@@ -140,8 +145,8 @@ def heldout_teacher_kl(roles: Roles, prompts: list[Prompt], cfg: Config) -> floa
 
 
 def _verify_all(roles: Roles, uids: list[str], prompts: list[Prompt], texts: list[str], retries: int = 1) -> list[bool]:
-    """Correctness of every row. A verifier failure (timeout on a loaded machine, crash) is retried, never counted
-    as a wrong answer: an accuracy built on failed verifications would be a silent lie."""
+    """Correctness of every row. A verifier failure (timeout on a loaded machine, crash) is retried, never
+    counted as a wrong answer: an accuracy built on failed verifications would be a silent lie."""
     rewards = _score(roles, uids, prompts, texts)
     failed = [i for i, uid in enumerate(uids) if uid in rewards.failures]
     if not failed:
@@ -173,7 +178,8 @@ def step_metrics(taken: Scored, learner: dict, version: int, step_seconds: float
         "step_seconds": step_seconds,
         **learner,
     }
-    if taken.generated_groups is not None:  # rollout.dynamic_sampling: the share of generated groups that taught
+    # rollout.dynamic_sampling: the share of generated groups that taught
+    if taken.generated_groups is not None:
         m["dynamic_kept_fraction"] = len(rollouts.samples) / rollouts.group_size / max(taken.generated_groups, 1)
         m["resample_rounds"] = float(taken.resample_rounds)
     if scores is not None:

@@ -4,10 +4,11 @@
     opd status raysubmit_XXXX --address http://HEAD:8265
 
 The config (overrides applied) is written as YAML into a fresh staging directory together with every verifier
-file named by path in ``verifiers.functions``; that directory (plus a copy of ``--working-dir`` if given) becomes
-the job's ``runtime_env.working_dir`` and the entrypoint is ``python -m opd.cli run <staged config> --address auto``.
-Model directories and ``run.output_dir`` are *not* shipped: relative ones are resolved to absolute paths on this
-machine, so they must exist at the same place on the cluster (shared filesystem, same image) or be given absolute.
+file named by path in ``verifiers.functions``; that directory (plus a copy of ``--working-dir`` if given)
+becomes the job's ``runtime_env.working_dir`` and the entrypoint is ``python -m opd.cli run <staged config>
+--address auto``. Model directories and ``run.output_dir`` are *not* shipped: relative ones are resolved to
+absolute paths on this machine, so they must exist at the same place on the cluster (shared filesystem, same
+image) or be given absolute.
 ``ray job status/logs/stop`` work on the same job ids.
 """
 
@@ -68,12 +69,14 @@ def staged_config(cfg: Config, stage: Path) -> Config:
 
 def _use_token_auth_if_available() -> None:
     # Ray 2.60: `ray start` and `ray.init` switch token auth on when this user has a token (RAY_AUTH_TOKEN,
-    # RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), but the Job SDK client only when RAY_AUTH_MODE=token was set before
-    # Ray was imported. Ray's own helper (the one ray.init calls) sets the mode and refreshes Ray's cached config, so
-    # a cluster started with the default auth answers; an explicit RAY_AUTH_MODE always wins.
+    # RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), but the Job SDK client only when RAY_AUTH_MODE=token was set
+    # before Ray was imported. Ray's own helper (the one ray.init calls) sets the mode and refreshes Ray's
+    # cached config, so a cluster started with the default auth answers; an explicit RAY_AUTH_MODE always
+    # wins.
     from ray._private.authentication import authentication_token_setup as setup
 
-    quiet = logging.getLogger(setup.__name__)  # its "enabled for this Ray cluster" notice is meant for `ray start`
+    # its "enabled for this Ray cluster" notice is meant for `ray start`
+    quiet = logging.getLogger(setup.__name__)
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
@@ -109,8 +112,10 @@ def submission_id(cfg: Config, given: str | None = None) -> str:
 def submit(cfg: Config, address: str, working_dir: str | None = None, *, job_id: str | None = None,
            resume: bool = False, runtime_env: dict | None = None, resources: dict | None = None,
            change_objective: bool = False) -> str:
-    """Stage and submit ``cfg``; returns the job id. Nothing is left on disk here (the staging dir is removed).
-    ``runtime_env`` is merged under the staged working dir (env_vars, pip, ...); ``resources``: the entrypoint's
+    """Stage and submit ``cfg``; returns the job id. Nothing is left on disk here (the staging dir is
+    removed).
+    ``runtime_env`` is merged under the staged working dir (env_vars, pip, ...); ``resources``: the
+    entrypoint's
     ``entrypoint_num_cpus`` / ``entrypoint_num_gpus`` / ``entrypoint_memory``."""
     with tempfile.TemporaryDirectory(prefix="opd-submit-") as tmp:
         stage = Path(tmp) / "job"
@@ -150,8 +155,8 @@ def _call(address: str, job_id: str, what: str, fn):
 
 
 def status(address: str, job_id: str) -> dict:
-    """The job's state, its run directory and the last step it logged (from that directory's metrics.jsonl when
-    this machine sees it, else from the job's log lines)."""
+    """The job's state, its run directory and the last step it logged (from that directory's metrics.jsonl
+    when this machine sees it, else from the job's log lines)."""
     info = _call(address, job_id, "status", lambda c: c.get_job_info(job_id))
     meta = info.metadata or {}
     out = {"job_id": job_id, "name": meta.get("job_name"), "status": str(info.status.value), "message": info.message,
@@ -201,7 +206,8 @@ def logs(address: str, job_id: str) -> str:
 
 
 def follow_logs(address: str, job_id: str) -> Iterator[str]:
-    """Log chunks as the job writes them, until it ends (Ray's tail is async; this drives it from sync code)."""
+    """Log chunks as the job writes them, until it ends (Ray's tail is async; this drives it from sync
+    code)."""
     client = job_client(address)
     loop = asyncio.new_event_loop()
     tail = client.tail_job_logs(job_id).__aiter__()

@@ -1,8 +1,8 @@
 """Typed records that cross role boundaries (rollout -> verifier/teacher -> router -> learner).
 
 Shapes are ragged per sample (lists of ints/floats), padded only inside the learner. Every record has a
-``validate()`` that checks the ragged lengths line up, so a misaligned teacher or sampler shows up as an error at
-the boundary where it happened rather than as a silently wrong loss.
+``validate()`` that checks the ragged lengths line up, so a misaligned teacher or sampler shows up as an error
+at the boundary where it happened rather than as a silently wrong loss.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ class RecordError(ValueError):
 
 
 def sample_uid(prompt_id: str, sample_index: int, epoch: int) -> str:
-    """Stable id of one sampled answer: prompt, data epoch and sample slot. An epoch visits each prompt once, so the
-    id is unique in a run even when a batch straddles two epochs and holds the same prompt twice."""
+    """Stable id of one sampled answer: prompt, data epoch and sample slot. An epoch visits each prompt once,
+    so the id is unique in a run even when a batch straddles two epochs and holds the same prompt twice."""
     return f"{prompt_id}/e{epoch}/g{sample_index}"
 
 
@@ -93,8 +93,8 @@ class TeacherScores:
     topk_ids: list[list[list[int]]] | None = None  # [B][T_b][K]
     topk_logprobs: list[list[list[float]]] | None = None  # [B][T_b][K]
     score_seconds: float = 0.0
-    # [B] float32 arrays [T_b, H]: the teacher's final hidden state at the position predicting each response token
-    # (opd.full_vocab_source=teacher: the learner applies the teacher's LM head to them)
+    # [B] float32 arrays [T_b, H]: the teacher's final hidden state at the position predicting each response
+    # token (opd.full_vocab_source=teacher: the learner applies the teacher's LM head to them)
     hidden: list | None = None
 
     def validate(self, samples: list[Sample]) -> None:
@@ -134,8 +134,9 @@ class TeacherScores:
                              self.score_seconds, pick(self.hidden))
 
     def nonfinite_samples(self) -> int:
-        """Samples with a NaN/inf teacher log-prob (sampled token or top-k). Not an error here: such a value makes the
-        step's loss non-finite, and the learner skips that update on every rank, which is the survivable outcome."""
+        """Samples with a NaN/inf teacher log-prob (sampled token or top-k). Not an error here: such a value
+        makes the step's loss non-finite, and the learner skips that update on every rank, which is the
+        survivable outcome."""
         rows = zip(self.logprobs, self.topk_logprobs or [None] * len(self.logprobs), strict=True)
         return sum(1 for lp, k in rows if not all(map(math.isfinite, lp)) or (k and not all(math.isfinite(x) for r in k for x in r)))
 
@@ -161,7 +162,8 @@ class Rewards:
 
     @staticmethod
     def concat(parts: list[Rewards]) -> Rewards:
-        """Several chunks' rewards as one record, in order (verifier seconds add up: the chunks ran in turn)."""
+        """Several chunks' rewards as one record, in order (verifier seconds add up: the chunks ran in
+        turn)."""
         if len(parts) == 1:
             return parts[0]
         names = list(parts[0].per_verifier)
@@ -181,7 +183,8 @@ class Rewards:
 
     def varied_groups(self, group_size: int) -> list[int]:
         """The groups (of ``group_size`` consecutive samples) whose rewards are not all equal: the only ones a
-        group-relative advantage learns from (DAPO's dynamic sampling keeps these, ``drop_uniform_groups`` too)."""
+        group-relative advantage learns from (DAPO's dynamic sampling keeps these, ``drop_uniform_groups``
+        too)."""
         return [k for k in range(len(self.rewards) // group_size)
                 if len(set(self.rewards[k * group_size : (k + 1) * group_size])) > 1]
 
@@ -196,8 +199,8 @@ class Rewards:
 
 @dataclass
 class ScoredChunk:
-    """One generation call's samples, verified, with their teacher scores in flight (None: no teacher actor scores
-    them, e.g. the learner runs the teacher itself)."""
+    """One generation call's samples, verified, with their teacher scores in flight (None: no teacher actor
+    scores them, e.g. the learner runs the teacher itself)."""
 
     rewards: Rewards
     teacher: PendingScores | None = None
@@ -220,9 +223,11 @@ class TrainBatch:
     loss_weights: list[float] | None = None  # per-sample multiplier (PACED, quality gate); 1.0 when None
     teacher_topk_ids: list[list[list[int]]] | None = None  # [B][T_b][K] for the teacher top-k divergence
     teacher_topk_logprobs: list[list[list[float]]] | None = None
-    teacher_prompt_ids: list[list[int] | None] | None = None  # SDPO self-teacher prompt per sample (None: no context)
+    # SDPO self-teacher prompt per sample (None: no context)
+    teacher_prompt_ids: list[list[int] | None] | None = None
     routes: list[str] | None = None  # self-teacher objectives: each sample's route (``Objective.routes``)
-    teacher_hidden: list | None = None  # [B] float32 arrays [T_b, H] from the teacher actor (TeacherScores.hidden)
+    # [B] float32 arrays [T_b, H] from the teacher actor (TeacherScores.hidden)
+    teacher_hidden: list | None = None
 
     def validate(self) -> None:
         n = len(self.uids)

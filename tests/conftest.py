@@ -58,9 +58,10 @@ def tiny_overrides(models: Path, out: Path, **extra) -> list[str]:
 
 
 def answered_right(model_dir, prompts: list, max_tokens: int) -> list[bool]:
-    """Whether ``model_dir`` answers each prompt right, greedily on the HF engine (whose greedy tokens are vLLM's:
-    tests/test_hf_engine.py) and judged by exact_answer, the default first verifier: a job's held-out accuracy
-    recomputed apart from the job, so a test can check the job evaluated the right model on the right prompts."""
+    """Whether ``model_dir`` answers each prompt right, greedily on the HF engine (whose greedy tokens are
+    vLLM's: tests/test_hf_engine.py) and judged by exact_answer, the default first verifier: a job's held-out
+    accuracy recomputed apart from the job, so a test can check the job evaluated the right model on the right
+    prompts."""
     from opd.rollout.hf_engine import HFEngine
     from opd.tasks.arithmetic import exact_answer
 
@@ -92,9 +93,9 @@ def stop_shared(roles) -> None:
 
 
 def train_on(shared, cfg, *, rollout=None, teacher=None, verifiers=None, resume: bool = False) -> dict:
-    """``opd run``'s job on engines that are already running: its own learner, the shared rollout workers and teacher
-    (or those given), the shared verifier hosts. Each job pushes its learner's weights to the workers at its start, as
-    every job does, so what an earlier job trained never leaks into the next one."""
+    """``opd run``'s job on engines that are already running: its own learner, the shared rollout workers and
+    teacher (or those given), the shared verifier hosts. Each job pushes its learner's weights to the workers
+    at its start, as every job does, so what an earlier job trained never leaks into the next one."""
     import ray
 
     from opd.cluster import Roles, connect_learners, start_learners

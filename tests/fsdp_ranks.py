@@ -1,11 +1,13 @@
-"""FSDP2 learner ranks against one unsharded learner, in processes of their own (driven by tests/test_fsdp.py).
+"""FSDP2 learner ranks against one unsharded learner, in processes of their own (driven by
+tests/test_fsdp.py).
 
-Two processes join a gloo group on 127.0.0.1 and shard the same Learner (``join_group(..., "fsdp2")``); each trains
-its token-balanced shard of every batch (``Learner.shards``, as rank 0's ``train_step`` splits it) while the
-parent trained the whole batch on one unsharded Learner. Rank 0 writes what the test compares to OUT_DIR/result.json:
-per step the losses and gradient norms, the gathered weights' largest difference from the unsharded ones, a
-checkpoint's resume (bit for bit) and the unsharded learner's resume from the sharded checkpoint. No Ray: the
-ranks are driven here as rank 0 drives its peers in a job.
+Two processes join a gloo group on 127.0.0.1 and shard the same Learner (``join_group(..., "fsdp2")``); each
+trains its token-balanced shard of every batch (``Learner.shards``, as rank 0's ``train_step`` splits it)
+while the
+parent trained the whole batch on one unsharded Learner. Rank 0 writes what the test compares to
+OUT_DIR/result.json: per step the losses and gradient norms, the gathered weights' largest difference from the
+unsharded ones, a checkpoint's resume (bit for bit) and the unsharded learner's resume from the sharded
+checkpoint. No Ray: the ranks are driven here as rank 0 drives its peers in a job.
 
     python tests/fsdp_ranks.py MODELS_DIR OUT_DIR
 """
@@ -29,8 +31,9 @@ from opd.trainer.lora import LoraSpec
 from opd.trainer.objectives.spec import ObjectiveSpec
 from opd.types import TrainBatch
 
-# One per objective family, and LoRA. Sizes: 9 and 8 samples at 2 per micro-batch, so the ranks' plans differ in
-# length (5 / 4 samples -> 3 / 2 micro-batches: the shorter one pads), then a 1-sample step (rank 1's shard is empty).
+# One per objective family, and LoRA. Sizes: 9 and 8 samples at 2 per micro-batch, so the ranks' plans differ
+# in length (5 / 4 samples -> 3 / 2 micro-batches: the shorter one pads), then a 1-sample step (rank 1's shard
+# is empty).
 CASES = {
     "opd": {"objective": ObjectiveSpec("opd")},
     "opd-full-vocab": {"objective": spec_of("opd.divergence=full_vocab"), "teacher": True},
@@ -39,7 +42,8 @@ CASES = {
     "grpo": {"objective": ObjectiveSpec("grpo")},
     "srpo": {"objective": spec_of("algorithm=srpo", "sdpo.top_k=8")},
     "opd-lora": {"objective": ObjectiveSpec("opd"), "lora": LoraSpec(r=4)},
-    "grpo-checkpointing": {"objective": ObjectiveSpec("grpo"), "checkpointing": True},  # layers re-gathered in backward
+    # layers re-gathered in backward
+    "grpo-checkpointing": {"objective": ObjectiveSpec("grpo"), "checkpointing": True},
 }
 SIZES = (9, 8, 1)
 
@@ -51,13 +55,14 @@ def learner(models: Path, case: dict) -> Learner:
 
 
 def make_batch(probe: Learner, name: str, n: int, seed: int) -> TrainBatch:
-    """Mixed lengths, a noisy teacher, per-sample weights (one at 0); for SRPO routes and self-teacher prompts."""
+    """Mixed lengths, a noisy teacher, per-sample weights (one at 0); for SRPO routes and self-teacher
+    prompts."""
     rng = random.Random(seed)
     prompts = [[rng.randrange(6, 90) for _ in range(rng.randint(3, 9))] for _ in range(n)]
-    # Pairs of samples share a prompt here and there (as a group's samples do), so some micro-batches could share
-    # their prompt's forward and others not: every rank must still run the same number of layer forwards. Not for
-    # TIP: two samples of one prompt tie in entropy at their first token, and a tie is broken by token order, which
-    # sharding changes (the ranks' tokens are ranked in rank order).
+    # Pairs of samples share a prompt here and there (as a group's samples do), so some micro-batches could
+    # share their prompt's forward and others not: every rank must still run the same number of layer
+    # forwards. Not for TIP: two samples of one prompt tie in entropy at their first token, and a tie is
+    # broken by token order, which sharding changes (the ranks' tokens are ranked in rank order).
     if name != "opd-tip":
         prompts = [prompts[i - 1] if i % 4 == 1 else p for i, p in enumerate(prompts)]
     responses = [[rng.randrange(6, 90) for _ in range(rng.randint(1, 6))] for _ in range(n)]

@@ -1,7 +1,9 @@
-"""Learner ranks on a simulated two-node Ray cluster, in a process of its own (driven by tests/test_learner_ranks.py).
+"""Learner ranks on a simulated two-node Ray cluster, in a process of its own (driven by
+tests/test_learner_ranks.py).
 
-``ray.cluster_utils.Cluster`` starts a head and one worker node (separate raylets, as on two machines) and this
-process connects to it, so the test session's own local Ray is never touched. Results go to OUT_DIR as JSON.
+``ray.cluster_utils.Cluster`` starts a head and one worker node (separate raylets, as on two machines) and
+this process connects to it, so the test session's own local Ray is never touched. Results go to OUT_DIR as
+JSON.
 
     python tests/multinode.py MODELS_DIR OUT_DIR [equivalence] [job]
 """
@@ -38,8 +40,8 @@ RUNS = {"opd": ("opd", "fsdp2", {}), "grpo": ("grpo", "fsdp2", {}), "srpo": ("sr
 
 
 def make_batch(learner: Learner, algorithm: str, n: int, seed: int) -> TrainBatch:
-    """A fixed batch like tests/test_learner.py's: sampler log-probs from the learner, a noisy teacher, mixed lengths,
-    per-sample weights, and for SRPO routes with self-teacher prompts. Deterministic in ``seed``."""
+    """A fixed batch like tests/test_learner.py's: sampler log-probs from the learner, a noisy teacher, mixed
+    lengths, per-sample weights, and for SRPO routes with self-teacher prompts. Deterministic in ``seed``."""
     rng = random.Random(seed)
     prompts = [[rng.randrange(6, 90) for _ in range(rng.randint(3, 9))] for _ in range(n)]
     responses = [[rng.randrange(6, 90) for _ in range(rng.randint(1, 6))] for _ in range(n)]
@@ -82,7 +84,8 @@ def equivalence(models: Path, out: Path, address: str) -> dict:
         single = Learner(cfg.models.student, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
                          warmup_steps=t.warmup_steps, grad_clip=t.grad_clip, micro_batch_size=t.micro_batch_size,
                          torch_threads=t.torch_threads, seed=cfg.run.seed, objective=objective_spec(cfg))
-        batches = [make_batch(single, algorithm, n=16, seed=s) for s in (0, 1)]  # fixed before either learner trains
+        # fixed before either learner trains
+        batches = [make_batch(single, algorithm, n=16, seed=s) for s in (0, 1)]
         group = start_learners(cfg)
         ray.get([r.__ray_ready__.remote() for r in group.ranks])
         connect_learners(group, t.dist_backend, t.strategy)
@@ -92,7 +95,8 @@ def equivalence(models: Path, out: Path, address: str) -> dict:
             one, two = single.train_step(b), ray.get(rank0.train_step.remote(b))
             steps.append({k: (one[k], two[k]) for k in ("loss", "grad_norm", "entropy", "train_tokens", "loss_tokens", "update_skipped")}
                          | {"shard_token_imbalance": (one["shard_token_imbalance"], two["shard_token_imbalance"])})
-        # Rank 0's export is what the engines load (sharded, rank 1 joins its gathers); replicas each export theirs.
+        # Rank 0's export is what the engines load (sharded, rank 1 joins its gathers); replicas each export
+        # theirs.
         w_single, w0 = single.model.state_dict(), _weights(rank0)
         w1 = _weights(rank1) if strategy == "ddp" else w0
         abs_d, rel_d = _rel_diff(w_single, w0)
@@ -123,7 +127,8 @@ def _skip_and_load(single: Learner, batch: TrainBatch, rank0, rank1, w_before: d
     unchanged = [all(torch.equal(w_before[k], w[k]) for k in w_before) for w in map(_weights, ranks)]
     ckpt = out / "ckpt"
     ckpt.mkdir(parents=True)
-    single.train_step(make_batch(single, "opd", n=8, seed=7))  # a third step, so the checkpoint differs from the ranks
+    # a third step, so the checkpoint differs from the ranks
+    single.train_step(make_batch(single, "opd", n=8, seed=7))
     single.save(str(ckpt))
     ray.get(rank0.load.remote(str(ckpt)))
     w_ckpt = single.model.state_dict()

@@ -1,8 +1,9 @@
-"""Background server processes for integration tests: free ports, start in their own process group, stop cleanly.
+"""Background server processes for integration tests: free ports, start in their own process group, stop
+cleanly.
 
-Each server runs in a fresh session (``start_new_session``), so it and every process it spawns that does not leave
-the group (Ray's gcs_server, raylet, workers) share one process group that the test can end without touching any
-other Ray on the machine.
+Each server runs in a fresh session (``start_new_session``), so it and every process it spawns that does not
+leave the group (Ray's gcs_server, raylet, workers) share one process group that the test can end without
+touching any other Ray on the machine.
 """
 
 from __future__ import annotations
@@ -69,8 +70,9 @@ PROMETHEUS = shutil.which("prometheus")  # Debian's package; scripts/install.sh 
 
 
 def start_prometheus(workdir: Path, targets_file: Path) -> tuple[subprocess.Popen, str]:
-    """A real Prometheus on a free loopback port, scraping every second the targets Ray lists in ``targets_file``
-    (its service-discovery file, as Ray's generated prometheus.yml does); returns (process, base url)."""
+    """A real Prometheus on a free loopback port, scraping every second the targets Ray lists in
+    ``targets_file`` (its service-discovery file, as Ray's generated prometheus.yml does); returns (process,
+    base url)."""
     port = free_port()
     config = workdir / "prometheus.yml"
     config.write_text(
@@ -111,7 +113,8 @@ def group_alive(pgid: int) -> bool:
         return False
 
 
-# ---- the teacher server the teacher tests share (the fixture is in teacher_fixture.py) and a flaky proxy ----
+# ---- the teacher server the teacher tests share (the fixture is in teacher_fixture.py) and a flaky proxy
+# ----
 
 TEACHER_TOKEN_ENV = "OPD_TEST_TEACHER_TOKEN"
 TEACHER_MAX_BODY = 200_000
@@ -120,8 +123,8 @@ TEACHER_MAX_LEN = 64
 
 class FlakyProxy:
     """A real HTTP server on 127.0.0.1 in front of ``target`` that a test switches, on one fixed port, between
-    ``"forward"`` (pass requests through), ``"503"`` (answer 503 itself) and ``"refuse"`` (listening socket closed:
-    connection refused), counting the requests it saw in each mode.
+    ``"forward"`` (pass requests through), ``"503"`` (answer 503 itself) and ``"refuse"`` (listening socket
+    closed: connection refused), counting the requests it saw in each mode.
 
         with FlakyProxy(url) as proxy: proxy.set("refuse"); ...; proxy.set("forward")
     """
@@ -131,7 +134,8 @@ class FlakyProxy:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.counts: Counter[str] = Counter()
-        self.fail_every = 0  # > 0: in "forward" mode every k-th request is answered 503 anyway (a sure outage)
+        # > 0: in "forward" mode every k-th request is answered 503 anyway (a sure outage)
+        self.fail_every = 0
         self._seen = 0
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None

@@ -1,6 +1,7 @@
 """The session's one real ``opd serve-teacher``, as a pytest plugin: the teacher test modules load it with
-``pytest_plugins = ["teacher_fixture"]``, so the fixture is defined once for the session and the server's ~1 minute
-start is paid once, not per module. (A plugin module, not a conftest fixture, so only those modules start it.)"""
+``pytest_plugins = ["teacher_fixture"]``, so the fixture is defined once for the session and the server's ~1
+minute start is paid once, not per module. (A plugin module, not a conftest fixture, so only those modules
+start it.)"""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from servers import (
 
 @pytest.fixture(scope="session")
 def teacher_server(tiny_models, tmp_path_factory):
-    """``(url, token)`` of ``opd serve-teacher`` on the tiny teacher, with a token, a small body cap and model length."""
+    """``(url, token)`` of ``opd serve-teacher`` on the tiny teacher, with a token, a small body cap and model
+    length."""
     port, token = free_port(), secrets.token_hex(8)
     log = tmp_path_factory.mktemp("serve") / "serve-teacher.log"
     cmd = [sys.executable, "-m", "opd.cli", "serve-teacher", str(tiny_models / "teacher"), "--port", str(port),

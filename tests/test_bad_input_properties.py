@@ -1,4 +1,5 @@
-"""Property-based: every malformed config value or dataset row is refused with a message naming its key or row."""
+"""Property-based: every malformed config value or dataset row is refused with a message naming its key or
+row."""
 
 from __future__ import annotations
 

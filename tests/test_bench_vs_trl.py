@@ -1,5 +1,6 @@
-"""benchmarks/vs_trl.py's TRL side on the tiny models: TRL trains on opd's prompt order with opd's schedule, and the
-shared judge scores its checkpoint. (The whole comparison starts Ray and three vLLM engines: minutes, not a test.)"""
+"""benchmarks/vs_trl.py's TRL side on the tiny models: TRL trains on opd's prompt order with opd's schedule,
+and the shared judge scores its checkpoint. (The whole comparison starts Ray and three vLLM engines: minutes,
+not a test.)"""
 
 from __future__ import annotations
 

@@ -38,7 +38,8 @@ def tok():
 @pytest.fixture(scope="module")
 def tiny_boot(tmp_path_factory):
     out = tmp_path_factory.mktemp("boot") / "models"
-    meta = bootstrap(out, tiny_spec(), num_threads=1)  # one thread: two oversubscribed ones can stall for minutes
+    # one thread: two oversubscribed ones can stall for minutes
+    meta = bootstrap(out, tiny_spec(), num_threads=1)
     return out, meta
 
 
@@ -134,8 +135,8 @@ def test_tiny_bootstrap_writes_loadable_checkpoints(tiny_boot, tok):
     spec = tiny_spec()
     assert json.loads((out / "bootstrap.json").read_text()) == meta
     assert meta["spec_hash"] == spec.hash()
-    # Training is driven by steps, so a runaway shows in the counts: the teacher runs its whole schedule; the student
-    # stops at its first validation check at or above stop_at_accuracy, else at its last step.
+    # Training is driven by steps, so a runaway shows in the counts: the teacher runs its whole schedule; the
+    # student stops at its first validation check at or above stop_at_accuracy, else at its last step.
     assert meta["teacher"]["steps"] == spec.teacher_sft.steps
     student, sft = meta["student"], spec.student_sft
     reached = [step for step, acc in student["val_curve"] if acc >= sft.stop_at_accuracy]
@@ -151,7 +152,8 @@ def test_tiny_bootstrap_writes_loadable_checkpoints(tiny_boot, tok):
         assert loaded_tok.get_vocab() == tok.get_vocab() and loaded_tok.chat_template == tok.chat_template
         assert (out / role / "generation_config.json").exists()
         assert sum(p.numel() for p in model.parameters()) == meta[role]["params"]
-        # The recorded accuracy is this checkpoint's: evaluated again from disk, the held-out rows give the same number.
+        # The recorded accuracy is this checkpoint's: evaluated again from disk, the held-out rows give the
+        # same number.
         assert evaluate_accuracy(model, loaded_tok, test_rows, spec.eval_batch_size, num_threads=1) == meta[role]["accuracy"]
         enc = loaded_tok([render_prompt(loaded_tok, "12+34=")], add_special_tokens=False, return_tensors="pt")
         out_ids = model.generate(**enc, max_new_tokens=4, do_sample=False)
@@ -199,9 +201,9 @@ def test_left_padded_eval_matches_unpadded(tok, tiny_boot):
     together = model.generate(**batch, max_new_tokens=3, do_sample=False)[0, batch["input_ids"].shape[1] :]
     assert tok.padding_side == "left"
     assert tok.decode(alone, skip_special_tokens=True) == tok.decode(together, skip_special_tokens=True)
-    # evaluate_accuracy batches the same way. Its answers are set to what the trained teacher writes for each prompt
-    # alone (it ends each with <|end|>, so the token budget does not change them): one left-padded batch must find
-    # all three, and not the wrong one.
+    # evaluate_accuracy batches the same way. Its answers are set to what the trained teacher writes for each
+    # prompt alone (it ends each with <|end|>, so the token budget does not change them): one left-padded
+    # batch must find all three, and not the wrong one.
     teacher = AutoModelForCausalLM.from_pretrained(tiny_boot[0] / "teacher").eval()
     judged = [{"prompt": "5+5=", "answer": "wrong"}]
     for r in rows:

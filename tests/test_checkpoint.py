@@ -1,4 +1,5 @@
-"""Checkpoint state (``RunState``): written and read by name, and checkpoints of earlier opd versions still resume."""
+"""Checkpoint state (``RunState``): written and read by name, and checkpoints of earlier opd versions still
+resume."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pytest
 from opd.checkpoint import RunState, latest_checkpoint, load_state, save_checkpoint
 from opd.data import Cursor
 
-# state.json exactly as the driver wrote it before RunState owned its (de)serialisation (a58e65e..50fb00d), and as
-# the first driver wrote it (5ef0754: no held-out teacher KL yet).
+# state.json exactly as the driver wrote it before RunState owned its (de)serialisation (a58e65e..50fb00d),
+# and as the first driver wrote it (5ef0754: no held-out teacher KL yet).
 WRITTEN_BY_50FB00D = {"step": 3, "version": 3, "cursor": {"epoch": 1, "position": 4}, "accuracy_before": 0.25,
                       "teacher_accuracy": 0.5, "consumed": 24, "teacher_kl_before": 1.5}
 WRITTEN_BY_5EF0754 = {k: v for k, v in WRITTEN_BY_50FB00D.items() if k != "teacher_kl_before"}

@@ -1,4 +1,5 @@
-"""Per-step lines off a terminal (job logs, CI): every step or throttled, eval results on lines of their own."""
+"""Per-step lines off a terminal (job logs, CI): every step or throttled, eval results on lines of their
+own."""
 
 import io
 

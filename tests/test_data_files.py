@@ -1,4 +1,5 @@
-"""A user's own dataset files: every supported format loads, every bad row is refused by file and row number."""
+"""A user's own dataset files: every supported format loads, every bad row is refused by file and row
+number."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""trainer.device: how it resolves, where Ray places a learner rank, the pre-flight refusal of a GPU this machine
-lacks, and a learner whose weights, optimizer state and outputs sit where they should (on this CPU machine)."""
+"""trainer.device: how it resolves, where Ray places a learner rank, the pre-flight refusal of a GPU this
+machine lacks, and a learner whose weights, optimizer state and outputs sit where they should (on this CPU
+machine)."""
 
 from __future__ import annotations
 

@@ -30,7 +30,8 @@ def _logits(probs):
 
 
 def _sgd_moves_toward_teacher(loss_fn, teacher_logits, steps=1, lr=0.5):
-    """One SGD step on ``loss_fn(student_logits)`` must shrink the L1 gap between student and teacher probs."""
+    """One SGD step on ``loss_fn(student_logits)`` must shrink the L1 gap between student and teacher
+    probs."""
     student = torch.zeros_like(teacher_logits, requires_grad=True)
     q = torch.softmax(teacher_logits, -1)
     gap_before = (torch.softmax(student.detach(), -1) - q).abs().sum()
@@ -40,7 +41,8 @@ def _sgd_moves_toward_teacher(loss_fn, teacher_logits, steps=1, lr=0.5):
     assert gap_after < gap_before
 
 
-# ---- §0.4 KL-to-reference estimators -------------------------------------------------------------------------
+# ---- §0.4 KL-to-reference estimators
+# -------------------------------------------------------------------------
 
 
 def test_kl_penalty_by_hand():
@@ -61,7 +63,8 @@ def test_k3_nonnegative_zero_when_equal_and_clamped():
     a, b = torch.randn(4, 7), torch.randn(4, 7)
     assert (kl_penalty(a, b, "k3") >= 0).all()
     assert torch.equal(kl_penalty(a, a, "k3"), torch.zeros(4, 7))
-    # delta = -30 -> -delta clamped to 20 -> e^20 - 21 -> result clamped to 10; delta = +30 -> e^-20 + 19 -> 10.
+    # delta = -30 -> -delta clamped to 20 -> e^20 - 21 -> result clamped to 10; delta = +30 -> e^-20 + 19 ->
+    # 10.
     extreme = kl_penalty(torch.tensor([[-30.0, 30.0]]), torch.zeros(1, 2), "k3")
     assert extreme[0].tolist() == [10.0, 10.0]
 
@@ -75,7 +78,8 @@ def test_k3_gradient_moves_logp_toward_reference():
     assert (logp - 0.1 * logp.grad).item() < logp.item()
 
 
-# ---- §0.5 reverse / forward KL and generalised JSD --------------------------------------------------------------
+# ---- §0.5 reverse / forward KL and generalised JSD
+# --------------------------------------------------------------
 
 
 def test_reverse_and_forward_kl_by_hand():
@@ -139,7 +143,8 @@ def test_divergence_gradient_flows_through_student_only(fn):
     assert teacher.grad is None
 
 
-# ---- top-k supports --------------------------------------------------------------------------------------------
+# ---- top-k supports
+# --------------------------------------------------------------------------------------------
 
 
 def test_with_tail_by_hand_and_sums_to_one():
@@ -200,7 +205,8 @@ def test_teacher_topk_forward_kl_descends():
 
 
 def _nearly_all_in(top_logits, tail_mass, n_tail=5):
-    """Float64 logits whose first entries hold all but ``tail_mass`` of the mass, spread evenly over ``n_tail``."""
+    """Float64 logits whose first entries hold all but ``tail_mass`` of the mass, spread evenly over
+    ``n_tail``."""
     top = torch.tensor(top_logits, dtype=torch.float64)
     z_tail = math.log(tail_mass / (1 - tail_mass) * float(top.exp().sum()) / n_tail)
     return torch.cat([top, torch.full((n_tail,), z_tail, dtype=torch.float64)]).view(1, 1, -1)
@@ -213,9 +219,9 @@ def _support(logp, k):
 
 @pytest.mark.parametrize("tail_mass", [4e-8, 2e-12])
 def test_teacher_topk_forward_kl_is_exact_when_the_student_leaves_almost_nothing_outside(tail_mass):
-    """The student's tail is the mass outside the teacher's top-k, summed in log space: with a tail of 4e-8 or 2e-12
-    (log(1 - Σp) rounds it to a clamp there) the loss equals a float64 reference, and so does the gradient that
-    raises the tail logits towards the teacher's 12% tail."""
+    """The student's tail is the mass outside the teacher's top-k, summed in log space: with a tail of 4e-8 or
+    2e-12 (log(1 - Σp) rounds it to a clamp there) the loss equals a float64 reference, and so does the
+    gradient that raises the tail logits towards the teacher's 12% tail."""
     z = _nearly_all_in([0.0, 1.0, 0.5], tail_mass).requires_grad_(True)
     z_ref = z.detach().clone().requires_grad_(True)
     ids = torch.tensor([[[0, 1, 2]]])
@@ -233,8 +239,8 @@ def test_teacher_topk_forward_kl_is_exact_when_the_student_leaves_almost_nothing
 @pytest.mark.parametrize("tail_mass", [4e-8, 2e-12])
 def test_sdpo_forward_kl_over_the_student_top_k_is_exact_for_a_tiny_student_tail(tail_mass):
     """SDPO at alpha = 0 (forward KL(T‖S) over the student's top-k + tail): both tails are the exact log-mass
-    outside the student's top-k, so a student tail of 4e-8 or 2e-12 gives the float64 reference's loss, gradient
-    and teacher entropy."""
+    outside the student's top-k, so a student tail of 4e-8 or 2e-12 gives the float64 reference's loss,
+    gradient and teacher entropy."""
     z = _nearly_all_in([0.0, 1.0, 0.5], tail_mass).requires_grad_(True)
     z_ref = z.detach().clone().requires_grad_(True)
     teacher = torch.tensor([[[1.0, 0.0, 0.5, 0.0, -1.0, 0.3, 0.2, -0.5]]], dtype=torch.float64)
@@ -249,7 +255,8 @@ def test_sdpo_forward_kl_over_the_student_top_k_is_exact_for_a_tiny_student_tail
     assert torch.allclose(z.grad, z_ref.grad, rtol=1e-4, atol=1e-7)
 
 
-# ---- full vocabulary -------------------------------------------------------------------------------------------
+# ---- full vocabulary
+# -------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", ["reverse", "forward", "jsd"])
@@ -289,7 +296,8 @@ def test_full_vocab_descends():
     )
 
 
-# ---- §6.1 normalised signals -----------------------------------------------------------------------------------
+# ---- §6.1 normalised signals
+# -----------------------------------------------------------------------------------
 
 
 def test_normalized_entropy_and_jsd_by_hand():
@@ -309,15 +317,16 @@ def test_normalized_entropy_and_jsd_by_hand():
     assert far.item() == pytest.approx(1.0, abs=1e-5)
 
 
-# ---- -inf log-probs (a masked vocabulary) ------------------------------------------------------------------------
+# ---- -inf log-probs (a masked vocabulary)
+# ------------------------------------------------------------------------
 
 DIVERGENCES = {"reverse": reverse_kl, "forward": forward_kl, "jsd": lambda s, t: generalized_jsd(s, t, 0.3)}
 
 
 @pytest.mark.parametrize("kind", list(DIVERGENCES))
 def test_masked_vocabulary_gives_the_divergence_over_the_rest_with_finite_gradients(kind):
-    """Entries both sides give -inf (a masked vocabulary) add 0, not 0 * -inf = NaN: the value and the gradient are
-    those of the divergence over the unmasked entries, and the masked logits get gradient 0."""
+    """Entries both sides give -inf (a masked vocabulary) add 0, not 0 * -inf = NaN: the value and the
+    gradient are those of the divergence over the unmasked entries, and the masked logits get gradient 0."""
     torch.manual_seed(7)
     s_full = torch.randn(2, 3, 6, dtype=torch.float64)
     t_full = torch.randn(2, 3, 6, dtype=torch.float64)
@@ -338,12 +347,14 @@ def test_masked_vocabulary_gives_the_divergence_over_the_rest_with_finite_gradie
 
 
 def test_one_sided_zero_probability_adds_nothing_where_its_weight_is_zero():
-    """Reverse KL weighs by the student: a token the student rules out (-inf) adds 0 whatever the teacher says; forward
-    KL weighs by the teacher, so a token the teacher rules out adds 0; the JSD's mixture is positive where either is."""
+    """Reverse KL weighs by the student: a token the student rules out (-inf) adds 0 whatever the teacher
+    says; forward KL weighs by the teacher, so a token the teacher rules out adds 0; the JSD's mixture is
+    positive where either is."""
     s = torch.log(torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64))
     t = torch.log(torch.tensor([0.25, 0.5, 0.25], dtype=torch.float64))
     assert reverse_kl(s, t).item() == pytest.approx(0.5 * math.log(2) + 0.0)
-    assert forward_kl(t, s).item() == pytest.approx(0.5 * math.log(2))  # roles swapped: teacher -inf at entry 2
+    # roles swapped: teacher -inf at entry 2
+    assert forward_kl(t, s).item() == pytest.approx(0.5 * math.log(2))
     m = [0.375, 0.5, 0.125]
     jsd = 0.5 * sum(p * math.log(p / q) for p, q in zip([0.25, 0.5, 0.25], m, strict=True)) + 0.5 * sum(
         p * math.log(p / q) for p, q in zip([0.5, 0.5], m[:2], strict=True))
@@ -361,9 +372,10 @@ def test_entropy_of_a_masked_vocabulary_is_finite():
 
 @pytest.mark.parametrize("beta", [0.5, 1.0])
 def test_student_topk_with_every_other_logit_masked_has_finite_gradients(beta):
-    """The student's logits are -inf outside its top-2: its tail bucket is empty (log 0) and carries no gradient,
-    and the value is the divergence with the teacher's rest as one bucket (JSD at SDPO's default 0.5; reverse KL at
-    1). NaN gradients before (right values). Forward KL (0) is infinite there: the teacher has mass the student lacks."""
+    """The student's logits are -inf outside its top-2: its tail bucket is empty (log 0) and carries no
+    gradient, and the value is the divergence with the teacher's rest as one bucket (JSD at SDPO's default
+    0.5; reverse KL at 1). NaN gradients before (right values). Forward KL (0) is infinite there: the teacher
+    has mass the student lacks."""
     student = torch.tensor([[[1.0, 0.5, -math.inf, -math.inf]]], requires_grad=True)
     teacher = torch.log(torch.tensor([[[0.1, 0.2, 0.3, 0.4]]]))
     div, _ = student_topk_divergence(student, teacher, k=2, beta=beta, tail=True)

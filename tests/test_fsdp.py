@@ -1,7 +1,8 @@
-"""FSDP2 learner ranks (trainer.strategy: fsdp2) on the CPU: two gloo ranks each holding half of every weight end
-where one unsharded learner ends, for every objective family, for LoRA and under gradient checkpointing; a sharded checkpoint resumes bit for
-bit on the ranks and, unsharded, on one learner. The ranks run in processes of their own (tests/fsdp_ranks.py);
-the job-level path (Ray actors, weight export to the engines, the probe) is in tests/test_learner_ranks.py.
+"""FSDP2 learner ranks (trainer.strategy: fsdp2) on the CPU: two gloo ranks each holding half of every weight
+end where one unsharded learner ends, for every objective family, for LoRA and under gradient checkpointing; a
+sharded checkpoint resumes bit for bit on the ranks and, unsharded, on one learner. The ranks run in processes
+of their own (tests/fsdp_ranks.py); the job-level path (Ray actors, weight export to the engines, the probe)
+is in tests/test_learner_ranks.py.
 """
 
 from __future__ import annotations
@@ -41,18 +42,20 @@ def test_pad_micro_repeats_the_last_micro_batch():
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_sharded_ranks_match_one_unsharded_learner(ranked, name):
     r = ranked[name]
-    # Every parameter is a shard, and each rank holds half of the elements (the tiny model's sizes are all even).
+    # Every parameter is a shard, and each rank holds half of the elements (the tiny model's sizes are all
+    # even).
     assert r["sharded"] > 0 and r["local_numel"] * 2 == r["numel"]
     assert len(r["steps"]) == len(SIZES)
     for step, (two, one) in enumerate(zip(r["steps"], r["single_steps"], strict=True)):
         for key in STATS:
-            # The ranks' statistics are the whole batch's: a rank dividing by its own shard's tokens, averaging the
-            # gradient instead of summing it, or counting the empty shard's stand-in sample shows here (the weights
-            # alone would hide a gradient scale: Adam divides it out).
+            # The ranks' statistics are the whole batch's: a rank dividing by its own shard's tokens,
+            # averaging the gradient instead of summing it, or counting the empty shard's stand-in sample
+            # shows here (the weights alone would hide a gradient scale: Adam divides it out).
             assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), f"{name} step {step} {key}: {two[key]} vs {one[key]}"
-    # Three AdamW steps at lr 1e-3 (9 and 8 samples in micro-batches of 2, the ranks' plans 3 and 2 long; then one
-    # sample, rank 1 a stand-in). The runs sum the same terms in another order, so the gradients agree to float32
-    # rounding, which Adam's 1/sqrt(v) magnifies where a gradient nearly cancels: measured 1.5e-7 (LoRA) to 5.6e-6.
+    # Three AdamW steps at lr 1e-3 (9 and 8 samples in micro-batches of 2, the ranks' plans 3 and 2 long; then
+    # one sample, rank 1 a stand-in). The runs sum the same terms in another order, so the gradients agree to
+    # float32 rounding, which Adam's 1/sqrt(v) magnifies where a gradient nearly cancels: measured 1.5e-7
+    # (LoRA) to 5.6e-6.
     assert r["max_abs_diff"] <= 1e-5, f"{name}: the sharded weights differ from the unsharded by {r['max_abs_diff']:.2e}"
 
 
@@ -60,6 +63,6 @@ def test_two_sharded_ranks_match_one_unsharded_learner(ranked, name):
 def test_sharded_checkpoint_resumes_exactly_and_loads_unsharded(ranked, name):
     r = ranked[name]
     assert r["resume_bit_identical"], f"{name}: the step after loading the checkpoint differs from the step before saving"
-    # One unsharded learner loads the ranks' checkpoint (model/ or adapter/, optimizer by name) and takes the same
-    # step: measured 7e-9 to 3.8e-7 (rounding, as above).
+    # One unsharded learner loads the ranks' checkpoint (model/ or adapter/, optimizer by name) and takes the
+    # same step: measured 7e-9 to 3.8e-7 (rounding, as above).
     assert r["cross_resume_max_abs_diff"] <= 1e-5, f"{name}: {r['cross_resume_max_abs_diff']:.2e}"

@@ -1,5 +1,6 @@
-"""benchmarks/gpu_learner.py --tiny: the GPU benchmark's whole path on a CPU, in a process where vLLM and Ray cannot be
-imported (the lent GPU machines have neither), and the LM head in pieces holding less memory than all at once."""
+"""benchmarks/gpu_learner.py --tiny: the GPU benchmark's whole path on a CPU, in a process where vLLM and Ray
+cannot be imported (the lent GPU machines have neither), and the LM head in pieces holding less memory than
+all at once."""
 
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ def test_tiny_runs_without_vllm_or_ray_and_pieces_use_less_memory(tmp_path):
     assert chunked["logits_chunk_tokens"] > 0 and whole["logits_chunk_tokens"] == 0
     # The learner's own count of tensors saved for backward: deterministic, so it always decides.
     assert chunked["learner_activation_mib"] < 0.5 * whole["learner_activation_mib"]
-    if chunked["memory_method"] is not None:  # the RSS peak, where /proc/self/clear_refs lets it be reset per case
+    # the RSS peak, where /proc/self/clear_refs lets it be reset per case
+    if chunked["memory_method"] is not None:
         assert chunked["step_peak_over_resident_mib"] < whole["step_peak_over_resident_mib"]
         assert "full_vocab_chunked_over_unchunked_tiny" in report["targets"]

@@ -1,4 +1,5 @@
-"""HFEngine (``rollout.engine=hf``) against independent HF forwards and against the vLLM engine, on tiny models."""
+"""HFEngine (``rollout.engine=hf``) against independent HF forwards and against the vLLM engine, on tiny
+models."""
 
 from __future__ import annotations
 
@@ -110,8 +111,9 @@ def test_greedy_matches_vllm(engine, vllm_engine, prompts):
 
 
 def test_vllm_seeded_sampling_of_more_prompt_tokens_than_one_scheduler_step(vllm_engine, prompts):
-    """Seeded sampling of a batch whose prefills need several scheduler steps (past max_num_batched_tokens): with
-    chunked prefill vLLM rewinds a split request's seeded generator, which the CPU generator cannot do."""
+    """Seeded sampling of a batch whose prefills need several scheduler steps (past max_num_batched_tokens):
+    with chunked prefill vLLM rewinds a split request's seeded generator, which the CPU generator cannot
+    do."""
     scheduler = vllm_engine.llm.llm_engine.vllm_config.scheduler_config
     long = [(p * 4)[:24] for p in prompts]  # max_model_len 32 leaves room for 4 new tokens
     many = [long[i % len(long)] for i in range(scheduler.max_num_batched_tokens // 24 + 8)]
@@ -124,8 +126,8 @@ def test_vllm_seeded_sampling_of_more_prompt_tokens_than_one_scheduler_step(vllm
 
 
 def test_scoring_from_a_start_scores_those_tokens_and_can_return_the_hidden_states(engine, prompts):
-    """Scores from the response start on (the LM head runs there only) equal the rows of full scoring, and the hidden
-    states returned are the decoder's final ones at the positions that predict those tokens."""
+    """Scores from the response start on (the LM head runs there only) equal the rows of full scoring, and the
+    hidden states returned are the decoder's final ones at the positions that predict those tokens."""
     seqs = [p + [24, 5, 7] for p in prompts]
     starts = [len(p) for p in prompts]
     full, part = engine.score(seqs, top_k=3), engine.score(seqs, top_k=3, starts=starts, hidden=True)

@@ -1,5 +1,6 @@
-"""The import graph of ``opd`` between its layers (``opd.rollout``, ``opd.teacher``, ``opd.cluster``, ...) has no
-cycles, counting imports inside functions (those still tie the layers) and skipping ``TYPE_CHECKING`` blocks."""
+"""The import graph of ``opd`` between its layers (``opd.rollout``, ``opd.teacher``, ``opd.cluster``, ...) has
+no cycles, counting imports inside functions (those still tie the layers) and skipping ``TYPE_CHECKING``
+blocks."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-KNOWN: set[tuple[str, str]] = set()  # none left; a cycle that must stay for a while is listed here with its reason
+# none left; a cycle that must stay for a while is listed here with its reason
+KNOWN: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, Path]:
@@ -74,8 +76,8 @@ NOT_OBJECTIVES = {("opd/cli.py", "opd"), ("opd/config.py", "opd"), ("opd/monitor
 
 
 def test_no_module_outside_the_objectives_names_an_objective():
-    """Each objective declares what the rest of opd asks of it (``opd.trainer.objectives``): no other module compares
-    with, keys on or reads a section by an objective's name."""
+    """Each objective declares what the rest of opd asks of it (``opd.trainer.objectives``): no other module
+    compares with, keys on or reads a section by an objective's name."""
     from opd.trainer.objectives import REGISTRY
 
     found = []
@@ -95,9 +97,9 @@ def test_no_module_outside_the_objectives_names_an_objective():
 
 
 def test_the_roles_import_nothing_above_them():
-    """Roles (rollout, teacher, trainer, rewards) reach metrics through ``opd.metrics``, below them; ``opd.monitor``
-    (the driver's sinks, reports, the Grafana board) and the config sit above. The objectives' declarations import
-    without torch (``opd.config`` validates against them)."""
+    """Roles (rollout, teacher, trainer, rewards) reach metrics through ``opd.metrics``, below them;
+    ``opd.monitor`` (the driver's sinks, reports, the Grafana board) and the config sit above. The objectives'
+    declarations import without torch (``opd.config`` validates against them)."""
     modules = _modules()
     roles = ("opd.rollout", "opd.teacher", "opd.trainer", "opd.rewards")
     above = ("opd.monitor", "opd.config", "opd.driver", "opd.cluster", "opd.steps")

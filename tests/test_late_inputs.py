@@ -1,6 +1,6 @@
-"""Inputs that used to fail late (a traceback from an actor, a run directory written, or silently accepted) are
-refused by the pre-flight: exit 2, a message naming the key, nothing written. And a config error is answered before
-torch, Ray or vLLM are imported."""
+"""Inputs that used to fail late (a traceback from an actor, a run directory written, or silently accepted)
+are refused by the pre-flight: exit 2, a message naming the key, nothing written. And a config error is
+answered before torch, Ray or vLLM are imported."""
 
 from __future__ import annotations
 
@@ -69,7 +69,8 @@ def test_a_tokenizer_without_chat_template_needs_models_chat_template(tiny_model
     code, err = _run(tmp_path, capsys, models)
     assert code == 2 and "models.student: the tokenizer in" in err and "has no chat template" in err
     assert "models.teacher: the tokenizer in" in err and not (tmp_path / "run").exists()
-    # The template given in the config: every check passes, and prompts render with it as they did with the original.
+    # The template given in the config: every check passes, and prompts render with it as they did with the
+    # original.
     (tmp_path / "t.jinja").write_text(template)
     over = [f"models.student={models / 'student'}", f"models.teacher={models / 'teacher'}",
             f"models.chat_template={tmp_path / 't.jinja'}", f"run.output_dir={tmp_path / 'run'}"]
@@ -97,7 +98,8 @@ def test_lora_targets_the_student_lacks_are_named(tiny_models, tmp_path, capsys)
     from opd.preflight import check_model_dirs
 
     check_model_dirs(load_config(None, [f"models.student={tiny_models / 'student'}", "lora.r=4", "rollout.engine=vllm",
-                                        "lora.target_modules=[q_proj,down_proj,lm_head]"]), teacher=False)  # tied lm_head
+                                        # tied lm_head
+                                        "lora.target_modules=[q_proj,down_proj,lm_head]"]), teacher=False)
 
 
 def _finished_run(run_dir: Path, algorithm: str) -> None:
@@ -122,7 +124,8 @@ def test_resuming_under_another_objective_needs_the_flag(tiny_models, tmp_path, 
     cfg = load_config(None, [f"run.output_dir={tmp_path / 'run'}", "algorithm=opd"])
     assert check_run_dir(cfg, resume=True, fresh=False, change_objective=True).name == "step_000001"
     same = load_config(None, [f"run.output_dir={tmp_path / 'run'}", "algorithm=grpo"])
-    assert check_run_dir(same, resume=True, fresh=False).name == "step_000001"  # its own objective: no flag needed
+    # its own objective: no flag needed
+    assert check_run_dir(same, resume=True, fresh=False).name == "step_000001"
     topk = load_config(None, [f"run.output_dir={tmp_path / 'run'}", "algorithm=opd", "opd.divergence=teacher_topk",
                               "teacher.top_k=5"])
     _finished_run(tmp_path / "run2", "opd")  # the teacher divergence is part of the objective
@@ -155,7 +158,8 @@ HEAVY = ("torch", "ray", "vllm", "transformers")
     (["eval", "configs/demo.yaml", "models.student=/no/such/dir"], "models.student: directory '/no/such/dir'"),
 ])
 def test_a_config_error_is_printed_before_torch_ray_or_vllm_are_imported(argv, needle):
-    """In a fresh interpreter, as a user runs it: the error, exit 2, and none of the heavy packages imported."""
+    """In a fresh interpreter, as a user runs it: the error, exit 2, and none of the heavy packages
+    imported."""
     code = ("import sys\nfrom opd.cli import main\ncode = main(sys.argv[1:])\n"
             f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules])\nsys.exit(code)\n")
     out = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)

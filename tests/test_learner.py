@@ -1,7 +1,8 @@
 """The learner on every objective, driven directly (no Ray, no vLLM) on the tiny checkpoint.
 
 The key property: gradient accumulation over micro-batches gives the same update as one full batch, for every
-objective and its denominator (token-mean, SDPO-routed tokens only, SRPO's shared denominator, TIP kept tokens).
+objective and its denominator (token-mean, SDPO-routed tokens only, SRPO's shared denominator, TIP kept
+tokens).
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def test_every_objective_steps_and_accumulates_exactly(tiny_models, name):
     assert stats["update_skipped"] == 0.0 and full.version == 1
     assert stats["learner_sampler_absdiff_max"] < 1e-4
     split, _ = _step(tiny_models, name, micro=2)
-    # Compare gradients (kept after the step): Adam's first update is lr*sign(g), which would amplify float noise.
+    # Compare gradients (kept after the step): Adam's first update is lr*sign(g), which would amplify float
+    # noise.
     for (k, a), b in zip(full.model.named_parameters(), split.model.parameters(), strict=True):
         assert a.grad is not None and torch.allclose(a.grad, b.grad, atol=1e-7, rtol=1e-4), f"{name}: micro-batching changed the gradient of {k}"
     assert any(p.grad.abs().sum() > 0 for p in full.model.parameters())
@@ -91,8 +93,9 @@ PIECE_SPECS = {**SPECS, "opd-full-vocab-reverse": spec_of("opd.divergence=full_v
 
 @pytest.mark.parametrize("name", list(PIECE_SPECS))
 def test_lm_head_and_loss_in_pieces_give_the_same_update(tiny_models, name):
-    """The LM head and the loss run piece by piece (one sequence, or one kept token with TIP, per piece) and their
-    gradients flow into the trunk in one backward: the same loss and gradients as computing them all at once."""
+    """The LM head and the loss run piece by piece (one sequence, or one kept token with TIP, per piece) and
+    their gradients flow into the trunk in one backward: the same loss and gradients as computing them all at
+    once."""
     spec = PIECE_SPECS[name]
     batch_name = {"opd-full-vocab-reverse": "opd-full-vocab-jsd"}.get(name, name)
     whole, a = _step(tiny_models, batch_name, micro=64, spec=spec, logits_chunk_tokens=0)
@@ -108,9 +111,9 @@ def test_lm_head_and_loss_in_pieces_give_the_same_update(tiny_models, name):
 
 @pytest.mark.parametrize("name", ["opd-topk", "opd-full-vocab-jsd"])
 def test_steps_leave_no_tensor_behind(tiny_models, name):
-    """Each step frees what it made. A graph branch never backpropagated (top-k and full-vocab OPD read the sampled
-    token's log-prob only detached) once stayed alive through the activation meter's saved-tensor hook, one
-    [tokens, vocab] log-softmax per piece per step: gigabytes a step at a real vocabulary."""
+    """Each step frees what it made. A graph branch never backpropagated (top-k and full-vocab OPD read the
+    sampled token's log-prob only detached) once stayed alive through the activation meter's saved-tensor
+    hook, one [tokens, vocab] log-softmax per piece per step: gigabytes a step at a real vocabulary."""
     learner, _ = _step(tiny_models, name, micro=2, logits_chunk_tokens=1)
     batch = _batch(learner, name)
 
@@ -127,8 +130,9 @@ def test_steps_leave_no_tensor_behind(tiny_models, name):
 
 @pytest.mark.parametrize("name", list(PIECE_SPECS))
 def test_shared_prompts_give_the_same_update_with_less_activation_memory(tiny_models, name):
-    """Each distinct prompt run once with its group's responses reading its cache: the loss and gradients of one
-    forward per sequence, on fewer positions (the reference, HF teacher and self-teacher share prompts too)."""
+    """Each distinct prompt run once with its group's responses reading its cache: the loss and gradients of
+    one forward per sequence, on fewer positions (the reference, HF teacher and self-teacher share prompts
+    too)."""
     spec = PIECE_SPECS[name]
     batch_name = {"opd-full-vocab-reverse": "opd-full-vocab-jsd"}.get(name, name)
     plain, a = _step(tiny_models, batch_name, micro=64, spec=spec, group=2, share_prompts=False)
@@ -141,9 +145,9 @@ def test_shared_prompts_give_the_same_update_with_less_activation_memory(tiny_mo
 
 @pytest.mark.parametrize("name", ["opd", "sdpo", "srpo", "grpo-seq-mean", "opd-tip"])
 def test_zero_weight_samples_count_as_filtered_out(tiny_models, name):
-    """A sample of weight 0 (PACED's all-right or all-wrong problems, the quality gate) is as if filtered out: the
-    step equals the step on the batch without it, loss and gradient. Its tokens stay out of the token-mean's
-    denominator (and of TIP's selection), its sequence out of a sequence-mean's count."""
+    """A sample of weight 0 (PACED's all-right or all-wrong problems, the quality gate) is as if filtered out:
+    the step equals the step on the batch without it, loss and gradient. Its tokens stay out of the
+    token-mean's denominator (and of TIP's selection), its sequence out of a sequence-mean's count."""
     torch.manual_seed(0)
     full = Learner(str(tiny_models / "student"), lr=1e-2, micro_batch_size=64, objective=SPECS[name])
     batch = _batch(full, name)
@@ -181,7 +185,8 @@ def test_non_finite_loss_skips_the_update(tiny_models):
     learner = Learner(str(tiny_models / "student"), lr=1e-2, objective=SPECS["opd"])
     before = [p.detach().clone() for p in learner.model.parameters()]
     batch = _batch(learner, "opd")
-    batch.teacher_logprobs[0][0] = float("nan")  # OPD's advantage comes from the teacher's and the learner's log-probs
+    # OPD's advantage comes from the teacher's and the learner's log-probs
+    batch.teacher_logprobs[0][0] = float("nan")
     stats = learner.train_step(batch)
     assert stats["update_skipped"] == 1.0 and learner.version == 0
     assert all(torch.equal(a, b) for a, b in zip(before, learner.model.parameters(), strict=True))
@@ -208,7 +213,8 @@ def test_token_budget_groups_similar_lengths_within_the_budget():
 
 @pytest.mark.parametrize("name", ["opd", "grpo-seq-mean", "opd-topk", "srpo"])
 def test_token_budget_split_gives_the_same_update(tiny_models, name):
-    """Length-sorted token-budget micro-batches: same loss and gradient as fixed-count ones, with less padding."""
+    """Length-sorted token-budget micro-batches: same loss and gradient as fixed-count ones, with less
+    padding."""
     by_count_, a = _step(tiny_models, name, micro=3, n=12)
     by_tokens, b = _step(tiny_models, name, micro=3, n=12, micro_batch_tokens=24)
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-7)
@@ -244,8 +250,9 @@ def test_gradient_checkpointing_gives_the_same_update_with_less_activation_memor
 
 
 def test_full_vocab_learner_reports_the_teacher_kl_it_computed(tiny_models):
-    """No teacher actor scores a full-vocabulary OPD batch: the learner's own teacher forward gives ``teacher_kl``,
-    the sampled-token log q - log pi_T averaged over response tokens, checked against an independent HF forward."""
+    """No teacher actor scores a full-vocabulary OPD batch: the learner's own teacher forward gives
+    ``teacher_kl``, the sampled-token log q - log pi_T averaged over response tokens, checked against an
+    independent HF forward."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -265,9 +272,10 @@ def test_full_vocab_learner_reports_the_teacher_kl_it_computed(tiny_models):
 
 
 def test_full_vocab_from_the_teachers_hidden_states_equals_the_learners_teacher_forward(tiny_models):
-    """opd.full_vocab_source=teacher: the teacher's final hidden states at the response positions (what its actor
-    sends), with the teacher's LM head applied here, give the same loss and gradients as the learner's own forward of
-    the whole teacher (Adam's first step would magnify float noise on tiny gradients, so gradients are compared)."""
+    """opd.full_vocab_source=teacher: the teacher's final hidden states at the response positions (what its
+    actor sends), with the teacher's LM head applied here, give the same loss and gradients as the learner's
+    own forward of the whole teacher (Adam's first step would magnify float noise on tiny gradients, so
+    gradients are compared)."""
     from transformers import AutoModelForCausalLM
 
     spec = SPECS["opd-full-vocab-jsd"]
@@ -296,9 +304,10 @@ def test_full_vocab_from_the_teacher_without_hidden_states_is_refused(tiny_model
 
 
 def test_a_row_without_tokens_counts_the_same_however_the_batch_is_split(tiny_models):
-    """grpo.loss_agg=seq-mean-token-mean with an empty response: the per-sequence mean of each piece leaves the row
-    out, and so does the batch's sequence count, so micro-batches of 6, 2 and 1 give one loss and one gradient
-    (before: -0.168 at 6 and -0.280 at 2, as the rescaling by rows kept the row the mean had left out)."""
+    """grpo.loss_agg=seq-mean-token-mean with an empty response: the per-sequence mean of each piece leaves
+    the row out, and so does the batch's sequence count, so micro-batches of 6, 2 and 1 give one loss and one
+    gradient (before: -0.168 at 6 and -0.280 at 2, as the rescaling by rows kept the row the mean had left
+    out)."""
     spec = spec_of("algorithm=grpo", "grpo.loss_agg=seq-mean-token-mean")
     runs = []
     for micro in (6, 2, 1):

@@ -1,8 +1,9 @@
-"""Learner ranks across nodes: token-balanced shards (unit), and on a simulated two-node Ray cluster a 2-rank learner
-that ends where a 1-rank learner ends, skips a poisoned step on every rank, restores every rank from rank 0's load,
-and runs a whole job.
+"""Learner ranks across nodes: token-balanced shards (unit), and on a simulated two-node Ray cluster a 2-rank
+learner that ends where a 1-rank learner ends, skips a poisoned step on every rank, restores every rank from
+rank 0's load, and runs a whole job.
 
-The multi-node part runs in a process of its own (tests/multinode.py): a ``ray.cluster_utils.Cluster`` needs its own
+The multi-node part runs in a process of its own (tests/multinode.py): a ``ray.cluster_utils.Cluster`` needs
+its own
 ``ray.init``, and this session's local Ray must stay as other test files left it.
 """
 
@@ -27,7 +28,8 @@ def test_balance_shards_exact_assignments():
     assert shard_imbalance(lengths, balance_shards(lengths, 2)) == 1.0
     # The three short ones fill the gaps the long ones left; ties go to the lower shard index.
     assert balance_shards([10, 9, 8, 1, 1, 1], 3) == [[0], [1, 4], [2, 3, 5]]
-    assert balance_shards([2, 2, 2, 2], 2) == [[0, 2], [1, 3]]  # equal lengths: lower index first, round robin
+    # equal lengths: lower index first, round robin
+    assert balance_shards([2, 2, 2, 2], 2) == [[0, 2], [1, 3]]
     assert balance_shards([4, 1], 1) == [[0, 1]] and shard_imbalance([4, 1], [[0, 1]]) == 1.0
     # More ranks than samples: the spare ranks get empty shards (they still join the collectives).
     assert balance_shards([5], 3) == [[0], [], []] and shard_imbalance([5], [[0], [], []]) == pytest.approx(3.0)
@@ -65,7 +67,8 @@ def test_take_cuts_every_per_sample_field():
 
 @pytest.fixture(scope="module")
 def two_nodes(tiny_models, tmp_path_factory):
-    """Run tests/multinode.py once (cluster start-up is the slow part) in its own process group; its results."""
+    """Run tests/multinode.py once (cluster start-up is the slow part) in its own process group; its
+    results."""
     out = tmp_path_factory.mktemp("two_nodes")
     log = out / "multinode.log"
     script = Path(__file__).with_name("multinode.py")
@@ -87,8 +90,8 @@ def _result(two_nodes, part: str) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["opd", "grpo", "srpo", "opd-ddp"])
 def test_two_ranks_on_two_nodes_match_one_rank(two_nodes, algorithm):
-    """Sharded (FSDP2, the default) for every family, and as replicas (ddp) once; rank 0's exported weights are the
-    engines' and must equal one unsharded learner's."""
+    """Sharded (FSDP2, the default) for every family, and as replicas (ddp) once; rank 0's exported weights
+    are the engines' and must equal one unsharded learner's."""
     r = _result(two_nodes, "equivalence")[algorithm]
     assert r["strategy"] == ("ddp" if algorithm.endswith("-ddp") else "fsdp2")
     assert len(r["nodes"]) == 2, "STRICT_SPREAD should have put the two ranks on different nodes"
@@ -97,16 +100,17 @@ def test_two_ranks_on_two_nodes_match_one_rank(two_nodes, algorithm):
     for step in r["steps"]:
         assert step["update_skipped"] == [0.0, 0.0]
         assert step["train_tokens"][0] == step["train_tokens"][1] and step["loss_tokens"][0] == step["loss_tokens"][1]
-        # Loss and pre-clip gradient norm carry the scale of the batch-wide denominators (Adam's update nearly hides
-        # a scale error in the weights): a rank dividing by its own shard's tokens would be off by ~2x here.
+        # Loss and pre-clip gradient norm carry the scale of the batch-wide denominators (Adam's update nearly
+        # hides a scale error in the weights): a rank dividing by its own shard's tokens would be off by ~2x
+        # here.
         for key in ("loss", "grad_norm", "entropy"):
             one, two = step[key]
             assert two == pytest.approx(one, rel=1e-5, abs=1e-7), f"{algorithm} {key}"
         assert 1.0 <= step["shard_token_imbalance"][1] <= 1.1 and step["shard_token_imbalance"][0] == 1.0
     # Weights after two AdamW steps at lr 1e-3. Tolerance 1e-5 absolute = 1% of one step's move. The two runs
     # sum the same per-token terms in a different order (two shards, then an all-reduce) so gradients agree to
-    # float32 rounding (~1e-7 relative); Adam then divides by sqrt(v), which magnifies that rounding for the few
-    # elements whose gradient nearly cancels. Observed: max |dw| 3e-7 (OPD), 5e-7 (GRPO), 1.6e-6 (SRPO).
+    # float32 rounding (~1e-7 relative); Adam then divides by sqrt(v), which magnifies that rounding for the
+    # few elements whose gradient nearly cancels. Observed: max |dw| 3e-7 (OPD), 5e-7 (GRPO), 1.6e-6 (SRPO).
     assert r["max_abs_diff"] <= 1e-5, f"{algorithm}: 2-rank weights differ from 1-rank by {r['max_abs_diff']:.2e}"
 
 
@@ -114,7 +118,8 @@ def test_two_ranks_on_two_nodes_match_one_rank(two_nodes, algorithm):
 @pytest.mark.parametrize("run", ["opd", "opd-ddp"])
 def test_non_finite_loss_on_one_rank_skips_every_rank_and_load_restores_every_rank(two_nodes, run):
     r = _result(two_nodes, "equivalence")[run]
-    exports = 2 if run.endswith("-ddp") else 1  # replicas export their own weights; shards export rank 0's gather
+    # replicas export their own weights; shards export rank 0's gather
+    exports = 2 if run.endswith("-ddp") else 1
     assert r["nan_skipped"] == 1.0 and r["nan_unchanged"] == [True] * exports
     assert r["load_restored"] == [True] * exports and r["loaded_versions"] == [3, 3]
 

@@ -1,17 +1,19 @@
-"""Learning tests: a short on-policy run of each objective on the tiny models must move its held-out signal the right
-way, beyond that signal's noise. With the loss's sign flipped in the learner, all 52 tests of test_learner.py still
-pass; every test here fails.
+"""Learning tests: a short on-policy run of each objective on the tiny models must move its held-out signal
+the right way, beyond that signal's noise. With the loss's sign flipped in the learner, all 52 tests of
+test_learner.py still pass; every test here fails.
 
-The run is the pipeline without Ray: the real rollout worker (``rollout.engine=hf``) samples from the learner's
-current weights, the real teacher scores, a registered verifier rewards, the real router builds the batch and the
-real Learner steps on it. Only the transport is skipped (weights go from learner to engine in-process).
+The run is the pipeline without Ray: the real rollout worker (``rollout.engine=hf``) samples from the
+learner's current weights, the real teacher scores, a registered verifier rewards, the real router builds the
+batch and the real Learner steps on it. Only the transport is skipped (weights go from learner to engine
+in-process).
 
 The held-out signal is measured on the 100 test prompts the tiny models never trained on, 8 samples each at
-temperature 1, with the same sampling seeds before and after. Its noise is the standard error over those prompts,
-measured in each test: the improvement must exceed ``MARGIN`` times the before/after errors combined. Measured
-(tiny models, 3 training seeds): the errors are 0.03-0.045 nats for the teacher KL (1.07 before), 0.013 for the
-reward (0.77 before) and 0.044 for SDPO's self-teacher KL (3.12 before); at lr=0 the metrics' spread over 4 sampling
-seeds is of the same size (1.01-1.08, 0.736-0.770, 3.10-3.13); the improvements are 7-130 times the errors.
+temperature 1, with the same sampling seeds before and after. Its noise is the standard error over those
+prompts, measured in each test: the improvement must exceed ``MARGIN`` times the before/after errors combined.
+Measured (tiny models, 3 training seeds): the errors are 0.03-0.045 nats for the teacher KL (1.07 before),
+0.013 for the reward (0.77 before) and 0.044 for SDPO's self-teacher KL (3.12 before); at lr=0 the metrics'
+spread over 4 sampling seeds is of the same size (1.01-1.08, 0.736-0.770, 3.10-3.13); the improvements are
+7-130 times the errors.
 """
 
 from __future__ import annotations
@@ -38,18 +40,18 @@ from opd.types import Prompt, Rewards, RolloutBatch, Sample
 
 STEPS, PROMPTS, GROUP, MAX_NEW = 40, 16, 4, 6
 HELD_OUT_SAMPLES, EVAL_SEED, MARGIN = 8, 1234, 4.0
-# The reward the GRPO family must raise. exact_answer is right in ~1% of the tiny student's samples (the teacher's:
-# 2%), too rare for a group to hold a success within a few steps; format_digits, the built-in shaping verifier, pays
-# for a digits-only answer: 77% of the student's samples (the teacher's: 96%), so most groups hold both outcomes
-# and there is room to rise.
+# The reward the GRPO family must raise. exact_answer is right in ~1% of the tiny student's samples (the
+# teacher's: 2%), too rare for a group to hold a success within a few steps; format_digits, the built-in
+# shaping verifier, pays for a digits-only answer: 77% of the student's samples (the teacher's: 96%), so most
+# groups hold both outcomes and there is room to rise.
 REWARD = "format_digits"
 # Learning rates. The sampled-token estimators (opd, exopd, opd_reward: one drawn token's log-ratio as a
-# policy-gradient advantage) take 1e-3: at 3e-3 a single Adam step with an ordinary gradient norm (0.7) sometimes
-# throws the 1-layer student off (held-out KL 0.38 -> 0.96 in one step, attention q/k weights moving most), and if
-# that lands near the last step the KL ends above where it started: measured over 40 training seeds on each of
-# 2-3 bootstraps, 3e-3 failed 1-4 of 40 (opd, exopd) where 1e-3 failed none of 120 and learns as far (see
-# benchmarks/learning_spread.py). The dense signals (top-k, full vocabulary, SDPO's self-teacher) and GRPO's
-# sequence rewards take 3e-3.
+# policy-gradient advantage) take 1e-3: at 3e-3 a single Adam step with an ordinary gradient norm (0.7)
+# sometimes throws the 1-layer student off (held-out KL 0.38 -> 0.96 in one step, attention q/k weights moving
+# most), and if that lands near the last step the KL ends above where it started: measured over 40 training
+# seeds on each of 2-3 bootstraps, 3e-3 failed 1-4 of 40 (opd, exopd) where 1e-3 failed none of 120 and learns
+# as far (see benchmarks/learning_spread.py). The dense signals (top-k, full vocabulary, SDPO's self-teacher)
+# and GRPO's sequence rewards take 3e-3.
 SAMPLED_LR, DENSE_LR = 1e-3, 3e-3
 
 
@@ -81,7 +83,8 @@ def _teacher(model_dir: str) -> VLLMTeacher:
 def make_world(models) -> World:
     student, teacher = str(models / "student"), str(models / "teacher")
     worker = RolloutWorker(student, seed=0, max_model_len=128, kv_cache_gib=0.0, dtype="float32", engine="hf")
-    splits = task_splits(tiny_spec().task)  # the split the tiny models were trained (train) and not trained (test) on
+    # the split the tiny models were trained (train) and not trained (test) on
+    splits = task_splits(tiny_spec().task)
     tok = worker.engine.tokenizer
     return World(student, teacher, render_prompts(splits["train"].to_list(), tok, "train"),
                  render_prompts(splits["test"].to_list(), tok, "test"), worker, _teacher(teacher))
@@ -109,15 +112,16 @@ def _verify(samples: list[Sample]) -> Rewards:
 
 
 def _per_prompt(values: list[list[float]], n: int, tokens: bool) -> tuple[float, float]:
-    """Mean and standard error over prompts of each prompt's mean (over its samples' tokens, or its samples)."""
+    """Mean and standard error over prompts of each prompt's mean (over its samples' tokens, or its
+    samples)."""
     groups = [values[i : i + n] for i in range(0, len(values), n)]
     per = [sum(map(sum, g)) / sum(map(len, g)) if tokens else statistics.mean(x for v in g for x in v) for g in groups]
     return statistics.mean(per), statistics.stdev(per) / math.sqrt(len(per))
 
 
 def heldout_kl(world: World, learner: Learner, scorer: VLLMTeacher, context=None) -> tuple[float, float]:
-    """Per-token KL(student || scorer) on held-out prompts: log q - log p over the student's own samples. ``context``
-    gives the prompt the scorer reads instead (SDPO's self-teacher reads a re-prompt)."""
+    """Per-token KL(student || scorer) on held-out prompts: log q - log p over the student's own samples.
+    ``context`` gives the prompt the scorer reads instead (SDPO's self-teacher reads a re-prompt)."""
     _sync(world, learner)
     samples = _draw(world, world.test, HELD_OUT_SAMPLES, EVAL_SEED)
     scored = [dataclasses.replace(s, prompt=context(s.prompt)) for s in samples] if context else samples
@@ -133,8 +137,8 @@ def heldout_reward(world: World, learner: Learner) -> tuple[float, float]:
 
 
 def train(world: World, learner: Learner, cfg: Config) -> None:
-    """``trainer.total_steps`` synchronous steps of the pipeline: sample from the learner's weights, verify, score as
-    the config's teacher signal says, route by its plan, learn."""
+    """``trainer.total_steps`` synchronous steps of the pipeline: sample from the learner's weights, verify,
+    score as the config's teacher signal says, route by its plan, learn."""
     plan, signal, seed, group = route_plan(cfg), cfg.teacher_signal, cfg.run.seed, cfg.rollout.group_size
     rng = random.Random(seed)
     for step in range(cfg.trainer.total_steps):
@@ -146,7 +150,8 @@ def train(world: World, learner: Learner, cfg: Config) -> None:
             continue
         stats = learner.train_step(batch)
         assert stats["update_skipped"] == 0.0, f"step {step} skipped its update"
-        assert stats["learner_sampler_absdiff_max"] < 1e-4  # on-policy: the engine served the learner's weights
+        # on-policy: the engine served the learner's weights
+        assert stats["learner_sampler_absdiff_max"] < 1e-4
 
 
 def make_learner(cfg: Config) -> Learner:
@@ -182,11 +187,11 @@ def test_distillation_lowers_the_held_out_teacher_kl(world, name):
     _assert_moved(name, "KL(student || teacher)", before, heldout_kl(world, learner, world.teacher), sign=1.0)
 
 
-# GRPO family: the held-out reward must rise. SRPO's SDPO branch pulls the failed samples towards a self-teacher that
-# cannot read its re-prompt (see below), against its GRPO branch on the correct ones: with 16 prompts x 40 steps the
-# reward collapsed to 0.0-0.2 in 2 of 30 runs (one Adam step at 3e-3 turning every answer into noise) and lower rates
-# learned too little (1e-3: 14 of 30 below the margin). 32 prompts a step give its GRPO branch the signal: at 60 steps
-# 120 of 120 runs passed (0.76 -> 0.86-0.99, margins 5.7-15.5).
+# GRPO family: the held-out reward must rise. SRPO's SDPO branch pulls the failed samples towards a
+# self-teacher that cannot read its re-prompt (see below), against its GRPO branch on the correct ones: with
+# 16 prompts x 40 steps the reward collapsed to 0.0-0.2 in 2 of 30 runs (one Adam step at 3e-3 turning every
+# answer into noise) and lower rates learned too little (1e-3: 14 of 30 below the margin). 32 prompts a step
+# give its GRPO branch the signal: at 60 steps 120 of 120 runs passed (0.76 -> 0.86-0.99, margins 5.7-15.5).
 REWARD_RUNS = {
     "grpo": ["algorithm=grpo", f"trainer.lr={DENSE_LR}"],
     "srpo": ["algorithm=srpo", "sdpo.top_k=20", f"trainer.lr={DENSE_LR}", "rollout.prompts_per_step=32",
@@ -215,12 +220,13 @@ def reprompter(world: World):
 
 
 def test_sdpo_distils_its_self_teacher_into_the_student(world):
-    """SDPO learns from the student itself re-prompted with a successful answer. The tiny models never saw such a
-    re-prompt and cannot use it: SDPO drives their reward down (0.77 -> 0.003 in 20 steps), a property of these
-    models, not of the objective. What SDPO must still do is distil: the student answering the bare prompt moves
-    towards the self-teacher reading the re-prompt, so the held-out KL(student(x) || self-teacher(reprompt(x)))
-    falls. The yardstick is the starting self-teacher, fixed: the EMA self-teacher follows the student's weights, and
-    the KL to it fell with the sign flipped too (3.1 -> 0.67 in 20 steps)."""
+    """SDPO learns from the student itself re-prompted with a successful answer. The tiny models never saw
+    such a re-prompt and cannot use it: SDPO drives their reward down (0.77 -> 0.003 in 20 steps), a property
+    of these models, not of the objective. What SDPO must still do is distil: the student answering the bare
+    prompt moves towards the self-teacher reading the re-prompt, so the held-out KL(student(x) ||
+    self-teacher(reprompt(x))) falls. The yardstick is the starting self-teacher, fixed: the EMA self-teacher
+    follows the student's weights, and the KL to it fell with the sign flipped too (3.1 -> 0.67 in 20
+    steps)."""
     cfg = job_config(world, *SDPO_RUN)
     learner = make_learner(cfg)
     start = _teacher(world.student)  # the self-teacher before any step: the starting student

@@ -1,6 +1,8 @@
-"""LoRA students: the learner trains only a PEFT adapter, vLLM serves it unmerged, checkpoints hold it in PEFT's format.
+"""LoRA students: the learner trains only a PEFT adapter, vLLM serves it unmerged, checkpoints hold it in
+PEFT's format.
 
-Unit tests drive the learner directly; the slow ones run the real vLLM engine (through Ray) and the real driver.
+Unit tests drive the learner directly; the slow ones run the real vLLM engine (through Ray) and the real
+driver.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ PROBE = list(range(5, 25))
 
 
 def _batch(learner: Learner, n: int = 6, seed: int = 0) -> TrainBatch:
-    """An OPD batch whose sampler log-probs are the learner's own and whose teacher disagrees by up to 1 nat."""
+    """An OPD batch whose sampler log-probs are the learner's own and whose teacher disagrees by up to 1
+    nat."""
     rng = random.Random(seed)
     prompts = [[rng.randrange(6, 90) for _ in range(rng.randint(3, 6))] for _ in range(n)]
     responses = [[rng.randrange(6, 90) for _ in range(rng.randint(1, 4))] for _ in range(n)]
@@ -91,8 +94,8 @@ def test_steps_move_the_adapter_and_leave_the_base(tiny_models):
     ids=["opd-full-vocab", "exopd", "sdpo"],
 )
 def test_objectives_with_extra_models_train_the_adapter(tiny_models, spec):
-    """The HF teacher (full_vocab), the reference (ExOPD) and the SDPO self-teacher run beside a LoRA student; the
-    self-teacher's EMA follows the adapter only (its base is the student's, frozen)."""
+    """The HF teacher (full_vocab), the reference (ExOPD) and the SDPO self-teacher run beside a LoRA student;
+    the self-teacher's EMA follows the adapter only (its base is the student's, frozen)."""
     learner = Learner(str(tiny_models / "student"), lr=1e-2, lora=SPEC, objective=spec, teacher_dir=str(tiny_models / "teacher"))
     batch = _batch(learner)
     if spec.name == "sdpo":
@@ -126,7 +129,8 @@ def test_checkpoint_is_a_peft_adapter_and_load_resumes(tiny_models, tmp_path):
     user = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     assert _peft_logprobs(user, PROBE) == pytest.approx(learner.probe_logprobs(PROBE), abs=1e-5)
     # A fresh learner restored from it continues exactly as the original does (weights and optimizer state).
-    resumed = Learner(student, lr=1e-2, lora=SPEC, seed=7)  # another seed: a different fresh adapter, overwritten
+    # another seed: a different fresh adapter, overwritten
+    resumed = Learner(student, lr=1e-2, lora=SPEC, seed=7)
     resumed.load(str(tmp_path))
     assert resumed.steps_done == learner.steps_done == 2
     batch = _batch(learner, seed=2)
@@ -166,7 +170,8 @@ def test_engine_serves_each_adapter_version_and_drops_the_old(tiny_models, local
             ray.get(engine.load_adapter.remote(learner.export_adapter(), version))
             got = ray.get(engine.score.remote([PROBE]))[0].token_logprobs
             assert got == pytest.approx(learner.probe_logprobs(PROBE), abs=1e-4), f"version {version} not served"
-            assert ray.get(engine.loaded_adapters.remote()) == {version + 1}  # only the current version stays loaded
+            # only the current version stays loaded
+            assert ray.get(engine.loaded_adapters.remote()) == {version + 1}
             learner.train_step(_batch(learner, seed=version))
         # The learner moved on; the engine still serves version 2, and the probe tells them apart.
         stale = ray.get(engine.score.remote([PROBE]))[0].token_logprobs
@@ -195,7 +200,8 @@ def test_lora_job_syncs_the_adapter_and_resumes(tiny_models, local_ray, tmp_path
     assert [r["weight_version"] for r in rows] == [1, 2]
     for r in rows:
         assert r["update_skipped"] == 0.0
-        assert r["probe_max_diff"] < 1e-3  # the engines serve the learner's adapter (a stale one fails, see above)
+        # the engines serve the learner's adapter (a stale one fails, see above)
+        assert r["probe_max_diff"] < 1e-3
         assert r["learner_sampler_absdiff_max"] < 1e-3  # and sample with it
     final = out / "checkpoints" / "step_000002"
     assert (final / "optimizer.pt").is_file() and not (final / "model").exists()
@@ -222,8 +228,8 @@ def test_lora_job_syncs_the_adapter_and_resumes(tiny_models, local_ray, tmp_path
 
 @pytest.mark.slow
 def test_two_learner_ranks_train_the_same_adapter_as_one(tiny_models, local_ray):
-    """DDP over the adapter: the ranks build the same fresh adapter, all-reduce its gradients and stay identical,
-    and two ranks end where one rank ends."""
+    """DDP over the adapter: the ranks build the same fresh adapter, all-reduce its gradients and stay
+    identical, and two ranks end where one rank ends."""
     from ray.util.placement_group import remove_placement_group
 
     from opd.cluster import connect_learners, start_learners

@@ -107,7 +107,8 @@ def test_opd_advantage_is_negative_sampled_reverse_kl():
 
 @pytest.mark.parametrize("teacher_logp,direction", [(-0.1, +1), (-5.0, -1)])
 def test_opd_step_moves_student_toward_teacher(teacher_logp, direction):
-    """One SGD step on the OPD loss raises the drawn token's prob when the teacher likes it more, and vice versa."""
+    """One SGD step on the OPD loss raises the drawn token's prob when the teacher likes it more, and vice
+    versa."""
     logits = torch.zeros(1, 1, 4, requires_grad=True)
     target = torch.tensor([[2]])
     before = token_logprobs(logits, target).detach()
@@ -136,7 +137,8 @@ def test_prefix_is_weights():
 
 @pytest.mark.parametrize("divergence", ["teacher_topk", "full_vocab"])
 def test_opd_divergences_are_weighted_by_the_prefix_is_weight(divergence):
-    """Stale samples: position t's divergence is scaled by the truncated ratio of y_<t, a detached constant."""
+    """Stale samples: position t's divergence is scaled by the truncated ratio of y_<t, a detached
+    constant."""
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 7, requires_grad=True)
     teacher = torch.randn(2, 3, 7)

@@ -1,4 +1,5 @@
-"""The ``math_answer`` built-in verifier: math-verify equivalence, called directly and through the real runner."""
+"""The ``math_answer`` built-in verifier: math-verify equivalence, called directly and through the real
+runner."""
 
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ def test_missing_answer_column_is_a_clear_error():
 
 
 def test_works_off_the_main_thread():
-    """The verifier hosts call verifiers on worker threads, where math-verify's signal timeouts would raise."""
+    """The verifier hosts call verifiers on worker threads, where math-verify's signal timeouts would
+    raise."""
     result = {}
     thread = threading.Thread(target=lambda: result.update(out=_score(["0.5", "3"], ["\\boxed{1/2}", "4"])))
     thread.start()

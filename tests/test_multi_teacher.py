@@ -27,8 +27,8 @@ def _config(tmp_path, tiny_models, rows_train, rows_test):
     for name, rows in (("train", rows_train), ("test", rows_test)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     path = tmp_path / "job.yaml"
-    # The "self" teacher is the student's own starting checkpoint: its log-prob of every token the student drew at
-    # step 0 must equal the sampler's, which tells which teacher scored which sample.
+    # The "self" teacher is the student's own starting checkpoint: its log-prob of every token the student
+    # drew at step 0 must equal the sampler's, which tells which teacher scored which sample.
     path.write_text(yaml.safe_dump({"models": {"teachers": {"self": str(tiny_models / "student")}},
                                     "teacher": {"column": "teacher", "top_k": 3}}))
     overrides = tiny_overrides(tiny_models, tmp_path / "run", **{
@@ -56,7 +56,8 @@ def test_rows_are_scored_by_the_teacher_they_name(tiny_models, local_ray, tmp_pa
                 assert gap > 1e-2, f"{s.uid} should be scored by the default teacher"
         summary = train(cfg, job, roles, progress=False)  # the whole loop, teacher accuracy per row's teacher
         assert summary["steps"] == 2
-        # Each held-out row is answered by the teacher it names: recomputed here, row by row, on the HF engine.
+        # Each held-out row is answered by the teacher it names: recomputed here, row by row, on the HF
+        # engine.
         right = {name: answered_right(tiny_models / d, job.test, cfg.eval.max_new_tokens)
                  for name, d in (("self", "student"), (DEFAULT, "teacher"))}
         by_own = [right[teacher_name(p, "teacher")][i] for i, p in enumerate(job.test)]
@@ -73,8 +74,8 @@ def test_a_row_naming_an_undefined_teacher_is_refused(tiny_models, tmp_path):
 
 
 def test_teacher_call_puts_each_teachers_part_back_in_batch_order(local_ray):
-    """``Teachers.submit``'s hand-off: ``result()`` is the batch's ``TeacherScores``, rows in batch order whichever
-    teacher scored them (parts stand in as ObjectRefs of the actors' answers)."""
+    """``Teachers.submit``'s hand-off: ``result()`` is the batch's ``TeacherScores``, rows in batch order
+    whichever teacher scored them (parts stand in as ObjectRefs of the actors' answers)."""
     import numpy as np
     import ray
 

@@ -1,5 +1,5 @@
-"""Objectives and modifiers added as modules: opd_reward (the teacher and the task reward in one loss), the kl_ref
-penalty on any objective, and the pieces of DAPO's dynamic sampling."""
+"""Objectives and modifiers added as modules: opd_reward (the teacher and the task reward in one loss), the
+kl_ref penalty on any objective, and the pieces of DAPO's dynamic sampling."""
 
 from __future__ import annotations
 
@@ -29,8 +29,9 @@ def _loss(spec: ObjectiveSpec, adv: float):
 
 
 def test_loss_and_gradient_by_hand():
-    """On-policy the clipped ratio is 1, so each token's loss is -A_t and its gradient -A_t * grad log pi(y_t), with
-    A_t = kl_weight * (log pi_T - log pi) + reward_weight * A (here 2 * (log pi_T - log pi) + 3 * 0.5)."""
+    """On-policy the clipped ratio is 1, so each token's loss is -A_t and its gradient -A_t * grad log
+    pi(y_t), with A_t = kl_weight * (log pi_T - log pi) + reward_weight * A (here 2 * (log pi_T - log pi) + 3
+    * 0.5)."""
     spec = spec_of("algorithm=opd_reward", "opd_reward.kl_weight=2.0", "opd_reward.reward_weight=3.0")
     loss, count, grad = _loss(spec, adv=0.5)
     logp = torch.log_softmax(LOGITS, -1).gather(-1, TARGETS.unsqueeze(-1)).squeeze(-1)
@@ -67,7 +68,8 @@ def test_config_route_and_spec():
     assert (spec["opd_reward"].kl_weight, spec["opd_reward"].reward_weight) == (0.5, 1.0)
     assert cfg.teacher_signal.kind == "sampled" and cfg.needs_teacher
     batch = route(*_batch(), route_plan(cfg))
-    # The router gives each sample its group advantage (rewards 1 and 0: +-1/std); the teacher's log-probs ride along
+    # The router gives each sample its group advantage (rewards 1 and 0: +-1/std); the teacher's log-probs
+    # ride along
     assert batch.advantages[0][0] == pytest.approx(-batch.advantages[1][0]) and batch.advantages[0][0] > 0.7
     assert batch.teacher_logprobs == [[-0.1, -0.2], [-0.3, -0.4]]
     with pytest.raises(ConfigError, match="opd_reward.*opd.divergence=sampled"):
@@ -85,8 +87,8 @@ def test_each_objective_reads_the_tis_cap_of_its_own_section(algorithm, cap):
 
 
 def test_kl_ref_penalty_adds_to_any_objective_over_its_counted_tokens():
-    """kl_ref.coef * (log pi - log pi_ref) (k1) on each counted token, added to the objective's own loss, with the
-    gradient coef * grad log pi; the reference's log-probs are constants."""
+    """kl_ref.coef * (log pi - log pi_ref) (k1) on each counted token, added to the objective's own loss, with
+    the gradient coef * grad log pi; the reference's log-probs are constants."""
     ref = torch.tensor([[-0.9, -0.4]], dtype=torch.float64)
     logp = torch.log_softmax(LOGITS, -1).gather(-1, TARGETS.unsqueeze(-1)).squeeze(-1)
     onehot = torch.nn.functional.one_hot(TARGETS, 3).to(torch.float64)
@@ -108,7 +110,8 @@ def test_kl_ref_penalty_adds_to_any_objective_over_its_counted_tokens():
 
 
 def test_dynamic_sampling_pieces_by_hand():
-    """The groups DAPO keeps (rewards not all equal) and a scored batch cut to some groups and joined again."""
+    """The groups DAPO keeps (rewards not all equal) and a scored batch cut to some groups and joined
+    again."""
     from opd.rollout.stream import Scored
 
     rollouts, rewards, scores = _batch()

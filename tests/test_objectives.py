@@ -1,5 +1,5 @@
-"""G-OPD, SRPO, PACED, KEPO, TIP selection and SDPO pieces against hand-computed values (reference/algorithms.md
-§3–8)."""
+"""G-OPD, SRPO, PACED, KEPO, TIP selection and SDPO pieces against hand-computed values
+(reference/algorithms.md §3–8)."""
 
 import math
 
@@ -28,13 +28,15 @@ from opd.trainer.selection import select_tokens
 from opd.trainer.weights import entropy_weights, paced_weights, quality_gate
 from opd.types import Prompt, Rewards, RolloutBatch, Sample, TeacherScores
 
-# ---- §1.1 OPD, sampled token -------------------------------------------------------------------------------------
+# ---- §1.1 OPD, sampled token
+# -------------------------------------------------------------------------------------
 
 
 def test_sampled_opd_expected_gradient_is_the_reverse_kl_gradient_off_policy():
-    """The sampler's q is the student's pi with 0.5-nat noise (stale weights, another engine's numerics). Tokens come
-    from q, the router hands the learner its batch, the learner's loss weighs each by min(pi/q, cap): summed over
-    the whole vocabulary with weights q(v), the gradient is exactly grad KL(pi || pi_T), computed by autograd."""
+    """The sampler's q is the student's pi with 0.5-nat noise (stale weights, another engine's numerics).
+    Tokens come from q, the router hands the learner its batch, the learner's loss weighs each by min(pi/q,
+    cap): summed over the whole vocabulary with weights q(v), the gradient is exactly grad KL(pi || pi_T),
+    computed by autograd."""
     torch.manual_seed(11)
     V = 6
     z = torch.randn(V, dtype=torch.float64)
@@ -66,7 +68,8 @@ def test_sampled_opd_expected_gradient_is_the_reverse_kl_gradient_off_policy():
     assert torch.allclose(expected_grad(coef2), 2 * z_ref.grad, atol=2e-6)
 
 
-# ---- §4 G-OPD / ExOPD ------------------------------------------------------------------------------------------
+# ---- §4 G-OPD / ExOPD
+# ------------------------------------------------------------------------------------------
 
 
 def test_gopd_lambda_one_is_exactly_opd():
@@ -107,12 +110,14 @@ def test_exopd_pushes_past_teacher_where_opd_is_silent():
         assert token_logprobs(logits - 0.5 * logits.grad, target) > logp
 
 
-# ---- §5 SRPO ---------------------------------------------------------------------------------------------------
+# ---- §5 SRPO
+# ---------------------------------------------------------------------------------------------------
 
 
 def test_srpo_routes_only_failed_rollouts_with_a_self_teacher_to_sdpo():
-    """§5.1 on the router: z_sdpo = (1 - correct) * has_teacher. Groups of two: [right, wrong] (the right one has no
-    teacher: its only success is itself), [right, right] (each shows the other), [wrong, wrong] (no teacher)."""
+    """§5.1 on the router: z_sdpo = (1 - correct) * has_teacher. Groups of two: [right, wrong] (the right one
+    has no teacher: its only success is itself), [right, right] (each shows the other), [wrong, wrong] (no
+    teacher)."""
     prompt = Prompt("p", "q?", [5, 6], "1")
     samples = [Sample(f"u{i}", prompt, i % 2, [7, 8], "a", [-1.0, -1.0], 0) for i in range(6)]
     rewards = Rewards([s.uid for s in samples], [1.0, 0.0, 1.0, 1.0, 0.0, 0.0], [True, False, True, True, False, False])
@@ -139,8 +144,9 @@ def test_entropy_weights_all_masked_are_zero():
 
 
 def test_entropy_weights_do_not_underflow_at_large_beta_times_entropy():
-    """beta*H near 1000 (exp(-1000) is 0 even in float64): the weights keep their ratios exp(-beta*dH), normalised
-    to mean 1 over the SDPO tokens, as computed by hand; a masked token's entropy may be anything."""
+    """beta*H near 1000 (exp(-1000) is 0 even in float64): the weights keep their ratios exp(-beta*dH),
+    normalised to mean 1 over the SDPO tokens, as computed by hand; a masked token's entropy may be
+    anything."""
     h = torch.tensor([[1000.0, 1001.0], [1002.0, 3.0]])
     m = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
     mean = (1 + math.exp(-1) + math.exp(-2)) / 3
@@ -154,7 +160,8 @@ def test_entropy_weights_do_not_underflow_at_large_beta_times_entropy():
 def test_srpo_objective_shares_one_denominator_and_a_step_improves_both_branches():
     """The learner's SRPO loss (§5.3): row 0 is correct (GRPO, advantage +1 on its token), row 1 failed with a
     teacher (SDPO, entropy weight 0.5). Each row's loss is its own branch's, and both count in one shared
-    denominator: the mean over the two tokens. One step raises row 0's token and brings row 1 to the teacher."""
+    denominator: the mean over the two tokens. One step raises row 0's token and brings row 1 to the
+    teacher."""
     logits = torch.zeros(2, 1, 4, requires_grad=True)
     teacher = torch.tensor([[[0.0, 0.0, 0.0, 0.0]], [[3.0, 0.0, -1.0, 0.5]]])
     target = torch.tensor([[2], [0]])
@@ -174,7 +181,8 @@ def test_srpo_objective_shares_one_denominator_and_a_step_improves_both_branches
         assert after[1] < sdpo_BT[1]
 
 
-# ---- §7 PACED, §8.1 KEPO ---------------------------------------------------------------------------------------
+# ---- §7 PACED, §8.1 KEPO
+# ---------------------------------------------------------------------------------------
 
 
 def test_paced_weights_by_hand():
@@ -197,8 +205,8 @@ def test_quality_gate():
 
 
 def test_zero_weight_samples_leave_the_denominators_by_hand():
-    """PACED gives p in {0, 1} weight 0 and promises such problems act as if filtered out: their tokens leave the
-    token-mean's denominator and their sequences a sequence-mean's count (the learner's step on it is
+    """PACED gives p in {0, 1} weight 0 and promises such problems act as if filtered out: their tokens leave
+    the token-mean's denominator and their sequences a sequence-mean's count (the learner's step on it is
     tests/test_learner.py::test_zero_weight_samples_count_as_filtered_out)."""
     mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
     live = live_samples([2.0, 0.0, 0.5, 1.0], [0, 1, 2])
@@ -209,10 +217,11 @@ def test_zero_weight_samples_leave_the_denominators_by_hand():
     assert live_samples(None, [0, 1]).tolist() == [1.0, 1.0]
 
 
-# ---- §6 TIP selection ------------------------------------------------------------------------------------------
+# ---- §6 TIP selection
+# ------------------------------------------------------------------------------------------
 
-# Valid tokens (flat order) h = [.1, .9, .5, .3, .2], d = [.8, .1, .5, .2, 0]; the masked slot is the "best" on
-# both axes, so any leak through the mask would be picked first.
+# Valid tokens (flat order) h = [.1, .9, .5, .3, .2], d = [.8, .1, .5, .2, 0]; the masked slot is the "best"
+# on both axes, so any leak through the mask would be picked first.
 H_SEL = torch.tensor([[0.1, 0.9, 0.5], [0.3, 0.2, 99.0]])
 D_SEL = torch.tensor([[0.8, 0.1, 0.5], [0.2, 0.0, 99.0]])
 M_SEL = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
@@ -239,7 +248,8 @@ def test_select_soft_or_by_hand():
     # s = h' + d' - h'd' = [1, 1, .8125, .4375, .125] -> top 3 = {0, 1, 2}; top 4 adds 3.
     assert _kept("soft_or", 0.6) == [0, 1, 2]
     assert _kept("soft_or", 0.8) == [0, 1, 2, 3]
-    # Soft-OR is not the plain sum: token 3 (h' = d' = .6) has sum 1.2 but s = .84 < token 4's .9 + .05 - .045.
+    # Soft-OR is not the plain sum: token 3 (h' = d' = .6) has sum 1.2 but s = .84 < token 4's .9 + .05 -
+    # .045.
     h, d = torch.tensor([[0.0, 1.0, 0.0, 0.6, 0.9]]), torch.tensor([[0.0, 0.0, 1.0, 0.6, 0.05]])
     assert select_tokens(h, d, torch.ones(1, 5), 0.6, "soft_or").tolist() == [[0.0, 1.0, 1.0, 0.0, 1.0]]
 
@@ -271,7 +281,8 @@ def test_select_all_masked_and_bad_mode():
         select_tokens(H_SEL, D_SEL, M_SEL, 0.5, "random")
 
 
-# ---- §3 SDPO ---------------------------------------------------------------------------------------------------
+# ---- §3 SDPO
+# ---------------------------------------------------------------------------------------------------
 
 
 def test_build_reprompt_default_templates():
@@ -336,8 +347,9 @@ def test_sdpo_token_loss_by_hand():
 
 @pytest.mark.parametrize("cap", [2.0, 1.25, 5.0])
 def test_sdpo_objective_caps_the_rollout_importance_weight_at_sdpo_is_cap(cap):
-    """The learner's SDPO loss: on-policy (current = old), so the weight that remains is the sampler->learner one,
-    pi/q = 3 here, capped at ``sdpo.is_cap``: the per-token loss is min(3, cap) times the reverse KL over the top-2 + tail."""
+    """The learner's SDPO loss: on-policy (current = old), so the weight that remains is the sampler->learner
+    one, pi/q = 3 here, capped at ``sdpo.is_cap``: the per-token loss is min(3, cap) times the reverse KL over
+    the top-2 + tail."""
     student = torch.log(torch.tensor([[[0.4, 0.3, 0.2, 0.1]]]))
     teacher = torch.log(torch.tensor([[[0.1, 0.2, 0.3, 0.4]]]))
     target = torch.tensor([[1]])

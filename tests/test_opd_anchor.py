@@ -1,5 +1,5 @@
-"""opd_anchor: the teacher's sampled-token reward with the reference's KL folded in, by hand; beta=0 is OPD; its
-reference reaches the config, the pre-flight and the learner through its declarations alone."""
+"""opd_anchor: the teacher's sampled-token reward with the reference's KL folded in, by hand; beta=0 is OPD;
+its reference reaches the config, the pre-flight and the learner through its declarations alone."""
 
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ def test_its_reference_and_signal_come_from_its_declarations(tmp_path):
     cfg = load_config(None, ["algorithm=opd_anchor", f"opd_anchor.reference={tmp_path / 'ref'}", "opd.divergence=teacher_topk",
                              "teacher.top_k=5"])
     assert cfg.reference_dir == str(tmp_path / "ref") and cfg.reference_key == "opd_anchor.reference"
-    assert cfg.teacher_signal.kind == "sampled" and cfg.teacher_signal.top_k == 0  # no top-k rows it would drop
+    # no top-k rows it would drop
+    assert cfg.teacher_signal.kind == "sampled" and cfg.teacher_signal.top_k == 0
     spec = objective_spec(cfg)
     assert spec.needs_reference and spec.own.beta == 0.1 and spec.tis_cap == cfg.section("opd").tis_cap
     with pytest.raises(ConfigError, match=r"opd_anchor.reference: directory '.*ref' does not exist"):

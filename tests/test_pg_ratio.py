@@ -15,7 +15,8 @@ from opd.trainer.objectives.spec import ObjectiveSpec
 LOGITS = torch.tensor([[[0.3, -0.2, 1.0], [0.0, 0.4, -0.7], [1.5, 0.2, 0.1], [-0.4, 0.9, 0.3]]], dtype=torch.float64)
 TARGETS = torch.tensor([[2, 1, 0, 1]])
 MASK = torch.ones(1, 4, dtype=torch.float64)
-# pi/q per token: in range (1.1), above the clip (1.5), far above it (5: dual-clip territory), below the clip (0.5)
+# pi/q per token: in range (1.1), above the clip (1.5), far above it (5: dual-clip territory), below the clip
+# (0.5)
 RATIOS = torch.tensor([[1.1, 1.5, 5.0, 0.5]], dtype=torch.float64)
 ADV = torch.tensor([[1.0, 1.0, -1.0, -1.0]], dtype=torch.float64)
 
@@ -47,7 +48,8 @@ def test_without_dual_clip_the_far_token_loss_is_unbounded_and_tis_weighs_instea
     loss, _ = _run(spec_of("algorithm=grpo", "grpo.ratio=ppo"))
     assert loss[0, 2] == pytest.approx(5.0)  # -min(-5, -1.2): the stale token's loss grows with its ratio
     loss, grad = _run(spec_of("algorithm=grpo", "grpo.ratio=tis", "grpo.tis_cap=2.0"))
-    # tis: the surrogate's ratio is 1 and each token is weighted min(rho, 2): loss -A * w, gradient -A * w * dlogp
+    # tis: the surrogate's ratio is 1 and each token is weighted min(rho, 2): loss -A * w, gradient -A * w *
+    # dlogp
     w = RATIOS.clamp(max=2.0)
     torch.testing.assert_close(loss, -ADV * w)
     for t in range(4):

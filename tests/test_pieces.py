@@ -69,8 +69,8 @@ def test_records_reject_misaligned_rows():
 
 
 def test_a_nonfinite_teacher_value_is_counted_not_fatal():
-    """A teacher answering NaN must not kill the job: the scores validate, the count reaches the step metrics, and the
-    learner's non-finite-loss guard skips that update."""
+    """A teacher answering NaN must not kill the job: the scores validate, the count reaches the step metrics,
+    and the learner's non-finite-loss guard skips that update."""
     p = Prompt("p", "t", [1, 2], "a")
     samples = [Sample(u, p, i, [3, 4], "x", [-0.1, -0.2], 0) for i, u in enumerate(["u0", "u1", "u2"])]
     nan = float("nan")
@@ -81,7 +81,8 @@ def test_a_nonfinite_teacher_value_is_counted_not_fatal():
 
 
 def test_test_split_is_fixed_by_seed_and_disjoint_from_any_train_size():
-    """The demo evaluates on the same held-out problems that bootstrap never trained on, whatever num_train."""
+    """The demo evaluates on the same held-out problems that bootstrap never trained on, whatever
+    num_train."""
     from opd.tasks.arithmetic import build_dataset, exact_answer, make_row
 
     small, large = build_dataset(num_train=100, num_test=50, seed=0), build_dataset(num_train=3000, num_test=50, seed=0)

@@ -59,10 +59,12 @@ def test_opd_two_steps(opd_run, tiny_models):
 def test_resume_reproduces_uninterrupted_run(opd_run, tiny_models, local_ray, tmp_path):
     ref_dir, _ = opd_run
     out = tmp_path / "opd_resumed"
-    mlflow = {"tracking.mlflow": True}  # the file store under the run dir; the resumed driver appends to the same run
+    # the file store under the run dir; the resumed driver appends to the same run
+    mlflow = {"tracking.mlflow": True}
     first = run(load_config(None, tiny_overrides(tiny_models, out, **mlflow, **{"trainer.total_steps": 1})), progress=False)
     assert first["steps"] == 1
-    # The checkpoint's state as the first opd wrote it (no held-out teacher KL yet): it still resumes, by name.
+    # The checkpoint's state as the first opd wrote it (no held-out teacher KL yet): it still resumes, by
+    # name.
     state = out / "checkpoints" / "step_000001" / "state.json"
     state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "teacher_kl_before"}))
     summary = run(load_config(None, tiny_overrides(tiny_models, out, **mlflow)), resume=True, progress=False)
@@ -101,8 +103,9 @@ def test_opd_eval_cli(opd_run, tiny_models, local_ray, capsys):
 
 
 def test_opd_eval_starts_the_engines_rollout_engine_names(opd_run, local_ray, monkeypatch, capsys):
-    """``opd eval ... rollout.engine=hf`` builds its engines as a run does: transformers in the student's worker and
-    in the teacher (``teacher.engine: auto`` follows it), and vLLM is never imported in either actor."""
+    """``opd eval ... rollout.engine=hf`` builds its engines as a run does: transformers in the student's
+    worker and in the teacher (``teacher.engine: auto`` follows it), and vLLM is never imported in either
+    actor."""
     import sys
 
     import ray

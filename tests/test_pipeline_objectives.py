@@ -1,6 +1,6 @@
-"""Two steps of every objective on local Ray with the real vLLM engines, the real learner and verifier hosts; the
-jobs share one rollout worker and one teacher engine (each job has its own learner), which this module releases
-before the next one starts its own."""
+"""Two steps of every objective on local Ray with the real vLLM engines, the real learner and verifier hosts;
+the jobs share one rollout worker and one teacher engine (each job has its own learner), which this module
+releases before the next one starts its own."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ OBJECTIVE_RUNS = {
     "opd-full-vocab": {"opd.divergence": "full_vocab", "teacher.top_k": 0},
     "opd-full-vocab-teacher": {"opd.divergence": "full_vocab", "opd.full_vocab_source": "teacher"},
 }
-# Every registered objective runs here: one that none of the above runs (an objective added later) with its defaults.
+# Every registered objective runs here: one that none of the above runs (an objective added later) with its
+# defaults.
 OBJECTIVE_RUNS.update({name: {"algorithm": name} for name in REGISTRY
                        if name not in {run.get("algorithm", DEFAULT) for run in OBJECTIVE_RUNS.values()}})
 
@@ -51,7 +52,8 @@ def shared(tiny_models, local_ray, tmp_path_factory):
 def test_objective_two_steps(shared, tiny_models, tmp_path, name):
     out = tmp_path / name
     cfg = load_config(None, tiny_overrides(tiny_models, out, **OBJECTIVE_RUNS[name]))
-    # The hidden-state teacher is a transformers engine of its own (teacher.engine=auto); the others share the vLLM one.
+    # The hidden-state teacher is a transformers engine of its own (teacher.engine=auto); the others share the
+    # vLLM one.
     teacher = start_teachers(cfg, prefix=f"{name}/") if cfg.teacher_signal.hidden else None
     try:
         summary = train_on(shared, cfg, teacher=teacher)
@@ -70,7 +72,8 @@ def test_objective_two_steps(shared, tiny_models, tmp_path, name):
         assert all("teacher_kl" in r and "score_tokens_per_s" in r for r in rows)
     if name == "grpo":
         assert summary["teacher_accuracy"] is None and all("teacher_kl" not in r for r in rows)
-    if name == "opd-full-vocab":  # the learner's teacher forward gives the KL; no teacher actor scored the samples
+    # the learner's teacher forward gives the KL; no teacher actor scored the samples
+    if name == "opd-full-vocab":
         assert all("teacher_kl" in r and "score_tokens_per_s" not in r for r in trained)
     if name == "opd-full-vocab-teacher":  # the teacher actor scored the samples and sent its hidden states
         assert all("score_tokens_per_s" in r and "teacher_kl" in r for r in rows)
@@ -81,9 +84,10 @@ def test_objective_two_steps(shared, tiny_models, tmp_path, name):
 
 
 def test_dynamic_sampling_trains_only_groups_whose_rewards_differ(shared, tiny_models, tmp_path):
-    """DAPO's dynamic sampling on a real job: format_digits (met by ~3/4 of the tiny student's answers) leaves about
-    two groups of three uniform, so each step draws extra prompts until 4 varied groups fill it. Every trained group's
-    rewards differ, each step holds 4 groups, and the log says how many groups were generated for them."""
+    """DAPO's dynamic sampling on a real job: format_digits (met by ~3/4 of the tiny student's answers) leaves
+    about two groups of three uniform, so each step draws extra prompts until 4 varied groups fill it. Every
+    trained group's rewards differ, each step holds 4 groups, and the log says how many groups were generated
+    for them."""
     from opd.cluster import start_verifiers
 
     out = tmp_path / "dapo"
@@ -102,5 +106,6 @@ def test_dynamic_sampling_trains_only_groups_whose_rewards_differ(shared, tiny_m
         assert len(groups) == 4 and len(step) == 8, (r["step"], groups)  # prompts_per_step groups of G=2
         assert all(len(rewards) > 1 for rewards in groups.values()), groups
         assert r["resample_rounds"] >= 0 and 0 < r["dynamic_kept_fraction"] <= 1
-    # over the run some generated groups were uniform and dropped (a kept fraction of 1 everywhere means no filter)
+    # over the run some generated groups were uniform and dropped (a kept fraction of 1 everywhere means no
+    # filter)
     assert min(r["dynamic_kept_fraction"] for r in rows) < 1 and max(r["resample_rounds"] for r in rows) >= 1

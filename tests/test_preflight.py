@@ -1,5 +1,5 @@
-"""The pre-flight: every malformed input found before Ray starts, exit 2, one message naming the key or row, no
-traceback, nothing written."""
+"""The pre-flight: every malformed input found before Ray starts, exit 2, one message naming the key or row,
+no traceback, nothing written."""
 
 from __future__ import annotations
 
@@ -120,7 +120,8 @@ def _check(specs: list[str]):
         ("{plugin}:short", "returned 0 scores for 1 row"),
         ("{plugin}:nan", "returned non-finite value nan"),
         ("{plugin}:text", "returned non-number 'yes' (str)"),
-        # float("1.0") works, but the run fails every row that is not a number: refused here as it is judged there
+        # float("1.0") works, but the run fails every row that is not a number: refused here as it is judged
+        # there
         ("{plugin}:numeric_text", "returned non-number '1.0' (str)"),
     ],
 )

@@ -1,7 +1,7 @@
 """The Ray metrics sink: which step metrics become ``opd_*`` metrics, and that it is inert without Ray.
 
-Their export by each role's process, through a real head's metrics port into a real Prometheus, and the Grafana
-dashboard's queries, are checked end to end in ``test_submit.py``.
+Their export by each role's process, through a real head's metrics port into a real Prometheus, and the
+Grafana dashboard's queries, are checked end to end in ``test_submit.py``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
-"""The real pair: SmolLM2-135M-Instruct (49,152-token BPE vocabulary, ChatML template) as the teacher and a student
-depth-pruned from it, both built by opd's own commands, through local Ray, the real vLLM engines and the learner.
+"""The real pair: SmolLM2-135M-Instruct (49,152-token BPE vocabulary, ChatML template) as the teacher and a
+student depth-pruned from it, both built by opd's own commands, through local Ray, the real vLLM engines and
+the learner.
 
-One rollout worker and one teacher engine serve every objective's two-step job in turn (each job has its own learner
-and pushes its weights to the worker at its start, as any job does); engine start-up is the slow part on 2 cores.
+One rollout worker and one teacher engine serve every objective's two-step job in turn (each job has its own
+learner and pushes its weights to the worker at its start, as any job does); engine start-up is the slow part
+on 2 cores.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from opd.preflight import load_prompts
 
 pytestmark = pytest.mark.slow
 
-STUDENT_LAYERS = "0,29"  # the first and last of 30: a 35M-parameter student that still loads and trains like any
+# the first and last of 30: a 35M-parameter student that still loads and trains like any
+STUDENT_LAYERS = "0,29"
 
 
 @pytest.fixture(scope="session")
@@ -68,8 +71,8 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_the_rendered_prompt_is_the_tokenizers_chat_template(smollm2):
-    """What opd feeds the engines is exactly what the checkpoint's own chat template makes of the row (ChatML with
-    SmolLM2's default system turn), tokenised as a whole: no second BOS, nothing dropped."""
+    """What opd feeds the engines is exactly what the checkpoint's own chat template makes of the row (ChatML
+    with SmolLM2's default system turn), tokenised as a whole: no second BOS, nothing dropped."""
     _, student = smollm2
     tok = AutoTokenizer.from_pretrained(student)
     cfg = load_config(None, real_overrides(smollm2, Path("unused")))
@@ -95,7 +98,8 @@ def test_the_pruned_student_holds_the_kept_layers(smollm2):
 
 OBJECTIVES = {
     "sampled": {"opd.divergence": "sampled"},
-    "topk": {"opd.divergence": "teacher_topk", "checkpoint.every": 1},  # also the reference of the resume test
+    # also the reference of the resume test
+    "topk": {"opd.divergence": "teacher_topk", "checkpoint.every": 1},
     "full-vocab": {"opd.divergence": "full_vocab"},
     "grpo": {"algorithm": "grpo"},
 }
@@ -121,7 +125,8 @@ def test_two_steps_on_the_real_pair(real_runs, smollm2, name):
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [0, 1] and summary["weight_version"] == 2
     for r in rows:
-        assert r["probe_max_diff"] < 5e-4  # the learner's weights, to the rounding of two float32 kernels (~1e-4 here)
+        # the learner's weights, to the rounding of two float32 kernels (~1e-4 here)
+        assert r["probe_max_diff"] < 5e-4
         assert r["learner_sampler_absdiff_max"] < 1e-3  # vLLM's sampler log-probs are the learner's policy
         assert r["update_skipped"] == 0.0 and torch.isfinite(torch.tensor(r["loss"]))
     if name == "grpo":
@@ -134,8 +139,8 @@ def test_two_steps_on_the_real_pair(real_runs, smollm2, name):
 
 
 def test_full_vocab_from_the_teacher_actors_hidden_states(shared, smollm2, tmp_path):
-    """opd.full_vocab_source=teacher on the real pair: a transformers teacher actor runs the 135M trunk and sends
-    576 floats per token instead of 49,152; the learner applies the teacher's LM head."""
+    """opd.full_vocab_source=teacher on the real pair: a transformers teacher actor runs the 135M trunk and
+    sends 576 floats per token instead of 49,152; the learner applies the teacher's LM head."""
     out = tmp_path / "real-hidden"
     cfg = load_config(None, real_overrides(smollm2, out, **{"opd.divergence": "full_vocab", "opd.full_vocab_source": "teacher"}))
     assert cfg.teacher_engine == "hf"

@@ -1,7 +1,8 @@
 """Verifier registry (no Ray) and VerifierRunner against a real local Ray.
 
-Test verifiers live in a file written under tmp_path and are named as 'file.py:function', the same route a user's
-own verifier takes: a Ray worker cannot import this test module, so it also checks they are shipped by value.
+Test verifiers live in a file written under tmp_path and are named as 'file.py:function', the same route a
+user's own verifier takes: a Ray worker cannot import this test module, so it also checks they are shipped by
+value.
 """
 
 from __future__ import annotations
@@ -262,7 +263,8 @@ def test_verifier_that_kills_its_process_fails_its_rows_and_the_pool_recovers(ra
 
 
 def test_evaluation_never_counts_a_failed_verification_as_wrong(ray_local, tmp_path):
-    """A verifier that fails once is retried; one that always fails stops the evaluation with a clear error."""
+    """A verifier that fails once is retried; one that always fails stops the evaluation with a clear
+    error."""
     from opd.cluster import Roles
     from opd.rewards import VerifierRunner, VerifierSpec
     from opd.steps import _verify_all

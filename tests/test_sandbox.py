@@ -1,9 +1,9 @@
 """The code sandbox against hostile snippets (each contained and reported), and ``code_exec`` end to end.
 
 Everything runs for real: child interpreters with real rlimits, a real listener on 127.0.0.1, the real
-``VerifierRunner`` on the session's local Ray. What is enforced depends on who runs the tests: as root the child
-gets a uid of its own (file permissions then protect the test's files); as another user it cannot, and the two
-file tests are expected failures there (docs/sandbox.md, "What it does not do").
+``VerifierRunner`` on the session's local Ray. What is enforced depends on who runs the tests: as root the
+child gets a uid of its own (file permissions then protect the test's files); as another user it cannot, and
+the two file tests are expected failures there (docs/sandbox.md, "What it does not do").
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from opd.rewards.sandbox import SandboxLimits, SandboxResult, run_sandboxed
 
 ROOT = os.geteuid() == 0
 FAST = SandboxLimits(wall_s=3.0, cpu_s=1.0)
-NETWORKS = ["auto", "audit"]  # "auto" = a network namespace where the kernel allows one; "audit" = the fallback
+# "auto" = a network namespace where the kernel allows one; "audit" = the fallback
+NETWORKS = ["auto", "audit"]
 
 
 def _live(pid: str) -> tuple[int, int] | None:

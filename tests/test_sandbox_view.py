@@ -1,5 +1,6 @@
-"""The sandbox's private view and seccomp filter against hostile snippets: user namespaces, files that outlive the
-run, a full /tmp, host Unix sockets, and correct code that must score as correct (docs/sandbox.md's table)."""
+"""The sandbox's private view and seccomp filter against hostile snippets: user namespaces, files that outlive
+the run, a full /tmp, host Unix sockets, and correct code that must score as correct (docs/sandbox.md's
+table)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def test_no_user_namespace_can_be_made_inside(view):
     code = (
         "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
         "print(libc.unshare(0x10000000), ctypes.get_errno())\n"  # CLONE_NEWUSER
-        "print(libc.syscall(56, 0x10000000 | 17, 0, 0, 0, 0), ctypes.get_errno())\n"  # raw clone(CLONE_NEWUSER|SIGCHLD)
+        # raw clone(CLONE_NEWUSER|SIGCHLD)
+        "print(libc.syscall(56, 0x10000000 | 17, 0, 0, 0, 0), ctypes.get_errno())\n"
         f"os.system('touch {marker}')\n"
     )
     r = run_sandboxed(code, limits=SandboxLimits(view=view))
@@ -42,14 +44,16 @@ def test_no_user_namespace_can_be_made_inside(view):
     assert lines[:2] == ["-1 1", "-1 1"], r  # EPERM, both ways
     if r.network == "bwrap":
         assert not os.path.exists(marker)  # the shell ran in the private /tmp
-    else:  # without the view the host's /tmp is world-writable to it too (docs/sandbox.md: not enforced there)
+    # without the view the host's /tmp is world-writable to it too (docs/sandbox.md: not enforced there)
+    else:
         Path(marker).unlink(missing_ok=True)
 
 
 @needs_bwrap
 def test_files_in_tmp_and_shm_do_not_outlive_the_run_nor_reach_host_directories():
     token = secrets.token_hex(4)
-    shared = Path(tempfile.mkdtemp(prefix="opd-ray-session-"))  # like Ray's world-writable session directories
+    # like Ray's world-writable session directories
+    shared = Path(tempfile.mkdtemp(prefix="opd-ray-session-"))
     shared.chmod(0o777)
     try:
         code = (f"import os\nfor p in ('/tmp/{token}', '/dev/shm/{token}', '/var/tmp/{token}', '{shared}/{token}'):\n"
@@ -68,13 +72,15 @@ def test_files_in_tmp_and_shm_do_not_outlive_the_run_nor_reach_host_directories(
 def test_the_view_has_a_quota_on_everything_written():
     code = "for i in range(8):\n    with open(f'f{i}', 'wb') as f:\n        f.write(b'x' * (1 << 20))\nprint('all written')"
     r = run_sandboxed(code, limits=SandboxLimits(disk_mb=4, file_size_mb=2))
-    assert "all written" not in r.stdout and r.reason == "disk" and r.limit_hit, r  # each file under the per-file cap
+    # each file under the per-file cap
+    assert "all written" not in r.stdout and r.reason == "disk" and r.limit_hit, r
 
 
 @needs_seccomp
 @pytest.mark.parametrize("view", VIEWS)
 def test_a_world_writable_host_unix_socket_is_unreachable(view):
-    where = Path(tempfile.mkdtemp(dir=Path(__file__).parent, prefix=".sock-"))  # visible in the view (read-only)
+    # visible in the view (read-only)
+    where = Path(tempfile.mkdtemp(dir=Path(__file__).parent, prefix=".sock-"))
     where.chmod(0o755)
     path = where / "s"
     with socket.socket(socket.AF_UNIX) as server:
@@ -113,4 +119,5 @@ def test_an_interpreter_crash_is_a_verifier_failure_not_a_wrong_answer():
 
 def test_a_sandbox_where_correct_code_fails_raises_at_the_self_test():
     with pytest.raises(SandboxError, match="code_exec self-test: a correct program importing glob"):
-        code_exec(["p"], ["print(1)"], tests=[[{"input": "", "output": "1"}]], memory_mb=16)  # the interpreter cannot start
+        # the interpreter cannot start
+        code_exec(["p"], ["print(1)"], tests=[[{"input": "", "output": "1"}]], memory_mb=16)

@@ -15,7 +15,8 @@ CASES = [
     ("opd", "teacher_topk", "learner", TeacherSignal("topk", "teacher", top_k=20)),
     ("opd", "full_vocab", "learner", TeacherSignal("full_vocab", "learner")),
     ("opd", "full_vocab", "teacher", TeacherSignal("full_vocab", "teacher", hidden=True)),
-    ("exopd", "teacher_topk", "learner", TeacherSignal("sampled", "teacher")),  # ExOPD reads only sampled log-probs
+    # ExOPD reads only sampled log-probs
+    ("exopd", "teacher_topk", "learner", TeacherSignal("sampled", "teacher")),
     ("grpo", "teacher_topk", "learner", TeacherSignal()),
     ("sdpo", "sampled", "learner", TeacherSignal()),
     ("srpo", "sampled", "learner", TeacherSignal()),
@@ -39,7 +40,8 @@ def test_each_objective_reads_one_signal_and_every_role_agrees(algorithm, diverg
 
 
 def test_sampled_token_objectives_ask_the_teacher_for_no_top_k_rows():
-    """A teacher.top_k set for another run is not requested (and then thrown away) by OPD on sampled tokens or ExOPD."""
+    """A teacher.top_k set for another run is not requested (and then thrown away) by OPD on sampled tokens or
+    ExOPD."""
     for algorithm in ("opd", "exopd"):
         cfg = load_config("configs/demo.yaml", [f"algorithm={algorithm}", "opd.divergence=sampled", "teacher.top_k=20"])
         assert cfg.teacher_signal.top_k == 0 and cfg.teacher_signal.scored_by_actor

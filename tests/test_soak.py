@@ -1,6 +1,7 @@
-"""The soak benchmark's short run: a job under injected faults (rollout worker and driver SIGKILLed, a verifier that
-raises, hangs, returns NaN or a short list, or exits) trains every scheduled sample exactly once and survives each
-fault. Plus the plain checks its verdict rests on: the sample bookkeeping and the verifier plug-in's faults."""
+"""The soak benchmark's short run: a job under injected faults (rollout worker and driver SIGKILLed, a
+verifier that raises, hangs, returns NaN or a short list, or exits) trains every scheduled sample exactly once
+and survives each fault. Plus the plain checks its verdict rests on: the sample bookkeeping and the verifier
+plug-in's faults."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def test_count_samples_finds_lost_duplicated_and_unexpected_ids():
 
 
 def _faulted_call(kind: str, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Rows on which ``plan_fault`` (rate 0.5) picks ``kind``: the fault plan is a pure function of seed and rows."""
+    """Rows on which ``plan_fault`` (rate 0.5) picks ``kind``: the fault plan is a pure function of seed and
+    rows."""
     for i in range(10_000):
         prompts, completions = [f"{i}+1=", f"{i}+2="], [str(i), "x"]
         if soak_faults.plan_fault(seed, 0.5, prompts, completions)[0] == kind:

@@ -1,6 +1,6 @@
-"""Streaming: a batch generated in chunks (``rollout.chunk_prompts``), each scored as soon as it is generated, trains
-on the same samples as a batch generated in one call per worker, and the stream checks the weight sync's probe before
-it hands out anything generated at the new weights."""
+"""Streaming: a batch generated in chunks (``rollout.chunk_prompts``), each scored as soon as it is generated,
+trains on the same samples as a batch generated in one call per worker, and the stream checks the weight
+sync's probe before it hands out anything generated at the new weights."""
 
 from __future__ import annotations
 
@@ -55,16 +55,18 @@ def test_chunked_stream_trains_the_same_samples(tiny_models, local_ray, tmp_path
     assert [(r["uid"], r["response"], r["reward"]) for r in rows] == [(r["uid"], r["response"], r["reward"]) for r in ref_rows]
     ref = _weights(whole / "checkpoints" / f"step_{STEPS:06d}" / "model")
     got = _weights(chunked / "checkpoints" / f"step_{STEPS:06d}" / "model")
-    for k in ref:  # a batch of one prompt and one of two may differ in the last float bits of the engines' scores
+    # a batch of one prompt and one of two may differ in the last float bits of the engines' scores
+    for k in ref:
         torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-5, msg=f"chunked run's weights differ at {k}")
     metrics = [json.loads(line) for line in (chunked / "metrics.jsonl").read_text().splitlines()]
     assert all(m["probe_max_diff"] < 1e-3 and "teacher_kl" in m for m in metrics)
 
 
 def test_take_hands_out_a_batch_only_after_the_last_syncs_probe_passed(local_ray, tmp_path):
-    """The pool's publish returns at once; the stream checks the probe: ``take`` returns a batch generated at the
-    new weights with that sync's probe difference, and a failed probe raises from ``take`` (nothing generated at
-    those weights is trained), from ``save_in_flight`` (no checkpoint follows it) and from ``map`` (no evaluation)."""
+    """The pool's publish returns at once; the stream checks the probe: ``take`` returns a batch generated at
+    the new weights with that sync's probe difference, and a failed probe raises from ``take`` (nothing
+    generated at those weights is trained), from ``save_in_flight`` (no checkpoint follows it) and from
+    ``map`` (no evaluation)."""
 
     @ray.remote
     class _Worker:  # local: pickled by value, so the actor process needs no import of this test module

@@ -1,9 +1,10 @@
-"""``opd submit`` against a real Ray head (``ray start --head``), and the ``opd_*`` metrics in its Prometheus export.
+"""``opd submit`` against a real Ray head (``ray start --head``), and the ``opd_*`` metrics in its Prometheus
+export.
 
 The head runs as ``ray start --head --block`` in its own process group and under its own ``--temp-dir``, with
-every port chosen free. It is stopped by SIGTERM to that ``ray start`` process (which tears its node down) and then
-SIGKILL to its process group: never ``ray stop``, which would stop every Ray on the machine (other test sessions,
-the user's runs).
+every port chosen free. It is stopped by SIGTERM to that ``ray start`` process (which tears its node down) and
+then SIGKILL to its process group: never ``ray stop``, which would stop every Ray on the machine (other test
+sessions, the user's runs).
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ def test_staging_makes_paths_absolute_and_ships_verifier_files(tmp_path, monkeyp
 
 @pytest.fixture(scope="module")
 def head():
-    """A fresh Ray head with a dashboard (Job API) and a Prometheus metrics port; yields (dashboard url, metrics url,
-    temp dir)."""
+    """A fresh Ray head with a dashboard (Job API) and a Prometheus metrics port; yields (dashboard url,
+    metrics url, temp dir)."""
     temp = Path(tempfile.mkdtemp(prefix="opdray", dir="/tmp"))  # short: Ray's socket paths live under it
     dash, metrics = free_port(), free_port()
     ports = {"--port": free_port(), "--dashboard-port": dash, "--metrics-export-port": metrics,
@@ -113,7 +114,8 @@ def test_submit_runs_job_and_exports_metrics(head, tiny_models, tmp_path):
             return [float(any(c.isdigit() for c in text)) for text in completions]
     """))
     out = tmp_path / "submitted"
-    verifiers = f'[{{name: exact_answer}}, {{name: "{verifier}:has_digit", weight: 0.1}}]'  # a plug-in file ships too
+    # a plug-in file ships too
+    verifiers = f'[{{name: exact_answer}}, {{name: "{verifier}:has_digit", weight: 0.1}}]'
     over = tiny_overrides(tiny_models, out, **{"verifiers.functions": verifiers, "trainer.total_steps": 20,
                                                 "checkpoint.every": 10})
     env = {"RAY_ADDRESS": url}  # as Ray's own CLI: no --address needed
@@ -122,8 +124,8 @@ def test_submit_runs_job_and_exports_metrics(head, tiny_models, tmp_path):
     assert rc == 0 and job_id == "submitted-1", f"job {job_id} did not succeed:\n{stdout[-4000:]}\n{stderr[-2000:]}"
     assert f"run directory: {out}" in stderr
     # The driver waits for one more metrics export before it exits on a cluster, so the final step is exported
-    # even when the job is shorter than Ray's 10 s report interval; read at once, as the agent drops a finished
-    # driver's series after a while.
+    # even when the job is shorter than Ray's 10 s report interval; read at once, as the agent drops a
+    # finished driver's series after a while.
     # Failures and restarts are exported from step 0 (as 0 here), not only after the first one.
     want = {"ray_opd_teacher_kl", "ray_opd_reward", "ray_opd_step", "ray_opd_rollout_tokens_per_s",
             "ray_opd_verifier_failures", "ray_opd_rollout_worker_restarts"}
@@ -140,14 +142,16 @@ def test_submit_runs_job_and_exports_metrics(head, tiny_models, tmp_path):
     assert info["run_dir"] == str(out) and info["last_step"]["step"] == 19
     rc, logs, _ = _opd("logs", job_id, "--address", url)
     assert rc == 0 and "student accuracy after" in logs
-    rc, followed, _ = _opd("logs", job_id, "--address", url, "--follow")  # ends with the job; exits with its state
+    # ends with the job; exits with its state
+    rc, followed, _ = _opd("logs", job_id, "--address", url, "--follow")
     assert rc == 0 and "student accuracy after" in followed
     step_lines = [ln for ln in logs.splitlines() if ln.startswith("step ")]  # the job log is not a terminal
     assert len(step_lines) == 20 and step_lines[-1].startswith("step 20/20 | reward ")
     assert "eval before training | accuracy" in logs and "eval after training | accuracy" in logs
     rc, listing, _ = _opd("list", "--address", url)
     assert rc == 0 and "submitted-1  SUCCEEDED  submitted" in listing
-    rc, _, stderr = _opd("submit", _config_file(tmp_path), *over, "--address", url)  # the same run directory again
+    # the same run directory again
+    rc, _, stderr = _opd("submit", _config_file(tmp_path), *over, "--address", url)
     assert rc == 2 and "already holds a run; pass --resume" in stderr  # refused here, before anything is sent
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(20)) and all(r["teacher_kl"] is not None for r in rows)
@@ -161,10 +165,10 @@ def test_submit_runs_job_and_exports_metrics(head, tiny_models, tmp_path):
 @pytest.mark.skipif(PROMETHEUS is None, reason="needs the `prometheus` binary (Debian's prometheus package; "
                     "scripts/install.sh installs it when run as root)")
 def test_prometheus_scrapes_each_role_and_every_grafana_query_finds_its_series(head, tiny_models, tmp_path):
-    """A real Prometheus scrapes the head's metrics port (found through Ray's own service-discovery file) during a
-    5-step job: opd_reward and opd_teacher_kl come back for the job from PromQL; the rollout workers', learner's
-    and teacher's series come from those actors' processes, not the driver's; every query of the Grafana dashboard
-    returns data for the run."""
+    """A real Prometheus scrapes the head's metrics port (found through Ray's own service-discovery file)
+    during a 5-step job: opd_reward and opd_teacher_kl come back for the job from PromQL; the rollout
+    workers', learner's and teacher's series come from those actors' processes, not the driver's; every query
+    of the Grafana dashboard returns data for the run."""
     url, _, temp = head
     targets = temp / "prom_metrics_service_discovery.json"
     assert targets.is_file(), f"no Ray service-discovery file in {temp}: {sorted(p.name for p in temp.iterdir())}"

@@ -1,12 +1,14 @@
-"""Schemathesis against the real ``opd serve-teacher``'s published OpenAPI schema (loaded from the running server).
+"""Schemathesis against the real ``opd serve-teacher``'s published OpenAPI schema (loaded from the running
+server).
 
-Schema-valid and schema-violating requests, with and without the bearer token: none may get a 5xx, and every answer
-must conform to the schema (a documented status code and content type, a body matching the response model); with the
-token, whatever the schema forbids must be refused with a 4xx. Bounded (~40 examples per operation and mode, fixed
-seed) so it runs in about a minute on the session's shared server.
+Schema-valid and schema-violating requests, with and without the bearer token: none may get a 5xx, and every
+answer must conform to the schema (a documented status code and content type, a body matching the response
+model); with the token, whatever the schema forbids must be refused with a 4xx. Bounded (~40 examples per
+operation and mode, fixed seed) so it runs in about a minute on the session's shared server.
 
 The cases are drawn with ``schema.as_strategy`` under a plain ``@given``: schemathesis's own pytest loader
-(``schemathesis.pytest.from_fixture``) fails on pytest 9 in schemathesis 4.32 (``Function`` has no ``_nodeid``).
+(``schemathesis.pytest.from_fixture``) fails on pytest 9 in schemathesis 4.32 (``Function`` has no
+``_nodeid``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-pytest_plugins = ["teacher_fixture"]  # the session's one `teacher_server` (shared with test_teacher_server.py)
+# the session's one `teacher_server` (shared with test_teacher_server.py)
+pytest_plugins = ["teacher_fixture"]
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 OPERATIONS = {"GET /health", "POST /v1/score", "POST /v1/generate", "POST /v1/reward"}

@@ -1,5 +1,5 @@
-"""``opd serve-teacher`` as a real subprocess (its own Ray + Serve + vLLM), the HTTP client (retries up to a deadline
-through a real flapping proxy), and a run against it."""
+"""``opd serve-teacher`` as a real subprocess (its own Ray + Serve + vLLM), the HTTP client (retries up to a
+deadline through a real flapping proxy), and a run against it."""
 
 from __future__ import annotations
 
@@ -79,12 +79,14 @@ def test_teacher_url_config(tiny_models, tmp_path, monkeypatch):
         check_model_dirs(load_config(None, over))
     monkeypatch.setenv(TOKEN_ENV, "x")
     check_model_dirs(load_config(None, over))  # a tokenizer-only teacher directory is enough with teacher.url
-    with pytest.raises(ConfigError, match="models.teacher: .* has no config.json"):  # the HF forward needs weights
+    # the HF forward needs weights
+    with pytest.raises(ConfigError, match="models.teacher: .* has no config.json"):
         check_model_dirs(load_config(None, over + ["opd.divergence=full_vocab"]))
 
 
 def _gave_up(exc: pytest.ExceptionInfo, url: str, last_error: str) -> int:
-    """The attempts a TeacherServerError reports, after checking it names the URL, the time tried and the last error."""
+    """The attempts a TeacherServerError reports, after checking it names the URL, the time tried and the last
+    error."""
     msg = str(exc.value)
     m = re.fullmatch(rf"teacher server {re.escape(url)}/health unreachable: gave up after [0-9.]+ s and (\d+) attempts "
                      rf"\(retry deadline 1 s, teacher.retry_deadline_s\); last error: {last_error}.*", msg, flags=re.S)
@@ -156,7 +158,8 @@ def test_score_matches_hf_forward(teacher_server, tiny_models):
         assert torch.allclose(torch.tensor(lp), want, atol=1e-4), (lp, want)
         top_TK = ref_TV.topk(3, dim=-1)
         assert torch.allclose(torch.tensor(lps), top_TK.values, atol=1e-4)
-        assert torch.allclose(ref_TV.gather(1, torch.tensor(ids)), top_TK.values, atol=1e-4)  # tie-proof id check
+        # tie-proof id check
+        assert torch.allclose(ref_TV.gather(1, torch.tensor(ids)), top_TK.values, atol=1e-4)
     # The black-box reward is the mean of the same per-token log-probs.
     body = {"prompts": [s.prompt.token_ids for s in samples], "completions": [s.response_ids for s in samples]}
     r = requests.post(url + "/v1/reward", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=60)
@@ -169,7 +172,8 @@ def test_score_matches_hf_forward(teacher_server, tiny_models):
 
 @pytest.mark.slow
 def test_concurrent_requests_are_split_back_exactly(teacher_server, tiny_models):
-    """Concurrent /v1/score requests with different top_k share engine batches; each gets exactly its own rows."""
+    """Concurrent /v1/score requests with different top_k share engine batches; each gets exactly its own
+    rows."""
     from concurrent.futures import ThreadPoolExecutor
 
     url, token = teacher_server
@@ -218,7 +222,8 @@ def test_auth_limits_and_bad_input(teacher_server):
     assert r.status_code == 400 and "prompts[0]: 64 tokens" in r.json()["detail"]
     r = requests.post(url + "/v1/score", json={"sequences": [{"token_ids": [1]}]}, headers=auth, timeout=10)
     assert r.status_code == 422  # a schema error: FastAPI's answer, naming the missing field
-    # Found by hand next to the fuzzing (these once answered 500): NaN/1e400 echoed back in the 422, and bad UTF-8.
+    # Found by hand next to the fuzzing (these once answered 500): NaN/1e400 echoed back in the 422, and bad
+    # UTF-8.
     for bad in (b'{"prompts": [[1]], "max_tokens": 1e400}', b'{"prompts": [[1]], "max_tokens": NaN}'):
         r = requests.post(url + "/v1/generate", data=bad, headers={**auth, "Content-Type": "application/json"}, timeout=10)
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "max_tokens"], r.text
@@ -230,7 +235,8 @@ def test_auth_limits_and_bad_input(teacher_server):
     schema = requests.get(url + "/openapi.json", headers=auth, timeout=10).json()
     assert {"/health", "/v1/score", "/v1/generate", "/v1/reward"} <= set(schema["paths"])
     assert schema["paths"]["/v1/score"]["post"]["security"] == [{"bearer": []}]
-    assert schema["components"]["schemas"]["ScoreRequest"]["properties"]["top_k"]["maximum"] == 20  # --max-logprobs
+    # --max-logprobs
+    assert schema["components"]["schemas"]["ScoreRequest"]["properties"]["top_k"]["maximum"] == 20
     assert "mean per-token log-prob" in schema["paths"]["/v1/reward"]["post"]["description"]
 
 
@@ -243,8 +249,8 @@ def _wait_for(what: str, cond, timeout_s: float = 60.0) -> None:
 
 @pytest.mark.slow
 def test_client_rides_out_an_outage(teacher_server, tiny_models, caplog):
-    """The server goes away (connections refused, then 503s) mid-call and comes back: the call completes with the
-    same scores an uninterrupted call gets, every parallel request retried on its own."""
+    """The server goes away (connections refused, then 503s) mid-call and comes back: the call completes with
+    the same scores an uninterrupted call gets, every parallel request retried on its own."""
     from transformers import AutoTokenizer
 
     url, token = teacher_server
@@ -286,7 +292,8 @@ def test_retry_deadline_reaches_the_teacher_actor(tiny_models, local_ray, tmp_pa
 
 
 def _flap(proxy: FlakyProxy, stop: threading.Event) -> None:
-    """Up 1.5 s, refusing connections 0.4 s, answering 503 0.4 s, over and over: a teacher restarting under load."""
+    """Up 1.5 s, refusing connections 0.4 s, answering 503 0.4 s, over and over: a teacher restarting under
+    load."""
     while not stop.is_set():
         for mode, seconds in (("forward", 1.5), ("refuse", 0.4), ("503", 0.4)):
             proxy.set(mode)
@@ -307,7 +314,8 @@ def test_opd_run_with_a_flapping_remote_teacher(teacher_server, tiny_models, loc
     out = tmp_path / "remote"
     stop = threading.Event()
     with FlakyProxy(url) as proxy:
-        proxy.fail_every = 3  # on a fast machine the job may slip between the timed outages: make some certain
+        # on a fast machine the job may slip between the timed outages: make some certain
+        proxy.fail_every = 3
         flapper = threading.Thread(target=_flap, args=(proxy, stop), daemon=True)
         flapper.start()
         cfg = load_config(None, tiny_overrides(tiny_models, out, **{"teacher.url": proxy.url, "teacher.token_env": TOKEN_ENV,
@@ -319,7 +327,8 @@ def test_opd_run_with_a_flapping_remote_teacher(teacher_server, tiny_models, loc
             flapper.join(10)
     assert proxy.counts["503"] > 0 and proxy.counts["forward"] > 0  # the job did meet the outages
     assert summary["steps"] == 2
-    # The remote teacher's greedy answers through the flaps are the tiny teacher's own, recomputed on the HF engine.
+    # The remote teacher's greedy answers through the flaps are the tiny teacher's own, recomputed on the HF
+    # engine.
     held_out = load_prompts(cfg, AutoTokenizer.from_pretrained(cfg.models.student))[1]
     right = answered_right(tiny_models / "teacher", held_out, cfg.eval.max_new_tokens)
     assert summary["teacher_accuracy"] == sum(right) / len(right)

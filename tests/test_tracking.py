@@ -1,7 +1,8 @@
 """W&B (offline) and MLflow (file store) sinks driven by a real ``MetricsLogger``; no network.
 
-W&B's public API is online-only, so the offline run is read back from its ``.wandb`` transaction log: a LevelDB-style
-record log of ``wandb_internal_pb2.Record`` protobufs, parsed here with wandb's own protobuf classes.
+W&B's public API is online-only, so the offline run is read back from its ``.wandb`` transaction log: a
+LevelDB-style record log of ``wandb_internal_pb2.Record`` protobufs, parsed here with wandb's own protobuf
+classes.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def _wandb_runs(run_dir: Path) -> list[dict]:
 
 
 def _wandb_records(data: bytes, block: int = 32768):
-    # File header ":W&B" + magic + version (7 bytes); then 32 KiB blocks of chunks, each crc32(4) len(2) type(1).
+    # File header ":W&B" + magic + version (7 bytes); then 32 KiB blocks of chunks, each crc32(4) len(2)
+    # type(1).
     assert data[:4] == b":W&B"
     pos, partial = 7, b""
     while pos + 7 <= len(data):
@@ -84,7 +86,8 @@ def test_wandb_and_mlflow_offline_with_resume(tmp_path):
     logger.close()
 
     state = json.loads((run_dir / STATE_FILE).read_text())
-    assert state["mlflow"]["tracking_uri"] == (run_dir / "mlruns").resolve().as_uri()  # the default file store
+    # the default file store
+    assert state["mlflow"]["tracking_uri"] == (run_dir / "mlruns").resolve().as_uri()
     [wb] = _wandb_runs(run_dir)
     assert wb["id"] == state["wandb"]["id"]
     assert {"algorithm", "trainer", "verifiers"} <= wb["config"]
@@ -95,7 +98,8 @@ def test_wandb_and_mlflow_offline_with_resume(tmp_path):
     assert run.info.status == "FINISHED" and run.info.run_name == "first"
     assert run.data.params["trainer.lr"] == "0.0001" and run.data.params["verifiers"] == '["exact_answer"]'
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "reward")] == [(0, 0.0), (1, 0.1), (2, 0.2)]
-    assert [m.step for m in client.get_metric_history(run_id, "reward.path.v.py_fn")] == [0, 1, 2]  # file store: no '/', ':'
+    # file store: no '/', ':'
+    assert [m.step for m in client.get_metric_history(run_id, "reward.path.v.py_fn")] == [0, 1, 2]
     assert client.get_metric_history(run_id, "teacher_kl") == []
 
     # Resume from a checkpoint at step 2 with a changed config: both trackers append to the same runs.
@@ -106,13 +110,15 @@ def test_wandb_and_mlflow_offline_with_resume(tmp_path):
     logger.close()
 
     assert json.loads((run_dir / STATE_FILE).read_text()) == state
-    first, second = _wandb_runs(run_dir)  # offline: one directory per attempt, one run id (`wandb sync` merges)
+    # offline: one directory per attempt, one run id (`wandb sync` merges)
+    first, second = _wandb_runs(run_dir)
     assert second["id"] == first["id"]
     assert [h["_step"] for h in second["history"]] == [2, 3, 4]
     assert client.get_run(run_id).info.status == "FINISHED"
     history = [(m.step, m.value) for m in client.get_metric_history(run_id, "reward")]
     assert sorted(set(history)) == [(0, 0.0), (1, 0.1), (2, 0.2), (3, 0.3), (4, 0.4)]
-    assert client.get_run(run_id).data.params["trainer.total_steps"] == "4"  # params are immutable: the first value
+    # params are immutable: the first value
+    assert client.get_run(run_id).data.params["trainer.total_steps"] == "4"
     assert json.loads(Path(client.download_artifacts(run_id, "config.json", str(tmp_path))).read_text()) == resumed_cfg
     assert [json.loads(ln)["step"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3, 4]
 

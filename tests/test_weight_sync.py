@@ -51,5 +51,6 @@ def test_object_store_transfer_round_trips_buckets_dtypes_and_tied_tensors(local
     assert [k for k, _ in got] == list(state) and len(handle) == len(state)
     for k, v in got:
         assert v.dtype == state[k].dtype and torch.equal(v, state[k]), k
-    state["model.layers.0.mlp.weight"].add_(1.0)  # published values are a snapshot, not a view of the learner's tensors
+    # published values are a snapshot, not a view of the learner's tensors
+    state["model.layers.0.mlp.weight"].add_(1.0)
     assert not torch.equal(dict(transfer.receive(handle))["model.layers.0.mlp.weight"], state["model.layers.0.mlp.weight"])

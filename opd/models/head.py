@@ -1,8 +1,9 @@
 """The LM head applied to final hidden states the way the model's own forward applies it.
 
-Learners and scorers run the decoder once and the head only where a score is needed (response positions, a piece
-of a batch); this keeps their logits equal to ``model(...).logits`` at those positions, including the post-head
-scaling some architectures apply (Gemma-style final-logit soft-capping, Cohere-style ``logit_scale``).
+Learners and scorers run the decoder once and the head only where a score is needed (response positions, a
+piece of a batch); this keeps their logits equal to ``model(...).logits`` at those positions, including the
+post-head scaling some architectures apply (Gemma-style final-logit soft-capping, Cohere-style
+``logit_scale``).
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
-"""A forward over sequences that share prompts: each distinct prompt runs once and every response that follows it
-(a group's G samples) reads its keys and values from one cache, so only the response tokens run per sequence.
+"""A forward over sequences that share prompts: each distinct prompt runs once and every response that follows
+it (a group's G samples) reads its keys and values from one cache, so only the response tokens run per
+sequence.
 
-With chat templates the prompt is most of a sequence (SmolLM2's system turn alone is ~30 tokens): for G = 2 samples
-of 50-token prompts and 16-token answers the trunk runs 82 positions per prompt instead of 132. The hidden states
-equal those of one forward per sequence to float rounding, and gradients flow through the shared prompt pass into
-the weights as they would through each copy (tested against the plain forward, ``tests/test_learner.py``).
+With chat templates the prompt is most of a sequence (SmolLM2's system turn alone is ~30 tokens): for G = 2
+samples of 50-token prompts and 16-token answers the trunk runs 82 positions per prompt instead of 132. The
+hidden states equal those of one forward per sequence to float rounding, and gradients flow through the shared
+prompt pass into the weights as they would through each copy (tested against the plain forward,
+``tests/test_learner.py``).
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import torch
 
 @dataclass
 class SharedPrompts:
-    """A micro-batch laid out as distinct prompts (left-padded, so each ends at the last column) and the responses
-    that follow them (right-padded, each one's last token dropped: no output of it is ever read)."""
+    """A micro-batch laid out as distinct prompts (left-padded, so each ends at the last column) and the
+    responses that follow them (right-padded, each one's last token dropped: no output of it is ever read)."""
 
     prompt_ids_PL: torch.Tensor
     prompt_mask_PL: torch.Tensor
@@ -32,8 +34,8 @@ class SharedPrompts:
 
 
 def share_prompts(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> SharedPrompts | None:
-    """The shared layout, or None when no two sequences share a prompt (the plain forward is as cheap then) or a
-    response is empty (nothing follows its prompt)."""
+    """The shared layout, or None when no two sequences share a prompt (the plain forward is as cheap then) or
+    a response is empty (nothing follows its prompt)."""
     distinct: dict[tuple[int, ...], int] = {}
     index = [distinct.setdefault(tuple(p), len(distinct)) for p in prompt_ids]
     if len(distinct) == len(prompt_ids) or not all(response_ids):
@@ -58,8 +60,9 @@ def share_prompts(prompt_ids: list[list[int]], response_ids: list[list[int]], pa
 
 
 def shared_response_hidden(decoder, sp: SharedPrompts) -> torch.Tensor:
-    """Final hidden states at the position predicting each response token, [B, T, H]: the prompt pass's last position
-    for token 0, the response pass's positions for tokens 1.. (``decoder``: the model's decoder stack)."""
+    """Final hidden states at the position predicting each response token, [B, T, H]: the prompt pass's last
+    position for token 0, the response pass's positions for tokens 1.. (``decoder``: the model's decoder
+    stack)."""
     out = decoder(input_ids=sp.prompt_ids_PL, attention_mask=sp.prompt_mask_PL, position_ids=sp.prompt_pos_PL,
                   use_cache=True)
     first_B1H = out.last_hidden_state[:, -1][sp.index_B].unsqueeze(1)

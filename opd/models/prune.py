@@ -1,12 +1,14 @@
-"""Depth-pruned students: a checkpoint with a subset of its teacher's decoder layers (Minitron-style layer dropping).
+"""Depth-pruned students: a checkpoint with a subset of its teacher's decoder layers (Minitron-style layer
+dropping).
 
     opd prune models/smollm2 --keep-layers every:3 --out models/smollm2-L10      # 10 of 30 layers
     opd prune models/smollm2 --keep-layers 0-9,20-29 --out models/smollm2-L20
 
-The kept layers keep their weights, in order; embeddings, final norm and LM head are copied whole. The result is a
+The kept layers keep their weights, in order; embeddings, final norm and LM head are copied whole. The result
+is a
 ``save_pretrained`` directory (config, weights, tokenizer, chat template, generation config) built from the
-source's own config class with fewer layers, so every per-layer index (KV cache slots, ``layer_types``) is right by
-construction and vLLM, transformers and opd load it like any checkpoint.
+source's own config class with fewer layers, so every per-layer index (KV cache slots, ``layer_types``) is
+right by construction and vLLM, transformers and opd load it like any checkpoint.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ STAMP = "opd_prune.json"
 
 
 def parse_keep_layers(spec: str, num_layers: int) -> list[int]:
-    """``every:K``: ceil(L/K) layers evenly spaced from the first to the last (both kept: the input and output ends
-    matter most); otherwise a comma list of indices and ``a-b`` ranges (inclusive)."""
+    """``every:K``: ceil(L/K) layers evenly spaced from the first to the last (both kept: the input and output
+    ends matter most); otherwise a comma list of indices and ``a-b`` ranges (inclusive)."""
     where = f"--keep-layers {spec!r}"
     spec = spec.strip()
     if spec.startswith("every:"):
@@ -53,7 +55,8 @@ def parse_keep_layers(spec: str, num_layers: int) -> list[int]:
 
 
 def prune(src: Path, keep_layers: str, out_dir: Path, force: bool = False) -> dict:
-    """Write ``out_dir`` holding the layers ``keep_layers`` selects from checkpoint ``src``; returns the stamp."""
+    """Write ``out_dir`` holding the layers ``keep_layers`` selects from checkpoint ``src``; returns the
+    stamp."""
     from transformers import AutoConfig
 
     src, out_dir = Path(src), Path(out_dir)
@@ -95,7 +98,8 @@ def _write(src: Path, config, keep: list[int], dest: Path) -> int:
             state[f"{prefix}{new_index[int(old)]}.{rest}"] = tensor
     pruned = config.to_dict()
     pruned["num_hidden_layers"] = len(keep)
-    for key, value in list(pruned.items()):  # per-layer lists (attention kinds, sliding windows) follow the layers
+    # per-layer lists (attention kinds, sliding windows) follow the layers
+    for key, value in list(pruned.items()):
         if isinstance(value, list) and len(value) == config.num_hidden_layers and key != "architectures":
             pruned[key] = [value[i] for i in keep]
     new_config = type(config).from_dict(pruned)

@@ -1,7 +1,7 @@
 """Model directories that are complete or absent: built in a sibling directory, then renamed over the target.
 
-An interrupted build never leaves a valid-looking half of a checkpoint, and a finished one replaces the old one with
-at worst a moment where the target is absent, never mixed.
+An interrupted build never leaves a valid-looking half of a checkpoint, and a finished one replaces the old
+one with at worst a moment where the target is absent, never mixed.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 
 @contextmanager
 def building(out_dir: Path) -> Iterator[Path]:
-    """Yield an empty sibling of ``out_dir`` to build into; on success it replaces ``out_dir``, on error it is removed."""
+    """Yield an empty sibling of ``out_dir`` to build into; on success it replaces ``out_dir``, on error it is
+    removed."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -36,7 +37,8 @@ def building(out_dir: Path) -> Iterator[Path]:
 
 
 def read_stamp(out_dir: Path, name: str) -> dict | None:
-    """The JSON record a builder wrote last into ``out_dir`` (so its presence means the build finished), or None."""
+    """The JSON record a builder wrote last into ``out_dir`` (so its presence means the build finished), or
+    None."""
     try:
         return json.loads((Path(out_dir) / name).read_text())
     except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):

@@ -1,4 +1,5 @@
-"""What a run prints per step: a tqdm bar on a terminal; elsewhere (a Ray job's log, CI, ``nohup``) one compact line
+"""What a run prints per step: a tqdm bar on a terminal; elsewhere (a Ray job's log, CI, ``nohup``) one
+compact line
 per step, or one every ``min_interval_s`` for fast steps, with held-out results on lines of their own:
 
     step 12/60 | reward 0.0625 | acc 6.2% | teacher_kl 0.952 | 6.41 s/step | 198 tok/s | ETA 5m08s
@@ -38,8 +39,8 @@ def eval_line(label: str, metrics: dict) -> str:
 
 
 class Console:
-    """``bar``: tqdm (a terminal and progress wanted); otherwise lines on stdout, flushed at once so a job's log
-    shows them as they happen."""
+    """``bar``: tqdm (a terminal and progress wanted); otherwise lines on stdout, flushed at once so a job's
+    log shows them as they happen."""
 
     def __init__(self, total: int, start: int, bar: bool | None = None, min_interval_s: float = 0.0, out=None):
         self.out = out or sys.stdout

@@ -1,10 +1,11 @@
-"""opd's Grafana dashboard, built from the series table in ``opd.monitor.ray_metrics`` so the two cannot drift.
+"""opd's Grafana dashboard, built from the series table in ``opd.monitor.ray_metrics`` so the two cannot
+drift.
 
     python -m opd.monitor.grafana > docker/grafana/opd.json
 
-``docker/compose.yaml`` provisions the file next to Ray's own dashboards (which the Ray dashboard's Metrics tab
-embeds); ``tests/test_submit.py`` checks the committed file is this module's output and that every query in it
-returns data from a real Prometheus scraping a real job.
+``docker/compose.yaml`` provisions the file next to Ray's own dashboards (which the Ray dashboard's Metrics
+tab embeds); ``tests/test_submit.py`` checks the committed file is this module's output and that every query
+in it returns data from a real Prometheus scraping a real job.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from opd.monitor.ray_metrics import SPECS, STEP
 UID = "opd-run"
 _BY_NAME = {s.name: s for s in (*SPECS, STEP, *ROLE_SPECS)}
 
-# (row, panel title, unit, [series]); a role series is drawn per replica (rollout worker, rank, teacher, verifier)
+# (row, panel title, unit, [series]); a role series is drawn per replica (rollout worker, rank, teacher,
+# verifier)
 PANELS = (
     ("Learning", "Reward and accuracy (step)", "percentunit", ["opd_reward", "opd_accuracy"]),
     ("Learning", "Teacher KL (nats/token)", "none", ["opd_teacher_kl", "opd_eval_teacher_kl"]),
@@ -41,8 +43,9 @@ PANELS = (
 
 
 def query(spec: MetricSpec) -> tuple[str, str]:
-    """(PromQL, legend) of one series. ``max by`` folds the labels Ray adds (WorkerId, NodeAddress, SessionName):
-    a replaced actor reports under a new WorkerId, and the dashboard means the role, not the process."""
+    """(PromQL, legend) of one series. ``max by`` folds the labels Ray adds (WorkerId, NodeAddress,
+    SessionName): a replaced actor reports under a new WorkerId, and the dashboard means the role, not the
+    process."""
     per_replica = spec in ROLE_SPECS
     keys = "run, replica" if per_replica else "run"
     legend = "{{run}} " + spec.name.removeprefix("opd_") + (" {{replica}}" if per_replica else "")

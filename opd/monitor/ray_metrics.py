@@ -1,17 +1,21 @@
-"""opd's series as Ray custom metrics (``ray.util.metrics``): the Ray dashboard, its Prometheus export, Grafana.
+"""opd's series as Ray custom metrics (``ray.util.metrics``): the Ray dashboard, its Prometheus export,
+Grafana.
 
 Every series is named ``opd_*`` and tagged ``run`` (``run.name``; not ``job``, which Prometheus sets to the
-scrape job and would rename ours to ``exported_job``) and ``role``. Ray's exporter prefixes custom metrics with
+scrape job and would rename ours to ``exported_job``) and ``role``. Ray's exporter prefixes custom metrics
+with
 ``ray_`` (and adds ``WorkerId``, ``NodeAddress``, ``SessionName``), so Prometheus sees e.g.
 ``ray_opd_teacher_kl{run="demo",role="teacher"}`` on each node's ``--metrics-export-port``.
 
 Two kinds, one table each:
 
-- ``SPECS``: the step's summary, computed by the driver from what the roles returned (reward over the whole batch,
+- ``SPECS``: the step's summary, computed by the driver from what the roles returned (reward over the whole
+batch,
   the step's KL, throughput of the step's stage), recorded by ``RayMetricsSink`` once per step;
-- ``ROLE_SPECS`` (``opd.metrics``, below the roles): recorded by the role process that measures them, each tagged
-  ``replica`` (rollout worker index, learner rank, teacher name, verifier name), through ``RoleMetrics``, whenever
-  that role does its work.
+- ``ROLE_SPECS`` (``opd.metrics``, below the roles): recorded by the role process that measures them, each
+tagged
+  ``replica`` (rollout worker index, learner rank, teacher name, verifier name), through ``RoleMetrics``,
+  whenever that role does its work.
 
 Without an initialised Ray both record nothing. ``docker/grafana/opd.json`` draws these series.
 """
@@ -55,11 +59,11 @@ def metric_values(metrics: dict[str, float], specs: tuple[MetricSpec, ...] = SPE
 class RayMetricsSink:
     """The driver's per-step series (``SPECS``), tagged with the job name and role.
 
-    ``start`` records step 0's zeros (steps done, failures, restarts), so those series exist before the first step
-    ends. ``flush_on_close``: Ray exports a process's metrics every ``metrics_report_interval_ms`` (10 s by
-    default) and not at exit, so a driver that ends sooner after its last step never exports that step. On a
-    cluster that outlives the driver (``--address``, ``opd submit``) ``close`` therefore waits for one more export;
-    an embedded Ray goes down with the driver, so there it would only waste time.
+    ``start`` records step 0's zeros (steps done, failures, restarts), so those series exist before the first
+    step ends. ``flush_on_close``: Ray exports a process's metrics every ``metrics_report_interval_ms`` (10 s
+    by default) and not at exit, so a driver that ends sooner after its last step never exports that step. On
+    a cluster that outlives the driver (``--address``, ``opd submit``) ``close`` therefore waits for one more
+    export; an embedded Ray goes down with the driver, so there it would only waste time.
     """
 
     def __init__(self, job: str, flush_on_close: bool = False):

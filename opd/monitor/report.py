@@ -1,11 +1,12 @@
-"""``opd report RUN_DIR``: PNG curves and a markdown summary of a run's ``metrics.jsonl`` and ``summary.json``.
+"""``opd report RUN_DIR``: PNG curves and a markdown summary of a run's ``metrics.jsonl`` and
+``summary.json``.
 
     opd report runs/demo                              # writes runs/demo/report/report.md and its PNGs
     python -m opd.monitor.report runs/demo --out /tmp/demo-report
 
-Works on a finished run and on one still going or killed: ``summary.json`` may be absent, values may be null, and
-torn lines of ``metrics.jsonl`` (a driver killed mid-write) are skipped and counted. matplotlib (``dev`` extra) is
-imported only here, and without pyplot, so no global backend is touched.
+Works on a finished run and on one still going or killed: ``summary.json`` may be absent, values may be null,
+and torn lines of ``metrics.jsonl`` (a driver killed mid-write) are skipped and counted. matplotlib (``dev``
+extra) is imported only here, and without pyplot, so no global backend is touched.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Curves drawn together because they share a scale; every other numeric key goes into one grid of small panels.
+# Curves drawn together because they share a scale; every other numeric key goes into one grid of small
+# panels.
 PANELS = (
     ("reward_accuracy", "reward and accuracy", ("reward", "accuracy", "eval_accuracy")),
     ("teacher_kl", "teacher KL (nats/token)", ("teacher_kl", "eval_teacher_kl")),
@@ -50,7 +52,8 @@ class RunLog:
         return [s for s, _ in pairs], [v for _, v in pairs]
 
     def numeric_keys(self) -> list[str]:
-        """Keys with at least one finite number: the panels' keys in panel order, then the rest as first seen."""
+        """Keys with at least one finite number: the panels' keys in panel order, then the rest as first
+        seen."""
         keys = dict.fromkeys(k for r in self.records for k, v in r.items() if k != "step" and _is_number(v))
         return [k for k in GROUPED if k in keys] + [k for k in keys if k not in GROUPED]
 
@@ -77,7 +80,8 @@ def read_run(run_dir: Path) -> RunLog:
         except (ValueError, KeyError, TypeError):
             skipped.append(number)
             continue
-        by_step[step] = {**record, "step": step}  # a step logged twice keeps its last record, as a resume would
+        # a step logged twice keeps its last record, as a resume would
+        by_step[step] = {**record, "step": step}
     if not by_step:
         raise ReportError(f"{str(path)!r} has no readable records ({len(skipped)} unreadable lines)")
     log = RunLog(records=[by_step[s] for s in sorted(by_step)], skipped=skipped)
@@ -122,7 +126,8 @@ def plot_panels(log: RunLog, out_dir: Path, Figure) -> list[tuple[str, Path]]:
         curves = [(k, *log.series(k)) for k in keys if k in present]
         if not curves:
             continue
-        fig = Figure(figsize=(7, 3.5), layout="constrained")  # a Figure alone renders with Agg: no pyplot state
+        # a Figure alone renders with Agg: no pyplot state
+        fig = Figure(figsize=(7, 3.5), layout="constrained")
         _draw(fig.add_subplot(), title, curves)
         written.append((title, _save(fig, out_dir / f"{name}.png")))
     others = [k for k in present if k not in GROUPED]
@@ -138,8 +143,8 @@ def plot_panels(log: RunLog, out_dir: Path, Figure) -> list[tuple[str, Path]]:
 
 def _draw(ax, title: str, curves: list[tuple[str, list[int], list[float]]]) -> None:
     for i, (key, steps, values) in enumerate(curves):
-        # Sparse series (eval_accuracy every eval.every steps) need markers to be seen at all; line styles keep
-        # equal curves (reward and accuracy under a 0/1 verifier) both visible.
+        # Sparse series (eval_accuracy every eval.every steps) need markers to be seen at all; line styles
+        # keep equal curves (reward and accuracy under a 0/1 verifier) both visible.
         ax.plot(steps, values, linestyle=("-", "--", ":")[i % 3], marker="o" if len(steps) <= 30 else None,
                 markersize=3, label=key)
     ax.set(title=title, xlabel="step")
@@ -181,7 +186,8 @@ def metric_table(log: RunLog) -> list[str]:
 
 
 def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
-    """Write ``report.md`` and its PNG curves into ``out_dir`` (default ``RUN_DIR/report``); returns report.md's path.
+    """Write ``report.md`` and its PNG curves into ``out_dir`` (default ``RUN_DIR/report``); returns
+    report.md's path.
 
     Raises ReportError on input it cannot use (missing run dir, no readable metrics, matplotlib absent).
     """
@@ -209,7 +215,8 @@ def _write_report(run_dir: Path, out_dir: Path | None) -> tuple[Path, RunLog]:
 
 
 def main_report(run_dir: str, out: str | None) -> int:
-    """Entry point of ``opd report``: 0 and the report's path on stdout; 2 and a message on stderr on bad input."""
+    """Entry point of ``opd report``: 0 and the report's path on stdout; 2 and a message on stderr on bad
+    input."""
     try:
         report, log = _write_report(Path(run_dir), Path(out) if out else None)
     except ReportError as e:

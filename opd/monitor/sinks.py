@@ -1,5 +1,6 @@
 """Where per-step metrics go: ``metrics.jsonl`` (one JSON object per step), TensorBoard events, the console,
-Ray custom metrics (dashboard / Prometheus) when Ray is up, and W&B / MLflow when ``tracking.*`` enables them."""
+Ray custom metrics (dashboard / Prometheus) when Ray is up, and W&B / MLflow when ``tracking.*`` enables
+them."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ class MetricsLogger:
         tracking: TrackingConfig | None = None,  # W&B / MLflow sinks, when enabled there
         config: dict | None = None,  # the run's config dump: W&B config, MLflow params
         run_name: str | None = None,  # the tracker run's display name (default: the job name)
-        log_every_s: float = 0.0,  # off a terminal: at most one step line per this many seconds (0: every step)
+        # off a terminal: at most one step line per this many seconds (0: every step)
+        log_every_s: float = 0.0,
     ):
         from torch.utils.tensorboard import SummaryWriter
 
@@ -72,8 +74,9 @@ class MetricsLogger:
 
 
 def truncate_jsonl(path: Path, step: int) -> None:
-    """On resume, drop the lines of ``path`` (JSON objects with a ``step``) of steps from ``step`` on, so the log
-    holds each step exactly once. Written to a temporary file and renamed: a kill leaves the old file or the new."""
+    """On resume, drop the lines of ``path`` (JSON objects with a ``step``) of steps from ``step`` on, so the
+    log holds each step exactly once. Written to a temporary file and renamed: a kill leaves the old file or
+    the new."""
     if not path.exists():
         return
     # A driver killed mid-write leaves a torn last line; it belongs to a step after the checkpoint anyway.

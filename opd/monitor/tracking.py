@@ -1,12 +1,13 @@
-"""Experiment-tracker sinks: Weights & Biases and MLflow, driven by ``MetricsLogger`` when ``tracking.*`` enables them.
+"""Experiment-tracker sinks: Weights & Biases and MLflow, driven by ``MetricsLogger`` when ``tracking.*``
+enables them.
 
-Both run without network by default: W&B in offline mode writes under ``RUN_DIR/wandb`` (``wandb sync`` uploads it
-later) and MLflow writes a file store under ``RUN_DIR/mlruns``. The run ids are kept in ``RUN_DIR/tracking.json``
-so ``--resume`` appends to the same W&B / MLflow run instead of starting a new one.
+Both run without network by default: W&B in offline mode writes under ``RUN_DIR/wandb`` (``wandb sync``
+uploads it later) and MLflow writes a file store under ``RUN_DIR/mlruns``. The run ids are kept in
+``RUN_DIR/tracking.json`` so ``--resume`` appends to the same W&B / MLflow run instead of starting a new one.
 
-Failure policy: a tracker that cannot start is a configuration problem and stops the run with a ``ConfigError``
-naming the key; a tracker that fails while logging only warns, because ``metrics.jsonl`` is the source of truth and a
-flaky tracking server must not cost a training run.
+Failure policy: a tracker that cannot start is a configuration problem and stops the run with a
+``ConfigError`` naming the key; a tracker that fails while logging only warns, because ``metrics.jsonl`` is
+the source of truth and a flaky tracking server must not cost a training run.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ class MlflowTracker:
         uri = cfg.mlflow_tracking_uri or (run_dir / "mlruns").resolve().as_uri()
         file_store = urlparse(uri).scheme in ("", "file")
         if file_store:
-            # MLflow 3 refuses a file store unless told otherwise; a local, server-less store is the point here.
+            # MLflow 3 refuses a file store unless told otherwise; a local, server-less store is the point
+            # here.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         # The file store makes each '/' in a metric name a directory, so "reward" next to "reward/x" collides.
         self.slash = "." if file_store else "/"
@@ -84,7 +86,8 @@ class MlflowTracker:
         if run_id is not None:
             logged = self.client.get_run(run_id).data.params
             self.client.update_run(run_id, status="RUNNING")
-            # Params are immutable in MLflow: keep the first values; config.json below holds the resumed config.
+            # Params are immutable in MLflow: keep the first values; config.json below holds the resumed
+            # config.
             params = {k: v for k, v in params.items() if k not in logged}
         else:
             exp = self.client.get_experiment_by_name(cfg.mlflow_experiment)
@@ -121,7 +124,8 @@ class Trackers:
     def open(
         cls, cfg: TrackingConfig | None, run_dir: Path, *, run_name: str, config: dict | None, resume: bool
     ) -> Trackers:
-        """Start the trackers ``cfg`` enables; on ``resume`` reattach to the runs recorded in RUN_DIR/tracking.json."""
+        """Start the trackers ``cfg`` enables; on ``resume`` reattach to the runs recorded in
+        RUN_DIR/tracking.json."""
         if cfg is None or not (cfg.wandb or cfg.mlflow):
             return cls([])
         state_path = run_dir / STATE_FILE

@@ -1,7 +1,9 @@
 """Verifiers (TRL-style reward functions): a name registry, spec resolution and a Ray runner.
 
-``register``/``resolve``/``VerifierSpecError`` come from the Ray-free ``registry``, ``VerifierSpec`` from the Ray-free
-``spec``; ``VerifierRunner`` lives in ``runner``, which imports Ray, so it is loaded on first access. That keeps
+``register``/``resolve``/``VerifierSpecError`` come from the Ray-free ``registry``, ``VerifierSpec`` from the
+Ray-free
+``spec``; ``VerifierRunner`` lives in ``runner``, which imports Ray, so it is loaded on first access. That
+keeps
 ``import opd.rewards`` cheap for code (and Ray workers) that only registers or resolves verifiers.
 """
 

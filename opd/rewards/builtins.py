@@ -17,8 +17,8 @@ _DIGITS = re.compile(r"[0-9]+-?")
 def format_digits(prompts: list[str], completions: list[str], **_: object) -> list[float]:
     """1.0 when the completion's answer is only digits with an optional trailing '-', else 0.0.
 
-    A shaping reward for the reversed-digit arithmetic task: it pays for the answer *format* even when the value is
-    wrong, which gives a cold-start student a signal before it gets any answer exactly right.
+    A shaping reward for the reversed-digit arithmetic task: it pays for the answer *format* even when the
+    value is wrong, which gives a cold-start student a signal before it gets any answer exactly right.
     """
     return [1.0 if _DIGITS.fullmatch(parse_completion(c)) else 0.0 for c in completions]
 

@@ -1,34 +1,40 @@
-"""The ``code_exec`` verifier: runs model-written code against test cases in a sandbox (``opd.rewards.sandbox``).
+"""The ``code_exec`` verifier: runs model-written code against test cases in a sandbox
+(``opd.rewards.sandbox``).
 
-Score of a row = the fraction of its tests that pass. The code is the completion's last fenced ```python block (or
-the whole completion when it has none). Tests come from a dataset column (``tests`` unless ``tests_column`` says
+Score of a row = the fraction of its tests that pass. The code is the completion's last fenced ```python block
+(or the whole completion when it has none). Tests come from a dataset column (``tests`` unless
+``tests_column`` says
 otherwise), one cell per row, in any of these shapes:
 
-* a list of ``{"input": str, "output": str}``: each case is one sandboxed run with ``input`` on stdin; it passes when
+* a list of ``{"input": str, "output": str}``: each case is one sandboxed run with ``input`` on stdin; it
+passes when
   stdout equals ``output`` after stripping trailing whitespace (per line and at the end);
-* a string of Python ``assert`` statements: appended to the code and run once; each top-level ``assert`` is a test
+* a string of Python ``assert`` statements: appended to the code and run once; each top-level ``assert`` is a
+test
   (other statements in it, e.g. imports, are setup and run in order);
 * a list mixing both, or a JSON string holding either.
 
-A run that hits a sandbox limit (timeout, CPU, memory, processes, file size, disk, output) scores the whole row 0.0
-and skips its remaining tests: the budget of a row must not grow with the tests of a hostile solution. A malformed
-cell gives that row a ``ValueError`` naming it, which the runner records as that row's failure; so does an
-interpreter that dies of a crash signal (SIGSEGV, SIGBUS, SIGILL, SIGABRT): no verdict, rather than a wrong answer.
+A run that hits a sandbox limit (timeout, CPU, memory, processes, file size, disk, output) scores the whole
+row 0.0 and skips its remaining tests: the budget of a row must not grow with the tests of a hostile solution.
+A malformed cell gives that row a ``ValueError`` naming it, which the runner records as that row's failure; so
+does an interpreter that dies of a crash signal (SIGSEGV, SIGBUS, SIGILL, SIGABRT): no verdict, rather than a
+wrong answer.
 
-Before its first row in a process, ``code_exec`` runs a known-correct program in the same sandbox with the same
-limits (``self_test``): it imports common standard-library modules (and numpy when this interpreter has it) and
-must print the expected answer. If it does not, every call raises ``SandboxError``: a sandbox in which correct code
-fails would score every solution 0, a silently wrong reward. ``opd run`` calls each verifier once before Ray starts,
-so such a machine fails the job at once with exit code 2.
+Before its first row in a process, ``code_exec`` runs a known-correct program in the same sandbox with the
+same limits (``self_test``): it imports common standard-library modules (and numpy when this interpreter has
+it) and must print the expected answer. If it does not, every call raises ``SandboxError``: a sandbox in which
+correct code fails would score every solution 0, a silently wrong reward. ``opd run`` calls each verifier once
+before Ray starts, so such a machine fails the job at once with exit code 2.
 
 Config::
 
     verifiers:
       functions: [{name: code_exec, kwargs: {timeout_s: 5, memory_mb: 256, workers: 4}}]
 
-kwargs: ``tests_column``; ``workers`` (rows run at once, default 4); limits ``timeout_s`` (wall clock per run),
-``cpu_s``, ``memory_mb``, ``file_size_mb``, ``nproc``, ``nofile``, ``max_output_kb``, ``network``, ``view``, ``disk_mb``
-(see docs/sandbox.md).
+kwargs: ``tests_column``; ``workers`` (rows run at once, default 4); limits ``timeout_s`` (wall clock per
+run),
+``cpu_s``, ``memory_mb``, ``file_size_mb``, ``nproc``, ``nofile``, ``max_output_kb``, ``network``, ``view``,
+``disk_mb`` (see docs/sandbox.md).
 """
 
 from __future__ import annotations
@@ -103,8 +109,8 @@ def code_exec(prompts: list[str], completions: list[str], *, tests_column: str =
 
 @lru_cache(maxsize=8)
 def self_test(limits) -> str:
-    """Run a known-correct program under ``limits``; raise ``SandboxError`` unless it passes. Cached per process and
-    limits (a pass is returned as the modules it imported)."""
+    """Run a known-correct program under ``limits``; raise ``SandboxError`` unless it passes. Cached per
+    process and limits (a pass is returned as the modules it imported)."""
     from opd.rewards.sandbox import SandboxError, run_sandboxed
 
     modules = [*_SELF_TEST_MODULES, *(["numpy"] if find_spec("numpy") else [])]
@@ -126,7 +132,8 @@ def extract_code(completion: str) -> str:
 
 
 def parse_tests(cell: object) -> list[dict | str]:
-    """A cell as a list of ``{"input", "output"}`` dicts and assert-block strings; ValueError says what is wrong."""
+    """A cell as a list of ``{"input", "output"}`` dicts and assert-block strings; ValueError says what is
+    wrong."""
     if isinstance(cell, str) and cell.lstrip()[:1] in ("[", "{"):
         try:
             cell = json.loads(cell)
@@ -191,8 +198,8 @@ def _score_row(code: str, cases: list[dict | str], limits) -> float:
 def _run_asserts(code: str, units: list[str], limits):
     """Run the code, then each statement of the test string in the code's globals, each under its own try.
 
-    The verdicts come back on the last stdout line behind a per-run random tag, so printing "ok" does not pass;
-    code that reads its own file can still find the tag: asserts run in-process are not proof against a
+    The verdicts come back on the last stdout line behind a per-run random tag, so printing "ok" does not
+    pass; code that reads its own file can still find the tag: asserts run in-process are not proof against a
     solution that attacks its harness (input/output cases compare what the code printed instead).
     """
     from opd.rewards.sandbox import run_sandboxed

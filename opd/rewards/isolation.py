@@ -1,15 +1,19 @@
 """The sandbox's private view of the system: a bubblewrap command line and a seccomp filter.
 
-* ``bwrap_argv``: with ``bwrap`` (Debian's ``bubblewrap``) on PATH, every run gets its own mount, PID, IPC, UTS and
-  network namespaces: the host filesystem read-only, fresh size-capped tmpfs on ``/tmp`` and ``/dev/shm`` (thrown
-  away with the run; the working directory lives in the ``/tmp`` one, so the quota covers everything it can write),
-  ``/run`` and ``/var/tmp`` empty, its own ``/proc``. A directory on the interpreter's path that other users cannot
-  traverse (a Python under a 0700 ``/root``) is replaced by an empty tmpfs with only the interpreter bound into it,
-  so the sandbox's uid can read its standard library and nothing else there.
-* ``seccomp_program``: a classic-BPF filter the child installs (with ``no_new_privs``) right before the code runs:
-  no new user namespaces (``unshare``/``clone`` with ``CLONE_NEWUSER``, ``setns``; ``clone3`` answers ENOSYS so libc
-  falls back to ``clone``, whose flags the filter can read), no ``AF_UNIX`` sockets (host daemons' sockets are
-  reachable wherever their files are, whatever the mount flags), and no x32 system calls (a second syscall table).
+* ``bwrap_argv``: with ``bwrap`` (Debian's ``bubblewrap``) on PATH, every run gets its own mount, PID, IPC,
+UTS and
+  network namespaces: the host filesystem read-only, fresh size-capped tmpfs on ``/tmp`` and ``/dev/shm``
+  (thrown away with the run; the working directory lives in the ``/tmp`` one, so the quota covers everything
+  it can write),
+  ``/run`` and ``/var/tmp`` empty, its own ``/proc``. A directory on the interpreter's path that other users
+  cannot traverse (a Python under a 0700 ``/root``) is replaced by an empty tmpfs with only the interpreter
+  bound into it, so the sandbox's uid can read its standard library and nothing else there.
+* ``seccomp_program``: a classic-BPF filter the child installs (with ``no_new_privs``) right before the code
+runs:
+  no new user namespaces (``unshare``/``clone`` with ``CLONE_NEWUSER``, ``setns``; ``clone3`` answers ENOSYS
+  so libc falls back to ``clone``, whose flags the filter can read), no ``AF_UNIX`` sockets (host daemons'
+  sockets are reachable wherever their files are, whatever the mount flags), and no x32 system calls (a second
+  syscall table).
 """
 
 from __future__ import annotations
@@ -36,8 +40,8 @@ _ERRNO = 0x00050000  # | errno
 EPERM, ENOSYS = 1, 38
 _X32_BIT = 0x40000000
 SANDBOX_ROOT = "/tmp/work"
-# Replaced by empty tmpfs in the view: /tmp and /dev/shm (size-capped, writable), /run and /var/tmp (where host
-# daemons keep sockets and state)
+# Replaced by empty tmpfs in the view: /tmp and /dev/shm (size-capped, writable), /run and /var/tmp (where
+# host daemons keep sockets and state)
 _MASKED = ("/tmp", "/dev/shm", "/run", "/var/tmp")
 logger = logging.getLogger(__name__)  # the run's working directory inside the bubblewrap view
 
@@ -47,7 +51,8 @@ def seccomp_program(machine: str | None = None) -> bytes | None:
     if (machine or os.uname().machine) not in _ARCH:
         return None
     arch, nr = _ARCH[machine or os.uname().machine]
-    # seccomp_data: int nr @0, u32 arch @4, u64 ip @8, u64 args[6] @16 (args[0]'s low word first: little-endian).
+    # seccomp_data: int nr @0, u32 arch @4, u64 ip @8, u64 args[6] @16 (args[0]'s low word first:
+    # little-endian).
     prog = [(_LD_W_ABS, 0, 0, 4), (_JEQ, 1, 0, arch), (_RET, 0, 0, _KILL), (_LD_W_ABS, 0, 0, 0),
             (_JGE, 0, 1, _X32_BIT), (_RET, 0, 0, _ERRNO | EPERM),
             (_JEQ, 0, 1, nr["clone3"]), (_RET, 0, 0, _ERRNO | ENOSYS),
@@ -62,8 +67,9 @@ def seccomp_program(machine: str | None = None) -> bytes | None:
 
 @lru_cache(maxsize=1)
 def bwrap_path() -> str | None:
-    """``bwrap`` when it is installed and can make its namespaces here (a container's seccomp profile or a kernel
-    without unprivileged user namespaces can forbid them), else None: the sandbox then runs without the view."""
+    """``bwrap`` when it is installed and can make its namespaces here (a container's seccomp profile or a
+    kernel without unprivileged user namespaces can forbid them), else None: the sandbox then runs without the
+    view."""
     bw = shutil.which("bwrap", path=os.environ.get("PATH", "") + ":/usr/bin:/bin")
     if bw is None:
         return None
@@ -94,13 +100,14 @@ def interpreter_dirs(python: str) -> list[str]:
     ``sys.prefix`` and the Python it was made from)."""
     dirs = sorted({os.path.realpath(d) for d in (os.path.dirname(os.path.realpath(python)), sys.prefix,
                                                    sys.base_prefix, os.path.dirname(python))})
-    return [d for d in dirs if not any(d.startswith(o + "/") for o in dirs)]  # a directory inside another goes with it
+    # a directory inside another goes with it
+    return [d for d in dirs if not any(d.startswith(o + "/") for o in dirs)]
 
 
 def bwrap_argv(python: str, main_py: str, disk_mb: int, root: bool) -> list[str] | None:
-    """The ``bwrap`` command line that runs ``python`` in the private view (None without bwrap). ``main_py`` is bound
-    read-only into the view's working directory; ``root``: the caller is root (the child drops to its own uid
-    inside, which needs CAP_SETUID/CAP_SETGID until then; bwrap otherwise drops every capability)."""
+    """The ``bwrap`` command line that runs ``python`` in the private view (None without bwrap). ``main_py``
+    is bound read-only into the view's working directory; ``root``: the caller is root (the child drops to its
+    own uid inside, which needs CAP_SETUID/CAP_SETGID until then; bwrap otherwise drops every capability)."""
     bw = bwrap_path()
     if bw is None:
         return None

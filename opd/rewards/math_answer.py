@@ -1,13 +1,14 @@
-"""The ``math_answer`` verifier: ``math-verify`` equivalence of a completion's final answer and the ground truth.
+"""The ``math_answer`` verifier: ``math-verify`` equivalence of a completion's final answer and the ground
+truth.
 
 ``\\boxed{1/2}``, ``0.5``, ``\\frac{1}{2}`` and ``x = 1/2`` are all the same answer; so are ``\\{1, 2\\}`` and
 ``\\{2, 1\\}``, or ``x^2+2x+1`` and ``(x+1)^2``. The gold answer comes from the dataset column ``answer``.
 
-Threads: math-verify bounds each parse/compare with ``signal.alarm``, which only works on the main thread, and the
-verifier hosts run every call on a worker thread. Off the main thread the signal timeouts are turned off and the
-runner's per-call deadline (``verifiers.timeout_s``) is the bound instead: a pathological expression that hangs
-sympy costs its chunk, and the host holding it is replaced. On the main thread (a direct call, a notebook) the
-signal timeouts stay on.
+Threads: math-verify bounds each parse/compare with ``signal.alarm``, which only works on the main thread, and
+the verifier hosts run every call on a worker thread. Off the main thread the signal timeouts are turned off
+and the runner's per-call deadline (``verifiers.timeout_s``) is the bound instead: a pathological expression
+that hangs sympy costs its chunk, and the host holding it is replaced. On the main thread (a direct call, a
+notebook) the signal timeouts stay on.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ def math_answer(
 ) -> list[float | ValueError]:
     """1.0 when the completion's final answer equals the row's ``answer`` mathematically, else 0.0.
 
-    A completion with no parseable answer scores 0.0 (the model's fault). A gold answer that does not parse is the
-    dataset's fault, not the model's: that row gets a ``ValueError`` quoting the gold text, which the
+    A completion with no parseable answer scores 0.0 (the model's fault). A gold answer that does not parse is
+    the dataset's fault, not the model's: that row gets a ``ValueError`` quoting the gold text, which the
     runner records as the row's failure reason instead of a silent 0.
     """
     if answer is None:
@@ -52,8 +53,8 @@ def math_answer(
 def _parse_gold(parse, gold_text: object, timeout: int | None) -> list:
     """The parsed gold answer, or [] when it has no mathematical value.
 
-    A bare gold such as ``2x+1`` or ``(1, 2)`` parsed as free text yields only its last number; read as LaTeX math
-    it is the whole expression, so a gold without its own delimiters is wrapped in ``$...$`` first.
+    A bare gold such as ``2x+1`` or ``(1, 2)`` parsed as free text yields only its last number; read as LaTeX
+    math it is the whole expression, so a gold without its own delimiters is wrapped in ``$...$`` first.
     """
     text = str(gold_text).strip()
     if not text:

@@ -1,6 +1,6 @@
-"""The pre-flight of a job's verifiers: each resolved (``opd.rewards.spec``), its signature bound to the dataset's
-columns and called on real held-out rows, judged by the rules a run judges each call by. ``opd.preflight`` runs it
-before Ray starts; each problem is a ``ConfigError`` line naming the key."""
+"""The pre-flight of a job's verifiers: each resolved (``opd.rewards.spec``), its signature bound to the
+dataset's columns and called on real held-out rows, judged by the rules a run judges each call by.
+``opd.preflight`` runs it before Ray starts; each problem is a ``ConfigError`` line naming the key."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ logger = logging.getLogger(__name__)
 
 
 def _call(fn, args: tuple, columns: dict, kwargs: dict, timeout_s: float) -> tuple[str, object]:
-    """("ok", value) | ("raised", exception) | ("timeout", None): one call on a daemon thread, so a verifier that
-    hangs delays the start by at most its deadline (the run's deadlines then handle it as a fault)."""
+    """("ok", value) | ("raised", exception) | ("timeout", None): one call on a daemon thread, so a verifier
+    that hangs delays the start by at most its deadline (the run's deadlines then handle it as a fault)."""
     from opd.rewards.runner import call_verifier
 
     box: dict = {}
@@ -37,10 +37,10 @@ def _call(fn, args: tuple, columns: dict, kwargs: dict, timeout_s: float) -> tup
 
 
 def check_verifiers(cfg, rows: Prompt | list[Prompt]) -> list:
-    """Every verifier of ``verifiers.functions`` resolved (``opd.rewards.spec``), its signature bound to ``(prompts,
-    completions, **columns, **kwargs)`` with this dataset's columns, and called once on ``rows`` (the first two
-    held-out rows) with their ground truths as the completions: the call must return one usable score per row, judged
-    by the rules the run judges each call by. Returns the functions."""
+    """Every verifier of ``verifiers.functions`` resolved (``opd.rewards.spec``), its signature bound to
+    ``(prompts, completions, **columns, **kwargs)`` with this dataset's columns, and called once on ``rows``
+    (the first two held-out rows) with their ground truths as the completions: the call must return one usable
+    score per row, judged by the rules the run judges each call by. Returns the functions."""
     rows = [rows] if isinstance(rows, Prompt) else list(rows)
     where = f"test row 0 ({rows[0].columns['prompt']!r})" if len(rows) == 1 else f"test rows 0-{len(rows) - 1}"
     columns = {k: [r.columns.get(k) for r in rows] for k in rows[0].columns if k != "prompt"}

@@ -4,8 +4,9 @@ A verifier is a TRL-style reward function::
 
     fn(prompts: list[str], completions: list[str], **columns) -> list[float | None]
 
-``columns`` are the dataset columns as lists aligned with ``prompts`` (e.g. ``answer=[...]``); the function may be
-sync or ``async def``. Keeping the contract identical to TRL means reward functions written for TRL drop in as-is.
+``columns`` are the dataset columns as lists aligned with ``prompts`` (e.g. ``answer=[...]``); the function
+may be sync or ``async def``. Keeping the contract identical to TRL means reward functions written for TRL
+drop in as-is.
 
 A spec string is one of:
 
@@ -13,8 +14,8 @@ A spec string is one of:
 * ``package.module:function`` (imported; ``function`` may be dotted, e.g. ``Class.method``),
 * ``path/to/file.py:function`` (loaded from the file; a relative path is taken against the current directory).
 
-This module stays free of Ray (and torch) so configs can be checked and verifiers unit-tested without a cluster;
-running them is ``opd.rewards.runner``'s job.
+This module stays free of Ray (and torch) so configs can be checked and verifiers unit-tested without a
+cluster; running them is ``opd.rewards.runner``'s job.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from collections.abc import Callable
 
 Verifier = Callable[..., object]
 
-# Set on modules loaded by path: such modules are not importable by name in a Ray worker, so the runner ships them
-# by value (cloudpickle) instead of by reference.
+# Set on modules loaded by path: such modules are not importable by name in a Ray worker, so the runner ships
+# them by value (cloudpickle) instead of by reference.
 FILE_MODULE_MARK = "__opd_verifier_file__"
 
 _REGISTRY: dict[str, Verifier] = {}
@@ -43,8 +44,9 @@ class VerifierSpecError(ValueError):
 def register(name: str) -> Callable[[Verifier], Verifier]:
     """Decorator adding ``fn`` to the registry under ``name``; returns ``fn`` unchanged.
 
-    Registering a different function under a taken name is an error (two plugins silently overriding each other
-    would change the reward without anyone noticing); re-registering the same function (a module reload) is fine.
+    Registering a different function under a taken name is an error (two plugins silently overriding each
+    other would change the reward without anyone noticing); re-registering the same function (a module reload)
+    is fine.
     """
     if not isinstance(name, str) or not name or ":" in name:
         raise VerifierSpecError(f"verifier name must be a non-empty string without ':', got {name!r}")
@@ -100,7 +102,8 @@ def resolve(spec: str) -> Verifier:
 
 
 def file_spec(spec: str) -> tuple[str, str] | None:
-    """``(path, function)`` when ``spec`` names a function in a file (``path/to/file.py:function``), else None."""
+    """``(path, function)`` when ``spec`` names a function in a file (``path/to/file.py:function``), else
+    None."""
     target, _, attr = spec.strip().rpartition(":")
     if target and attr and (target.endswith(".py") or "/" in target or os.sep in target):
         return target, attr

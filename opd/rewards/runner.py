@@ -1,9 +1,10 @@
-"""Run the configured verifiers in long-lived host actors and fold their scores into one ``opd.types.Rewards``.
+"""Run the configured verifiers in long-lived host actors and fold their scores into one
+``opd.types.Rewards``.
 
-Why separate processes: a verifier is arbitrary user code (it may hang, crash or leak), so it must not run inside
-the training driver. Calls go, one per (verifier, chunk), to a small pool of long-lived verifier host actors
-(``verifiers.num_workers``); a host holding a call still running at the deadline is killed and replaced, so a stuck
-chunk costs only its own rows while the rest of the batch still scores.
+Why separate processes: a verifier is arbitrary user code (it may hang, crash or leak), so it must not run
+inside the training driver. Calls go, one per (verifier, chunk), to a small pool of long-lived verifier host
+actors (``verifiers.num_workers``); a host holding a call still running at the deadline is killed and
+replaced, so a stuck chunk costs only its own rows while the rest of the batch still scores.
 
 Conventions:
 
@@ -11,7 +12,8 @@ Conventions:
 * the FIRST verifier is the correctness check: ``correct[i]`` is ``score_0[i] >= success_threshold``;
 * a verifier that fails on a row (raised, timed out, wrong-length list, None/non-finite/non-number, or an
   ``Exception`` instance in place of that row's score) scores 0.0 there
-  and the reason is recorded in ``Rewards.failures[uid]`` as ``"name: reason"`` (several joined with ``"; "``).
+  and the reason is recorded in ``Rewards.failures[uid]`` as ``"name: reason"`` (several joined with ``";
+  "``).
 """
 
 from __future__ import annotations
@@ -34,19 +36,21 @@ from opd.types import Rewards
 class _VerifierHost:
     """A long-lived process that runs verifier calls, each on its own thread.
 
-    Threads, so one hung call blocks only itself until the deadline; the whole process is then killed and replaced,
-    which is the only way to stop a Python thread. Long-lived, so no call pays a worker cold start against its
-    deadline: starting a Ray worker takes seconds on a busy 2-core machine, far more than scoring a batch.
+    Threads, so one hung call blocks only itself until the deadline; the whole process is then killed and
+    replaced, which is the only way to stop a Python thread. Long-lived, so no call pays a worker cold start
+    against its deadline: starting a Ray worker takes seconds on a busy 2-core machine, far more than scoring
+    a batch.
     """
 
     def ready(self) -> bool:
         return True
 
     def run(self, fn: Verifier, chunk: tuple[list, list, dict], kwargs: dict | None = None) -> tuple[bool, object]:
-        """Call one verifier on one chunk ``(prompts, completions, columns)``; returns (True, values) or (False, reason).
+        """Call one verifier on one chunk ``(prompts, completions, columns)``; returns (True, values) or
+        (False, reason).
 
-        Exceptions are caught here rather than surfacing as RayTaskError so the reason stays "Type: message" without
-        Ray's traceback wrapping.
+        Exceptions are caught here rather than surfacing as RayTaskError so the reason stays "Type: message"
+        without Ray's traceback wrapping.
         """
         prompts, completions, columns = chunk
         try:
@@ -58,8 +62,8 @@ class _VerifierHost:
 
 
 def call_verifier(fn: Verifier, prompts: list, completions: list, columns: dict, kwargs: dict | None = None):
-    """One verifier call the way a run makes it: columns and config kwargs as keyword arguments, a coroutine (an
-    async verifier) run to its result."""
+    """One verifier call the way a run makes it: columns and config kwargs as keyword arguments, a coroutine
+    (an async verifier) run to its result."""
     out = fn(prompts, completions, **columns, **(kwargs or {}))
     return asyncio.run(_await(out)) if inspect.isawaitable(out) else out
 
@@ -69,7 +73,8 @@ async def _await(awaitable):
 
 
 class _HostPool:
-    """The verifier hosts of this driver process, shared by every runner in it and rebuilt for a new Ray session."""
+    """The verifier hosts of this driver process, shared by every runner in it and rebuilt for a new Ray
+    session."""
 
     def __init__(self):
         self.hosts: list = []
@@ -77,7 +82,8 @@ class _HostPool:
 
     def get(self, n: int) -> list:
         ctx = ray.get_runtime_context()
-        session = f"{ctx.gcs_address}/{ctx.get_job_id()}"  # job ids repeat across clusters; the GCS address does not
+        # job ids repeat across clusters; the GCS address does not
+        session = f"{ctx.gcs_address}/{ctx.get_job_id()}"
         if session != self.session:
             self.hosts, self.session = [], session
         if len(self.hosts) < n:
@@ -95,8 +101,8 @@ class _HostPool:
 
 
 def _start_host():
-    # num_cpus=0: verifiers are light and the CPUs are reserved for the engines; they would otherwise queue behind
-    # them. max_concurrency: every chunk of a call runs at once, so a hung chunk delays no other.
+    # num_cpus=0: verifiers are light and the CPUs are reserved for the engines; they would otherwise queue
+    # behind them. max_concurrency: every chunk of a call runs at once, so a hung chunk delays no other.
     return ray.remote(_VerifierHost).options(num_cpus=0, max_concurrency=64, max_restarts=0).remote()
 
 
@@ -104,7 +110,8 @@ _POOL = _HostPool()
 
 
 class _Tally:
-    """Per verifier, each row's score and whether it failed; per row, the failure reasons in verifier order."""
+    """Per verifier, each row's score and whether it failed; per row, the failure reasons in verifier
+    order."""
 
     def __init__(self, names: list[str], n: int):
         self.names = names
@@ -166,7 +173,8 @@ class VerifierRunner:
     def score(
         self, uids: list[str], prompts: list[str], completions: list[str], columns: dict[str, list]
     ) -> Rewards:
-        """Score every row with every verifier; never raises for a misbehaving verifier (see module docstring)."""
+        """Score every row with every verifier; never raises for a misbehaving verifier (see module
+        docstring)."""
         if not ray.is_initialized():
             raise RuntimeError("VerifierRunner.score needs Ray: call ray.init() before scoring")
         n = len(uids)
@@ -191,8 +199,9 @@ class VerifierRunner:
                        failures=tally.failures(uids), verify_seconds=seconds)
 
     def _launch(self, prompts: list[str], completions: list[str], columns: dict[str, list]) -> dict:
-        """One call per (verifier, chunk), spread over the hosts. Each chunk goes into the object store once and is
-        shared by all verifiers (Ray resolves a top-level ObjectRef argument to its value); each function too."""
+        """One call per (verifier, chunk), spread over the hosts. Each chunk goes into the object store once
+        and is shared by all verifiers (Ray resolves a top-level ObjectRef argument to its value); each
+        function too."""
         n = len(prompts)
         chunks = [range(lo, min(lo + self.chunk_size, n)) for lo in range(0, n, self.chunk_size)]
         data = [ray.put((prompts[c.start : c.stop], completions[c.start : c.stop],
@@ -218,7 +227,8 @@ class VerifierRunner:
             call = calls[ref]
             try:
                 ok, payload = ray.get(ref)
-            except Exception as e:  # the host died (a verifier exited or crashed it), or fn could not be unpickled
+            # the host died (a verifier exited or crashed it), or fn could not be unpickled
+            except Exception as e:
                 if isinstance(e, ray.exceptions.RayActorError):
                     broken[id(call.host)] = call.host
                 cause = getattr(e, "cause", None) or e
@@ -232,7 +242,8 @@ class VerifierRunner:
 
 
 def _ship_by_value(fn: Verifier) -> None:
-    """Functions loaded from a file live in a module the Ray worker cannot import: pickle that module by value."""
+    """Functions loaded from a file live in a module the Ray worker cannot import: pickle that module by
+    value."""
     module = sys.modules.get(getattr(fn, "__module__", "") or "")
     if module is not None and getattr(module, FILE_MODULE_MARK, None):
         ray.cloudpickle.register_pickle_by_value(module)

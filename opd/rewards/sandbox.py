@@ -1,4 +1,5 @@
-"""Run untrusted (model-written) Python in a separate, resource-limited process: ``run_sandboxed(code, stdin)``.
+"""Run untrusted (model-written) Python in a separate, resource-limited process: ``run_sandboxed(code,
+stdin)``.
 
 What is in force (details and the gaps in ``docs/sandbox.md``):
 
@@ -6,20 +7,23 @@ What is in force (details and the gaps in ``docs/sandbox.md``):
   HOME and TMPDIR only) and a throw-away working directory that is deleted afterwards;
 * rlimits set in the child before any model code runs: CPU seconds, address space, file size, processes, open
   files, no core dumps;
-* when the parent is root, the child drops to a uid of its own (unique per run, no groups), so RLIMIT_NPROC binds
+* when the parent is root, the child drops to a uid of its own (unique per run, no groups), so RLIMIT_NPROC
+binds
   and the parent's files and ``/proc/<pid>/environ`` are off limits; at the end every process of that uid is
   killed, including ones that left the process group;
-* a private view of the system when bubblewrap is installed (``opd.rewards.isolation``): its own mount, PID, IPC
+* a private view of the system when bubblewrap is installed (``opd.rewards.isolation``): its own mount, PID,
+IPC
   and network namespaces, the host read-only, its own size-capped ``/tmp`` (the working directory) and
   ``/dev/shm``; else no network through a new network namespace (only a down loopback) when the kernel lets us
   make one, else an audit hook in the child that refuses sockets, process spawning and ctypes calls (not a
   boundary: see the docs). ``SandboxResult.network`` says which one a run had;
 * a seccomp filter, last before the code runs: no new user namespaces and no ``AF_UNIX`` sockets.
 
-Setup happens in a small bootstrap run by the child interpreter itself rather than in ``preexec_fn``: the verifier
-hosts are multi-threaded, and Python code between fork and exec can deadlock there.
+Setup happens in a small bootstrap run by the child interpreter itself rather than in ``preexec_fn``: the
+verifier hosts are multi-threaded, and Python code between fork and exec can deadlock there.
 
-Try it: ``python -c "from opd.rewards.sandbox import run_sandboxed; print(run_sandboxed('print(input()*2)', 'ab'))"``
+Try it: ``python -c "from opd.rewards.sandbox import run_sandboxed; print(run_sandboxed('print(input()*2)',
+'ab'))"``
 """
 
 from __future__ import annotations
@@ -60,9 +64,11 @@ class SandboxLimits:
     nproc: int = 8
     nofile: int = 64
     max_output_bytes: int = 64 * 1024
-    network: str = "auto"  # "auto": network namespace if possible, else the audit hook; "audit": always the hook
+    # "auto": network namespace if possible, else the audit hook; "audit": always the hook
+    network: str = "auto"
     python: str = ""  # interpreter to run; "" = the current one (sys.executable)
-    view: str = "auto"  # "auto": the private bubblewrap view when bwrap is installed (opd.rewards.isolation); "host": none
+    # "auto": the private bubblewrap view when bwrap is installed (opd.rewards.isolation); "host": none
+    view: str = "auto"
     disk_mb: int = 64  # bubblewrap view: size of its /tmp (the working directory) and of its /dev/shm
 
     def validate(self) -> SandboxLimits:
@@ -94,8 +100,8 @@ class SandboxLimits:
 
 @dataclass
 class SandboxResult:
-    """What one sandboxed run did. ``reason`` is None for a clean exit 0, else why it did not (first the cause that
-    ended it, then any limit its stderr shows, e.g. ``"timeout; processes"``)."""
+    """What one sandboxed run did. ``reason`` is None for a clean exit 0, else why it did not (first the cause
+    that ended it, then any limit its stderr shows, e.g. ``"timeout; processes"``)."""
 
     returncode: int | None  # exit status; None when killed by a signal
     signal: int | None
@@ -107,7 +113,8 @@ class SandboxResult:
     cpu_s: float
     timed_out: bool
     reason: str | None
-    network: str  # "bwrap" (the private view, its own network namespace), "netns", "userns+netns" or "audit-hook"
+    # "bwrap" (the private view, its own network namespace), "netns", "userns+netns" or "audit-hook"
+    network: str
     uid: int | None  # the per-run uid when the parent was root, else None (ran as the caller)
     pid: int  # the child's pid = its process group and session id
 
@@ -139,7 +146,8 @@ def run_sandboxed(code: str, stdin: str = "", *, limits: SandboxLimits | None = 
         raise SandboxError(f"sandbox setup failed: {run.setup.get('error') or stderr.strip()[-2000:]}")
     sig = os.WTERMSIG(run.status) if os.WIFSIGNALED(run.status) else None
     code_ = None if sig is not None else os.WEXITSTATUS(run.status)
-    if launch.view and code_ is not None and code_ > 128 and run.setup.get("network"):  # bwrap exits 128 + its signal
+    # bwrap exits 128 + its signal
+    if launch.view and code_ is not None and code_ > 128 and run.setup.get("network"):
         sig, code_ = code_ - 128, None
     cpu = run.rusage.ru_utime + run.rusage.ru_stime if run.rusage else 0.0
     too_big = out_size > limits.max_output_bytes
@@ -152,7 +160,8 @@ def run_sandboxed(code: str, stdin: str = "", *, limits: SandboxLimits | None = 
 
 
 def _stage(base: str, code: str, stdin: str, uid: int | None) -> tuple[str, list[str]]:
-    """The code's work directory (``main.py`` in it, owned by the sandbox user) and the stdin/stdout/stderr files."""
+    """The code's work directory (``main.py`` in it, owned by the sandbox user) and the stdin/stdout/stderr
+    files."""
     os.chmod(base, 0o711)  # the child may traverse to its workdir (HOME is an absolute path) but not list
     work = os.path.join(base, "work")
     os.mkdir(work, 0o700)
@@ -191,7 +200,8 @@ class _Launch:
 
     @classmethod
     def plan(cls, limits: SandboxLimits, python: str, work: str, uid: int | None) -> _Launch:
-        # The private view (bubblewrap) needs the network namespace it makes; network=audit asks for the fallback.
+        # The private view (bubblewrap) needs the network namespace it makes; network=audit asks for the
+        # fallback.
         view = bwrap_argv(python, os.path.join(work, "main.py"), limits.disk_mb, uid is not None) \
             if limits.view == "auto" and limits.network == "auto" else None
         seccomp = seccomp_program()
@@ -209,7 +219,8 @@ class _Launch:
         return cls(python, work, view, cfg, env, token, uid)
 
     def run(self, io_paths: list[str], wall_s: float) -> _Ran:
-        """Start the bootstrap in its own session, wait up to ``wall_s``, then kill whatever it left behind."""
+        """Start the bootstrap in its own session, wait up to ``wall_s``, then kill whatever it left
+        behind."""
         status_r, status_w = os.pipe()
         cfg = {**self.cfg, "status_fd": status_w}
         with open(io_paths[0], "rb") as fin, open(io_paths[1], "wb") as fout, open(io_paths[2], "wb") as ferr:
@@ -227,7 +238,8 @@ class _Launch:
             try:
                 status, rusage, timed_out = _wait(proc, wall_s)
             finally:
-                _killpg(proc.pid)  # first: the status pipe below reads to EOF, which a live bootstrap would hold
+                # first: the status pipe below reads to EOF, which a live bootstrap would hold
+                _killpg(proc.pid)
                 with os.fdopen(status_r, "rb") as f:  # the child closed it before running the code
                     setup = json.loads(f.read() or b"{}")
                 _kill_all(self.uid, setup.get("userns"), self.token)
@@ -283,10 +295,10 @@ def _killpg(pgid: int) -> None:
 def _kill_all(uid: int | None, userns: str | None, token: str) -> None:
     """Kill what the run left behind, including processes that called setsid() to leave its process group.
 
-    As root the run had a uid of its own: ``kill(-1)`` sent *as that uid* reaches all of them, and the kernel sends
-    it while fork is locked out, so a fork bomb cannot outrun it. Without root, the run's processes are recognised
-    by their user namespace, else by the marker in their initial environment; that sweep repeats until none is
-    left (RLIMIT_NPROC keeps them few).
+    As root the run had a uid of its own: ``kill(-1)`` sent *as that uid* reaches all of them, and the kernel
+    sends it while fork is locked out, so a fork bomb cannot outrun it. Without root, the run's processes are
+    recognised by their user namespace, else by the marker in their initial environment; that sweep repeats
+    until none is left (RLIMIT_NPROC keeps them few).
     """
     if uid is not None:
         subprocess.run(["/bin/sh", "-c", "kill -9 -1"], user=uid, group=uid, extra_groups=[], env={},
@@ -360,8 +372,9 @@ def _reason(code: int | None, sig: int | None, timed_out: bool, cpu: float, limi
 
 @lru_cache(maxsize=8)
 def _stdlib_world_readable(python: str) -> bool:
-    """Whether a uid other than ours can import the interpreter's stdlib (every directory up to it traversable by
-    'others'). When not (a pyenv under a 0700 /root), the child imports a set of common modules before it drops."""
+    """Whether a uid other than ours can import the interpreter's stdlib (every directory up to it traversable
+    by 'others'). When not (a pyenv under a 0700 /root), the child imports a set of common modules before it
+    drops."""
     try:
         out = subprocess.run([python, "-I", "-S", "-c", "import os; print(os.path.dirname(os.__file__))"],
                              capture_output=True, text=True, check=True, timeout=30).stdout.strip()

@@ -1,9 +1,10 @@
-"""The sandboxed child's bootstrap (``opd.rewards.sandbox``), kept as source text: the child interpreter runs it with
+"""The sandboxed child's bootstrap (``opd.rewards.sandbox``), kept as source text: the child interpreter runs
+it with
 ``python -I -c BOOT <json>`` before any model code."""
 
-# The child's bootstrap: runs as `python -I -c BOOT <json>`, sets the sandbox up, then runs main.py as __main__.
-# Order matters: the network namespace needs root (or a user namespace), so it comes before dropping the uid;
-# RLIMIT_NPROC comes after it, since a new user namespace restarts the process count.
+# The child's bootstrap: runs as `python -I -c BOOT <json>`, sets the sandbox up, then runs main.py as
+# __main__. Order matters: the network namespace needs root (or a user namespace), so it comes before dropping
+# the uid; RLIMIT_NPROC comes after it, since a new user namespace restarts the process count.
 BOOT = r"""
 import json, os, resource, sys
 _cfg = json.loads(sys.argv[1])
@@ -85,7 +86,8 @@ if _cfg["seccomp"]:  # last: no user namespaces, no AF_UNIX sockets from here on
     class _FProg(ctypes.Structure):
         _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
     _fp = _FProg(len(_prog.raw) // 8, ctypes.addressof(_prog))
-    if _libc.prctl(38, 1, 0, 0, 0) != 0 or _libc.prctl(22, 2, ctypes.byref(_fp), 0, 0) != 0:  # NO_NEW_PRIVS; SECCOMP
+    # NO_NEW_PRIVS; SECCOMP
+    if _libc.prctl(38, 1, 0, 0, 0) != 0 or _libc.prctl(22, 2, ctypes.byref(_fp), 0, 0) != 0:
         _fail(f"seccomp: errno {ctypes.get_errno()}")
     del _libc, _prog, _FProg, _fp
 _status.write(json.dumps({"network": _net, "userns": os.readlink("/proc/self/ns/user")

@@ -1,9 +1,9 @@
 """One verifier spec record and its one validation, used by the config, the pre-flight and the runner alike.
 
 ``VerifierSpec`` is an entry of ``verifiers.functions`` (pydantic validates it as a config entry) and what
-``VerifierRunner`` runs. ``spec_problems`` refuses what no run can use (no verifier, a name twice, a non-finite
-weight), ``resolve_specs`` turns names into functions, ``scores_problem`` and ``bad_value`` judge what a call
-returned. Each message names the dotted key. Free of Ray and torch.
+``VerifierRunner`` runs. ``spec_problems`` refuses what no run can use (no verifier, a name twice, a
+non-finite weight), ``resolve_specs`` turns names into functions, ``scores_problem`` and ``bad_value`` judge
+what a call returned. Each message names the dotted key. Free of Ray and torch.
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ def bad_value(value: object) -> str | None:
     """Why a single returned value is not a usable score, or None when it is."""
     if value is None:
         return "returned None"
-    if isinstance(value, Exception):  # a verifier's per-row error (e.g. math_answer on a gold it cannot parse)
+    # a verifier's per-row error (e.g. math_answer on a gold it cannot parse)
+    if isinstance(value, Exception):
         return f"{type(value).__name__}: {value}"
     if not isinstance(value, numbers.Real):
         return f"returned non-number {value!r} ({type(value).__name__})"

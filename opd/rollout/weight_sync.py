@@ -1,21 +1,24 @@
 """Moving student weights from the learner into running engines, behind one ``WeightTransfer`` interface.
 
-The backend used today is Ray's shared-memory object store (``ObjectStoreTransfer``): the learner puts its tensors
-as numpy arrays in buckets of about ``bucket_bytes`` (never one pickled blob of the whole model); an engine on the
-same node maps them zero-copy and copies each straight into its parameters, an engine on another node gets them by
-Ray's object transfer. A tensor that shares storage with another (a tied LM head) travels once and is handed to
-the engine under both names. The handle (``WeightBuckets``) is a small typed record of ObjectRefs and metadata that
-the driver forwards without touching the bytes, and that a replacement worker can be given again.
+The backend used today is Ray's shared-memory object store (``ObjectStoreTransfer``): the learner puts its
+tensors as numpy arrays in buckets of about ``bucket_bytes`` (never one pickled blob of the whole model); an
+engine on the same node maps them zero-copy and copies each straight into its parameters, an engine on another
+node gets them by Ray's object transfer. A tensor that shares storage with another (a tied LM head) travels
+once and is handed to the engine under both names. The handle (``WeightBuckets``) is a small typed record of
+ObjectRefs and metadata that the driver forwards without touching the bytes, and that a replacement worker can
+be given again.
 
-Engines take the tensors through the worker's own in-place ``reload_weights`` (``WeightReceiverExtension``), which
-runs every layer's weight loader (fusing q/k/v and gate/up as the engine stores them); calling the model's
-``load_weights`` directly fails on CPU. The extension method is deliberately not called ``update_weights``: vLLM's
-native weight-transfer API owns that name, and is what GPU backends of this interface will use: an engine started
-with ``LLM(weight_transfer_config=WeightTransferConfig(backend="nccl"))`` (or ``"ipc"`` when colocated), whose
-workers expose ``init_weight_transfer_engine`` / ``start_weight_update`` / ``update_weights`` /
+Engines take the tensors through the worker's own in-place ``reload_weights`` (``WeightReceiverExtension``),
+which runs every layer's weight loader (fusing q/k/v and gate/up as the engine stores them); calling the
+model's
+``load_weights`` directly fails on CPU. The extension method is deliberately not called ``update_weights``:
+vLLM's native weight-transfer API owns that name, and is what GPU backends of this interface will use: an
+engine started with ``LLM(weight_transfer_config=WeightTransferConfig(backend="nccl"))`` (or ``"ipc"`` when
+colocated), whose workers expose ``init_weight_transfer_engine`` / ``start_weight_update`` /
+``update_weights`` /
 ``finish_weight_update`` (``vllm/v1/worker/gpu_worker.py``), fed by the trainer-side
-``NCCLTrainerWeightTransferEngine`` of ``vllm/distributed/weight_transfer/nccl_engine.py`` (``ipc_engine.py`` for
-CUDA IPC). Ray is imported inside the backend only: the learner module stays importable without it.
+``NCCLTrainerWeightTransferEngine`` of ``vllm/distributed/weight_transfer/nccl_engine.py`` (``ipc_engine.py``
+for CUDA IPC). Ray is imported inside the backend only: the learner module stays importable without it.
 """
 
 from __future__ import annotations
@@ -42,11 +45,13 @@ class TensorMeta:
 
 @dataclass(frozen=True)
 class WeightBuckets:
-    """A published set of weights: per bucket an ObjectRef of ``{name: uint8 array}`` and its tensors' metadata."""
+    """A published set of weights: per bucket an ObjectRef of ``{name: uint8 array}`` and its tensors'
+    metadata."""
 
     refs: list
     metas: list[list[TensorMeta]]
-    aliases: dict[str, list[str]] = field(default_factory=dict)  # name sent -> other names sharing its storage
+    # name sent -> other names sharing its storage
+    aliases: dict[str, list[str]] = field(default_factory=dict)
     nbytes: int = 0
 
     def __len__(self) -> int:
@@ -60,8 +65,8 @@ class WeightTransfer(Protocol):
 
 
 def whole(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: a shard of an FSDP2 learner (a DTensor) is gathered from every rank, so every rank calls
-    this for the same tensors in the same order; any other tensor is itself."""
+    """The whole tensor: a shard of an FSDP2 learner (a DTensor) is gathered from every rank, so every rank
+    calls this for the same tensors in the same order; any other tensor is itself."""
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
@@ -72,8 +77,8 @@ def gather_only(state: dict[str, torch.Tensor]) -> None:
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
-    """Tensors that are views of the same storage (tied embeddings) once, and the other names of each; a shard's
-    storage is its local slice."""
+    """Tensors that are views of the same storage (tied embeddings) once, and the other names of each; a
+    shard's storage is its local slice."""
     first: dict[tuple, str] = {}
     unique: dict[str, torch.Tensor] = {}
     aliases: dict[str, list[str]] = {}
@@ -100,7 +105,8 @@ class ObjectStoreTransfer:
         unique, aliases = _dedupe(state)
         refs, metas, bucket, meta, size, total = [], [], {}, [], 0, 0
         for name, t in unique.items():
-            t = whole(t).detach().to("cpu").contiguous()  # gathered one tensor at a time: a bucket at most is held
+            # gathered one tensor at a time: a bucket at most is held
+            t = whole(t).detach().to("cpu").contiguous()
             # As raw bytes: numpy has no bfloat16, and the receiver views them back as the recorded dtype.
             bucket[name] = t.view(-1).view(torch.uint8).numpy()
             meta.append(TensorMeta(name, str(t.dtype).removeprefix("torch."), tuple(t.shape)))
@@ -116,7 +122,8 @@ class ObjectStoreTransfer:
         return WeightBuckets(refs, metas, aliases, total)
 
     def receive(self, handle: WeightBuckets) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor) pairs, one bucket mapped at a time; the tensors are read-only views of the object store."""
+        """(name, tensor) pairs, one bucket mapped at a time; the tensors are read-only views of the object
+        store."""
         import ray
 
         for ref, metas in zip(handle.refs, handle.metas, strict=True):
@@ -135,8 +142,9 @@ TRANSFER = ObjectStoreTransfer()  # the backend this process uses (CPU placement
 
 
 class WeightReceiverExtension:
-    """Mixed into vLLM's worker class through ``LLM(worker_extension_cls=...)``. The engine runs in the actor's own
-    process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the iterator is handed over as it is, never serialised."""
+    """Mixed into vLLM's worker class through ``LLM(worker_extension_cls=...)``. The engine runs in the
+    actor's own process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the iterator is handed over as it is, never
+    serialised."""
 
     def opd_receive_weights(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
         # HF checkpoints with tied embeddings carry lm_head.weight too; vLLM's loader skips what it ties.
@@ -144,8 +152,8 @@ class WeightReceiverExtension:
 
 
 def write_adapter(files: dict[str, bytes], directory: Path) -> Path:
-    """Write a LoRA adapter's files (what the learner exports) into ``directory`` (created), complete before the
-    caller hands it to vLLM."""
+    """Write a LoRA adapter's files (what the learner exports) into ``directory`` (created), complete before
+    the caller hands it to vLLM."""
     missing = [n for n in ADAPTER_FILES if n not in files]
     if missing:
         raise ValueError(f"adapter is missing {missing}; got {sorted(files)}")

@@ -1,8 +1,8 @@
-"""RolloutWorker: an engine (vLLM; transformers with ``rollout.engine=hf``) that samples G answers per prompt and
-takes new weights from the learner.
+"""RolloutWorker: an engine (vLLM; transformers with ``rollout.engine=hf``) that samples G answers per prompt
+and takes new weights from the learner.
 
-After every weight load it re-scores a fixed probe sequence and compares with the learner's log-probs: a sync that
-silently failed (peers' costliest bug class) stops the run here, naming the weight version.
+After every weight load it re-scores a fixed probe sequence and compares with the learner's log-probs: a sync
+that silently failed (peers' costliest bug class) stops the run here, naming the weight version.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ class _RotaryReloadNotice(logging.Filter):
 
 def make_engine(engine: str, model_dir: str, *, seed: int, max_model_len: int | None, kv_cache_gib: float, dtype: str,
                 lora_rank: int = 0, **vllm_kw):
-    """``rollout.engine``: ``vllm`` (production) or ``hf`` (transformers, same protocol), for the rollout workers and
-    the local teachers alike. The hf engine keeps the torch thread count Ray gives the actor (OMP_NUM_THREADS = its
+    """``rollout.engine``: ``vllm`` (production) or ``hf`` (transformers, same protocol), for the rollout
+    workers and the local teachers alike. The hf engine keeps the torch thread count Ray gives the actor
+    (OMP_NUM_THREADS = its
     ``num_cpus``) and ignores the vLLM-only keywords."""
     if engine == "hf":
         if lora_rank:
@@ -63,7 +64,8 @@ class RolloutWorker:
     ) -> tuple[list[Sample], float]:
         """n samples per (prompt, epoch), in order. Per-draw seeds make rollouts reproducible on resume."""
         t0 = time.perf_counter()
-        seeds = [zlib.crc32(f"{seed}/{e}/{p.prompt_id}".encode()) for p, e in draws]  # stable across processes
+        # stable across processes
+        seeds = [zlib.crc32(f"{seed}/{e}/{p.prompt_id}".encode()) for p, e in draws]
         outs = self.engine.generate(
             [p.token_ids for p, _ in draws], n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seeds=seeds
         )
@@ -92,13 +94,14 @@ class RolloutWorker:
 
     def load_weights(self, weights: WeightBuckets, version: int, probe_ids: list[int], expected: list[float],
                      tolerance: float) -> float:
-        """Load version ``version`` (published by the learner through ``weight_sync.TRANSFER``) and verify it against
-        the learner's probe log-probs; returns the max difference."""
+        """Load version ``version`` (published by the learner through ``weight_sync.TRANSFER``) and verify it
+        against the learner's probe log-probs; returns the max difference."""
         self.engine.load_weights(TRANSFER.receive(weights))
         return self._probe("weight version", "weights", version, probe_ids, expected, tolerance)
 
     def load_adapter(self, files: dict[str, bytes], version: int, probe_ids: list[int], expected: list[float], tolerance: float) -> float:
-        """LoRA students: serve adapter ``version`` (its PEFT files) and verify it with the probe, as ``load_weights``."""
+        """LoRA students: serve adapter ``version`` (its PEFT files) and verify it with the probe, as
+        ``load_weights``."""
         self.engine.load_adapter(files, version)
         return self._probe("LoRA adapter version", "adapter", version, probe_ids, expected, tolerance)
 

@@ -1,4 +1,5 @@
-"""Embedded verifiable tasks that generate `datasets.Dataset` splits, and the user's own rows (``task.name=files``)."""
+"""Embedded verifiable tasks that generate `datasets.Dataset` splits, and the user's own rows
+(``task.name=files``)."""
 
 from __future__ import annotations
 

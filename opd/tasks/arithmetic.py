@@ -1,7 +1,7 @@
 """Embedded verifiable task: multi-digit addition with the answer written least-significant digit first.
 
-Writing the sum reversed lets a tiny causal model produce each digit from the two operand digits and the carry it
-has just written, which is what makes a ~1M-parameter teacher reach high accuracy in minutes on a CPU.
+Writing the sum reversed lets a tiny causal model produce each digit from the two operand digits and the carry
+it has just written, which is what makes a ~1M-parameter teacher reach high accuracy in minutes on a CPU.
 
     >>> row = make_row(123, 45, "+")
     >>> row["prompt"], row["answer"]

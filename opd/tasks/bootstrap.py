@@ -1,10 +1,11 @@
 """Train the teacher and the starting student from scratch, offline, on a CPU.
 
-On-policy distillation needs a teacher that solves the task and a student that does not yet: the gap between them
-is what the service closes. No model hub is reachable, so both are tiny Qwen2 models (the architecture vLLM serves)
-trained here by plain supervised fine-tuning. Everything is driven by step counts, seeds and checks on fixed rows,
-never by wall-clock budgets, so a spec gives the same checkpoints however busy the machine is. The result is cached
-under ``out_dir`` keyed by a hash of the spec, because the demo calls this on every start.
+On-policy distillation needs a teacher that solves the task and a student that does not yet: the gap between
+them is what the service closes. No model hub is reachable, so both are tiny Qwen2 models (the architecture
+vLLM serves) trained here by plain supervised fine-tuning. Everything is driven by step counts, seeds and
+checks on fixed rows, never by wall-clock budgets, so a spec gives the same checkpoints however busy the
+machine is. The result is cached under ``out_dir`` keyed by a hash of the spec, because the demo calls this on
+every start.
 """
 
 from __future__ import annotations
@@ -45,14 +46,16 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class SFTSpec:
-    """Step-driven schedule; ``stop_at_accuracy`` ends it at the first validation check that reaches the value.
+    """Step-driven schedule; ``stop_at_accuracy`` ends it at the first validation check that reaches the
+    value.
 
-    Stopping on measured accuracy rather than at a fixed step is what lands the student reliably in its "weak but
-    not zero" band: exact-match accuracy on addition jumps within a few hundred steps, and where that happens moves
-    with the seed and with the machine's floating-point rounding. It stays deterministic (greedy decode, fixed rows).
-    For the same reason a target can still be unmet when the schedule ends (the demo teacher, seed 0, on one CPU:
-    85 % after 3,000 steps, the jump under way): ``extend_steps`` more run at the schedule's final rate, and only
-    while the target is unmet, so a run that meets it within ``steps`` is unchanged.
+    Stopping on measured accuracy rather than at a fixed step is what lands the student reliably in its "weak
+    but not zero" band: exact-match accuracy on addition jumps within a few hundred steps, and where that
+    happens moves with the seed and with the machine's floating-point rounding. It stays deterministic (greedy
+    decode, fixed rows).
+    For the same reason a target can still be unmet when the schedule ends (the demo teacher, seed 0, on one
+    CPU: 85 % after 3,000 steps, the jump under way): ``extend_steps`` more run at the schedule's final rate,
+    and only while the target is unmet, so a run that meets it within ``steps`` is unchanged.
     """
 
     steps: int  # the cosine schedule's length, and the most steps run without a target
@@ -66,13 +69,15 @@ class SFTSpec:
     extend_steps: int = 0  # steps past ``steps``, at the final rate, while ``stop_at_accuracy`` is unmet
 
     def most_steps(self, validating: bool) -> int:
-        """Extension steps run only where a target is checked: without one they would only train past the schedule."""
+        """Extension steps run only where a target is checked: without one they would only train past the
+        schedule."""
         return self.steps + (self.extend_steps if validating and self.stop_at_accuracy is not None else 0)
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """``build_dataset`` arguments; the last ``num_val`` train rows are kept out of training for the stop checks."""
+    """``build_dataset`` arguments; the last ``num_val`` train rows are kept out of training for the stop
+    checks."""
 
     num_train: int = 40000
     num_test: int = 500
@@ -110,7 +115,8 @@ class BootstrapSpec:
 
 
 def demo_spec() -> BootstrapSpec:
-    """~1M-parameter teacher near 100 %; ~0.2M student stopped on its way up, at a weak but non-zero accuracy."""
+    """~1M-parameter teacher near 100 %; ~0.2M student stopped on its way up, at a weak but non-zero
+    accuracy."""
     return BootstrapSpec(
         task=TaskSpec(num_train=40000, num_test=500, num_val=500, max_digits_a=3, max_digits_b=2),
         teacher=ModelSpec(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512),
@@ -179,7 +185,8 @@ def render_prompt(tokenizer, prompt: str) -> str:
 
 
 def _prompt_renderer(tokenizer):
-    """``render_prompt`` as string concatenation: Jinja per row costs more than the training on 50k rows does."""
+    """``render_prompt`` as string concatenation: Jinja per row costs more than the training on 50k rows
+    does."""
     marker = "\x00PROMPT\x00"
     head, found, tail = render_prompt(tokenizer, marker).partition(marker)
     if not found:  # a template that rewrites its content: render every row
@@ -188,11 +195,13 @@ def _prompt_renderer(tokenizer):
 
 
 def _rows(rows: Iterable[Mapping]) -> list[Mapping]:
-    return rows.to_list() if hasattr(rows, "to_list") else list(rows)  # iterating a Dataset row by row is slow
+    # iterating a Dataset row by row is slow
+    return rows.to_list() if hasattr(rows, "to_list") else list(rows)
 
 
 def sft_example(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one example: only the answer and its end token are learned, the prompt is given."""
+    """(input_ids, labels) of one example: only the answer and its end token are learned, the prompt is
+    given."""
     return _sft_examples(tokenizer, [{"prompt": prompt, "answer": answer}])[0]
 
 
@@ -222,7 +231,8 @@ def _lr_factor(step: int, spec: SFTSpec) -> float:
 
 def sft(model, tokenizer, train_rows: Iterable[Mapping], spec: SFTSpec, seed: int = 0, name: str = "model",
         num_threads: int = 2, val_rows: Iterable[Mapping] | None = None) -> dict:
-    """AdamW on the response tokens; returns steps run, final smoothed loss, seconds and the validation curve."""
+    """AdamW on the response tokens; returns steps run, final smoothed loss, seconds and the validation
+    curve."""
     with _threads(num_threads):
         return _sft(model, tokenizer, train_rows, spec, seed, name, _rows(val_rows or []))
 
@@ -243,8 +253,8 @@ def _sft(model, tokenizer, train_rows, spec: SFTSpec, seed: int, name: str, val_
         batch = order[cursor : cursor + spec.batch_size]
         cursor += spec.batch_size
         width = int(lengths[batch].max())
-        # Pads sit only at the right end and attention is causal, so no pad can influence a real token: leaving
-        # attention_mask out is exact, and keeps SDPA on its fast is_causal path.
+        # Pads sit only at the right end and attention is causal, so no pad can influence a real token:
+        # leaving attention_mask out is exact, and keeps SDPA on its fast is_causal path.
         loss = model(input_ids=ids[batch, :width], labels=labels[batch, :width]).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -293,7 +303,8 @@ def _evaluate(model, tokenizer, rows: list[Mapping], batch_size: int) -> float:
 
 
 def task_splits(task: TaskSpec) -> dict:
-    """train / val / test rows; val is the tail of ``build_dataset``'s train split, so test stays untouched."""
+    """train / val / test rows; val is the tail of ``build_dataset``'s train split, so test stays
+    untouched."""
     t = task
     data = build_dataset(t.num_train, t.num_test, t.max_digits_a, t.max_digits_b, tuple(t.ops), t.seed)
     n_fit = len(data["train"]) - task.num_val
@@ -338,7 +349,8 @@ def _train_role(role: str, spec: BootstrapSpec, tokenizer, data: dict, dest: Pat
 
 
 def bootstrap(out_dir: Path, spec: BootstrapSpec | None = None, force: bool = False, num_threads: int = 2) -> dict:
-    """Build (or reuse) ``out_dir/{teacher,student}`` and ``out_dir/bootstrap.json``; returns the json contents.
+    """Build (or reuse) ``out_dir/{teacher,student}`` and ``out_dir/bootstrap.json``; returns the json
+    contents.
 
     ``num_threads`` is not part of the spec hash: it changes speed, and otherwise only float rounding.
     """

@@ -1,7 +1,9 @@
-"""A user's own prompts: rows from JSON Lines, JSON, Parquet or CSV files, or a `datasets` ``save_to_disk`` directory.
+"""A user's own prompts: rows from JSON Lines, JSON, Parquet or CSV files, or a `datasets` ``save_to_disk``
+directory.
 
-Each row needs a prompt and a ground-truth answer (column names configurable); every other column is handed to the
-verifiers as a keyword argument, TRL style. A bad row is refused with its file and row number, before anything runs.
+Each row needs a prompt and a ground-truth answer (column names configurable); every other column is handed to
+the verifiers as a keyword argument, TRL style. A bad row is refused with its file and row number, before
+anything runs.
 
     task:
       name: files

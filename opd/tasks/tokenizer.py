@@ -1,9 +1,9 @@
 """Character-level tokenizer for the embedded arithmetic task.
 
-One token per character keeps every digit its own token, so a tiny model sees the column structure of an addition
-directly instead of having to learn how a BPE vocabulary happened to merge digit runs. Nothing comes from a model
-hub (the service must run offline), so the vocabulary is built here, deterministically: the same ids on every
-machine, which matters because teacher, student and vLLM must all agree on them.
+One token per character keeps every digit its own token, so a tiny model sees the column structure of an
+addition directly instead of having to learn how a BPE vocabulary happened to merge digit runs. Nothing comes
+from a model hub (the service must run offline), so the vocabulary is built here, deterministically: the same
+ids on every machine, which matters because teacher, student and vLLM must all agree on them.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ PAD, UNK, SYSTEM, USER, ASSISTANT, END = (
 )
 SPECIAL_TOKENS = [PAD, UNK, SYSTEM, USER, ASSISTANT, END]
 
-# Only the assistant turn is closed by <|end|>: that is the token generation stops on, and prompts end with a bare
-# <|assistant|> so the model's first sampled token is already the answer.
+# Only the assistant turn is closed by <|end|>: that is the token generation stops on, and prompts end with a
+# bare <|assistant|> so the model's first sampled token is already the answer.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}<|system|>{{ message['content'] }}"
@@ -42,8 +42,8 @@ def vocabulary() -> dict[str, int]:
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    # Split into single characters, keeping whitespace as tokens of its own: a space in a prompt must survive a
-    # decode, so no whitespace pre-tokenizer (it would drop spaces) and a plain concatenating decoder.
+    # Split into single characters, keeping whitespace as tokens of its own: a space in a prompt must survive
+    # a decode, so no whitespace pre-tokenizer (it would drop spaces) and a plain concatenating decoder.
     core = Tokenizer(models.WordLevel(vocab=vocabulary(), unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     core.decoder = decoders.Fuse()

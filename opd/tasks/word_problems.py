@@ -1,12 +1,14 @@
-"""Embedded task for real instruct models: short word problems with a numeric answer, scored by ``math_answer``.
+"""Embedded task for real instruct models: short word problems with a numeric answer, scored by
+``math_answer``.
 
     >>> row = make_row("take", 17, 14, "Ben", "shells")
     >>> row["prompt"], row["answer"]
     ('Ben has 17 shells and gives away 14. How many shells are left? Reply with only the final number.', '3')
 
 Sums and differences of two numbers up to ``task.max_operand``, in a few phrasings. SmolLM2-135M-Instruct gets
-about 45 % of them (it often slips on the arithmetic itself); a depth-pruned copy of it starts near zero, which is
-the gap on-policy distillation closes. The answer is the number; ``math_answer`` finds it in a free-text reply.
+about 45 % of them (it often slips on the arithmetic itself); a depth-pruned copy of it starts near zero,
+which is the gap on-policy distillation closes. The answer is the number; ``math_answer`` finds it in a
+free-text reply.
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ def _draw(rng: random.Random, max_operand: int, kinds: tuple[str, ...]) -> dict:
 
 def build_dataset(num_train: int, num_test: int, max_operand: int = 20, seed: int = 0,
                   kinds: tuple[str, ...] = tuple(TEMPLATES)) -> DatasetDict:
-    """Disjoint train/test splits of the phrasings ``kinds``: no test problem (phrasing, numbers, name, object)
-    appears in train."""
+    """Disjoint train/test splits of the phrasings ``kinds``: no test problem (phrasing, numbers, name,
+    object) appears in train."""
     if max_operand < 2:
         raise ValueError(f"task.max_operand must be at least 2, got {max_operand}")
     unknown = [k for k in kinds if k not in TEMPLATES]

@@ -1,1 +1,2 @@
-"""Teacher scoring: a narrow protocol (per-token log-probs of given tokens, optional top-k) and its implementations."""
+"""Teacher scoring: a narrow protocol (per-token log-probs of given tokens, optional top-k) and its
+implementations."""

@@ -1,7 +1,8 @@
 """The teacher server's JSON contract: pydantic request/response records and the checks a request must pass.
 
 Shared by the server (``opd.teacher.server``, which publishes them as its OpenAPI schema) and the client
-(``opd.teacher.http``). Pure pydantic: importable without Ray, FastAPI or vLLM, so the checks are unit-tested alone.
+(``opd.teacher.http``). Pure pydantic: importable without Ray, FastAPI or vLLM, so the checks are unit-tested
+alone.
 """
 
 from __future__ import annotations
@@ -10,13 +11,16 @@ from typing import Annotated
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-# Pydantic schema errors answer 422 (FastAPI's default); everything below answers 400 with the message naming the
-# field and row, because the request was well-formed JSON of the right shape but cannot be served by this model.
+# Pydantic schema errors answer 422 (FastAPI's default); everything below answers 400 with the message naming
+# the field and row, because the request was well-formed JSON of the right shape but cannot be served by this
+# model.
 
 
 def _json_integer(v: object) -> object:
-    """JSON Schema's "integer" (what ``/openapi.json`` promises): a number without a fractional part, 3 or 3.0. Not
-    ``true`` or ``"3"``, which pydantic's lax mode would otherwise read as ints (schemathesis caught ``true``)."""
+    """JSON Schema's "integer" (what ``/openapi.json`` promises): a number without a fractional part, 3 or
+    3.0. Not
+    ``true`` or ``"3"``, which pydantic's lax mode would otherwise read as ints (schemathesis caught
+    ``true``)."""
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise ValueError("must be a JSON integer")
     return v
@@ -103,7 +107,8 @@ def check_token_rows(field: str, rows: list[list[int]], vocab_size: int, max_len
 
 
 def check_score(req: ScoreRequest, vocab_size: int, max_model_len: int, max_logprobs: int) -> list[str]:
-    # vLLM scores a sequence as a prompt that must leave room for one generated token: at most max_model_len - 1.
+    # vLLM scores a sequence as a prompt that must leave room for one generated token: at most max_model_len -
+    # 1.
     seqs = req.sequences
     problems = check_token_rows("sequences[{}].token_ids", [s.token_ids for s in seqs], vocab_size, max_model_len - 1)
     for i, s in enumerate(seqs):
@@ -116,7 +121,8 @@ def check_score(req: ScoreRequest, vocab_size: int, max_model_len: int, max_logp
 
 def check_generate(req: GenerateRequest, vocab_size: int, max_model_len: int) -> list[str]:
     problems = check_token_rows("prompts[{}]", req.prompts, vocab_size, max_model_len - 1)
-    if req.max_tokens > max_model_len:  # the engine stops at max_model_len anyway; a bigger ask is a client bug
+    # the engine stops at max_model_len anyway; a bigger ask is a client bug
+    if req.max_tokens > max_model_len:
         problems.append(f"max_tokens: {req.max_tokens} exceeds this server's max model length ({max_model_len})")
     return problems
 
@@ -133,9 +139,10 @@ def check_reward(req: RewardRequest, vocab_size: int, max_model_len: int) -> lis
 
 
 def publish_limits(schema: dict, vocab_size: int, max_model_len: int, max_logprobs: int) -> dict:
-    """The OpenAPI ``schema`` of these records, tightened in place with one server's limits (the checks above), so a
-    client or fuzzer reading ``/openapi.json`` sees which ids, lengths and ``top_k`` this server takes. Limits that
-    span fields (``response_start`` <= sequence length, prompt + completion length) stay in the checks alone."""
+    """The OpenAPI ``schema`` of these records, tightened in place with one server's limits (the checks
+    above), so a client or fuzzer reading ``/openapi.json`` sees which ids, lengths and ``top_k`` this server
+    takes. Limits that span fields (``response_start`` <= sequence length, prompt + completion length) stay in
+    the checks alone."""
     models = schema.get("components", {}).get("schemas", {})
     row = {"type": "array", "minItems": 1, "maxItems": max_model_len - 1,
            "items": {"type": "integer", "minimum": 0, "maximum": vocab_size - 1}}

@@ -1,12 +1,15 @@
-"""``HTTPTeacher``: the teacher protocol over HTTP, against ``opd serve-teacher`` or any server speaking its JSON.
+"""``HTTPTeacher``: the teacher protocol over HTTP, against ``opd serve-teacher`` or any server speaking its
+JSON.
 
-    teacher = HTTPTeacher("http://127.0.0.1:8000", token=os.environ.get("OPD_TEACHER_TOKEN"), retry_deadline_s=300)
+    teacher = HTTPTeacher("http://127.0.0.1:8000", token=os.environ.get("OPD_TEACHER_TOKEN"),
+    retry_deadline_s=300)
     scores = teacher.score(samples, top_k=0)      # the same TeacherScores a local VLLMTeacher returns
 
-Connection errors, timeouts, 5xx, 408 and 429 answers are retried (scoring is idempotent) with capped, jittered
-exponential back-off until ``retry_deadline_s`` has passed since the request started; then ``TeacherServerError``
-names the URL, how long it tried and the last error. Any other 4xx is the caller's mistake and fails at once with the
-server's message. Used by the pipeline as the teacher actor when ``teacher.url`` is set (``teacher.retry_deadline_s``).
+Connection errors, timeouts, 5xx, 408 and 429 answers are retried (scoring is idempotent) with capped,
+jittered exponential back-off until ``retry_deadline_s`` has passed since the request started; then
+``TeacherServerError`` names the URL, how long it tried and the last error. Any other 4xx is the caller's
+mistake and fails at once with the server's message. Used by the pipeline as the teacher actor when
+``teacher.url`` is set (``teacher.retry_deadline_s``).
 """
 
 from __future__ import annotations
@@ -23,14 +26,15 @@ from opd.teacher.scorer import record_scored, scores_from_rows
 from opd.types import Sample, TeacherScores
 
 log = logging.getLogger(__name__)
-# The server (or a proxy in front of it) is restarting, overloaded or gone for now: worth another try. ChunkedEncoding
-# covers a connection cut mid-reply.
+# The server (or a proxy in front of it) is restarting, overloaded or gone for now: worth another try.
+# ChunkedEncoding covers a connection cut mid-reply.
 RETRY_ERRORS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 RETRY_STATUS = (408, 429)
 
 
 class TeacherServerError(RuntimeError):
-    """The teacher server refused a request (4xx) or stayed unreachable until the retry deadline; names the URL."""
+    """The teacher server refused a request (4xx) or stayed unreachable until the retry deadline; names the
+    URL."""
 
 
 class HTTPTeacher:
@@ -55,13 +59,15 @@ class HTTPTeacher:
         self.pool = ThreadPoolExecutor(max_workers=parallel_requests, thread_name_prefix="teacher-http")
         # Fail at start-up, not at the first step, when the server is unreachable or refuses the token.
         self.info = self.health()
-        self._request("POST", "/v1/score", {"sequences": [], "top_k": 0})  # /health is open; this checks the token
+        # /health is open; this checks the token
+        self._request("POST", "/v1/score", {"sequences": [], "top_k": 0})
 
     def health(self) -> Health:
         return Health.model_validate(self._request("GET", "/health"))
 
     def score(self, samples: list[Sample], top_k: int = 0, hidden: bool = False) -> TeacherScores:
-        if hidden:  # refused by the config check (opd.full_vocab_source=teacher needs a local teacher); a direct caller
+        # refused by the config check (opd.full_vocab_source=teacher needs a local teacher); a direct caller
+        if hidden:
             raise ValueError("a teacher server returns log-probs, not hidden states: run the teacher locally")
         t0 = time.perf_counter()
         n = self.sequences_per_request
@@ -87,7 +93,8 @@ class HTTPTeacher:
         attempt = 0
         while True:
             attempt += 1
-            # Connecting never waits past the deadline (a black-holed host); a slow reply gets the full timeout.
+            # Connecting never waits past the deadline (a black-holed host); a slow reply gets the full
+            # timeout.
             connect_s = min(self.timeout_s, max(deadline - time.monotonic(), 0.5))
             try:
                 r = requests.request(method, self.url + path, json=body, headers=self.headers,
@@ -99,7 +106,8 @@ class HTTPTeacher:
                 why = f"HTTP {r.status_code}: {_detail(r)}"
             except RETRY_ERRORS as e:
                 why = f"{type(e).__name__}: {e}"
-            except requests.JSONDecodeError as e:  # a 2xx that is not JSON: a proxy's page, or a reply cut short
+            # a 2xx that is not JSON: a proxy's page, or a reply cut short
+            except requests.JSONDecodeError as e:
                 why = f"reply is not JSON ({e}): {r.text[:200]!r}"
             left = deadline - time.monotonic()
             if left <= 0:
@@ -107,8 +115,8 @@ class HTTPTeacher:
                     f"{where} unreachable: gave up after {time.monotonic() - start:.1f} s and {attempt} attempts "
                     f"(retry deadline {self.retry_deadline_s:g} s, teacher.retry_deadline_s); last error: {why}"
                 )
-            # Capped exponential back-off with jitter, so many clients of one restarting server do not return in step;
-            # the last pause is cut short so one more attempt lands right at the deadline.
+            # Capped exponential back-off with jitter, so many clients of one restarting server do not return
+            # in step; the last pause is cut short so one more attempt lands right at the deadline.
             pause = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
             pause = min(pause, left)
             log.warning("%s: attempt %d failed (%s); retrying in %.2f s (%.0f s left before giving up)",

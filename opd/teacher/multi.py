@@ -6,9 +6,10 @@
     teacher:
       column: teacher                     # dataset column holding "code", or nothing for the default
 
-Each teacher is its own actor; a step's samples are split by teacher, scored in parallel and put back in batch order,
-so the learner sees one ``TeacherScores`` exactly as with a single teacher. ``Teachers`` lives in the driver and hands
-scoring off (``submit`` returns a ``TeacherCall`` at once); each actor behind it is an ``opd.teacher.scorer.Teacher``.
+Each teacher is its own actor; a step's samples are split by teacher, scored in parallel and put back in batch
+order, so the learner sees one ``TeacherScores`` exactly as with a single teacher. ``Teachers`` lives in the
+driver and hands scoring off (``submit`` returns a ``TeacherCall`` at once); each actor behind it is an
+``opd.teacher.scorer.Teacher``.
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ def unknown_teacher_rows(prompts: list[Prompt], column: str | None, names: set[s
 
 
 class TeacherCall:
-    """Scoring in flight on the teacher actors concerned (``PendingScores``); ``result()`` waits for every part and
-    gives the batch's ``TeacherScores`` in batch order."""
+    """Scoring in flight on the teacher actors concerned (``PendingScores``); ``result()`` waits for every
+    part and gives the batch's ``TeacherScores`` in batch order."""
 
     def __init__(self, samples: list[Sample], parts: dict[str, tuple[list[int], ObjectRef]], t0: float | None = None):
         self.samples, self.parts = samples, parts
-        self.t0 = time.perf_counter() if t0 is None else t0  # merged scores' seconds count from the first call issued
+        # merged scores' seconds count from the first call issued
+        self.t0 = time.perf_counter() if t0 is None else t0
 
     @classmethod
     def whole(cls, samples: list[Sample], ref: ObjectRef) -> TeacherCall:
@@ -62,7 +64,8 @@ class TeacherCall:
 
 
 class Teachers:
-    """The job's teacher actors by name: scoring split by each row's teacher (``submit``) and greedy answers."""
+    """The job's teacher actors by name: scoring split by each row's teacher (``submit``) and greedy
+    answers."""
 
     def __init__(self, actors: dict[str, object], column: str | None = None):
         if DEFAULT not in actors:
@@ -84,7 +87,8 @@ class Teachers:
         return TeacherCall(samples, parts, t0)
 
     def generate_greedy(self, prompts: list[Prompt], max_tokens: int) -> list[str]:
-        """Each prompt answered by its own teacher (the teacher accuracy a job reports is that of its teachers)."""
+        """Each prompt answered by its own teacher (the teacher accuracy a job reports is that of its
+        teachers)."""
         parts = self._split(prompts)
         refs = {name: self.actors[name].generate_greedy.remote([prompts[i].token_ids for i in idx], max_tokens) for name, idx in parts.items()}
         texts: list = [None] * len(prompts)

@@ -1,8 +1,8 @@
 """Teacher implementations behind one protocol: ``score(samples) -> TeacherScores``.
 
 ``VLLMTeacher`` scores with vLLM ``prompt_logprobs`` (temperature 1, ``max_tokens=1``); ``HTTPTeacher``
-(``opd.teacher.http``) asks a running ``opd serve-teacher`` for the same numbers. Both return the teacher's log-prob
-of every response token the student drew, and optional top-k.
+(``opd.teacher.http``) asks a running ``opd serve-teacher`` for the same numbers. Both return the teacher's
+log-prob of every response token the student drew, and optional top-k.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ def record_scored(samples: list[Sample], seconds: float) -> None:
 
 
 def scores_from_rows(samples: list[Sample], rows: list, top_k: int, seconds: float, hidden: bool = False) -> TeacherScores:
-    """One ``TeacherScores`` from per-sample rows (``logprobs``, ``topk_ids``, ``topk_logprobs``), checked against
-    the samples: the same record whichever teacher (in-process engine or HTTP server) produced the rows."""
+    """One ``TeacherScores`` from per-sample rows (``logprobs``, ``topk_ids``, ``topk_logprobs``), checked
+    against the samples: the same record whichever teacher (in-process engine or HTTP server) produced the
+    rows."""
     scores = TeacherScores(
         uids=[s.uid for s in samples],
         logprobs=[r.logprobs for r in rows],
@@ -58,7 +59,8 @@ def scores_from_rows(samples: list[Sample], rows: list, top_k: int, seconds: flo
 class VLLMTeacher:
     def __init__(
         self, model_dir: str, *, seed: int, max_model_len: int | None, kv_cache_gib: float, dtype: str, max_logprobs: int,
-        engine: str = "vllm",  # rollout.engine; "hf" scores with transformers (same numbers, no vLLM in the job)
+        # rollout.engine; "hf" scores with transformers (same numbers, no vLLM in the job)
+        engine: str = "vllm",
     ):
         from opd.rollout.worker import make_engine
 
@@ -75,7 +77,8 @@ class VLLMTeacher:
 
     def score_tokens(self, sequences: list[list[int]], response_starts: list[int], top_k: int = 0,
                      hidden: bool = False) -> list[ResponseScores]:
-        """Teacher scores of ``sequences[i][response_starts[i]:]``; the one scoring path in- and out-of-process."""
+        """Teacher scores of ``sequences[i][response_starts[i]:]``; the one scoring path in- and
+        out-of-process."""
         rows = self.engine.score(sequences, top_k=top_k, starts=response_starts, hidden=hidden)
         out = []
         for seq, start, r in zip(sequences, response_starts, rows, strict=True):

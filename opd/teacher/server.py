@@ -56,8 +56,8 @@ class ServerSettings:
 class Guard:
     """ASGI middleware: bearer token on every path but ``/health``, and a hard cap on the request body.
 
-    It runs before FastAPI parses anything, so an oversized or unauthenticated body is never buffered in full or
-    decoded. The body is read here (at most ``max_body_bytes + one chunk``) and replayed to the app.
+    It runs before FastAPI parses anything, so an oversized or unauthenticated body is never buffered in full
+    or decoded. The body is read here (at most ``max_body_bytes + one chunk``) and replayed to the app.
     """
 
     def __init__(self, app, token: str | None, max_body_bytes: int):
@@ -73,7 +73,8 @@ class Guard:
                 return await _reply(send, 401, "missing or wrong bearer token (Authorization: Bearer TOKEN)",
                                     [(b"www-authenticate", b"Bearer")])
         declared = headers.get("content-length", "")
-        if declared.isascii() and declared.isdigit() and int(declared) > self.max_body_bytes:  # not "²": isdigit()
+        # not "²": isdigit()
+        if declared.isascii() and declared.isdigit() and int(declared) > self.max_body_bytes:
             return await _reply(send, 413, f"request body of {declared} bytes exceeds the limit of {self.max_body_bytes}")
         chunks, size = [], 0
         while True:
@@ -87,7 +88,8 @@ class Guard:
             if not message.get("more_body", False):
                 break
         body, replayed = b"".join(chunks), False
-        try:  # JSON between systems is UTF-8 (RFC 8259); say so rather than FastAPI's "error parsing the body"
+        # JSON between systems is UTF-8 (RFC 8259); say so rather than FastAPI's "error parsing the body"
+        try:
             body.decode("utf-8")
         except UnicodeDecodeError as e:
             return await _reply(send, 400, f"request body is not UTF-8: byte {e.start} ({body[e.start:e.start + 1]!r})")
@@ -119,8 +121,8 @@ async def _validation_error(request, exc: RequestValidationError) -> JSONRespons
 
 
 def _json_safe(x):
-    """Python's JSON parser takes NaN/Infinity (and 1e400 as inf); echoed back in a 422 they would make the reply
-    itself invalid JSON (a 500), so they are echoed as strings."""
+    """Python's JSON parser takes NaN/Infinity (and 1e400 as inf); echoed back in a 422 they would make the
+    reply itself invalid JSON (a 500), so they are echoed as strings."""
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)
     if isinstance(x, dict):
@@ -137,12 +139,14 @@ def _refuse(problems: list[str]) -> None:
 
 @serve.ingress()
 class TeacherServer:
-    """One replica: a vLLM teacher engine plus the FastAPI app that fronts it (built per replica, see below)."""
+    """One replica: a vLLM teacher engine plus the FastAPI app that fronts it (built per replica, see
+    below)."""
 
     async def __init__(self, settings: ServerSettings):
         self.settings = settings
         # vLLM's in-process engine is not thread-safe and binds its CPU threads where it starts: one dedicated
-        # thread builds it and runs every call, which also serialises what the event loop accepts concurrently.
+        # thread builds it and runs every call, which also serialises what the event loop accepts
+        # concurrently.
         self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-engine")
         self.teacher = await self._run(
             lambda: VLLMTeacher(settings.model_dir, seed=settings.seed, max_model_len=settings.max_model_len,
@@ -177,8 +181,8 @@ class TeacherServer:
         return out
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        # Late-bound app (Serve calls this after __init__): the routes close over this replica, and the guard gets
-        # the token without a module-level global.
+        # Late-bound app (Serve calls this after __init__): the routes close over this replica, and the guard
+        # gets the token without a module-level global.
         return build_app(self)
 
 
@@ -197,7 +201,8 @@ def build_app(server: TeacherServer) -> FastAPI:
     base_openapi = app.openapi
 
     def openapi() -> dict:
-        # Served from cache after the first call; published once with this replica's limits and the auth scheme.
+        # Served from cache after the first call; published once with this replica's limits and the auth
+        # scheme.
         fresh = app.openapi_schema is None
         schema = base_openapi()
         if fresh:
@@ -218,7 +223,8 @@ def build_app(server: TeacherServer) -> FastAPI:
 
     @app.post("/v1/score", response_model=api.ScoreResponse, responses=errors)
     async def score(req: api.ScoreRequest) -> api.ScoreResponse:
-        """Teacher log-prob of every response token (``token_ids[response_start:]``), optional top-k per token."""
+        """Teacher log-prob of every response token (``token_ids[response_start:]``), optional top-k per
+        token."""
         _refuse(api.check_score(req, server.vocab_size, server.max_model_len, s.max_logprobs))
         return api.ScoreResponse(scores=await server._score_batch(req) if req.sequences else [])
 
@@ -240,8 +246,8 @@ def build_app(server: TeacherServer) -> FastAPI:
 
 
 def serve_forever(settings: ServerSettings, *, host: str, port: int, replicas: int, address: str | None = None) -> None:
-    """Start Ray (embedded unless ``address``), deploy ``replicas`` teacher replicas on ``host:port``, block until
-    SIGTERM/SIGINT, then shut Serve and Ray down."""
+    """Start Ray (embedded unless ``address``), deploy ``replicas`` teacher replicas on ``host:port``, block
+    until SIGTERM/SIGINT, then shut Serve and Ray down."""
     import ray
 
     from opd.rollout.engine import ACTOR_ENV
@@ -259,7 +265,8 @@ def serve_forever(settings: ServerSettings, *, host: str, port: int, replicas: i
         serve.start(http_options={"host": host, "port": port})
         deployment = serve.deployment(TeacherServer).options(
             name="teacher", num_replicas=replicas, ray_actor_options={"num_cpus": 1, "num_gpus": settings.num_gpus},
-            # Room for a full batch to queue while the previous one runs; beyond it Serve answers 503 (back-off).
+            # Room for a full batch to queue while the previous one runs; beyond it Serve answers 503
+            # (back-off).
             max_ongoing_requests=max(16, 2 * settings.max_batch_size),
         )
         serve.run(deployment.bind(settings), name=APP_NAME, route_prefix="/")

@@ -8,8 +8,8 @@ import torch
 def grpo_advantages(rewards_PG: torch.Tensor, *, norm_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
     """Group-relative advantage per sample (§2.1): ``(r - mean_g r) / (std_g r + eps)``.
 
-    ``rewards_PG`` holds P prompts x G samples. ``norm_by_std=False`` is Dr.GRPO's mean-centring (§2.2). The std
-    is the unbiased one (as verl and TRL use); a group of one sample gets advantage 0.
+    ``rewards_PG`` holds P prompts x G samples. ``norm_by_std=False`` is Dr.GRPO's mean-centring (§2.2). The
+    std is the unbiased one (as verl and TRL use); a group of one sample gets advantage 0.
     """
     r = rewards_PG.detach().to(torch.float32)
     centred = r - r.mean(dim=-1, keepdim=True)
@@ -25,13 +25,14 @@ def grpo_advantages(rewards_PG: torch.Tensor, *, norm_by_std: bool = True, eps: 
 def opd_token_advantages(
     student_logprobs_BT: torch.Tensor, teacher_logprobs_BT: torch.Tensor, mask_BT: torch.Tensor, coef: float = 1.0
 ) -> torch.Tensor:
-    """Sampled-token reverse KL as a per-token advantage (§1.1): ``A_t = -coef * (log pi(y_t) - log pi_T(y_t))``.
+    """Sampled-token reverse KL as a per-token advantage (§1.1): ``A_t = -coef * (log pi(y_t) - log
+    pi_T(y_t))``.
 
     ``student_logprobs_BT`` is the learner's current log-prob of the drawn token, not the sampler's log q: the
     policy-gradient term, weighted by pi/q for tokens drawn from q, then has expectation grad KL(pi || pi_T);
-    with log q in the advantage it would be off by E_pi[(log q - log pi) grad log pi] whenever q != pi. Positive
-    where the teacher likes the drawn token more than the student does. Discount 0: each token carries only its
-    own term, as in every reference implementation.
+    with log q in the advantage it would be off by E_pi[(log q - log pi) grad log pi] whenever q != pi.
+    Positive where the teacher likes the drawn token more than the student does. Discount 0: each token
+    carries only its own term, as in every reference implementation.
     """
     kl_BT = (student_logprobs_BT - teacher_logprobs_BT).detach()
     return -coef * kl_BT * mask_BT.to(kl_BT.dtype)
@@ -46,10 +47,11 @@ def gopd_token_advantages(
 ) -> torch.Tensor:
     """G-OPD per-token reward as a detached advantage (§4.1–4.2), shape [B, T], 0 where masked.
 
-    ``A_t = λ·(log π_T − log π_ref) − (log π_θ − log π_ref)`` on the sampled token, with ``student_logp_BT`` the
-    rollout-time (old or sampler) log-prob. ``λ = 1`` is plain OPD (π_ref cancels) and is routed through
+    ``A_t = λ·(log π_T − log π_ref) − (log π_θ − log π_ref)`` on the sampled token, with ``student_logp_BT``
+    the rollout-time (old or sampler) log-prob. ``λ = 1`` is plain OPD (π_ref cancels) and is routed through
     ``opd_token_advantages`` so the identity holds bit for bit, as G-OPD's code special-cases it; ``λ > 1`` is
-    ExOPD (reward extrapolation past the teacher along ref → teacher, default 1.25); ``0 < λ < 1`` interpolates.
+    ExOPD (reward extrapolation past the teacher along ref → teacher, default 1.25); ``0 < λ < 1``
+    interpolates.
     """
     if lam == 1.0:
         return opd_token_advantages(student_logp_BT, teacher_logp_BT, mask_BT, coef=1.0)

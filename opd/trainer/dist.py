@@ -1,9 +1,11 @@
-"""Collectives across learner ranks (torch.distributed, gloo or NCCL), and the identity when there is one rank.
+"""Collectives across learner ranks (torch.distributed, gloo or NCCL), and the identity when there is one
+rank.
 
-The learner calls the same methods whatever the number of ranks. With one rank no process group exists and every
-reduction returns its input, so a single learner runs exactly the code it always ran. With several, each rank
-trains its own shard and the ranks meet here: batch-wide counts (denominators, normalisers), gradients, statistics.
-Torch only; the rendezvous address comes from ``opd.cluster``, which knows where the ranks were placed.
+The learner calls the same methods whatever the number of ranks. With one rank no process group exists and
+every reduction returns its input, so a single learner runs exactly the code it always ran. With several, each
+rank trains its own shard and the ranks meet here: batch-wide counts (denominators, normalisers), gradients,
+statistics. Torch only; the rendezvous address comes from ``opd.cluster``, which knows where the ranks were
+placed.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ class Collective:
         return self._reduce(t, dist.ReduceOp.MAX)
 
     def cat(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Every rank's 1-D ``t`` joined in rank order (lengths may differ), and where this rank's part starts."""
+        """Every rank's 1-D ``t`` joined in rank order (lengths may differ), and where this rank's part
+        starts."""
         if self.world_size == 1:
             return t, 0
         sizes = [torch.zeros(1, dtype=torch.long, device=self.device) for _ in range(self.world_size)]
@@ -58,8 +61,8 @@ class Collective:
     def sum_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Replace every trainable parameter's gradient by its sum over ranks, in one flat all-reduce.
 
-        Each rank's loss was already divided by the batch-wide denominator, so the sum is the full-batch gradient.
-        A parameter without a gradient on this rank (an empty shard) contributes zeros.
+        Each rank's loss was already divided by the batch-wide denominator, so the sum is the full-batch
+        gradient. A parameter without a gradient on this rank (an empty shard) contributes zeros.
         """
         if self.world_size == 1:
             return
@@ -73,7 +76,8 @@ class Collective:
 
 
 def free_port() -> int:
-    """A TCP port free on this host now, for rank 0's rendezvous store (the usual bind-to-0 race is accepted)."""
+    """A TCP port free on this host now, for rank 0's rendezvous store (the usual bind-to-0 race is
+    accepted)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
         return s.getsockname()[1]
@@ -95,7 +99,8 @@ def join(rank: int, world_size: int, host: str, port: int, backend: str, timeout
     hanging (gloo notices a closed connection sooner).
     """
     backend = resolve_backend(backend)
-    if dist.is_initialized():  # a second learner in a process already in the group (tests/fsdp_ranks.py) shares it
+    # a second learner in a process already in the group (tests/fsdp_ranks.py) shares it
+    if dist.is_initialized():
         if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
             raise RuntimeError(f"this process is rank {dist.get_rank()} of {dist.get_world_size()}, not {rank} of {world_size}")
     else:

@@ -1,10 +1,10 @@
 """Divergences between student and teacher distributions, as pure functions over tensors (torch only).
 
-Shapes: ``B`` sequences, ``T`` padded response length, ``V`` vocabulary, ``K`` top-k size; ``..`` is any leading
-shape. Distribution arguments are log-probabilities over the last dim (``s_logp`` student, ``t_logp`` teacher).
-The teacher is always a constant: every function detaches it, so gradients flow through the student only.
-Maths: ``reference/algorithms.md`` §0.4 (KL-to-reference estimators) and §0.5 (distillation divergences).
-Tested against hand-computed values in ``tests/test_divergences.py``.
+Shapes: ``B`` sequences, ``T`` padded response length, ``V`` vocabulary, ``K`` top-k size; ``..`` is any
+leading shape. Distribution arguments are log-probabilities over the last dim (``s_logp`` student, ``t_logp``
+teacher). The teacher is always a constant: every function detaches it, so gradients flow through the student
+only. Maths: ``reference/algorithms.md`` §0.4 (KL-to-reference estimators) and §0.5 (distillation
+divergences). Tested against hand-computed values in ``tests/test_divergences.py``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ def kl_penalty(logp_BT: torch.Tensor, ref_logp_BT: torch.Tensor, kind: str = "lo
     """Per-token KL-to-reference estimate on sampled tokens (§0.4), ``Δ = logp - ref_logp``, shape [B, T].
 
     ``k1 = Δ``, ``k2 = Δ²/2``, ``k3``/``low_var_kl`` ``= exp(-Δ) + Δ - 1`` (≥ 0). As in verl, k3 clamps ``-Δ``
-    to [-20, 20] and the result to [-10, 10] so one wild token cannot blow up the loss. Differentiable in ``logp``
-    (meant as a loss term); the reference is a constant.
+    to [-20, 20] and the result to [-10, 10] so one wild token cannot blow up the loss. Differentiable in
+    ``logp`` (meant as a loss term); the reference is a constant.
     """
     delta = logp_BT - ref_logp_BT.detach()
     if kind == "k1":
@@ -38,7 +38,8 @@ def kl_penalty(logp_BT: torch.Tensor, ref_logp_BT: torch.Tensor, kind: str = "lo
 def _expect(logp: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``Σ_v p(v)·value(v)`` over the last dim, where ``p = exp(logp)``.
 
-    A category with ``logp = -inf`` (a masked vocabulary entry) adds 0, as ``0·x = 0`` in the maths, rather than
+    A category with ``logp = -inf`` (a masked vocabulary entry) adds 0, as ``0·x = 0`` in the maths, rather
+    than
     ``0·(-inf) = NaN``: the value is zeroed there before the product, so the gradient stays finite as well (a
     ``torch.where`` after the product would still send the NaN into the backward).
     """
@@ -60,7 +61,8 @@ def forward_kl(s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
 
 
 def generalized_jsd(s_logp: torch.Tensor, t_logp: torch.Tensor, beta: float) -> torch.Tensor:
-    """Generalised JSD with teacher weight ``beta`` (§0.5, GKD Eq. 1): ``β·KL(T‖M) + (1-β)·KL(S‖M)``, shape ``..``.
+    """Generalised JSD with teacher weight ``beta`` (§0.5, GKD Eq. 1): ``β·KL(T‖M) + (1-β)·KL(S‖M)``, shape
+    ``..``.
 
     ``M = β·T + (1-β)·S``. The endpoints are special-cased because the interior formula tends to 0 there:
     ``beta=0`` is forward ``KL(T‖S)``, ``beta=1`` is reverse ``KL(S‖T)`` (TRL ``beta`` = SDPO ``alpha``).
@@ -72,7 +74,8 @@ def generalized_jsd(s_logp: torch.Tensor, t_logp: torch.Tensor, beta: float) -> 
         return forward_kl(s_logp, t)
     if beta == 1.0:
         return reverse_kl(s_logp, t)
-    # log M by logsumexp: mixing in prob space would underflow for the tiny tail probabilities. Where both sides are
+    # log M by logsumexp: mixing in prob space would underflow for the tiny tail probabilities. Where both
+    # sides are
     # -inf, M is 0 and both terms vanish; a logsumexp over two -inf would still put NaN into the gradient.
     both = torch.isneginf(t) & torch.isneginf(s_logp)
     log_m = torch.logsumexp(
@@ -84,20 +87,22 @@ def generalized_jsd(s_logp: torch.Tensor, t_logp: torch.Tensor, beta: float) -> 
 def with_tail(topk_logp: torch.Tensor) -> torch.Tensor:
     """Append the tail bucket ``log(1 - Σ_k p_k)`` to top-k log-probs: ``[.., K] -> [.., K+1]`` (§0.5, SDPO).
 
-    For a side known only by its top-k (a teacher server's). Computed as ``log(-expm1(logsumexp))`` for precision
-    when the top-k mass is close to 1; the logsumexp is clamped at -1e-7 so a top-k holding all the mass gives a
-    tiny finite tail instead of ``log 0``. Below that the tail is wrong and has no gradient: a side whose full
-    log-probs are at hand takes ``at_with_rest`` instead.
+    For a side known only by its top-k (a teacher server's). Computed as ``log(-expm1(logsumexp))`` for
+    precision when the top-k mass is close to 1; the logsumexp is clamped at -1e-7 so a top-k holding all the
+    mass gives a tiny finite tail instead of ``log 0``. Below that the tail is wrong and has no gradient: a
+    side whose full log-probs are at hand takes ``at_with_rest`` instead.
     """
     log_mass = torch.logsumexp(topk_logp, dim=-1, keepdim=True).clamp(max=-1e-7)
     return torch.cat([topk_logp, torch.log(-torch.expm1(log_mass))], dim=-1)
 
 
 def at_with_rest(logp_BTV: torch.Tensor, idx_BTK: torch.Tensor) -> torch.Tensor:
-    """Full log-probs -> the K at ``idx_BTK`` and, last, the log of the mass at every other index: ``[.., K+1]``.
+    """Full log-probs -> the K at ``idx_BTK`` and, last, the log of the mass at every other index: ``[..,
+    K+1]``.
 
-    The rest is a logsumexp over the other entries, exact however little mass they hold (4e-8, 2e-12, ...), and its
-    gradient is the one that moves mass back there; ``log(1 - Σ_k p_k)`` loses both once ``Σ_k p_k`` rounds to 1.
+    The rest is a logsumexp over the other entries, exact however little mass they hold (4e-8, 2e-12, ...),
+    and its gradient is the one that moves mass back there; ``log(1 - Σ_k p_k)`` loses both once ``Σ_k p_k``
+    rounds to 1.
     ``idx_BTK`` must leave at least one index out.
     """
     rest = logp_BTV.scatter(-1, idx_BTK, -math.inf)
@@ -119,14 +124,15 @@ def _entropy(logp: torch.Tensor) -> torch.Tensor:
 def student_topk_divergence(
     student_logits_BTV: torch.Tensor, teacher_logits_BTV: torch.Tensor, k: int, beta: float, tail: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDPO's divergence over the student's top-k support (§0.5 variant 1, §3.2): returns ``(div_BT, t_ent_BT)``.
+    """SDPO's divergence over the student's top-k support (§0.5 variant 1, §3.2): returns ``(div_BT,
+    t_ent_BT)``.
 
-    Indices of the student's top-``k`` logits pick K categories; the teacher's log-probs are gathered at the same
-    indices. With ``tail`` a (K+1)-th bucket holds each side's remaining mass (``at_with_rest``: both sides' full
-    log-probs are here); without it both are renormalised over the K entries. A top-k covering the whole vocabulary
-    needs no tail. ``div_BT`` is the generalised JSD with teacher weight ``beta``; ``t_ent_BT`` is the teacher's
-    entropy over that same support (SRPO's entropy weights, §5.2), detached. Logits should already be divided by
-    the rollout temperature.
+    Indices of the student's top-``k`` logits pick K categories; the teacher's log-probs are gathered at the
+    same indices. With ``tail`` a (K+1)-th bucket holds each side's remaining mass (``at_with_rest``: both
+    sides' full log-probs are here); without it both are renormalised over the K entries. A top-k covering the
+    whole vocabulary needs no tail. ``div_BT`` is the generalised JSD with teacher weight ``beta``;
+    ``t_ent_BT`` is the teacher's entropy over that same support (SRPO's entropy weights, §5.2), detached.
+    Logits should already be divided by the rollout temperature.
     """
     s_logp_BTV = torch.log_softmax(student_logits_BTV.float(), dim=-1)
     t_logp_BTV = torch.log_softmax(teacher_logits_BTV.detach().float(), dim=-1)
@@ -147,10 +153,12 @@ def teacher_topk_forward_kl(
 ) -> torch.Tensor:
     """Forward ``KL(T‖S)`` over the teacher's top-k ids (§0.5 variant 2), shape [B, T].
 
-    What a teacher server can feed: it returns only its top-k ids and (full-vocabulary) log-probs. With ``tail``
-    the extra bucket is the student's mass outside those ids on the student side (exact, from its full log-probs:
-    ``at_with_rest``) and the teacher's leftover mass ``1 - Σ_k`` on the teacher side (``with_tail``); without it
-    both are renormalised over the K ids (SD-Zero / TRL server mode).
+    What a teacher server can feed: it returns only its top-k ids and (full-vocabulary) log-probs. With
+    ``tail``
+    the extra bucket is the student's mass outside those ids on the student side (exact, from its full
+    log-probs:
+    ``at_with_rest``) and the teacher's leftover mass ``1 - Σ_k`` on the teacher side (``with_tail``); without
+    it both are renormalised over the K ids (SD-Zero / TRL server mode).
     """
     ids_BTK = teacher_topk_ids_BTK.long()
     t_BTK = teacher_topk_logp_BTK.detach().float()
@@ -167,12 +175,14 @@ def full_vocab_divergence(
     beta: float = 0.5,
     chunk_tokens: int = 512,
 ) -> torch.Tensor:
-    """Exact per-token divergence over the whole vocabulary (§0.5, OPSD-TIP §1.4), shape [B, T], 0 where masked.
+    """Exact per-token divergence over the whole vocabulary (§0.5, OPSD-TIP §1.4), shape [B, T], 0 where
+    masked.
 
-    ``kind``: ``reverse`` = ``KL(S‖T)``, ``forward`` = ``KL(T‖S)``, ``jsd`` = generalised JSD with teacher weight
-    ``beta``. Only unmasked tokens are computed, ``chunk_tokens`` rows at a time with an fp32 log-softmax, so the
-    fp32 ``[N, V]`` temporaries of a forward without grad stay bounded; with grad, autograd still keeps each
-    chunk's log-softmax for the backward, so bound memory by the micro-batch size there.
+    ``kind``: ``reverse`` = ``KL(S‖T)``, ``forward`` = ``KL(T‖S)``, ``jsd`` = generalised JSD with teacher
+    weight
+    ``beta``. Only unmasked tokens are computed, ``chunk_tokens`` rows at a time with an fp32 log-softmax, so
+    the fp32 ``[N, V]`` temporaries of a forward without grad stay bounded; with grad, autograd still keeps
+    each chunk's log-softmax for the backward, so bound memory by the micro-batch size there.
     """
     if kind not in FULL_VOCAB_KINDS:
         raise ValueError(f"unknown full-vocab divergence {kind!r}; valid: {FULL_VOCAB_KINDS}")
@@ -192,7 +202,8 @@ def full_vocab_divergence(
         else:
             pieces.append(generalized_jsd(s_logp, t_logp, beta))
     if not pieces:
-        # All masked: zeros that stay on the graph, so a caller's backward() still runs (and gives zero grads).
+        # All masked: zeros that stay on the graph, so a caller's backward() still runs (and gives zero
+        # grads).
         return student_logits_BTV.float().sum(-1) * 0.0
     out = torch.zeros(B * T, dtype=torch.float32, device=student_logits_BTV.device)
     # index_copy keeps the graph: gradients reach the student logits of the kept rows only.

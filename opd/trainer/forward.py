@@ -1,12 +1,12 @@
 """Learner-side tensors for a micro-batch, and a forward pass that only pays for the positions it scores.
 
 The LM head runs on the hidden states of response positions only (never on prompt positions), so the
-``[N, V]`` logits tensor, which dominates memory at real vocabulary sizes, covers exactly the tokens a loss uses;
-with token selection (TIP) the head runs on the kept tokens only (``flatten_kept``).
+``[N, V]`` logits tensor, which dominates memory at real vocabulary sizes, covers exactly the tokens a loss
+uses; with token selection (TIP) the head runs on the kept tokens only (``flatten_kept``).
 
 ``Precision`` runs the forward under bf16 autocast when asked (``trainer.autocast``): the weights stay float32
-(the optimizer's master copy), matmuls run in bf16, and the logits come back as float32 so every loss (log-softmax,
-logsumexp, divergences) is computed in float32 outside autocast.
+(the optimizer's master copy), matmuls run in bf16, and the logits come back as float32 so every loss
+(log-softmax, logsumexp, divergences) is computed in float32 outside autocast.
 """
 
 from __future__ import annotations
@@ -29,10 +29,12 @@ class MicroTensors:
     pos_BT: torch.Tensor  # [B, T] index into L of the logit predicting response token t
     targets_BT: torch.Tensor  # [B, T] response token ids
     mask_BT: torch.Tensor  # [B, T] 1 on real response tokens
-    shared: SharedPrompts | None = None  # the same rows with each distinct prompt run once (trainer.share_prompts)
+    # the same rows with each distinct prompt run once (trainer.share_prompts)
+    shared: SharedPrompts | None = None
 
     def to(self, device: torch.device) -> MicroTensors:
-        """The micro-batch on ``device``: built on the CPU row by row, then copied once per tensor (not per row)."""
+        """The micro-batch on ``device``: built on the CPU row by row, then copied once per tensor (not per
+        row)."""
         return replace(self, input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
                        pos_BT=self.pos_BT.to(device), targets_BT=self.targets_BT.to(device), mask_BT=self.mask_BT.to(device),
                        shared=self.shared.to(device) if self.shared is not None else None)
@@ -52,8 +54,8 @@ def build_micro(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_
         n = len(r)
         input_ids[i, : len(p) + n] = torch.tensor(p + r)
         attn[i, : len(p) + n] = 1
-        # Response token t sits at len(p)+t and is predicted by the output at len(p)-1+t. A teacher prompt of a
-        # different length (SDPO) still lines up because only these positions are read.
+        # Response token t sits at len(p)+t and is predicted by the output at len(p)-1+t. A teacher prompt of
+        # a different length (SDPO) still lines up because only these positions are read.
         pos_BT[i, :n] = torch.arange(len(p) - 1, len(p) - 1 + n)
         targets_BT[i, :n] = torch.tensor(r, dtype=torch.long)
         mask_BT[i, :n] = 1.0
@@ -62,7 +64,8 @@ def build_micro(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_
 
 
 def rows(values: list[list[float]], t_max: int, device: torch.device | None = None) -> torch.Tensor:
-    """Ragged per-token floats -> zero-padded [B, T] float32, on ``device`` (filled on the CPU, copied once)."""
+    """Ragged per-token floats -> zero-padded [B, T] float32, on ``device`` (filled on the CPU, copied
+    once)."""
     out = torch.zeros(len(values), t_max)
     for i, v in enumerate(values):
         out[i, : len(v)] = torch.tensor(v, dtype=torch.float32)
@@ -70,21 +73,23 @@ def rows(values: list[list[float]], t_max: int, device: torch.device | None = No
 
 
 def response_hidden(model, mt: MicroTensors) -> torch.Tensor:
-    """Final hidden states at the response-predicting positions, [B, T, H]; with ``mt.shared`` each distinct prompt
-    runs once and its sequences' responses read its cache (``opd.models.prefix``)."""
+    """Final hidden states at the response-predicting positions, [B, T, H]; with ``mt.shared`` each distinct
+    prompt runs once and its sequences' responses read its cache (``opd.models.prefix``)."""
     if mt.shared is not None:
         return shared_response_hidden(model.get_decoder(), mt.shared)
-    # No KV cache: a training forward never decodes, and HF would otherwise build one (and warn under checkpointing).
+    # No KV cache: a training forward never decodes, and HF would otherwise build one (and warn under
+    # checkpointing).
     hidden = model.get_decoder()(input_ids=mt.input_ids, attention_mask=mt.attention_mask, use_cache=False).last_hidden_state
     return hidden.gather(1, mt.pos_BT.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
 
 class Trunk(torch.nn.Module):
-    """A causal LM up to the response positions' final hidden states (``response_hidden``), as a module of its own.
+    """A causal LM up to the response positions' final hidden states (``response_hidden``), as a module of its
+    own.
 
-    Learners run every forward through one, so that under FSDP2 (``opd.trainer.fsdp``) it is the root unit whose
-    forward gathers the weights the decoder layers do not hold: embeddings, final norm, LM head. Unsharded it is
-    only the call. Its parameters are the model's, in the model's order."""
+    Learners run every forward through one, so that under FSDP2 (``opd.trainer.fsdp``) it is the root unit
+    whose forward gathers the weights the decoder layers do not hold: embeddings, final norm, LM head.
+    Unsharded it is only the call. Its parameters are the model's, in the model's order."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -101,7 +106,8 @@ def flatten_kept(t_BT: torch.Tensor, keep_BT: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Precision:
-    """The learner's forward: hidden states and float32 logits, under bf16 autocast when ``mode == "bf16"``."""
+    """The learner's forward: hidden states and float32 logits, under bf16 autocast when ``mode ==
+    "bf16"``."""
 
     mode: str = "off"  # trainer.autocast
 

@@ -1,25 +1,27 @@
 """The learner: holds the student, applies the routed objective with AdamW, exports weights.
 
-Runs inside a Ray actor (placed by ``opd.cluster``) but imports torch and transformers only, so it can be driven
-directly in tests or replayed on a dumped ``TrainBatch``. A step has two passes: a teacher-side pass without
-gradient (reference model, HF teacher, SDPO self-teacher) that also fixes what depends on the whole batch
-(``opd.trainer.batchwide``: denominators, SRPO's weights, TIP's kept tokens), then the learning pass over
-micro-batches, whose gradients add up to the full-batch loss. Micro-batches hold a fixed count of
-sequences or, with a token budget, length-sorted sequences within ``rows x longest`` tokens (``opd.trainer.microbatch``).
+Runs inside a Ray actor (placed by ``opd.cluster``) but imports torch and transformers only, so it can be
+driven directly in tests or replayed on a dumped ``TrainBatch``. A step has two passes: a teacher-side pass
+without gradient (reference model, HF teacher, SDPO self-teacher) that also fixes what depends on the whole
+batch (``opd.trainer.batchwide``: denominators, SRPO's weights, TIP's kept tokens), then the learning pass
+over micro-batches, whose gradients add up to the full-batch loss. Micro-batches hold a fixed count of
+sequences or, with a token budget, length-sorted sequences within ``rows x longest`` tokens
+(``opd.trainer.microbatch``).
 
-Several ranks (``trainer.num_ranks``): ``opd.cluster`` starts one Learner per rank, joins them in a process group
-and hands rank 0 the others' handles. Rank 0 stays the only learner the driver sees: ``train_step`` splits the
-batch into token-balanced shards, each rank trains one (``train_shard``), and the ranks meet in collectives
-(``opd.trainer.dist``) for the batch-wide normalisers and the statistics. ``trainer.strategy`` says how they hold
-the model: ``fsdp2`` shards it (``opd.trainer.fsdp``: each rank 1/N of the weights, gradients and AdamW state, and
-rank 0 asks its peers to join every call that reads the whole model), ``ddp`` keeps a full replica per rank and
-all-reduces the gradients. Either way every rank applies the same update. With one rank the collectives are the
-identity and nothing is sharded.
+Several ranks (``trainer.num_ranks``): ``opd.cluster`` starts one Learner per rank, joins them in a process
+group and hands rank 0 the others' handles. Rank 0 stays the only learner the driver sees: ``train_step``
+splits the batch into token-balanced shards, each rank trains one (``train_shard``), and the ranks meet in
+collectives (``opd.trainer.dist``) for the batch-wide normalisers and the statistics. ``trainer.strategy``
+says how they hold the model: ``fsdp2`` shards it (``opd.trainer.fsdp``: each rank 1/N of the weights,
+gradients and AdamW state, and rank 0 asks its peers to join every call that reads the whole model), ``ddp``
+keeps a full replica per rank and all-reduces the gradients. Either way every rank applies the same update.
+With one rank the collectives are the identity and nothing is sharded.
 
-Tensors live on ``device`` (``opd.trainer.device``: CUDA when the process sees a GPU under ``auto``): the student
-and the teacher-side models are moved there once and each micro-batch's tensors are built on the CPU and copied
-there; the weights and AdamW's state stay float32 (``trainer.autocast: bf16`` only changes the forward's matmuls) and
-everything handed out (exported weights, the adapter, probe log-probs, checkpoints) is on the CPU.
+Tensors live on ``device`` (``opd.trainer.device``: CUDA when the process sees a GPU under ``auto``): the
+student and the teacher-side models are moved there once and each micro-batch's tensors are built on the CPU
+and copied there; the weights and AdamW's state stay float32 (``trainer.autocast: bf16`` only changes the
+forward's matmuls) and everything handed out (exported weights, the adapter, probe log-probs, checkpoints) is
+on the CPU.
 
 With a ``LoraSpec`` (``lora.r > 0``) the student is a PEFT model: only the adapter is trained, synced
 (``export_adapter``) and checkpointed (``adapter/``, PEFT's format); the base weights stay as loaded.
@@ -59,7 +61,8 @@ log = logging.getLogger("opd.learner")
 
 @dataclass
 class _Shard:
-    """One rank's shard of a step laid out: its micro-batches and what the whole batch fixed before they learn."""
+    """One rank's shard of a step laid out: its micro-batches and what the whole batch fixed before they
+    learn."""
 
     micro: list[list[int]]
     n_own: int  # the micro-batches whose statistics count (0 for a stand-in shard; padding ones come after)
@@ -102,35 +105,42 @@ class Learner:
         self.spec = objective or ObjectiveSpec()
         self.model = load_model(model_dir)
         if gradient_checkpointing:
-            # Non-reentrant: works with frozen inputs (LoRA) and keeps the RNG state, so the update is unchanged.
+            # Non-reentrant: works with frozen inputs (LoRA) and keeps the RNG state, so the update is
+            # unchanged.
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # A shared prompt's cache is what checkpointing would recompute without: HF turns the cache off under it.
+        # A shared prompt's cache is what checkpointing would recompute without: HF turns the cache off under
+        # it.
         self.share_prompts = share_prompts and not gradient_checkpointing
         self.lora = lora if lora and lora.r > 0 else None
         if self.lora:
             self.model = wrap(self.model, self.lora, seed)
-        # Moved after wrapping: the adapter is drawn on the CPU from the seed, so every device starts from the same one.
+        # Moved after wrapping: the adapter is drawn on the CPU from the seed, so every device starts from the
+        # same one.
         self.model.to(self.device)
         self.model.train()
         self.trunk = Trunk(self.model)  # every student forward goes through it (FSDP2's root unit)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)  # saved with every checkpoint: model/ (or adapter/) loads alone
+        # saved with every checkpoint: model/ (or adapter/) loads alone
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.pad_id = self.model.config.pad_token_id or 0
         self.adam = {"lr": lr, "betas": betas, "weight_decay": weight_decay}
         self.opt = self._optimizer()
         self.base_lr, self.warmup_steps, self.grad_clip = lr, warmup_steps, grad_clip
         self.micro_batch_size, self.micro_batch_tokens = micro_batch_size, micro_batch_tokens
-        self.logits_chunk_tokens = logits_chunk_tokens  # LM head + loss in pieces of this many positions; 0: at once
+        # LM head + loss in pieces of this many positions; 0: at once
+        self.logits_chunk_tokens = logits_chunk_tokens
         self.fw = Precision(autocast)
         self.teachers = TeacherSide(self.spec, self.model, self.fw, self.pad_id, logits_chunk_tokens,
                                     reference_dir=reference_dir or model_dir, teacher_dir=teacher_dir,
                                     share_prompts=self.share_prompts, device=self.device)
-        self._weights = [*self.model.parameters(), *self.teachers.parameters()]  # not activations (ActivationMeter)
+        # not activations (ActivationMeter)
+        self._weights = [*self.model.parameters(), *self.teachers.parameters()]
         self.steps_done = 0
         self.version = 0
         self.comm = Collective()  # one rank until join_group
         self.sharded = False  # FSDP2 over the ranks (join_group with strategy fsdp2)
         self.peers: list = []  # rank 0 of several: actor handles of ranks 1..N-1
-        self.metrics = RoleMetrics("learner")  # in an actor named <job>/learner-<rank>: this rank's own series
+        # in an actor named <job>/learner-<rank>: this rank's own series
+        self.metrics = RoleMetrics("learner")
 
     def version_number(self) -> int:
         return self.version
@@ -143,29 +153,31 @@ class Learner:
         return free_port()
 
     def join_group(self, rank: int, world_size: int, host: str, port: int, backend: str, strategy: str = "ddp") -> None:
-        """Every rank calls this concurrently; it returns once all have joined (and, for fsdp2, sharded the student
-        and its frozen models: every rank loaded identical ones, and each now keeps its slice)."""
+        """Every rank calls this concurrently; it returns once all have joined (and, for fsdp2, sharded the
+        student and its frozen models: every rank loaded identical ones, and each now keeps its slice)."""
         if strategy not in fsdp.STRATEGIES:
             raise ValueError(f"trainer.strategy must be one of {fsdp.STRATEGIES}, got {strategy!r}")
         self.comm = join(rank, world_size, host, port, backend)
         if strategy == "fsdp2" and world_size > 1:
             fsdp.shard(self.trunk, self.device)
             self.teachers.shard()
-            # A shared-prompt forward runs the layers twice (prompts, then responses) and a plain one once, so the
-            # ranks' micro-batches would differ in how many gathers they run: sharded, every row runs whole.
+            # A shared-prompt forward runs the layers twice (prompts, then responses) and a plain one once, so
+            # the ranks' micro-batches would differ in how many gathers they run: sharded, every row runs
+            # whole.
             self.share_prompts = self.teachers.share_prompts = False
             self.opt = self._optimizer()  # over the shards; no step was taken yet
             self._weights = [*self.model.parameters(), *self.teachers.parameters()]
             self.sharded = True
 
     def _optimizer(self) -> torch.optim.AdamW:
-        # Fused AdamW on CUDA: one kernel for every parameter's update; the CPU keeps torch's default (bit-for-bit).
+        # Fused AdamW on CUDA: one kernel for every parameter's update; the CPU keeps torch's default
+        # (bit-for-bit).
         fused = {"fused": True} if self.device.type == "cuda" else {}
         return torch.optim.AdamW(trainable(self.model), **self.adam, **fused)
 
     def _collective(self, method: str, *args) -> list:
-        """Rank 0's side of a call that reads the whole sharded model (export, probe, checkpoint): the peers make the
-        same call meanwhile, since its gathers and forwards are collectives. Replicas answer alone."""
+        """Rank 0's side of a call that reads the whole sharded model (export, probe, checkpoint): the peers
+        make the same call meanwhile, since its gathers and forwards are collectives. Replicas answer alone."""
         return [getattr(peer, method).remote(*args) for peer in self.peers] if self.sharded else []
 
     def set_peers(self, peers: list) -> None:
@@ -181,7 +193,8 @@ class Learner:
         return pieces(mask_BT.shape[0], mask_BT.shape[1], self.logits_chunk_tokens, by_token)
 
     def _srpo_weights(self, auxes: list[Aux], masks: list[torch.Tensor], live: list[torch.Tensor]) -> None:
-        """Each micro-batch's SRPO entropy weights, from the self-teacher's entropy on its SDPO-routed tokens."""
+        """Each micro-batch's SRPO entropy weights, from the self-teacher's entropy on its SDPO-routed
+        tokens."""
         ent = [per_piece(lambda p, a=a: entropy_from_logits(a.teacher_head(p)), self._pieces(m)) for a, m in zip(auxes, masks, strict=True)]
         sdpo = [(a.route_sdpo_B * x).unsqueeze(-1) * m for a, m, x in zip(auxes, masks, live, strict=True)]
         for a, w in zip(auxes, batchwide.srpo_weights(ent, sdpo, self.spec.entropy_beta, self.comm), strict=True):
@@ -190,8 +203,9 @@ class Learner:
     @torch.no_grad()
     def _keep_masks(self, batch: TrainBatch, micro: list[list[int]], mts: list[MicroTensors], auxes: list[Aux],
                     live: list[torch.Tensor]) -> list[torch.Tensor]:
-        """TIP over the whole batch: the student's entropy (a forward without grad, before any micro-batch learns)
-        and the sampled-token teacher divergence |log q - log pi_T|, ranked once over all micro-batches' tokens."""
+        """TIP over the whole batch: the student's entropy (a forward without grad, before any micro-batch
+        learns) and the sampled-token teacher divergence |log q - log pi_T|, ranked once over all
+        micro-batches' tokens."""
         ent, div = [], []
         for idx, mt, a in zip(micro, mts, auxes, strict=True):
             h = self.fw.hidden(self.trunk, mt)
@@ -202,14 +216,16 @@ class Learner:
 
     def _learn_micro(self, batch: TrainBatch, idx: list[int], mt: MicroTensors, aux: Aux, keep: torch.Tensor | None,
                      live: torch.Tensor, denom: float, n_seqs: int) -> StepStats:
-        """Forward and backward of one micro-batch: the trunk once, then the LM head and the loss piece by piece
-        (``opd.trainer.chunks``), each piece's backward into the trunk's output, then one backward through the
-        trunk. A non-finite piece stops the micro-batch before its backward (the step will be skipped); sharded,
-        the trunk's backward still runs (with what the pieces before it gave): it is a collective."""
+        """Forward and backward of one micro-batch: the trunk once, then the LM head and the loss piece by
+        piece (``opd.trainer.chunks``), each piece's backward into the trunk's output, then one backward
+        through the trunk. A non-finite piece stops the micro-batch before its backward (the step will be
+        skipped); sharded, the trunk's backward still runs (with what the pieces before it gave): it is a
+        collective."""
         t_max = mt.mask_BT.shape[1]
         sampler_BT = rows([batch.sampler_logprobs[i] for i in idx], t_max, self.device)
         adv_BT = rows([batch.advantages[i] for i in idx], t_max, self.device)
-        weights_BT = live.unsqueeze(-1) * torch.ones_like(mt.mask_BT)  # 0 on a padding micro-batch (fsdp.pad_micro)
+        # 0 on a padding micro-batch (fsdp.pad_micro)
+        weights_BT = live.unsqueeze(-1) * torch.ones_like(mt.mask_BT)
         if batch.loss_weights is not None:
             weights_BT = weights_BT * torch.tensor([batch.loss_weights[i] for i in idx], device=self.device).unsqueeze(-1)
         h_BTH = self.fw.hidden(self.trunk, mt)
@@ -252,9 +268,10 @@ class Learner:
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """One optimizer step over the whole batch. A non-finite loss or gradient on any rank skips it on all.
 
-        Rank 0 of several sends each peer its token-balanced shard and trains its own meanwhile; the statistics
-        it returns are the whole batch's (summed over ranks in ``train_shard``). Sharded, a rank left without samples
-        (fewer samples than ranks) still runs the forwards: it trains the batch's first sample at weight 0.
+        Rank 0 of several sends each peer its token-balanced shard and trains its own meanwhile; the
+        statistics it returns are the whole batch's (summed over ranks in ``train_shard``). Sharded, a rank
+        left without samples (fewer samples than ranks) still runs the forwards: it trains the batch's first
+        sample at weight 0.
         """
         batch.validate()
         parts, imbalance = self.shards(batch, 1 + len(self.peers))
@@ -267,8 +284,8 @@ class Learner:
         return {**stats, "shard_token_imbalance": imbalance}
 
     def shards(self, batch: TrainBatch, ranks: int) -> tuple[list[tuple[TrainBatch, bool]], float]:
-        """The batch's token-balanced shards, one per rank, each with whether it is a stand-in (an empty shard of a
-        sharded learner: sample 0, run at weight 0), and their imbalance (max / mean tokens)."""
+        """The batch's token-balanced shards, one per rank, each with whether it is a stand-in (an empty shard
+        of a sharded learner: sample 0, run at weight 0), and their imbalance (max / mean tokens)."""
         lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True)]
         idx = balance_shards(lengths, ranks)
         parts = [(take(batch, i), False) if i or not self.sharded else (replace(take(batch, [0]), loss_weights=[0.0]), True)
@@ -277,7 +294,8 @@ class Learner:
 
     def train_shard(self, batch: TrainBatch, stand_in: bool = False) -> dict[str, float]:
         """This rank's forward/backward over its shard, then the update that every rank applies identically. A
-        stand-in shard (``shards``) only joins the other ranks' forwards and backwards: it adds no statistics."""
+        stand-in shard (``shards``) only joins the other ranks' forwards and backwards: it adds no
+        statistics."""
         t0 = time.perf_counter()
         shard = self._lay_out(batch, stand_in)
         own = self._accumulate(batch, shard)
@@ -339,7 +357,8 @@ class Learner:
         """Clip and step (or skip a non-finite step on every rank); (grad norm, skipped)."""
         if finite and not self.sharded:
             self.comm.sum_grads(trainable(self.model))  # identical gradients -> identical clipping and step
-        # Sharded, the backward already summed each shard's gradient over the ranks, and the norm spans them too.
+        # Sharded, the backward already summed each shard's gradient over the ranks, and the norm spans them
+        # too.
         grad_norm = float(whole(torch.nn.utils.clip_grad_norm_(trainable(self.model), self.grad_clip))) if finite else math.nan
         skipped = not (finite and math.isfinite(grad_norm))
         if skipped:
@@ -359,8 +378,8 @@ class Learner:
         return grad_norm, False
 
     def _teacher_kl(self, batch: TrainBatch, micro: list[list[int]], mts: list[MicroTensors], auxes: list[Aux]) -> tuple[float, float]:
-        """(sum, tokens) of the sampled-token KL log q - log pi_T when this learner ran the teacher (then no teacher
-        actor scored the batch, and the driver's ``teacher_kl`` comes from here)."""
+        """(sum, tokens) of the sampled-token KL log q - log pi_T when this learner ran the teacher (then no
+        teacher actor scored the batch, and the driver's ``teacher_kl`` comes from here)."""
         if self.teachers.hf_teacher is None:
             return 0.0, 0.0
         parts = [((rows([batch.sampler_logprobs[i] for i in idx], mt.mask_BT.shape[1], self.device) - a.teacher_logp_BT) * mt.mask_BT).sum()
@@ -385,8 +404,9 @@ class Learner:
         return self.lora is not None
 
     def export_weights(self) -> WeightBuckets | None:
-        """The student's weights published for the engines (``weight_sync.TRANSFER``: Ray's object store, in buckets).
-        Sharded, each tensor is gathered as its bucket fills (every rank joins; only rank 0 publishes)."""
+        """The student's weights published for the engines (``weight_sync.TRANSFER``: Ray's object store, in
+        buckets). Sharded, each tensor is gathered as its bucket fills (every rank joins; only rank 0
+        publishes)."""
         if self.sharded and self.comm.rank != 0:  # a peer's part: the gathers only
             return gather_only(self.model.state_dict())
         pending = self._collective("export_weights")
@@ -395,7 +415,8 @@ class Learner:
         return handle
 
     def export_adapter(self) -> dict[str, bytes]:
-        """The adapter's files (PEFT format) for the engines: a few MB where ``export_weights`` sends the model."""
+        """The adapter's files (PEFT format) for the engines: a few MB where ``export_weights`` sends the
+        model."""
         if self.lora is None:
             raise RuntimeError("export_adapter: this learner trains every weight (lora.r = 0); use export_weights")
         pending = self._collective("export_adapter")
@@ -410,16 +431,18 @@ class Learner:
         _wait(pending)
 
     def load(self, path: str) -> None:
-        """Restore a checkpoint. Rank 0 of several restores every rank from the same files (storage all nodes see, as
-        the run directory already must be), so weights, optimizer and self-teacher stay identical across ranks."""
+        """Restore a checkpoint. Rank 0 of several restores every rank from the same files (storage all nodes
+        see, as the run directory already must be), so weights, optimizer and self-teacher stay identical
+        across ranks."""
         pending = [peer.load.remote(path) for peer in self.peers]
         persist.load(self, path)
         _wait(pending)
 
 
 def _wait(pending: list) -> None:
-    """Wait for peers' calls and re-raise their errors. Ray is imported only here: only rank 0 of several, itself a
-    Ray actor, calls other actors; a single learner (and every test that drives one directly) never gets here."""
+    """Wait for peers' calls and re-raise their errors. Ray is imported only here: only rank 0 of several,
+    itself a Ray actor, calls other actors; a single learner (and every test that drives one directly) never
+    gets here."""
     if not pending:
         return
     import ray

@@ -1,9 +1,10 @@
 """LoRA students: the learner trains a PEFT adapter on a frozen base, and the engines serve it as an adapter.
 
-Torch and peft only. The adapter travels as the files of PEFT's ``save_pretrained`` format (``adapter_config.json``
-and ``adapter_model.safetensors``), as bytes: the learner serialises them here, Ray carries them to every rollout
-worker (on any node), and the worker writes them to a directory of its own that vLLM loads with a ``LoRARequest``.
-The same format is what a checkpoint holds, so a user loads it with ``PeftModel.from_pretrained(base, dir)``.
+Torch and peft only. The adapter travels as the files of PEFT's ``save_pretrained`` format
+(``adapter_config.json`` and ``adapter_model.safetensors``), as bytes: the learner serialises them here, Ray
+carries them to every rollout worker (on any node), and the worker writes them to a directory of its own that
+vLLM loads with a ``LoRARequest``. The same format is what a checkpoint holds, so a user loads it with
+``PeftModel.from_pretrained(base, dir)``.
 
     learner = Learner("models/demo/student", lr=1e-3, lora=LoraSpec(r=8))
 """
@@ -70,9 +71,10 @@ def adapter_files(model: PeftModel) -> dict[str, bytes]:
 def load_adapter_weights(model: PeftModel, directory: Path, load=None) -> None:
     """Restore the adapter's weights from a ``save_pretrained`` directory into ``model`` in place.
 
-    The saved adapter must have been built as this one (``lora.*`` unchanged since it was saved): the same weights
-    under another alpha would be another model. ``load(model, state, strict)``, when given, takes the state dict in
-    the model's own names instead of ``model.load_state_dict`` (FSDP2's shards: ``opd.trainer.fsdp``)."""
+    The saved adapter must have been built as this one (``lora.*`` unchanged since it was saved): the same
+    weights under another alpha would be another model. ``load(model, state, strict)``, when given, takes the
+    state dict in the model's own names instead of ``model.load_state_dict`` (FSDP2's shards:
+    ``opd.trainer.fsdp``)."""
     saved = json.loads((directory / "adapter_config.json").read_text())
     ours = model.peft_config["default"]
     for key, mine, theirs in [("r", ours.r, saved.get("r")), ("alpha", ours.lora_alpha, saved.get("lora_alpha")),
@@ -81,7 +83,8 @@ def load_adapter_weights(model: PeftModel, directory: Path, load=None) -> None:
             raise ValueError(f"lora.{key}: the adapter in {directory} was saved with {theirs!r}, this run has {mine!r}")
     state = load_file(str(directory / "adapter_model.safetensors"))
     if load is not None:
-        # PEFT names the keys as the model does, then calls the model's load_state_dict once: that call goes to
+        # PEFT names the keys as the model does, then calls the model's load_state_dict once: that call goes
+        # to
         # ``load`` (which may call the model's own load_state_dict, so the detour is removed first).
         def routed(sd, strict=False, assign=False):
             del model.load_state_dict

@@ -34,16 +34,20 @@ def aggregate(loss_BT: torch.Tensor, mask_BT: torch.Tensor, mode: str = "token-m
 
 
 def truncated_is_weights(old_logprobs_BT: torch.Tensor, sampler_logprobs_BT: torch.Tensor, cap: float) -> torch.Tensor:
-    """Detached ``min(exp(log pi_old - log q), cap)``: corrects sampler/learner mismatch (§0.3), not the PPO ratio."""
+    """Detached ``min(exp(log pi_old - log q), cap)``: corrects sampler/learner mismatch (§0.3), not the PPO
+    ratio."""
     return torch.exp(old_logprobs_BT.detach() - sampler_logprobs_BT).clamp(max=cap)
 
 
 def prefix_is_weights(logprobs_BT: torch.Tensor, sampler_logprobs_BT: torch.Tensor, mask_BT: torch.Tensor,
                       cap: float) -> torch.Tensor:
-    """Detached ``min(prod_{u<t} pi(y_u) / q(y_u), cap)``: the truncated ratio of the prefix that led to position t.
+    """Detached ``min(prod_{u<t} pi(y_u) / q(y_u), cap)``: the truncated ratio of the prefix that led to
+    position t.
 
-    A divergence taken over the vocabulary at position t is an expectation at the state ``y_<t``, which the sampler
-    ``q`` chose; the token drawn at t itself is not part of it. Position 0 gets 1; masked tokens count as ratio 1.
+    A divergence taken over the vocabulary at position t is an expectation at the state ``y_<t``, which the
+    sampler
+    ``q`` chose; the token drawn at t itself is not part of it. Position 0 gets 1; masked tokens count as
+    ratio 1.
     """
     log_ratio_BT = (logprobs_BT.detach() - sampler_logprobs_BT) * mask_BT
     before_BT = torch.cumsum(log_ratio_BT, dim=-1) - log_ratio_BT
@@ -63,7 +67,8 @@ def clipped_pg_token_loss(
     """Per-token PPO clipped surrogate ``-min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A)`` (§0.3), unreduced.
 
     Returns ``(loss_BT, ratio_BT, clipped_BT)``. ``old_logprobs_BT``, ``advantages_BT`` and the weights are
-    constants. With a single update per batch pass ``old = logprobs.detach()``: the ratio is 1 and the gradient is
+    constants. With a single update per batch pass ``old = logprobs.detach()``: the ratio is 1 and the
+    gradient is
     ``-A * grad log pi``.
     """
     old = old_logprobs_BT.detach()
@@ -116,5 +121,6 @@ def token_logprobs(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, temperatu
 def entropy_from_logits(logits_BTV: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Per-token entropy ``-sum_v p log p`` of the softmax over the vocabulary, shape [B, T]."""
     logp = torch.log_softmax(logits_BTV.float() / temperature, dim=-1)
-    # A masked logit (-inf) has p = 0 and adds 0, not 0 * -inf = NaN; zeroed before the product for the gradient too.
+    # A masked logit (-inf) has p = 0 and adds 0, not 0 * -inf = NaN; zeroed before the product for the
+    # gradient too.
     return -(logp.exp() * logp.masked_fill(torch.isneginf(logp), 0.0)).sum(-1)

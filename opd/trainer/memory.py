@@ -1,4 +1,5 @@
-"""The learner's activation memory, counted from the tensors autograd saves (``activation_mib`` in the metrics)."""
+"""The learner's activation memory, counted from the tensors autograd saves (``activation_mib`` in the
+metrics)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,23 @@ import torch
 
 
 class ActivationMeter:
-    """Peak bytes of the tensors autograd holds for backward during a learning pass: the learner's activation memory.
+    """Peak bytes of the tensors autograd holds for backward during a learning pass: the learner's activation
+    memory.
 
-    A saved tensor counts from the moment autograd saves it until it is freed (its backward has run and let go of
-    it), so computing the LM head and loss piece by piece shows as the lower peak it is. Deterministic on any device
-    (unlike RSS on CPU), so memory effects such as token selection or shared prompts can be compared.
+    A saved tensor counts from the moment autograd saves it until it is freed (its backward has run and let go
+    of it), so computing the LM head and loss piece by piece shows as the lower peak it is. Deterministic on
+    any device (unlike RSS on CPU), so memory effects such as token selection or shared prompts can be
+    compared.
     """
 
     def __init__(self, weights=()) -> None:
         self.bytes = 0  # the peak
         self.live = 0
-        self._held: dict[tuple[int, int], int] = {}  # storage (pointer, size) -> saved tensors still holding it
-        # Weights autograd saves (a matmul's backward reads them) are the model, not activations. A shard's storage is
-        # its local slice; the whole weights FSDP2 gathers for a layer are parameters of their own (``_is_weight``).
+        # storage (pointer, size) -> saved tensors still holding it
+        self._held: dict[tuple[int, int], int] = {}
+        # Weights autograd saves (a matmul's backward reads them) are the model, not activations. A shard's
+        # storage is its local slice; the whole weights FSDP2 gathers for a layer are parameters of their own
+        # (``_is_weight``).
         self._weights = {(w.to_local() if hasattr(w, "to_local") else w).untyped_storage().data_ptr() for w in weights}
 
     @staticmethod
@@ -36,9 +41,10 @@ class ActivationMeter:
             self.live += key[1]
             self.bytes = max(self.bytes, self.live)
         self._held[key] += 1
-        # A detached alias, not ``t``: an op that saves its own output (log_softmax, exp) would otherwise hold that
-        # output, whose grad_fn is the op's node holding it back, a cycle through C++ that no collector sees. A
-        # branch of the graph that is never backpropagated (a log-prob only read detached) then leaked every step.
+        # A detached alias, not ``t``: an op that saves its own output (log_softmax, exp) would otherwise hold
+        # that output, whose grad_fn is the op's node holding it back, a cycle through C++ that no collector
+        # sees. A branch of the graph that is never backpropagated (a log-prob only read detached) then leaked
+        # every step.
         saved = t.detach()
         weakref.finalize(saved, self._release, key)
         return saved

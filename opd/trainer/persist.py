@@ -1,14 +1,14 @@
 """A learner's checkpoint directory, one layout whatever the number of ranks and the strategy.
 
-    model/ or adapter/   the student (HF ``save_pretrained``) or its LoRA adapter (PEFT's format), with the tokenizer
-    optimizer.pt         AdamW's state keyed by parameter name (``torch.distributed.checkpoint.state_dict``)
-    rng.pt               torch / numpy / python generators (and CUDA's): LoRA dropout resumes where it was
-    self_teacher.pt      SDPO's EMA teacher, when the objective has one
-    learner.json         steps done and weight version
+    model/ or adapter/   the student (HF ``save_pretrained``) or its LoRA adapter (PEFT's format), with the
+    tokenizer optimizer.pt         AdamW's state keyed by parameter name
+    (``torch.distributed.checkpoint.state_dict``) rng.pt               torch / numpy / python generators (and
+    CUDA's): LoRA dropout resumes where it was self_teacher.pt      SDPO's EMA teacher, when the objective has
+    one learner.json         steps done and weight version
 
-Under FSDP2 every rank calls ``save`` and ``load`` (the gathers are collectives) and rank 0 alone writes; each rank
-reads the files (storage every node sees, as the run directory already must be) and keeps its own slice. Tensors
-are saved on the CPU, so a checkpoint resumes on any device and any number of ranks.
+Under FSDP2 every rank calls ``save`` and ``load`` (the gathers are collectives) and rank 0 alone writes; each
+rank reads the files (storage every node sees, as the run directory already must be) and keeps its own slice.
+Tensors are saved on the CPU, so a checkpoint resumes on any device and any number of ranks.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ def save(learner, path: str) -> None:
     teacher = fsdp.model_state(learner.teachers.self_teacher.model) if learner.teachers.self_teacher is not None else None
     if learner.comm.rank != 0:
         return
-    # With LoRA only the adapter is saved (its config names the base model): PeftModel.from_pretrained loads it.
+    # With LoRA only the adapter is saved (its config names the base model): PeftModel.from_pretrained loads
+    # it.
     weights = out / ("adapter" if learner.lora else "model")
     model.save_pretrained(weights, state_dict=state)
     learner.tokenizer.save_pretrained(weights)

@@ -2,9 +2,9 @@
 
 Decides, sample by sample, which objective learns from it (SRPO: correct -> GRPO, failed with a self-teacher
 context -> SDPO), which samples are dropped (uniform groups, quality gate) and how much each weighs (PACED).
-Advantages are computed here as plain numbers wherever they need no model (OPD's and ExOPD's need the learner's
-log pi: the learner computes them), so the batch can be dumped and replayed into a learner alone. Rules take plain
-values (``RoutePlan``), never the config.
+Advantages are computed here as plain numbers wherever they need no model (OPD's and ExOPD's need the
+learner's log pi: the learner computes them), so the batch can be dumped and replayed into a learner alone.
+Rules take plain values (``RoutePlan``), never the config.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ class RoutePlan:
     objective: str  # a name in opd.trainer.objectives
     norm_by_std: bool = True
     adv_eps: float = 1e-6
-    signal: TeacherSignal = TeacherSignal()  # what of the teacher's scores the learner reads (top-k rows, hidden states)
+    # what of the teacher's scores the learner reads (top-k rows, hidden states)
+    signal: TeacherSignal = TeacherSignal()
     paced: tuple[float, float] | None = None  # (a, b) of w(p) = p^a (1-p)^b
     quality_gate: float | None = None
     drop_uniform_groups: bool = False
@@ -41,7 +42,8 @@ def _groups(n: int, g: int) -> list[range]:
 
 
 def _self_teacher_prompts(samples: list[Sample], rewards: Rewards, g: int, plan: RoutePlan, render: Callable[[str], list[int]]):
-    """Per sample: the rendered self-teacher prompt (a sibling's correct answer shown), or None without one."""
+    """Per sample: the rendered self-teacher prompt (a sibling's correct answer shown), or None without
+    one."""
     prompts: list[list[int] | None] = []
     for grp in _groups(len(samples), g):
         contexts = self_teacher_contexts(
@@ -85,8 +87,9 @@ def route(
         adv = grpo_advantages(torch.tensor(rewards.rewards).view(-1, g), norm_by_std=plan.norm_by_std, eps=plan.adv_eps).flatten()
         advantages = [[float(a)] * n for a, n in zip(adv, lengths, strict=True)]
     else:
-        # A teacher's per-token advantage is the learner's to compute, from its own current log pi (the sampler's
-        # log q would bias the gradient whenever q != pi); a divergence over the vocabulary uses none.
+        # A teacher's per-token advantage is the learner's to compute, from its own current log pi (the
+        # sampler's log q would bias the gradient whenever q != pi); a divergence over the vocabulary uses
+        # none.
         advantages = [[0.0] * n for n in lengths]
     teacher_prompts = routes = None
     if objective.self_teacher:

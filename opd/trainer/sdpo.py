@@ -1,9 +1,10 @@
-"""SDPO, self-distillation policy optimisation (``reference/algorithms.md`` §3): the same model, shown a successful
-sibling rollout and/or environment feedback, re-scores the student's own rollout and the student distils it.
+"""SDPO, self-distillation policy optimisation (``reference/algorithms.md`` §3): the same model, shown a
+successful sibling rollout and/or environment feedback, re-scores the student's own rollout and the student
+distils it.
 
 Two halves, both pure: building the self-teacher's prompt text from one group of rollouts (plain Python lists,
-§3.1), and the per-token loss over tensors (torch only, §3.2–3.3). Shapes: ``B`` sequences, ``T`` padded response
-length, ``V`` vocabulary. Tested in ``tests/test_objectives.py``.
+§3.1), and the per-token loss over tensors (torch only, §3.2–3.3). Shapes: ``B`` sequences, ``T`` padded
+response length, ``V`` vocabulary. Tested in ``tests/test_objectives.py``.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ import torch
 from opd.trainer.divergences import student_topk_divergence
 from opd.trainer.losses import truncated_is_weights
 
-# Non-greedy and dot-all so each <think> block goes separately, newlines included, with its trailing whitespace.
+# Non-greedy and dot-all so each <think> block goes separately, newlines included, with its trailing
+# whitespace.
 _THINK_RE = re.compile(r"<think>.*?</think>\s*", flags=re.DOTALL)
 
 
 @dataclass(frozen=True)
 class RepromptTemplates:
-    """SDPO-ref ``actor.yaml`` defaults (YAML ``|-`` blocks: no trailing newline), filled with ``str.format``."""
+    """SDPO-ref ``actor.yaml`` defaults (YAML ``|-`` blocks: no trailing newline), filled with
+    ``str.format``."""
 
     reprompt: str = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question."
     solution: str = "\nCorrect solution:\n\n{successful_previous_attempt}"
@@ -53,11 +56,12 @@ def build_reprompt(
     feedback: str | None,
     templates: RepromptTemplates = RepromptTemplates(),
 ) -> str:
-    """The self-teacher's user message (§3.1 step 4): ``prompt + solution_section + feedback_section + suffix``.
+    """The self-teacher's user message (§3.1 step 4): ``prompt + solution_section + feedback_section +
+    suffix``.
 
     ``prompt_text`` is the last user message of the original chat. With neither a solution nor feedback the
-    teacher sees the original prompt unchanged. Placeholders are read from the templates only, so braces in the
-    prompt or the solution are safe.
+    teacher sees the original prompt unchanged. Placeholders are read from the templates only, so braces in
+    the prompt or the solution are safe.
     """
     if solution is None and feedback is None:
         return prompt_text
@@ -84,8 +88,9 @@ def self_teacher_contexts(
     Solution: the first rollout with ``reward ≥ success_threshold``, skipping the rollout itself when
     ``dont_reprompt_on_self_success``, its ``<think>`` blocks removed when ``remove_thinking``. Feedback: the
     rollout's own non-blank feedback string when ``include_feedback``, dropped when a solution exists and
-    ``feedback_only_without_solution``. Pass ``build_reprompt(prompt, *ctx)`` to get the teacher's text. Note that a
-    correct rollout with a correct sibling does get a teacher (SRPO's routing is what removes it, §5.1).
+    ``feedback_only_without_solution``. Pass ``build_reprompt(prompt, *ctx)`` to get the teacher's text. Note
+    that a correct rollout with a correct sibling does get a teacher (SRPO's routing is what removes it,
+    §5.1).
     """
     if len(group_rewards) != len(completions) or (
         feedbacks is not None and len(feedbacks) != len(completions)
@@ -122,19 +127,23 @@ def sdpo_token_loss(
     logp_BT: torch.Tensor | None = None,
     rollout_is_cap: float = 2.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDPO per-token distillation loss (§3.2); returns ``(loss_BT, teacher_entropy_BT)``, both 0 where masked.
+    """SDPO per-token distillation loss (§3.2); returns ``(loss_BT, teacher_entropy_BT)``, both 0 where
+    masked.
 
-    ``loss_t = JSD_alpha`` over the student's top-``k`` (+ tail) support (alpha = teacher weight: 0 forward KL,
+    ``loss_t = JSD_alpha`` over the student's top-``k`` (+ tail) support (alpha = teacher weight: 0 forward
+    KL,
     1 reverse KL), times two detached, capped importance weights from §3.2:
 
-    * ``min(exp(clamp(logp − logp_old, ±20)), is_cap)``, SDPO's ``is_clip``. ``logp_BT`` is the current student's
-      log-prob of the sampled token; ``None`` takes the on-policy shortcut ``logp := logp_old`` (ratio exactly 1).
+    * ``min(exp(clamp(logp − logp_old, ±20)), is_cap)``, SDPO's ``is_clip``. ``logp_BT`` is the current
+    student's
+      log-prob of the sampled token; ``None`` takes the on-policy shortcut ``logp := logp_old`` (ratio exactly
+      1).
     * ``min(exp(logp_old − sampler_logp), rollout_is_cap)``, token-level rollout TIS for the sampler/learner
       mismatch (§0.3); skipped when ``sampler_logp_BT`` is ``None``.
 
     ``mask_BT`` should be response mask × self-distillation (or SRPO routing) mask; aggregate the result with
-    ``losses.aggregate(loss_BT, mask_BT, "token-mean")``. Teacher logits come from a no-grad forward at the same
-    temperature as the student's.
+    ``losses.aggregate(loss_BT, mask_BT, "token-mean")``. Teacher logits come from a no-grad forward at the
+    same temperature as the student's.
     """
     div_BT, teacher_entropy_BT = student_topk_divergence(
         student_logits_BTV, teacher_logits_BTV, k, alpha, tail
@@ -153,7 +162,8 @@ def sdpo_token_loss(
 def ema_update(
     teacher_params: Iterable[torch.Tensor], student_params: Iterable[torch.Tensor], rate: float = 0.05
 ) -> None:
-    """In place ``t ← (1 − rate)·t + rate·s`` for each teacher/student parameter pair (§3.3, default rate 0.05).
+    """In place ``t ← (1 − rate)·t + rate·s`` for each teacher/student parameter pair (§3.3, default rate
+    0.05).
 
     Call after the training step's optimizer step(s); pairs must line up (same order and shapes).
     """

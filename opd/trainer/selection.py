@@ -1,9 +1,10 @@
-"""TIP token selection for on-policy distillation (torch only): which response tokens get the distillation loss.
+"""TIP token selection for on-policy distillation (torch only): which response tokens get the distillation
+loss.
 
 Shapes: ``B`` sequences, ``T`` padded response length, ``V`` vocabulary. ``mask_BT`` is 1 on valid response
-tokens. Two per-token signals, both computed without gradient: student entropy ĥ and teacher–student divergence d̂
-(``reference/algorithms.md`` §6). Selection never changes the loss maths, only the mask it is averaged over.
-Tested in ``tests/test_objectives.py``.
+tokens. Two per-token signals, both computed without gradient: student entropy ĥ and teacher–student
+divergence d̂ (``reference/algorithms.md`` §6). Selection never changes the loss maths, only the mask it is
+averaged over. Tested in ``tests/test_objectives.py``.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ def normalized_entropy(entropy_BT: torch.Tensor, vocab_size: int) -> torch.Tenso
 
 
 def normalized_jsd(student_logp_BTV: torch.Tensor, teacher_logp_BTV: torch.Tensor) -> torch.Tensor:
-    """``d̂ = JSD(S, T) / ln 2`` ∈ [0, 1] with equal weights ``M = (S+T)/2`` over the last dim (§6.1), shape [B, T].
+    """``d̂ = JSD(S, T) / ln 2`` ∈ [0, 1] with equal weights ``M = (S+T)/2`` over the last dim (§6.1), shape
+    [B, T].
 
-    Pass full-vocabulary log-probs, or both sides' top-k log-probs renormalised (OPSD-TIP ``jsd_topk``). Detached.
+    Pass full-vocabulary log-probs, or both sides' top-k log-probs renormalised (OPSD-TIP ``jsd_topk``).
+    Detached.
     """
     with torch.no_grad():
         jsd = generalized_jsd(student_logp_BTV.float(), teacher_logp_BTV.float(), 0.5)
@@ -55,7 +58,8 @@ def select_tokens(
     alpha: float = 1.0,
     gamma: float = 0.0,
 ) -> torch.Tensor:
-    """Pick the tokens that keep the distillation loss (§6.3); returns ``keep_mask_BT`` in ``mask_BT``'s dtype.
+    """Pick the tokens that keep the distillation loss (§6.3); returns ``keep_mask_BT`` in ``mask_BT``'s
+    dtype.
 
     ``n_keep = max(1, ⌊keep_ratio·N_valid⌋)`` over the valid tokens of the whole batch (0 if none is valid);
     masked tokens are never selected. Modes, all invariant to the scale of the inputs (pass ĥ and d̂ from
@@ -63,9 +67,11 @@ def select_tokens(
 
     * ``entropy``: top ``n_keep`` by student entropy.
     * ``divergence``: top ``n_keep`` by divergence.
-    * ``soft_or``: min-max normalise both over valid tokens, ``s = ĥ' + d̂' − ĥ'·d̂'`` (a soft OR: high when either
+    * ``soft_or``: min-max normalise both over valid tokens, ``s = ĥ' + d̂' − ĥ'·d̂'`` (a soft OR: high when
+    either
       is high), keep the top ``n_keep`` [inferred, §6.3].
-    * ``overconfident``: the Q3 quadrant, low entropy ``H ≤ median`` AND high divergence ``D ≥ median`` (medians
+    * ``overconfident``: the Q3 quadrant, low entropy ``H ≤ median`` AND high divergence ``D ≥ median``
+    (medians
       over valid tokens, inclusive so a constant signal does not empty the quadrant), then up to ``n_keep`` of
       those ranked by divergence. If Q3 is empty the single highest-divergence valid token is kept.
     * ``entropy_sample``: ``n_keep`` draws by multinomial sampling without replacement with weights

@@ -1,9 +1,9 @@
 """What one rank measured over its shard of a step, and the batch's figures after the ranks meet.
 
-Sums (loss, tokens, entropy, KL, padding, a non-finite flag) add over ranks; maxima (the learner/sampler log-prob
-gap, saved activations) take the largest. ``reduce`` does both in one SUM and one MAX collective, in float64 so a
-single rank's values pass through exactly; every rank gets the same totals and so takes the same skip-or-step
-decision.
+Sums (loss, tokens, entropy, KL, padding, a non-finite flag) add over ranks; maxima (the learner/sampler
+log-prob gap, saved activations) take the largest. ``reduce`` does both in one SUM and one MAX collective, in
+float64 so a single rank's values pass through exactly; every rank gets the same totals and so takes the same
+skip-or-step decision.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ _MAX = ("absdiff", "activation_bytes")
 
 @dataclass(frozen=True)
 class StepStats:
-    loss: float = 0.0  # sum of the micro-batches' loss contributions (each already divided by the batch denominator)
+    # sum of the micro-batches' loss contributions (each already divided by the batch denominator)
+    loss: float = 0.0
     entropy_sum: float = 0.0
     tokens: float = 0.0  # response tokens the LM head ran on (TIP: the kept ones)
     counted: float = 0.0  # tokens in the loss's denominator
@@ -56,6 +57,7 @@ class StepStats:
             "train_tokens": self.tokens,
             "loss_tokens": self.counted,
             "activation_mib": self.activation_bytes / 2**20,
-            "pad_fraction": 1.0 - self.real_positions / max(self.padded_positions, 1.0),  # forward positions of padding
+            # forward positions of padding
+            "pad_fraction": 1.0 - self.real_positions / max(self.padded_positions, 1.0),
             **({"teacher_kl": self.kl_sum / self.kl_tokens} if self.kl_tokens else {}),
         }

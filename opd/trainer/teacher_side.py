@@ -1,6 +1,6 @@
-"""The models a learner step reads besides the student, none of which gets a gradient: the ExOPD reference, the
-full-vocabulary teacher (the whole model, or only its LM head when its actor sends hidden states), the SDPO
-self-teacher; and ``aux``, which turns them and the batch's teacher scores into a micro-batch's ``Aux``.
+"""The models a learner step reads besides the student, none of which gets a gradient: the ExOPD reference,
+the full-vocabulary teacher (the whole model, or only its LM head when its actor sends hidden states), the
+SDPO self-teacher; and ``aux``, which turns them and the batch's teacher scores into a micro-batch's ``Aux``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from opd.types import TrainBatch
 
 
 def load_model(model_dir: str, device: torch.device | None = None) -> torch.nn.Module:
-    """Float32 weights (the optimizer's master copy, or a teacher's at the student's precision) on ``device``."""
+    """Float32 weights (the optimizer's master copy, or a teacher's at the student's precision) on
+    ``device``."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     return model if device is None else model.to(device)
 
@@ -38,11 +39,12 @@ class TeacherSide:
                  device: torch.device | None = None):
         self.fw, self.pad_id, self.chunk_tokens, self.share_prompts = fw, pad_id, chunk_tokens, share_prompts
         self.device = device or torch.device("cpu")
-        # Whole models run as trunks (their LM heads piece by piece), so FSDP2 can shard them as it shards the student.
+        # Whole models run as trunks (their LM heads piece by piece), so FSDP2 can shard them as it shards the
+        # student.
         self.reference = Trunk(frozen(load_model(reference_dir, self.device))) if spec.needs_reference else None
         self.hf_teacher = Trunk(frozen(load_model(teacher_dir, self.device))) if spec.needs_hf_teacher else None
-        # With the teacher's trunk in its own actor, only its LM head lives here (the rest of the model is freed,
-        # never copied to the device).
+        # With the teacher's trunk in its own actor, only its LM head lives here (the rest of the model is
+        # freed, never copied to the device).
         teacher = load_model(teacher_dir) if spec.needs_teacher_head else None
         self.teacher_head = frozen(teacher.get_output_embeddings().to(self.device)) if teacher is not None else None
         self.teacher_config = teacher.config if teacher is not None else None
@@ -56,20 +58,22 @@ class TeacherSide:
         return [p for m in (*self.trunks(), self.teacher_head) if m is not None for p in m.parameters()]
 
     def shard(self) -> None:
-        """FSDP2 over the learner ranks, as the student: each holds 1/N of every frozen model. The teacher head (an
-        LM head alone, read piece by piece on every rank) stays whole."""
+        """FSDP2 over the learner ranks, as the student: each holds 1/N of every frozen model. The teacher
+        head (an LM head alone, read piece by piece on every rank) stays whole."""
         for t in self.trunks():
             fsdp.shard(t, self.device)
 
     def reshard(self) -> None:
-        """After a step: their forwards had no backward, so their roots are still gathered (``fsdp.reshard``)."""
+        """After a step: their forwards had no backward, so their roots are still gathered
+        (``fsdp.reshard``)."""
         for t in self.trunks():
             fsdp.reshard(t)
 
     @torch.no_grad()
     def aux(self, batch: TrainBatch, idx: list[int], mt: MicroTensors) -> Aux:
-        """The micro-batch ``idx``'s teacher-side tensors: the batch's teacher scores as tensors, and the forwards of
-        the reference, HF teacher or self-teacher (their LM heads run later, piece by piece, in ``Aux.piece``)."""
+        """The micro-batch ``idx``'s teacher-side tensors: the batch's teacher scores as tensors, and the
+        forwards of the reference, HF teacher or self-teacher (their LM heads run later, piece by piece, in
+        ``Aux.piece``)."""
         t_max = mt.mask_BT.shape[1]
         aux = Aux()
         if batch.teacher_logprobs is not None:
@@ -84,7 +88,8 @@ class TeacherSide:
                     ids[j, :n] = torch.tensor(batch.teacher_topk_ids[i])
                     lps[j, :n] = torch.tensor(batch.teacher_topk_logprobs[i])
             aux.topk_ids_BTK, aux.topk_logp_BTK = ids.to(self.device), lps.to(self.device)
-        if self.teacher_head is not None:  # full_vocab_source=teacher: the teacher's actor sent its hidden states
+        # full_vocab_source=teacher: the teacher's actor sent its hidden states
+        if self.teacher_head is not None:
             if batch.teacher_hidden is None:
                 raise ValueError("opd.full_vocab_source=teacher: the batch carries no teacher hidden states")
             t_h = torch.zeros(len(idx), t_max, batch.teacher_hidden[idx[0]].shape[1])
@@ -97,7 +102,8 @@ class TeacherSide:
             aux.ref_logp_BT = per_piece(lambda p: token_logprobs(self.fw.logits(self.reference.model, ref_h[p]), mt.targets_BT[p]),
                                         pieces(mt.mask_BT.shape[0], mt.mask_BT.shape[1], self.chunk_tokens))
         if self.hf_teacher is not None:
-            t_h = self.fw.hidden(self.hf_teacher, mt)  # [B, T, H]: the teacher's logits are made piece by piece
+            # [B, T, H]: the teacher's logits are made piece by piece
+            t_h = self.fw.hidden(self.hf_teacher, mt)
             aux.teacher_head = lambda p: self.fw.logits(self.hf_teacher.model, t_h[p])
             if aux.teacher_logp_BT is None:  # no teacher actor scored the batch: this forward is the teacher
                 aux.teacher_logp_BT = per_piece(lambda p: token_logprobs(aux.teacher_head(p), mt.targets_BT[p]),

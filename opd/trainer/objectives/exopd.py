@@ -1,4 +1,5 @@
-"""G-OPD / ExOPD: OPD's reward extrapolated past the teacher along reference -> teacher (§4), lambda = exopd.lam."""
+"""G-OPD / ExOPD: OPD's reward extrapolated past the teacher along reference -> teacher (§4), lambda =
+exopd.lam."""
 
 from __future__ import annotations
 

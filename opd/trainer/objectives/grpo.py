@@ -1,5 +1,5 @@
-"""GRPO (and Dr.GRPO / DAPO's loss modes): verifier rewards, advantages relative to the prompt's group (§2). Its
-section holds the policy-gradient settings every such objective shares (``PG_SECTION``)."""
+"""GRPO (and Dr.GRPO / DAPO's loss modes): verifier rewards, advantages relative to the prompt's group (§2).
+Its section holds the policy-gradient settings every such objective shares (``PG_SECTION``)."""
 
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ class GRPOConfig(Section):
     adv_eps: float = Field(1e-6, gt=0)
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     tis_cap: float = Field(2.0, gt=0)
-    # every policy-gradient loss (grpo, sampled-token opd, exopd, srpo's GRPO branch, opd_reward): tis weighs the
-    # gradient by min(pi/q, tis_cap); ppo clips the ratio pi/q itself, with dual_clip bounding negative advantages
+    # every policy-gradient loss (grpo, sampled-token opd, exopd, srpo's GRPO branch, opd_reward): tis weighs
+    # the gradient by min(pi/q, tis_cap); ppo clips the ratio pi/q itself, with dual_clip bounding negative
+    # advantages
     ratio: Literal["tis", "ppo"] = "tis"
     dual_clip: float | None = Field(None, gt=1)
 

@@ -1,5 +1,6 @@
-"""The torch side of the objectives: the teacher-side tensors of a micro-batch (``Aux``), the policy-gradient loss the
-policy-gradient objectives share, and ``token_loss``, which hands a micro-batch to the objective's own module.
+"""The torch side of the objectives: the teacher-side tensors of a micro-batch (``Aux``), the policy-gradient
+loss the policy-gradient objectives share, and ``token_loss``, which hands a micro-batch to the objective's
+own module.
 """
 
 from __future__ import annotations
@@ -23,15 +24,16 @@ def _at(t: torch.Tensor | None, piece: tuple) -> torch.Tensor | None:
 class Aux:
     """Per-micro-batch tensors computed without gradient before the learning pass (teacher/reference side).
 
-    A teacher's full distribution is never held for the whole micro-batch: ``teacher_head`` computes it for one
-    piece (``opd.trainer.chunks``) from the teacher's hidden states, and ``piece`` fills ``teacher_logits_BTV`` with
-    it for the loss of that piece only."""
+    A teacher's full distribution is never held for the whole micro-batch: ``teacher_head`` computes it for
+    one piece (``opd.trainer.chunks``) from the teacher's hidden states, and ``piece`` fills
+    ``teacher_logits_BTV`` with it for the loss of that piece only."""
 
     teacher_logp_BT: torch.Tensor | None = None  # scored by the teacher server (or the learner's HF teacher)
     topk_ids_BTK: torch.Tensor | None = None
     topk_logp_BTK: torch.Tensor | None = None
     ref_logp_BT: torch.Tensor | None = None  # ExOPD reference model
-    teacher_logits_BTV: torch.Tensor | None = None  # one piece's HF-teacher / listed-vocabulary / self-teacher logits
+    # one piece's HF-teacher / listed-vocabulary / self-teacher logits
+    teacher_logits_BTV: torch.Tensor | None = None
     teacher_head: Callable[[tuple], torch.Tensor] | None = None  # piece -> that piece's teacher logits
     route_sdpo_B: torch.Tensor | None = None  # SRPO/SDPO: 1 where the sample learns from the self-teacher
     entropy_weights_BT: torch.Tensor | None = None  # SRPO exp(-beta*H) normalised over SDPO tokens
@@ -49,10 +51,11 @@ class Aux:
 def pg_token_loss(spec: ObjectiveSpec, logp_BT: torch.Tensor, sampler_BT: torch.Tensor, adv_BT: torch.Tensor) -> torch.Tensor:
     """Per-token policy-gradient loss against the sampler q, as ``grpo.ratio`` says.
 
-    ``tis``: the surrogate's ratio is pi over its detached self (1: one update per batch), and the truncated weight
-    min(pi/q, tis_cap) corrects for q != pi. ``ppo``: the ratio is pi/q itself, PPO-clipped to [1 - clip_low,
-    1 + clip_high], with ``grpo.dual_clip`` c bounding a negative advantage's loss at -c*A (Ye et al. 2020): stale
-    or mismatched tokens stop pulling once outside the trust region instead of being re-weighted."""
+    ``tis``: the surrogate's ratio is pi over its detached self (1: one update per batch), and the truncated
+    weight min(pi/q, tis_cap) corrects for q != pi. ``ppo``: the ratio is pi/q itself, PPO-clipped to [1 -
+    clip_low, 1 + clip_high], with ``grpo.dual_clip`` c bounding a negative advantage's loss at -c*A (Ye et
+    al. 2020): stale or mismatched tokens stop pulling once outside the trust region instead of being
+    re-weighted."""
     if spec.ratio == "ppo":
         loss_BT, _, _ = clipped_pg_token_loss(logp_BT, sampler_BT, adv_BT, clip_low=spec.clip_low,
                                               clip_high=spec.clip_high, dual_clip=spec.dual_clip)
@@ -74,9 +77,9 @@ def token_loss(
     spec: ObjectiveSpec, logits_BTV: torch.Tensor, targets_BT: torch.Tensor, mask_BT: torch.Tensor,
     sampler_BT: torch.Tensor, adv_BT: torch.Tensor, aux: Aux
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-token loss, denominator tokens) for one micro-batch, from ``spec.name``'s module in ``opd.trainer.objectives``,
-    plus ``kl_ref.coef`` times the per-token KL to the reference model on the tokens the objective counts (so it
-    shares the objective's denominator, whichever objective it is)."""
+    """(per-token loss, denominator tokens) for one micro-batch, from ``spec.name``'s module in
+    ``opd.trainer.objectives``, plus ``kl_ref.coef`` times the per-token KL to the reference model on the
+    tokens the objective counts (so it shares the objective's denominator, whichever objective it is)."""
     loss_BT, count_BT = get(spec.name).token_loss(spec, logits_BTV, targets_BT, mask_BT, sampler_BT, adv_BT, aux)
     if spec.kl_ref_coef:
         if aux.ref_logp_BT is None:

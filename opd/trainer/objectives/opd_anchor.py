@@ -1,13 +1,17 @@
-"""OPD anchored to a reference: the sampled token's teacher reward with a KL penalty to a frozen reference folded into
-it, the way OpenRLHF (``init_kl_coef``) and verl (``use_kl_in_reward``) put the reference's KL into the reward:
+"""OPD anchored to a reference: the sampled token's teacher reward with a KL penalty to a frozen reference
+folded into
+it, the way OpenRLHF (``init_kl_coef``) and verl (``use_kl_in_reward``) put the reference's KL into the
+reward:
 
     A_t = -opd.kl_coef * (log pi(y_t) - log pi_T(y_t)) - opd_anchor.beta * (log pi(y_t) - log pi_ref(y_t))
 
-as a detached advantage in the policy-gradient loss with the truncated weight min(pi/q, opd.tis_cap); ``beta = 0``
-is sampled-token OPD exactly. The anchor keeps the student near where it started (or near ``opd_anchor.reference``)
-while it moves towards the teacher; unlike ``kl_ref`` (a penalty added to any objective's loss) it shapes the reward
-each token's log-prob is pushed by. Up to a scale it is G-OPD's interpolation: dividing by 1 + beta gives
-``exopd.lam = 1 / (1 + beta)``, which Adam nearly undoes (its updates ignore a constant scale of the gradient).
+as a detached advantage in the policy-gradient loss with the truncated weight min(pi/q, opd.tis_cap); ``beta =
+0`` is sampled-token OPD exactly. The anchor keeps the student near where it started (or near
+``opd_anchor.reference``) while it moves towards the teacher; unlike ``kl_ref`` (a penalty added to any
+objective's loss) it shapes the reward each token's log-prob is pushed by. Up to a scale it is G-OPD's
+interpolation: dividing by 1 + beta gives
+``exopd.lam = 1 / (1 + beta)``, which Adam nearly undoes (its updates ignore a constant scale of the
+gradient).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """OPD with the task reward in one objective (verl's use_task_rewards, prime-rl's adv_tau, tinker's env reward
-+ KL): each token's advantage is ``opd_reward.kl_weight * (log pi_T - log pi) + opd_reward.reward_weight * A``,
-``A`` the sample's GRPO group advantage from the verifiers' rewards; one clipped policy-gradient loss over both.
-The teacher pulls every token towards itself; the reward moves whole answers that verify."""
++ KL): each token's advantage is ``opd_reward.kl_weight * (log pi_T - log pi) + opd_reward.reward_weight *
+A``,
+``A`` the sample's GRPO group advantage from the verifiers' rewards; one clipped policy-gradient loss over
+both. The teacher pulls every token towards itself; the reward moves whole answers that verify."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ if TYPE_CHECKING:
 
 
 class OPDRewardConfig(Section):
-    """algorithm=opd_reward: per-token advantage kl_weight * (log pi_T - log pi) + reward_weight * GRPO advantage."""
+    """algorithm=opd_reward: per-token advantage kl_weight * (log pi_T - log pi) + reward_weight * GRPO
+    advantage."""
 
     kl_weight: float = Field(1.0, ge=0)
     reward_weight: float = Field(1.0, ge=0)

@@ -1,5 +1,5 @@
-"""SDPO: the student distils from itself shown a sibling's correct answer (the self-teacher, an EMA copy) (§3). Its
-section holds the self-teacher's settings, which SRPO shares (``SELF_TEACHER_SECTION``)."""
+"""SDPO: the student distils from itself shown a sibling's correct answer (the self-teacher, an EMA copy)
+(§3). Its section holds the self-teacher's settings, which SRPO shares (``SELF_TEACHER_SECTION``)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,12 @@ if TYPE_CHECKING:
 
 
 class SDPOConfig(Section):
-    ema_rate: float = Field(0.05, ge=0, le=1)  # self-teacher <- (1-rate)*teacher + rate*student after each step
+    # self-teacher <- (1-rate)*teacher + rate*student after each step
+    ema_rate: float = Field(0.05, ge=0, le=1)
     top_k: int = Field(100, ge=1)  # student top-k support (+ tail bucket) of the JSD
     alpha: float = Field(0.5, ge=0, le=1)  # teacher weight of the JSD (0 forward KL, 1 reverse KL)
-    is_cap: float = Field(2.0, gt=0)  # cap of the SDPO loss's importance weights (pi/pi_old and sampler->learner pi/q)
+    # cap of the SDPO loss's importance weights (pi/pi_old and sampler->learner pi/q)
+    is_cap: float = Field(2.0, gt=0)
     success_threshold: float = 1.0  # a sibling with reward >= this is a solution to show the self-teacher
     dont_reprompt_on_self_success: bool = True
     max_reprompt_len: int = Field(256, ge=8)  # self-teacher prompt tokens; longer ones are cut on the right
@@ -37,7 +39,8 @@ def self_distillation_loss(spec, logits_BTV, targets_BT, mask_BT, sampler_BT, au
     loss_BT, _ = sdpo_token_loss(
         logits_BTV, aux.teacher_logits_BTV, logp_BT.detach(), sampler_BT, mask_BT,
         k=st.top_k, alpha=st.alpha, is_cap=st.is_cap, logp_BT=logp_BT,
-        # On-policy the pi/pi_old ratio is 1, so the sampler->learner weight is the one sdpo.is_cap must bound.
+        # On-policy the pi/pi_old ratio is 1, so the sampler->learner weight is the one sdpo.is_cap must
+        # bound.
         rollout_is_cap=st.is_cap,
     )
     return loss_BT, logp_BT

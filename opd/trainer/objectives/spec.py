@@ -1,7 +1,8 @@
-"""``ObjectiveSpec``: the learner's view of the objective, built from a config by ``opd.plan`` and picklable to a
-learner actor. It carries the objective sections as the config holds them (each objective reads its own section,
-by its name, in its module) and the few values every objective shares; the properties below are the one place that
-maps the shared sections onto what the learner, the losses and the router read. Imports without torch.
+"""``ObjectiveSpec``: the learner's view of the objective, built from a config by ``opd.plan`` and picklable
+to a learner actor. It carries the objective sections as the config holds them (each objective reads its own
+section, by its name, in its module) and the few values every objective shares; the properties below are the
+one place that maps the shared sections onto what the learner, the losses and the router read. Imports without
+torch.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from opd.trainer.objectives import PG_SECTION, SELF_TEACHER_SECTION, TEACHER_SEC
 @dataclass(frozen=True)
 class ObjectiveSpec:
     name: str = "opd"
-    sections: Mapping[str, Any] = field(default_factory=dict)  # objective name -> its section; absent: defaults
+    # objective name -> its section; absent: defaults
+    sections: Mapping[str, Any] = field(default_factory=dict)
     norm_len: int | None = None  # rollout.max_new_tokens (Dr.GRPO's constant length)
     kl_ref_coef: float = 0.0  # > 0: a KL penalty to the reference model on top of any objective
     kl_ref_kind: str = "low_var_kl"  # k1 | k2 | k3 | low_var_kl (opd.trainer.divergences.kl_penalty)
@@ -25,7 +27,8 @@ class ObjectiveSpec:
     keep_ratio: float = 1.0
 
     def __getitem__(self, section: str) -> Any:
-        """An objective's config section as the run set it (its defaults where the spec was built without it)."""
+        """An objective's config section as the run set it (its defaults where the spec was built without
+        it)."""
         got = self.sections.get(section)
         if got is not None:
             return got
@@ -53,7 +56,8 @@ class ObjectiveSpec:
 
     @property
     def signal(self) -> TeacherSignal:
-        """The teacher signal this objective reads (``opd.signal``: decided there, as for every other role)."""
+        """The teacher signal this objective reads (``opd.signal``: decided there, as for every other
+        role)."""
         t = self[TEACHER_SECTION]
         return teacher_signal(self.objective, t.divergence, t.full_vocab_source, top_k=0)
 
@@ -66,7 +70,8 @@ class ObjectiveSpec:
         """The teacher's actor sends its hidden states; this learner holds only the teacher's LM head."""
         return self.signal.hidden
 
-    # The policy-gradient settings every such objective shares (``opd.trainer.objectives.loss.pg_token_loss``).
+    # The policy-gradient settings every such objective shares
+    # (``opd.trainer.objectives.loss.pg_token_loss``).
     @property
     def agg(self) -> str:
         return self[PG_SECTION].loss_agg if self.objective.sequence_agg else "token-mean"
@@ -98,7 +103,8 @@ class ObjectiveSpec:
 
     @property
     def entropy_beta(self) -> float:
-        """beta of an entropy-weighted objective's exp(-beta * H) weights (its own section's ``entropy_beta``)."""
+        """beta of an entropy-weighted objective's exp(-beta * H) weights (its own section's
+        ``entropy_beta``)."""
         return self.own.entropy_beta
 
     def route_settings(self) -> dict:
