@@ -1,6 +1,6 @@
 """Every objective on the embedded task with the same budget, side by side.
 
-    python benchmarks/algorithms.py --out runs/bench-algorithms            # default budget (<= 60 min on 2 cores)
+    python benchmarks/algorithms.py --out runs/bench-algorithms   # default budget (<= 60 min on 2 cores)
     python benchmarks/algorithms.py --out /tmp/b --steps 4 --seeds 1 --objectives opd grpo   # smoke
 
 Writes DIR/algorithms.json (per objective: held-out accuracy per evaluated step, final accuracy, steps to
@@ -61,14 +61,17 @@ def run_one(name: str, seed: int, args) -> dict:
         **BUDGET,
         **OBJECTIVES[name],
         "run.name": run_dir.name, "run.output_dir": str(run_dir), "run.seed": seed,
-        "trainer.total_steps": args.steps, "eval.every": args.eval_every, "eval.num_prompts": args.eval_prompts,
+        "trainer.total_steps": args.steps, "eval.every": args.eval_every,
+        "eval.num_prompts": args.eval_prompts,
         "checkpoint.every": 0, "checkpoint.keep": 1,
     }
     cfg = load_config(ROOT / "configs" / "demo.yaml", [f"{k}={v}" for k, v in overrides.items()])
     t0 = time.perf_counter()
     summary = run(cfg, fresh=True, progress=False)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    curve = [(0, summary["student_accuracy_before"])] + [(r["step"] + 1, r["eval_accuracy"]) for r in rows if r.get("eval_accuracy") is not None]
+    curve = [(0, summary["student_accuracy_before"])] + [
+        (r["step"] + 1, r["eval_accuracy"]) for r in rows if r.get("eval_accuracy") is not None
+    ]
     if any(r.get("eval_accuracy") is None for r in rows if (r["step"] + 1) % args.eval_every == 0):
         raise RuntimeError(f"{name} seed {seed}: an evaluation is missing from {run_dir / 'metrics.jsonl'}")
     return {
@@ -113,16 +116,19 @@ def summarise(results: dict[str, list[dict]], teacher: float) -> dict:
 
 def write_report(out: Path, summary: dict, teacher: float, meta: dict) -> None:
     lines = [
-        f"Teacher held-out accuracy: {teacher:.1%}. Budget per run: {meta['steps']} steps x {meta['prompts_per_step']} prompts x "
-        f"{meta['group_size']} samples; AdamW lr {LR_PG:g} (policy-gradient family) or {LR_DENSE:g} (dense top-k target); "
+        f"Teacher held-out accuracy: {teacher:.1%}. Budget per run: {meta['steps']} steps x "
+        f"{meta['prompts_per_step']} prompts x {meta['group_size']} samples; AdamW lr {LR_PG:g} "
+        f"(policy-gradient family) or {LR_DENSE:g} (dense top-k target); "
         f"{meta['seeds']} seed(s); accuracy on {meta['eval_prompts']} held-out prompts (greedy).",
         "",
-        "| objective | lr | final accuracy (per seed) | steps to half the gap to the teacher | steps to 90% of teacher "
+        "| objective | lr | final accuracy (per seed) | steps to half the gap to the teacher "
+        "| steps to 90% of teacher "
         "| peak learner activations (MiB) | tokens trained | s/run |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summary.items():
-        half, reach = (s[k] if s[k] is not None else "not reached" for k in ("steps_to_half_gap", "steps_to_90pct_teacher"))
+        half, reach = (s[k] if s[k] is not None else "not reached"
+                       for k in ("steps_to_half_gap", "steps_to_90pct_teacher"))
         seeds = ", ".join(f"{a:.1%}" for a in s["final_accuracy_per_seed"])
         lines.append(
             f"| {name} | {meta['lr'][name]:g} | {s['final_accuracy']:.1%} ({seeds}) | {half} | {reach} | "
@@ -171,19 +177,24 @@ def main() -> int:
             r = run_one(name, seed, args)
             teacher = teacher if teacher is not None else r["teacher_accuracy"]
             results.setdefault(name, []).append(r)
-            print(json.dumps({"objective": name, "seed": seed, "final_accuracy": r["final_accuracy"], "seconds": r["seconds"]}), flush=True)
+            print(json.dumps({"objective": name, "seed": seed, "final_accuracy": r["final_accuracy"],
+                              "seconds": r["seconds"]}), flush=True)
     if teacher is None:  # only teacher-free objectives ran
         from opd.evaluation import evaluate_models
 
         teacher = evaluate_models(demo, teacher=True)["teacher_accuracy"]
     summary = summarise(results, teacher)
     meta = {"steps": args.steps, "seeds": args.seeds, "eval_prompts": args.eval_prompts,
-            "prompts_per_step": BUDGET["rollout.prompts_per_step"], "group_size": BUDGET["rollout.group_size"],
+            "prompts_per_step": BUDGET["rollout.prompts_per_step"],
+            "group_size": BUDGET["rollout.group_size"],
             "lr": {name: o["trainer.lr"] for name, o in OBJECTIVES.items()}}
     report = {"teacher_accuracy": teacher, "budget": meta, "objectives": summary, "runs": results}
     (args.out / "algorithms.json").write_text(json.dumps(report, indent=2) + "\n")
     write_report(args.out, summary, teacher, meta)
-    print(json.dumps({"teacher_accuracy": teacher, "objectives": {k: {kk: v[kk] for kk in ("final_accuracy", "steps_to_half_gap", "steps_to_90pct_teacher", "peak_activation_mib", "tokens_trained")} for k, v in summary.items()}}, indent=2))
+    shown = ("final_accuracy", "steps_to_half_gap", "steps_to_90pct_teacher", "peak_activation_mib",
+             "tokens_trained")
+    print(json.dumps({"teacher_accuracy": teacher,
+                      "objectives": {k: {kk: v[kk] for kk in shown} for k, v in summary.items()}}, indent=2))
     return 0
 
 

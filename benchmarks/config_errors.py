@@ -36,11 +36,14 @@ def cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "bad value": (["run", "configs/demo.yaml", "trainer.lr=-1"], "trainer.lr"),
         "missing model": (["run", "configs/demo.yaml", "models.student=/no/such/dir"], "models.student"),
         "empty config file": (["run", str(tmp / "empty.yaml")], "is empty"),
-        "resume without a run": (["run", "configs/demo.yaml", *models, f"run.output_dir={tmp / 'none'}", "--resume"],
+        "resume without a run": (["run", "configs/demo.yaml", *models, f"run.output_dir={tmp / 'none'}",
+                                  "--resume"],
                                  "--resume given"),
-        "submit, bad value": (["submit", "configs/demo.yaml", "rollout.group_size=0", "--address", "http://127.0.0.1:1"],
+        "submit, bad value": (["submit", "configs/demo.yaml", "rollout.group_size=0", "--address",
+                               "http://127.0.0.1:1"],
                               "rollout.group_size"),
-        "eval, missing model": (["eval", "configs/demo.yaml", "models.student=/no/such/dir"], "models.student"),
+        "eval, missing model": (["eval", "configs/demo.yaml", "models.student=/no/such/dir"],
+                                "models.student"),
     }
 
 
@@ -63,7 +66,8 @@ def main() -> None:
         for name, (argv, needle) in cases(tmp).items():
             runs = [timed([*OPD, *argv]) for _ in range(args.repeats)]
             seconds = [s for s, _, _ in runs]
-            rows[name] = {"argv": argv, "median_s": round(statistics.median(seconds), 3), "max_s": round(max(seconds), 3),
+            rows[name] = {"argv": argv, "median_s": round(statistics.median(seconds), 3),
+                          "max_s": round(max(seconds), 3),
                           "exit_code": runs[0][1], "names_the_key": needle in runs[0][2],
                           "ratio_to_help": round(statistics.median(seconds) / help_s, 2)}
     result = {"command": " ".join(sys.argv), "machine": f"{platform.processor() or platform.machine()}, "

@@ -1,7 +1,8 @@
 """FLOPs of each stage of an on-policy distillation step, and this machine's float32 matmul rate: the bound
 every stage's measured time is set against (``benchmarks/vs_trl.py`` reports time / bound per stage).
 
-    python benchmarks/flops.py models/smollm2-L20 models/smollm2      # the bound of one step of configs/smollm2.yaml
+    python benchmarks/flops.py models/smollm2-L20 models/smollm2
+    # the bound of one step of configs/smollm2.yaml
 
 Counts are of matrix products only (the layers' weights, attention scores and values, the LM head), 2 FLOPs
 per multiply-add; a backward pass costs twice its forward. Norms, activations, softmax and the optimiser are
@@ -30,7 +31,8 @@ class Shape:
     def of(cls, config) -> Shape:
         c = config
         return cls(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
-                   getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads, c.intermediate_size, c.vocab_size)
+                   getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+                   c.intermediate_size, c.vocab_size)
 
     @property
     def layer_params(self) -> int:
@@ -41,7 +43,8 @@ class Shape:
         """``tokens`` positions through every layer, ``context`` (query, key) pairs attended in all, the LM
         head at
         ``logits`` positions."""
-        return (2 * self.layers * self.layer_params * tokens + 4 * self.layers * self.heads * self.head_dim * context
+        return (2 * self.layers * self.layer_params * tokens
+                + 4 * self.layers * self.heads * self.head_dim * context
                 + 2 * self.hidden * self.vocab * logits)
 
 
@@ -50,7 +53,8 @@ def causal_pairs(n: int, start: int = 0) -> int:
     return n * (n + 1) // 2 - start * (start + 1) // 2
 
 
-def score(shape: Shape, prompt_lens: list[int], response_lens: list[int], logits_all: bool, group: int = 1) -> float:
+def score(shape: Shape, prompt_lens: list[int], response_lens: list[int], logits_all: bool,
+          group: int = 1) -> float:
     """A forward over prompt + response; the LM head at the response positions (or at every position, as
     vLLM's
     ``prompt_logprobs`` does). ``group`` > 1: each run of ``group`` sequences shares one prompt, which runs
@@ -106,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts, responses = [40] * 16, [16] * 16
     print(json.dumps({
         "batch": "16 sequences, 40 prompt + 16 response tokens",
-        "gflop": {"generate": generate(s, prompts, responses) / 1e9, "teacher_forward": score(t, prompts, responses, False) / 1e9,
+        "gflop": {"generate": generate(s, prompts, responses) / 1e9,
+                  "teacher_forward": score(t, prompts, responses, False) / 1e9,
                   "student_train": train(s, prompts, responses) / 1e9},
         "matmul_gflop_per_s": {"1_thread": matmul_rate(1), "2_threads": matmul_rate(2)},
     }, indent=2))

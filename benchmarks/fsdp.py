@@ -45,7 +45,8 @@ def batch(vocab: int, n: int, seed: int) -> TrainBatch:
     sampler = [[-rng.uniform(0.5, 6.0) for _ in r] for r in responses]
     teacher = [[s - rng.uniform(-1, 1) for s in row] for row in sampler]
     return TrainBatch(uids=[f"b{seed}u{i}" for i in range(n)], prompt_ids=prompts, response_ids=responses,
-                      sampler_logprobs=sampler, advantages=[[0.0] * len(r) for r in responses], teacher_logprobs=teacher,
+                      sampler_logprobs=sampler, advantages=[[0.0] * len(r) for r in responses],
+                      teacher_logprobs=teacher,
                       objective="opd")
 
 
@@ -56,8 +57,10 @@ def held_bytes(learner: Learner) -> dict[str, int]:
         return t.numel() * t.element_size()
 
     params = list(learner.model.parameters())
-    state = [v for s in learner.opt.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
-    return {"weights": sum(map(size, params)), "grads": sum(size(p.grad) for p in params if p.grad is not None),
+    state = [v for s in learner.opt.state.values() for v in s.values()
+             if isinstance(v, torch.Tensor) and v.dim() > 0]
+    return {"weights": sum(map(size, params)),
+            "grads": sum(size(p.grad) for p in params if p.grad is not None),
             "adam_state": sum(map(size, state))}
 
 
@@ -76,8 +79,10 @@ def rank_main(rank: int, world: int, strategy: str, model: str, steps: int, port
     held = held_bytes(learner)  # gradients are kept after the step (zeroed at the next one)
     weights = {k: whole(v).detach().clone() for k, v in learner.model.state_dict().items()}
     result = {"rank": rank, "held_mib": {k: v / 2**20 for k, v in held.items()},
-              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "step_seconds": seconds}
-    torch.save({"result": result, "weights": weights if rank == 0 else None}, Path(out) / f"{strategy}-{world}-{rank}.pt")
+              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "step_seconds": seconds}
+    torch.save({"result": result, "weights": weights if rank == 0 else None},
+               Path(out) / f"{strategy}-{world}-{rank}.pt")
 
 
 def _entry(rank: int, *args) -> None:
@@ -91,24 +96,30 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    report = {"model": args.model, "steps": args.steps, "batch": "16 samples, 40-60 prompt + 16 response tokens",
+    report = {"model": args.model, "steps": args.steps,
+              "batch": "16 samples, 40-60 prompt + 16 response tokens",
               "machine": f"{os.cpu_count()} cores, torch {torch.__version__}", "runs": {}}
     with tempfile.TemporaryDirectory(prefix="opd-fsdp-bench-") as tmp:
         for strategy, world in (("single", 1), ("ddp", 2), ("fsdp2", 2)):
-            mp.spawn(_entry, args=(world, strategy, args.model, args.steps, free_port(), tmp), nprocs=world, join=True)
-            ranks = [torch.load(Path(tmp) / f"{strategy}-{world}-{r}.pt", weights_only=False) for r in range(world)]
+            mp.spawn(_entry, args=(world, strategy, args.model, args.steps, free_port(), tmp), nprocs=world,
+                     join=True)
+            ranks = [torch.load(Path(tmp) / f"{strategy}-{world}-{r}.pt", weights_only=False)
+                     for r in range(world)]
             report["runs"][strategy] = {"ranks": [r["result"] for r in ranks]}
             report["runs"][strategy]["weights"] = ranks[0]["weights"]
     base = report["runs"]["single"].pop("weights")
     for name in ("ddp", "fsdp2"):
         w = report["runs"][name].pop("weights")
-        report["runs"][name]["max_abs_diff_vs_single"] = max(float((w[k] - base[k]).abs().max()) for k in base)
+        report["runs"][name]["max_abs_diff_vs_single"] = max(float((w[k] - base[k]).abs().max())
+                                                             for k in base)
     held = {n: sum(report["runs"][n]["ranks"][0]["held_mib"].values()) for n in report["runs"]}
-    step = {n: sum(r["step_seconds"][-1] for r in report["runs"][n]["ranks"]) / len(report["runs"][n]["ranks"])
+    step = {n: (sum(r["step_seconds"][-1] for r in report["runs"][n]["ranks"])
+                / len(report["runs"][n]["ranks"]))
             for n in report["runs"]}
     report["ratios"] = {
         "fsdp2_over_ddp_held_bytes_per_rank": held["fsdp2"] / held["ddp"],
-        "fsdp2_over_ddp_peak_rss_rank0": report["runs"]["fsdp2"]["ranks"][0]["peak_rss_mib"] / report["runs"]["ddp"]["ranks"][0]["peak_rss_mib"],
+        "fsdp2_over_ddp_peak_rss_rank0": (report["runs"]["fsdp2"]["ranks"][0]["peak_rss_mib"]
+                                          / report["runs"]["ddp"]["ranks"][0]["peak_rss_mib"]),
         "fsdp2_over_ddp_step_seconds": step["fsdp2"] / step["ddp"],
     }
     text = json.dumps(report, indent=1)

@@ -1,8 +1,10 @@
 """The learner on one GPU: tokens/s, MFU and peak memory of opd's ``Learner`` at Qwen2.5-0.5B and 1.5B shapes,
 for top-k OPD, full-vocabulary OPD with the LM head and loss in pieces and all at once, and GRPO. Prints JSON.
 
-    python benchmarks/gpu_learner.py --out benchmarks/results/gpu_learner_h200.json   # one H200: under 8 minutes
-    python benchmarks/gpu_learner.py --tiny                                            # the same path on a CPU, seconds
+    # one H200: under 8 minutes
+    python benchmarks/gpu_learner.py --out benchmarks/results/gpu_learner_h200.json
+    # the same path on a CPU, seconds
+    python benchmarks/gpu_learner.py --tiny
 
 Needs torch, transformers and peft only (the lent GPU machines have no vLLM and no Ray): it drives the Learner
 class in-process on synthetic rollouts. Students are random-weight Qwen2 models built from configs
@@ -106,7 +108,8 @@ def build_student(shape: Shape, out: Path, device: torch.device) -> Path:
 
     cfg = Qwen2Config(vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
                       num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-                      intermediate_size=shape.intermediate, tie_word_embeddings=True, max_position_embeddings=4096,
+                      intermediate_size=shape.intermediate, tie_word_embeddings=True,
+                      max_position_embeddings=4096,
                       rope_theta=1_000_000.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     with torch.device(device):  # initialised where it will run: a 1.5B init on one CPU thread takes a minute
@@ -129,11 +132,13 @@ def synthetic_batch(case: Case, load: Load, vocab: int, seed: int):
     gen = np.random.default_rng(seed)
     n = load.sequences
     prompts = gen.integers(3, vocab, (n, load.prompt_len)).tolist()
-    responses = [gen.integers(3, vocab, rng.randint(load.response_min, load.response_max)).tolist() for _ in range(n)]
+    responses = [gen.integers(3, vocab, rng.randint(load.response_min, load.response_max)).tolist()
+                 for _ in range(n)]
     sampler = [(-gen.uniform(0.05, 3.0, len(r))).tolist() for r in responses]
     topk = case.divergence == "teacher_topk"
     ids = [gen.integers(3, vocab, (len(r), TOP_K)).tolist() for r in responses] if topk else None
-    lps = [np.sort(-gen.uniform(0.05, 8.0, (len(r), TOP_K)), axis=1)[:, ::-1].tolist() for r in responses] if topk else None
+    lps = ([np.sort(-gen.uniform(0.05, 8.0, (len(r), TOP_K)), axis=1)[:, ::-1].tolist() for r in responses]
+           if topk else None)
     adv = ([[rng.choice((-1.0, 1.0))] * len(r) for r in responses] if case.objective == "grpo"
            else [(-gen.uniform(-1, 1, len(r))).tolist() for r in responses])
     return TrainBatch(uids=[f"u{i}" for i in range(n)], prompt_ids=prompts, response_ids=responses,
@@ -206,10 +211,13 @@ def run_case(shape: Shape, model_dir: Path, case: Case, load: Load, args, device
     from opd.plan import spec_of
     from opd.trainer.learner import Learner
 
-    spec = spec_of(f"algorithm={case.objective}", f"opd.divergence={case.divergence}", f"teacher.top_k={TOP_K}")
-    learner = Learner(str(model_dir), lr=1e-5, device=device.type, autocast=args.autocast, micro_batch_size=load.sequences,
-                      micro_batch_tokens=load.micro_batch_tokens, logits_chunk_tokens=load.chunk_tokens if case.chunked else 0,
-                      gradient_checkpointing=case.gradient_checkpointing, torch_threads=args.threads, objective=spec,
+    spec = spec_of(f"algorithm={case.objective}", f"opd.divergence={case.divergence}",
+                   f"teacher.top_k={TOP_K}")
+    learner = Learner(str(model_dir), lr=1e-5, device=device.type, autocast=args.autocast,
+                      micro_batch_size=load.sequences, micro_batch_tokens=load.micro_batch_tokens,
+                      logits_chunk_tokens=load.chunk_tokens if case.chunked else 0,
+                      gradient_checkpointing=case.gradient_checkpointing, torch_threads=args.threads,
+                      objective=spec,
                       teacher_dir=str(model_dir) if case.teacher_forward else None)
     batches = [synthetic_batch(case, load, shape.vocab, seed) for seed in range(args.warmup + args.steps)]
     for b in batches[: args.warmup]:
@@ -242,7 +250,8 @@ def run_case(shape: Shape, model_dir: Path, case: Case, load: Load, args, device
         # not pair
         "tokens_per_s": round(_median([n / t for n, t in zip(tokens, times, strict=True)]), 1),
         "model_tflops_per_step": round(_median(flops) / 1e12, 3),
-        "mfu": round(_median([f / t / peak_flops for f, t in zip(flops, times, strict=True)]), 4) if peak_flops else None,
+        "mfu": (round(_median([f / t / peak_flops for f, t in zip(flops, times, strict=True)]), 4)
+                if peak_flops else None),
         "peak_mib": peak, "step_peak_over_resident_mib": over, "memory_method": memory.method,
         "learner_activation_mib": round(stats[-1]["activation_mib"], 1), "loss": stats[-1]["loss"],
         "update_skipped": stats[-1]["update_skipped"],
@@ -257,7 +266,8 @@ def targets(rows: list[dict]) -> dict:
     """The issue's targets, reported (not asserted): MFU >= 35 % at 0.5B bf16; full-vocab chunked <= 1/4
     unchunked."""
     out: dict = {}
-    mfus = [r["mfu"] for r in rows if r["shape"] == "qwen2.5-0.5b" and r["mfu"] is not None and r.get("error") is None]
+    mfus = [r["mfu"] for r in rows
+            if r["shape"] == "qwen2.5-0.5b" and r["mfu"] is not None and r.get("error") is None]
     if mfus:
         out["mfu_0.5b_best"] = {"value": max(mfus), "target": 0.35, "met": max(mfus) >= 0.35}
     for shape in sorted({r["shape"] for r in rows}):
@@ -266,32 +276,39 @@ def targets(rows: list[dict]) -> dict:
         if a and b and a["step_peak_over_resident_mib"] and b["step_peak_over_resident_mib"]:
             ratio = a["step_peak_over_resident_mib"] / b["step_peak_over_resident_mib"]
             out[f"full_vocab_chunked_over_unchunked_{shape}"] = {"value": round(ratio, 4), "target": 0.25,
-                                                                  "met": ratio <= 0.25, "of": "step_peak_over_resident_mib"}
+                                                                  "met": ratio <= 0.25,
+                                                                  "of": "step_peak_over_resident_mib"}
     return out
 
 
 def plan(args) -> tuple[list[str], Load]:
     if args.tiny:
-        return ["tiny"], Load(sequences=16, prompt_len=16, response_min=48, response_max=64, micro_batch_tokens=0,
-                              chunk_tokens=64)
+        return ["tiny"], Load(sequences=16, prompt_len=16, response_min=48, response_max=64,
+                              micro_batch_tokens=0, chunk_tokens=64)
     return args.shapes, Load(sequences=args.sequences, prompt_len=256, response_min=512, response_max=1024,
                              micro_batch_tokens=args.micro_batch_tokens, chunk_tokens=1024)
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiny", action="store_true", help="a tiny shape on whatever device: the test's smoke run")
-    p.add_argument("--shapes", nargs="+", default=["qwen2.5-0.5b", "qwen2.5-1.5b"], choices=[s for s in SHAPES if s != "tiny"])
+    p.add_argument("--tiny", action="store_true",
+                   help="a tiny shape on whatever device: the test's smoke run")
+    p.add_argument("--shapes", nargs="+", default=["qwen2.5-0.5b", "qwen2.5-1.5b"],
+                   choices=[s for s in SHAPES if s != "tiny"])
     p.add_argument("--cases", nargs="+", default=[c.name for c in CASES], choices=[c.name for c in CASES])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="trainer.device")
-    p.add_argument("--autocast", default=None, choices=["off", "bf16"], help="default: bf16 on CUDA, off on a CPU")
-    p.add_argument("--sequences", type=int, default=64, help="sequences per step (prompt 256, response 512-1024)")
+    p.add_argument("--autocast", default=None, choices=["off", "bf16"],
+                   help="default: bf16 on CUDA, off on a CPU")
+    p.add_argument("--sequences", type=int, default=64,
+                   help="sequences per step (prompt 256, response 512-1024)")
     p.add_argument("--micro-batch-tokens", type=int, default=16384, help="trainer.micro_batch_tokens")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="timed steps per case (median reported)")
     p.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1), help="trainer.torch_threads")
-    p.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 dense TFLOP/s (default: by GPU name)")
-    p.add_argument("--budget-s", type=float, default=450.0, help="cases not started by then are reported as skipped")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak bf16 dense TFLOP/s (default: by GPU name)")
+    p.add_argument("--budget-s", type=float, default=450.0,
+                   help="cases not started by then are reported as skipped")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     from opd.trainer.device import resolve_device
@@ -313,7 +330,8 @@ def main(argv: list[str] | None = None) -> dict:
                 torch.cuda.empty_cache()
             for case in cases:
                 if time.perf_counter() - t_all > args.budget_s:
-                    rows.append({"shape": name, "name": case.name, "error": f"skipped: past --budget-s {args.budget_s:g}"})
+                    rows.append({"shape": name, "name": case.name,
+                                 "error": f"skipped: past --budget-s {args.budget_s:g}"})
                     continue
                 try:
                     rows.append(run_case(shape, model_dir, case, load, args, device))
@@ -326,21 +344,28 @@ def main(argv: list[str] | None = None) -> dict:
                     torch.cuda.empty_cache()
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     report = {
-        "what": "opd Learner.train_step on synthetic rollouts, random-weight Qwen2 students built from configs",
+        "what": "opd Learner.train_step on synthetic rollouts, random-weight Qwen2 students built from "
+                "configs",
         "device": {"type": device.type, "name": gpu or platform.processor() or platform.machine(),
                    "peak_bf16_tflops": args.peak_tflops, "torch": torch.__version__, "cpus": os.cpu_count()},
         "setup": {"shapes": {n: asdict(SHAPES[n]) for n in shapes}, **asdict(load), "autocast": args.autocast,
-                  "warmup_steps": args.warmup, "timed_steps": args.steps, "torch_threads": args.threads, "top_k": TOP_K,
-                  "teacher": "full-vocab cases: a second, frozen copy of the student's checkpoint (same shape)",
-                  "cases": "topk and grpo: LM head and loss in pieces, no checkpointing; the full-vocab pair: "
+                  "warmup_steps": args.warmup, "timed_steps": args.steps, "torch_threads": args.threads,
+                  "top_k": TOP_K,
+                  "teacher": "full-vocab cases: a second, frozen copy of the student's checkpoint "
+                             "(same shape)",
+                  "cases": "topk and grpo: LM head and loss in pieces, no checkpointing; "
+                           "the full-vocab pair: "
                            "gradient checkpointing on, in pieces (chunk_tokens) vs all at once"},
         "formula": {
             "tokens_per_s": "real prompt + response tokens of a step / median step seconds",
-            "model_flops": "(6 + 2 if the learner runs the teacher forward) * (N_trunk * tokens + V * H * response "
-                           "tokens); N_trunk = weights other than the tied embedding; attention scores, padding "
+            "model_flops": "(6 + 2 if the learner runs the teacher forward) "
+                           "* (N_trunk * tokens + V * H * response "
+                           "tokens); N_trunk = weights other than the tied embedding; "
+                           "attention scores, padding "
                            "and checkpointing recompute not counted",
             "mfu": "model_flops / step seconds / (peak_bf16_tflops * 1e12)",
-            "memory": "peak over the timed steps: CUDA allocator counter, or the process RSS high-water mark on a CPU",
+            "memory": "peak over the timed steps: CUDA allocator counter, "
+                      "or the process RSS high-water mark on a CPU",
             "step_peak_over_resident": "peak - memory in use before the timed steps",
         },
         "cases": rows,

@@ -68,7 +68,8 @@ def judge(model_dir: str, cfg, teacher=None, batch: int = 50) -> dict:
         ids = torch.tensor([[eos] * (width - len(p.token_ids)) + p.token_ids for p in part])
         attn = _mask_left(part, width)
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=cfg.eval.max_new_tokens,
+            out = model.generate(input_ids=ids, attention_mask=attn, do_sample=False,
+                                 max_new_tokens=cfg.eval.max_new_tokens,
                                  pad_token_id=eos, eos_token_id=eos)
         correct += _verify(verifier, part, tok.batch_decode(out[:, width:], skip_special_tokens=True))
         if teacher is not None:
@@ -87,7 +88,8 @@ def _sampled_kl(model, teacher, ids, attn, eos: int, cfg, seed: int) -> tuple[fl
     ids, attn = ids.repeat_interleave(n, 0), attn.repeat_interleave(n, 0)
     torch.manual_seed(seed)
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+        out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True,
+                             temperature=1.0, top_p=1.0, top_k=0,
                              max_new_tokens=cfg.rollout.max_new_tokens, pad_token_id=eos, eos_token_id=eos)
         width = ids.shape[1]
         resp = out[:, width:]

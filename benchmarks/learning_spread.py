@@ -3,9 +3,11 @@ over tiny models bootstrapped with other seeds (which stand in for the same boot
 exact-match SFT lands moves with float rounding). Prints JSON: per run the before/after signal, the margin in
 standard errors (the test passes above ``MARGIN``), and per objective the pass rate and the spread.
 
-    python benchmarks/learning_spread.py --seeds 0-9 --boots 0,1,2 --out benchmarks/results/learning_spread.json
-    python benchmarks/learning_spread.py --runs opd --lr 3e-3 --seeds 0-39 --boots 3   # one objective, another rate
-    python benchmarks/learning_spread.py --flip-sign --seeds 0-2 --boots 0             # every run must then fail
+    python benchmarks/learning_spread.py --seeds 0-9 --boots 0-2 --out benchmarks/results/learning_spread.json
+    # one objective, another rate
+    python benchmarks/learning_spread.py --runs opd --lr 3e-3 --seeds 0-39 --boots 3
+    # every run must then fail
+    python benchmarks/learning_spread.py --flip-sign --seeds 0-2 --boots 0
     python benchmarks/learning_spread.py --runs srpo --set srpo.entropy_beta=0         # another setting
 
 Each run is the test's own code (its world, config, plan, learner, training loop and yardsticks), ~2-6 s on 2
@@ -69,7 +71,8 @@ def one_run(T, world, name: str, seed: int, lr: float | None, extra: list[str] |
     T.train(world, learner, cfg)
     after = measure()
     margin = sign * (before[0] - after[0]) / math.hypot(before[1], after[1])
-    return {"run": name, "seed": seed, "lr": cfg.trainer.lr, "before": round(before[0], 4), "before_se": round(before[1], 4),
+    return {"run": name, "seed": seed, "lr": cfg.trainer.lr, "before": round(before[0], 4),
+            "before_se": round(before[1], 4),
             "after": round(after[0], 4), "after_se": round(after[1], 4), "margin": round(margin, 2),
             "passed": margin > T.MARGIN}
 
@@ -80,8 +83,10 @@ def summary(rows: list[dict], margin: float) -> dict:
         mine = [r for r in rows if r["run"] == name]
         m = [r["margin"] for r in mine]
         out[name] = {"runs": len(mine), "passed": sum(r["passed"] for r in mine), "margin_min": min(m),
-                     "margin_median": statistics.median(m), "before": [min(r["before"] for r in mine), max(r["before"] for r in mine)],
-                     "after": [min(r["after"] for r in mine), max(r["after"] for r in mine)], "test_margin": margin}
+                     "margin_median": statistics.median(m),
+                     "before": [min(r["before"] for r in mine), max(r["before"] for r in mine)],
+                     "after": [min(r["after"] for r in mine), max(r["after"] for r in mine)],
+                     "test_margin": margin}
     return out
 
 
@@ -95,7 +100,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=None, help="prompts per step (default: the test's)")
     ap.add_argument("--set", nargs="*", default=[], help="more key=value overrides for every run")
     ap.add_argument("--flip-sign", action="store_true", help="negate every loss: each run must then fail")
-    ap.add_argument("--models", default="/tmp/opd-learning-spread", help="where the bootstrapped tiny models go")
+    ap.add_argument("--models", default="/tmp/opd-learning-spread",
+                    help="where the bootstrapped tiny models go")
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args()
 
@@ -120,7 +126,9 @@ def main() -> None:
                 row = {"boot": boot, **one_run(T, world, name, seed, args.lr, args.set)}
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 rows.append(row)
-    result = {"command": " ".join(sys.argv), "flip_sign": args.flip_sign, "overrides": args.set, "group": T.GROUP, "wall_s": round(time.perf_counter() - t0), "summary": summary(rows, T.MARGIN), "rows": rows}
+    result = {"command": " ".join(sys.argv), "flip_sign": args.flip_sign, "overrides": args.set,
+              "group": T.GROUP, "wall_s": round(time.perf_counter() - t0), "summary": summary(rows, T.MARGIN),
+              "rows": rows}
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

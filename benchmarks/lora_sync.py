@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from opd.rollout.engine import ACTOR_ENV
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": ACTOR_ENV}, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": ACTOR_ENV},
+             log_to_driver=False)
     try:
         full = measure(args.student, 0, args.repeats)
         loras = [measure(args.student, r, args.repeats) for r in args.ranks]

@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def _rss() -> tuple[int, int]:
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines()
+                  if ":" in line)
     return int(fields["VmRSS"].split()[0]) << 10, int(fields["VmHWM"].split()[0]) << 10
 
 
@@ -63,12 +64,15 @@ def child(spec: dict) -> dict:
         from opd.trainer.learner import Learner
         from opd.types import TrainBatch
 
-        learner = Learner(cfg.models.student, lr=1e-5, torch_threads=spec["threads"], micro_batch_size=spec["n"],
-                          logits_chunk_tokens=spec["chunk"], teacher_dir=cfg.models.teacher,
+        learner = Learner(cfg.models.student, lr=1e-5, torch_threads=spec["threads"],
+                          micro_batch_size=spec["n"], logits_chunk_tokens=spec["chunk"],
+                          teacher_dir=cfg.models.teacher,
                           objective=spec_of("opd.divergence=full_vocab"))
-        batch = TrainBatch(uids=[str(i) for i in range(spec["n"])], prompt_ids=prompts, response_ids=responses,
+        batch = TrainBatch(uids=[str(i) for i in range(spec["n"])], prompt_ids=prompts,
+                           response_ids=responses,
                            sampler_logprobs=[[-3.0] * len(r) for r in responses],
-                           advantages=[[0.0] * len(r) for r in responses], teacher_logprobs=None, objective="opd")
+                           advantages=[[0.0] * len(r) for r in responses], teacher_logprobs=None,
+                           objective="opd")
         # warm-up: allocator pools and the optimizer state exist before the measured step
         learner.train_step(batch)
         rss0, _ = _rss()
@@ -99,7 +103,8 @@ def child(spec: dict) -> dict:
         saved = step()
         seconds = time.perf_counter() - t0
     _, peak = _rss()
-    return {"peak_rss_growth_mib": round((peak - rss0) / 2**20, 1), "saved_for_backward_mib": round(saved / 2**20, 1),
+    return {"peak_rss_growth_mib": round((peak - rss0) / 2**20, 1),
+            "saved_for_backward_mib": round(saved / 2**20, 1),
             "step_seconds": round(seconds, 2)}
 
 
@@ -112,11 +117,13 @@ def _trl_trainer(cfg, spec):
     tok = AutoTokenizer.from_pretrained(cfg.models.student, padding_side="left")
     student = AutoModelForCausalLM.from_pretrained(cfg.models.student, dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(cfg.models.teacher, dtype=torch.float32)
-    args = DistillationConfig(output_dir=spec["work"], per_device_train_batch_size=spec["n"], beta=1.0, bf16=False,
-                              gradient_checkpointing=False, report_to="none", save_strategy="no", use_vllm=False,
+    args = DistillationConfig(output_dir=spec["work"], per_device_train_batch_size=spec["n"], beta=1.0,
+                              bf16=False, gradient_checkpointing=False, report_to="none",
+                              save_strategy="no", use_vllm=False,
                               max_completion_length=cfg.rollout.max_new_tokens)
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": "x"}]}] * spec["n"])
-    return DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data, processing_class=tok)
+    return DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
+                               processing_class=tok)
 
 
 def _trl_inputs(prompts, responses, pad_id: int) -> dict:
@@ -134,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--config", default=str(ROOT / "configs" / "smollm2.yaml"))
-    p.add_argument("--scales", type=int, nargs="+", default=[1, 4], help="batch = scale x prompts_per_step x group_size")
-    p.add_argument("--chunk", type=int, default=128, help="logits_chunk_tokens of the pieces run (0 is the other)")
+    p.add_argument("--scales", type=int, nargs="+", default=[1, 4],
+                   help="batch = scale x prompts_per_step x group_size")
+    p.add_argument("--chunk", type=int, default=128,
+                   help="logits_chunk_tokens of the pieces run (0 is the other)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "bench-memory")
     p.add_argument("--out", type=Path)
@@ -158,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                     "result": str(args.work_dir / f"{system}-{n}.json")}
             path = args.work_dir / f"{system}-{n}.spec.json"
             path.write_text(json.dumps(spec))
-            proc = subprocess.run([sys.executable, __file__, "--child", str(path)], capture_output=True, text=True)
+            proc = subprocess.run([sys.executable, __file__, "--child", str(path)], capture_output=True,
+                                  text=True)
             if proc.returncode:
                 raise SystemExit(f"{system} at {n} sequences failed:\n{proc.stderr[-2000:]}")
             rows.append({"system": system, "sequences": n, "logits_chunk_tokens": chunk,
@@ -179,7 +189,8 @@ def _ratios(rows: list[dict]) -> dict:
     for n in sorted({r["sequences"] for r in rows}):
         by = {r["system"]: r for r in rows if r["sequences"] == n}
         out[str(n)] = {f"{a}/{b}_{k}": round(by[a][k] / by[b][k], 3)
-                       for a, b in (("opd-pieces", "opd-at-once"), ("opd-pieces", "trl"), ("opd-at-once", "trl"))
+                       for a, b in (("opd-pieces", "opd-at-once"), ("opd-pieces", "trl"),
+                                    ("opd-at-once", "trl"))
                        for k in ("peak_rss_growth_mib", "saved_for_backward_mib")}
     return out
 

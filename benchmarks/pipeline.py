@@ -50,8 +50,11 @@ def stages_alone(cfg, job, roles, repeats: int) -> dict[str, float]:
     rewards = _verify(roles, batch.samples)
     routed = route(batch, rewards, scores, plan, job.render)
     return {
-        "generate": _timed(lambda: sample(roles, data.next_batch(cfg.rollout.prompts_per_step), 0, cfg), repeats),
-        "teacher_score": _timed(lambda: roles.teacher.submit(batch.samples, cfg.teacher.top_k).result(), repeats) if roles.teacher else 0.0,
+        "generate": _timed(lambda: sample(roles, data.next_batch(cfg.rollout.prompts_per_step), 0, cfg),
+                           repeats),
+        "teacher_score": (_timed(lambda: roles.teacher.submit(batch.samples, cfg.teacher.top_k).result(),
+                                 repeats)
+                          if roles.teacher else 0.0),
         "verify": _timed(lambda: _verify(roles, batch.samples), repeats),
         "route": _timed(lambda: route(batch, rewards, scores, plan, job.render), repeats),
         "train_step": _timed(lambda: ray.get(roles.learner.train_step.remote(routed)), repeats),
@@ -85,9 +88,11 @@ def main() -> int:
     p.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--async-staleness", type=int, default=1, help="rollout.max_staleness of the asynchronous loop")
+    p.add_argument("--async-staleness", type=int, default=1,
+                   help="rollout.max_staleness of the asynchronous loop")
     p.add_argument("--chunk-prompts", type=int, default=None,
-                   help="rollout.chunk_prompts of both loops (default: the config's); stages are timed unchunked")
+                   help="rollout.chunk_prompts of both loops (default: the config's); "
+                        "stages are timed unchunked")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
 
@@ -97,14 +102,16 @@ def main() -> int:
 
     overrides = ["eval.every=0", "eval.num_prompts=20", "checkpoint.every=0", *args.overrides]
     cfg = load_config(args.config, overrides)
-    job = prepare(cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": tempfile.mkdtemp()})}))
+    job = prepare(cfg.model_copy(
+        update={"run": cfg.run.model_copy(update={"output_dir": tempfile.mkdtemp()})}))
     init_ray(cfg)
     roles = start_roles(cfg)
     try:
         stages = stages_alone(cfg, job, roles, args.repeats)
         chunk = cfg.rollout.chunk_prompts if args.chunk_prompts is None else args.chunk_prompts
         sync_step, sync_wall = loop_step_seconds(cfg, job, roles, 0, args.steps, 3, chunk)
-        async_step, async_wall = loop_step_seconds(cfg, job, roles, args.async_staleness, args.steps, 3, chunk)
+        async_step, async_wall = loop_step_seconds(cfg, job, roles, args.async_staleness, args.steps, 3,
+                                                   chunk)
     finally:
         stop_roles(roles)
     total, slowest = sum(stages.values()), max(stages.values())
@@ -112,7 +119,8 @@ def main() -> int:
         "config": {"prompts_per_step": cfg.rollout.prompts_per_step, "group_size": cfg.rollout.group_size,
                    "algorithm": cfg.algorithm, "steps": args.steps, "repeats": args.repeats,
                    "async_staleness": args.async_staleness, "engine": cfg.rollout.engine,
-                   "chunk_prompts": cfg.rollout.chunk_prompts if args.chunk_prompts is None else args.chunk_prompts},
+                   "chunk_prompts": (cfg.rollout.chunk_prompts if args.chunk_prompts is None
+                                     else args.chunk_prompts)},
         "stages_alone_s": {k: round(v, 4) for k, v in stages.items()},
         "stages_sum_s": round(total, 4),
         "slowest_stage": max(stages, key=stages.get),

@@ -1,7 +1,7 @@
 """Rollout throughput: opd's RolloutWorker actor against the bare engines it wraps, on the same model and
 prompts.
 
-    python benchmarks/rollout.py                                # both engines, shapes 64x32 and 256x64, JSON out
+    python benchmarks/rollout.py   # both engines, shapes 64x32 and 256x64, JSON out
     python benchmarks/rollout.py --engines hf --repeats 3 --shapes 64x32
 
 Subjects, each a Ray actor with one CPU (as the pipeline places a rollout worker): ``opd_vllm`` and ``opd_hf``
@@ -60,16 +60,18 @@ class BareVLLM:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import LLM
 
-        self.llm = LLM(model=model_dir, tokenizer=model_dir, dtype="float32", seed=0, max_model_len=max_model_len,
-                       max_logprobs=20, enforce_eager=True, gpu_memory_utilization=0.3, enable_prefix_caching=False)
+        self.llm = LLM(model=model_dir, tokenizer=model_dir, dtype="float32", seed=0,
+                       max_model_len=max_model_len, max_logprobs=20, enforce_eager=True,
+                       gpu_memory_utilization=0.3, enable_prefix_caching=False)
 
     def generate(self, prompt_ids, *, n, temperature, top_p, max_tokens, seeds) -> int:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, min_tokens=max_tokens,
-                                 ignore_eos=True, logprobs=0, seed=s) for s in seeds]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                 min_tokens=max_tokens, ignore_eos=True, logprobs=0, seed=s) for s in seeds]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params,
+                                 use_tqdm=False)
         return sum(len(c.token_ids) for o in outs for c in o.outputs)
 
 
@@ -93,8 +95,9 @@ class BareHF:
         ids = torch.tensor(prompt_ids)
         with torch.inference_mode():
             out = self.model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=temperature, top_p=top_p,
-                top_k=0, max_new_tokens=max_tokens, min_new_tokens=max_tokens, num_return_sequences=n, pad_token_id=0,
+                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=temperature,
+                top_p=top_p, top_k=0, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                num_return_sequences=n, pad_token_id=0,
             )
         return int(out[:, ids.shape[1]:].numel())
 
@@ -149,7 +152,8 @@ def main() -> None:
 
     rng = random.Random(0)
     kw = {"temperature": args.temperature, "top_p": args.top_p}
-    results = {"model_params_M": round(params / 1e6, 3), "group_size": g, "repeats": args.repeats, "engines": engines, "shapes": {}}
+    results = {"model_params_M": round(params / 1e6, 3), "group_size": g, "repeats": args.repeats,
+               "engines": engines, "shapes": {}}
     for seqs, tokens in shapes:
         num_prompts = seqs // g
         prompts = [[rng.randrange(6, 102) for _ in range(PROMPT_LEN)] for _ in range(num_prompts)]
@@ -174,7 +178,8 @@ def main() -> None:
                 got, seconds = call(name)
                 dt = time.perf_counter() - t0
                 if got != seqs * tokens:
-                    raise RuntimeError(f"{name} drew {got} tokens, expected {seqs}x{tokens}: a sample stopped early")
+                    raise RuntimeError(f"{name} drew {got} tokens, expected {seqs}x{tokens}: "
+                                       "a sample stopped early")
                 rates[name].append(got / dt)
                 if seconds is not None:
                     inner[name].append(got / seconds)

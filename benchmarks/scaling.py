@@ -2,7 +2,8 @@
 token selection. Drives the real ``opd.trainer.learner.Learner`` in-process on CPU (no Ray, no engines) on
 synthetic OPD batches, one fresh process per configuration.
 
-    python benchmarks/scaling.py              # default grid (~2-3 min on 2 cores); writes benchmarks/results/scaling.json
+    python benchmarks/scaling.py              # default grid (~2-3 min on 2 cores);
+                                              # writes benchmarks/results/scaling.json
     python benchmarks/scaling.py --quick      # smoke run: a 2x2 grid, one timed step; prints only
 
 Memory: each configuration runs in its own process, forked from a server that has already imported torch, so
@@ -70,7 +71,8 @@ def _batch(batch: int, response_len: int, vocab: int, seed: int):
     # Synthetic log-probs: their values change the loss, not the work, which is what is measured here.
     sampler = [[-rng.uniform(0.1, 3.0) for _ in r] for r in responses]
     teacher = [[s - rng.uniform(-1.0, 1.0) for s in row] for row in sampler]
-    adv = [[t - s for s, t in zip(srow, trow, strict=True)] for srow, trow in zip(sampler, teacher, strict=True)]
+    adv = [[t - s for s, t in zip(srow, trow, strict=True)]
+           for srow, trow in zip(sampler, teacher, strict=True)]
     return TrainBatch(uids=[f"u{i}" for i in range(batch)], prompt_ids=prompts, response_ids=responses,
                       sampler_logprobs=sampler, advantages=adv, teacher_logprobs=teacher, objective="opd")
 
@@ -138,11 +140,15 @@ def _grid(args) -> tuple[list[int], list[int], int, int]:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(ROOT / "models" / "demo" / "student"))
-    p.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 5; 1 with --quick)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed steps per configuration (default 5; 1 with --quick)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in each configuration's process")
-    p.add_argument("--micro-batch", type=int, default=0, help="learner micro_batch_size (0: the whole batch at once)")
-    p.add_argument("--quick", action="store_true", help="smoke run: a 2x2 grid, one timed step, nothing written")
-    p.add_argument("--out", type=Path, default=None, help=f"JSON output (default {DEFAULT_OUT.relative_to(ROOT)}; "
+    p.add_argument("--micro-batch", type=int, default=0,
+                   help="learner micro_batch_size (0: the whole batch at once)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: a 2x2 grid, one timed step, nothing written")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"JSON output (default {DEFAULT_OUT.relative_to(ROOT)}; "
                    "none with --quick)")
     args = p.parse_args(argv)
     steps = args.steps or (1 if args.quick else 5)
@@ -150,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
     batches, lengths, fixed_len, fixed_batch = _grid(args)
     max_pos = json.loads((Path(args.model) / "config.json").read_text()).get("max_position_embeddings", 10**9)
     if PROMPT_LEN + max(lengths) > max_pos:
-        raise SystemExit(f"--model: max_position_embeddings={max_pos} < {PROMPT_LEN + max(lengths)} tokens per sample")
+        raise SystemExit(f"--model: max_position_embeddings={max_pos} < "
+                         f"{PROMPT_LEN + max(lengths)} tokens per sample")
 
     points = sorted({(b, fixed_len) for b in batches} | {(fixed_batch, t) for t in lengths})
     ctx = mp.get_context("forkserver")
@@ -161,13 +168,15 @@ def main(argv: list[str] | None = None) -> dict:
     with ProcessPoolExecutor(1, mp_context=ctx, max_tasks_per_child=1) as pool:
         for sel in SELECTIONS:
             for b, t in points:
-                r = pool.submit(run_config, args.model, b, t, sel, steps, args.threads, args.micro_batch).result()
+                r = pool.submit(run_config, args.model, b, t, sel, steps, args.threads,
+                                args.micro_batch).result()
                 print(json.dumps(r), file=sys.stderr, flush=True)
                 results.append(r)
 
     def series(sel: str, key: str, vary: str) -> tuple[list, list]:
         fixed = ("response_len", fixed_len) if vary == "batch" else ("batch", fixed_batch)
-        rows = sorted((r for r in results if r["selection"] == sel and r[fixed[0]] == fixed[1]), key=lambda r: r[vary])
+        rows = sorted((r for r in results if r["selection"] == sel and r[fixed[0]] == fixed[1]),
+                      key=lambda r: r[vary])
         return [r[vary] for r in rows], [r[key] for r in rows]
 
     exponents = {
@@ -185,14 +194,17 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     report = {
-        "what": "opd Learner.train_step on CPU, synthetic OPD (sampled-token) batches; selection entropy_sample "
-                "keeps 50 % of the response tokens",
+        "what": "opd Learner.train_step on CPU, synthetic OPD (sampled-token) batches; selection "
+                "entropy_sample keeps 50 % of the response tokens",
         "model": os.path.relpath(args.model, ROOT) if args.model.startswith(str(ROOT)) else args.model,
-        "setup": {"steps_timed": steps, "untimed_steps": "one 1x2 warm-up (outside the memory window), one full", "torch_threads": args.threads,
+        "setup": {"steps_timed": steps,
+                  "untimed_steps": "one 1x2 warm-up (outside the memory window), one full",
+                  "torch_threads": args.threads,
                   "micro_batch_size": args.micro_batch or "whole batch", "prompt_len": PROMPT_LEN,
                   "batch_sweep": {"batch": batches, "response_len": fixed_len},
                   "response_len_sweep": {"batch": fixed_batch, "response_len": lengths},
-                  "seconds": "median over timed steps", "tokens_per_s": "response tokens (batch x response_len) "
+                  "seconds": "median over timed steps",
+                  "tokens_per_s": "response tokens (batch x response_len) "
                   "per second, trained or not", "memory": "see module docstring (per-config process RSS)"},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "note": "shared with other concurrent work: times are noisy, compare ratios"},

@@ -1,8 +1,8 @@
 """Soak: one seeded job under a seeded schedule of injected faults; every sample must be trained exactly once.
 
-    python benchmarks/soak.py                     # demo models, 40 steps, prints JSON, writes benchmarks/results/soak.json
+    python benchmarks/soak.py  # demo models, 40 steps, prints JSON, writes benchmarks/results/soak.json
     python benchmarks/soak.py --quick --models DIR --out DIR
-    python benchmarks/soak.py --steps 60 --seed 3 rollout.engine=vllm     # trailing key=value: config overrides
+    python benchmarks/soak.py --steps 60 --seed 3 rollout.engine=vllm  # trailing key=value: config overrides
 
 The job runs as ``python -m opd.cli run`` in its own session (it owns an embedded Ray), two rollout workers
 generating one step ahead, a checkpoint every few steps, ``run.log_samples=true``. Faults, all from outside
@@ -69,13 +69,16 @@ def job_config(args, run_dir: Path, work: Path) -> dict:
     over = {
         "run.name": "soak", "run.output_dir": str(run_dir), "run.seed": args.seed, "run.log_samples": True,
         "models.student": str(args.models / "student"), "models.teacher": str(args.models / "teacher"),
-        "task.num_train": 100 if args.quick else 200, "task.num_test": 20, "eval.num_prompts": 20, "eval.every": 0,
+        "task.num_train": 100 if args.quick else 200, "task.num_test": 20, "eval.num_prompts": 20,
+        "eval.every": 0,
         "rollout.num_workers": 2, "rollout.max_staleness": 1, "rollout.prompts_per_step": p["prompts"],
         "rollout.group_size": 2, "rollout.engine": "hf", "rollout.max_restarts": 8,
         "trainer.total_steps": p["steps"], "trainer.warmup_steps": 2, "checkpoint.every": p["every"],
-        "checkpoint.keep": 2, "verifiers.timeout_s": 5.0, "verifiers.chunk_size": 4, "cluster.start_timeout_s": 900,
+        "checkpoint.keep": 2, "verifiers.timeout_s": 5.0, "verifiers.chunk_size": 4,
+        "cluster.start_timeout_s": 900,
     }
-    cfg = yaml.safe_load(dump_config(load_config(ROOT / "configs" / "demo.yaml", [f"{k}={_yaml(v)}" for k, v in over.items()]
+    cfg = yaml.safe_load(dump_config(load_config(ROOT / "configs" / "demo.yaml",
+                                                 [f"{k}={_yaml(v)}" for k, v in over.items()]
                                                  + list(args.overrides))))
     cfg["verifiers"]["functions"] = [
         {"name": "exact_answer", "weight": 1.0, "kwargs": {}},
@@ -165,13 +168,15 @@ class Watch:
                     return True
                 if kind == "teacher_outage":
                     self.proxy.take_down(OUTAGE_S)
-                    self.events.append({"kind": kind, "step": step, "attempt": attempt, "at": time.time() + OUTAGE_S})
+                    self.events.append({"kind": kind, "step": step, "attempt": attempt,
+                                        "at": time.time() + OUTAGE_S})
                     continue
                 victims = sorted(p.pid for p in session(proc) if _title(p).startswith("ray::RolloutWorker"))
                 if victims:
                     pid = self.rng.choice(victims)
                     os.kill(pid, signal.SIGKILL)
-                    self.events.append({"kind": kind, "step": step, "attempt": attempt, "at": time.time(), "pid": pid})
+                    self.events.append({"kind": kind, "step": step, "attempt": attempt, "at": time.time(),
+                                        "pid": pid})
             time.sleep(0.3)
         rows = self.lines()
         if rows and rows[-1] != last:
@@ -210,15 +215,17 @@ def kill_session(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def run_job(cfg_path: Path, run_dir: Path, work: Path, schedule: Schedule, rng: random.Random, timeout_s: float,
-            proxy=None):
+def run_job(cfg_path: Path, run_dir: Path, work: Path, schedule: Schedule, rng: random.Random,
+            timeout_s: float, proxy=None):
     watch = Watch(run_dir, schedule, rng, proxy)
     attempts, rc = [], None
     deadline = time.monotonic() + timeout_s
     for attempt in range(3):
-        cmd = [sys.executable, "-m", "opd.cli", "run", "--no-progress", str(cfg_path)] + (["--resume"] if attempt else [])
+        cmd = ([sys.executable, "-m", "opd.cli", "run", "--no-progress", str(cfg_path)]
+               + (["--resume"] if attempt else []))
         with open(work / f"driver-{attempt}.log", "w") as log:
-            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True,
                                     env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
             timer = threading.Timer(max(1.0, deadline - time.monotonic()), kill_session, [proc])
             timer.start()
@@ -275,14 +282,16 @@ def analyse(run_dir: Path, work: Path, watch: Watch) -> dict:
         f["survived"] += int(survived)
 
     for e in watch.events:
-        later = [s for s in watch.seen if s["attempt"] == e["attempt"] and s["seen_at"] > e["at"] and s["step"] >= e["step"]]
+        later = [s for s in watch.seen
+                 if s["attempt"] == e["attempt"] and s["seen_at"] > e["at"] and s["step"] >= e["step"]]
         if e["kind"] == "driver_sigkill":
             resumed = [s for s in watch.seen if s["attempt"] > e["attempt"] and s["step"] >= e["step"]]
             count(e["kind"], bool(resumed))
         elif e["kind"] == "teacher_outage":  # "at" is the end of the outage: a step finished after it
             count(e["kind"], bool(later))
         else:
-            kills = sum(1 for x in watch.events if x["kind"] == e["kind"] and x["attempt"] == e["attempt"] and x["at"] <= e["at"])
+            kills = sum(1 for x in watch.events
+                        if x["kind"] == e["kind"] and x["attempt"] == e["attempt"] and x["at"] <= e["at"])
             count(e["kind"], any(s.get("rollout_worker_restarts", 0) >= kills for s in later))
 
     # Verifier faults: each distinct call once (a step re-run after the resume meets the same fault again).
@@ -297,7 +306,8 @@ def analyse(run_dir: Path, work: Path, watch: Watch) -> dict:
         if f["key"] in seen_keys:
             continue
         seen_keys.add(f["key"])
-        ok = all(any(VERIFIER in why and EXPECTED_REASON[f["kind"]] in why for why in failures.get(tuple(row), []))
+        ok = all(any(VERIFIER in why and EXPECTED_REASON[f["kind"]] in why
+                     for why in failures.get(tuple(row), []))
                  for row in f["rows"])
         count(f"verifier_{f['kind']}", ok)
 
@@ -316,7 +326,8 @@ def analyse(run_dir: Path, work: Path, watch: Watch) -> dict:
             count(f["kind"], bool(steps_of.get(tuple(f["prompt_ids"]), set()) & skipped))
     summary = run_dir / "summary.json"
     return {
-        "steps": json.loads(summary.read_text())["steps"] if summary.exists() else (metrics[-1]["step"] + 1 if metrics else 0),
+        "steps": (json.loads(summary.read_text())["steps"] if summary.exists()
+                  else (metrics[-1]["step"] + 1 if metrics else 0)),
         "steps_planned": steps,
         "faults_injected": sum(f["injected"] for f in faults.values()),
         "faults_survived": sum(f["survived"] for f in faults.values()),
@@ -333,19 +344,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seeds the job and the fault schedule")
     ap.add_argument("--quick", action="store_true", help="a short run for the test suite")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="soak.json goes here")
-    ap.add_argument("--models", type=Path, default=ROOT / "models" / "demo", help="holds student/ and teacher/")
-    ap.add_argument("--work", type=Path, default=None, help="run directory and logs (default: a temporary one, removed)")
-    ap.add_argument("--worker-kills", type=int, default=None, help="rollout worker kills (default 2; 1 with --quick)")
+    ap.add_argument("--models", type=Path, default=ROOT / "models" / "demo",
+                    help="holds student/ and teacher/")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="run directory and logs (default: a temporary one, removed)")
+    ap.add_argument("--worker-kills", type=int, default=None,
+                    help="rollout worker kills (default 2; 1 with --quick)")
     ap.add_argument("--teacher-server", action=argparse.BooleanOptionalAction, default=None,
-                    help="teacher as `opd serve-teacher` behind a flapping, NaN-injecting proxy (default: on, off with --quick)")
+                    help="teacher as `opd serve-teacher` behind a flapping, NaN-injecting proxy "
+                         "(default: on, off with --quick)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds before the whole job is abandoned")
     ap.add_argument("overrides", nargs="*", help="config key=value overrides of the job")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(FAULTS_FILE.parent))
 
-    missing = [str(args.models / m) for m in ("student", "teacher") if not (args.models / m / "config.json").is_file()]
+    missing = [str(args.models / m) for m in ("student", "teacher")
+               if not (args.models / m / "config.json").is_file()]
     if missing:
-        print(f"soak: no checkpoint in {', '.join(missing)}: build the demo models first (`.venv/bin/opd bootstrap "
+        print(f"soak: no checkpoint in {', '.join(missing)}: build the demo models first "
+              "(`.venv/bin/opd bootstrap "
               f"--out {args.models}`, or make demo) or pass --models DIR", file=sys.stderr)
         return 2
     if args.work:
@@ -364,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rng = random.Random(args.seed)
     kills = args.worker_kills if args.worker_kills is not None else (1 if args.quick else 2)
-    schedule = Schedule(rng, cfg["trainer"]["total_steps"], cfg["checkpoint"]["every"], kills, proxy is not None)
+    schedule = Schedule(rng, cfg["trainer"]["total_steps"], cfg["checkpoint"]["every"], kills,
+                        proxy is not None)
     try:
         watch, attempts, rc = run_job(work / "job.yaml", run_dir, work, schedule, rng, args.timeout, proxy)
     finally:
@@ -374,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"seed": args.seed, **analyse(run_dir, work, watch), "driver_attempts": attempts,
               "wall_seconds": round(time.perf_counter() - t0, 1), "engine": cfg["rollout"]["engine"],
               "teacher": "serve-teacher behind a flaky proxy" if proxy else "local engine actor",
-              "schedule": {"driver_sigkill_step": schedule.driver, "rollout_worker_kill_steps": schedule.workers,
+              "schedule": {"driver_sigkill_step": schedule.driver,
+                           "rollout_worker_kill_steps": schedule.workers,
                            "teacher_outage_step": schedule.teacher}}
     ok = (rc == 0 and result["steps"] == result["steps_planned"] and result["samples_lost"] == 0
           and result["samples_duplicated"] == 0 and result["samples_unexpected"] == 0
@@ -402,7 +421,8 @@ def start_teacher(cfg: dict, work: Path, seed: int, nan_rate: float):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "opd.cli", "serve-teacher", cfg["models"]["teacher"], "--port", str(port),
-           "--max-model-len", str(cfg["rollout"]["max_model_len"]), "--max-logprobs", str(cfg["teacher"]["max_logprobs"])]
+           "--max-model-len", str(cfg["rollout"]["max_model_len"]),
+           "--max-logprobs", str(cfg["teacher"]["max_logprobs"])]
     with open(work / "teacher-server.log", "w") as log:
         server = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 900
@@ -416,7 +436,8 @@ def start_teacher(cfg: dict, work: Path, seed: int, nan_rate: float):
             kill_session(server)
             raise RuntimeError(f"opd serve-teacher did not come up; see {work / 'teacher-server.log'}")
         time.sleep(1)
-    return server, FlakyTeacherProxy(f"http://127.0.0.1:{port}", seed, nan_rate, str(work / "teacher_faults.jsonl"))
+    return server, FlakyTeacherProxy(f"http://127.0.0.1:{port}", seed, nan_rate,
+                                     str(work / "teacher_faults.jsonl"))
 
 
 def _write_heldout(work: Path) -> None:

@@ -103,7 +103,8 @@ class FlakyTeacherProxy:
 
         import requests
 
-        self.upstream, self.seed, self.nan_rate, self.log_path = upstream.rstrip("/"), seed, nan_rate, log_path
+        self.upstream, self.seed, self.nan_rate, self.log_path = (upstream.rstrip("/"), seed, nan_rate,
+                                                                  log_path)
         self.down_until = 0.0
         proxy = self
 
@@ -112,12 +113,15 @@ class FlakyTeacherProxy:
                 pass
 
             def _forward(self, method: str) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) if method == "POST" else None
+                body = (self.rfile.read(int(self.headers.get("Content-Length") or 0)) if method == "POST"
+                        else None)
                 if time.time() < proxy.down_until:
                     self.close_connection = True  # no reply at all: the client sees the connection drop
                     return
-                headers = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type")}
-                r = requests.request(method, proxy.upstream + self.path, data=body, headers=headers, timeout=600)
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() in ("authorization", "content-type")}
+                r = requests.request(method, proxy.upstream + self.path, data=body, headers=headers,
+                                     timeout=600)
                 payload = r.content
                 if method == "POST" and self.path == "/v1/score" and r.ok:
                     payload = proxy._maybe_nan(body, r.json())

@@ -2,7 +2,8 @@
 steps.
 
     python benchmarks/vs_trl.py                       # default budget; writes benchmarks/results/vs_trl.json
-    python benchmarks/vs_trl.py --quick               # a few steps of every system (smoke), JSON under --work-dir
+    python benchmarks/vs_trl.py --quick               # a few steps of every system (smoke), JSON under
+                                                      # --work-dir
     python benchmarks/vs_trl.py --steps 40 --systems opd-full_vocab trl-hf rollout.prompts_per_step=64
 
 Systems, run one after the other in this invocation, each in its own process (no Ray, vLLM or torch state
@@ -27,8 +28,9 @@ steps; stages (generation, teacher scoring, learner) are timed too and set again
 function, ``benchmarks/heldout.py``: greedy held-out accuracy by the config's first verifier, and held-out
 KL(student || teacher) per token. Ratios, not absolute times: the machine is shared and noisy.
 
-    python benchmarks/vs_trl.py --config configs/smollm2.yaml --seeds 0 1 2 --steps 20 --work-dir runs/vs-trl-smollm2 \
-        --out benchmarks/results/vs_trl_smollm2.json --threads 2 --async-engine vllm
+    python benchmarks/vs_trl.py --config configs/smollm2.yaml --seeds 0 1 2 --steps 20 \
+        --work-dir runs/vs-trl-smollm2 --out benchmarks/results/vs_trl_smollm2.json \
+        --threads 2 --async-engine vllm
 """
 
 from __future__ import annotations
@@ -98,7 +100,8 @@ def child_opd(spec: dict) -> dict:
     ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
     n = cfg.rollout.prompts_per_step * cfg.rollout.group_size
     stages = {"generate": "generate_seconds", "score": "score_seconds", "train": "train_seconds"}
-    return {"step_seconds": [r["step_seconds"] for r in rows], "response_tokens": [r["response_length"] * n for r in rows],
+    return {"step_seconds": [r["step_seconds"] for r in rows],
+            "response_tokens": [r["response_length"] * n for r in rows],
             "stage_seconds": {k: [r[m] for r in rows[1:] if m in r] for k, m in stages.items()},
             "model_dir": str(ckpt / "model"), "own_eval_accuracy_after": summary["student_accuracy_after"],
             "own_eval_teacher_kl_after": summary.get("teacher_kl_after")}
@@ -133,12 +136,14 @@ def child_trl(spec: dict) -> dict:
     student = AutoModelForCausalLM.from_pretrained(spec["student"], dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(spec["teacher"], dtype=torch.float32)
     # opd's optimiser and schedule exactly (HF's constant_with_warmup starts at lr 0, one step behind opd's).
-    opt = torch.optim.AdamW(student.parameters(), lr=spec["lr"], betas=tuple(spec["betas"]), weight_decay=spec["weight_decay"])
+    opt = torch.optim.AdamW(student.parameters(), lr=spec["lr"], betas=tuple(spec["betas"]),
+                            weight_decay=spec["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, 1.0, spec["warmup"]))
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": text}]} for text in spec["prompts"]])
     args = DistillationConfig(
         output_dir=spec["run_dir"], per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=1,
-        max_steps=spec["steps"], max_completion_length=spec["max_new_tokens"], temperature=1.0, top_p=1.0, top_k=0,
+        max_steps=spec["steps"], max_completion_length=spec["max_new_tokens"], temperature=1.0, top_p=1.0,
+        top_k=0,
         beta=spec["beta"], learning_rate=spec["lr"], max_grad_norm=spec["grad_clip"], seed=spec["seed"],
         shuffle_dataset=False, bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no",
         logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
@@ -161,9 +166,11 @@ def child_trl(spec: dict) -> dict:
     out = trainer.train()
     final = Path(spec["run_dir"]) / "final"
     trainer.save_model(str(final))
-    stages = {"generate": timer.generate[1:], "train": [s - g for s, g in zip(timer.seconds[1:], timer.generate[1:], strict=True)]}
+    stages = {"generate": timer.generate[1:],
+              "train": [s - g for s, g in zip(timer.seconds[1:], timer.generate[1:], strict=True)]}
     result = {"step_seconds": timer.seconds, "response_tokens": timer.tokens, "model_dir": str(final),
-              "stage_seconds": stages, "train_runtime_s": out.metrics.get("train_runtime"), "final_lr": sched.get_last_lr()[0]}
+              "stage_seconds": stages, "train_runtime_s": out.metrics.get("train_runtime"),
+              "final_lr": sched.get_last_lr()[0]}
     if spec["use_vllm"]:
         result["vllm_weight_sync"] = _vllm_sync_check(trainer, initial)
     return result
@@ -201,11 +208,13 @@ def spawn(name: str, spec: dict, work: Path) -> tuple[dict | None, str | None]:
     path.write_text(json.dumps(spec))
     log = work / f"{name}.log"
     with log.open("w") as f:
-        proc = subprocess.run([sys.executable, __file__, "--child", str(path)], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.run([sys.executable, __file__, "--child", str(path)], stdout=f,
+                              stderr=subprocess.STDOUT, cwd=ROOT)
     if proc.returncode != 0 or not Path(spec["result"]).is_file():
         lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
         errors = [x for x in lines if "Error" in x or "error:" in x]
-        return None, f"exit {proc.returncode}; {(errors or lines or ['no output'])[-1][:400]} (full log: {log})"
+        return None, (f"exit {proc.returncode}; {(errors or lines or ['no output'])[-1][:400]} "
+                      f"(full log: {log})")
     return json.loads(Path(spec["result"]).read_text()), None
 
 
@@ -223,19 +232,24 @@ def main() -> int:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--quick", action="store_true", help="4 steps of 32 prompts, 100 held-out prompts: a smoke run")
+    p.add_argument("--quick", action="store_true",
+                   help="4 steps of 32 prompts, 100 held-out prompts: a smoke run")
     p.add_argument("--warmup", type=int, default=3, help="first steps left out of the timing")
-    p.add_argument("--kind", choices=["reverse", "forward", "jsd"], default="reverse", help="full-vocabulary divergence")
+    p.add_argument("--kind", choices=["reverse", "forward", "jsd"], default="reverse",
+                   help="full-vocabulary divergence")
     p.add_argument("--jsd-beta", type=float, default=0.5)
     p.add_argument("--async-engine", choices=["vllm", "hf"], default="hf",
                    help="rollout.engine of the -async systems (hf: faster on the tiny demo models)")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads of opd's learner (trainer.torch_threads) and of TRL's process")
+                   help="torch intra-op threads of opd's learner (trainer.torch_threads) "
+                        "and of TRL's process")
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     p.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "bench-vs-trl")
-    p.add_argument("--out", type=Path, help="JSON report (default: benchmarks/results/vs_trl.json; --quick: WORK/vs_trl.json)")
+    p.add_argument("--out", type=Path,
+                   help="JSON report (default: benchmarks/results/vs_trl.json; --quick: WORK/vs_trl.json)")
     p.add_argument("--seeds", type=int, nargs="+",
-                   help="run the comparison once per run.seed (reports in WORK/seed_S.json) and pair the accuracies")
+                   help="run the comparison once per run.seed (reports in WORK/seed_S.json) "
+                        "and pair the accuracies")
     p.add_argument("--pair", type=Path, nargs="+", metavar="REPORT",
                    help="only pair the accuracies of reports written earlier (one per seed); no runs")
     p.add_argument("overrides", nargs="*", help="config overrides (key=value) applied to every system")
@@ -246,8 +260,10 @@ def main() -> int:
         return seeds_main(args)
     if args.quick:
         args.steps, args.warmup = min(args.steps, 4), 1
-        args.overrides = ["rollout.prompts_per_step=32", "eval.num_prompts=100", "trainer.warmup_steps=2", *args.overrides]
-    out = args.out or (args.work_dir / "vs_trl.json" if args.quick else ROOT / "benchmarks" / "results" / "vs_trl.json")
+        args.overrides = ["rollout.prompts_per_step=32", "eval.num_prompts=100", "trainer.warmup_steps=2",
+                          *args.overrides]
+    out = args.out or (args.work_dir / "vs_trl.json" if args.quick
+                       else ROOT / "benchmarks" / "results" / "vs_trl.json")
     args.work_dir.mkdir(parents=True, exist_ok=True)
     report = compare(args)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -258,7 +274,8 @@ def main() -> int:
 
 def opd_systems(args) -> dict[str, dict]:
     """Each opd system's config overrides."""
-    full = {"opd.divergence": "full_vocab", "opd.full_vocab_kind": args.kind, "opd.jsd_beta": args.jsd_beta, "teacher.top_k": 0}
+    full = {"opd.divergence": "full_vocab", "opd.full_vocab_kind": args.kind, "opd.jsd_beta": args.jsd_beta,
+            "teacher.top_k": 0}
     runs = {
         "opd-full_vocab": full,  # the teacher's forward in the learner (no teacher actor scores samples)
         "opd-full_vocab-teacher": {**full, "opd.full_vocab_source": "teacher"},
@@ -269,7 +286,8 @@ def opd_systems(args) -> dict[str, dict]:
     # thread each for the rollout engine, the teacher and the learner (more threads than cores stall OpenMP's
     # barriers).
     for name in OPD_BASE:
-        runs[f"{name}-async"] = {**runs[name], "rollout.max_staleness": 1, "rollout.engine": args.async_engine,
+        runs[f"{name}-async"] = {**runs[name], "rollout.max_staleness": 1,
+                                 "rollout.engine": args.async_engine,
                                  "rollout.num_cpus": 1, "teacher.num_cpus": 1, "trainer.torch_threads": 1}
     return runs
 
@@ -278,11 +296,13 @@ def stage_plan(name: str, args) -> dict:
     """How a system ran its stages (threads, where the teacher ran, shared prompts), read from the config the
     opd child wrote into its run directory; TRL runs everything in one process on ``--threads`` threads."""
     if name.startswith("trl"):
-        return {"threads": {"generate": args.threads, "train": args.threads}, "learner_teacher": True, "share": False}
+        return {"threads": {"generate": args.threads, "train": args.threads}, "learner_teacher": True,
+                "share": False}
     from opd.config import load_config
 
     cfg = load_config(args.work_dir / name / "config.yaml")
-    return {"threads": {"generate": cfg.rollout.num_cpus, "score": cfg.teacher.num_cpus, "train": cfg.trainer.torch_threads},
+    return {"threads": {"generate": cfg.rollout.num_cpus, "score": cfg.teacher.num_cpus,
+                        "train": cfg.trainer.torch_threads},
             "learner_teacher": cfg.teacher_signal.learner_runs_teacher, "share": cfg.trainer.share_prompts,
             "teacher_share": cfg.teacher_engine == "hf", "score_all": cfg.teacher_engine == "vllm"}
 
@@ -294,7 +314,8 @@ def ensure_models(cfg) -> None:
         bootstrap(Path(cfg.models.student).parent, demo_spec())
     for d in (cfg.models.student, cfg.models.teacher):
         if not (Path(d) / "config.json").is_file():
-            raise SystemExit(f"{d} is not a checkpoint: build it first (make smollm2 builds the SmolLM2 pair)")
+            raise SystemExit(f"{d} is not a checkpoint: build it first "
+                             "(make smollm2 builds the SmolLM2 pair)")
 
 
 def compare(args) -> dict:
@@ -309,18 +330,23 @@ def compare(args) -> dict:
     # TRL renders the conversational prompt itself: check it yields opd's prompt ids, or the runs would
     # differ.
     for prompt in schedule[0][:8]:
-        ids = tok.apply_chat_template([[{"role": "user", "content": prompt.columns["prompt"]}]], add_generation_prompt=True,
+        ids = tok.apply_chat_template([[{"role": "user", "content": prompt.columns["prompt"]}]],
+                                      add_generation_prompt=True,
                                       tokenize=True, return_dict=True)["input_ids"][0]
         if list(ids) != list(prompt.token_ids):
-            raise RuntimeError(f"TRL's rendering of {prompt.columns['prompt']!r} differs from opd's: {ids} vs {prompt.token_ids}")
+            raise RuntimeError(f"TRL's rendering of {prompt.columns['prompt']!r} differs from opd's: "
+                               f"{ids} vs {prompt.token_ids}")
     beta = args.jsd_beta if args.kind == "jsd" else TRL_BETA[args.kind]
     base = {"config": args.config, "steps": args.steps}
-    common = {"trainer.torch_threads": args.threads, "run.seed": cfg.run.seed, "trainer.total_steps": args.steps,
+    common = {"trainer.torch_threads": args.threads, "run.seed": cfg.run.seed,
+              "trainer.total_steps": args.steps,
               "eval.every": 0, "checkpoint.every": 0, "checkpoint.keep": 1, "rollout.max_staleness": 0}
     opd_runs = opd_systems(args)
     trl_spec = {
-        "student": cfg.models.student, "teacher": cfg.models.teacher, "steps": args.steps, "seed": cfg.run.seed,
-        "batch": r.prompts_per_step * r.group_size, "max_new_tokens": r.max_new_tokens, "max_model_len": r.max_model_len,
+        "student": cfg.models.student, "teacher": cfg.models.teacher, "steps": args.steps,
+        "seed": cfg.run.seed,
+        "batch": r.prompts_per_step * r.group_size, "max_new_tokens": r.max_new_tokens,
+        "max_model_len": r.max_model_len,
         "kv_cache_gib": r.kv_cache_gib, "lr": t.lr, "warmup": t.warmup_steps, "betas": list(t.betas),
         "weight_decay": t.weight_decay, "grad_clip": t.grad_clip, "torch_threads": args.threads, "beta": beta,
         "prompts": [p.columns["prompt"] for step in schedule for p in step for _ in range(r.group_size)],
@@ -343,7 +369,8 @@ def compare(args) -> dict:
             results[name] = {"error": err, "wall_s": wall}
             continue
         judged = held_out(res["model_dir"], cfg, teacher)
-        results[name] = {**timing(res, args.warmup), "wall_s_incl_startup": wall, "accuracy_after": judged["accuracy"],
+        results[name] = {**timing(res, args.warmup), "wall_s_incl_startup": wall,
+                         "accuracy_after": judged["accuracy"],
                          "teacher_kl_after": judged["teacher_kl"],
                          **{k: v for k, v in res.items() if k not in ("step_seconds", "response_tokens")},
                          "step_seconds": [round(x, 4) for x in res["step_seconds"]],
@@ -358,7 +385,8 @@ def assemble(args, cfg, results: dict, notes: list[str], beta: float, teacher, s
 
     r, t = cfg.rollout, cfg.trainer
     ok = {k: v for k, v in results.items() if "error" not in v}
-    student_shape, teacher_shape = Shape.of(AutoConfig.from_pretrained(cfg.models.student)), Shape.of(teacher.config)
+    student_shape, teacher_shape = (Shape.of(AutoConfig.from_pretrained(cfg.models.student)),
+                                    Shape.of(teacher.config))
     rates = {n: round(matmul_rate(n), 1) for n in sorted({1, 2, args.threads})}
     prompt_len = statistics.mean(len(p.token_ids) for step in schedule for p in step)
     for name, res in ok.items():
@@ -368,24 +396,29 @@ def assemble(args, cfg, results: dict, notes: list[str], beta: float, teacher, s
     before = held_out(cfg.models.student, cfg, teacher)
     notes += [
         "Shared 2-core machine: absolute seconds are noisy; compare the ratios measured within one run.",
-        "Same prompts in the same order and the same number of samples per step, but not the same samples: each "
-        "system draws its own tokens (opd from its rollout actor, TRL from vLLM in-process or HF generate).",
-        "opd's step also verifies every sample (rewards are logged) and checks every weight sync with a log-prob "
-        "probe; TRL does neither.",
-        "opd-teacher_topk has no TRL counterpart (TRL's DistillationTrainer computes the full-vocabulary divergence only).",
-        f"Learner threads: --threads {args.threads} (trainer.torch_threads, and TRL's whole process); opd's engines and "
-        "teacher actors run 1 thread each (one Ray CPU).",
-        "TRL: gradient_checkpointing=False and bf16=False (its defaults are True), fp32 like opd; the AdamW and the "
-        "warm-up-then-constant schedule are opd's, passed in as TRL's optimizers.",
-        "Stage bounds: matrix-product FLOPs (benchmarks/flops.py) / this machine's measured float32 matmul rate at the "
-        "stage's thread count; generation counts a prefill per sample.",
+        "Same prompts in the same order and the same number of samples per step, but not the same samples: "
+        "each system draws its own tokens (opd from its rollout actor, TRL from vLLM in-process or HF "
+        "generate).",
+        "opd's step also verifies every sample (rewards are logged) and checks every weight sync with a "
+        "log-prob probe; TRL does neither.",
+        "opd-teacher_topk has no TRL counterpart (TRL's DistillationTrainer computes the full-vocabulary "
+        "divergence only).",
+        f"Learner threads: --threads {args.threads} (trainer.torch_threads, and TRL's whole process); "
+        "opd's engines and teacher actors run 1 thread each (one Ray CPU).",
+        "TRL: gradient_checkpointing=False and bf16=False (its defaults are True), fp32 like opd; the AdamW "
+        "and the warm-up-then-constant schedule are opd's, passed in as TRL's optimizers.",
+        "Stage bounds: matrix-product FLOPs (benchmarks/flops.py) / this machine's measured float32 matmul "
+        "rate at the stage's thread count; generation counts a prefill per sample.",
     ]
     return {
         "settings": {
-            "steps": args.steps, "timed_after_warmup_steps": args.warmup, "prompts_per_step": r.prompts_per_step,
+            "steps": args.steps, "timed_after_warmup_steps": args.warmup,
+            "prompts_per_step": r.prompts_per_step,
             "group_size": r.group_size, "batch_sequences": r.prompts_per_step * r.group_size,
-            "max_new_tokens": r.max_new_tokens, "mean_prompt_tokens": round(prompt_len, 1), "temperature": 1.0,
-            "lr": t.lr, "warmup_steps": t.warmup_steps, "grad_clip": t.grad_clip, "torch_threads": args.threads,
+            "max_new_tokens": r.max_new_tokens, "mean_prompt_tokens": round(prompt_len, 1),
+            "temperature": 1.0,
+            "lr": t.lr, "warmup_steps": t.warmup_steps, "grad_clip": t.grad_clip,
+            "torch_threads": args.threads,
             "divergence": args.kind, "trl_beta": beta, "eval_prompts": cfg.eval.num_prompts,
             "eval": "benchmarks/heldout.py: greedy accuracy by the first verifier; sampled teacher KL",
             "student": cfg.models.student, "teacher": cfg.models.teacher, "config": str(args.config),

@@ -12,8 +12,8 @@ SPEED_TARGETS = {"like_for_like": 1.0, "fastest": 1.3}  # x TRL-HF's speed per s
 BOUND_TARGET = 1.25  # a stage's median time / its FLOP bound
 
 
-def stage_bounds(system: str, res: dict, student: Shape, teacher: Shape, prompt_len: float, g: int, n_prompts: int,
-                 rates: dict[int, float], plan: dict) -> dict:
+def stage_bounds(system: str, res: dict, student: Shape, teacher: Shape, prompt_len: float, g: int,
+                 n_prompts: int, rates: dict[int, float], plan: dict) -> dict:
     """Per stage: median seconds, GFLOP and time / (GFLOP / matmul rate at that stage's threads). ``plan``:
     the system's ``threads`` per stage, whether the learner runs the teacher (``learner_teacher``), whether
     prompts are shared in the learner (``share``) and in the teacher's scoring (``teacher_share``), and
@@ -27,7 +27,8 @@ def stage_bounds(system: str, res: dict, student: Shape, teacher: Shape, prompt_
     if plan["learner_teacher"]:
         gflop["train"] += score(teacher, prompts, responses, False, learn_group) / 1e9
     else:
-        gflop["score"] = score(teacher, prompts, responses, plan["score_all"], g if plan.get("teacher_share") else 1) / 1e9
+        gflop["score"] = score(teacher, prompts, responses, plan["score_all"],
+                               g if plan.get("teacher_share") else 1) / 1e9
     out = {}
     for stage, gf in gflop.items():
         secs = res.get("stage_seconds", {}).get(stage)
@@ -74,22 +75,28 @@ def pair_seeds(reports: list[dict]) -> dict:
     systems = sorted({k for r in reports for k, v in r["systems"].items() if "error" not in v})
     fields = ("accuracy_after", "teacher_kl_after", "s_per_step_median")
     table = {name: {str(s): {f: r["systems"][name].get(f) for f in fields}
-                    for s, r in zip(seeds, reports, strict=True) if "error" not in r["systems"].get(name, {"error": 1})}
+                    for s, r in zip(seeds, reports, strict=True)
+                    if "error" not in r["systems"].get(name, {"error": 1})}
              for name in systems}
     pairs = {}
     for o in (k for k in systems if k.startswith("opd")):
         for t in (k for k in systems if k.startswith("trl")):
             common = [s for s in table[o] if s in table[t]]
             entry = {"seeds": len(common), "speedup_median": round(statistics.median(
-                table[t][s]["s_per_step_median"] / table[o][s]["s_per_step_median"] for s in common), 3) if common else None}
+                table[t][s]["s_per_step_median"] / table[o][s]["s_per_step_median"] for s in common), 3)
+                if common else None}
             for f, key in (("accuracy_after", "accuracy"), ("teacher_kl_after", "teacher_kl")):
-                diffs = [table[o][s][f] - table[t][s][f] for s in common if table[o][s][f] is not None and table[t][s][f] is not None]
+                diffs = [table[o][s][f] - table[t][s][f] for s in common
+                         if table[o][s][f] is not None and table[t][s][f] is not None]
                 if diffs:
                     entry[f"{key}_diff_mean"] = round(statistics.mean(diffs), 4)
-                    entry[f"{key}_diff_se"] = round(statistics.stdev(diffs) / len(diffs) ** 0.5, 4) if len(diffs) > 1 else None
+                    entry[f"{key}_diff_se"] = (round(statistics.stdev(diffs) / len(diffs) ** 0.5, 4)
+                                               if len(diffs) > 1 else None)
             pairs[f"{o} - {t}"] = entry
     means = {name: {f: round(statistics.mean(v[f] for v in table[name].values() if v[f] is not None), 4)
-                    for f in fields if any(v[f] is not None for v in table[name].values())} for name in systems}
-    return {"seeds": sorted(set(seeds)), "settings": {k: v for k, v in reports[0]["settings"].items() if k != "overrides"},
+                    for f in fields if any(v[f] is not None for v in table[name].values())}
+             for name in systems}
+    return {"seeds": sorted(set(seeds)),
+            "settings": {k: v for k, v in reports[0]["settings"].items() if k != "overrides"},
             "mean": means, "paired": pairs, "per_seed": table,
             "targets_per_seed": {str(s): r.get("targets") for s, r in zip(seeds, reports, strict=True)}}

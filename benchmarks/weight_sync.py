@@ -1,7 +1,7 @@
 """Weight sync, learner -> running vLLM engine: one pickled blob (opd's earlier path) against
 ``WeightTransfer``'s object-store buckets, side by side in one run on the same model, engine and probe.
 
-    python benchmarks/weight_sync.py                                  # models/smollm2-L20 (make smollm2 builds it)
+    python benchmarks/weight_sync.py   # models/smollm2-L20 (make smollm2 builds it)
     python benchmarks/weight_sync.py --student models/demo/student --repeats 10
 
 Per sync: ``export`` (learner side: torch.save to bytes, or ray.put of the tensors in buckets), ``transfer``
@@ -49,7 +49,8 @@ def _timed_worker():
             return {"transfer_s": t1 - t0, "reload_s": t2 - t1, "probe_s": t3 - t2, "probe_max_diff": diff}
 
         def load_blob(self, blob: bytes, probe_ids, expected) -> dict:
-            return self._load(torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True).items(), probe_ids, expected)
+            return self._load(torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True).items(),
+                              probe_ids, expected)
 
         def load_buckets(self, handle, probe_ids, expected) -> dict:
             return self._load(TRANSFER.receive(handle), probe_ids, expected)
@@ -94,7 +95,8 @@ def measure(student: str, repeats: int) -> dict:
     med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in rows.items()}
     for m in med:
         med[m]["probe_max_diff"] = max(r["probe_max_diff"] for r in rows[m])
-    return {"student": student, "params": sum(p.numel() for p in learner.model.parameters()), "repeats": repeats,
+    return {"student": student, "params": sum(p.numel() for p in learner.model.parameters()),
+            "repeats": repeats,
             "median": med, "ratio_blob_over_buckets": {k: round(med["blob"][k] / med["buckets"][k], 3)
                                                        for k in ("export_s", "transfer_s", "sync_s")}}
 
@@ -109,7 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from opd.rollout.engine import ACTOR_ENV
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": ACTOR_ENV}, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": ACTOR_ENV},
+             log_to_driver=False)
     try:
         result = measure(args.student, args.repeats)
     finally:

@@ -34,7 +34,8 @@ EXIT_BAD_INPUT = 2
 def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("config", nargs="?" if default else None, default=default, help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    p.add_argument("--address", help="join this Ray cluster instead of starting an embedded one (sets cluster.address)")
+    p.add_argument("--address",
+                   help="join this Ray cluster instead of starting an embedded one (sets cluster.address)")
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -58,7 +59,8 @@ def _print_table(summary: dict) -> None:
     width = max(len(k) for k, _ in rows)
     print(f"\n{'metric'.ljust(width)} | value\n{'-' * width}-+------")
     for key, value in rows:
-        shown = f"{value:.1%}" if isinstance(value, float) and "accuracy" in key else ("-" if value is None else value)
+        shown = (f"{value:.1%}" if isinstance(value, float) and "accuracy" in key
+                 else ("-" if value is None else value))
         shown = f"{value:.3f} nats/token" if isinstance(value, float) and "KL" in key else shown
         print(f"{key.ljust(width)} | {shown}")
 
@@ -68,7 +70,8 @@ def _check_job(cfg: Config, args: argparse.Namespace) -> None:
     second."""
     from opd.preflight import check_job
 
-    check_job(cfg, resume=args.resume, fresh=getattr(args, "fresh", False), change_objective=args.change_objective)
+    check_job(cfg, resume=args.resume, fresh=getattr(args, "fresh", False),
+              change_objective=args.change_objective)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -89,7 +92,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = _config(args)
     models_dir = Path(cfg.models.student).parent
     info = bootstrap(models_dir, demo_spec())
-    print(f"models in {models_dir}: teacher {info.get('teacher_accuracy')}, student {info.get('student_accuracy')} held-out accuracy after SFT")
+    print(f"models in {models_dir}: teacher {info.get('teacher_accuracy')}, "
+          f"student {info.get('student_accuracy')} held-out accuracy after SFT")
     summary = run(cfg, fresh=True, progress=not args.no_progress)
     _print_table(summary)
     print(f"\nsummary: {Path(cfg.run.output_dir) / 'summary.json'}")
@@ -166,8 +170,9 @@ def cmd_serve_teacher(args: argparse.Namespace) -> int:
     from opd.teacher.server import ServerSettings, serve_forever
 
     settings = ServerSettings(
-        model_dir=str(model), token=token, max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size,
-        batch_wait_s=args.batch_wait_ms / 1000, max_model_len=args.max_model_len, max_logprobs=args.max_logprobs,
+        model_dir=str(model), token=token, max_body_bytes=args.max_body_bytes,
+        max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000,
+        max_model_len=args.max_model_len, max_logprobs=args.max_logprobs,
         dtype=args.dtype, kv_cache_gib=args.kv_cache_gib, num_gpus=args.num_gpus,
     )
     serve_forever(settings, host=args.host, port=args.port, replicas=args.replicas, address=args.address)
@@ -204,10 +209,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     def go() -> int:
         job_id = submit.submit(cfg, address, args.working_dir, job_id=args.submission_id, resume=args.resume,
-                               runtime_env=runtime_env, resources=resources, change_objective=args.change_objective)
+                               runtime_env=runtime_env, resources=resources,
+                               change_objective=args.change_objective)
         print(job_id, flush=True)
-        print(f"run directory: {Path(cfg.run.output_dir).resolve()}; the job's actors need {cpus_needed(cfg)} Ray CPUs "
-              f"on the cluster; follow it with: opd logs {job_id} --follow --address {address}", file=sys.stderr)
+        print(f"run directory: {Path(cfg.run.output_dir).resolve()}; "
+              f"the job's actors need {cpus_needed(cfg)} Ray CPUs "
+              f"on the cluster; follow it with: opd logs {job_id} --follow --address {address}",
+              file=sys.stderr)
         if not args.wait:
             return 0
         for chunk in submit.follow_logs(address, job_id):
@@ -247,7 +255,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
     def go() -> int:
         address = submit.dashboard_address(args.address)
-        chunks = submit.follow_logs(address, args.job_id) if args.follow else [submit.logs(address, args.job_id)]
+        chunks = (submit.follow_logs(address, args.job_id) if args.follow
+                  else [submit.logs(address, args.job_id)])
         for chunk in chunks:
             print(chunk, end="", flush=True)
         return submit.EXIT_CODES.get(submit.job_state(address, args.job_id), 1) if args.follow else 0
@@ -259,7 +268,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
     from opd import submit
 
     def go() -> int:
-        print("stopped" if submit.stop(submit.dashboard_address(args.address), args.job_id) else "not running")
+        print("stopped" if submit.stop(submit.dashboard_address(args.address), args.job_id)
+              else "not running")
         return 0
 
     return _job_call(go)
@@ -278,7 +288,8 @@ def _positive(kind):
 
 
 def _add_service_parsers(sub) -> None:
-    p = sub.add_parser("serve-teacher", help="serve a teacher model over HTTP with Ray Serve (docs/service.md)")
+    p = sub.add_parser("serve-teacher",
+                       help="serve a teacher model over HTTP with Ray Serve (docs/service.md)")
     p.add_argument("model_dir", help="teacher save_pretrained directory")
     p.add_argument("--host", default="127.0.0.1", help="bind address; anything but loopback needs a token")
     p.add_argument("--port", type=_positive(int), default=8000)
@@ -286,29 +297,39 @@ def _add_service_parsers(sub) -> None:
     p.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica (0 on a CPU machine)")
     p.add_argument("--token-env", default="OPD_TEACHER_TOKEN",
                    help="env var holding the bearer token; when set, every path but /health needs it")
-    p.add_argument("--max-logprobs", type=_positive(int), default=20, help="largest top_k a request may ask for")
-    p.add_argument("--max-model-len", type=_positive(int), default=None, help="longest sequence (default: the model's)")
+    p.add_argument("--max-logprobs", type=_positive(int), default=20,
+                   help="largest top_k a request may ask for")
+    p.add_argument("--max-model-len", type=_positive(int), default=None,
+                   help="longest sequence (default: the model's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--max-batch-size", type=_positive(int), default=8, help="/v1/score requests merged into one engine call")
+    p.add_argument("--max-batch-size", type=_positive(int), default=8,
+                   help="/v1/score requests merged into one engine call")
     p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits to fill")
-    p.add_argument("--max-body-bytes", type=_positive(int), default=16 << 20, help="larger request bodies get 413")
-    p.add_argument("--kv-cache-gib", type=_positive(float), default=1.0, help="CPU KV cache per replica (vllm-cpu)")
+    p.add_argument("--max-body-bytes", type=_positive(int), default=16 << 20,
+                   help="larger request bodies get 413")
+    p.add_argument("--kv-cache-gib", type=_positive(float), default=1.0,
+                   help="CPU KV cache per replica (vllm-cpu)")
     p.add_argument("--address", help="deploy on this running Ray cluster instead of an embedded one")
     p.set_defaults(fn=cmd_serve_teacher)
-    dash = {"help": "the Ray dashboard, e.g. http://127.0.0.1:8265 (default: RAY_API_SERVER_ADDRESS or RAY_ADDRESS)"}
+    dash = {"help": "the Ray dashboard, e.g. http://127.0.0.1:8265 "
+                    "(default: RAY_API_SERVER_ADDRESS or RAY_ADDRESS)"}
     p = sub.add_parser("submit", help="run a config as a Ray job on a cluster (Job API)",
-                       description="Relative model paths and run.output_dir are resolved to absolute paths on this "
-                                   "machine before staging: they must exist at the same place on the cluster.")
+                       description="Relative model paths and run.output_dir are resolved to absolute "
+                                   "paths on this machine before staging: they must exist at the same "
+                                   "place on the cluster.")
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     p.add_argument("--address", **dash)
     p.add_argument("--working-dir", help="a directory shipped with the job (e.g. your verifier package)")
     p.add_argument("--wait", action="store_true", help="follow the job's logs; exit 0 only if it succeeds")
-    p.add_argument("--resume", action="store_true", help="continue the run in run.output_dir from its newest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in run.output_dir from its newest checkpoint")
     p.add_argument("--change-objective", action="store_true",
-                   help="with --resume: go on under this config's objective though the run was trained with another")
+                   help="with --resume: go on under this config's objective "
+                   "though the run was trained with another")
     p.add_argument("--submission-id", help="the job's id (default RUN-YYYYMMDD-HHMMSS from run.name)")
-    p.add_argument("--runtime-env-json", help="Ray runtime_env as JSON (env_vars, pip, ...); opd sets working_dir")
+    p.add_argument("--runtime-env-json",
+                   help="Ray runtime_env as JSON (env_vars, pip, ...); opd sets working_dir")
     p.add_argument("--entrypoint-num-cpus", type=float, help="CPUs reserved for the driver process")
     p.add_argument("--entrypoint-num-gpus", type=float, help="GPUs reserved for the driver process")
     p.add_argument("--entrypoint-memory", type=int, help="memory (bytes) reserved for the driver process")
@@ -316,7 +337,8 @@ def _add_service_parsers(sub) -> None:
     p = sub.add_parser("list", help="the cluster's jobs: id, state, run name")
     p.add_argument("--address", **dash)
     p.set_defaults(fn=cmd_list)
-    for name, fn, help_ in (("status", cmd_status, "a job's state, run directory and last step (exit 1 if it failed)"),
+    for name, fn, help_ in (("status", cmd_status,
+                             "a job's state, run directory and last step (exit 1 if it failed)"),
                             ("logs", cmd_logs, "a job's logs"), ("stop", cmd_stop, "stop a job")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("job_id")
@@ -331,27 +353,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run a distillation job from a config")
     _add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.output_dir")
-    p.add_argument("--fresh", action="store_true", help="replace a run already in run.output_dir (default: refuse)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in run.output_dir")
+    p.add_argument("--fresh", action="store_true",
+                   help="replace a run already in run.output_dir (default: refuse)")
     p.add_argument("--change-objective", action="store_true",
-                   help="with --resume: go on under this config's objective though the run was trained with another")
+                   help="with --resume: go on under this config's objective "
+                   "though the run was trained with another")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("demo", help="the embedded default: bootstrap tiny models, distil on CPU, evaluate")
     _add_config_args(p, default="configs/demo.yaml")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_demo)
-    p = sub.add_parser("bootstrap", help="build the tiny demo checkpoints, or a packaged real model (--model)")
+    p = sub.add_parser("bootstrap",
+                       help="build the tiny demo checkpoints, or a packaged real model (--model)")
     p.add_argument("--out", help="output directory (default models/demo, or models/MODEL with --model)")
     p.add_argument("--preset", choices=["demo", "tiny"], default="demo", help="which tiny demo pair to train")
-    p.add_argument("--model", choices=sorted(MODELS), help="a real model shipped as a GGUF package, dequantised into "
-                                                          "an HF checkpoint (e.g. smollm2: SmolLM2-135M-Instruct)")
+    p.add_argument("--model", choices=sorted(MODELS),
+                   help="a real model shipped as a GGUF package, dequantised into "
+                        "an HF checkpoint (e.g. smollm2: SmolLM2-135M-Instruct)")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     p.set_defaults(fn=cmd_bootstrap)
     p = sub.add_parser("prune", help="a depth-pruned student: keep some of a checkpoint's decoder layers")
     p.add_argument("src", help="source save_pretrained directory (e.g. models/smollm2)")
     p.add_argument("--keep-layers", required=True,
-                   help="every:K (ceil(L/K) layers evenly spaced, first and last kept) or a list like 0-9,20,29")
+                   help="every:K (ceil(L/K) layers evenly spaced, first and last kept) "
+                   "or a list like 0-9,20,29")
     p.add_argument("--out", required=True, help="where to write the pruned checkpoint")
     p.add_argument("--force", action="store_true", help="overwrite --out even if it holds something else")
     p.set_defaults(fn=cmd_prune)

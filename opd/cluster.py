@@ -54,7 +54,8 @@ def cpus_needed(cfg: Config) -> int:
     none). Logical CPUs: one per role lets every actor schedule even on a 2-core laptop, where the stages take
     turns. The teacher slot is counted even when this job has no local teacher: a later job in the same
     process (a benchmark) may start one."""
-    return (cfg.rollout.num_workers * cfg.rollout.num_cpus + (len(cfg.models.teachers) + 1) * cfg.teacher.num_cpus
+    return (cfg.rollout.num_workers * cfg.rollout.num_cpus
+            + (len(cfg.models.teachers) + 1) * cfg.teacher.num_cpus
             + cfg.trainer.num_ranks)
 
 
@@ -85,7 +86,8 @@ def start_roles(cfg: Config) -> Roles:
     verifiers = start_verifiers(cfg)
     # Surface engine start-up failures here, not at the first step, and an actor the cluster cannot place as
     # an error rather than a silent wait.
-    _wait_placed(rollout + (list(teacher.actors.values()) if teacher else []) + learners.ranks, cfg.cluster.start_timeout_s)
+    _wait_placed(rollout + (list(teacher.actors.values()) if teacher else []) + learners.ranks,
+                 cfg.cluster.start_timeout_s)
     connect_learners(learners, cfg.trainer.dist_backend, cfg.trainer.strategy)
     return Roles(rollout, teacher, learners.ranks[0], verifiers, learners)
 
@@ -121,24 +123,27 @@ def start_learners(cfg: Config) -> LearnerGroup:
     ``connect_learners`` once they run.
     """
     t = cfg.trainer
-    device, gpu = learner_placement(t.device, t.dist_backend, t.num_ranks, ray.cluster_resources().get("GPU", 0))
+    device, gpu = learner_placement(t.device, t.dist_backend, t.num_ranks,
+                                    ray.cluster_resources().get("GPU", 0))
 
     def rank(r: int, **opts):
-        return ray.remote(Learner).options(name=f"{cfg.run.name}/learner-{r}", num_cpus=1, num_gpus=int(gpu), **opts).remote(
-            **learner_args(cfg), device=device)
+        return ray.remote(Learner).options(name=f"{cfg.run.name}/learner-{r}", num_cpus=1, num_gpus=int(gpu),
+                                           **opts).remote(**learner_args(cfg), device=device)
 
     if t.num_ranks == 1:
         return LearnerGroup([rank(0)])
     bundle = {"CPU": 1, **({"GPU": 1} if gpu else {})}
-    pg = placement_group([bundle] * t.num_ranks, strategy=t.placement_strategy, name=f"{cfg.run.name}/learners")
+    pg = placement_group([bundle] * t.num_ranks, strategy=t.placement_strategy,
+                         name=f"{cfg.run.name}/learners")
     ready, _ = ray.wait([pg.ready()], timeout=cfg.cluster.start_timeout_s)
     if not ready:
         remove_placement_group(pg)
         nodes = sum(1 for n in ray.nodes() if n["Alive"])
         raise RuntimeError(
-            f"trainer.num_ranks={t.num_ranks} with trainer.placement_strategy={t.placement_strategy}: the cluster "
-            f"({nodes} nodes) could not place {t.num_ranks} bundles of {bundle} within cluster.start_timeout_s="
-            f"{cfg.cluster.start_timeout_s:g}s. STRICT_SPREAD needs that many nodes; free resources or add nodes."
+            f"trainer.num_ranks={t.num_ranks} with trainer.placement_strategy={t.placement_strategy}: "
+            f"the cluster ({nodes} nodes) could not place {t.num_ranks} bundles of {bundle} within "
+            f"cluster.start_timeout_s={cfg.cluster.start_timeout_s:g}s. STRICT_SPREAD needs that many nodes; "
+            "free resources or add nodes."
         )
     return LearnerGroup(
         [rank(r, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r))
@@ -159,7 +164,8 @@ def connect_learners(group: LearnerGroup, backend: str, strategy: str) -> None:
     node_id = placement_group_table(group.placement_group)["bundles_to_node_id"][0]
     host = next(node["NodeManagerAddress"] for node in ray.nodes() if node["NodeID"] == node_id)
     port = ray.get(group.ranks[0].free_port.remote())
-    ray.get([actor.join_group.remote(r, n, host, port, backend, strategy) for r, actor in enumerate(group.ranks)])
+    ray.get([actor.join_group.remote(r, n, host, port, backend, strategy)
+             for r, actor in enumerate(group.ranks)])
     ray.get(group.ranks[0].set_peers.remote(group.ranks[1:]))
 
 
@@ -168,11 +174,12 @@ def _wait_placed(actors: list, timeout_s: float) -> None:
     _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
     if pending:
         raise RuntimeError(
-            f"{len(pending)} of {len(refs)} actors did not start within cluster.start_timeout_s={timeout_s:g}s; the "
-            f"cluster has {ray.available_resources().get('CPU', 0):g} of {ray.cluster_resources().get('CPU', 0):g} CPUs "
-            f"and {ray.available_resources().get('GPU', 0):g} of {ray.cluster_resources().get('GPU', 0):g} GPUs free "
-            "(each engine and learner rank takes a CPU; a learner rank on CUDA a GPU too, trainer.device). Free "
-            "resources, or raise the timeout for slow model loads."
+            f"{len(pending)} of {len(refs)} actors did not start within "
+            f"cluster.start_timeout_s={timeout_s:g}s; the cluster has "
+            f"{ray.available_resources().get('CPU', 0):g} of {ray.cluster_resources().get('CPU', 0):g} CPUs "
+            f"and {ray.available_resources().get('GPU', 0):g} of {ray.cluster_resources().get('GPU', 0):g} "
+            "GPUs free (each engine and learner rank takes a CPU; a learner rank on CUDA a GPU too, "
+            "trainer.device). Free resources, or raise the timeout for slow model loads."
         )
     ray.get(refs)  # re-raises an actor's start-up error
 
@@ -199,8 +206,9 @@ def start_teachers(cfg: Config, prefix: str | None = None, max_logprobs: int | N
 
 def _local_teacher(cfg: Config, model_dir: str, opts: dict, max_logprobs: int | None):
     return ray.remote(VLLMTeacher).options(num_cpus=cfg.teacher.num_cpus, **opts).remote(
-        model_dir, seed=cfg.run.seed, max_model_len=cfg.rollout.max_model_len, kv_cache_gib=cfg.rollout.kv_cache_gib,
-        dtype=cfg.models.dtype, max_logprobs=max_logprobs or cfg.teacher.max_logprobs, engine=cfg.teacher_engine,
+        model_dir, seed=cfg.run.seed, max_model_len=cfg.rollout.max_model_len,
+        kv_cache_gib=cfg.rollout.kv_cache_gib, dtype=cfg.models.dtype,
+        max_logprobs=max_logprobs or cfg.teacher.max_logprobs, engine=cfg.teacher_engine,
     )
 
 

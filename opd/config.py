@@ -279,57 +279,71 @@ class _Core(_Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> _Core:
         objective = self.objective
-        for key, n in (("rollout.max_new_tokens", self.rollout.max_new_tokens), ("eval.max_new_tokens", self.eval.max_new_tokens)):
+        for key, n in (("rollout.max_new_tokens", self.rollout.max_new_tokens),
+                       ("eval.max_new_tokens", self.eval.max_new_tokens)):
             if n >= self.rollout.max_model_len:
-                raise ValueError(f"{key}={n} leaves no room for a prompt in rollout.max_model_len={self.rollout.max_model_len}")
+                raise ValueError(f"{key}={n} leaves no room for a prompt in "
+                                 f"rollout.max_model_len={self.rollout.max_model_len}")
         if self.teacher.top_k > self.teacher.max_logprobs:
             self.teacher.max_logprobs = self.teacher.top_k
         if "default" in self.models.teachers:
             raise ValueError("models.teachers: 'default' names models.teacher; choose another name")
         signal = self.teacher_signal
         divergence = f"{TEACHER_SECTION}.divergence"
-        if objective.teacher == "divergence" and self.teacher_settings.divergence not in objective.divergences:
-            raise ValueError(f"algorithm={self.algorithm} reads {divergence}={' or '.join(objective.divergences)} only "
-                             f"(got {self.teacher_settings.divergence}): set {divergence}={objective.divergences[0]}")
+        if (objective.teacher == "divergence"
+                and self.teacher_settings.divergence not in objective.divergences):
+            raise ValueError(f"algorithm={self.algorithm} reads "
+                             f"{divergence}={' or '.join(objective.divergences)} only "
+                             f"(got {self.teacher_settings.divergence}): "
+                             f"set {divergence}={objective.divergences[0]}")
         if self.models.teachers and signal.kind == "full_vocab":
-            raise ValueError(f"models.teachers: {divergence}=full_vocab runs one teacher in the learner; use one teacher")
+            raise ValueError(f"models.teachers: {divergence}=full_vocab runs one teacher in the learner; "
+                             "use one teacher")
         if self.task.name == "files" and not (self.task.train_path and self.task.test_path):
             raise ValueError("task.name=files needs task.train_path and task.test_path")
         if self.task.name != "files" and self.eval.num_prompts > self.task.num_test:
-            raise ValueError(f"eval.num_prompts={self.eval.num_prompts} exceeds task.num_test={self.task.num_test}")
+            raise ValueError(f"eval.num_prompts={self.eval.num_prompts} exceeds "
+                             f"task.num_test={self.task.num_test}")
         if self.selection.mode and not objective.token_selection:
-            raise ValueError(f"selection.mode={self.selection.mode!r} applies to algorithm {names('token_selection')}, "
-                             f"not {self.algorithm!r}")
+            raise ValueError(f"selection.mode={self.selection.mode!r} applies to algorithm "
+                             f"{names('token_selection')}, not {self.algorithm!r}")
         if self.selection.mode and signal.kind != "sampled":
-            raise ValueError(f"selection.mode needs {divergence}=sampled (it ranks tokens by the sampled-token divergence)")
+            raise ValueError(f"selection.mode needs {divergence}=sampled "
+                             "(it ranks tokens by the sampled-token divergence)")
         if signal.kind == "topk" and self.teacher.top_k == 0:
             raise ValueError(f"{divergence}=teacher_topk needs teacher.top_k > 0")
         if self.rollout.group_size < objective.min_group:
             raise ValueError(f"algorithm={self.algorithm} needs rollout.group_size >= {objective.min_group} "
                              f"({objective.min_group_reason})")
-        if self.kl_ref.coef and objective.reference and self.kl_ref.reference and self.kl_ref.reference != self._own_reference:
-            raise ValueError(f"kl_ref.reference: the learner holds one reference model, and {self.algorithm}.reference "
-                             "names another")
+        if (self.kl_ref.coef and objective.reference and self.kl_ref.reference
+                and self.kl_ref.reference != self._own_reference):
+            raise ValueError("kl_ref.reference: the learner holds one reference model, and "
+                             f"{self.algorithm}.reference names another")
         if self.rollout.dynamic_sampling and not objective.group_advantages:
-            raise ValueError(f"rollout.dynamic_sampling keeps groups whose rewards differ, which only a group-relative "
-                             f"advantage learns from; algorithm={self.algorithm} has none (use {names('group_advantages')})")
-        if self.trainer.num_ranks > 1 and self.trainer.placement_strategy == "STRICT_SPREAD" and not self.cluster.address:
-            raise ValueError("trainer.placement_strategy=STRICT_SPREAD puts each learner rank on its own node; an embedded "
-                             "local Ray has one node (set cluster.address, or use PACK / SPREAD)")
+            raise ValueError(f"rollout.dynamic_sampling keeps groups whose rewards differ, which only a "
+                             f"group-relative advantage learns from; algorithm={self.algorithm} has none "
+                             f"(use {names('group_advantages')})")
+        if (self.trainer.num_ranks > 1 and self.trainer.placement_strategy == "STRICT_SPREAD"
+                and not self.cluster.address):
+            raise ValueError("trainer.placement_strategy=STRICT_SPREAD puts each learner rank on its own "
+                             "node; an embedded local Ray has one node (set cluster.address, or use PACK / "
+                             "SPREAD)")
         source = f"{TEACHER_SECTION}.full_vocab_source"
         if signal.hidden and self.teacher.url:
-            raise ValueError(f"{source}=teacher: a teacher server (teacher.url) returns log-probs, not hidden "
-                             f"states; run the teacher locally or use {source}=learner")
+            raise ValueError(f"{source}=teacher: a teacher server (teacher.url) returns log-probs, not "
+                             f"hidden states; run the teacher locally or use {source}=learner")
         if signal.hidden and self.teacher.engine == "vllm":
-            raise ValueError(f"{source}=teacher needs the teacher's hidden states, which the vLLM engine does "
-                             "not return: set teacher.engine=hf (or auto)")
+            raise ValueError(f"{source}=teacher needs the teacher's hidden states, which the vLLM engine "
+                             "does not return: set teacher.engine=hf (or auto)")
         if self.lora.r > 0 and self.rollout.engine != "vllm":
-            raise ValueError(f"lora.r={self.lora.r}: LoRA adapters are served by the vLLM engine only; set "
-                             f"rollout.engine=vllm or lora.r=0 (got rollout.engine={self.rollout.engine!r})")
+            raise ValueError(f"lora.r={self.lora.r}: LoRA adapters are served by the vLLM engine only; "
+                             "set rollout.engine=vllm or lora.r=0 "
+                             f"(got rollout.engine={self.rollout.engine!r})")
         if self.lora.r > 512:
             raise ValueError(f"lora.r={self.lora.r} exceeds vLLM's largest max_lora_rank (512)")
         if self.lora.r > 0 and not self.lora.target_modules:
-            raise ValueError("lora.target_modules is empty: name the modules that get an adapter (e.g. q_proj, v_proj)")
+            raise ValueError("lora.target_modules is empty: name the modules that get an adapter "
+                             "(e.g. q_proj, v_proj)")
         return self
 
     def section(self, name: str) -> _Section:
@@ -444,8 +458,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
             if key in seen:
-                raise ConfigError(f"config file {key_node.start_mark.name!r}: key {key!r} appears twice (lines "
-                                  f"{seen[key]} and {line}); merge them into one")
+                raise ConfigError(f"config file {key_node.start_mark.name!r}: key {key!r} appears twice "
+                                  f"(lines {seen[key]} and {line}); merge them into one")
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
@@ -462,8 +476,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
         if tree is None:  # a wrong path to an empty file, or one an editor truncated: never "all defaults"
-            raise ConfigError(f"config file {str(p)!r} is empty (or only comments); give the sections to run, e.g. "
-                              "copy configs/demo.yaml")
+            raise ConfigError(f"config file {str(p)!r} is empty (or only comments); give the sections to "
+                              "run, e.g. copy configs/demo.yaml")
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
     for key, value in parse_overrides(overrides or []):

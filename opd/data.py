@@ -14,9 +14,11 @@ from opd.types import Prompt
 def render_prompts(rows: list[dict], tokenizer, split: str) -> list[Prompt]:
     prompts = []
     for i, row in enumerate(rows):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], tokenize=False,
+                                             add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        prompts.append(Prompt(prompt_id=f"{split}-{i}", text=text, token_ids=ids, answer=row["answer"], columns=dict(row)))
+        prompts.append(Prompt(prompt_id=f"{split}-{i}", text=text, token_ids=ids, answer=row["answer"],
+                              columns=dict(row)))
     return prompts
 
 

@@ -57,7 +57,8 @@ def prepare(cfg: Config, *, resume: bool = False, fresh: bool = False, change_ob
     run_dir = Path(cfg.run.output_dir)
     if fresh and (run_dir / "metrics.jsonl").exists():
         shutil.rmtree(run_dir)
-    probe = test[0].token_ids + tok(test[0].answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    probe = (test[0].token_ids + tok(test[0].answer, add_special_tokens=False)["input_ids"]
+             + [tok.eos_token_id])
     return Job(run_dir, train, test, probe, ckpt, _renderer(tok))
 
 
@@ -94,7 +95,8 @@ def _save(cfg: Config, job: Job, roles: Roles, st: RunState, stream: RolloutStre
 def _renderer(tok):  # the student's tokenizer, its chat template as the job's (preflight.student_tokenizer)
     def render(text: str) -> list[int]:
         msgs = [{"role": "user", "content": text}]
-        return tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        return tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+                   add_special_tokens=False)["input_ids"]
 
     return render
 
@@ -116,7 +118,8 @@ class SampleLog:
         routed = set(batch.uids) if batch else set()
         rows = [
             {"step": step, "uid": s.uid, "prompt_id": s.prompt.prompt_id, "weight_version": s.weight_version,
-             "reward": rewards.rewards[i], "correct": rewards.correct[i], "failure": rewards.failures.get(s.uid),
+             "reward": rewards.rewards[i], "correct": rewards.correct[i],
+             "failure": rewards.failures.get(s.uid),
              "trained": s.uid in routed, "finish_reason": s.finish_reason, "response": s.response_text}
             for i, s in enumerate(rollouts.samples)
         ]
@@ -130,9 +133,10 @@ def train(cfg: Config, job: Job, roles: Roles, progress: bool = True) -> dict:
     # First, so a tracker that cannot start fails the job before minutes of evaluation.
     log = MetricsLogger(job.run_dir, cfg.trainer.total_steps, st.step, progress, job=cfg.run.name,
                         shared_ray=cfg.cluster.address is not None, tracking=cfg.tracking,
-                        config=cfg.model_dump(mode="json"), run_name=cfg.run.name, log_every_s=cfg.run.log_every_s)
-    stream = RolloutStream(roles.rollout, PromptSource(job.train, cfg.run.seed, st.cursor), cfg.rollout, cfg.run.seed,
-                           load_in_flight(job.checkpoint), scorer=ChunkScorer(roles, cfg))
+                        config=cfg.model_dump(mode="json"), run_name=cfg.run.name,
+                        log_every_s=cfg.run.log_every_s)
+    stream = RolloutStream(roles.rollout, PromptSource(job.train, cfg.run.seed, st.cursor), cfg.rollout,
+                           cfg.run.seed, load_in_flight(job.checkpoint), scorer=ChunkScorer(roles, cfg))
     # Every sync's probe is checked by the rollout pool before anything generated at those weights is handed
     # out, evaluated or stored with a checkpoint (RolloutPool.checked): the loop never waits for it by hand.
     st.version = sync_weights(roles, job.probe_ids, cfg.rollout.probe_tolerance)
@@ -161,7 +165,8 @@ def train(cfg: Config, job: Job, roles: Roles, progress: bool = True) -> dict:
             stats.update(held_out(roles, job.test, cfg))
         samples_log.log(step, taken, batch)
         log.log(step, step_metrics(taken, stats, st.version, time.perf_counter() - t0))
-        if st.step == cfg.trainer.total_steps or (cfg.checkpoint.every and st.step % cfg.checkpoint.every == 0):
+        if (st.step == cfg.trainer.total_steps
+                or (cfg.checkpoint.every and st.step % cfg.checkpoint.every == 0)):
             _save(cfg, job, roles, st, stream)
     after = held_out(roles, job.test, cfg)
     log.held_out("after training", after)

@@ -22,12 +22,14 @@ def evaluate_models(cfg: Config, teacher: bool = False) -> dict:
     init_ray(cfg)
     roles = None
     try:
-        roles = Roles([start_rollout_worker(cfg, 0)], start_teachers(cfg, max_logprobs=1) if teacher else None, None,
-                      start_verifiers(cfg))
-        result = {"student": cfg.models.student, "student_accuracy": evaluate(roles, test, cfg, who="student"),
+        roles = Roles([start_rollout_worker(cfg, 0)],
+                      start_teachers(cfg, max_logprobs=1) if teacher else None, None, start_verifiers(cfg))
+        result = {"student": cfg.models.student,
+                  "student_accuracy": evaluate(roles, test, cfg, who="student"),
                   "eval_prompts": len(test)}
         if teacher:
-            result.update(teacher=cfg.teacher.url or cfg.models.teacher, teacher_accuracy=evaluate(roles, test, cfg, who="teacher"))
+            result.update(teacher=cfg.teacher.url or cfg.models.teacher,
+                          teacher_accuracy=evaluate(roles, test, cfg, who="teacher"))
         return result
     finally:
         stop_roles(roles)

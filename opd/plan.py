@@ -41,9 +41,11 @@ def learner_args(cfg: Config) -> dict:
     return dict(
         model_dir=cfg.models.student, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
         warmup_steps=t.warmup_steps, grad_clip=t.grad_clip, micro_batch_size=t.micro_batch_size,
-        torch_threads=t.torch_threads, micro_batch_tokens=t.micro_batch_tokens, logits_chunk_tokens=t.logits_chunk_tokens,
+        torch_threads=t.torch_threads, micro_batch_tokens=t.micro_batch_tokens,
+        logits_chunk_tokens=t.logits_chunk_tokens,
         share_prompts=t.share_prompts, autocast=t.autocast, gradient_checkpointing=t.gradient_checkpointing,
-        seed=cfg.run.seed, objective=objective_spec(cfg), reference_dir=cfg.reference_dir, teacher_dir=cfg.models.teacher,
+        seed=cfg.run.seed, objective=objective_spec(cfg), reference_dir=cfg.reference_dir,
+        teacher_dir=cfg.models.teacher,
         lora=LoraSpec(lc.r, lc.alpha, lc.dropout, tuple(lc.target_modules)),
     )
 

@@ -27,7 +27,8 @@ _SHOWN = 8  # offending rows named per message
 logger = logging.getLogger(__name__)
 
 
-def check_job(cfg: Config, *, resume: bool = False, fresh: bool = False, change_objective: bool = False) -> Path | None:
+def check_job(cfg: Config, *, resume: bool = False, fresh: bool = False,
+              change_objective: bool = False) -> Path | None:
     """Every check that needs no model loaded; returns the checkpoint a resumed run continues from."""
     check_model_dirs(cfg)
     check_output_dir(cfg)
@@ -83,8 +84,8 @@ def load_prompts(cfg: Config, tok) -> tuple[list[Prompt], list[Prompt]]:
     check_tokenizer_covers(tok, cfg.models.student, {"train": train_rows, "test": test_rows})
     train = _fits(render_prompts(train_rows, tok, "train"), cfg)
     if len(test_rows) < cfg.eval.num_prompts:
-        raise ConfigError(f"eval.num_prompts={cfg.eval.num_prompts}: task.test_path {cfg.task.test_path!r} has "
-                          f"{len(test_rows)} rows; lower eval.num_prompts or add rows")
+        raise ConfigError(f"eval.num_prompts={cfg.eval.num_prompts}: task.test_path {cfg.task.test_path!r} "
+                          f"has {len(test_rows)} rows; lower eval.num_prompts or add rows")
     return train, _fits(render_prompts(test_rows, tok, "test"), cfg)[: cfg.eval.num_prompts]
 
 
@@ -98,18 +99,21 @@ def _fits(prompts: list[Prompt], cfg: Config) -> list[Prompt]:
     too_long = [p.prompt_id for p in prompts if len(p.token_ids) > limit]
     if too_long and cfg.task.too_long == "fail":
         raise ConfigError(
-            f"rollout.max_model_len={cfg.rollout.max_model_len} is too short for {len(too_long)} prompts (first: "
-            f"{too_long[0]}); raise it, shorten the prompts, or set task.too_long=skip"
+            f"rollout.max_model_len={cfg.rollout.max_model_len} is too short for {len(too_long)} prompts "
+            f"(first: {too_long[0]}); raise it, shorten the prompts, or set task.too_long=skip"
         )
     if not fits:
-        raise ConfigError(f"rollout.max_model_len={cfg.rollout.max_model_len}: every prompt is too long (first: {too_long[0]})")
+        raise ConfigError(f"rollout.max_model_len={cfg.rollout.max_model_len}: every prompt is too long "
+                          f"(first: {too_long[0]})")
     if too_long:
-        logger.warning("skipped %d of %d prompts longer than %d tokens (first: %s)", len(too_long), len(prompts), limit, too_long[0])
+        logger.warning("skipped %d of %d prompts longer than %d tokens (first: %s)", len(too_long),
+                       len(prompts), limit, too_long[0])
     return fits
 
 
 def _teacher_dirs(cfg: Config) -> list[tuple[str, str]]:
-    return [("models.teacher", cfg.models.teacher)] + [(f"models.teachers.{n}", d) for n, d in cfg.models.teachers.items()]
+    return [("models.teacher", cfg.models.teacher)] + [(f"models.teachers.{n}", d)
+                                                        for n, d in cfg.models.teachers.items()]
 
 
 def _check_teachers(cfg: Config, tok, prompts: list[Prompt]) -> None:
@@ -129,7 +133,8 @@ def _check_teachers(cfg: Config, tok, prompts: list[Prompt]) -> None:
     bad = unknown_teacher_rows(prompts, cfg.teacher.column, defined)
     if bad:
         raise ConfigError(
-            f"teacher.column={cfg.teacher.column!r}: {len(bad)} rows name a teacher that models.teachers does not define "
+            f"teacher.column={cfg.teacher.column!r}: {len(bad)} rows name a teacher "
+            "that models.teachers does not define "
             f"(first: row {bad[0][0]} names {bad[0][1]!r}; defined: {sorted(defined)})"
         )
 
@@ -157,20 +162,23 @@ def check_model_dirs(cfg: Config, teacher: bool | None = None) -> None:
     if teacher and remote:
         d = Path(cfg.models.teacher)
         if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            problems.append(f"  models.teacher: {str(d)!r} holds no tokenizer files; with teacher.url set it must hold "
-                            "the teacher's tokenizer (for the tokenizer pre-flight check)")
+            problems.append(f"  models.teacher: {str(d)!r} holds no tokenizer files; with teacher.url set it "
+                            "must hold the teacher's tokenizer (for the tokenizer pre-flight check)")
     templates = [("models.student", cfg.models.student)] + (_teacher_dirs(cfg) if teacher else [])
     if cfg.models.chat_template is None:
-        problems += [f"  {key}: the tokenizer in {d!r} has no chat template (a base model?); set models.chat_template to "
-                     "a Jinja template or a .jinja file that renders the user turn" for key, d in templates
+        problems += [f"  {key}: the tokenizer in {d!r} has no chat template (a base model?); set "
+                     "models.chat_template to a Jinja template or a .jinja file that renders the user turn"
+                     for key, d in templates
                      if files.has_tokenizer(Path(d)) and not files.has_chat_template(Path(d))]
-    elif (p := Path(cfg.models.chat_template).expanduser()).suffix in (".jinja", ".j2", ".txt") and not p.is_file():
+    elif ((p := Path(cfg.models.chat_template).expanduser()).suffix in (".jinja", ".j2", ".txt")
+          and not p.is_file()):
         problems.append(f"  models.chat_template: file {str(p)!r} does not exist")
     if cfg.lora.r > 0 and not problems:
         problems += _lora_target_problems(cfg)
     env = cfg.teacher.token_env
     if teacher and cfg.teacher.url and env and not os.environ.get(env):
-        problems.append(f"  teacher.token_env: environment variable {env!r} is not set (it holds the server's token)")
+        problems.append(f"  teacher.token_env: environment variable {env!r} is not set "
+                        "(it holds the server's token)")
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(problems))
 
@@ -199,8 +207,8 @@ def _lora_target_problems(cfg: Config) -> list[str]:
     if not missing:
         return []
     have = sorted({n.rpartition(".")[2] for n in names if not n.rpartition(".")[2].isdigit()})
-    return [f"  lora.target_modules: {missing} match no module of models.student {cfg.models.student!r} (its modules: "
-            f"{', '.join(have)})"]
+    return [f"  lora.target_modules: {missing} match no module of models.student {cfg.models.student!r} "
+            f"(its modules: {', '.join(have)})"]
 
 
 def check_device(cfg: Config) -> None:
@@ -234,17 +242,20 @@ def check_run_dir(cfg: Config, *, resume: bool, fresh: bool, change_objective: b
     otherwise."""
     run_dir = Path(cfg.run.output_dir)
     if resume and fresh:
-        raise ConfigError("--resume continues the run in run.output_dir and --fresh replaces it: give one of them")
+        raise ConfigError("--resume continues the run in run.output_dir and --fresh replaces it: "
+                          "give one of them")
     if not resume:
         if (run_dir / "metrics.jsonl").exists() and not fresh:
-            raise ConfigError(f"run.output_dir: {str(run_dir)!r} already holds a run; pass --resume or choose another directory")
+            raise ConfigError(f"run.output_dir: {str(run_dir)!r} already holds a run; "
+                              "pass --resume or choose another directory")
         return None
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise ConfigError(f"run.output_dir: --resume given but {str(run_dir)!r} holds no complete checkpoint")
     if not change_objective and (change := _objective_change(cfg, run_dir / "config.yaml")):
-        raise ConfigError(f"run.output_dir: {str(run_dir)!r} was trained with {change[0]} and this config says {change[1]}; "
-                          "resume it with its own objective, or pass --change-objective to go on under the new one")
+        raise ConfigError(f"run.output_dir: {str(run_dir)!r} was trained with {change[0]} and this config "
+                          f"says {change[1]}; resume it with its own objective, or pass --change-objective "
+                          "to go on under the new one")
     return ckpt
 
 
@@ -259,7 +270,8 @@ def _objective_change(cfg: Config, saved_path: Path) -> tuple[str, str] | None:
         """The objective and, where it follows it, the teacher divergence."""
         key = f"{TEACHER_SECTION}.divergence"
         follows = algorithm in REGISTRY and REGISTRY[algorithm].teacher == "divergence"
-        return f"algorithm={algorithm}" + (f", {key}={teacher_section.get('divergence', 'sampled')}" if follows else "")
+        return f"algorithm={algorithm}" + (f", {key}={teacher_section.get('divergence', 'sampled')}"
+                                           if follows else "")
 
     before = objective(str(saved.get("algorithm", DEFAULT)), saved.get(TEACHER_SECTION) or {})
     now = objective(cfg.algorithm, cfg.teacher_settings.model_dump())
@@ -289,5 +301,6 @@ def check_tokenizer_covers(tok, student_dir: str, splits: dict[str, list[dict]])
     bad = [b for split, rows in splits.items() for b in untokenizable_rows(tok, rows, split)]
     if bad:
         more = f" (and {len(bad) - _SHOWN} more rows)" if len(bad) > _SHOWN else ""
-        raise ConfigError(f"models.student: the tokenizer of {student_dir!r} cannot represent {len(bad)} prompts; it "
-                          "would drop these characters:\n" + "\n".join(f"  {b}" for b in bad[:_SHOWN]) + more)
+        raise ConfigError(f"models.student: the tokenizer of {student_dir!r} cannot represent {len(bad)} "
+                          "prompts; it would drop these characters:\n"
+                          + "\n".join(f"  {b}" for b in bad[:_SHOWN]) + more)

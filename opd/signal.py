@@ -41,7 +41,8 @@ class TeacherSignal:
         return self.source == "learner"
 
 
-def teacher_signal(objective: Objective, divergence: str, full_vocab_source: str, top_k: int) -> TeacherSignal:
+def teacher_signal(objective: Objective, divergence: str, full_vocab_source: str,
+                   top_k: int) -> TeacherSignal:
     """The signal ``objective`` reads, from what it declares (``Objective.teacher``) and the teacher
     settings."""
     if objective.teacher == "none":

@@ -35,7 +35,8 @@ def _score(roles: Roles, uids: list[str], prompts: list[Prompt], texts: list[str
 
 
 def _verify(roles: Roles, samples: list[Sample]) -> Rewards:
-    return _score(roles, [s.uid for s in samples], [s.prompt for s in samples], [s.response_text for s in samples])
+    return _score(roles, [s.uid for s in samples], [s.prompt for s in samples],
+                  [s.response_text for s in samples])
 
 
 class ChunkScorer:
@@ -55,7 +56,8 @@ class ChunkScorer:
     def chain(self, draws: list[tuple[Prompt, int]], samples_ref: ray.ObjectRef) -> ray.ObjectRef | None:
         teachers = self.teacher
         names = {teacher_name(p, teachers.column) for p, _ in draws} if teachers else set()
-        return teachers.actors[names.pop()].score.remote(samples_ref, self.top_k, self.hidden) if len(names) == 1 else None
+        return (teachers.actors[names.pop()].score.remote(samples_ref, self.top_k, self.hidden)
+                if len(names) == 1 else None)
 
     def chunk(self, samples: list[Sample], teacher_ref: ray.ObjectRef | None) -> ScoredChunk:
         if self.teacher is None:
@@ -124,7 +126,8 @@ def evaluate(roles: Roles, prompts: list[Prompt], cfg: Config, who: str) -> floa
 def held_out(roles: Roles, prompts: list[Prompt], cfg: Config) -> dict[str, float]:
     """The student's held-out figures: ``eval_accuracy`` (greedy) and, with a teacher, ``eval_teacher_kl``."""
     kl = heldout_teacher_kl(roles, prompts, cfg)
-    return {"eval_accuracy": evaluate(roles, prompts, cfg, who="student"), **({} if kl is None else {"eval_teacher_kl": kl})}
+    return {"eval_accuracy": evaluate(roles, prompts, cfg, who="student"),
+            **({} if kl is None else {"eval_teacher_kl": kl})}
 
 
 def heldout_teacher_kl(roles: Roles, prompts: list[Prompt], cfg: Config) -> float | None:
@@ -135,8 +138,8 @@ def heldout_teacher_kl(roles: Roles, prompts: list[Prompt], cfg: Config) -> floa
     if roles.teacher is None or not cfg.eval.kl_samples:
         return None
     draws = [(p, 0) for p in prompts]
-    kw = {"n": cfg.eval.kl_samples, "temperature": 1.0, "top_p": 1.0, "max_tokens": cfg.rollout.max_new_tokens,
-          "seed": cfg.run.seed}
+    kw = {"n": cfg.eval.kl_samples, "temperature": 1.0, "top_p": 1.0,
+          "max_tokens": cfg.rollout.max_new_tokens, "seed": cfg.run.seed}
     parts = [c for c in split_even(draws, len(roles.rollout)) if c]
     outs = roles.rollout.map(lambda w, c: w.generate.remote(c, **kw), parts)
     rollouts = RolloutBatch(-1, [s for samples, _ in outs for s in samples], cfg.eval.kl_samples, -1)
@@ -144,7 +147,8 @@ def heldout_teacher_kl(roles: Roles, prompts: list[Prompt], cfg: Config) -> floa
     return teacher_reverse_kl(rollouts, scores)
 
 
-def _verify_all(roles: Roles, uids: list[str], prompts: list[Prompt], texts: list[str], retries: int = 1) -> list[bool]:
+def _verify_all(roles: Roles, uids: list[str], prompts: list[Prompt], texts: list[str],
+                retries: int = 1) -> list[bool]:
     """Correctness of every row. A verifier failure (timeout on a loaded machine, crash) is retried, never
     counted as a wrong answer: an accuracy built on failed verifications would be a silent lie."""
     rewards = _score(roles, uids, prompts, texts)
@@ -153,9 +157,12 @@ def _verify_all(roles: Roles, uids: list[str], prompts: list[Prompt], texts: lis
         return list(rewards.correct)
     if retries <= 0:
         first = rewards.failures[uids[failed[0]]]
-        raise RuntimeError(f"evaluation: {len(failed)} of {len(uids)} rows could not be verified (first: {first})")
-    log.warning("evaluation: %d rows failed verification (%s); retrying them", len(failed), rewards.failures[uids[failed[0]]])
-    again = _verify_all(roles, [uids[i] for i in failed], [prompts[i] for i in failed], [texts[i] for i in failed], retries - 1)
+        raise RuntimeError(f"evaluation: {len(failed)} of {len(uids)} rows could not be verified "
+                           f"(first: {first})")
+    log.warning("evaluation: %d rows failed verification (%s); retrying them", len(failed),
+                rewards.failures[uids[failed[0]]])
+    again = _verify_all(roles, [uids[i] for i in failed], [prompts[i] for i in failed],
+                        [texts[i] for i in failed], retries - 1)
     correct = list(rewards.correct)
     for i, ok in zip(failed, again, strict=True):
         correct[i] = ok
@@ -180,7 +187,8 @@ def step_metrics(taken: Scored, learner: dict, version: int, step_seconds: float
     }
     # rollout.dynamic_sampling: the share of generated groups that taught
     if taken.generated_groups is not None:
-        m["dynamic_kept_fraction"] = len(rollouts.samples) / rollouts.group_size / max(taken.generated_groups, 1)
+        m["dynamic_kept_fraction"] = (len(rollouts.samples) / rollouts.group_size
+                                      / max(taken.generated_groups, 1))
         m["resample_rounds"] = float(taken.resample_rounds)
     if scores is not None:
         m["teacher_kl"] = teacher_reverse_kl(rollouts, scores)

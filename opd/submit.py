@@ -126,7 +126,8 @@ def submit(cfg: Config, address: str, working_dir: str | None = None, *, job_id:
             shutil.copytree(src, stage, ignore=COPY_IGNORE)
         stage.mkdir(exist_ok=True)
         if (stage / STAGE_DIR).exists():
-            raise ConfigError(f"--working-dir: {working_dir!r} already holds '{STAGE_DIR}/', which opd submit writes")
+            raise ConfigError(f"--working-dir: {working_dir!r} already holds '{STAGE_DIR}/', "
+                              "which opd submit writes")
         staged = staged_config(cfg, stage)
         config_path = stage / STAGE_DIR / "config.yaml"
         config_path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,7 +160,8 @@ def status(address: str, job_id: str) -> dict:
     when this machine sees it, else from the job's log lines)."""
     info = _call(address, job_id, "status", lambda c: c.get_job_info(job_id))
     meta = info.metadata or {}
-    out = {"job_id": job_id, "name": meta.get("job_name"), "status": str(info.status.value), "message": info.message,
+    out = {"job_id": job_id, "name": meta.get("job_name"), "status": str(info.status.value),
+           "message": info.message,
            "run_dir": meta.get("run_dir"), "entrypoint": info.entrypoint, "start_time": info.start_time,
            "end_time": info.end_time}
     out["last_step"] = _last_metrics(meta.get("run_dir")) or _last_step_line(logs(address, job_id))
@@ -193,8 +195,9 @@ def _last_step_line(log: str) -> str | None:
 
 def list_jobs(address: str) -> list[dict]:
     jobs = _call(address, "*", "listing", lambda c: c.list_jobs())
-    return [{"job_id": j.submission_id, "name": (j.metadata or {}).get("job_name"), "status": str(j.status.value),
-             "start_time": j.start_time, "end_time": j.end_time} for j in sorted(jobs, key=lambda j: j.start_time or 0)]
+    return [{"job_id": j.submission_id, "name": (j.metadata or {}).get("job_name"),
+             "status": str(j.status.value), "start_time": j.start_time, "end_time": j.end_time}
+            for j in sorted(jobs, key=lambda j: j.start_time or 0)]
 
 
 # `opd status`, `opd logs --follow` and `opd submit --wait` exit with the job's state: 0 done or still going

@@ -72,7 +72,8 @@ class RolloutBatch:
 
     def validate(self) -> None:
         if len(self.samples) % self.group_size:
-            raise RecordError(f"RolloutBatch step {self.step}: {len(self.samples)} samples not a multiple of G={self.group_size}")
+            raise RecordError(f"RolloutBatch step {self.step}: {len(self.samples)} samples not a multiple of "
+                              f"G={self.group_size}")
         uids = [s.uid for s in self.samples]
         if len(set(uids)) != len(uids):
             raise RecordError(f"RolloutBatch step {self.step}: duplicate sample uids")
@@ -103,7 +104,8 @@ class TeacherScores:
         for s, lp in zip(samples, self.logprobs, strict=True):
             if len(lp) != len(s.response_ids):
                 raise RecordError(
-                    f"TeacherScores {s.uid}: {len(lp)} teacher logprobs for {len(s.response_ids)} response tokens"
+                    f"TeacherScores {s.uid}: {len(lp)} teacher logprobs for {len(s.response_ids)} "
+                    "response tokens"
                 )
         if self.topk_ids is not None:
             for s, ids, lps in zip(samples, self.topk_ids, self.topk_logprobs or [], strict=True):
@@ -112,7 +114,8 @@ class TeacherScores:
         if self.hidden is not None:
             for s, h in zip(samples, self.hidden, strict=True):
                 if h.shape[0] != len(s.response_ids):
-                    raise RecordError(f"TeacherScores {s.uid}: {h.shape[0]} hidden-state rows for {len(s.response_ids)} response tokens")
+                    raise RecordError(f"TeacherScores {s.uid}: {h.shape[0]} hidden-state rows for "
+                                      f"{len(s.response_ids)} response tokens")
 
     @staticmethod
     def concat(parts: list[TeacherScores]) -> TeacherScores:
@@ -130,15 +133,17 @@ class TeacherScores:
 
     def rows(self, idx: list[int]) -> TeacherScores:
         pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
-        return TeacherScores(pick(self.uids), pick(self.logprobs), pick(self.topk_ids), pick(self.topk_logprobs),
-                             self.score_seconds, pick(self.hidden))
+        return TeacherScores(pick(self.uids), pick(self.logprobs), pick(self.topk_ids),
+                             pick(self.topk_logprobs), self.score_seconds, pick(self.hidden))
 
     def nonfinite_samples(self) -> int:
         """Samples with a NaN/inf teacher log-prob (sampled token or top-k). Not an error here: such a value
         makes the step's loss non-finite, and the learner skips that update on every rank, which is the
         survivable outcome."""
         rows = zip(self.logprobs, self.topk_logprobs or [None] * len(self.logprobs), strict=True)
-        return sum(1 for lp, k in rows if not all(map(math.isfinite, lp)) or (k and not all(math.isfinite(x) for r in k for x in r)))
+        return sum(1 for lp, k in rows
+                   if not all(map(math.isfinite, lp))
+                   or (k and not all(math.isfinite(x) for r in k for x in r)))
 
 
 class PendingScores(Protocol):
@@ -243,8 +248,10 @@ class TrainBatch:
             if self.teacher_topk_ids is not None and len(self.teacher_topk_ids[i]) != t:
                 raise RecordError(f"TrainBatch {uid}: teacher top-k rows do not match {t} response tokens")
             if self.teacher_hidden is not None and self.teacher_hidden[i].shape[0] != t:
-                raise RecordError(f"TrainBatch {uid}: teacher hidden-state rows do not match {t} response tokens")
-        for name in ("loss_weights", "teacher_prompt_ids", "routes", "teacher_topk_ids", "teacher_topk_logprobs", "teacher_hidden"):
+                raise RecordError(f"TrainBatch {uid}: teacher hidden-state rows do not match {t} "
+                                  "response tokens")
+        for name in ("loss_weights", "teacher_prompt_ids", "routes", "teacher_topk_ids",
+                     "teacher_topk_logprobs", "teacher_hidden"):
             value = getattr(self, name)
             if value is not None and len(value) != n:
                 raise RecordError(f"TrainBatch: {name} has {len(value)} rows for {n} samples")

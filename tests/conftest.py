@@ -27,7 +27,8 @@ def local_ray():
 
     from opd.rollout.engine import ACTOR_ENV
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env={"env_vars": ACTOR_ENV}, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env={"env_vars": ACTOR_ENV},
+             log_to_driver=False)
     yield ray
     ray.shutdown()
 

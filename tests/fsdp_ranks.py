@@ -50,8 +50,8 @@ SIZES = (9, 8, 1)
 
 def learner(models: Path, case: dict) -> Learner:
     return Learner(str(models / "student"), lr=1e-3, micro_batch_size=2, seed=0, objective=case["objective"],
-                   share_prompts=True, teacher_dir=str(models / "teacher"), lora=case.get("lora"), device="cpu",
-                   gradient_checkpointing=case.get("checkpointing", False))
+                   share_prompts=True, teacher_dir=str(models / "teacher"), lora=case.get("lora"),
+                   device="cpu", gradient_checkpointing=case.get("checkpointing", False))
 
 
 def make_batch(probe: Learner, name: str, n: int, seed: int) -> TrainBatch:
@@ -68,15 +68,18 @@ def make_batch(probe: Learner, name: str, n: int, seed: int) -> TrainBatch:
     responses = [[rng.randrange(6, 90) for _ in range(rng.randint(1, 6))] for _ in range(n)]
     sampler = [probe.probe_logprobs(p + r)[len(p) - 1 :] for p, r in zip(prompts, responses, strict=True)]
     teacher = [[x - rng.uniform(-1, 1) for x in s] for s in sampler]
-    adv = [[-(s - t) for s, t in zip(srow, trow, strict=True)] for srow, trow in zip(sampler, teacher, strict=True)]
+    adv = [[-(s - t) for s, t in zip(srow, trow, strict=True)]
+           for srow, trow in zip(sampler, teacher, strict=True)]
     if case_objective(name) in ("grpo", "srpo"):
         adv = [[(-1) ** i * 0.7] * len(r) for i, r in enumerate(responses)]
     sd = case_objective(name) == "srpo"
     return TrainBatch(
-        uids=[f"s{seed}u{i}" for i in range(n)], prompt_ids=prompts, response_ids=responses, sampler_logprobs=sampler,
+        uids=[f"s{seed}u{i}" for i in range(n)], prompt_ids=prompts, response_ids=responses,
+        sampler_logprobs=sampler,
         advantages=adv, teacher_logprobs=teacher, objective=case_objective(name),
         loss_weights=[(1.0, 0.5, 2.0, 0.0)[i % 4] for i in range(n)] if n > 1 else None,
-        teacher_prompt_ids=[(p + [30, 31, 32] if i % 3 else None) for i, p in enumerate(prompts)] if sd else None,
+        teacher_prompt_ids=([(p + [30, 31, 32] if i % 3 else None) for i, p in enumerate(prompts)]
+                            if sd else None),
         routes=[("sdpo" if i % 3 else "grpo") for i in range(n)] if sd else None,
     )
 
@@ -106,7 +109,8 @@ def rank_main(rank: int, models: Path, out: Path, port: int) -> None:
         for batch in data[name]["batches"]:
             parts, _ = ranked.shards(batch, 2)
             stats = ranked.train_shard(*parts[rank])
-            steps.append({k: stats[k] for k in ("loss", "grad_norm", "entropy", "train_tokens", "update_skipped")})
+            steps.append({k: stats[k]
+                          for k in ("loss", "grad_norm", "entropy", "train_tokens", "update_skipped")})
         w = weights(ranked.model)
         ckpt = out / f"ckpt-{name}"
         ranked.save(str(ckpt))  # every rank gathers, rank 0 writes
@@ -145,7 +149,8 @@ def main() -> None:
         steps = []
         for b in batches:
             s = single.train_step(b)
-            steps.append({k: s[k] for k in ("loss", "grad_norm", "entropy", "train_tokens", "update_skipped")})
+            steps.append({k: s[k]
+                          for k in ("loss", "grad_norm", "entropy", "train_tokens", "update_skipped")})
         data[name] = {"batches": batches, "third": third, "steps": steps, "weights": weights(single.model)}
     torch.save(data, out / "data.pt")
     port = free_port()

@@ -35,8 +35,8 @@ from opd.trainer.shards import balance_shards  # noqa: E402
 from opd.types import TrainBatch  # noqa: E402
 
 # (algorithm, strategy): every family sharded (the default), and replicas once.
-RUNS = {"opd": ("opd", "fsdp2", {}), "grpo": ("grpo", "fsdp2", {}), "srpo": ("srpo", "fsdp2", {"sdpo.top_k": 8}),
-        "opd-ddp": ("opd", "ddp", {})}
+RUNS = {"opd": ("opd", "fsdp2", {}), "grpo": ("grpo", "fsdp2", {}),
+        "srpo": ("srpo", "fsdp2", {"sdpo.top_k": 8}), "opd-ddp": ("opd", "ddp", {})}
 
 
 def make_batch(learner: Learner, algorithm: str, n: int, seed: int) -> TrainBatch:
@@ -47,15 +47,17 @@ def make_batch(learner: Learner, algorithm: str, n: int, seed: int) -> TrainBatc
     responses = [[rng.randrange(6, 90) for _ in range(rng.randint(1, 6))] for _ in range(n)]
     sampler = [learner.probe_logprobs(p + r)[len(p) - 1 :] for p, r in zip(prompts, responses, strict=True)]
     teacher = [[x - rng.uniform(-1, 1) for x in s] for s in sampler]
-    adv = [[-(s - t) for s, t in zip(srow, trow, strict=True)] for srow, trow in zip(sampler, teacher, strict=True)]
+    adv = [[-(s - t) for s, t in zip(srow, trow, strict=True)]
+           for srow, trow in zip(sampler, teacher, strict=True)]
     if algorithm == "grpo":
         adv = [[(-1) ** i * 0.7] * len(r) for i, r in enumerate(responses)]
     sd = algorithm == "srpo"
     return TrainBatch(
-        uids=[f"s{seed}u{i}" for i in range(n)], prompt_ids=prompts, response_ids=responses, sampler_logprobs=sampler,
-        advantages=adv, teacher_logprobs=teacher, objective=algorithm,
+        uids=[f"s{seed}u{i}" for i in range(n)], prompt_ids=prompts, response_ids=responses,
+        sampler_logprobs=sampler, advantages=adv, teacher_logprobs=teacher, objective=algorithm,
         loss_weights=[(1.0, 0.5, 2.0, 0.0)[i % 4] for i in range(n)],
-        teacher_prompt_ids=[(p + [30, 31, 32] if i % 3 else None) for i, p in enumerate(prompts)] if sd else None,
+        teacher_prompt_ids=([(p + [30, 31, 32] if i % 3 else None) for i, p in enumerate(prompts)]
+                            if sd else None),
         routes=[("sdpo" if i % 3 else "grpo") for i in range(n)] if sd else None,
     )
 
@@ -75,14 +77,16 @@ def equivalence(models: Path, out: Path, address: str) -> dict:
     results = {}
     for name, (algorithm, strategy, extra) in RUNS.items():
         t0 = time.perf_counter()
-        overrides = {"algorithm": algorithm, "trainer.num_ranks": 2, "trainer.placement_strategy": "STRICT_SPREAD",
+        overrides = {"algorithm": algorithm, "trainer.num_ranks": 2,
+                     "trainer.placement_strategy": "STRICT_SPREAD",
                      "trainer.micro_batch_size": 4, "trainer.lr": 1e-3, "cluster.address": address,
                      "trainer.strategy": strategy, "run.name": f"eq-{name}", **extra}
         cfg = load_config(None, tiny_overrides(models, out / algorithm, **overrides))
         t = cfg.trainer
         # The same arguments as opd.cluster.start_learners gives every rank.
         single = Learner(cfg.models.student, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
-                         warmup_steps=t.warmup_steps, grad_clip=t.grad_clip, micro_batch_size=t.micro_batch_size,
+                         warmup_steps=t.warmup_steps, grad_clip=t.grad_clip,
+                         micro_batch_size=t.micro_batch_size,
                          torch_threads=t.torch_threads, seed=cfg.run.seed, objective=objective_spec(cfg))
         # fixed before either learner trains
         batches = [make_batch(single, algorithm, n=16, seed=s) for s in (0, 1)]
@@ -93,8 +97,10 @@ def equivalence(models: Path, out: Path, address: str) -> dict:
         steps = []
         for b in batches:
             one, two = single.train_step(b), ray.get(rank0.train_step.remote(b))
-            steps.append({k: (one[k], two[k]) for k in ("loss", "grad_norm", "entropy", "train_tokens", "loss_tokens", "update_skipped")}
-                         | {"shard_token_imbalance": (one["shard_token_imbalance"], two["shard_token_imbalance"])})
+            steps.append({k: (one[k], two[k]) for k in ("loss", "grad_norm", "entropy", "train_tokens",
+                                                        "loss_tokens", "update_skipped")}
+                         | {"shard_token_imbalance": (one["shard_token_imbalance"],
+                                                      two["shard_token_imbalance"])})
         # Rank 0's export is what the engines load (sharded, rank 1 joins its gathers); replicas each export
         # theirs.
         w_single, w0 = single.model.state_dict(), _weights(rank0)
@@ -116,7 +122,8 @@ def equivalence(models: Path, out: Path, address: str) -> dict:
     return results
 
 
-def _skip_and_load(single: Learner, batch: TrainBatch, rank0, rank1, w_before: dict, out: Path, strategy: str) -> dict:
+def _skip_and_load(single: Learner, batch: TrainBatch, rank0, rank1, w_before: dict, out: Path,
+                   strategy: str) -> dict:
     """A NaN in a sample that lands on rank 1 skips the update on both ranks; then rank 0's load restores both
     (replicas: each rank's own export; shards: rank 0's, which gathers rank 1's half)."""
     lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True)]
@@ -139,7 +146,8 @@ def _skip_and_load(single: Learner, batch: TrainBatch, rank0, rank1, w_before: d
 
 def job(models: Path, out: Path, address: str) -> dict:
     t0 = time.perf_counter()
-    overrides = {"trainer.num_ranks": 2, "trainer.placement_strategy": "STRICT_SPREAD", "cluster.address": address}
+    overrides = {"trainer.num_ranks": 2, "trainer.placement_strategy": "STRICT_SPREAD",
+                 "cluster.address": address}
     summary = run(load_config(None, tiny_overrides(models, out / "job", **overrides)), progress=False)
     return {"summary": summary, "run_dir": str(out / "job"), "seconds": time.perf_counter() - t0}
 
@@ -154,7 +162,8 @@ def main() -> None:
     try:
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, runtime_env={"env_vars": ACTOR_ENV}, log_to_driver=True)
-        (out / "cluster.json").write_text(json.dumps({"seconds": time.perf_counter() - t0, "nodes": len(ray.nodes())}))
+        (out / "cluster.json").write_text(json.dumps({"seconds": time.perf_counter() - t0,
+                                                      "nodes": len(ray.nodes())}))
         for part in parts:
             result = {"equivalence": equivalence, "job": job}[part](models, out, cluster.address)
             (out / f"{part}.json").write_text(json.dumps(result, indent=1, default=str))

@@ -98,8 +98,8 @@ def start_prometheus(workdir: Path, targets_file: Path) -> tuple[subprocess.Pope
 
 def prom_range(url: str, query: str, start_s: float, end_s: float) -> list[dict]:
     """The series a PromQL range query returns between two Unix times, at 1 s resolution."""
-    r = requests.get(f"{url}/api/v1/query_range", params={"query": query, "start": start_s, "end": end_s, "step": "1s"},
-                     timeout=30)
+    r = requests.get(f"{url}/api/v1/query_range",
+                     params={"query": query, "start": start_s, "end": end_s, "step": "1s"}, timeout=30)
     body = r.json()
     assert body.get("status") == "success", f"{query}: {body}"
     return body["data"]["result"]
@@ -152,7 +152,8 @@ class FlakyProxy:
             elif mode != "refuse" and self._server is None:
                 self._server = ThreadingHTTPServer(("127.0.0.1", self.port), _proxy_handler(self))
                 self._server.daemon_threads = True
-                threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+                threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                 daemon=True).start()
 
     def count(self, mode: str) -> str:
         """Record one request; returns the mode it is served in."""
@@ -176,8 +177,10 @@ def _proxy_handler(proxy: FlakyProxy) -> type[BaseHTTPRequestHandler]:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             mode = proxy.count(proxy.mode)
             if mode == "forward" and proxy.target:
-                keep = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type")}
-                r = requests.request(self.command, proxy.target + self.path, data=body or None, headers=keep, timeout=120)
+                keep = {k: v for k, v in self.headers.items()
+                        if k.lower() in ("authorization", "content-type")}
+                r = requests.request(self.command, proxy.target + self.path, data=body or None, headers=keep,
+                                     timeout=120)
                 status, payload = r.status_code, r.content
             else:
                 status, payload = 503, b'{"detail": "proxy: teacher temporarily unavailable"}'

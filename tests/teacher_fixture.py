@@ -30,8 +30,8 @@ def teacher_server(tiny_models, tmp_path_factory):
     length."""
     port, token = free_port(), secrets.token_hex(8)
     log = tmp_path_factory.mktemp("serve") / "serve-teacher.log"
-    cmd = [sys.executable, "-m", "opd.cli", "serve-teacher", str(tiny_models / "teacher"), "--port", str(port),
-           "--token-env", TEACHER_TOKEN_ENV, "--max-model-len", str(TEACHER_MAX_LEN),
+    cmd = [sys.executable, "-m", "opd.cli", "serve-teacher", str(tiny_models / "teacher"),
+           "--port", str(port), "--token-env", TEACHER_TOKEN_ENV, "--max-model-len", str(TEACHER_MAX_LEN),
            "--max-body-bytes", str(TEACHER_MAX_BODY)]
     proc = start(cmd, log, clean_env(**{TEACHER_TOKEN_ENV: token}))
     url = f"http://127.0.0.1:{port}"

@@ -77,7 +77,8 @@ def test_a_wrongly_typed_value_is_refused_naming_its_key(entry):
 
 
 @FAST
-@given(st.sampled_from(sorted({k.split(".")[0] for k, _ in LEAVES if "." in k})), st.from_regex(r"[a-z_]{1,12}", fullmatch=True))
+@given(st.sampled_from(sorted({k.split(".")[0] for k, _ in LEAVES if "." in k})),
+       st.from_regex(r"[a-z_]{1,12}", fullmatch=True))
 def test_an_unknown_key_is_refused_naming_it(section, name):
     known = {k for k, _ in LEAVES}
     if f"{section}.{name}" in known:
@@ -109,7 +110,8 @@ JSON_VALUES = st.recursive(
 )
 ROWS = st.lists(
     st.one_of(
-        st.fixed_dictionaries({"prompt": JSON_VALUES, "answer": JSON_VALUES}, optional={"extra": JSON_VALUES}),
+        st.fixed_dictionaries({"prompt": JSON_VALUES, "answer": JSON_VALUES},
+                              optional={"extra": JSON_VALUES}),
         st.dictionaries(st.sampled_from(["prompt", "answer", "x"]), JSON_VALUES, max_size=3),
         JSON_VALUES,
     ),
@@ -129,4 +131,5 @@ def test_dataset_rows_load_or_are_refused_by_row(rows):
             assert str(e).startswith("task.train_path: ") and ("row " in str(e) or "no rows" in str(e))
             return
         assert len(out) == len(rows)
-        assert all(isinstance(r["prompt"], str) and r["prompt"].strip() and isinstance(r["answer"], str) for r in out)
+        assert all(isinstance(r["prompt"], str) and r["prompt"].strip() and isinstance(r["answer"], str)
+                   for r in out)

@@ -38,7 +38,8 @@ def test_trl_trains_on_opds_prompt_order(tiny_models, tmp_path):
     from opd.preflight import load_prompts
 
     bench = _bench()
-    cfg = load_config(ROOT / "configs" / "demo.yaml", tiny_overrides(tiny_models, tmp_path / "opd", **{"trainer.warmup_steps": 4}))
+    cfg = load_config(ROOT / "configs" / "demo.yaml",
+                      tiny_overrides(tiny_models, tmp_path / "opd", **{"trainer.warmup_steps": 4}))
     schedule = bench.prompt_schedule(cfg, 2)
     # The schedule is the order opd's loop draws: a fresh PromptSource with the run's seed.
     from transformers import AutoTokenizer
@@ -52,7 +53,8 @@ def test_trl_trains_on_opds_prompt_order(tiny_models, tmp_path):
     spec = {
         "student": cfg.models.student, "teacher": cfg.models.teacher, "steps": 2, "seed": 0,
         "batch": cfg.rollout.prompts_per_step * g, "max_new_tokens": cfg.rollout.max_new_tokens,
-        "max_model_len": cfg.rollout.max_model_len, "kv_cache_gib": 1, "lr": 1e-2, "warmup": 4, "betas": [0.9, 0.999],
+        "max_model_len": cfg.rollout.max_model_len, "kv_cache_gib": 1, "lr": 1e-2, "warmup": 4,
+        "betas": [0.9, 0.999],
         "weight_decay": 0.0, "grad_clip": 1.0, "torch_threads": 1, "beta": 1.0, "use_vllm": False,
         "run_dir": str(tmp_path / "trl"),
         "prompts": [p.columns["prompt"] for step in schedule for p in step for _ in range(g)],
@@ -67,7 +69,8 @@ def test_trl_trains_on_opds_prompt_order(tiny_models, tmp_path):
     teacher = AutoModelForCausalLM.from_pretrained(cfg.models.teacher).eval()
     judged = bench.held_out(result["model_dir"], cfg, teacher)
     # The judge's batched transformers generate agrees with the HF engine's greedy answers, prompt by prompt.
-    right = answered_right(result["model_dir"], load_prompts(cfg, AutoTokenizer.from_pretrained(cfg.models.student))[1],
+    right = answered_right(result["model_dir"],
+                           load_prompts(cfg, AutoTokenizer.from_pretrained(cfg.models.student))[1],
                            cfg.eval.max_new_tokens)
     assert judged["accuracy"] == sum(right) / len(right) and judged["eval_prompts"] == len(right)
     assert judged["teacher_kl"] > 0  # a tiny student a couple of steps in is far from its teacher

@@ -60,9 +60,11 @@ def test_special_tokens(tok):
 
 def test_chat_template(tok):
     user = [{"role": "user", "content": "123+45="}]
-    assert tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True) == "<|user|>123+45=<|assistant|>"
+    assert (tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+            == "<|user|>123+45=<|assistant|>")
     full = [{"role": "system", "content": "S"}, *user, {"role": "assistant", "content": "861"}]
-    assert tok.apply_chat_template(full, tokenize=False) == "<|system|>S<|user|>123+45=<|assistant|>861<|end|>"
+    assert (tok.apply_chat_template(full, tokenize=False)
+            == "<|system|>S<|user|>123+45=<|assistant|>861<|end|>")
 
 
 def test_vocabulary_is_deterministic(tok):
@@ -118,8 +120,10 @@ def test_sft_extends_past_its_schedule_only_while_a_target_is_unmet(tok, target,
     rows = task_splits(tiny_spec().task)
     torch.manual_seed(0)
     model = build_model(ModelSpec(64, 1, 2, 1, 128), tok)
-    spec = SFTSpec(steps=4, batch_size=8, warmup_steps=1, eval_every=2, stop_at_accuracy=target, extend_steps=extend)
-    out = sft(model, tok, rows["train"].select(range(64)), spec, num_threads=1, val_rows=rows["val"].select(range(8)))
+    spec = SFTSpec(steps=4, batch_size=8, warmup_steps=1, eval_every=2, stop_at_accuracy=target,
+                   extend_steps=extend)
+    out = sft(model, tok, rows["train"].select(range(64)), spec, num_threads=1,
+              val_rows=rows["val"].select(range(8)))
     assert out["steps"] == steps_run
     assert [s for s, _ in out["val_curve"]] == list(range(2, steps_run + 1, 2))
 
@@ -141,7 +145,8 @@ def test_tiny_bootstrap_writes_loadable_checkpoints(tiny_boot, tok):
     student, sft = meta["student"], spec.student_sft
     reached = [step for step, acc in student["val_curve"] if acc >= sft.stop_at_accuracy]
     assert student["steps"] == (reached[0] if reached else sft.steps)
-    assert [step for step, _ in student["val_curve"]] == list(range(sft.eval_every, student["steps"] + 1, sft.eval_every))
+    assert ([step for step, _ in student["val_curve"]]
+            == list(range(sft.eval_every, student["steps"] + 1, sft.eval_every)))
     # Both learned (below the uniform guess over the vocabulary), the bigger, longer-trained teacher more.
     assert meta["teacher"]["final_loss"] < meta["student"]["final_loss"] < math.log(len(tok))
     test_rows = task_splits(spec.task)["test"]
@@ -154,7 +159,8 @@ def test_tiny_bootstrap_writes_loadable_checkpoints(tiny_boot, tok):
         assert sum(p.numel() for p in model.parameters()) == meta[role]["params"]
         # The recorded accuracy is this checkpoint's: evaluated again from disk, the held-out rows give the
         # same number.
-        assert evaluate_accuracy(model, loaded_tok, test_rows, spec.eval_batch_size, num_threads=1) == meta[role]["accuracy"]
+        assert (evaluate_accuracy(model, loaded_tok, test_rows, spec.eval_batch_size, num_threads=1)
+                == meta[role]["accuracy"])
         enc = loaded_tok([render_prompt(loaded_tok, "12+34=")], add_special_tokens=False, return_tensors="pt")
         out_ids = model.generate(**enc, max_new_tokens=4, do_sample=False)
         assert out_ids.shape[1] > enc["input_ids"].shape[1]

@@ -42,6 +42,7 @@ def test_state_round_trips_in_the_layout_earlier_versions_read(tmp_path):
 
 def test_state_with_missing_or_unknown_keys_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"state\.json: .*missing keys \['consumed'\]"):
-        load_state(_checkpoint(tmp_path / "a", {k: v for k, v in WRITTEN_BY_50FB00D.items() if k != "consumed"}))
+        load_state(_checkpoint(tmp_path / "a",
+                               {k: v for k, v in WRITTEN_BY_50FB00D.items() if k != "consumed"}))
     with pytest.raises(ValueError, match=r"unknown keys \['buffer'\]"):
         load_state(_checkpoint(tmp_path / "b", {**WRITTEN_BY_50FB00D, "buffer": []}))

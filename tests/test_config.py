@@ -14,14 +14,16 @@ def _write(tmp_path, tree):
 
 
 def test_overrides_and_defaults(tmp_path):
-    cfg = load_config(_write(tmp_path, {"rollout": {"group_size": 8}}), ["algorithm=grpo", "trainer.lr=5e-4", "task.ops=[+, '-']"])
+    cfg = load_config(_write(tmp_path, {"rollout": {"group_size": 8}}),
+                      ["algorithm=grpo", "trainer.lr=5e-4", "task.ops=[+, '-']"])
     assert cfg.algorithm == "grpo" and cfg.rollout.group_size == 8 and cfg.trainer.lr == 5e-4
     assert cfg.task.ops == ["+", "-"] and not cfg.needs_teacher
 
 
 def test_all_errors_are_collected_and_name_the_dotted_key(tmp_path):
     with pytest.raises(ConfigError) as e:
-        load_config(_write(tmp_path, {"rollout": {"group_sise": 4, "temperature": "hot"}, "algorithm": "ppo"}))
+        load_config(_write(tmp_path, {"rollout": {"group_sise": 4, "temperature": "hot"},
+                                      "algorithm": "ppo"}))
     msg = str(e.value)
     assert "rollout.group_sise: unknown config key" in msg
     assert "rollout.temperature" in msg and "'hot'" in msg
@@ -43,7 +45,8 @@ def test_top_k_raises_vllm_max_logprobs():
     [
         ({"trainer": {"lr": 1e-3, "learning_rate": 1}}, [], "trainer.learning_rate: unknown config key"),
         ({"rollout": {"group_size": "four"}}, [], "rollout.group_size"),
-        ({}, ["models.student=/nonexistent/student"], "models.student: directory '/nonexistent/student' does not exist"),
+        ({}, ["models.student=/nonexistent/student"],
+         "models.student: directory '/nonexistent/student' does not exist"),
         ({}, ["models.teacher=/nonexistent/teacher"], "models.teacher"),
         ({}, ["algorithm=grpo", "rollout.group_size=1"], "algorithm=grpo needs rollout.group_size >= 2"),
     ],
@@ -71,7 +74,8 @@ def test_demo_config_is_valid_and_fully_commented():
     for line in path.read_text().splitlines():
         if ":" in line and not line.strip().startswith("#") and not line.rstrip().endswith(":"):
             assert "#" in line, f"demo.yaml key without a comment: {line.strip()}"
-    assert _leaf_keys(yaml.safe_load(path.read_text())) == _leaf_keys(cfg.model_dump()), "demo.yaml must list every key"
+    assert _leaf_keys(yaml.safe_load(path.read_text())) == _leaf_keys(cfg.model_dump()), (
+        "demo.yaml must list every key")
 
 
 def _leaf_keys(tree: dict, prefix: str = "") -> set[str]:

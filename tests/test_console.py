@@ -5,7 +5,8 @@ import io
 
 from opd.monitor.console import Console, eval_line
 
-STEP = {"reward": 0.0625, "accuracy": 0.0625, "teacher_kl": 0.952, "step_seconds": 6.41, "rollout_tokens_per_s": 198.0}
+STEP = {"reward": 0.0625, "accuracy": 0.0625, "teacher_kl": 0.952, "step_seconds": 6.41,
+        "rollout_tokens_per_s": 198.0}
 
 
 def test_a_line_per_step_with_the_figures_a_job_log_needs():
@@ -14,7 +15,8 @@ def test_a_line_per_step_with_the_figures_a_job_log_needs():
     for step in range(3):
         c.step(step, {**STEP, **({"eval_accuracy": 0.087, "eval_teacher_kl": 0.622} if step == 2 else {})})
     lines = out.getvalue().splitlines()
-    assert len(lines) == 4 and lines[0].startswith("step 1/3 | reward 0.0625 | acc 6.2% | teacher_kl 0.952 | 6.41 s/step | 198 tok/s | ETA ")
+    assert len(lines) == 4 and lines[0].startswith(
+        "step 1/3 | reward 0.0625 | acc 6.2% | teacher_kl 0.952 | 6.41 s/step | 198 tok/s | ETA ")
     assert lines[2].startswith("step 3/3") and lines[2].endswith("ETA 0m00s")
     assert lines[3] == "eval step 3/3 | accuracy 8.7% | teacher_kl 0.622"
 

@@ -50,7 +50,8 @@ def test_custom_columns_are_renamed_and_the_rest_pass_through(tmp_path):
         ('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": \n', "line 2 is not valid JSON"),
         ('{"prompt": "1+1=", "answer": "2"}\n{"answer": "4"}\n', "row 1: missing column(s) ['prompt']"),
         ('{"prompt": "  ", "answer": "2"}\n', "row 0: column 'prompt' must be a non-empty string"),
-        ('{"prompt": "1+1=", "answer": null}\n', "row 0: column 'answer' must be a string or a finite number"),
+        ('{"prompt": "1+1=", "answer": null}\n',
+         "row 0: column 'answer' must be a string or a finite number"),
         ('{"prompt": "1+1=", "answer": NaN}\n', "row 0: column 'answer' must be a string or a finite number"),
         ("[1, 2]\n", "row 0: expected an object"),
     ],
@@ -73,12 +74,14 @@ def test_missing_file_and_unknown_suffix(tmp_path):
 
 def _files_overrides(tiny_models, tmp_path, train, test, **extra):
     return tiny_overrides(tiny_models, tmp_path / "run", **{
-        "task.name": "files", "task.train_path": str(train), "task.test_path": str(test), "eval.num_prompts": 1, **extra,
+        "task.name": "files", "task.train_path": str(train), "task.test_path": str(test),
+        "eval.num_prompts": 1, **extra,
     })
 
 
 def test_prepare_renders_file_rows_with_the_chat_template(tiny_models, tmp_path):
-    train = _jsonl(tmp_path / "train.jsonl", [{"prompt": f"{i}+1=", "answer": str(i + 1)[::-1]} for i in range(30)])
+    train = _jsonl(tmp_path / "train.jsonl",
+                   [{"prompt": f"{i}+1=", "answer": str(i + 1)[::-1]} for i in range(30)])
     test = _jsonl(tmp_path / "test.jsonl", [{"prompt": "40+2=", "answer": "24", "level": 3}])
     job = prepare(load_config(None, _files_overrides(tiny_models, tmp_path, train, test)))
     assert len(job.train) == 30 and len(job.test) == 1
@@ -91,9 +94,11 @@ def test_too_long_prompts_fail_or_are_skipped(tiny_models, tmp_path):
     rows = [{"prompt": "1+1=", "answer": "2"}, {"prompt": "1" * 40 + "+1=", "answer": "2"}]
     train = _jsonl(tmp_path / "train.jsonl", rows)
     test = _jsonl(tmp_path / "test.jsonl", rows[:1])
-    with pytest.raises(ConfigError, match="rollout.max_model_len=32 is too short for 1 prompts.*task.too_long=skip"):
+    with pytest.raises(ConfigError,
+                       match="rollout.max_model_len=32 is too short for 1 prompts.*task.too_long=skip"):
         prepare(load_config(None, _files_overrides(tiny_models, tmp_path, train, test)))
-    job = prepare(load_config(None, _files_overrides(tiny_models, tmp_path, train, test, **{"task.too_long": "skip"})))
+    job = prepare(load_config(None, _files_overrides(tiny_models, tmp_path, train, test,
+                                                     **{"task.too_long": "skip"})))
     assert [p.columns["prompt"] for p in job.train] == ["1+1="]
 
 
@@ -101,7 +106,8 @@ def test_cli_refuses_a_bad_row_with_exit_2_and_writes_nothing(tiny_models, tmp_p
     train = _jsonl(tmp_path / "train.jsonl", [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2="}])
     test = _jsonl(tmp_path / "test.jsonl", [{"prompt": "1+1=", "answer": "2"}])
     config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump({"task": {"name": "files", "train_path": str(train), "test_path": str(test)}}))
+    config.write_text(yaml.safe_dump({"task": {"name": "files", "train_path": str(train),
+                                               "test_path": str(test)}}))
     overrides = [o for o in tiny_overrides(tiny_models, tmp_path / "run") if not o.startswith("task.")]
     assert main(["run", str(config), *overrides]) == 2
     err = capsys.readouterr().err

@@ -62,7 +62,8 @@ def test_preflight_refuses_cuda_on_the_local_ray_only(tmp_path):
 @no_cuda
 def test_check_inputs_runs_the_device_check(tmp_path, tiny_models):
     cfg = load_config(None, ["trainer.device=cuda", f"run.output_dir={tmp_path / 'run'}",
-                             f"models.student={tiny_models / 'student'}", f"models.teacher={tiny_models / 'teacher'}"])
+                             f"models.student={tiny_models / 'student'}",
+                             f"models.teacher={tiny_models / 'teacher'}"])
     with pytest.raises(ConfigError, match="trainer.device=cuda"):
         check_inputs(cfg)
 
@@ -81,22 +82,25 @@ def test_every_model_the_learner_holds_and_its_optimizer_state_live_on_its_devic
     """ExOPD holds a reference model, full-vocabulary OPD an HF teacher: all of them, the student and AdamW's
     state on the learner's device; what leaves the learner (probe, checkpoint) is on the CPU."""
     for spec in (spec_of("algorithm=exopd", "exopd.lam=1.25"), spec_of("opd.divergence=full_vocab")):
-        learner = Learner(str(tiny_models / "student"), lr=1e-3, objective=spec, teacher_dir=str(tiny_models / "teacher"),
-                          device="auto")
+        learner = Learner(str(tiny_models / "student"), lr=1e-3, objective=spec,
+                          teacher_dir=str(tiny_models / "teacher"), device="auto")
         assert learner.device == resolve_device("auto")
         held = [learner.model, learner.teachers.reference, learner.teachers.hf_teacher]
         assert sum(m is not None for m in held) == 2
         assert all(p.device == learner.device for m in held if m is not None for p in m.parameters())
         stats = learner.train_step(_batch())
         assert stats["update_skipped"] == 0.0
-        state = [t for s in learner.opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+        state = [t for s in learner.opt.state.values() for t in s.values()
+                 if torch.is_tensor(t) and t.dim() > 0]
         assert state and all(t.device == learner.device and t.dtype == torch.float32 for t in state)
         assert all(isinstance(x, float) for x in learner.probe_logprobs([7, 8, 9, 10]))
     learner.save(str(tmp_path))
     saved = torch.load(tmp_path / "optimizer.pt", weights_only=False)
-    assert all(t.device.type == "cpu" for s in saved["state"].values() for t in s.values() if torch.is_tensor(t))
+    assert all(t.device.type == "cpu" for s in saved["state"].values() for t in s.values()
+               if torch.is_tensor(t))
     learner.load(str(tmp_path))
-    assert all(t.device == learner.device for s in learner.opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+    assert all(t.device == learner.device for s in learner.opt.state.values() for t in s.values()
+               if torch.is_tensor(t) and t.dim() > 0)
 
 
 def test_explicit_cpu_and_auto_give_the_same_update_here(tiny_models):
@@ -104,7 +108,8 @@ def test_explicit_cpu_and_auto_give_the_same_update_here(tiny_models):
     grads = []
     for device in ("cpu", "auto"):
         torch.manual_seed(0)
-        learner = Learner(str(tiny_models / "student"), lr=1e-2, device=device, objective=ObjectiveSpec("opd"))
+        learner = Learner(str(tiny_models / "student"), lr=1e-2, device=device,
+                          objective=ObjectiveSpec("opd"))
         learner.train_step(_batch())
         grads.append([p.grad.clone() for p in learner.model.parameters()])
     if torch.cuda.is_available():

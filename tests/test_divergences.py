@@ -366,7 +366,8 @@ def test_entropy_of_a_masked_vocabulary_is_finite():
     h = entropy_from_logits(logits)
     h.sum().backward()
     assert h.item() == pytest.approx(math.log(2)) and torch.isfinite(logits.grad).all()
-    _, t_ent = student_topk_divergence(torch.tensor([[[2.0, 1.0, 0.0]]]), logits.detach(), k=2, beta=0.5, tail=False)
+    _, t_ent = student_topk_divergence(torch.tensor([[[2.0, 1.0, 0.0]]]), logits.detach(), k=2, beta=0.5,
+                                       tail=False)
     assert t_ent.item() == pytest.approx(math.log(2))
 
 

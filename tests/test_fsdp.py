@@ -24,7 +24,8 @@ STATS = ("loss", "grad_norm", "entropy", "train_tokens", "update_skipped")
 def ranked(tiny_models, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("fsdp")
     log = out / "fsdp_ranks.log"
-    proc = start([sys.executable, str(Path(__file__).with_name("fsdp_ranks.py")), str(tiny_models), str(out)], log, clean_env())
+    proc = start([sys.executable, str(Path(__file__).with_name("fsdp_ranks.py")), str(tiny_models), str(out)],
+                 log, clean_env())
     try:
         proc.wait(timeout=300)  # ~20 s; ranks whose collectives mismatch hang instead of failing
     finally:
@@ -51,18 +52,21 @@ def test_two_sharded_ranks_match_one_unsharded_learner(ranked, name):
             # The ranks' statistics are the whole batch's: a rank dividing by its own shard's tokens,
             # averaging the gradient instead of summing it, or counting the empty shard's stand-in sample
             # shows here (the weights alone would hide a gradient scale: Adam divides it out).
-            assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), f"{name} step {step} {key}: {two[key]} vs {one[key]}"
+            assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), (
+                f"{name} step {step} {key}: {two[key]} vs {one[key]}")
     # Three AdamW steps at lr 1e-3 (9 and 8 samples in micro-batches of 2, the ranks' plans 3 and 2 long; then
     # one sample, rank 1 a stand-in). The runs sum the same terms in another order, so the gradients agree to
     # float32 rounding, which Adam's 1/sqrt(v) magnifies where a gradient nearly cancels: measured 1.5e-7
     # (LoRA) to 5.6e-6.
-    assert r["max_abs_diff"] <= 1e-5, f"{name}: the sharded weights differ from the unsharded by {r['max_abs_diff']:.2e}"
+    assert r["max_abs_diff"] <= 1e-5, (
+        f"{name}: the sharded weights differ from the unsharded by {r['max_abs_diff']:.2e}")
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_sharded_checkpoint_resumes_exactly_and_loads_unsharded(ranked, name):
     r = ranked[name]
-    assert r["resume_bit_identical"], f"{name}: the step after loading the checkpoint differs from the step before saving"
+    assert r["resume_bit_identical"], (
+        f"{name}: the step after loading the checkpoint differs from the step before saving")
     # One unsharded learner loads the ranks' checkpoint (model/ or adapter/, optimizer by name) and takes the
     # same step: measured 7e-9 to 3.8e-7 (rounding, as above).
     assert r["cross_resume_max_abs_diff"] <= 1e-5, f"{name}: {r['cross_resume_max_abs_diff']:.2e}"

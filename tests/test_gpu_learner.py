@@ -28,8 +28,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def test_tiny_runs_without_vllm_or_ray_and_pieces_use_less_memory(tmp_path):
     out = tmp_path / "gpu_learner.json"
     proc = subprocess.run(
-        [sys.executable, "-c", BLOCKED_RUN, str(ROOT / "benchmarks" / "gpu_learner.py"), "--tiny", "--device", "cpu",
-         "--threads", "1", "--out", str(out)],
+        [sys.executable, "-c", BLOCKED_RUN, str(ROOT / "benchmarks" / "gpu_learner.py"), "--tiny",
+         "--device", "cpu", "--threads", "1", "--out", str(out)],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -31,7 +31,8 @@ def engine(student):
 @pytest.fixture(scope="module")
 def prompts(engine):
     tok = engine.tokenizer
-    texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+    texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                     tokenize=False)
              for q in QUESTIONS]
     return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
 
@@ -44,7 +45,8 @@ def vllm_engine(student):
     return VLLMEngine(student, max_model_len=32, enable_weight_sync=False)
 
 
-def _forward_logprobs(model, prompt: list[int], response: list[int], temperature: float = 1.0) -> torch.Tensor:
+def _forward_logprobs(model, prompt: list[int], response: list[int],
+                      temperature: float = 1.0) -> torch.Tensor:
     with torch.no_grad():
         logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1].float()
     return torch.log_softmax(logits / temperature, -1).gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
@@ -61,7 +63,8 @@ def test_seeded_generation_is_reproducible(engine, prompts):
     # A prompt's samples depend on its seed, not on which other prompts share the batch.
     assert _ids(a[1:3]) == _ids(engine.generate(prompts[1:3], seeds=[2, 3], **kw))
     assert _ids(a) != _ids(engine.generate(prompts, seeds=[5, 6, 7, 8], **kw))
-    assert len({tuple(g.token_ids) for gens in a for g in gens}) > 3, "samples of different seeds/indices coincide"
+    assert len({tuple(g.token_ids) for gens in a for g in gens}) > 3, (
+        "samples of different seeds/indices coincide")
 
 
 def test_sampler_logprobs_equal_an_independent_forward(engine, prompts):
@@ -78,7 +81,8 @@ def test_top_p_draws_from_the_nucleus_and_reports_raw_logprobs(engine, prompts):
     outs = engine.generate(prompts, n=8, temperature=0.7, top_p=0.5, max_tokens=6, seeds=[9, 8, 7, 6])
     for p, gens in zip(prompts, outs, strict=True):
         for g in gens:
-            assert torch.allclose(torch.tensor(g.logprobs), _forward_logprobs(engine.model, p, g.token_ids), atol=1e-4)
+            assert torch.allclose(torch.tensor(g.logprobs), _forward_logprobs(engine.model, p, g.token_ids),
+                                  atol=1e-4)
             for t, tok in enumerate(g.token_ids):
                 with torch.no_grad():
                     logits = engine.model(torch.tensor([p + g.token_ids[:t]])).logits[0, -1].float()
@@ -118,11 +122,13 @@ def test_vllm_seeded_sampling_of_more_prompt_tokens_than_one_scheduler_step(vllm
     long = [(p * 4)[:24] for p in prompts]  # max_model_len 32 leaves room for 4 new tokens
     many = [long[i % len(long)] for i in range(scheduler.max_num_batched_tokens // 24 + 8)]
     assert sum(map(len, many)) > scheduler.max_num_batched_tokens and len(many) <= scheduler.max_num_seqs
-    outs = vllm_engine.generate(many, n=2, temperature=1.0, top_p=1.0, max_tokens=4, seeds=list(range(len(many))))
+    outs = vllm_engine.generate(many, n=2, temperature=1.0, top_p=1.0, max_tokens=4,
+                                seeds=list(range(len(many))))
     assert len(outs) == len(many) and all(len(g.token_ids) >= 1 for gens in outs for g in gens)
     # Per-request seeds: the same prompt and seed draw the same tokens wherever they sit in the batch.
     again = vllm_engine.generate(many[:3], n=2, temperature=1.0, top_p=1.0, max_tokens=4, seeds=[0, 1, 2])
-    assert [[g.token_ids for g in gens] for gens in again] == [[g.token_ids for g in gens] for gens in outs[:3]]
+    assert ([[g.token_ids for g in gens] for gens in again]
+            == [[g.token_ids for g in gens] for gens in outs[:3]])
 
 
 def test_scoring_from_a_start_scores_those_tokens_and_can_return_the_hidden_states(engine, prompts):
@@ -144,7 +150,8 @@ def test_scoring_from_a_start_scores_those_tokens_and_can_return_the_hidden_stat
     together = engine.score(grouped, top_k=3, starts=starts, hidden=True)
     for seq, st, got in zip(grouped, starts, together, strict=True):
         alone = engine.score([seq], top_k=3, starts=[st], hidden=True)[0]
-        assert got.token_logprobs == pytest.approx(alone.token_logprobs, abs=1e-5) and got.topk_ids == alone.topk_ids
+        assert (got.token_logprobs == pytest.approx(alone.token_logprobs, abs=1e-5)
+                and got.topk_ids == alone.topk_ids)
         assert torch.allclose(torch.from_numpy(got.hidden), torch.from_numpy(alone.hidden), atol=1e-5)
 
 
@@ -194,7 +201,8 @@ def test_two_step_job_with_the_hf_engine(tiny_models, local_ray, tmp_path):
     from opd.driver import run
 
     out = tmp_path / "hf2"
-    summary = run(load_config(None, tiny_overrides(tiny_models, out, **{"rollout.engine": "hf"})), progress=False)
+    summary = run(load_config(None, tiny_overrides(tiny_models, out, **{"rollout.engine": "hf"})),
+                  progress=False)
     assert summary["steps"] == 2 and summary["weight_version"] == 2
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1]

@@ -23,7 +23,8 @@ def _modules() -> dict[str, Path]:
 
 def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     tree = ast.parse(path.read_text())
-    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+    skip = {id(n) for node in ast.walk(tree)
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
             for n in ast.walk(node)}
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
@@ -35,7 +36,8 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]
+                                + ([base] if base else []))
             targets = [f"{base}.{a.name}" for a in node.names]
         else:
             continue
@@ -86,7 +88,8 @@ def test_no_module_outside_the_objectives_names_an_objective():
         if rel.startswith("opd/trainer/objectives/"):
             continue
         tree = ast.parse(path.read_text())
-        docstrings = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+        docstrings = {id(n.value) for n in ast.walk(tree)
+                      if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
         for node in ast.walk(tree):
             if isinstance(node, ast.Constant) and node.value in REGISTRY and id(node) not in docstrings:
                 if (rel, node.value) not in NOT_OBJECTIVES:
@@ -109,6 +112,8 @@ def test_the_roles_import_nothing_above_them():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", "import sys, opd.config, opd.trainer.objectives.spec; print('torch' in sys.modules)"],
+    out = subprocess.run([sys.executable, "-c",
+                          "import sys, opd.config, opd.trainer.objectives.spec; "
+                          "print('torch' in sys.modules)"],
                          capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def _run(tmp_path, capsys, models: Path, *overrides: str, args: tuple[str, ...] = ()) -> tuple[int, str]:
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({"run": {"output_dir": str(tmp_path / "run")}}))
-    base = [f"models.student={models / 'student'}", f"models.teacher={models / 'teacher'}", "task.num_train=50",
+    base = [f"models.student={models / 'student'}", f"models.teacher={models / 'teacher'}",
+            "task.num_train=50",
             "task.num_test=20", "eval.num_prompts=20", "task.max_digits_a=2", "task.max_digits_b=2"]
     code = main(["run", str(cfg), *base, *overrides, *args])
     err = capsys.readouterr().err
@@ -91,13 +92,15 @@ def test_a_verifier_that_ignores_its_rows_is_refused(tiny_models, tmp_path, caps
 
 
 def test_lora_targets_the_student_lacks_are_named(tiny_models, tmp_path, capsys):
-    code, err = _run(tmp_path, capsys, tiny_models, "lora.r=4", "rollout.engine=vllm", "lora.target_modules=[q_proj,nope]")
+    code, err = _run(tmp_path, capsys, tiny_models, "lora.r=4", "rollout.engine=vllm",
+                     "lora.target_modules=[q_proj,nope]")
     assert code == 2 and "lora.target_modules: ['nope'] match no module of models.student" in err
     assert "q_proj" in err.split("its modules:")[1] and not (tmp_path / "run").exists()
     from opd.config import load_config
     from opd.preflight import check_model_dirs
 
-    check_model_dirs(load_config(None, [f"models.student={tiny_models / 'student'}", "lora.r=4", "rollout.engine=vllm",
+    check_model_dirs(load_config(None, [f"models.student={tiny_models / 'student'}", "lora.r=4",
+                                        "rollout.engine=vllm",
                                         # tied lm_head
                                         "lora.target_modules=[q_proj,down_proj,lm_head]"]), teacher=False)
 
@@ -115,9 +118,11 @@ def test_resuming_under_another_objective_needs_the_flag(tiny_models, tmp_path, 
     _finished_run(tmp_path / "run", "grpo")
     before = sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in (tmp_path / "run").rglob("*"))
     code, err = _run(tmp_path, capsys, tiny_models, "algorithm=opd", args=("--resume",))
-    assert code == 2 and "was trained with algorithm=grpo and this config says algorithm=opd, opd.divergence=sampled" in err
+    assert code == 2 and ("was trained with algorithm=grpo and this config says algorithm=opd, "
+                          "opd.divergence=sampled") in err
     assert "--change-objective" in err
-    assert sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in (tmp_path / "run").rglob("*")) == before
+    assert sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns)
+                  for p in (tmp_path / "run").rglob("*")) == before
     from opd.config import load_config
     from opd.preflight import check_run_dir
 
@@ -126,11 +131,13 @@ def test_resuming_under_another_objective_needs_the_flag(tiny_models, tmp_path, 
     same = load_config(None, [f"run.output_dir={tmp_path / 'run'}", "algorithm=grpo"])
     # its own objective: no flag needed
     assert check_run_dir(same, resume=True, fresh=False).name == "step_000001"
-    topk = load_config(None, [f"run.output_dir={tmp_path / 'run'}", "algorithm=opd", "opd.divergence=teacher_topk",
-                              "teacher.top_k=5"])
+    topk = load_config(None, [f"run.output_dir={tmp_path / 'run'}", "algorithm=opd",
+                              "opd.divergence=teacher_topk", "teacher.top_k=5"])
     _finished_run(tmp_path / "run2", "opd")  # the teacher divergence is part of the objective
-    with pytest.raises(ConfigError, match="opd.divergence=sampled and this config says algorithm=opd, opd.divergence=teacher_topk"):
-        check_run_dir(topk.model_copy(update={"run": topk.run.model_copy(update={"output_dir": str(tmp_path / "run2")})}),
+    with pytest.raises(ConfigError, match="opd.divergence=sampled and this config says algorithm=opd, "
+                                          "opd.divergence=teacher_topk"):
+        run2 = topk.run.model_copy(update={"output_dir": str(tmp_path / "run2")})
+        check_run_dir(topk.model_copy(update={"run": run2}),
                       resume=True, fresh=False)
 
 
@@ -153,15 +160,19 @@ HEAVY = ("torch", "ray", "vllm", "transformers")
 
 @pytest.mark.parametrize("argv, needle", [
     (["run", "configs/demo.yaml", "foo.bar=1"], "foo: unknown config key"),
-    (["run", "configs/demo.yaml", "models.student=/no/such/dir"], "models.student: directory '/no/such/dir' does not exist"),
-    (["submit", "configs/demo.yaml", "trainer.lr=-1", "--address", "http://127.0.0.1:1"], "trainer.lr: Input should be greater"),
-    (["eval", "configs/demo.yaml", "models.student=/no/such/dir"], "models.student: directory '/no/such/dir'"),
+    (["run", "configs/demo.yaml", "models.student=/no/such/dir"],
+     "models.student: directory '/no/such/dir' does not exist"),
+    (["submit", "configs/demo.yaml", "trainer.lr=-1", "--address", "http://127.0.0.1:1"],
+     "trainer.lr: Input should be greater"),
+    (["eval", "configs/demo.yaml", "models.student=/no/such/dir"],
+     "models.student: directory '/no/such/dir'"),
 ])
 def test_a_config_error_is_printed_before_torch_ray_or_vllm_are_imported(argv, needle):
     """In a fresh interpreter, as a user runs it: the error, exit 2, and none of the heavy packages
     imported."""
     code = ("import sys\nfrom opd.cli import main\ncode = main(sys.argv[1:])\n"
             f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules])\nsys.exit(code)\n")
-    out = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 2 and needle in out.stderr, out.stderr
     assert "HEAVY []" in out.stdout, out.stdout

@@ -43,27 +43,34 @@ def _batch(learner: Learner, name: str, n: int = 6, seed: int = 0, group: int = 
     responses = [[rng.randrange(6, 90) for _ in range(rng.randint(1, 4))] for _ in range(n)]
     sampler = [learner.probe_logprobs(p + r)[len(p) - 1 :] for p, r in zip(prompts, responses, strict=True)]
     teacher = [[x - rng.uniform(-1, 1) for x in s] for s in sampler]
-    adv = [[-(s - t) for s, t in zip(srow, trow, strict=True)] for srow, trow in zip(sampler, teacher, strict=True)]
+    adv = [[-(s - t) for s, t in zip(srow, trow, strict=True)]
+           for srow, trow in zip(sampler, teacher, strict=True)]
     k = 4
     topk_ids = [[[rng.randrange(6, 90) for _ in range(k)] for _ in r] for r in responses]
     topk_lp = [[sorted((rng.uniform(-6, -1) for _ in range(k)), reverse=True) for _ in r] for r in responses]
     spec = SPECS[name]
     sd = spec.name in ("sdpo", "srpo")
     return TrainBatch(
-        uids=[f"u{i}" for i in range(n)], prompt_ids=prompts, response_ids=responses, sampler_logprobs=sampler,
-        advantages=adv if spec.name != "grpo" else [[(-1) ** i * 0.7] * len(r) for i, r in enumerate(responses)],
-        teacher_logprobs=teacher, objective=spec.name, loss_weights=([1.0, 0.5, 2.0, 1.0, 0.0, 1.0] * 2)[:n],
+        uids=[f"u{i}" for i in range(n)], prompt_ids=prompts, response_ids=responses,
+        sampler_logprobs=sampler,
+        advantages=(adv if spec.name != "grpo"
+                    else [[(-1) ** i * 0.7] * len(r) for i, r in enumerate(responses)]),
+        teacher_logprobs=teacher, objective=spec.name,
+        loss_weights=([1.0, 0.5, 2.0, 1.0, 0.0, 1.0] * 2)[:n],
         teacher_topk_ids=topk_ids if spec["opd"].divergence == "teacher_topk" else None,
         teacher_topk_logprobs=topk_lp if spec["opd"].divergence == "teacher_topk" else None,
-        teacher_prompt_ids=[(p + [30, 31, 32] if i % 3 else None) for i, p in enumerate(prompts)] if sd else None,
-        routes=[("sdpo" if i % 3 else ("none" if spec.name == "sdpo" else "grpo")) for i in range(n)] if sd else None,
+        teacher_prompt_ids=([(p + [30, 31, 32] if i % 3 else None) for i, p in enumerate(prompts)]
+                            if sd else None),
+        routes=([("sdpo" if i % 3 else ("none" if spec.name == "sdpo" else "grpo")) for i in range(n)]
+                if sd else None),
     )
 
 
 def _step(models, name, micro, spec=None, n=6, group=1, **kw):
     torch.manual_seed(0)
     student = str(models / "student")
-    learner = Learner(student, lr=1e-2, micro_batch_size=micro, objective=spec or SPECS[name], teacher_dir=str(models / "teacher"), **kw)
+    learner = Learner(student, lr=1e-2, micro_batch_size=micro, objective=spec or SPECS[name],
+                      teacher_dir=str(models / "teacher"), **kw)
     stats = learner.train_step(_batch(learner, name, n=n, group=group))
     return learner, stats
 
@@ -72,7 +79,8 @@ def _same_grads(a: Learner, b: Learner, what: str, rtol: float = 1e-4) -> None:
     for (k, pa), pb in zip(a.model.named_parameters(), b.model.parameters(), strict=True):
         if not pa.requires_grad:  # LoRA's frozen base
             continue
-        assert pa.grad is not None and torch.allclose(pa.grad, pb.grad, atol=1e-7, rtol=rtol), f"{what} changed the gradient of {k}"
+        assert pa.grad is not None and torch.allclose(pa.grad, pb.grad, atol=1e-7, rtol=rtol), (
+            f"{what} changed the gradient of {k}")
 
 
 @pytest.mark.parametrize("name", list(SPECS))
@@ -84,7 +92,8 @@ def test_every_objective_steps_and_accumulates_exactly(tiny_models, name):
     # Compare gradients (kept after the step): Adam's first update is lr*sign(g), which would amplify float
     # noise.
     for (k, a), b in zip(full.model.named_parameters(), split.model.parameters(), strict=True):
-        assert a.grad is not None and torch.allclose(a.grad, b.grad, atol=1e-7, rtol=1e-4), f"{name}: micro-batching changed the gradient of {k}"
+        assert a.grad is not None and torch.allclose(a.grad, b.grad, atol=1e-7, rtol=1e-4), (
+            f"{name}: micro-batching changed the gradient of {k}")
     assert any(p.grad.abs().sum() > 0 for p in full.model.parameters())
 
 
@@ -162,15 +171,19 @@ def test_zero_weight_samples_count_as_filtered_out(tiny_models, name):
 
 def test_token_selection_trains_fewer_tokens_with_less_activation_memory(tiny_models):
     _, all_tokens = _step(tiny_models, "opd", micro=64)
-    tip, half = _step(tiny_models, "opd", micro=64, spec=spec_of("selection.mode=entropy", "selection.keep_ratio=0.5"))
+    tip, half = _step(tiny_models, "opd", micro=64,
+                      spec=spec_of("selection.mode=entropy", "selection.keep_ratio=0.5"))
     batch = _batch(tip, "opd")  # the same lengths and weights; a weight-0 sample's tokens are never selected
     live_tokens = sum(len(r) for r, w in zip(batch.response_ids, batch.loss_weights, strict=True) if w)
     assert half["train_tokens"] == live_tokens // 2 < all_tokens["train_tokens"] // 2
     assert half["activation_mib"] < all_tokens["activation_mib"]
     # The same selection twice gives the same update: selection is deterministic for the ranked modes.
-    tip_a, _ = _step(tiny_models, "opd", micro=64, spec=spec_of("selection.mode=overconfident", "selection.keep_ratio=0.5"))
-    tip_b, _ = _step(tiny_models, "opd", micro=64, spec=spec_of("selection.mode=overconfident", "selection.keep_ratio=0.5"))
-    assert all(torch.equal(a, b) for a, b in zip(tip_a.model.parameters(), tip_b.model.parameters(), strict=True))
+    tip_a, _ = _step(tiny_models, "opd", micro=64,
+                     spec=spec_of("selection.mode=overconfident", "selection.keep_ratio=0.5"))
+    tip_b, _ = _step(tiny_models, "opd", micro=64,
+                     spec=spec_of("selection.mode=overconfident", "selection.keep_ratio=0.5"))
+    assert all(torch.equal(a, b)
+               for a, b in zip(tip_a.model.parameters(), tip_b.model.parameters(), strict=True))
 
 
 def test_exopd_with_lambda_one_is_opd(tiny_models):
@@ -195,7 +208,8 @@ def test_non_finite_loss_skips_the_update(tiny_models):
 def test_sdpo_ema_teacher_moves_toward_student(tiny_models):
     learner, _ = _step(tiny_models, "sdpo", micro=64)
     init = Learner(str(tiny_models / "student"), lr=1e-2).model
-    for t, s, i in zip(learner.teachers.self_teacher.parameters(), learner.model.parameters(), init.parameters(), strict=True):
+    for t, s, i in zip(learner.teachers.self_teacher.parameters(), learner.model.parameters(),
+                       init.parameters(), strict=True):
         assert torch.allclose(t, 0.95 * i + 0.05 * s, atol=1e-6)
 
 
@@ -256,7 +270,8 @@ def test_full_vocab_learner_reports_the_teacher_kl_it_computed(tiny_models):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    learner = Learner(str(tiny_models / "student"), lr=1e-2, micro_batch_size=4, objective=SPECS["opd-full-vocab-jsd"],
+    learner = Learner(str(tiny_models / "student"), lr=1e-2, micro_batch_size=4,
+                      objective=SPECS["opd-full-vocab-jsd"],
                       teacher_dir=str(tiny_models / "teacher"))
     batch = _batch(learner, "opd-full-vocab-jsd")
     batch.teacher_logprobs = None
@@ -281,15 +296,18 @@ def test_full_vocab_from_the_teachers_hidden_states_equals_the_learners_teacher_
     spec = SPECS["opd-full-vocab-jsd"]
     by_learner, stats = _step(tiny_models, "opd-full-vocab-jsd", micro=4)
     torch.manual_seed(0)
-    by_hidden = Learner(str(tiny_models / "student"), lr=1e-2, micro_batch_size=4, teacher_dir=str(tiny_models / "teacher"),
-                        objective=spec_of("opd.divergence=full_vocab", f"opd.full_vocab_kind={spec['opd'].full_vocab_kind}",
+    by_hidden = Learner(str(tiny_models / "student"), lr=1e-2, micro_batch_size=4,
+                        teacher_dir=str(tiny_models / "teacher"),
+                        objective=spec_of("opd.divergence=full_vocab",
+                                                f"opd.full_vocab_kind={spec['opd'].full_vocab_kind}",
                                                 "opd.full_vocab_source=teacher"))
     assert by_hidden.teachers.hf_teacher is None and by_hidden.teachers.teacher_head is not None
     batch = _batch(by_hidden, "opd-full-vocab-jsd")
     teacher = AutoModelForCausalLM.from_pretrained(tiny_models / "teacher", dtype=torch.float32).eval()
     with torch.no_grad():
-        batch.teacher_hidden = [teacher.get_decoder()(torch.tensor([p + r])).last_hidden_state[0, len(p) - 1 : -1].numpy()
-                                for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True)]
+        batch.teacher_hidden = [
+            teacher.get_decoder()(torch.tensor([p + r])).last_hidden_state[0, len(p) - 1 : -1].numpy()
+            for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True)]
     got = by_hidden.train_step(batch)
     assert got["loss"] == pytest.approx(stats["loss"], rel=1e-5)
     _same_grads(by_learner, by_hidden, "the teacher's hidden states instead of its forward")
@@ -297,7 +315,8 @@ def test_full_vocab_from_the_teachers_hidden_states_equals_the_learners_teacher_
 
 def test_full_vocab_from_the_teacher_without_hidden_states_is_refused(tiny_models):
     """A batch whose scores came without the teacher's hidden states cannot give the full-vocabulary loss."""
-    learner = Learner(str(tiny_models / "student"), lr=1e-2, micro_batch_size=4, teacher_dir=str(tiny_models / "teacher"),
+    learner = Learner(str(tiny_models / "student"), lr=1e-2, micro_batch_size=4,
+                      teacher_dir=str(tiny_models / "teacher"),
                       objective=spec_of("opd.divergence=full_vocab", "opd.full_vocab_source=teacher"))
     with pytest.raises(ValueError, match="carries no teacher hidden states"):
         learner.train_step(_batch(learner, "opd-full-vocab-jsd"))

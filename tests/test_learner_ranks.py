@@ -32,7 +32,8 @@ def test_balance_shards_exact_assignments():
     assert balance_shards([2, 2, 2, 2], 2) == [[0, 2], [1, 3]]
     assert balance_shards([4, 1], 1) == [[0, 1]] and shard_imbalance([4, 1], [[0, 1]]) == 1.0
     # More ranks than samples: the spare ranks get empty shards (they still join the collectives).
-    assert balance_shards([5], 3) == [[0], [], []] and shard_imbalance([5], [[0], [], []]) == pytest.approx(3.0)
+    assert (balance_shards([5], 3) == [[0], [], []]
+            and shard_imbalance([5], [[0], [], []]) == pytest.approx(3.0))
     with pytest.raises(ValueError, match="num_shards"):
         balance_shards([1], 0)
 
@@ -61,7 +62,8 @@ def test_take_cuts_every_per_sample_field():
     part = take(batch, [2, 1])
     part.validate()
     assert part.uids == ["c", "b"] and part.response_ids == [[6], [5, 5]] and part.loss_weights == [2.0, 0.5]
-    assert part.teacher_prompt_ids == [None, [9]] and part.routes == ["grpo", "sdpo"] and part.objective == "srpo"
+    assert (part.teacher_prompt_ids == [None, [9]] and part.routes == ["grpo", "sdpo"]
+            and part.objective == "srpo")
     assert part.teacher_topk_ids is None
 
 
@@ -72,7 +74,8 @@ def two_nodes(tiny_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("two_nodes")
     log = out / "multinode.log"
     script = Path(__file__).with_name("multinode.py")
-    proc = start([sys.executable, str(script), str(tiny_models), str(out), "equivalence", "job"], log, clean_env())
+    proc = start([sys.executable, str(script), str(tiny_models), str(out), "equivalence", "job"], log,
+                 clean_env())
     try:
         proc.wait(timeout=900)
     finally:
@@ -99,7 +102,8 @@ def test_two_ranks_on_two_nodes_match_one_rank(two_nodes, algorithm):
     assert r["versions"] == [2, 2, 2]
     for step in r["steps"]:
         assert step["update_skipped"] == [0.0, 0.0]
-        assert step["train_tokens"][0] == step["train_tokens"][1] and step["loss_tokens"][0] == step["loss_tokens"][1]
+        assert (step["train_tokens"][0] == step["train_tokens"][1]
+                and step["loss_tokens"][0] == step["loss_tokens"][1])
         # Loss and pre-clip gradient norm carry the scale of the batch-wide denominators (Adam's update nearly
         # hides a scale error in the weights): a rank dividing by its own shard's tokens would be off by ~2x
         # here.
@@ -111,7 +115,8 @@ def test_two_ranks_on_two_nodes_match_one_rank(two_nodes, algorithm):
     # sum the same per-token terms in a different order (two shards, then an all-reduce) so gradients agree to
     # float32 rounding (~1e-7 relative); Adam then divides by sqrt(v), which magnifies that rounding for the
     # few elements whose gradient nearly cancels. Observed: max |dw| 3e-7 (OPD), 5e-7 (GRPO), 1.6e-6 (SRPO).
-    assert r["max_abs_diff"] <= 1e-5, f"{algorithm}: 2-rank weights differ from 1-rank by {r['max_abs_diff']:.2e}"
+    assert r["max_abs_diff"] <= 1e-5, (
+        f"{algorithm}: 2-rank weights differ from 1-rank by {r['max_abs_diff']:.2e}")
 
 
 @pytest.mark.slow

@@ -58,7 +58,8 @@ SAMPLED_LR, DENSE_LR = 1e-3, 3e-3
 def job_config(world: World, *overrides: str, seed: int = 0) -> Config:
     """The test's job as a user would write it; every plan below is derived from it by ``opd.plan``."""
     base = [f"models.student={world.student}", f"models.teacher={world.teacher_dir}", f"run.seed={seed}",
-            f"rollout.group_size={GROUP}", f"rollout.prompts_per_step={PROMPTS}", f"rollout.max_new_tokens={MAX_NEW}",
+            f"rollout.group_size={GROUP}", f"rollout.prompts_per_step={PROMPTS}",
+            f"rollout.max_new_tokens={MAX_NEW}",
             f"trainer.total_steps={STEPS}", f"verifiers.functions=[{REWARD}]", "trainer.micro_batch_size=64"]
     return load_config(None, [*base, *overrides])
 
@@ -73,11 +74,13 @@ class World:
     teacher: VLLMTeacher
 
     def render(self, text: str) -> list[int]:
-        return render_prompts([{"prompt": text, "answer": ""}], self.worker.engine.tokenizer, "reprompt")[0].token_ids
+        return render_prompts([{"prompt": text, "answer": ""}], self.worker.engine.tokenizer,
+                              "reprompt")[0].token_ids
 
 
 def _teacher(model_dir: str) -> VLLMTeacher:
-    return VLLMTeacher(model_dir, seed=0, max_model_len=128, kv_cache_gib=0.0, dtype="float32", max_logprobs=20, engine="hf")
+    return VLLMTeacher(model_dir, seed=0, max_model_len=128, kv_cache_gib=0.0, dtype="float32",
+                       max_logprobs=20, engine="hf")
 
 
 def make_world(models) -> World:
@@ -106,16 +109,19 @@ def _draw(world: World, prompts: list[Prompt], n: int, seed: int, epoch: int = 0
 
 
 def _verify(samples: list[Sample]) -> Rewards:
-    scores = resolve(REWARD)([s.prompt.columns["prompt"] for s in samples], [s.response_text for s in samples],
+    scores = resolve(REWARD)([s.prompt.columns["prompt"] for s in samples],
+                             [s.response_text for s in samples],
                              answer=[s.prompt.answer for s in samples])
-    return Rewards([s.uid for s in samples], [float(x) for x in scores], [x >= 1.0 for x in scores], {REWARD: list(scores)})
+    return Rewards([s.uid for s in samples], [float(x) for x in scores], [x >= 1.0 for x in scores],
+                   {REWARD: list(scores)})
 
 
 def _per_prompt(values: list[list[float]], n: int, tokens: bool) -> tuple[float, float]:
     """Mean and standard error over prompts of each prompt's mean (over its samples' tokens, or its
     samples)."""
     groups = [values[i : i + n] for i in range(0, len(values), n)]
-    per = [sum(map(sum, g)) / sum(map(len, g)) if tokens else statistics.mean(x for v in g for x in v) for g in groups]
+    per = [sum(map(sum, g)) / sum(map(len, g)) if tokens else statistics.mean(x for v in g for x in v)
+           for g in groups]
     return statistics.mean(per), statistics.stdev(per) / math.sqrt(len(per))
 
 
@@ -126,7 +132,8 @@ def heldout_kl(world: World, learner: Learner, scorer: VLLMTeacher, context=None
     samples = _draw(world, world.test, HELD_OUT_SAMPLES, EVAL_SEED)
     scored = [dataclasses.replace(s, prompt=context(s.prompt)) for s in samples] if context else samples
     scores = scorer.score(scored)
-    diffs = [[q - t for q, t in zip(s.sampler_logprobs, lp, strict=True)] for s, lp in zip(samples, scores.logprobs, strict=True)]
+    diffs = [[q - t for q, t in zip(s.sampler_logprobs, lp, strict=True)]
+             for s, lp in zip(samples, scores.logprobs, strict=True)]
     return _per_prompt(diffs, HELD_OUT_SAMPLES, tokens=True)
 
 
@@ -159,17 +166,20 @@ def make_learner(cfg: Config) -> Learner:
     return Learner(**learner_args(cfg))
 
 
-def _assert_moved(name: str, metric: str, before: tuple[float, float], after: tuple[float, float], sign: float) -> None:
+def _assert_moved(name: str, metric: str, before: tuple[float, float], after: tuple[float, float],
+                  sign: float) -> None:
     gain, noise = sign * (before[0] - after[0]), math.hypot(before[1], after[1])
     assert gain > MARGIN * noise, (
-        f"{name}: held-out {metric} went {before[0]:.3f} ± {before[1]:.3f} -> {after[0]:.3f} ± {after[1]:.3f}; "
+        f"{name}: held-out {metric} went {before[0]:.3f} ± {before[1]:.3f} -> "
+        f"{after[0]:.3f} ± {after[1]:.3f}; "
         f"it must {'fall' if sign > 0 else 'rise'} by more than {MARGIN} x {noise:.3f}")
 
 
 # OPD family: held-out per-token KL(student || teacher) must fall. SPREAD holds the measured spread.
 KL_RUNS = {
     "opd": ["algorithm=opd", f"trainer.lr={SAMPLED_LR}"],
-    "opd-topk": ["algorithm=opd", "opd.divergence=teacher_topk", "teacher.top_k=20", f"trainer.lr={DENSE_LR}"],
+    "opd-topk": ["algorithm=opd", "opd.divergence=teacher_topk", "teacher.top_k=20",
+                 f"trainer.lr={DENSE_LR}"],
     # The learner runs the teacher itself (opd.full_vocab_source=learner): no teacher actor scores the batch.
     "opd-full-vocab": ["algorithm=opd", "opd.divergence=full_vocab", f"trainer.lr={DENSE_LR}"],
     "exopd": ["algorithm=exopd", f"trainer.lr={SAMPLED_LR}"],
@@ -232,4 +242,5 @@ def test_sdpo_distils_its_self_teacher_into_the_student(world):
     start = _teacher(world.student)  # the self-teacher before any step: the starting student
     before = heldout_kl(world, learner, start, reprompter(world))
     train(world, learner, cfg)
-    _assert_moved("sdpo", "KL(student || self-teacher)", before, heldout_kl(world, learner, start, reprompter(world)), sign=1.0)
+    _assert_moved("sdpo", "KL(student || self-teacher)", before,
+                  heldout_kl(world, learner, start, reprompter(world)), sign=1.0)

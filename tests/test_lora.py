@@ -40,10 +40,11 @@ def _batch(learner: Learner, n: int = 6, seed: int = 0) -> TrainBatch:
     responses = [[rng.randrange(6, 90) for _ in range(rng.randint(1, 4))] for _ in range(n)]
     sampler = [learner.probe_logprobs(p + r)[len(p) - 1 :] for p, r in zip(prompts, responses, strict=True)]
     teacher = [[x - rng.uniform(-1, 1) for x in s] for s in sampler]
-    adv = [[t - s for s, t in zip(srow, trow, strict=True)] for srow, trow in zip(sampler, teacher, strict=True)]
+    adv = [[t - s for s, t in zip(srow, trow, strict=True)]
+           for srow, trow in zip(sampler, teacher, strict=True)]
     return TrainBatch(
-        uids=[f"u{i}" for i in range(n)], prompt_ids=prompts, response_ids=responses, sampler_logprobs=sampler,
-        advantages=adv, teacher_logprobs=teacher, objective="opd",
+        uids=[f"u{i}" for i in range(n)], prompt_ids=prompts, response_ids=responses,
+        sampler_logprobs=sampler, advantages=adv, teacher_logprobs=teacher, objective="opd",
     )
 
 
@@ -96,7 +97,8 @@ def test_steps_move_the_adapter_and_leave_the_base(tiny_models):
 def test_objectives_with_extra_models_train_the_adapter(tiny_models, spec):
     """The HF teacher (full_vocab), the reference (ExOPD) and the SDPO self-teacher run beside a LoRA student;
     the self-teacher's EMA follows the adapter only (its base is the student's, frozen)."""
-    learner = Learner(str(tiny_models / "student"), lr=1e-2, lora=SPEC, objective=spec, teacher_dir=str(tiny_models / "teacher"))
+    learner = Learner(str(tiny_models / "student"), lr=1e-2, lora=SPEC, objective=spec,
+                      teacher_dir=str(tiny_models / "teacher"))
     batch = _batch(learner)
     if spec.name == "sdpo":
         batch.teacher_prompt_ids = [p + [30, 31, 32] for p in batch.prompt_ids]
@@ -109,7 +111,8 @@ def test_objectives_with_extra_models_train_the_adapter(tiny_models, spec):
     assert any(not torch.equal(before[n], p) for n, p in _adapter(learner).items())
     if spec.name == "sdpo":
         teacher = {n: p for n, p in learner.teachers.self_teacher.named_parameters() if "lora_B" in n}
-        assert any(p.abs().max() > 0 for p in teacher.values()), "the self-teacher's adapter did not follow the student"
+        assert any(p.abs().max() > 0 for p in teacher.values()), (
+            "the self-teacher's adapter did not follow the student")
 
 
 def test_checkpoint_is_a_peft_adapter_and_load_resumes(tiny_models, tmp_path):
@@ -142,11 +145,13 @@ def test_checkpoint_is_a_peft_adapter_and_load_resumes(tiny_models, tmp_path):
 
 
 def test_load_refuses_an_adapter_built_otherwise(tiny_models, tmp_path):
-    Learner(str(tiny_models / "student"), lr=1e-2, lora=LoraSpec(r=4, target_modules=("q_proj",))).save(str(tmp_path))
+    Learner(str(tiny_models / "student"), lr=1e-2,
+            lora=LoraSpec(r=4, target_modules=("q_proj",))).save(str(tmp_path))
     with pytest.raises(ValueError, match="lora.target_modules: the adapter"):
         Learner(str(tiny_models / "student"), lr=1e-2, lora=LoraSpec(r=4)).load(str(tmp_path))
     with pytest.raises(ValueError, match="lora.alpha: the adapter"):
-        Learner(str(tiny_models / "student"), lr=1e-2, lora=LoraSpec(r=4, alpha=2.0, target_modules=("q_proj",))).load(str(tmp_path))
+        Learner(str(tiny_models / "student"), lr=1e-2,
+                lora=LoraSpec(r=4, alpha=2.0, target_modules=("q_proj",))).load(str(tmp_path))
 
 
 @pytest.mark.parametrize(
@@ -164,12 +169,14 @@ def test_engine_serves_each_adapter_version_and_drops_the_old(tiny_models, local
     from opd.rollout.engine import VLLMEngine
 
     learner = Learner(str(tiny_models / "student"), lr=1e-2, lora=SPEC)
-    engine = ray.remote(VLLMEngine).options(num_cpus=1).remote(str(tiny_models / "student"), max_model_len=32, lora_rank=SPEC.r)
+    engine = ray.remote(VLLMEngine).options(num_cpus=1).remote(str(tiny_models / "student"), max_model_len=32,
+                                                               lora_rank=SPEC.r)
     try:
         for version in range(3):
             ray.get(engine.load_adapter.remote(learner.export_adapter(), version))
             got = ray.get(engine.score.remote([PROBE]))[0].token_logprobs
-            assert got == pytest.approx(learner.probe_logprobs(PROBE), abs=1e-4), f"version {version} not served"
+            assert got == pytest.approx(learner.probe_logprobs(PROBE), abs=1e-4), (
+                f"version {version} not served")
             # only the current version stays loaded
             assert ray.get(engine.loaded_adapters.remote()) == {version + 1}
             learner.train_step(_batch(learner, seed=version))
@@ -185,7 +192,8 @@ def _metrics(run_dir):
 
 
 def _ckpt_adapter(run_dir, step: int) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "checkpoints" / f"step_{step:06d}" / "adapter" / "adapter_model.safetensors"))
+    return load_file(str(run_dir / "checkpoints" / f"step_{step:06d}" / "adapter"
+                         / "adapter_model.safetensors"))
 
 
 @pytest.mark.slow
@@ -211,7 +219,8 @@ def test_lora_job_syncs_the_adapter_and_resumes(tiny_models, local_ray, tmp_path
     student = str(tiny_models / "student")
     learner = Learner(student, lr=1e-2, lora=LoraSpec(r=4))  # the config's defaults: alpha 16, q/k/v/o
     learner.load(str(final))
-    user = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32), final / "adapter")
+    user = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32),
+                                     final / "adapter")
     assert _peft_logprobs(user.eval(), PROBE) == pytest.approx(learner.probe_logprobs(PROBE), abs=1e-5)
 
     # The run as it stood at its step-1 checkpoint, resumed: it ends on the uninterrupted run's adapter.

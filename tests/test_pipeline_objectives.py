@@ -43,7 +43,8 @@ OBJECTIVE_RUNS.update({name: {"algorithm": name} for name in REGISTRY
 @pytest.fixture(scope="module")
 def shared(tiny_models, local_ray, tmp_path_factory):
     """One rollout worker and one teacher engine for every objective's job (each job has its own learner)."""
-    roles = start_shared(load_config(None, tiny_overrides(tiny_models, tmp_path_factory.mktemp("shared") / "shared")))
+    roles = start_shared(load_config(None, tiny_overrides(tiny_models,
+                                                          tmp_path_factory.mktemp("shared") / "shared")))
     yield roles
     stop_shared(roles)
 
@@ -93,7 +94,8 @@ def test_dynamic_sampling_trains_only_groups_whose_rewards_differ(shared, tiny_m
     out = tmp_path / "dapo"
     cfg = load_config(None, tiny_overrides(tiny_models, out, **{
         "algorithm": "grpo", "rollout.dynamic_sampling": "true", "rollout.max_resample_rounds": 8,
-        "verifiers.functions": "[{name: format_digits}]", "run.log_samples": "true", "trainer.total_steps": 3}))
+        "verifiers.functions": "[{name: format_digits}]", "run.log_samples": "true",
+        "trainer.total_steps": 3}))
     summary = train_on(shared, cfg, verifiers=start_verifiers(cfg))
     assert summary["steps"] == 3
     rows = _metrics(out)

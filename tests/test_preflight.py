@@ -24,9 +24,12 @@ from opd.types import Prompt
         (["trainer.betas=[0.9,1.0]"], "trainer.betas"),
         (["run.output_dir="], "run.output_dir: String should have at least 1 character"),
         (["verifiers.functions=[]"], "verifiers.functions: List should have at least 1 item"),
-        (["verifiers.functions=[{name: exact_answer, weight: .nan}]"], "verifiers.functions.0.weight: Input should be a finite"),
-        (["verifiers.functions=[exact_answer, exact_answer]"], "verifiers.functions lists ['exact_answer'] more than once"),
-        (["rollout.max_new_tokens=64", "rollout.max_model_len=64"], "rollout.max_new_tokens=64 leaves no room for a prompt"),
+        (["verifiers.functions=[{name: exact_answer, weight: .nan}]"],
+         "verifiers.functions.0.weight: Input should be a finite"),
+        (["verifiers.functions=[exact_answer, exact_answer]"],
+         "verifiers.functions lists ['exact_answer'] more than once"),
+        (["rollout.max_new_tokens=64", "rollout.max_model_len=64"],
+         "rollout.max_new_tokens=64 leaves no room for a prompt"),
         (["eval.max_new_tokens=128"], "eval.max_new_tokens=128 leaves no room"),
     ],
 )
@@ -56,15 +59,19 @@ def _model_dir(path, **config):
 def test_model_dirs_a_file_and_a_length_past_the_model(tmp_path):
     (tmp_path / "weights.bin").write_text("")
     teacher = _model_dir(tmp_path / "teacher", max_position_embeddings=4096)
-    with pytest.raises(ConfigError, match=r"models.student: '.*weights.bin' is a file; expected a save_pretrained"):
-        check_model_dirs(load_config(None, [f"models.student={tmp_path / 'weights.bin'}", f"models.teacher={teacher}"]))
+    with pytest.raises(ConfigError,
+                       match=r"models.student: '.*weights.bin' is a file; expected a save_pretrained"):
+        check_model_dirs(load_config(None, [f"models.student={tmp_path / 'weights.bin'}",
+                                            f"models.teacher={teacher}"]))
     student = _model_dir(tmp_path / "student", max_position_embeddings=512)
     with pytest.raises(ConfigError) as e:
         check_model_dirs(load_config(None, [f"models.student={student}", f"models.teacher={teacher}",
                                              "rollout.max_model_len=100000"]))
-    assert "rollout.max_model_len: 100000 exceeds models.student's max_position_embeddings (512" in str(e.value)
+    assert ("rollout.max_model_len: 100000 exceeds models.student's max_position_embeddings (512"
+            in str(e.value))
     assert "exceeds models.teacher's max_position_embeddings (4096" in str(e.value)  # both named
-    check_model_dirs(load_config(None, [f"models.student={student}", f"models.teacher={teacher}", "rollout.max_model_len=512"]))
+    check_model_dirs(load_config(None, [f"models.student={student}", f"models.teacher={teacher}",
+                                        "rollout.max_model_len=512"]))
 
 
 def test_output_dir_that_is_a_file(tmp_path):
@@ -111,7 +118,8 @@ def _check(specs: list[str]):
     "name,needle",
     [
         ("no_such_verifier", "unknown verifier 'no_such_verifier'"),
-        ("no_such_pkg.mod:fn", "no module named 'no_such_pkg.mod'; a module is imported from the current directory and PYTHONPATH"),
+        ("no_such_pkg.mod:fn",
+         "no module named 'no_such_pkg.mod'; a module is imported from the current directory and PYTHONPATH"),
         ("{plugin}:missing", "has no attribute 'missing'"),
         ("{plugin}:NOT_CALLABLE", "is a int, not a callable"),
         ("{raises}:fn", "executing file"),
@@ -162,8 +170,10 @@ def test_cli_takes_flags_among_overrides_and_exits_2_writing_nothing(tmp_path, c
     code, err = _cli_run(tmp_path, capsys, "--fresh", *models, "verifiers.functions=[nope]")
     assert code == 2 and "verifiers.functions.0.name: unknown verifier 'nope'" in err
     for split, n in (("train", 4), ("test", 3)):
-        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(n)))
-    files = ["task.name=files", f"task.train_path={tmp_path / 'train.jsonl'}", f"task.test_path={tmp_path / 'test.jsonl'}"]
+        (tmp_path / f"{split}.jsonl").write_text(
+            "".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(n)))
+    files = ["task.name=files", f"task.train_path={tmp_path / 'train.jsonl'}",
+             f"task.test_path={tmp_path / 'test.jsonl'}"]
     code, err = _cli_run(tmp_path, capsys, *models, "--fresh", *files, "eval.num_prompts=5")
     assert code == 2 and "eval.num_prompts=5: task.test_path" in err and "has 3 rows" in err
     code, err = _cli_run(tmp_path, capsys, *models, "--resume", *files)

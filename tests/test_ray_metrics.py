@@ -16,12 +16,14 @@ from opd.monitor.ray_metrics import SPECS, RayMetricsSink, metric_values
 
 
 def test_metric_values_keep_known_finite_keys():
-    got = metric_values({"reward": 0.5, "teacher_kl": math.nan, "entropy": None, "loss": 1.0, "weight_version": 3})
-    assert [(s.name, s.role, v) for s, v in got] == [("opd_reward", "verifier", 0.5), ("opd_weight_version", "learner", 3.0)]
+    got = metric_values({"reward": 0.5, "teacher_kl": math.nan, "entropy": None, "loss": 1.0,
+                         "weight_version": 3})
+    assert [(s.name, s.role, v) for s, v in got] == [("opd_reward", "verifier", 0.5),
+                                                     ("opd_weight_version", "learner", 3.0)]
     names = [s.name for s in SPECS]
     assert len(set(names)) == len(names) and all(n.startswith("opd_") for n in names)
-    for key in ("accuracy", "rollout_tokens_per_s", "score_tokens_per_s", "train_tokens_per_s", "step_seconds",
-                "verifier_failures", "eval_accuracy"):
+    for key in ("accuracy", "rollout_tokens_per_s", "score_tokens_per_s", "train_tokens_per_s",
+                "step_seconds", "verifier_failures", "eval_accuracy"):
         assert key in {s.key for s in SPECS}
 
 

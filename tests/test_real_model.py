@@ -44,10 +44,12 @@ def smollm2(tmp_path_factory) -> tuple[Path, Path]:
 def real_overrides(models: tuple[Path, Path], out: Path, **extra) -> list[str]:
     teacher, student = models
     base = {
-        "run.name": out.name, "run.output_dir": str(out), "models.student": str(student), "models.teacher": str(teacher),
+        "run.name": out.name, "run.output_dir": str(out), "models.student": str(student),
+        "models.teacher": str(teacher),
         "task.name": "word_problems", "task.num_train": 40, "task.num_test": 4, "eval.num_prompts": 4,
         "eval.max_new_tokens": 8, "eval.kl_samples": 1, "verifiers.functions": "[{name: math_answer}]",
-        "rollout.prompts_per_step": 2, "rollout.group_size": 2, "rollout.max_new_tokens": 8, "rollout.max_model_len": 96,
+        "rollout.prompts_per_step": 2, "rollout.group_size": 2, "rollout.max_new_tokens": 8,
+        "rollout.max_model_len": 96,
         "teacher.top_k": 5, "trainer.total_steps": 2, "trainer.lr": 1e-4, "trainer.micro_batch_size": 4,
         "checkpoint.every": 0, **extra,
     }
@@ -57,7 +59,8 @@ def real_overrides(models: tuple[Path, Path], out: Path, **extra) -> list[str]:
 @pytest.fixture(scope="module")
 def shared(smollm2, local_ray, tmp_path_factory):
     """A rollout worker (vLLM, the student) and a teacher (vLLM) that every job of this module uses."""
-    roles = start_shared(load_config(None, real_overrides(smollm2, tmp_path_factory.mktemp("shared") / "real-shared")))
+    roles = start_shared(load_config(None, real_overrides(smollm2,
+                                                          tmp_path_factory.mktemp("shared") / "real-shared")))
     yield roles
     stop_shared(roles)
 
@@ -78,8 +81,9 @@ def test_the_rendered_prompt_is_the_tokenizers_chat_template(smollm2):
     cfg = load_config(None, real_overrides(smollm2, Path("unused")))
     train_prompts, test_prompts = load_prompts(cfg, tok)
     for p in train_prompts[:5] + test_prompts:
-        want = tok.apply_chat_template([{"role": "user", "content": p.columns["prompt"]}], add_generation_prompt=True,
-                                       tokenize=True, return_dict=True)["input_ids"]
+        want = tok.apply_chat_template([{"role": "user", "content": p.columns["prompt"]}],
+                                       add_generation_prompt=True, tokenize=True,
+                                       return_dict=True)["input_ids"]
         assert p.token_ids == list(want)
         assert p.text.startswith("<|im_start|>system\n") and p.text.endswith("<|im_start|>assistant\n")
         assert tok.decode(p.token_ids) == p.text
@@ -113,7 +117,8 @@ def real_runs(shared, smollm2, tmp_path_factory):
     def get(name: str) -> tuple[Path, dict]:
         if name not in done:
             out = tmp_path_factory.mktemp("real") / f"real-{name}"
-            done[name] = out, train_on(shared, load_config(None, real_overrides(smollm2, out, **OBJECTIVES[name])))
+            done[name] = out, train_on(shared, load_config(None, real_overrides(smollm2, out,
+                                                                                **OBJECTIVES[name])))
         return done[name]
 
     return get
@@ -135,14 +140,16 @@ def test_two_steps_on_the_real_pair(real_runs, smollm2, name):
     assert all(r["teacher_kl"] > 0 for r in rows)
     assert summary["teacher_kl_before"] > 0 and summary["teacher_kl_after"] > 0
     before, after = _weights(smollm2[1]), _weights(out / "checkpoints" / "step_000002" / "model")
-    assert any(not torch.equal(before[k], after[k]) for k in before), f"{name}: two steps left the student unchanged"
+    assert any(not torch.equal(before[k], after[k]) for k in before), (
+        f"{name}: two steps left the student unchanged")
 
 
 def test_full_vocab_from_the_teacher_actors_hidden_states(shared, smollm2, tmp_path):
     """opd.full_vocab_source=teacher on the real pair: a transformers teacher actor runs the 135M trunk and
     sends 576 floats per token instead of 49,152; the learner applies the teacher's LM head."""
     out = tmp_path / "real-hidden"
-    cfg = load_config(None, real_overrides(smollm2, out, **{"opd.divergence": "full_vocab", "opd.full_vocab_source": "teacher"}))
+    cfg = load_config(None, real_overrides(smollm2, out, **{"opd.divergence": "full_vocab",
+                                                            "opd.full_vocab_source": "teacher"}))
     assert cfg.teacher_engine == "hf"
     teacher = start_teachers(cfg, prefix="real-hidden/")
     try:
@@ -160,7 +167,8 @@ def test_resume_on_the_real_pair_is_bit_identical(shared, real_runs, smollm2, tm
     train_on(shared, load_config(None, real_overrides(smollm2, out, **extra, **{"trainer.total_steps": 1})))
     summary = train_on(shared, load_config(None, real_overrides(smollm2, out, **extra)), resume=True)
     assert summary["steps"] == 2 and [r["step"] for r in _metrics(out)] == [0, 1]
-    a, b = _weights(ref / "checkpoints" / "step_000002" / "model"), _weights(out / "checkpoints" / "step_000002" / "model")
+    a, b = (_weights(ref / "checkpoints" / "step_000002" / "model"),
+            _weights(out / "checkpoints" / "step_000002" / "model"))
     for k in a:
         assert torch.equal(a[k], b[k]), f"resumed weights differ from the uninterrupted run at {k}"
 

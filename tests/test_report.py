@@ -70,7 +70,8 @@ def test_report_has_summary_table_and_linked_curves(tmp_path):
     assert _table_row(report, "eval_accuracy")[1:4] == ["3", "0.2", "0.3"]
 
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
-    assert {"reward_accuracy.png", "teacher_kl.png", "loss.png", "throughput.png", "other_metrics.png"} <= set(links)
+    assert {"reward_accuracy.png", "teacher_kl.png", "loss.png", "throughput.png",
+            "other_metrics.png"} <= set(links)
     assert "score_tokens_per_s" not in report  # absent keys make no rows
     for link in links:
         png = path.parent / link

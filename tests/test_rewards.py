@@ -120,7 +120,8 @@ def test_register_decorator_and_conflict():
 
 
 def test_runner_validates_specs_at_construction(vfile):
-    with pytest.raises(VerifierSpecError, match=r"verifiers.functions.1.name: unknown verifier 'no_such_verifier'"):
+    with pytest.raises(VerifierSpecError,
+                       match=r"verifiers.functions.1.name: unknown verifier 'no_such_verifier'"):
         VerifierRunner([VerifierSpec("exact_answer"), VerifierSpec("no_such_verifier")])
     with pytest.raises(VerifierSpecError, match=r"lists \['exact_answer'\] more than once"):
         VerifierRunner([VerifierSpec("exact_answer"), VerifierSpec("exact_answer", 2.0)])

@@ -91,7 +91,8 @@ def test_fork_bomb_is_contained_and_leaves_nothing_behind():
 def test_process_cap_binds_even_for_root():
     code = (
         "import os, time\nn = 0\nfor _ in range(40):\n    try:\n        if os.fork() == 0:\n"
-        "            time.sleep(30)\n            os._exit(0)\n        n += 1\n    except OSError:\n        break\nprint(n)"
+        "            time.sleep(30)\n            os._exit(0)\n        n += 1\n    except OSError:\n"
+        "        break\nprint(n)"
     )
     r = run_sandboxed(code, limits=SandboxLimits(nproc=6))
     assert r.returncode == 0, r
@@ -113,7 +114,8 @@ def test_no_connection_reaches_a_real_listener(network):
         listener.bind(("127.0.0.1", 0))
         listener.listen(8)
         port = listener.getsockname()[1]
-        code = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\nprint('connected')"
+        code = (f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+                "print('connected')")
         r = run_sandboxed(code, limits=SandboxLimits(network=network))
         assert "connected" not in r.stdout and r.returncode == 1, r
         # bubblewrap's network namespace has its own loopback up, where nothing listens
@@ -141,7 +143,8 @@ def test_parent_environment_secret_is_not_readable(monkeypatch, network):
     assert r.returncode == 0, r
     assert "hunter2-env" not in r.stdout
     # In the private view the parent is bubblewrap's init (root's) and the caller is not in its /proc at all.
-    denied = ["denied PermissionError", "denied FileNotFoundError" if r.network == "bwrap" else "denied PermissionError"]
+    denied = ["denied PermissionError",
+              "denied FileNotFoundError" if r.network == "bwrap" else "denied PermissionError"]
     assert r.stdout.splitlines() == ["None", *denied]
 
 
@@ -175,7 +178,8 @@ def test_huge_file_hits_the_file_size_limit():
 
 
 def test_output_flood_is_truncated_and_reported():
-    r = run_sandboxed("while True:\n    print('y' * 1000)", limits=SandboxLimits(max_output_bytes=4096, wall_s=3))
+    r = run_sandboxed("while True:\n    print('y' * 1000)",
+                      limits=SandboxLimits(max_output_bytes=4096, wall_s=3))
     assert "output too large" in r.reason and r.stdout_truncated and len(r.stdout) == 4096, r
 
 
@@ -202,7 +206,8 @@ def test_extract_code_and_parse_tests():
     assert extract_code("print(3)") == "print(3)"
     assert parse_tests('[{"input": "1", "output": "2"}]') == [{"input": "1", "output": "2"}]
     assert parse_tests("assert f(1) == 2") == ["assert f(1) == 2"]
-    for bad, msg in [([], "non-empty"), ([{"input": "1"}], "case 0"), ("x = 1", "at least one"), ("[1", "JSON")]:
+    for bad, msg in [([], "non-empty"), ([{"input": "1"}], "case 0"), ("x = 1", "at least one"),
+                     ("[1", "JSON")]:
         with pytest.raises(ValueError, match=msg):
             parse_tests(bad)
 
@@ -226,7 +231,8 @@ def test_code_exec_through_the_verifier_runner(local_ray):
     tests = [t for _, t, _ in ROWS] + [[{"input": "1"}]]  # the last cell is malformed
     n = len(completions)
     runner = VerifierRunner(
-        [VerifierSpec("code_exec", kwargs={"timeout_s": 2, "cpu_s": 1, "workers": 4})], timeout_s=120, chunk_size=n
+        [VerifierSpec("code_exec", kwargs={"timeout_s": 2, "cpu_s": 1, "workers": 4})], timeout_s=120,
+        chunk_size=n
     )
     out = runner.score([f"u{i}" for i in range(n)], [""] * n, completions, {"tests": tests})
     assert out.per_verifier["code_exec"][:-1] == pytest.approx([s for _, _, s in ROWS])

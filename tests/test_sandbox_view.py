@@ -18,9 +18,11 @@ from opd.rewards.isolation import bwrap_path, seccomp_program
 from opd.rewards.sandbox import SandboxError, SandboxLimits, _stdlib_world_readable, run_sandboxed
 
 VIEWS = ["auto", "host"]  # "auto": bubblewrap's private view where installed; "host": the fallback without it
-needs_bwrap = pytest.mark.skipif(bwrap_path() is None, reason="bwrap not installed (Debian package bubblewrap; "
+needs_bwrap = pytest.mark.skipif(bwrap_path() is None,
+                                 reason="bwrap not installed (Debian package bubblewrap; "
                                  "scripts/install.sh installs it when run as root)")
-needs_seccomp = pytest.mark.skipif(seccomp_program() is None, reason=f"no seccomp table for {os.uname().machine}")
+needs_seccomp = pytest.mark.skipif(seccomp_program() is None,
+                                   reason=f"no seccomp table for {os.uname().machine}")
 
 
 @needs_bwrap
@@ -56,7 +58,8 @@ def test_files_in_tmp_and_shm_do_not_outlive_the_run_nor_reach_host_directories(
     shared = Path(tempfile.mkdtemp(prefix="opd-ray-session-"))
     shared.chmod(0o777)
     try:
-        code = (f"import os\nfor p in ('/tmp/{token}', '/dev/shm/{token}', '/var/tmp/{token}', '{shared}/{token}'):\n"
+        code = (f"import os\nfor p in ('/tmp/{token}', '/dev/shm/{token}', "
+                f"'/var/tmp/{token}', '{shared}/{token}'):\n"
                 "    try:\n        open(p, 'w').write('x')\n        print('wrote', p)\n"
                 "    except OSError as e:\n        print('refused', p, type(e).__name__)\n")
         r = run_sandboxed(code)
@@ -70,7 +73,8 @@ def test_files_in_tmp_and_shm_do_not_outlive_the_run_nor_reach_host_directories(
 
 @needs_bwrap
 def test_the_view_has_a_quota_on_everything_written():
-    code = "for i in range(8):\n    with open(f'f{i}', 'wb') as f:\n        f.write(b'x' * (1 << 20))\nprint('all written')"
+    code = ("for i in range(8):\n    with open(f'f{i}', 'wb') as f:\n        f.write(b'x' * (1 << 20))\n"
+            "print('all written')")
     r = run_sandboxed(code, limits=SandboxLimits(disk_mb=4, file_size_mb=2))
     # each file under the per-file cap
     assert "all written" not in r.stdout and r.reason == "disk" and r.limit_hit, r
@@ -88,7 +92,8 @@ def test_a_world_writable_host_unix_socket_is_unreachable(view):
         path.chmod(0o777)
         server.listen(1)
         server.settimeout(0.5)
-        code = f"import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect({str(path)!r})\nprint('connected')"
+        code = (f"import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect({str(path)!r})\n"
+                "print('connected')")
         r = run_sandboxed(code, limits=SandboxLimits(view=view))
         assert "connected" not in r.stdout and "Operation not permitted" in r.stderr, r
         with pytest.raises(TimeoutError):
@@ -99,7 +104,8 @@ def test_a_world_writable_host_unix_socket_is_unreachable(view):
 
 @pytest.mark.parametrize("view", VIEWS)
 def test_correct_code_using_the_standard_library_and_numpy_scores_as_correct(view):
-    code = "```python\nimport glob, csv, pickle, shutil, io\nimport numpy as np\nprint(int(np.sum([int(x) for x in input().split()])))\n```"
+    code = ("```python\nimport glob, csv, pickle, shutil, io\nimport numpy as np\n"
+            "print(int(np.sum([int(x) for x in input().split()])))\n```")
     tests = [[{"input": "2 3", "output": "5"}, {"input": "10 -4", "output": "6"}]]
     without_view = view == "host" or bwrap_path() is None
     if without_view and os.geteuid() == 0 and not _stdlib_world_readable(sys.executable):

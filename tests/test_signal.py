@@ -43,7 +43,8 @@ def test_sampled_token_objectives_ask_the_teacher_for_no_top_k_rows():
     """A teacher.top_k set for another run is not requested (and then thrown away) by OPD on sampled tokens or
     ExOPD."""
     for algorithm in ("opd", "exopd"):
-        cfg = load_config("configs/demo.yaml", [f"algorithm={algorithm}", "opd.divergence=sampled", "teacher.top_k=20"])
+        cfg = load_config("configs/demo.yaml",
+                          [f"algorithm={algorithm}", "opd.divergence=sampled", "teacher.top_k=20"])
         assert cfg.teacher_signal.top_k == 0 and cfg.teacher_signal.scored_by_actor
 
 

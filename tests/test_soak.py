@@ -61,10 +61,11 @@ def test_flaky_verifier_faults_are_seeded_logged_and_spare_heldout_prompts(tmp_p
 @pytest.mark.slow
 def test_quick_soak_trains_every_sample_once_and_survives_every_fault(tiny_models, tmp_path):
     out = tmp_path / "out"
-    rc = soak.main(["--quick", "--models", str(tiny_models), "--work", str(tmp_path / "work"), "--out", str(out),
-                    "task.max_digits_a=2"])
+    rc = soak.main(["--quick", "--models", str(tiny_models), "--work", str(tmp_path / "work"),
+                    "--out", str(out), "task.max_digits_a=2"])
     result = json.loads((out / "soak.json").read_text())
-    assert result["samples_lost"] == 0 and result["samples_duplicated"] == 0 and result["samples_unexpected"] == 0
+    assert (result["samples_lost"] == 0 and result["samples_duplicated"] == 0
+            and result["samples_unexpected"] == 0)
     assert result["steps"] == result["steps_planned"]
     assert result["faults"]["driver_sigkill"] == {"injected": 1, "survived": 1}
     assert result["faults"]["rollout_worker_kill"]["injected"] >= 1

@@ -47,17 +47,20 @@ def test_chunked_stream_trains_the_same_samples(tiny_models, local_ray, tmp_path
         issue(pool, chunk)
 
     monkeypatch.setattr(RolloutPool, "issue", counting_issue)
-    run(load_config(None, tiny_overrides(tiny_models, chunked, **overrides, **{"rollout.chunk_prompts": 1})), progress=False)
+    run(load_config(None, tiny_overrides(tiny_models, chunked, **overrides, **{"rollout.chunk_prompts": 1})),
+        progress=False)
 
     assert sizes == [1] * 4 * STEPS  # 4 prompts a step, 2 per worker, 1 per call
     rows, ref_rows = _samples(chunked), _samples(whole)
     _trained_once(rows, STEPS, 8)
-    assert [(r["uid"], r["response"], r["reward"]) for r in rows] == [(r["uid"], r["response"], r["reward"]) for r in ref_rows]
+    assert ([(r["uid"], r["response"], r["reward"]) for r in rows]
+            == [(r["uid"], r["response"], r["reward"]) for r in ref_rows])
     ref = _weights(whole / "checkpoints" / f"step_{STEPS:06d}" / "model")
     got = _weights(chunked / "checkpoints" / f"step_{STEPS:06d}" / "model")
     # a batch of one prompt and one of two may differ in the last float bits of the engines' scores
     for k in ref:
-        torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-5, msg=f"chunked run's weights differ at {k}")
+        torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-5,
+                                   msg=f"chunked run's weights differ at {k}")
     metrics = [json.loads(line) for line in (chunked / "metrics.jsonl").read_text().splitlines()]
     assert all(m["probe_max_diff"] < 1e-3 and "teacher_kl" in m for m in metrics)
 
@@ -89,7 +92,8 @@ def test_take_hands_out_a_batch_only_after_the_last_syncs_probe_passed(local_ray
     pool = RolloutPool([_Worker.remote(), _Worker.remote()])
     rollout = SimpleNamespace(max_staleness=0, prompts_per_step=2, group_size=2, temperature=1.0, top_p=1.0,
                               max_new_tokens=1, chunk_prompts=0, dynamic_sampling=False)
-    stream = RolloutStream(pool, PromptSource([Prompt(f"p{i}", "", [1], "5") for i in range(4)], seed=0), rollout, 0)
+    stream = RolloutStream(pool, PromptSource([Prompt(f"p{i}", "", [1], "5") for i in range(4)], seed=0),
+                           rollout, 0)
     assert pool.checked() is None  # nothing published yet: nothing to wait for
     pool.publish(1, lambda w: w.load.remote(1))
     taken = stream.take(0, 3)

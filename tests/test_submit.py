@@ -41,13 +41,17 @@ from opd.submit import job_client, staged_config
 
 def test_staging_makes_paths_absolute_and_ships_verifier_files(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "my_reward.py").write_text("def score(prompts, completions, **kw):\n    return [1.0] * len(prompts)\n")
+    (tmp_path / "my_reward.py").write_text("def score(prompts, completions, **kw):\n"
+                                           "    return [1.0] * len(prompts)\n")
     cfg = load_config(None, ["models.student=models/s", "run.output_dir=runs/x",
-                             'verifiers.functions=[{name: exact_answer}, {name: "my_reward.py:score", weight: 0.5}]'])
+                             'verifiers.functions=[{name: exact_answer}, '
+                             '{name: "my_reward.py:score", weight: 0.5}]'])
     stage = tmp_path / "stage"
     staged = staged_config(cfg, stage)
-    assert staged.models.student == str(tmp_path / "models" / "s") and staged.run.output_dir == str(tmp_path / "runs" / "x")
-    assert [v.name for v in staged.verifiers.functions] == ["exact_answer", "opd_job/verifiers/1_my_reward.py:score"]
+    assert (staged.models.student == str(tmp_path / "models" / "s")
+            and staged.run.output_dir == str(tmp_path / "runs" / "x"))
+    assert [v.name for v in staged.verifiers.functions] == ["exact_answer",
+                                                             "opd_job/verifiers/1_my_reward.py:score"]
     assert (stage / "opd_job" / "verifiers" / "1_my_reward.py").is_file()
     missing = load_config(None, ['verifiers.functions=[{name: "nope.py:f"}]'])
     with pytest.raises(ConfigError, match=r"verifiers.functions.0.name: file 'nope.py' does not exist"):
@@ -75,7 +79,8 @@ def head():
         deadline, last = time.time() + 240, None
         while True:
             assert proc.poll() is None, f"ray start exited with {proc.returncode}:\n{tail(log)}"
-            assert time.time() < deadline, f"Ray head's Job API not up after 240 s (last error: {last}):\n{tail(log)}"
+            assert time.time() < deadline, (f"Ray head's Job API not up after 240 s (last error: {last}):\n"
+                                             f"{tail(log)}")
             try:
                 job_client(url).list_jobs()
                 break
@@ -119,9 +124,11 @@ def test_submit_runs_job_and_exports_metrics(head, tiny_models, tmp_path):
     over = tiny_overrides(tiny_models, out, **{"verifiers.functions": verifiers, "trainer.total_steps": 20,
                                                 "checkpoint.every": 10})
     env = {"RAY_ADDRESS": url}  # as Ray's own CLI: no --address needed
-    rc, stdout, stderr = _opd("submit", _config_file(tmp_path), *over, "--wait", "--submission-id", "submitted-1", env=env)
+    rc, stdout, stderr = _opd("submit", _config_file(tmp_path), *over, "--wait", "--submission-id",
+                              "submitted-1", env=env)
     job_id = stdout.splitlines()[0].strip()  # printed first; --wait then follows the logs to the end
-    assert rc == 0 and job_id == "submitted-1", f"job {job_id} did not succeed:\n{stdout[-4000:]}\n{stderr[-2000:]}"
+    assert rc == 0 and job_id == "submitted-1", (f"job {job_id} did not succeed:\n{stdout[-4000:]}\n"
+                                                 f"{stderr[-2000:]}")
     assert f"run directory: {out}" in stderr
     # The driver waits for one more metrics export before it exits on a cluster, so the final step is exported
     # even when the job is shorter than Ray's 10 s report interval; read at once, as the agent drops a
@@ -171,7 +178,8 @@ def test_prometheus_scrapes_each_role_and_every_grafana_query_finds_its_series(h
     of the Grafana dashboard returns data for the run."""
     url, _, temp = head
     targets = temp / "prom_metrics_service_discovery.json"
-    assert targets.is_file(), f"no Ray service-discovery file in {temp}: {sorted(p.name for p in temp.iterdir())}"
+    assert targets.is_file(), (f"no Ray service-discovery file in {temp}: "
+                               f"{sorted(p.name for p in temp.iterdir())}")
     prom, prom_url = start_prometheus(tmp_path, targets)
     try:
         out = tmp_path / "scraped"

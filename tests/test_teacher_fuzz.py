@@ -38,7 +38,8 @@ PER_OPERATION = 40
 @pytest.fixture(scope="module")
 def teacher_schema(teacher_server):
     url, token = teacher_server
-    return schemathesis.openapi.from_url(f"{url}/openapi.json", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    return schemathesis.openapi.from_url(f"{url}/openapi.json", headers={"Authorization": f"Bearer {token}"},
+                                         timeout=30)
 
 
 def _fuzz(schema, mode: GenerationMode, examples: int, call) -> Counter:

@@ -40,13 +40,15 @@ def test_request_checks_name_field_and_row():
     ]
     long = api.GenerateRequest(prompts=[[1] * 64], max_tokens=1)
     assert api.check_generate(long, 100, 64) == ["prompts[0]: 64 tokens, more than this server takes (63)"]
-    assert api.check_reward(api.RewardRequest(prompts=[[1]], completions=[[]]), 100, 64) == ["completions[0]: empty"]
+    assert api.check_reward(api.RewardRequest(prompts=[[1]], completions=[[]]), 100, 64) == [
+        "completions[0]: empty"]
     assert api.check_generate(api.GenerateRequest(prompts=[[1]], max_tokens=65), 100, 64) == [
         "max_tokens: 65 exceeds this server's max model length (64)"]
     for not_int in (True, "1", 1.5):  # JSON Schema integers: 1 and 1.0, not true, "1" or 1.5
         with pytest.raises(ValueError, match="sequences.0.token_ids.1"):
             api.ScoreRequest.model_validate({"sequences": [{"token_ids": [1, not_int], "response_start": 1}]})
-    assert api.ScoreRequest.model_validate({"sequences": [{"token_ids": [1, 2.0], "response_start": 1}]}).sequences[0].token_ids == [1, 2]
+    assert api.ScoreRequest.model_validate(
+        {"sequences": [{"token_ids": [1, 2.0], "response_start": 1}]}).sequences[0].token_ids == [1, 2]
 
 
 def test_published_schema_carries_the_server_limits():
@@ -55,8 +57,10 @@ def test_published_schema_carries_the_server_limits():
     records = [(m, "validation") for m in (api.ScoreRequest, api.GenerateRequest, api.RewardRequest)]
     _, defs = models_json_schema(records, ref_template="#/components/schemas/{model}")
     schema = {"components": {"schemas": defs["$defs"]}}  # the shape FastAPI publishes them in
-    models = api.publish_limits(schema, vocab_size=100, max_model_len=64, max_logprobs=20)["components"]["schemas"]
-    row = {"type": "array", "minItems": 1, "maxItems": 63, "items": {"type": "integer", "minimum": 0, "maximum": 99}}
+    models = api.publish_limits(schema, vocab_size=100, max_model_len=64,
+                                max_logprobs=20)["components"]["schemas"]
+    row = {"type": "array", "minItems": 1, "maxItems": 63,
+           "items": {"type": "integer", "minimum": 0, "maximum": 99}}
     assert {k: models["Sequence"]["properties"]["token_ids"][k] for k in row} == row
     assert models["Sequence"]["properties"]["response_start"]["maximum"] == 63
     assert models["ScoreRequest"]["properties"]["top_k"]["maximum"] == 20
@@ -72,10 +76,12 @@ def test_teacher_url_config(tiny_models, tmp_path, monkeypatch):
     tok_only.mkdir()
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         (tok_only / f).write_bytes((tiny_models / "teacher" / f).read_bytes())
-    over = tiny_overrides(tiny_models, tmp_path / "run", **{"models.teacher": tok_only, "teacher.url": "http://127.0.0.1:1",
+    over = tiny_overrides(tiny_models, tmp_path / "run", **{"models.teacher": tok_only,
+                                                           "teacher.url": "http://127.0.0.1:1",
                                                            "teacher.token_env": TOKEN_ENV})
     monkeypatch.delenv(TOKEN_ENV, raising=False)
-    with pytest.raises(ConfigError, match=f"teacher.token_env: environment variable '{TOKEN_ENV}' is not set"):
+    with pytest.raises(ConfigError,
+                       match=f"teacher.token_env: environment variable '{TOKEN_ENV}' is not set"):
         check_model_dirs(load_config(None, over))
     monkeypatch.setenv(TOKEN_ENV, "x")
     check_model_dirs(load_config(None, over))  # a tokenizer-only teacher directory is enough with teacher.url
@@ -88,8 +94,9 @@ def _gave_up(exc: pytest.ExceptionInfo, url: str, last_error: str) -> int:
     """The attempts a TeacherServerError reports, after checking it names the URL, the time tried and the last
     error."""
     msg = str(exc.value)
-    m = re.fullmatch(rf"teacher server {re.escape(url)}/health unreachable: gave up after [0-9.]+ s and (\d+) attempts "
-                     rf"\(retry deadline 1 s, teacher.retry_deadline_s\); last error: {last_error}.*", msg, flags=re.S)
+    m = re.fullmatch(rf"teacher server {re.escape(url)}/health unreachable: gave up after [0-9.]+ s and "
+                     rf"(\d+) attempts \(retry deadline 1 s, teacher.retry_deadline_s\); "
+                     rf"last error: {last_error}.*", msg, flags=re.S)
     assert m, msg
     return int(m.group(1))
 
@@ -113,8 +120,10 @@ def test_public_host_without_token_is_refused(tiny_models, monkeypatch, capsys):
     from opd.cli import main
 
     monkeypatch.delenv(TOKEN_ENV, raising=False)
-    assert main(["serve-teacher", str(tiny_models / "teacher"), "--host", "0.0.0.0", "--token-env", TOKEN_ENV]) == 2
-    assert f"refusing to serve beyond this machine without a token; set the environment variable {TOKEN_ENV}" in capsys.readouterr().err
+    assert main(["serve-teacher", str(tiny_models / "teacher"), "--host", "0.0.0.0",
+                 "--token-env", TOKEN_ENV]) == 2
+    assert (f"refusing to serve beyond this machine without a token; set the environment variable {TOKEN_ENV}"
+            in capsys.readouterr().err)
 
 
 # ---- slow: the real server ----
@@ -124,7 +133,8 @@ def _samples(tok, texts: list[tuple[str, str]]) -> list[Sample]:
     for i, (prompt, answer) in enumerate(texts):
         p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         r_ids = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        out.append(Sample(f"u{i}", Prompt(f"p{i}", prompt, p_ids, answer), 0, r_ids, answer, [0.0] * len(r_ids), 0))
+        out.append(Sample(f"u{i}", Prompt(f"p{i}", prompt, p_ids, answer), 0, r_ids, answer,
+                          [0.0] * len(r_ids), 0))
     return out
 
 
@@ -153,7 +163,8 @@ def test_score_matches_hf_forward(teacher_server, tiny_models):
     assert teacher.info.max_model_len == MAX_LEN and teacher.info.vocab_size == len(tok)
     got = teacher.score(samples, top_k=3)
     ref = _hf_scores(tiny_models / "teacher", samples)
-    for s, lp, ids, lps, ref_TV in zip(samples, got.logprobs, got.topk_ids, got.topk_logprobs, ref, strict=True):
+    for s, lp, ids, lps, ref_TV in zip(samples, got.logprobs, got.topk_ids, got.topk_logprobs, ref,
+                                       strict=True):
         want = ref_TV.gather(1, torch.tensor(s.response_ids)[:, None])[:, 0]
         assert torch.allclose(torch.tensor(lp), want, atol=1e-4), (lp, want)
         top_TK = ref_TV.topk(3, dim=-1)
@@ -161,7 +172,8 @@ def test_score_matches_hf_forward(teacher_server, tiny_models):
         # tie-proof id check
         assert torch.allclose(ref_TV.gather(1, torch.tensor(ids)), top_TK.values, atol=1e-4)
     # The black-box reward is the mean of the same per-token log-probs.
-    body = {"prompts": [s.prompt.token_ids for s in samples], "completions": [s.response_ids for s in samples]}
+    body = {"prompts": [s.prompt.token_ids for s in samples],
+            "completions": [s.response_ids for s in samples]}
     r = requests.post(url + "/v1/reward", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=60)
     assert r.status_code == 200, r.text
     for reward, lp in zip(r.json()["rewards"], got.logprobs, strict=True):
@@ -181,7 +193,8 @@ def test_concurrent_requests_are_split_back_exactly(teacher_server, tiny_models)
 
     def post(top_k: int) -> dict:
         body = {"sequences": seqs[top_k:], "top_k": top_k}
-        r = requests.post(url + "/v1/score", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        r = requests.post(url + "/v1/score", json=body, headers={"Authorization": f"Bearer {token}"},
+                          timeout=60)
         assert r.status_code == 200, r.text
         return r.json()
 
@@ -205,18 +218,22 @@ def test_auth_limits_and_bad_input(teacher_server):
     ok = {"sequences": [{"token_ids": [1, 2, 3], "response_start": 1}]}
     assert requests.get(url + "/health", timeout=10).json()["status"] == "ok"  # open without a token
     assert requests.post(url + "/v1/score", json=ok, timeout=10).status_code == 401
-    assert requests.post(url + "/v1/score", json=ok, headers={"Authorization": "Bearer nope"}, timeout=10).status_code == 401
+    assert requests.post(url + "/v1/score", json=ok, headers={"Authorization": "Bearer nope"},
+                         timeout=10).status_code == 401
     assert requests.get(url + "/openapi.json", timeout=10).status_code == 401
     assert requests.post(url + "/v1/score", json=ok, headers=auth, timeout=60).status_code == 200
 
     big = {"sequences": [{"token_ids": [1] * (MAX_BODY // 2), "response_start": 1}]}
     r = requests.post(url + "/v1/score", json=big, headers=auth, timeout=30)
     assert r.status_code == 413 and "exceeds the limit" in r.json()["detail"]
-    r = requests.post(url + "/v1/score", data=b'{"sequences": [', headers={**auth, "Content-Type": "application/json"}, timeout=10)
+    r = requests.post(url + "/v1/score", data=b'{"sequences": [',
+                      headers={**auth, "Content-Type": "application/json"}, timeout=10)
     assert r.status_code == 400 and "malformed JSON" in r.json()["detail"]
-    bad = {"sequences": [{"token_ids": [1, 2, 3], "response_start": 1}, {"token_ids": [1, 10**6, 3], "response_start": 1}]}
+    bad = {"sequences": [{"token_ids": [1, 2, 3], "response_start": 1},
+                         {"token_ids": [1, 10**6, 3], "response_start": 1}]}
     r = requests.post(url + "/v1/score", json=bad, headers=auth, timeout=10)
-    assert r.status_code == 400 and "sequences[1].token_ids[1]: token id 1000000 is outside the vocabulary" in r.json()["detail"]
+    assert r.status_code == 400 and (
+        "sequences[1].token_ids[1]: token id 1000000 is outside the vocabulary" in r.json()["detail"])
     long = {"prompts": [[1] * MAX_LEN], "max_tokens": 2}
     r = requests.post(url + "/v1/generate", json=long, headers=auth, timeout=10)
     assert r.status_code == 400 and "prompts[0]: 64 tokens" in r.json()["detail"]
@@ -225,12 +242,15 @@ def test_auth_limits_and_bad_input(teacher_server):
     # Found by hand next to the fuzzing (these once answered 500): NaN/1e400 echoed back in the 422, and bad
     # UTF-8.
     for bad in (b'{"prompts": [[1]], "max_tokens": 1e400}', b'{"prompts": [[1]], "max_tokens": NaN}'):
-        r = requests.post(url + "/v1/generate", data=bad, headers={**auth, "Content-Type": "application/json"}, timeout=10)
+        r = requests.post(url + "/v1/generate", data=bad,
+                          headers={**auth, "Content-Type": "application/json"}, timeout=10)
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "max_tokens"], r.text
     r = requests.post(url + "/v1/score", data=b'{"sequences": [], "x\xff": 1}',
                       headers={**auth, "Content-Type": "application/json"}, timeout=10)
-    assert r.status_code == 400 and r.json()["detail"] == "request body is not UTF-8: byte 20 (b'\\xff')", r.text
-    r = requests.post(url + "/v1/generate", json={"prompts": [[1]], "max_tokens": MAX_LEN + 1}, headers=auth, timeout=10)
+    assert (r.status_code == 400
+            and r.json()["detail"] == "request body is not UTF-8: byte 20 (b'\\xff')"), r.text
+    r = requests.post(url + "/v1/generate", json={"prompts": [[1]], "max_tokens": MAX_LEN + 1},
+                      headers=auth, timeout=10)
     assert r.status_code == 400 and f"max_tokens: {MAX_LEN + 1} exceeds" in r.json()["detail"]
     schema = requests.get(url + "/openapi.json", headers=auth, timeout=10).json()
     assert {"/health", "/v1/score", "/v1/generate", "/v1/reward"} <= set(schema["paths"])
@@ -255,7 +275,8 @@ def test_client_rides_out_an_outage(teacher_server, tiny_models, caplog):
 
     url, token = teacher_server
     tok = AutoTokenizer.from_pretrained(tiny_models / "teacher")
-    samples = _samples(tok, [("12+34=", "46"), ("7+5=", "12"), ("99+1=", "100"), ("3+3=", "6"), ("40+2=", "42")])
+    samples = _samples(tok, [("12+34=", "46"), ("7+5=", "12"), ("99+1=", "100"), ("3+3=", "6"),
+                             ("40+2=", "42")])
     want = HTTPTeacher(url, token).score(samples, top_k=2)
     with FlakyProxy(url) as proxy:
         client = HTTPTeacher(proxy.url, token, retry_deadline_s=120, sequences_per_request=2, **FAST_RETRY)
@@ -263,7 +284,8 @@ def test_client_rides_out_an_outage(teacher_server, tiny_models, caplog):
         result = {}
         call = threading.Thread(target=lambda: result.update(got=client.score(samples, top_k=2)))
         call.start()
-        _wait_for("a refused attempt", lambda: any("ConnectionError" in r.getMessage() for r in caplog.records))
+        _wait_for("a refused attempt",
+                  lambda: any("ConnectionError" in r.getMessage() for r in caplog.records))
         proxy.set("503")
         _wait_for("a 503 answer", lambda: proxy.counts["503"] >= 3)
         proxy.set("forward")
@@ -271,7 +293,8 @@ def test_client_rides_out_an_outage(teacher_server, tiny_models, caplog):
     assert not call.is_alive() and "got" in result, "the call did not finish once the server was back"
     got = result["got"]
     assert got.uids == want.uids and got.topk_ids == want.topk_ids
-    assert _flat(got.logprobs + got.topk_logprobs) == pytest.approx(_flat(want.logprobs + want.topk_logprobs), abs=1e-5)
+    assert (_flat(got.logprobs + got.topk_logprobs)
+            == pytest.approx(_flat(want.logprobs + want.topk_logprobs), abs=1e-5))
 
 
 def _flat(x: list) -> list[float]:
@@ -285,9 +308,11 @@ def test_retry_deadline_reaches_the_teacher_actor(tiny_models, local_ray, tmp_pa
     from opd.teacher.multi import DEFAULT
 
     url = f"http://127.0.0.1:{free_port()}"
-    over = tiny_overrides(tiny_models, tmp_path / "run", **{"teacher.url": url, "teacher.retry_deadline_s": 1})
+    over = tiny_overrides(tiny_models, tmp_path / "run",
+                          **{"teacher.url": url, "teacher.retry_deadline_s": 1})
     teachers = start_teachers(load_config(None, over))
-    with pytest.raises(local_ray.exceptions.RayActorError, match=r"unreachable: gave up after .* \(retry deadline 1 s"):
+    with pytest.raises(local_ray.exceptions.RayActorError,
+                       match=r"unreachable: gave up after .* \(retry deadline 1 s"):
         local_ray.get(teachers.actors[DEFAULT].health.remote())
 
 
@@ -303,7 +328,8 @@ def _flap(proxy: FlakyProxy, stop: threading.Event) -> None:
 
 
 @pytest.mark.slow
-def test_opd_run_with_a_flapping_remote_teacher(teacher_server, tiny_models, local_ray, tmp_path, monkeypatch):
+def test_opd_run_with_a_flapping_remote_teacher(teacher_server, tiny_models, local_ray, tmp_path,
+                                                monkeypatch):
     """A whole tiny job against a remote teacher that keeps dropping out finishes, with every metric."""
     from transformers import AutoTokenizer
 
@@ -318,7 +344,8 @@ def test_opd_run_with_a_flapping_remote_teacher(teacher_server, tiny_models, loc
         proxy.fail_every = 3
         flapper = threading.Thread(target=_flap, args=(proxy, stop), daemon=True)
         flapper.start()
-        cfg = load_config(None, tiny_overrides(tiny_models, out, **{"teacher.url": proxy.url, "teacher.token_env": TOKEN_ENV,
+        cfg = load_config(None, tiny_overrides(tiny_models, out, **{"teacher.url": proxy.url,
+                                                                   "teacher.token_env": TOKEN_ENV,
                                                                    "teacher.retry_deadline_s": 120}))
         try:
             summary = run(cfg, progress=False)

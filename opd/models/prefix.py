@@ -33,7 +33,8 @@ class SharedPrompts:
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
-def share_prompts(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> SharedPrompts | None:
+def share_prompts(prompt_ids: list[list[int]], response_ids: list[list[int]],
+                  pad_id: int) -> SharedPrompts | None:
     """The shared layout, or None when no two sequences share a prompt (the plain forward is as cheap then) or
     a response is empty (nothing follows its prompt)."""
     distinct: dict[tuple[int, ...], int] = {}
@@ -56,7 +57,8 @@ def share_prompts(prompt_ids: list[list[int]], response_ids: list[list[int]], pa
     index_B = torch.tensor(index)
     prompt_len_B = torch.tensor([len(prompts[i]) for i in index])
     return SharedPrompts(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), index_B, resp,
-                         torch.cat([mask[index_B], resp_mask], 1), prompt_len_B.unsqueeze(1) + torch.arange(t_in))
+                         torch.cat([mask[index_B], resp_mask], 1),
+                         prompt_len_B.unsqueeze(1) + torch.arange(t_in))
 
 
 def shared_response_hidden(decoder, sp: SharedPrompts) -> torch.Tensor:
@@ -70,6 +72,6 @@ def shared_response_hidden(decoder, sp: SharedPrompts) -> torch.Tensor:
         return first_B1H
     cache = out.past_key_values
     cache.batch_select_indices(sp.index_B)  # each sequence reads its own prompt's keys and values
-    rest = decoder(input_ids=sp.response_in_BT, attention_mask=sp.attention_BL, position_ids=sp.response_pos_BT,
-                   past_key_values=cache, use_cache=True).last_hidden_state
+    rest = decoder(input_ids=sp.response_in_BT, attention_mask=sp.attention_BL,
+                   position_ids=sp.response_pos_BT, past_key_values=cache, use_cache=True).last_hidden_state
     return torch.cat([first_B1H, rest], 1)

@@ -73,7 +73,8 @@ def prune(src: Path, keep_layers: str, out_dir: Path, force: bool = False) -> di
     if out_dir.resolve() == src.resolve():
         raise ConfigError("--out: must differ from SRC (the source is read while the student is written)")
     if out_dir.exists() and cached is None and any(out_dir.iterdir()) and not force:
-        raise ConfigError(f"--out {str(out_dir)!r} holds files opd did not write; choose another directory or pass --force")
+        raise ConfigError(f"--out {str(out_dir)!r} holds files opd did not write; "
+                          "choose another directory or pass --force")
     with building(out_dir) as tmp:
         params = _write(src, config, keep, tmp)
         record = write_stamp(tmp, STAMP, {**key, "source_layers": num_layers, "params": params})

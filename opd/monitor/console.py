@@ -14,7 +14,8 @@ import time
 
 from tqdm import tqdm
 
-BAR_KEYS = (("reward", "reward"), ("accuracy", "acc"), ("teacher_kl", "kl"), ("entropy", "ent"), ("step_seconds", "s/step"))
+BAR_KEYS = (("reward", "reward"), ("accuracy", "acc"), ("teacher_kl", "kl"), ("entropy", "ent"),
+            ("step_seconds", "s/step"))
 
 
 def _fmt(key: str, value: float) -> str:
@@ -42,7 +43,8 @@ class Console:
     """``bar``: tqdm (a terminal and progress wanted); otherwise lines on stdout, flushed at once so a job's
     log shows them as they happen."""
 
-    def __init__(self, total: int, start: int, bar: bool | None = None, min_interval_s: float = 0.0, out=None):
+    def __init__(self, total: int, start: int, bar: bool | None = None, min_interval_s: float = 0.0,
+                 out=None):
         self.out = out or sys.stdout
         self.bar_on = self.out.isatty() if bar is None else bar
         self.total, self.start, self.min_interval_s = total, start, min_interval_s

@@ -32,16 +32,21 @@ TAG_KEYS = ("run", "role")
 
 SPECS = (
     MetricSpec("reward", "opd_reward", "verifier", "mean verifier reward of the step's samples"),
-    MetricSpec("accuracy", "opd_accuracy", "verifier", "fraction of the step's samples the first verifier marks correct"),
-    MetricSpec("teacher_kl", "opd_teacher_kl", "teacher", "per-token sampled reverse KL, student vs teacher (nats)"),
+    MetricSpec("accuracy", "opd_accuracy", "verifier",
+               "fraction of the step's samples the first verifier marks correct"),
+    MetricSpec("teacher_kl", "opd_teacher_kl", "teacher",
+               "per-token sampled reverse KL, student vs teacher (nats)"),
     MetricSpec("entropy", "opd_entropy", "learner", "mean per-token entropy of the student (nats)"),
-    MetricSpec("rollout_tokens_per_s", "opd_rollout_tokens_per_s", "rollout", "sampled response tokens per second"),
-    MetricSpec("score_tokens_per_s", "opd_score_tokens_per_s", "teacher", "teacher-scored response tokens per second"),
+    MetricSpec("rollout_tokens_per_s", "opd_rollout_tokens_per_s", "rollout",
+               "sampled response tokens per second"),
+    MetricSpec("score_tokens_per_s", "opd_score_tokens_per_s", "teacher",
+               "teacher-scored response tokens per second"),
     MetricSpec("train_tokens_per_s", "opd_train_tokens_per_s", "learner", "trained tokens per second"),
     MetricSpec("step_seconds", "opd_step_seconds", "driver", "wall time of the last step (s)"),
     MetricSpec("weight_version", "opd_weight_version", "learner", "weight version the rollout workers serve"),
     MetricSpec("eval_accuracy", "opd_eval_accuracy", "eval", "held-out greedy accuracy of the student"),
-    MetricSpec("eval_teacher_kl", "opd_eval_teacher_kl", "eval", "held-out per-token KL(student || teacher) (nats)"),
+    MetricSpec("eval_teacher_kl", "opd_eval_teacher_kl", "eval",
+               "held-out per-token KL(student || teacher) (nats)"),
     MetricSpec("verifier_failures", "opd_verifier_failures", "verifier",
                "verifier rows failed so far (raised, hung, bad output)", cumulative=True),
     MetricSpec("rollout_worker_restarts", "opd_rollout_worker_restarts", "rollout",
@@ -51,7 +56,8 @@ STEP = MetricSpec("step", "opd_step", "driver", "steps completed")
 
 
 
-def metric_values(metrics: dict[str, float], specs: tuple[MetricSpec, ...] = SPECS) -> list[tuple[MetricSpec, float]]:
+def metric_values(metrics: dict[str, float],
+                  specs: tuple[MetricSpec, ...] = SPECS) -> list[tuple[MetricSpec, float]]:
     """The (spec, value) pairs of a step record that have a Ray metric and a finite value."""
     return _values(metrics, specs)
 

@@ -31,8 +31,8 @@ PANELS = (
     ("verifier_failures", "verifier failures per step", ("verifier_failures",)),
 )
 GROUPED = tuple(k for _, _, keys in PANELS for k in keys)
-SUMMARY_ORDER = ("teacher_accuracy", "student_accuracy_before", "student_accuracy_after", "eval_prompts", "steps",
-                 "wall_seconds")
+SUMMARY_ORDER = ("teacher_accuracy", "student_accuracy_before", "student_accuracy_after", "eval_prompts",
+                 "steps", "wall_seconds")
 
 
 class ReportError(ValueError):
@@ -86,7 +86,8 @@ def read_run(run_dir: Path) -> RunLog:
         raise ReportError(f"{str(path)!r} has no readable records ({len(skipped)} unreadable lines)")
     log = RunLog(records=[by_step[s] for s in sorted(by_step)], skipped=skipped)
     if skipped:
-        log.notes.append(f"skipped {len(skipped)} unreadable line(s) of metrics.jsonl (line {_numbers(skipped)}); "
+        log.notes.append(f"skipped {len(skipped)} unreadable line(s) of metrics.jsonl "
+                         f"(line {_numbers(skipped)}); "
                          "a torn last line is what a killed driver leaves")
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
@@ -166,12 +167,14 @@ def _fmt(value) -> str:
 
 def summary_lines(summary: dict | None) -> list[str]:
     if summary is None:
-        return ["No readable `summary.json`: the run has not finished, or stopped before its final evaluation.", ""]
+        return ["No readable `summary.json`: the run has not finished, or stopped before its final "
+                "evaluation.", ""]
     keys = [k for k in SUMMARY_ORDER if k in summary] + [k for k in summary if k not in SUMMARY_ORDER]
     lines = ["| figure | value |", "|---|---|", *(f"| {k} | {_fmt(summary[k])} |" for k in keys), ""]
     teacher, before, after = (summary.get(k) for k in SUMMARY_ORDER[:3])
     if all(_is_number(v) for v in (before, after, teacher)):
-        lines.append(f"Held-out accuracy of the student: **{before:.1%} → {after:.1%}** (teacher {teacher:.1%}).")
+        lines.append(f"Held-out accuracy of the student: **{before:.1%} → {after:.1%}** "
+                     f"(teacher {teacher:.1%}).")
         lines.append("")
     return lines
 
@@ -180,8 +183,8 @@ def metric_table(log: RunLog) -> list[str]:
     lines = ["| metric | points | first | last | min | max |", "|---|---|---|---|---|---|"]
     for key in log.numeric_keys():
         _, values = log.series(key)
-        lines.append(f"| {key} | {len(values)} | {_fmt(values[0])} | {_fmt(values[-1])} | {_fmt(min(values))} "
-                     f"| {_fmt(max(values))} |")
+        lines.append(f"| {key} | {len(values)} | {_fmt(values[0])} | {_fmt(values[-1])} "
+                     f"| {_fmt(min(values))} | {_fmt(max(values))} |")
     return lines + [""]
 
 
@@ -233,7 +236,8 @@ def main_report(run_dir: str, out: str | None) -> int:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m opd.monitor.report", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", help="a run.output_dir holding metrics.jsonl (and summary.json when finished)")
+    parser.add_argument("run_dir",
+                        help="a run.output_dir holding metrics.jsonl (and summary.json when finished)")
     parser.add_argument("--out", default=None, help="output directory (default RUN_DIR/report)")
     cli = parser.parse_args()
     sys.exit(main_report(cli.run_dir, cli.out))

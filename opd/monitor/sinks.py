@@ -33,7 +33,8 @@ class MetricsLogger:
         self.path = run_dir / "metrics.jsonl"
         self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step)
         # A bar on a terminal (unless progress is off); lines wherever else the output goes (a job log, CI)
-        self.console = Console(total_steps, start_step, bar=None if progress else False, min_interval_s=log_every_s)
+        self.console = Console(total_steps, start_step, bar=None if progress else False,
+                               min_interval_s=log_every_s)
         self.ray = RayMetricsSink(job, flush_on_close=shared_ray)
         self.ray.start(start_step)  # steps done, failures and restarts exist before the first step ends
         if start_step:
@@ -47,7 +48,8 @@ class MetricsLogger:
             raise
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        record = {"step": step, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}}
+        record = {"step": step, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                                   for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         for key, value in metrics.items():

@@ -38,7 +38,8 @@ _MLFLOW_BAD_KEY = re.compile(r"[^\w\-. /]")  # MLflow accepts alphanumerics, _ -
 class WandbTracker:
     name = "wandb"
 
-    def __init__(self, cfg: TrackingConfig, run_dir: Path, run_name: str, config: dict | None, run_id: str | None):
+    def __init__(self, cfg: TrackingConfig, run_dir: Path, run_name: str, config: dict | None,
+                 run_id: str | None):
         os.environ.setdefault("WANDB_SILENT", "true")
         import wandb
 
@@ -65,7 +66,8 @@ class WandbTracker:
 class MlflowTracker:
     name = "mlflow"
 
-    def __init__(self, cfg: TrackingConfig, run_dir: Path, run_name: str, config: dict | None, previous: dict):
+    def __init__(self, cfg: TrackingConfig, run_dir: Path, run_name: str, config: dict | None,
+                 previous: dict):
         uri = cfg.mlflow_tracking_uri or (run_dir / "mlruns").resolve().as_uri()
         file_store = urlparse(uri).scheme in ("", "file")
         if file_store:
@@ -80,8 +82,8 @@ class MlflowTracker:
         self.client = MlflowClient(tracking_uri=uri)
         run_id = previous.get("run_id") if previous.get("tracking_uri") == uri else None
         if previous.get("run_id") and run_id is None:
-            log.warning("tracking.mlflow_tracking_uri changed since the last attempt (%s -> %s): starting a new "
-                        "MLflow run", previous.get("tracking_uri"), uri)
+            log.warning("tracking.mlflow_tracking_uri changed since the last attempt (%s -> %s): "
+                        "starting a new MLflow run", previous.get("tracking_uri"), uri)
         params = _flatten(config or {})
         if run_id is not None:
             logged = self.client.get_run(run_id).data.params
@@ -92,7 +94,8 @@ class MlflowTracker:
         else:
             exp = self.client.get_experiment_by_name(cfg.mlflow_experiment)
             exp_id = exp.experiment_id if exp else self.client.create_experiment(cfg.mlflow_experiment)
-            run_id = self.client.create_run(exp_id, run_name=run_name, tags={"opd.run_dir": str(run_dir)}).info.run_id
+            run_id = self.client.create_run(exp_id, run_name=run_name,
+                                            tags={"opd.run_dir": str(run_dir)}).info.run_id
         self.run_id = run_id
         items = [Param(_mlflow_key(k), v[:_MLFLOW_PARAM_MAX]) for k, v in params.items()]
         for lo in range(0, len(items), 100):  # log_batch takes at most 100 params per call
@@ -162,8 +165,8 @@ class Trackers:
             except Exception as e:  # noqa: BLE001 - a tracker must never stop training
                 self.failures[t.name] += 1
                 if self.failures[t.name] == 1:  # once; the count is reported at close
-                    log.warning("tracking.%s: logging step %d failed (%s: %s); training goes on, metrics.jsonl "
-                                "has every step", t.name, step, type(e).__name__, e)
+                    log.warning("tracking.%s: logging step %d failed (%s: %s); training goes on, "
+                                "metrics.jsonl has every step", t.name, step, type(e).__name__, e)
 
     def close(self) -> None:
         for t in self.trackers:

@@ -52,11 +52,13 @@ from opd.rewards.registry import register
 
 _FENCE = re.compile(r"```(?:python3?|py)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 _CRASH_SIGNALS = (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGABRT)
-_SELF_TEST_MODULES = ("glob", "csv", "pickle", "shutil", "json", "re", "collections", "itertools", "functools",
-                      "heapq", "bisect", "math", "fractions", "decimal", "statistics", "datetime", "string", "random",
-                      "typing", "dataclasses", "copy", "array", "struct", "hashlib", "io", "os", "sys", "tempfile")
-_LIMIT_KWARGS = {"timeout_s": "wall_s", "cpu_s": "cpu_s", "memory_mb": "memory_mb", "file_size_mb": "file_size_mb",
-                 "nproc": "nproc", "nofile": "nofile", "network": "network", "view": "view", "disk_mb": "disk_mb"}
+_SELF_TEST_MODULES = ("glob", "csv", "pickle", "shutil", "json", "re", "collections", "itertools",
+                      "functools", "heapq", "bisect", "math", "fractions", "decimal", "statistics",
+                      "datetime", "string", "random", "typing", "dataclasses", "copy", "array", "struct",
+                      "hashlib", "io", "os", "sys", "tempfile")
+_LIMIT_KWARGS = {"timeout_s": "wall_s", "cpu_s": "cpu_s", "memory_mb": "memory_mb",
+                 "file_size_mb": "file_size_mb", "nproc": "nproc", "nofile": "nofile", "network": "network",
+                 "view": "view", "disk_mb": "disk_mb"}
 
 
 @register("code_exec")
@@ -118,10 +120,11 @@ def self_test(limits) -> str:
     result = run_sandboxed(program, "19 23\n", limits=limits)
     if not (result.ok and result.stdout.strip() == "42"):
         raise SandboxError(
-            f"code_exec self-test: a correct program importing {', '.join(modules)} did not pass in the sandbox "
-            f"({result.reason or 'wrong output ' + repr(result.stdout[:100])}; view {result.network}; stderr: "
-            f"{result.stderr.strip()[-600:]!r}); correct solutions would score 0 here. docs/sandbox.md says what the "
-            "sandbox needs (an interpreter whose standard library its uid can read)")
+            f"code_exec self-test: a correct program importing {', '.join(modules)} did not pass in the "
+            f"sandbox ({result.reason or 'wrong output ' + repr(result.stdout[:100])}; "
+            f"view {result.network}; stderr: "
+            f"{result.stderr.strip()[-600:]!r}); correct solutions would score 0 here. docs/sandbox.md says "
+            "what the sandbox needs (an interpreter whose standard library its uid can read)")
     return ",".join(modules)
 
 
@@ -147,7 +150,8 @@ def parse_tests(cell: object) -> list[dict | str]:
     for j, item in enumerate(items):
         if isinstance(item, dict):
             if set(item) != {"input", "output"} or not all(isinstance(v, str) for v in item.values()):
-                raise ValueError(f"case {j}: expected {{'input': str, 'output': str}}, got {str(item)[:100]!r}")
+                raise ValueError(
+                    f"case {j}: expected {{'input': str, 'output': str}}, got {str(item)[:100]!r}")
             out.append(item)
         elif isinstance(item, str):
             try:
@@ -219,9 +223,11 @@ def _run_asserts(code: str, units: list[str], limits):
     )
     result = run_sandboxed(code + harness, "", limits=limits)
     last = result.stdout.rstrip("\n").rsplit("\n", 1)[-1] if result.ok else ""
-    bits = last[len(tag):] if last.startswith(tag) and len(last) == len(tag) + len(units) else "0" * len(units)
+    bits = (last[len(tag):] if last.startswith(tag) and len(last) == len(tag) + len(units)
+            else "0" * len(units))
     return result, [b == "1" for b in bits]
 
 
 def _same_output(got: str, want: str) -> bool:
-    return [line.rstrip() for line in got.rstrip().splitlines()] == [line.rstrip() for line in want.rstrip().splitlines()]
+    return ([line.rstrip() for line in got.rstrip().splitlines()]
+            == [line.rstrip() for line in want.rstrip().splitlines()])

@@ -57,7 +57,8 @@ def seccomp_program(machine: str | None = None) -> bytes | None:
             (_JGE, 0, 1, _X32_BIT), (_RET, 0, 0, _ERRNO | EPERM),
             (_JEQ, 0, 1, nr["clone3"]), (_RET, 0, 0, _ERRNO | ENOSYS),
             (_JEQ, 0, 1, nr["setns"]), (_RET, 0, 0, _ERRNO | EPERM)]
-    for name, test, k in (("unshare", _JSET, CLONE_NEWUSER), ("clone", _JSET, CLONE_NEWUSER), ("socket", _JEQ, AF_UNIX)):
+    for name, test, k in (("unshare", _JSET, CLONE_NEWUSER), ("clone", _JSET, CLONE_NEWUSER),
+                          ("socket", _JEQ, AF_UNIX)):
         # not this call: skip its 4 instructions; else load args[0] and refuse when it matches
         prog += [(_JEQ, 0, 4, nr[name]), (_LD_W_ABS, 0, 0, 16), (test, 0, 1, k), (_RET, 0, 0, _ERRNO | EPERM),
                  (_RET, 0, 0, _ALLOW)]
@@ -73,15 +74,15 @@ def bwrap_path() -> str | None:
     bw = shutil.which("bwrap", path=os.environ.get("PATH", "") + ":/usr/bin:/bin")
     if bw is None:
         return None
-    probe = [bw, "--die-with-parent", "--unshare-pid", "--unshare-net", "--ro-bind", "/", "/", "--proc", "/proc",
-             "--dev", "/dev", "--tmpfs", "/tmp", "true"]
+    probe = [bw, "--die-with-parent", "--unshare-pid", "--unshare-net", "--ro-bind", "/", "/",
+             "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "true"]
     try:
         ok = subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
     except (OSError, subprocess.SubprocessError):
         ok = False
     if not ok:
-        logger.warning("bwrap is installed but cannot create its namespaces here; the code sandbox runs without "
-                       "its private view (docs/sandbox.md)")
+        logger.warning("bwrap is installed but cannot create its namespaces here; the code sandbox runs "
+                       "without its private view (docs/sandbox.md)")
     return bw if ok else None
 
 
@@ -116,7 +117,8 @@ def bwrap_argv(python: str, main_py: str, disk_mb: int, root: bool) -> list[str]
             "--unshare-cgroup-try", "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev"]
     for m in _MASKED:
         writable = m in ("/tmp", "/dev/shm")
-        argv += [*(["--size", size] if writable else []), "--perms", "1777" if writable else "0755", "--tmpfs", m]
+        argv += [*(["--size", size] if writable else []), "--perms", "1777" if writable else "0755",
+                 "--tmpfs", m]
     closed = sorted({a for d in interpreter_dirs(python) if (a := _closed_ancestor(d))})
     made = set(closed)
     for a in closed:

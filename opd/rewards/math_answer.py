@@ -42,7 +42,8 @@ def math_answer(
     for completion, gold_text in zip(completions, answer, strict=True):
         gold = _parse_gold(parse, gold_text, timeout)
         if not gold:
-            scores.append(ValueError(f"math-verify cannot parse the gold answer {gold_text!r} (column 'answer')"))
+            scores.append(ValueError(f"math-verify cannot parse the gold answer {gold_text!r} "
+                                     "(column 'answer')"))
             continue
         pred = parse(str(completion), parsing_timeout=timeout)
         # verify(gold, pred): the order matters (math-verify treats the gold side specially for `x = ...`).

@@ -42,7 +42,8 @@ def check_verifiers(cfg, rows: Prompt | list[Prompt]) -> list:
     (the first two held-out rows) with their ground truths as the completions: the call must return one usable
     score per row, judged by the rules the run judges each call by. Returns the functions."""
     rows = [rows] if isinstance(rows, Prompt) else list(rows)
-    where = f"test row 0 ({rows[0].columns['prompt']!r})" if len(rows) == 1 else f"test rows 0-{len(rows) - 1}"
+    where = (f"test row 0 ({rows[0].columns['prompt']!r})" if len(rows) == 1
+             else f"test rows 0-{len(rows) - 1}")
     columns = {k: [r.columns.get(k) for r in rows] for k in rows[0].columns if k != "prompt"}
     args = ([str(r.columns["prompt"]) for r in rows], [str(r.answer) for r in rows])
     fns, problems = resolve_specs(cfg.verifiers.functions)
@@ -62,10 +63,11 @@ def check_verifiers(cfg, rows: Prompt | list[Prompt]) -> list:
         if status == "raised":
             problems.append(f"  {key}: {entry.name!r} raised on {where}: {type(out).__name__}: {out}")
         elif status == "timeout":
-            logger.warning("%s: %r did not return within verifiers.timeout_s=%gs on %s; the run treats such calls "
-                           "as failed rows", key, entry.name, cfg.verifiers.timeout_s, where)
+            logger.warning("%s: %r did not return within verifiers.timeout_s=%gs on %s; the run treats "
+                           "such calls as failed rows", key, entry.name, cfg.verifiers.timeout_s, where)
         elif why := scores_problem(out, len(rows)) or next(filter(None, map(bad_value, out)), None):
             problems.append(f"  {key}: {entry.name!r} {why} (called on {where})")
     if problems:
-        raise ConfigError("invalid config:\n" + "\n".join(p if p.startswith("  ") else f"  {p}" for p in problems))
+        raise ConfigError("invalid config:\n"
+                          + "\n".join(p if p.startswith("  ") else f"  {p}" for p in problems))
     return [f for f in fns if f is not None]

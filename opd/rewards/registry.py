@@ -57,7 +57,8 @@ def register(name: str) -> Callable[[Verifier], Verifier]:
         old = _REGISTRY.get(name)
         if old is not None and _identity(old) != _identity(fn):
             raise VerifierSpecError(
-                f"verifier name {name!r} is already registered to {_identity(old)}; cannot register {_identity(fn)}"
+                f"verifier name {name!r} is already registered to {_identity(old)}; "
+                f"cannot register {_identity(fn)}"
             )
         _REGISTRY[name] = fn
         return fn

@@ -45,7 +45,8 @@ class _VerifierHost:
     def ready(self) -> bool:
         return True
 
-    def run(self, fn: Verifier, chunk: tuple[list, list, dict], kwargs: dict | None = None) -> tuple[bool, object]:
+    def run(self, fn: Verifier, chunk: tuple[list, list, dict],
+            kwargs: dict | None = None) -> tuple[bool, object]:
         """Call one verifier on one chunk ``(prompts, completions, columns)``; returns (True, values) or
         (False, reason).
 
@@ -194,7 +195,8 @@ class VerifierRunner:
             _POOL.replace(host)
         rewards = [sum(s.weight * tally.scores[s.name][i] for s in self.specs) for i in range(n)]
         first = tally.names[0]
-        correct = [not tally.failed[first][i] and tally.scores[first][i] >= self.success_threshold for i in range(n)]
+        correct = [not tally.failed[first][i] and tally.scores[first][i] >= self.success_threshold
+                   for i in range(n)]
         return Rewards(uids=list(uids), rewards=rewards, correct=correct, per_verifier=tally.scores,
                        failures=tally.failures(uids), verify_seconds=seconds)
 

@@ -47,7 +47,8 @@ from opd.rewards.isolation import SANDBOX_ROOT, bwrap_argv, seccomp_program
 from opd.rewards.sandbox_boot import BOOT as _BOOT
 
 # Reasons that mean "the code hit a sandbox limit" (vs. it merely failed or exited non-zero).
-LIMIT_REASONS = ("timeout", "cpu", "memory", "file size", "disk", "processes", "open files", "output too large")
+LIMIT_REASONS = ("timeout", "cpu", "memory", "file size", "disk", "processes", "open files",
+                 "output too large")
 _UID_BASE = 1 << 31  # per-run uids: far above real users and the usual /etc/subuid ranges
 _RUN_COUNTER = itertools.count()
 _TOKEN_VAR = "OPD_SANDBOX_RUN"  # marks the run's processes (see _kill_all); not a secret
@@ -135,7 +136,8 @@ def run_sandboxed(code: str, stdin: str = "", *, limits: SandboxLimits | None = 
     """Run ``code`` as ``__main__`` with ``stdin``; never raises for anything the code does."""
     limits = (limits or SandboxLimits()).validate()
     python = limits.python or sys.executable
-    uid = _UID_BASE + ((os.getpid() & 0x3FFFFF) << 8 | next(_RUN_COUNTER) & 0xFF) if os.geteuid() == 0 else None
+    uid = (_UID_BASE + ((os.getpid() & 0x3FFFFF) << 8 | next(_RUN_COUNTER) & 0xFF)
+           if os.geteuid() == 0 else None)
     with tempfile.TemporaryDirectory(prefix="opd-sandbox-", ignore_cleanup_errors=True) as base:
         work, io_paths = _stage(base, code, stdin, uid)
         launch = _Launch.plan(limits, python, work, uid)
@@ -153,9 +155,9 @@ def run_sandboxed(code: str, stdin: str = "", *, limits: SandboxLimits | None = 
     too_big = out_size > limits.max_output_bytes
     return SandboxResult(
         returncode=code_, signal=sig, stdout=stdout, stderr=stderr, stdout_truncated=too_big,
-        stderr_truncated=err_size > limits.max_output_bytes, wall_s=run.wall_s, cpu_s=cpu, timed_out=run.timed_out,
-        reason=_reason(code_, sig, run.timed_out, cpu, limits, stderr, too_big), network=run.setup.get("network", "?"),
-        uid=uid, pid=run.pid,
+        stderr_truncated=err_size > limits.max_output_bytes, wall_s=run.wall_s, cpu_s=cpu,
+        timed_out=run.timed_out, reason=_reason(code_, sig, run.timed_out, cpu, limits, stderr, too_big),
+        network=run.setup.get("network", "?"), uid=uid, pid=run.pid,
     )
 
 
@@ -215,7 +217,8 @@ class _Launch:
         }
         token = secrets.token_hex(8)
         home = SANDBOX_ROOT if view else work
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home, "TMPDIR": home, _TOKEN_VAR: token}
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home, "TMPDIR": home,
+               _TOKEN_VAR: token}
         return cls(python, work, view, cfg, env, token, uid)
 
     def run(self, io_paths: list[str], wall_s: float) -> _Ran:
@@ -227,8 +230,9 @@ class _Launch:
             start = time.monotonic()
             try:
                 proc = subprocess.Popen(
-                    [*(self.view or []), self.python, "-I", "-c", _BOOT, json.dumps(cfg)], stdin=fin, stdout=fout,
-                    stderr=ferr, cwd=self.work, env=self.env, start_new_session=True, pass_fds=(status_w,), close_fds=True,
+                    [*(self.view or []), self.python, "-I", "-c", _BOOT, json.dumps(cfg)],
+                    stdin=fin, stdout=fout, stderr=ferr, cwd=self.work, env=self.env, start_new_session=True,
+                    pass_fds=(status_w,), close_fds=True,
                 )
             except OSError as e:
                 os.close(status_r)
@@ -348,8 +352,8 @@ _STDERR_LIMITS = (  # (reason, evidence in the child's stderr)
 )
 
 
-def _reason(code: int | None, sig: int | None, timed_out: bool, cpu: float, limits: SandboxLimits, stderr: str,
-            too_big: bool) -> str | None:
+def _reason(code: int | None, sig: int | None, timed_out: bool, cpu: float, limits: SandboxLimits,
+            stderr: str, too_big: bool) -> str | None:
     causes = []
     if timed_out:
         causes.append("timeout")

@@ -22,10 +22,11 @@ if _cfg["net"] == "auto" and os.geteuid() == 0 and _unshare(0x40000000):  # CLON
     _net = "netns"
 if _cfg["preimport"]:  # the stdlib is unreadable once we drop the uid: load the common modules now
     for _m in ("collections", "itertools", "functools", "heapq", "bisect", "math", "cmath", "re", "string",
-               "json", "random", "fractions", "decimal", "statistics", "typing", "dataclasses", "copy", "operator",
-               "array", "textwrap", "datetime", "enum", "traceback", "linecache", "unittest", "socket",
-               "encodings.idna", "threading", "queue", "struct", "hashlib", "base64", "io", "time", "ast", "glob",
-               "csv", "pickle", "shutil", "tempfile", "fnmatch", "copyreg", "zlib", "bz2", "lzma"):
+               "json", "random", "fractions", "decimal", "statistics", "typing", "dataclasses", "copy",
+               "operator", "array", "textwrap", "datetime", "enum", "traceback", "linecache", "unittest",
+               "socket", "encodings.idna", "threading", "queue", "struct", "hashlib", "base64", "io", "time",
+               "ast", "glob", "csv", "pickle", "shutil", "tempfile", "fnmatch", "copyreg", "zlib", "bz2",
+               "lzma"):
         try:
             __import__(_m)
         except Exception:
@@ -41,7 +42,8 @@ if _net is None and _cfg["net"] == "auto":
     _uid, _gid = os.getuid(), os.getgid()
     if _unshare(0x10000000 | 0x40000000):  # CLONE_NEWUSER | CLONE_NEWNET
         _net = "userns+netns"
-        for _p, _v in (("setgroups", "deny"), ("uid_map", f"{_uid} {_uid} 1"), ("gid_map", f"{_gid} {_gid} 1")):
+        for _p, _v in (("setgroups", "deny"), ("uid_map", f"{_uid} {_uid} 1"),
+                       ("gid_map", f"{_gid} {_gid} 1")):
             try:
                 with open(f"/proc/self/{_p}", "w") as _f:
                     _f.write(_v)
@@ -77,7 +79,8 @@ if _net is None:
         # Same uid as the caller here: keep it out of other processes' /proc entries (environ, mem, ...).
         if event == "open" and isinstance(args[0], (str, bytes)):
             _parts = os.path.realpath(os.fsdecode(args[0])).split("/")
-            if len(_parts) > 2 and _parts[1] == "proc" and _parts[2].isdigit() and int(_parts[2]) != os.getpid():
+            if (len(_parts) > 2 and _parts[1] == "proc" and _parts[2].isdigit()
+                    and int(_parts[2]) != os.getpid()):
                 raise PermissionError(f"sandbox: {args[0]!r} is another process's /proc entry")
     sys.addaudithook(_hook)
 if _cfg["seccomp"]:  # last: no user namespaces, no AF_UNIX sockets from here on (opd.rewards.isolation)

@@ -38,7 +38,8 @@ class VerifierSpec:
             return obj
         if isinstance(obj, str):
             return cls(obj)
-        if isinstance(obj, dict) and set(obj) <= {"name", "weight", "kwargs"} and "name" in obj and isinstance(obj.get("kwargs", {}), dict):
+        if (isinstance(obj, dict) and set(obj) <= {"name", "weight", "kwargs"} and "name" in obj
+                and isinstance(obj.get("kwargs", {}), dict)):
             return cls(str(obj["name"]), float(obj.get("weight", 1.0)), dict(obj.get("kwargs", {})))
         raise VerifierSpecError(f"verifier entry must be a name or {{name, weight, kwargs}}, got {obj!r}")
 
@@ -69,7 +70,8 @@ def resolve_specs(specs: list[VerifierSpec]) -> tuple[list[Verifier | None], lis
             fns.append(resolve(s.name))
         except VerifierSpecError as e:
             fns.append(None)
-            hint = ("; a module is imported from the current directory and PYTHONPATH, a file path from anywhere"
+            hint = ("; a module is imported from the current directory and PYTHONPATH, "
+                    "a file path from anywhere"
                     if ":" in s.name and "no module named" in str(e) else "")
             problems.append(f"{KEY}.{i}.name: {e}{hint}")
     return fns, problems

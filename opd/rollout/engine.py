@@ -84,7 +84,8 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(kv_cache_gib))))
         from vllm import LLM
 
-        lora = {"enable_lora": True, "max_lora_rank": max_lora_rank(lora_rank), "max_loras": 1} if lora_rank else {}
+        lora = ({"enable_lora": True, "max_lora_rank": max_lora_rank(lora_rank), "max_loras": 1} if lora_rank
+                else {})
         self.llm = LLM(
             **lora,
             model=model_dir,
@@ -142,7 +143,8 @@ class VLLMEngine:
             gens = []
             for c in out.outputs:
                 ids = list(c.token_ids)
-                lps = [d[t].logprob for t, d in zip(ids, c.logprobs, strict=True)] if c.logprobs else [0.0] * len(ids)
+                lps = ([d[t].logprob for t, d in zip(ids, c.logprobs, strict=True)] if c.logprobs
+                       else [0.0] * len(ids))
                 gens.append(Generation(ids, lps, c.text, c.finish_reason or "stop"))
             result.append(gens)
         return result
@@ -156,7 +158,8 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         if hidden:
-            raise ValueError("the vLLM engine does not return hidden states; the teacher needs teacher.engine=hf")
+            raise ValueError("the vLLM engine does not return hidden states; "
+                             "the teacher needs teacher.engine=hf")
         starts = score_starts(sequences, starts)
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=top_k, detokenize=False)
         prompts = [TokensPrompt(prompt_token_ids=s) for s in sequences]

@@ -63,7 +63,8 @@ class HFEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if dtype not in _DTYPES and dtype != "auto":
-            raise ValueError(f"models.dtype={dtype!r}: the hf engine takes one of {sorted(_DTYPES)} or 'auto'")
+            raise ValueError(f"models.dtype={dtype!r}: the hf engine takes one of {sorted(_DTYPES)} "
+                             "or 'auto'")
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -151,7 +152,8 @@ class HFEngine:
             )
             cache = out.past_key_values
             logits_BV = out.logits[:, -1].float()
-            tok_B = logits_BV.argmax(-1) if greedy else self._sample(logits_BV, temperature, top_p, uniform_BS[:, t])
+            tok_B = (logits_BV.argmax(-1) if greedy
+                     else self._sample(logits_BV, temperature, top_p, uniform_BS[:, t]))
             tok_B = torch.where(done_B, self.pad_id, tok_B)
             out_BS[:, t] = tok_B
             if not greedy:
@@ -219,11 +221,14 @@ class HFEngine:
             start = end
         return [by_index[i] for i in range(len(sequences))]
 
-    def _score_chunk(self, seqs: list[list[int]], starts: list[int], top_k: int, hidden: bool) -> list[PromptScores]:
+    def _score_chunk(self, seqs: list[list[int]], starts: list[int], top_k: int,
+                     hidden: bool) -> list[PromptScores]:
         spans = [response_slice(st, len(s) - st) for s, st in zip(seqs, starts, strict=True)]
         h_NH = self._scored_hidden(seqs, starts, spans)  # only the rows that are scored
-        logp_NV = torch.log_softmax(head_logits(self.model.get_output_embeddings(), self.model.config, h_NH).float(), -1)
-        targets_N = torch.tensor([t for s, st in zip(seqs, starts, strict=True) for t in s[st:]], device=self.device)
+        logp_NV = torch.log_softmax(
+            head_logits(self.model.get_output_embeddings(), self.model.config, h_NH).float(), -1)
+        targets_N = torch.tensor([t for s, st in zip(seqs, starts, strict=True) for t in s[st:]],
+                                 device=self.device)
         tok_N = logp_NV.gather(-1, targets_N[:, None]).squeeze(-1).cpu().tolist()
         if top_k:
             top_lp, top_ids = logp_NV.topk(min(top_k, logp_NV.shape[-1]), dim=-1)
@@ -233,7 +238,8 @@ class HFEngine:
         for sl in spans:
             k, at = sl.stop - sl.start, at + sl.stop - sl.start
             out.append(PromptScores(tok_N[at - k : at], top_ids[at - k : at] if top_k else None,
-                                    top_lp[at - k : at] if top_k else None, h_NH[at - k : at] if hidden else None))
+                                    top_lp[at - k : at] if top_k else None,
+                                    h_NH[at - k : at] if hidden else None))
         return out
 
     def _scored_hidden(self, seqs: list[list[int]], starts: list[int], spans: list[slice]) -> torch.Tensor:
@@ -262,5 +268,6 @@ class HFEngine:
         missing = [k for k in missing if k not in tied]
         if missing or unexpected:
             raise ValueError(
-                f"weight blob does not match the rollout model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+                f"weight blob does not match the rollout model: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
             )

@@ -167,9 +167,10 @@ class RolloutPool(list):
                 return
             if self.start is None or self.restarts >= self.max_restarts:
                 raise RuntimeError(
-                    f"rollout worker {slot} died ({_reason(cause)}) and rollout.max_restarts={self.max_restarts} "
-                    f"restarts are used up ({self.restarts} so far); look for the cause (out of memory? killed?) in "
-                    "the worker's log, or raise rollout.max_restarts"
+                    f"rollout worker {slot} died ({_reason(cause)}) and "
+                    f"rollout.max_restarts={self.max_restarts} restarts are used up "
+                    f"({self.restarts} so far); look for the cause (out of memory? killed?) in the "
+                    "worker's log, or raise rollout.max_restarts"
                 ) from cause
             self.restarts += 1
             log.warning("rollout worker %d died (%s); starting a replacement (restart %d of at most %d)",

@@ -83,7 +83,8 @@ class Scored:
         g = self.batch.group_size
         idx = [i for k in keep for i in range(k * g, (k + 1) * g)]
         return replace(self, batch=replace(self.batch, samples=[self.batch.samples[i] for i in idx]),
-                       rewards=self.rewards.rows(idx), scores=None if self.scores is None else self.scores.rows(idx))
+                       rewards=self.rewards.rows(idx),
+                       scores=None if self.scores is None else self.scores.rows(idx))
 
     @staticmethod
     def concat(parts: list[Scored]) -> Scored:
@@ -122,8 +123,10 @@ class Pending:
     """One step's generation, launched on the workers and not yet collected (and, with a scorer, being
     scored)."""
 
-    def __init__(self, step: int, pool: RolloutPool, chunks: list[Chunk], group_size: int, scorer: Scorer | None = None):
-        self.step, self.pool, self.chunks, self.group_size, self.scorer = step, pool, chunks, group_size, scorer
+    def __init__(self, step: int, pool: RolloutPool, chunks: list[Chunk], group_size: int,
+                 scorer: Scorer | None = None):
+        self.step, self.pool, self.chunks, self.group_size, self.scorer = (
+            step, pool, chunks, group_size, scorer)
         self.future: Future | None = None
         if scorer is not None:
             self.future = Future()
@@ -138,7 +141,8 @@ class Pending:
             seconds[chunk.slot] = seconds.get(chunk.slot, 0.0) + sec
             if each is not None:
                 each(part, teacher)
-        batch = RolloutBatch(self.step, samples, self.group_size, samples[0].weight_version, max(seconds.values()))
+        batch = RolloutBatch(self.step, samples, self.group_size, samples[0].weight_version,
+                             max(seconds.values()))
         batch.validate()
         return batch
 
@@ -158,21 +162,24 @@ class Pending:
         return self.future.result() if self.future is not None else Scored(self.result())
 
 
-def launch(workers: list, draws: list, step: int, rollout_cfg, seed: int, scorer: Scorer | None = None) -> Pending:
+def launch(workers: list, draws: list, step: int, rollout_cfg, seed: int,
+           scorer: Scorer | None = None) -> Pending:
     r = rollout_cfg
     pool = workers if isinstance(workers, RolloutPool) else RolloutPool(workers)
-    kwargs = {"n": r.group_size, "temperature": r.temperature, "top_p": r.top_p, "max_tokens": r.max_new_tokens, "seed": seed}
+    kwargs = {"n": r.group_size, "temperature": r.temperature, "top_p": r.top_p,
+              "max_tokens": r.max_new_tokens, "seed": seed}
     chain = scorer.chain if scorer is not None else None
     chunks = [Chunk(slot, piece, kwargs, chain)
-              for slot, share in enumerate(split_even(draws, len(pool))) for piece in pieces(share, r.chunk_prompts)]
+              for slot, share in enumerate(split_even(draws, len(pool)))
+              for piece in pieces(share, r.chunk_prompts)]
     for chunk in chunks:
         pool.issue(chunk)
     return Pending(step, pool, chunks, r.group_size, scorer)
 
 
 class RolloutStream:
-    def __init__(self, workers: list, data: PromptSource, rollout_cfg, seed: int, ready: list[Scored] | None = None,
-                 scorer: Scorer | None = None):
+    def __init__(self, workers: list, data: PromptSource, rollout_cfg, seed: int,
+                 ready: list[Scored] | None = None, scorer: Scorer | None = None):
         """``scorer`` scores every batch as it is generated; None leaves scoring to the caller."""
         self.pool = workers if isinstance(workers, RolloutPool) else RolloutPool(workers)
         self.data, self.cfg, self.seed, self.scorer = data, rollout_cfg, seed, scorer
@@ -191,7 +198,8 @@ class RolloutStream:
             self.queue.append(launch(self.pool, draws, s, self.cfg, self.seed, self.scorer))
         head = self.queue.popleft()
         if head.step != step:
-            raise RuntimeError(f"rollout stream out of order: wanted step {step}, next batch is step {head.step}")
+            raise RuntimeError(
+                f"rollout stream out of order: wanted step {step}, next batch is step {head.step}")
         taken = head if isinstance(head, Scored) else head.scored()
         # stored bare by a checkpoint of an older version
         if taken.rewards is None and self.scorer is not None:
@@ -209,10 +217,12 @@ class RolloutStream:
         if taken.rewards is None:
             raise RuntimeError("rollout.dynamic_sampling needs the stream to verify its batches (a scorer)")
         g, target = self.cfg.group_size, self.cfg.prompts_per_step
-        kept, generated, rounds = taken.groups(taken.rewards.varied_groups(g)), len(taken.batch.samples) // g, 0
+        kept, generated, rounds = (taken.groups(taken.rewards.varied_groups(g)),
+                                   len(taken.batch.samples) // g, 0)
         while len(kept.batch.samples) // g < target and rounds < self.cfg.max_resample_rounds:
             rounds += 1
-            more = launch(self.pool, self.data.next_batch(target), step, self.cfg, self.seed, self.scorer).scored()
+            more = launch(self.pool, self.data.next_batch(target), step, self.cfg, self.seed,
+                          self.scorer).scored()
             generated += len(more.batch.samples) // g
             kept = Scored.concat([kept, more.groups(more.rewards.varied_groups(g))])
         # nothing varied in any round: the first batch, whose groups teach nothing either

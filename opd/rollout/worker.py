@@ -30,44 +30,47 @@ class _RotaryReloadNotice(logging.Filter):
         return not (record.getMessage() == "RotaryEmbedding: Failed to load weights")
 
 
-def make_engine(engine: str, model_dir: str, *, seed: int, max_model_len: int | None, kv_cache_gib: float, dtype: str,
-                lora_rank: int = 0, **vllm_kw):
+def make_engine(engine: str, model_dir: str, *, seed: int, max_model_len: int | None, kv_cache_gib: float,
+                dtype: str, lora_rank: int = 0, **vllm_kw):
     """``rollout.engine``: ``vllm`` (production) or ``hf`` (transformers, same protocol), for the rollout
     workers and the local teachers alike. The hf engine keeps the torch thread count Ray gives the actor
     (OMP_NUM_THREADS = its
     ``num_cpus``) and ignores the vLLM-only keywords."""
     if engine == "hf":
         if lora_rank:
-            raise ValueError("rollout.engine=hf does not serve LoRA adapters (lora.r > 0): use rollout.engine=vllm")
+            raise ValueError("rollout.engine=hf does not serve LoRA adapters (lora.r > 0): "
+                             "use rollout.engine=vllm")
         from opd.rollout.hf_engine import HFEngine
 
         return HFEngine(model_dir, seed=seed, max_model_len=max_model_len, dtype=dtype)
     if engine != "vllm":
         raise ValueError(f"rollout.engine={engine!r}: expected 'vllm' or 'hf'")
-    return VLLMEngine(model_dir, seed=seed, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, dtype=dtype,
-                      lora_rank=lora_rank, **vllm_kw)
+    return VLLMEngine(model_dir, seed=seed, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
+                      dtype=dtype, lora_rank=lora_rank, **vllm_kw)
 
 
 class RolloutWorker:
-    def __init__(self, model_dir: str, *, seed: int, max_model_len: int, kv_cache_gib: float, dtype: str, worker_id: int = 0,
-                 lora_rank: int = 0, engine: str = "vllm"):
+    def __init__(self, model_dir: str, *, seed: int, max_model_len: int, kv_cache_gib: float, dtype: str,
+                 worker_id: int = 0, lora_rank: int = 0, engine: str = "vllm"):
         self.worker_id = worker_id
-        self.engine = make_engine(engine, model_dir, seed=seed, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
-                                  dtype=dtype, lora_rank=lora_rank)
+        self.engine = make_engine(engine, model_dir, seed=seed, max_model_len=max_model_len,
+                                  kv_cache_gib=kv_cache_gib, dtype=dtype, lora_rank=lora_rank)
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadNotice())
         self.version = 0
         self.metrics = RoleMetrics("rollout")  # <job>/rollout-<i>: this worker's own series
         self.metrics.record(tokens=0, weight_version=0)
 
     def generate(
-        self, draws: list[tuple[Prompt, int]], *, n: int, temperature: float, top_p: float, max_tokens: int, seed: int
+        self, draws: list[tuple[Prompt, int]], *, n: int, temperature: float, top_p: float, max_tokens: int,
+        seed: int
     ) -> tuple[list[Sample], float]:
         """n samples per (prompt, epoch), in order. Per-draw seeds make rollouts reproducible on resume."""
         t0 = time.perf_counter()
         # stable across processes
         seeds = [zlib.crc32(f"{seed}/{e}/{p.prompt_id}".encode()) for p, e in draws]
         outs = self.engine.generate(
-            [p.token_ids for p, _ in draws], n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seeds=seeds
+            [p.token_ids for p, _ in draws], n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+            seeds=seeds
         )
         samples = [
             Sample(
@@ -99,19 +102,22 @@ class RolloutWorker:
         self.engine.load_weights(TRANSFER.receive(weights))
         return self._probe("weight version", "weights", version, probe_ids, expected, tolerance)
 
-    def load_adapter(self, files: dict[str, bytes], version: int, probe_ids: list[int], expected: list[float], tolerance: float) -> float:
+    def load_adapter(self, files: dict[str, bytes], version: int, probe_ids: list[int], expected: list[float],
+                     tolerance: float) -> float:
         """LoRA students: serve adapter ``version`` (its PEFT files) and verify it with the probe, as
         ``load_weights``."""
         self.engine.load_adapter(files, version)
         return self._probe("LoRA adapter version", "adapter", version, probe_ids, expected, tolerance)
 
-    def _probe(self, what: str, noun: str, version: int, probe_ids: list[int], expected: list[float], tolerance: float) -> float:
+    def _probe(self, what: str, noun: str, version: int, probe_ids: list[int], expected: list[float],
+               tolerance: float) -> float:
         got = self.engine.score([probe_ids])[0].token_logprobs
         diff = max(abs(a - b) for a, b in zip(got, expected, strict=True))
         if not diff <= tolerance:
             raise WeightSyncError(
                 f"rollout worker {self.worker_id}: {what} {version} failed the probe check "
-                f"(max |logprob diff| {diff:.3g} > tolerance {tolerance:.3g}); the engine is not serving the learner's {noun}"
+                f"(max |logprob diff| {diff:.3g} > tolerance {tolerance:.3g}); "
+                f"the engine is not serving the learner's {noun}"
             )
         self.version = version
         self.metrics.record(weight_version=version)

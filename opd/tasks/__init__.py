@@ -10,7 +10,8 @@ def task_rows(t) -> tuple[list[dict], list[dict]]:
         from opd.tasks.files import load_rows
 
         cols = {"prompt_column": t.prompt_column, "answer_column": t.answer_column}
-        return load_rows(t.train_path, key="task.train_path", **cols), load_rows(t.test_path, key="task.test_path", **cols)
+        return (load_rows(t.train_path, key="task.train_path", **cols),
+                load_rows(t.test_path, key="task.test_path", **cols))
     if t.name == "word_problems":
         from opd.tasks.word_problems import build_dataset
 

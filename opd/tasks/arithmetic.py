@@ -31,7 +31,8 @@ def make_row(a: int, b: int, op: str) -> dict:
     return {"id": f"{a}{op}{b}", "prompt": f"{a}{op}{b}=", "answer": answer, "a": a, "b": b, "op": op}
 
 
-def _draw(rng: random.Random, max_digits_a: int, max_digits_b: int, ops: tuple[str, ...]) -> tuple[int, int, str]:
+def _draw(rng: random.Random, max_digits_a: int, max_digits_b: int,
+          ops: tuple[str, ...]) -> tuple[int, int, str]:
     # Draw the digit count first so short operands are as common as long ones.
     da = rng.randint(1, max_digits_a)
     db = rng.randint(1, max_digits_b)

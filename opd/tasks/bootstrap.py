@@ -121,8 +121,10 @@ def demo_spec() -> BootstrapSpec:
         task=TaskSpec(num_train=40000, num_test=500, num_val=500, max_digits_a=3, max_digits_b=2),
         teacher=ModelSpec(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512),
         student=ModelSpec(hidden_size=64, num_layers=3, num_heads=2, num_kv_heads=1, intermediate_size=256),
-        teacher_sft=SFTSpec(steps=3000, batch_size=64, lr=3e-3, eval_every=100, stop_at_accuracy=0.995, extend_steps=3000),
-        student_sft=SFTSpec(steps=3000, batch_size=64, lr=2e-3, min_lr_ratio=1.0, eval_every=20, stop_at_accuracy=0.15),
+        teacher_sft=SFTSpec(steps=3000, batch_size=64, lr=3e-3, eval_every=100, stop_at_accuracy=0.995,
+                            extend_steps=3000),
+        student_sft=SFTSpec(steps=3000, batch_size=64, lr=2e-3, min_lr_ratio=1.0, eval_every=20,
+                            stop_at_accuracy=0.15),
     )
 
 
@@ -141,7 +143,8 @@ def tiny_spec() -> BootstrapSpec:
 def build_model(spec: ModelSpec, tokenizer) -> Qwen2ForCausalLM:
     head_dim, rem = divmod(spec.hidden_size, spec.num_heads)
     if rem or head_dim not in (32, 64):
-        raise ValueError(f"head_dim = hidden_size / num_heads must be 32 or 64 (vLLM's CPU attention); got {spec}")
+        raise ValueError(
+            f"head_dim = hidden_size / num_heads must be 32 or 64 (vLLM's CPU attention); got {spec}")
     if spec.num_heads % spec.num_kv_heads:
         raise ValueError(f"num_heads must be a multiple of num_kv_heads; got {spec}")
     config = Qwen2Config(
@@ -160,7 +163,8 @@ def build_model(spec: ModelSpec, tokenizer) -> Qwen2ForCausalLM:
         pad_token_id=tokenizer.pad_token_id,
     )
     model = Qwen2ForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
     return model
 
 
@@ -272,14 +276,16 @@ def _sft(model, tokenizer, train_rows, spec: SFTSpec, seed: int, name: str, val_
             curve.append([step, acc])
             log.debug("%s step %d validation accuracy %.3f", name, step, acc)
             if spec.stop_at_accuracy is not None and acc >= spec.stop_at_accuracy:
-                log.info("%s: validation accuracy %.3f >= %s at step %d: stop", name, acc, spec.stop_at_accuracy, step)
+                log.info("%s: validation accuracy %.3f >= %s at step %d: stop", name, acc,
+                         spec.stop_at_accuracy, step)
                 break
     model.eval()
     return {"steps": step, "final_loss": loss_avg, "seconds": round(time.monotonic() - start, 1),
             "val_accuracy": curve[-1][1] if curve else None, "val_curve": curve}
 
 
-def evaluate_accuracy(model, tokenizer, rows: Iterable[Mapping], batch_size: int = 250, num_threads: int = 2) -> float:
+def evaluate_accuracy(model, tokenizer, rows: Iterable[Mapping], batch_size: int = 250,
+                      num_threads: int = 2) -> float:
     """Greedy exact-match accuracy, scored by the same verifier the reward stage uses."""
     with _threads(num_threads):
         return _evaluate(model, tokenizer, _rows(rows), batch_size)
@@ -309,16 +315,19 @@ def task_splits(task: TaskSpec) -> dict:
     data = build_dataset(t.num_train, t.num_test, t.max_digits_a, t.max_digits_b, tuple(t.ops), t.seed)
     n_fit = len(data["train"]) - task.num_val
     if n_fit <= 0:
-        raise ValueError(f"task.num_val ({task.num_val}) must be smaller than task.num_train ({task.num_train})")
+        raise ValueError(
+            f"task.num_val ({task.num_val}) must be smaller than task.num_train ({task.num_train})")
     train = data["train"]
-    return {"train": train.select(range(n_fit)), "val": train.select(range(n_fit, len(train))), "test": data["test"]}
+    return {"train": train.select(range(n_fit)), "val": train.select(range(n_fit, len(train))),
+            "test": data["test"]}
 
 
 def _load_cached(out_dir: Path, spec_hash: str) -> dict | None:
     try:
         meta = json.loads((out_dir / "bootstrap.json").read_text())
         if meta.get("spec_hash") != spec_hash:
-            log.info("cache at %s is for spec %s, not %s: rebuilding", out_dir, meta.get("spec_hash"), spec_hash)
+            log.info("cache at %s is for spec %s, not %s: rebuilding", out_dir, meta.get("spec_hash"),
+                     spec_hash)
             return None
         for role in ROLES:
             AutoTokenizer.from_pretrained(out_dir / role)
@@ -348,7 +357,8 @@ def _train_role(role: str, spec: BootstrapSpec, tokenizer, data: dict, dest: Pat
     return {"params": num_params(model), "accuracy": acc, **summary}
 
 
-def bootstrap(out_dir: Path, spec: BootstrapSpec | None = None, force: bool = False, num_threads: int = 2) -> dict:
+def bootstrap(out_dir: Path, spec: BootstrapSpec | None = None, force: bool = False,
+              num_threads: int = 2) -> dict:
     """Build (or reuse) ``out_dir/{teacher,student}`` and ``out_dir/bootstrap.json``; returns the json
     contents.
 
@@ -360,7 +370,8 @@ def bootstrap(out_dir: Path, spec: BootstrapSpec | None = None, force: bool = Fa
         log.info("bootstrap cache hit at %s (spec %s)", out_dir, spec_hash)
         return cached
     if out_dir.exists() and (stray := set(os.listdir(out_dir)) - {*ROLES, "bootstrap.json"}):
-        raise FileExistsError(f"{out_dir} holds files bootstrap did not write ({sorted(stray)}); not replacing it")
+        raise FileExistsError(
+            f"{out_dir} holds files bootstrap did not write ({sorted(stray)}); not replacing it")
     start = time.monotonic()
     with building(out_dir) as tmp:
         data = task_splits(spec.task)
@@ -373,5 +384,6 @@ def bootstrap(out_dir: Path, spec: BootstrapSpec | None = None, force: bool = Fa
         meta["seconds"] = round(time.monotonic() - start, 1)
         meta = write_stamp(tmp, "bootstrap.json", meta)
     log.info("bootstrap done in %.0fs: teacher %.3f (%d params), student %.3f (%d params)", meta["seconds"],
-             meta["teacher_accuracy"], meta["teacher"]["params"], meta["student_accuracy"], meta["student"]["params"])
+             meta["teacher_accuracy"], meta["teacher"]["params"], meta["student_accuracy"],
+             meta["student"]["params"])
     return meta

@@ -24,7 +24,8 @@ class DataError(ValueError):
     """A dataset file that cannot be used; the message names the config key and, for a bad row, the row."""
 
 
-def load_rows(path: str, *, key: str, prompt_column: str = "prompt", answer_column: str = "answer") -> list[dict]:
+def load_rows(path: str, *, key: str, prompt_column: str = "prompt",
+              answer_column: str = "answer") -> list[dict]:
     """Rows of one split with ``prompt`` and ``answer`` as strings (renamed from the configured columns)."""
     rows = _read(Path(path), key)
     if not rows:
@@ -40,8 +41,10 @@ def load_rows(path: str, *, key: str, prompt_column: str = "prompt", answer_colu
         prompt, answer = row[prompt_column], row[answer_column]
         if not isinstance(prompt, str) or not prompt.strip():
             raise DataError(f"{where}: column {prompt_column!r} must be a non-empty string, got {prompt!r}")
-        if isinstance(answer, bool) or not isinstance(answer, str | int | float) or (isinstance(answer, float) and not math.isfinite(answer)):
-            raise DataError(f"{where}: column {answer_column!r} must be a string or a finite number, got {answer!r}")
+        if (isinstance(answer, bool) or not isinstance(answer, str | int | float)
+                or (isinstance(answer, float) and not math.isfinite(answer))):
+            raise DataError(f"{where}: column {answer_column!r} must be a string or a finite number, "
+                            f"got {answer!r}")
         rest = {k: v for k, v in row.items() if k not in (prompt_column, answer_column)}
         out.append({**rest, "prompt": prompt, "answer": str(answer)})
     return out
@@ -86,7 +89,8 @@ def _read_json(path: Path, key: str) -> list:
 def _read_table(path: Path, key: str) -> list:
     from datasets import Dataset
 
-    return list(Dataset.from_parquet(str(path)) if path.suffix.lower() == ".parquet" else Dataset.from_csv(str(path)))
+    return list(Dataset.from_parquet(str(path)) if path.suffix.lower() == ".parquet"
+                else Dataset.from_csv(str(path)))
 
 
 _READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_table, ".csv": _read_table}
@@ -100,5 +104,6 @@ def _read_saved_dataset(path: Path, key: str) -> list:
     except Exception as e:  # noqa: BLE001
         raise DataError(f"{key}: {str(path)!r} is not a datasets save_to_disk directory: {e}") from None
     if not isinstance(ds, Dataset):
-        raise DataError(f"{key}: {str(path)!r} holds several splits {list(ds)}; point at one split's directory")
+        raise DataError(f"{key}: {str(path)!r} holds several splits {list(ds)}; "
+                        "point at one split's directory")
     return list(ds)

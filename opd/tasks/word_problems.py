@@ -18,13 +18,16 @@ import random
 from datasets import Dataset, DatasetDict
 
 NAMES = ("Tom", "Anna", "Sam", "Lily", "Ben", "Maya", "Leo", "Nora", "Omar", "Zoe")
-OBJECTS = ("apples", "marbles", "books", "stickers", "pencils", "cookies", "coins", "shells", "cards", "stamps")
+OBJECTS = ("apples", "marbles", "books", "stickers", "pencils", "cookies", "coins", "shells", "cards",
+           "stamps")
 INSTRUCTION = "Reply with only the final number."
 TEMPLATES = {
-    "more": ("{name} has {a} {obj} and gets {b} more. How many {obj} does {name} have now?", lambda a, b: a + b),
+    "more": ("{name} has {a} {obj} and gets {b} more. How many {obj} does {name} have now?",
+             lambda a, b: a + b),
     "buy": ("{name} had {a} {obj} and bought {b} more. How many {obj} does {name} have?", lambda a, b: a + b),
     "take": ("{name} has {a} {obj} and gives away {b}. How many {obj} are left?", lambda a, b: a - b),
-    "lose": ("{name} had {a} {obj} and lost {b} of them. How many {obj} does {name} have left?", lambda a, b: a - b),
+    "lose": ("{name} had {a} {obj} and lost {b} of them. How many {obj} does {name} have left?",
+             lambda a, b: a - b),
     "sum": ("What is {a} + {b}?", lambda a, b: a + b),
 }
 

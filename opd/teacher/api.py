@@ -48,13 +48,16 @@ class Sequence(_Record):
 
 class ScoreRequest(_Record):
     sequences: list[Sequence]
-    top_k: Int = Field(0, ge=0, description="also return the teacher's top-k (ids, logprobs) per response token")
+    top_k: Int = Field(0, ge=0,
+                       description="also return the teacher's top-k (ids, logprobs) per response token")
 
 
 class SequenceScore(_Reply):
     logprobs: list[float] = Field(description="teacher log-prob of each response token, in order")
-    topk_ids: list[list[int]] | None = Field(None, description="[T][K] teacher top-k token ids; null when top_k=0")
-    topk_logprobs: list[list[float]] | None = Field(None, description="[T][K] their log-probs; null when top_k=0")
+    topk_ids: list[list[int]] | None = Field(None,
+                                             description="[T][K] teacher top-k token ids; null when top_k=0")
+    topk_logprobs: list[list[float]] | None = Field(None,
+                                                    description="[T][K] their log-probs; null when top_k=0")
 
 
 class ScoreResponse(_Reply):
@@ -110,10 +113,12 @@ def check_score(req: ScoreRequest, vocab_size: int, max_model_len: int, max_logp
     # vLLM scores a sequence as a prompt that must leave room for one generated token: at most max_model_len -
     # 1.
     seqs = req.sequences
-    problems = check_token_rows("sequences[{}].token_ids", [s.token_ids for s in seqs], vocab_size, max_model_len - 1)
+    problems = check_token_rows("sequences[{}].token_ids", [s.token_ids for s in seqs], vocab_size,
+                                max_model_len - 1)
     for i, s in enumerate(seqs):
         if s.response_start > len(s.token_ids):
-            problems.append(f"sequences[{i}].response_start: {s.response_start} is past the sequence end ({len(s.token_ids)})")
+            problems.append(f"sequences[{i}].response_start: {s.response_start} is past the sequence end "
+                            f"({len(s.token_ids)})")
     if req.top_k > max_logprobs:
         problems.append(f"top_k: {req.top_k} exceeds the server's --max-logprobs ({max_logprobs})")
     return problems
@@ -123,7 +128,8 @@ def check_generate(req: GenerateRequest, vocab_size: int, max_model_len: int) ->
     problems = check_token_rows("prompts[{}]", req.prompts, vocab_size, max_model_len - 1)
     # the engine stops at max_model_len anyway; a bigger ask is a client bug
     if req.max_tokens > max_model_len:
-        problems.append(f"max_tokens: {req.max_tokens} exceeds this server's max model length ({max_model_len})")
+        problems.append(f"max_tokens: {req.max_tokens} exceeds this server's max model length "
+                        f"({max_model_len})")
     return problems
 
 
@@ -134,7 +140,8 @@ def check_reward(req: RewardRequest, vocab_size: int, max_model_len: int) -> lis
     problems += check_token_rows("completions[{}]", req.completions, vocab_size, max_model_len - 1)
     for i, (p, c) in enumerate(zip(req.prompts, req.completions, strict=True)):
         if p and c and len(p) + len(c) > max_model_len - 1:
-            problems.append(f"completions[{i}]: prompt + completion is {len(p) + len(c)} tokens, more than {max_model_len - 1}")
+            problems.append(f"completions[{i}]: prompt + completion is {len(p) + len(c)} tokens, "
+                            f"more than {max_model_len - 1}")
     return problems
 
 

@@ -72,7 +72,8 @@ class HTTPTeacher:
         t0 = time.perf_counter()
         n = self.sequences_per_request
         bodies = [
-            {"sequences": [{"token_ids": s.full_ids, "response_start": len(s.prompt.token_ids)} for s in samples[i : i + n]],
+            {"sequences": [{"token_ids": s.full_ids, "response_start": len(s.prompt.token_ids)}
+                           for s in samples[i : i + n]],
              "top_k": top_k}
             for i in range(0, len(samples), n)
         ]
@@ -102,7 +103,8 @@ class HTTPTeacher:
                 if r.status_code < 400:
                     return r.json()
                 if r.status_code < 500 and r.status_code not in RETRY_STATUS:
-                    raise TeacherServerError(f"{where} refused the request: HTTP {r.status_code}: {_detail(r)}")
+                    raise TeacherServerError(f"{where} refused the request: "
+                                             f"HTTP {r.status_code}: {_detail(r)}")
                 why = f"HTTP {r.status_code}: {_detail(r)}"
             except RETRY_ERRORS as e:
                 why = f"{type(e).__name__}: {e}"
@@ -112,8 +114,9 @@ class HTTPTeacher:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TeacherServerError(
-                    f"{where} unreachable: gave up after {time.monotonic() - start:.1f} s and {attempt} attempts "
-                    f"(retry deadline {self.retry_deadline_s:g} s, teacher.retry_deadline_s); last error: {why}"
+                    f"{where} unreachable: gave up after {time.monotonic() - start:.1f} s and {attempt} "
+                    f"attempts (retry deadline {self.retry_deadline_s:g} s, teacher.retry_deadline_s); "
+                    f"last error: {why}"
                 )
             # Capped exponential back-off with jitter, so many clients of one restarting server do not return
             # in step; the last pause is cut short so one more attempt lands right at the deadline.

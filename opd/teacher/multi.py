@@ -40,7 +40,8 @@ class TeacherCall:
     """Scoring in flight on the teacher actors concerned (``PendingScores``); ``result()`` waits for every
     part and gives the batch's ``TeacherScores`` in batch order."""
 
-    def __init__(self, samples: list[Sample], parts: dict[str, tuple[list[int], ObjectRef]], t0: float | None = None):
+    def __init__(self, samples: list[Sample], parts: dict[str, tuple[list[int], ObjectRef]],
+                 t0: float | None = None):
         self.samples, self.parts = samples, parts
         # merged scores' seconds count from the first call issued
         self.t0 = time.perf_counter() if t0 is None else t0
@@ -90,7 +91,9 @@ class Teachers:
         """Each prompt answered by its own teacher (the teacher accuracy a job reports is that of its
         teachers)."""
         parts = self._split(prompts)
-        refs = {name: self.actors[name].generate_greedy.remote([prompts[i].token_ids for i in idx], max_tokens) for name, idx in parts.items()}
+        refs = {name: self.actors[name].generate_greedy.remote([prompts[i].token_ids for i in idx],
+                                                               max_tokens)
+                for name, idx in parts.items()}
         texts: list = [None] * len(prompts)
         for name, out in zip(refs, ray.get(list(refs.values())), strict=True):
             for i, text in zip(parts[name], out, strict=True):

@@ -40,7 +40,8 @@ def record_scored(samples: list[Sample], seconds: float) -> None:
     _METRICS.record(tokens=n_tok, tokens_per_s=n_tok / max(seconds, 1e-9))
 
 
-def scores_from_rows(samples: list[Sample], rows: list, top_k: int, seconds: float, hidden: bool = False) -> TeacherScores:
+def scores_from_rows(samples: list[Sample], rows: list, top_k: int, seconds: float,
+                     hidden: bool = False) -> TeacherScores:
     """One ``TeacherScores`` from per-sample rows (``logprobs``, ``topk_ids``, ``topk_logprobs``), checked
     against the samples: the same record whichever teacher (in-process engine or HTTP server) produced the
     rows."""
@@ -58,7 +59,8 @@ def scores_from_rows(samples: list[Sample], rows: list, top_k: int, seconds: flo
 
 class VLLMTeacher:
     def __init__(
-        self, model_dir: str, *, seed: int, max_model_len: int | None, kv_cache_gib: float, dtype: str, max_logprobs: int,
+        self, model_dir: str, *, seed: int, max_model_len: int | None, kv_cache_gib: float, dtype: str,
+        max_logprobs: int,
         # rollout.engine; "hf" scores with transformers (same numbers, no vLLM in the job)
         engine: str = "vllm",
     ):
@@ -83,13 +85,15 @@ class VLLMTeacher:
         out = []
         for seq, start, r in zip(sequences, response_starts, rows, strict=True):
             if len(r.token_logprobs) != len(seq) - start:
-                raise ValueError(f"the engine scored {len(r.token_logprobs)} tokens of a {len(seq) - start}-token response")
+                raise ValueError(f"the engine scored {len(r.token_logprobs)} tokens of a "
+                                 f"{len(seq) - start}-token response")
             out.append(ResponseScores(r.token_logprobs, r.topk_ids, r.topk_logprobs, r.hidden))
         return out
 
     def score(self, samples: list[Sample], top_k: int = 0, hidden: bool = False) -> TeacherScores:
         t0 = time.perf_counter()
-        rows = self.score_tokens([s.full_ids for s in samples], [len(s.prompt.token_ids) for s in samples], top_k, hidden)
+        rows = self.score_tokens([s.full_ids for s in samples], [len(s.prompt.token_ids) for s in samples],
+                                 top_k, hidden)
         seconds = time.perf_counter() - t0
         record_scored(samples, seconds)
         return scores_from_rows(samples, rows, top_k, seconds, hidden)

@@ -32,9 +32,9 @@ from opd.teacher.scorer import VLLMTeacher
 APP_NAME = "opd-teacher"
 OPEN_PATHS = ("/health",)  # answered without a token: liveness probes carry no secrets
 REWARD_DOC = (
-    "Black-box reward of each completion: the teacher's mean per-token log-prob of the completion given its prompt, "
-    "(1/T) * sum_t log pi_T(c_t | prompt, c_<t). Always <= 0; higher means the teacher finds the completion more "
-    "likely. Empty completions are refused (the mean of no tokens is undefined)."
+    "Black-box reward of each completion: the teacher's mean per-token log-prob of the completion given its "
+    "prompt, (1/T) * sum_t log pi_T(c_t | prompt, c_<t). Always <= 0; higher means the teacher finds the "
+    "completion more likely. Empty completions are refused (the mean of no tokens is undefined)."
 )
 
 
@@ -75,7 +75,8 @@ class Guard:
         declared = headers.get("content-length", "")
         # not "²": isdigit()
         if declared.isascii() and declared.isdigit() and int(declared) > self.max_body_bytes:
-            return await _reply(send, 413, f"request body of {declared} bytes exceeds the limit of {self.max_body_bytes}")
+            return await _reply(
+                send, 413, f"request body of {declared} bytes exceeds the limit of {self.max_body_bytes}")
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -84,7 +85,8 @@ class Guard:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_body_bytes:
-                return await _reply(send, 413, f"request body exceeds the limit of {self.max_body_bytes} bytes")
+                return await _reply(send, 413,
+                                    f"request body exceeds the limit of {self.max_body_bytes} bytes")
             if not message.get("more_body", False):
                 break
         body, replayed = b"".join(chunks), False
@@ -92,7 +94,8 @@ class Guard:
         try:
             body.decode("utf-8")
         except UnicodeDecodeError as e:
-            return await _reply(send, 400, f"request body is not UTF-8: byte {e.start} ({body[e.start:e.start + 1]!r})")
+            return await _reply(send, 400,
+                                f"request body is not UTF-8: byte {e.start} ({body[e.start:e.start + 1]!r})")
 
         async def replay():
             nonlocal replayed
@@ -165,7 +168,8 @@ class TeacherServer:
         """Concurrent /v1/score (and /v1/reward) requests scored in one engine call, then split back."""
         flat = [s for r in requests for s in r.sequences]
         top_k = max(r.top_k for r in requests)
-        rows = await self._run(self.teacher.score_tokens, [s.token_ids for s in flat], [s.response_start for s in flat], top_k)
+        rows = await self._run(self.teacher.score_tokens, [s.token_ids for s in flat],
+                               [s.response_start for s in flat], top_k)
         out, i = [], 0
         for r in requests:
             mine, i = rows[i : i + len(r.sequences)], i + len(r.sequences)
@@ -190,13 +194,13 @@ def build_app(server: TeacherServer) -> FastAPI:
     s = server.settings
     app = FastAPI(
         title="opd teacher", version="1",
-        description=f"Teacher scoring server for on-policy distillation ({s.model_dir}). Every path but /health needs "
-                    "`Authorization: Bearer TOKEN` when the server was started with a token.",
+        description=f"Teacher scoring server for on-policy distillation ({s.model_dir}). Every path but "
+                    "/health needs `Authorization: Bearer TOKEN` when the server was started with a token.",
     )
     app.add_middleware(Guard, token=s.token, max_body_bytes=s.max_body_bytes)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    errors = {400: {"description": "malformed or non-UTF-8 JSON, or a request this model cannot take (the message names "
-                         "the field and row)"},
+    errors = {400: {"description": "malformed or non-UTF-8 JSON, or a request this model cannot take "
+                                   "(the message names the field and row)"},
               401: {"description": "missing or wrong bearer token"}, 413: {"description": "body too large"}}
     base_openapi = app.openapi
 
@@ -218,8 +222,8 @@ def build_app(server: TeacherServer) -> FastAPI:
 
     @app.get("/health", response_model=api.Health)
     async def health() -> api.Health:
-        return api.Health(status="ok", model=s.model_dir, vocab_size=server.vocab_size, max_model_len=server.max_model_len,
-                      max_logprobs=s.max_logprobs)
+        return api.Health(status="ok", model=s.model_dir, vocab_size=server.vocab_size,
+                          max_model_len=server.max_model_len, max_logprobs=s.max_logprobs)
 
     @app.post("/v1/score", response_model=api.ScoreResponse, responses=errors)
     async def score(req: api.ScoreRequest) -> api.ScoreResponse:
@@ -232,20 +236,23 @@ def build_app(server: TeacherServer) -> FastAPI:
     async def generate(req: api.GenerateRequest) -> api.GenerateResponse:
         """Greedy completion text of each prompt (evaluation measures the teacher's accuracy with it)."""
         _refuse(api.check_generate(req, server.vocab_size, server.max_model_len))
-        texts = await server._run(server.teacher.generate_greedy, req.prompts, req.max_tokens) if req.prompts else []
+        texts = (await server._run(server.teacher.generate_greedy, req.prompts, req.max_tokens)
+                 if req.prompts else [])
         return api.GenerateResponse(texts=texts)
 
     @app.post("/v1/reward", response_model=api.RewardResponse, responses=errors, description=REWARD_DOC)
     async def reward(req: api.RewardRequest) -> api.RewardResponse:
         _refuse(api.check_reward(req, server.vocab_size, server.max_model_len))
-        seqs = [api.Sequence(token_ids=p + c, response_start=len(p)) for p, c in zip(req.prompts, req.completions, strict=True)]
+        seqs = [api.Sequence(token_ids=p + c, response_start=len(p))
+                for p, c in zip(req.prompts, req.completions, strict=True)]
         scores = await server._score_batch(api.ScoreRequest(sequences=seqs)) if seqs else []
         return api.RewardResponse(rewards=[sum(x.logprobs) / len(x.logprobs) for x in scores])
 
     return app
 
 
-def serve_forever(settings: ServerSettings, *, host: str, port: int, replicas: int, address: str | None = None) -> None:
+def serve_forever(settings: ServerSettings, *, host: str, port: int, replicas: int,
+                  address: str | None = None) -> None:
     """Start Ray (embedded unless ``address``), deploy ``replicas`` teacher replicas on ``host:port``, block
     until SIGTERM/SIGINT, then shut Serve and Ray down."""
     import ray
@@ -264,7 +271,8 @@ def serve_forever(settings: ServerSettings, *, host: str, port: int, replicas: i
     try:
         serve.start(http_options={"host": host, "port": port})
         deployment = serve.deployment(TeacherServer).options(
-            name="teacher", num_replicas=replicas, ray_actor_options={"num_cpus": 1, "num_gpus": settings.num_gpus},
+            name="teacher", num_replicas=replicas,
+            ray_actor_options={"num_cpus": 1, "num_gpus": settings.num_gpus},
             # Room for a full batch to queue while the previous one runs; beyond it Serve answers 503
             # (back-off).
             max_ongoing_requests=max(16, 2 * settings.max_batch_size),

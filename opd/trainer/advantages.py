@@ -23,7 +23,8 @@ def grpo_advantages(rewards_PG: torch.Tensor, *, norm_by_std: bool = True, eps: 
 
 
 def opd_token_advantages(
-    student_logprobs_BT: torch.Tensor, teacher_logprobs_BT: torch.Tensor, mask_BT: torch.Tensor, coef: float = 1.0
+    student_logprobs_BT: torch.Tensor, teacher_logprobs_BT: torch.Tensor, mask_BT: torch.Tensor,
+    coef: float = 1.0,
 ) -> torch.Tensor:
     """Sampled-token reverse KL as a per-token advantage (§1.1): ``A_t = -coef * (log pi(y_t) - log
     pi_T(y_t))``.

@@ -21,7 +21,8 @@ from opd.trainer.weights import entropy_weights
 def _join(parts: list[torch.Tensor]) -> torch.Tensor:
     t_max = max((p.shape[1] for p in parts), default=1)
     # An empty shard still joins the collectives, with an empty [0, T] batch.
-    return torch.cat([torch.nn.functional.pad(p, (0, t_max - p.shape[1])) for p in parts] or [torch.zeros(0, t_max)])
+    return torch.cat([torch.nn.functional.pad(p, (0, t_max - p.shape[1])) for p in parts]
+                     or [torch.zeros(0, t_max)])
 
 
 def _split(whole_NT: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -84,7 +85,8 @@ def sequences(mask_BT: torch.Tensor, agg: str) -> float:
     return float(mask_BT.shape[0])
 
 
-def denominators(counted: list[torch.Tensor], live: list[torch.Tensor], comm: Collective) -> tuple[float, int]:
+def denominators(counted: list[torch.Tensor], live: list[torch.Tensor],
+                 comm: Collective) -> tuple[float, int]:
     """(tokens, sequences) of the whole batch, summed over ranks: each shard's loss is a share of the batch's.
     ``live``: [B] per micro-batch, 1 for each sample of the batch's sequence count (live, with tokens)."""
     local = [float(sum(c.sum() for c in counted)), float(sum(x.sum() for x in live))]

@@ -30,13 +30,15 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise NoCudaError(
             f"trainer.device=cuda, but this process sees no CUDA GPU (torch {torch.__version__}, "
-            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); use trainer.device=auto or cpu, or run where a GPU is visible"
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
+            "use trainer.device=auto or cpu, or run where a GPU is visible"
         )
     # The current CUDA device: Ray gives a GPU rank exactly one visible device, so this is the one it holds.
     return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device("cpu")
 
 
-def learner_placement(device: str, dist_backend: str, num_ranks: int, cluster_gpus: float) -> tuple[str, bool]:
+def learner_placement(device: str, dist_backend: str, num_ranks: int,
+                      cluster_gpus: float) -> tuple[str, bool]:
     """(the device each learner rank runs on, whether each rank asks Ray for one GPU) on a cluster with
     ``cluster_gpus`` GPUs. ``auto`` takes the GPUs when there is one per rank; NCCL collectives need a GPU
     even for a learner that keeps its tensors on the CPU (``opd.trainer.dist`` stages them there)."""

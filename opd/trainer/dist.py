@@ -67,7 +67,8 @@ class Collective:
         if self.world_size == 1:
             return
         params = [p for p in params if p.requires_grad]
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                          for p in params])
         flat = self.sum(flat)
         offset = 0
         for p in params:
@@ -92,7 +93,8 @@ def resolve_backend(name: str) -> str:
     return name
 
 
-def join(rank: int, world_size: int, host: str, port: int, backend: str, timeout_s: float = 1800.0) -> Collective:
+def join(rank: int, world_size: int, host: str, port: int, backend: str,
+         timeout_s: float = 1800.0) -> Collective:
     """Join the learners' process group; returns once all ``world_size`` ranks have called it.
 
     ``timeout_s`` bounds every later collective too: a rank whose peer died mid-step fails after it instead of
@@ -102,10 +104,12 @@ def join(rank: int, world_size: int, host: str, port: int, backend: str, timeout
     # a second learner in a process already in the group (tests/fsdp_ranks.py) shares it
     if dist.is_initialized():
         if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
-            raise RuntimeError(f"this process is rank {dist.get_rank()} of {dist.get_world_size()}, not {rank} of {world_size}")
+            raise RuntimeError(f"this process is rank {dist.get_rank()} of {dist.get_world_size()}, "
+                               f"not {rank} of {world_size}")
     else:
         dist.init_process_group(
-            backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+            backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=world_size,
+            timeout=timedelta(seconds=timeout_s)
         )
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     return Collective(rank, world_size, device)

@@ -79,7 +79,8 @@ def generalized_jsd(s_logp: torch.Tensor, t_logp: torch.Tensor, beta: float) -> 
     # -inf, M is 0 and both terms vanish; a logsumexp over two -inf would still put NaN into the gradient.
     both = torch.isneginf(t) & torch.isneginf(s_logp)
     log_m = torch.logsumexp(
-        torch.stack([t.masked_fill(both, 0.0) + math.log(beta), s_logp.masked_fill(both, 0.0) + math.log(1.0 - beta)]), dim=0
+        torch.stack([t.masked_fill(both, 0.0) + math.log(beta),
+                     s_logp.masked_fill(both, 0.0) + math.log(1.0 - beta)]), dim=0
     )
     return beta * _expect(t, t - log_m) + (1.0 - beta) * _expect(s_logp, s_logp - log_m)
 
@@ -141,7 +142,8 @@ def student_topk_divergence(
     if tail and k < s_logp_BTV.shape[-1]:
         s_sup, t_sup = at_with_rest(s_logp_BTV, idx_BTK), at_with_rest(t_logp_BTV, idx_BTK)
     else:
-        s_sup, t_sup = _renormalize(s_logp_BTV.gather(-1, idx_BTK)), _renormalize(t_logp_BTV.gather(-1, idx_BTK))
+        s_sup, t_sup = (_renormalize(s_logp_BTV.gather(-1, idx_BTK)),
+                        _renormalize(t_logp_BTV.gather(-1, idx_BTK)))
     return generalized_jsd(s_sup, t_sup, beta), _entropy(t_sup)
 
 

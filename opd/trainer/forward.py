@@ -35,12 +35,15 @@ class MicroTensors:
     def to(self, device: torch.device) -> MicroTensors:
         """The micro-batch on ``device``: built on the CPU row by row, then copied once per tensor (not per
         row)."""
-        return replace(self, input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
-                       pos_BT=self.pos_BT.to(device), targets_BT=self.targets_BT.to(device), mask_BT=self.mask_BT.to(device),
+        return replace(self, input_ids=self.input_ids.to(device),
+                       attention_mask=self.attention_mask.to(device),
+                       pos_BT=self.pos_BT.to(device), targets_BT=self.targets_BT.to(device),
+                       mask_BT=self.mask_BT.to(device),
                        shared=self.shared.to(device) if self.shared is not None else None)
 
 
-def build_micro(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int, share: bool = False) -> MicroTensors:
+def build_micro(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
+                share: bool = False) -> MicroTensors:
     seqs = [p + r for p, r in zip(prompt_ids, response_ids, strict=True)]
     width = max(len(s) for s in seqs)
     t_max = max(max((len(r) for r in response_ids), default=0), 1)
@@ -79,7 +82,8 @@ def response_hidden(model, mt: MicroTensors) -> torch.Tensor:
         return shared_response_hidden(model.get_decoder(), mt.shared)
     # No KV cache: a training forward never decodes, and HF would otherwise build one (and warn under
     # checkpointing).
-    hidden = model.get_decoder()(input_ids=mt.input_ids, attention_mask=mt.attention_mask, use_cache=False).last_hidden_state
+    hidden = model.get_decoder()(input_ids=mt.input_ids, attention_mask=mt.attention_mask,
+                                 use_cache=False).last_hidden_state
     return hidden.gather(1, mt.pos_BT.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
 

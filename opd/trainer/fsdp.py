@@ -11,8 +11,8 @@ reduce-scatters them.
 What the ranks must agree on, because every forward and backward through a sharded model is a collective:
 the number of micro-batches per step (``pad_micro``: a rank with fewer repeats its last one with zero weight)
 and every call that reads the whole model (weight export, the probe, checkpoints): rank 0 asks its peers to
-make the same call (``Learner._collective``). Gradients are summed, not averaged, over ranks: each rank's loss is already
-divided by the batch-wide denominator, as with replicas.
+make the same call (``Learner._collective``). Gradients are summed, not averaged, over ranks: each rank's loss
+is already divided by the batch-wide denominator, as with replicas.
 
 Checkpoints stay in the unsharded layout (``model/`` or ``adapter/`` as HF and PEFT save them,
 ``optimizer.pt`` keyed by parameter name): gathered on rank 0's CPU when saved, and each rank takes its own

@@ -152,7 +152,8 @@ class Learner:
         """A free port on this rank's host: rank 0 hosts the process group's rendezvous store."""
         return free_port()
 
-    def join_group(self, rank: int, world_size: int, host: str, port: int, backend: str, strategy: str = "ddp") -> None:
+    def join_group(self, rank: int, world_size: int, host: str, port: int, backend: str,
+                   strategy: str = "ddp") -> None:
         """Every rank calls this concurrently; it returns once all have joined (and, for fsdp2, sharded the
         student and its frozen models: every rank loaded identical ones, and each now keeps its slice)."""
         if strategy not in fsdp.STRATEGIES:
@@ -177,7 +178,8 @@ class Learner:
 
     def _collective(self, method: str, *args) -> list:
         """Rank 0's side of a call that reads the whole sharded model (export, probe, checkpoint): the peers
-        make the same call meanwhile, since its gathers and forwards are collectives. Replicas answer alone."""
+        make the same call meanwhile, since its gathers and forwards are collectives. Replicas answer
+        alone."""
         return [getattr(peer, method).remote(*args) for peer in self.peers] if self.sharded else []
 
     def set_peers(self, peers: list) -> None:
@@ -195,27 +197,31 @@ class Learner:
     def _srpo_weights(self, auxes: list[Aux], masks: list[torch.Tensor], live: list[torch.Tensor]) -> None:
         """Each micro-batch's SRPO entropy weights, from the self-teacher's entropy on its SDPO-routed
         tokens."""
-        ent = [per_piece(lambda p, a=a: entropy_from_logits(a.teacher_head(p)), self._pieces(m)) for a, m in zip(auxes, masks, strict=True)]
+        ent = [per_piece(lambda p, a=a: entropy_from_logits(a.teacher_head(p)), self._pieces(m))
+               for a, m in zip(auxes, masks, strict=True)]
         sdpo = [(a.route_sdpo_B * x).unsqueeze(-1) * m for a, m, x in zip(auxes, masks, live, strict=True)]
-        for a, w in zip(auxes, batchwide.srpo_weights(ent, sdpo, self.spec.entropy_beta, self.comm), strict=True):
+        for a, w in zip(auxes, batchwide.srpo_weights(ent, sdpo, self.spec.entropy_beta, self.comm),
+                        strict=True):
             a.entropy_weights_BT = w
 
     @torch.no_grad()
-    def _keep_masks(self, batch: TrainBatch, micro: list[list[int]], mts: list[MicroTensors], auxes: list[Aux],
-                    live: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _keep_masks(self, batch: TrainBatch, micro: list[list[int]], mts: list[MicroTensors],
+                    auxes: list[Aux], live: list[torch.Tensor]) -> list[torch.Tensor]:
         """TIP over the whole batch: the student's entropy (a forward without grad, before any micro-batch
         learns) and the sampled-token teacher divergence |log q - log pi_T|, ranked once over all
         micro-batches' tokens."""
         ent, div = [], []
         for idx, mt, a in zip(micro, mts, auxes, strict=True):
             h = self.fw.hidden(self.trunk, mt)
-            ent.append(per_piece(lambda p, h=h: entropy_from_logits(self.fw.logits(self.model, h[p])), self._pieces(mt.mask_BT)))
-            div.append((rows([batch.sampler_logprobs[i] for i in idx], mt.mask_BT.shape[1], self.device) - a.teacher_logp_BT).abs())
+            ent.append(per_piece(lambda p, h=h: entropy_from_logits(self.fw.logits(self.model, h[p])),
+                                 self._pieces(mt.mask_BT)))
+            div.append((rows([batch.sampler_logprobs[i] for i in idx], mt.mask_BT.shape[1], self.device)
+                        - a.teacher_logp_BT).abs())
         valid = [mt.mask_BT * x.unsqueeze(-1) for mt, x in zip(mts, live, strict=True)]
         return batchwide.keep_masks(ent, div, valid, self.spec.keep_ratio, self.spec.select_mode, self.comm)
 
-    def _learn_micro(self, batch: TrainBatch, idx: list[int], mt: MicroTensors, aux: Aux, keep: torch.Tensor | None,
-                     live: torch.Tensor, denom: float, n_seqs: int) -> StepStats:
+    def _learn_micro(self, batch: TrainBatch, idx: list[int], mt: MicroTensors, aux: Aux,
+                     keep: torch.Tensor | None, live: torch.Tensor, denom: float, n_seqs: int) -> StepStats:
         """Forward and backward of one micro-batch: the trunk once, then the LM head and the loss piece by
         piece (``opd.trainer.chunks``), each piece's backward into the trunk's output, then one backward
         through the trunk. A non-finite piece stops the micro-batch before its backward (the step will be
@@ -227,12 +233,15 @@ class Learner:
         # 0 on a padding micro-batch (fsdp.pad_micro)
         weights_BT = live.unsqueeze(-1) * torch.ones_like(mt.mask_BT)
         if batch.loss_weights is not None:
-            weights_BT = weights_BT * torch.tensor([batch.loss_weights[i] for i in idx], device=self.device).unsqueeze(-1)
+            weights_BT = weights_BT * torch.tensor([batch.loss_weights[i] for i in idx],
+                                                   device=self.device).unsqueeze(-1)
         h_BTH = self.fw.hidden(self.trunk, mt)
         targets_BT, mask_BT = mt.targets_BT, mt.mask_BT
         if keep is not None:
-            h_BTH, targets_BT, mask_BT = flatten_kept(h_BTH, keep), flatten_kept(targets_BT, keep), flatten_kept(mask_BT, keep)
-            sampler_BT, adv_BT, weights_BT = flatten_kept(sampler_BT, keep), flatten_kept(adv_BT, keep), flatten_kept(weights_BT, keep)
+            h_BTH, targets_BT, mask_BT = (flatten_kept(h_BTH, keep), flatten_kept(targets_BT, keep),
+                                          flatten_kept(mask_BT, keep))
+            sampler_BT, adv_BT, weights_BT = (flatten_kept(sampler_BT, keep), flatten_kept(adv_BT, keep),
+                                              flatten_kept(weights_BT, keep))
             for name in ("teacher_logp_BT", "ref_logp_BT", "topk_ids_BTK", "topk_logp_BTK"):
                 if getattr(aux, name) is not None:
                     setattr(aux, name, flatten_kept(getattr(aux, name), keep))
@@ -240,11 +249,12 @@ class Learner:
         out = StepStats()
         for p in self._pieces(mask_BT, by_token=bool(self.spec.select_mode)):
             logits_BTV = self.fw.logits(self.model, h_leaf[p])
-            loss_BT, count_BT = token_loss(self.spec, logits_BTV, targets_BT[p], mask_BT[p], sampler_BT[p], adv_BT[p], aux.piece(p))
+            loss_BT, count_BT = token_loss(self.spec, logits_BTV, targets_BT[p], mask_BT[p], sampler_BT[p],
+                                           adv_BT[p], aux.piece(p))
             loss_BT = loss_BT * weights_BT[p]
             if self.spec.objective.sequence_agg and self.spec.agg != "token-mean":
-                loss = aggregate(loss_BT, mask_BT[p], self.spec.agg, self.spec.norm_len) * batchwide.sequences(
-                    mask_BT[p], self.spec.agg) / n_seqs
+                loss = aggregate(loss_BT, mask_BT[p], self.spec.agg,
+                                 self.spec.norm_len) * batchwide.sequences(mask_BT[p], self.spec.agg) / n_seqs
             else:
                 loss = loss_BT.sum() / denom
             if not torch.isfinite(loss.detach()):
@@ -254,7 +264,8 @@ class Learner:
             with torch.no_grad():
                 logp_BT = token_logprobs(logits_BTV, targets_BT[p])
                 m = mask_BT[p]
-                out = out.add(loss=float(loss), entropy_sum=float((entropy_from_logits(logits_BTV) * m).sum()),
+                out = out.add(loss=float(loss),
+                              entropy_sum=float((entropy_from_logits(logits_BTV) * m).sum()),
                               tokens=float(m.sum()), counted=float(count_BT.sum()))
                 if m.any():
                     out = out.add(absdiff=float(((logp_BT - sampler_BT[p]).abs() * m).max()))
@@ -276,7 +287,8 @@ class Learner:
         batch.validate()
         parts, imbalance = self.shards(batch, 1 + len(self.peers))
         if self.peers:
-            pending = [peer.train_shard.remote(*part) for peer, part in zip(self.peers, parts[1:], strict=True)]
+            pending = [peer.train_shard.remote(*part)
+                       for peer, part in zip(self.peers, parts[1:], strict=True)]
             stats = self.train_shard(*parts[0])
             _wait(pending)
         else:
@@ -288,7 +300,8 @@ class Learner:
         of a sharded learner: sample 0, run at weight 0), and their imbalance (max / mean tokens)."""
         lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True)]
         idx = balance_shards(lengths, ranks)
-        parts = [(take(batch, i), False) if i or not self.sharded else (replace(take(batch, [0]), loss_weights=[0.0]), True)
+        parts = [(take(batch, i), False) if i or not self.sharded
+                 else (replace(take(batch, [0]), loss_weights=[0.0]), True)
                  for i in idx]
         return parts, shard_imbalance(lengths, idx)
 
@@ -317,29 +330,33 @@ class Learner:
         n_own = 0 if stand_in else len(micro)  # the micro-batches whose statistics count
         if self.sharded:  # every rank runs as many forwards and backwards: the longest plan's count
             micro, _ = fsdp.pad_micro(micro, int(self.comm.max(torch.tensor(float(len(micro))))))
-        mts = [build_micro([batch.prompt_ids[i] for i in idx], [batch.response_ids[i] for i in idx], self.pad_id,
-                           self.share_prompts).to(self.device) for idx in micro]
+        mts = [build_micro([batch.prompt_ids[i] for i in idx], [batch.response_ids[i] for i in idx],
+                           self.pad_id, self.share_prompts).to(self.device) for idx in micro]
         auxes = [self.teachers.aux(batch, idx, mt) for idx, mt in zip(micro, mts, strict=True)]
         live = [batchwide.live_samples(batch.loss_weights, idx).to(self.device) * float(j < n_own)
                 for j, idx in enumerate(micro)]
         objective = self.spec.objective
         if objective.entropy_weighted:
             self._srpo_weights(auxes, [mt.mask_BT for mt in mts], live)
-        keeps = self._keep_masks(batch, micro, mts, auxes, live) if self.spec.select_mode else [None] * len(micro)
-        counted = [batchwide.counted_tokens(mt.mask_BT, x, k, a.route_sdpo_B if objective.routed_denominator else None)
+        keeps = (self._keep_masks(batch, micro, mts, auxes, live) if self.spec.select_mode
+                 else [None] * len(micro))
+        counted = [batchwide.counted_tokens(mt.mask_BT, x, k,
+                                            a.route_sdpo_B if objective.routed_denominator else None)
                    for mt, x, k, a in zip(mts, live, keeps, auxes, strict=True)]
         with_tokens = [x * (mt.mask_BT.sum(-1) > 0) for mt, x in zip(mts, live, strict=True)]
         denom, n_seqs = batchwide.denominators(counted, with_tokens, self.comm)
         kl_sum, kl_tokens = self._teacher_kl(batch, micro[:n_own], mts[:n_own], auxes[:n_own])
         base = StepStats(real_positions=float(sum(lengths) * (not stand_in)),
-                         padded_positions=float(padded_tokens(lengths, micro[:n_own])), kl_sum=kl_sum, kl_tokens=kl_tokens)
+                         padded_positions=float(padded_tokens(lengths, micro[:n_own])), kl_sum=kl_sum,
+                         kl_tokens=kl_tokens)
         return _Shard(micro, n_own, mts, auxes, live, keeps, denom, n_seqs, base)
 
     def _accumulate(self, batch: TrainBatch, shard: _Shard) -> StepStats:
         """Every micro-batch's forward and backward; gradients add up to the whole batch's loss."""
         own = shard.base
         self.opt.zero_grad(set_to_none=True)
-        for j, (idx, mt, aux, keep, x) in enumerate(zip(shard.micro, shard.mts, shard.auxes, shard.keeps, shard.live, strict=True)):
+        for j, (idx, mt, aux, keep, x) in enumerate(zip(shard.micro, shard.mts, shard.auxes, shard.keeps,
+                                                        shard.live, strict=True)):
             with ActivationMeter(weights=self._weights) as meter:
                 got = self._learn_micro(batch, idx, mt, aux, keep, x, shard.denom, shard.n_seqs)
             own = own.add(activation_bytes=float(meter.bytes))
@@ -349,8 +366,8 @@ class Learner:
                     continue  # the other ranks' forwards and backwards still need this one's
                 break
             if j < shard.n_own:
-                own = own.add(loss=got.loss, entropy_sum=got.entropy_sum, tokens=got.tokens, counted=got.counted,
-                              absdiff=got.absdiff)
+                own = own.add(loss=got.loss, entropy_sum=got.entropy_sum, tokens=got.tokens,
+                              counted=got.counted, absdiff=got.absdiff)
         return own
 
     def _apply(self, finite: bool) -> tuple[float, bool]:
@@ -359,7 +376,8 @@ class Learner:
             self.comm.sum_grads(trainable(self.model))  # identical gradients -> identical clipping and step
         # Sharded, the backward already summed each shard's gradient over the ranks, and the norm spans them
         # too.
-        grad_norm = float(whole(torch.nn.utils.clip_grad_norm_(trainable(self.model), self.grad_clip))) if finite else math.nan
+        grad_norm = (float(whole(torch.nn.utils.clip_grad_norm_(trainable(self.model), self.grad_clip)))
+                     if finite else math.nan)
         skipped = not (finite and math.isfinite(grad_norm))
         if skipped:
             log.warning("non-finite loss or gradient at learner step %d: update skipped", self.steps_done)
@@ -370,19 +388,23 @@ class Learner:
         self.opt.step()
         if self.teachers.self_teacher is not None:
             # Pairs by position; with LoRA only the adapter moves, so only it is averaged.
-            pairs = [(t, s) for t, s in zip(self.teachers.self_teacher.parameters(), self.model.parameters(), strict=True)
+            pairs = [(t, s) for t, s in zip(self.teachers.self_teacher.parameters(), self.model.parameters(),
+                                            strict=True)
                      if s.requires_grad]
-            ema_update([t for t, _ in pairs], [s for _, s in pairs], rate=self.spec.self_teacher_settings.ema_rate)
+            ema_update([t for t, _ in pairs], [s for _, s in pairs],
+                       rate=self.spec.self_teacher_settings.ema_rate)
         self.steps_done += 1
         self.version += 1
         return grad_norm, False
 
-    def _teacher_kl(self, batch: TrainBatch, micro: list[list[int]], mts: list[MicroTensors], auxes: list[Aux]) -> tuple[float, float]:
+    def _teacher_kl(self, batch: TrainBatch, micro: list[list[int]], mts: list[MicroTensors],
+                    auxes: list[Aux]) -> tuple[float, float]:
         """(sum, tokens) of the sampled-token KL log q - log pi_T when this learner ran the teacher (then no
         teacher actor scored the batch, and the driver's ``teacher_kl`` comes from here)."""
         if self.teachers.hf_teacher is None:
             return 0.0, 0.0
-        parts = [((rows([batch.sampler_logprobs[i] for i in idx], mt.mask_BT.shape[1], self.device) - a.teacher_logp_BT) * mt.mask_BT).sum()
+        parts = [((rows([batch.sampler_logprobs[i] for i in idx], mt.mask_BT.shape[1], self.device)
+                   - a.teacher_logp_BT) * mt.mask_BT).sum()
                  for idx, mt, a in zip(micro, mts, auxes, strict=True)]
         return float(sum(parts)), float(sum(mt.mask_BT.sum() for mt in mts))
 
@@ -418,7 +440,8 @@ class Learner:
         """The adapter's files (PEFT format) for the engines: a few MB where ``export_weights`` sends the
         model."""
         if self.lora is None:
-            raise RuntimeError("export_adapter: this learner trains every weight (lora.r = 0); use export_weights")
+            raise RuntimeError(
+                "export_adapter: this learner trains every weight (lora.r = 0); use export_weights")
         pending = self._collective("export_adapter")
         files = adapter_files(self.model)
         _wait(pending)

@@ -65,7 +65,8 @@ def adapter_files(model: PeftModel) -> dict[str, bytes]:
     with tempfile.TemporaryDirectory(prefix="opd-lora-config-") as tmp:
         config.save_pretrained(tmp)
         config_bytes = (Path(tmp) / "adapter_config.json").read_bytes()
-    return {"adapter_config.json": config_bytes, "adapter_model.safetensors": save(state, metadata={"format": "pt"})}
+    return {"adapter_config.json": config_bytes,
+            "adapter_model.safetensors": save(state, metadata={"format": "pt"})}
 
 
 def load_adapter_weights(model: PeftModel, directory: Path, load=None) -> None:
@@ -77,10 +78,13 @@ def load_adapter_weights(model: PeftModel, directory: Path, load=None) -> None:
     ``opd.trainer.fsdp``)."""
     saved = json.loads((directory / "adapter_config.json").read_text())
     ours = model.peft_config["default"]
-    for key, mine, theirs in [("r", ours.r, saved.get("r")), ("alpha", ours.lora_alpha, saved.get("lora_alpha")),
-                              ("target_modules", sorted(ours.target_modules), sorted(saved.get("target_modules") or []))]:
+    for key, mine, theirs in [("r", ours.r, saved.get("r")),
+                              ("alpha", ours.lora_alpha, saved.get("lora_alpha")),
+                              ("target_modules", sorted(ours.target_modules),
+                               sorted(saved.get("target_modules") or []))]:
         if mine != theirs:
-            raise ValueError(f"lora.{key}: the adapter in {directory} was saved with {theirs!r}, this run has {mine!r}")
+            raise ValueError(f"lora.{key}: the adapter in {directory} was saved with {theirs!r}, "
+                             f"this run has {mine!r}")
     state = load_file(str(directory / "adapter_model.safetensors"))
     if load is not None:
         # PEFT names the keys as the model does, then calls the model's load_state_dict once: that call goes
@@ -98,4 +102,5 @@ def load_adapter_weights(model: PeftModel, directory: Path, load=None) -> None:
     # Loading is non-strict (the base weights are not in the file): an adapter key left unset is the mismatch.
     wrong = list(result.unexpected_keys) + [k for k in result.missing_keys if "lora_" in k]
     if wrong or not state:
-        raise ValueError(f"adapter in {directory} does not fit this model (first mismatched key: {(wrong or ['none'])[0]})")
+        raise ValueError(f"adapter in {directory} does not fit this model "
+                         f"(first mismatched key: {(wrong or ['none'])[0]})")

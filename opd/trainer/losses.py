@@ -12,7 +12,8 @@ import torch
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "token-sum")
 
 
-def aggregate(loss_BT: torch.Tensor, mask_BT: torch.Tensor, mode: str = "token-mean", norm_len: int | None = None) -> torch.Tensor:
+def aggregate(loss_BT: torch.Tensor, mask_BT: torch.Tensor, mode: str = "token-mean",
+              norm_len: int | None = None) -> torch.Tensor:
     """Reduce a per-token loss to a scalar (§0.2). An all-masked batch gives 0 with a gradient, never NaN.
 
     ``seq-mean-token-sum-norm`` (Dr.GRPO) divides by a constant ``norm_len`` (defaults to T) instead of |o_i|.
@@ -33,7 +34,8 @@ def aggregate(loss_BT: torch.Tensor, mask_BT: torch.Tensor, mode: str = "token-m
     raise ValueError(f"unknown loss aggregation {mode!r}; valid: {AGG_MODES}")
 
 
-def truncated_is_weights(old_logprobs_BT: torch.Tensor, sampler_logprobs_BT: torch.Tensor, cap: float) -> torch.Tensor:
+def truncated_is_weights(old_logprobs_BT: torch.Tensor, sampler_logprobs_BT: torch.Tensor,
+                         cap: float) -> torch.Tensor:
     """Detached ``min(exp(log pi_old - log q), cap)``: corrects sampler/learner mismatch (§0.3), not the PPO
     ratio."""
     return torch.exp(old_logprobs_BT.detach() - sampler_logprobs_BT).clamp(max=cap)
@@ -108,11 +110,13 @@ def clipped_pg_loss(
     loss = aggregate(loss_BT, mask_BT, agg, norm_len)
     m = mask_BT.to(ratio.dtype)
     n = m.sum().clamp(min=1.0)
-    stats = {"clip_frac": float((clipped.to(m.dtype) * m).sum() / n), "ratio_mean": float((ratio * m).sum() / n)}
+    stats = {"clip_frac": float((clipped.to(m.dtype) * m).sum() / n),
+             "ratio_mean": float((ratio * m).sum() / n)}
     return loss, stats
 
 
-def token_logprobs(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def token_logprobs(logits_BTV: torch.Tensor, targets_BT: torch.Tensor,
+                   temperature: float = 1.0) -> torch.Tensor:
     """log pi(target_t) from logits aligned so that ``logits_BTV[:, t]`` predicts ``targets_BT[:, t]``."""
     logp = torch.log_softmax(logits_BTV.float() / temperature, dim=-1)
     return logp.gather(-1, targets_BT.unsqueeze(-1)).squeeze(-1)

@@ -26,7 +26,8 @@ class ActivationMeter:
         # Weights autograd saves (a matmul's backward reads them) are the model, not activations. A shard's
         # storage is its local slice; the whole weights FSDP2 gathers for a layer are parameters of their own
         # (``_is_weight``).
-        self._weights = {(w.to_local() if hasattr(w, "to_local") else w).untyped_storage().data_ptr() for w in weights}
+        self._weights = {(w.to_local() if hasattr(w, "to_local") else w).untyped_storage().data_ptr()
+                         for w in weights}
 
     @staticmethod
     def _is_weight(t: torch.Tensor) -> bool:

@@ -30,7 +30,8 @@ def save(learner, path: str) -> None:
     # Gathered on rank 0's CPU when sharded (None: the model saves its own tensors, as it always has).
     state = fsdp.model_state(model) if sharded else None
     optim = fsdp.optimizer_state(model, learner.opt)
-    teacher = fsdp.model_state(learner.teachers.self_teacher.model) if learner.teachers.self_teacher is not None else None
+    teacher = (fsdp.model_state(learner.teachers.self_teacher.model)
+               if learner.teachers.self_teacher is not None else None)
     if learner.comm.rank != 0:
         return
     # With LoRA only the adapter is saved (its config names the base model): PeftModel.from_pretrained loads
@@ -45,7 +46,8 @@ def save(learner, path: str) -> None:
     torch.save(rng, out / "rng.pt")
     if teacher is not None:
         torch.save(teacher, out / "self_teacher.pt")
-    (out / "learner.json").write_text(json.dumps({"steps_done": learner.steps_done, "version": learner.version}))
+    (out / "learner.json").write_text(json.dumps({"steps_done": learner.steps_done,
+                                                  "version": learner.version}))
 
 
 def load(learner, path: str) -> None:

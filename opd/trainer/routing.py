@@ -41,21 +41,24 @@ def _groups(n: int, g: int) -> list[range]:
     return [range(s, s + g) for s in range(0, n, g)]
 
 
-def _self_teacher_prompts(samples: list[Sample], rewards: Rewards, g: int, plan: RoutePlan, render: Callable[[str], list[int]]):
+def _self_teacher_prompts(samples: list[Sample], rewards: Rewards, g: int, plan: RoutePlan,
+                          render: Callable[[str], list[int]]):
     """Per sample: the rendered self-teacher prompt (a sibling's correct answer shown), or None without
     one."""
     prompts: list[list[int] | None] = []
     for grp in _groups(len(samples), g):
         contexts = self_teacher_contexts(
             [rewards.rewards[i] for i in grp], [samples[i].response_text for i in grp], [None] * g,
-            success_threshold=plan.success_threshold, dont_reprompt_on_self_success=plan.dont_reprompt_on_self_success,
+            success_threshold=plan.success_threshold,
+            dont_reprompt_on_self_success=plan.dont_reprompt_on_self_success,
             include_feedback=False,
         )
         for i, ctx in zip(grp, contexts, strict=True):
             if ctx is None:
                 prompts.append(None)
             else:
-                text = build_reprompt(samples[i].prompt.columns.get("prompt", samples[i].prompt.text), ctx.solution, ctx.feedback)
+                text = build_reprompt(samples[i].prompt.columns.get("prompt", samples[i].prompt.text),
+                                      ctx.solution, ctx.feedback)
                 prompts.append(render(text)[: plan.max_reprompt_len])
     return prompts
 
@@ -82,9 +85,11 @@ def route(
     lengths = [len(s.response_ids) for s in samples]
     objective = get(plan.objective)
     if plan.signal.scored_by_actor and scores is None:
-        raise ValueError(f"{plan.objective} needs the teacher's per-token log-probs, and no teacher scores came with the batch")
+        raise ValueError(f"{plan.objective} needs the teacher's per-token log-probs, "
+                         "and no teacher scores came with the batch")
     if objective.group_advantages:
-        adv = grpo_advantages(torch.tensor(rewards.rewards).view(-1, g), norm_by_std=plan.norm_by_std, eps=plan.adv_eps).flatten()
+        adv = grpo_advantages(torch.tensor(rewards.rewards).view(-1, g), norm_by_std=plan.norm_by_std,
+                              eps=plan.adv_eps).flatten()
         advantages = [[float(a)] * n for a, n in zip(adv, lengths, strict=True)]
     else:
         # A teacher's per-token advantage is the learner's to compute, from its own current log pi (the
@@ -111,7 +116,8 @@ def route(
         objective=plan.objective,
         loss_weights=pick(_sample_weights(rewards, g, plan)),
         teacher_topk_ids=pick(scores.topk_ids) if scores is not None and plan.signal.kind == "topk" else None,
-        teacher_topk_logprobs=pick(scores.topk_logprobs) if scores is not None and plan.signal.kind == "topk" else None,
+        teacher_topk_logprobs=(pick(scores.topk_logprobs)
+                               if scores is not None and plan.signal.kind == "topk" else None),
         teacher_prompt_ids=pick(teacher_prompts),
         routes=pick(routes),
         teacher_hidden=pick(scores.hidden) if scores is not None and plan.signal.hidden else None,

@@ -35,7 +35,8 @@ class StepStats:
 
     def add(self, **values: float) -> StepStats:
         """These statistics with one micro-batch's added (sums) or folded in (maxima)."""
-        return replace(self, **{k: (max(getattr(self, k), v) if k in _MAX else getattr(self, k) + v) for k, v in values.items()})
+        return replace(self, **{k: (max(getattr(self, k), v) if k in _MAX else getattr(self, k) + v)
+                                for k, v in values.items()})
 
     def reduce(self, comm: Collective) -> StepStats:
         names = [f.name for f in fields(self)]

@@ -34,19 +34,22 @@ def frozen(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class TeacherSide:
-    def __init__(self, spec: ObjectiveSpec, student: torch.nn.Module, fw: Precision, pad_id: int, chunk_tokens: int,
-                 *, reference_dir: str, teacher_dir: str | None, share_prompts: bool = False,
-                 device: torch.device | None = None):
+    def __init__(self, spec: ObjectiveSpec, student: torch.nn.Module, fw: Precision, pad_id: int,
+                 chunk_tokens: int, *, reference_dir: str, teacher_dir: str | None,
+                 share_prompts: bool = False, device: torch.device | None = None):
         self.fw, self.pad_id, self.chunk_tokens, self.share_prompts = fw, pad_id, chunk_tokens, share_prompts
         self.device = device or torch.device("cpu")
         # Whole models run as trunks (their LM heads piece by piece), so FSDP2 can shard them as it shards the
         # student.
-        self.reference = Trunk(frozen(load_model(reference_dir, self.device))) if spec.needs_reference else None
-        self.hf_teacher = Trunk(frozen(load_model(teacher_dir, self.device))) if spec.needs_hf_teacher else None
+        self.reference = (Trunk(frozen(load_model(reference_dir, self.device)))
+                          if spec.needs_reference else None)
+        self.hf_teacher = (Trunk(frozen(load_model(teacher_dir, self.device)))
+                           if spec.needs_hf_teacher else None)
         # With the teacher's trunk in its own actor, only its LM head lives here (the rest of the model is
         # freed, never copied to the device).
         teacher = load_model(teacher_dir) if spec.needs_teacher_head else None
-        self.teacher_head = frozen(teacher.get_output_embeddings().to(self.device)) if teacher is not None else None
+        self.teacher_head = (frozen(teacher.get_output_embeddings().to(self.device))
+                             if teacher is not None else None)
         self.teacher_config = teacher.config if teacher is not None else None
         del teacher
         self.self_teacher = Trunk(frozen(copy.deepcopy(student))) if spec.needs_self_teacher else None
@@ -99,21 +102,25 @@ class TeacherSide:
             aux.teacher_head = lambda p: self.fw.head(self.teacher_head, self.teacher_config, t_h[p])
         if self.reference is not None:
             ref_h = self.fw.hidden(self.reference, mt)
-            aux.ref_logp_BT = per_piece(lambda p: token_logprobs(self.fw.logits(self.reference.model, ref_h[p]), mt.targets_BT[p]),
-                                        pieces(mt.mask_BT.shape[0], mt.mask_BT.shape[1], self.chunk_tokens))
+            aux.ref_logp_BT = per_piece(
+                lambda p: token_logprobs(self.fw.logits(self.reference.model, ref_h[p]), mt.targets_BT[p]),
+                pieces(mt.mask_BT.shape[0], mt.mask_BT.shape[1], self.chunk_tokens))
         if self.hf_teacher is not None:
             # [B, T, H]: the teacher's logits are made piece by piece
             t_h = self.fw.hidden(self.hf_teacher, mt)
             aux.teacher_head = lambda p: self.fw.logits(self.hf_teacher.model, t_h[p])
             if aux.teacher_logp_BT is None:  # no teacher actor scored the batch: this forward is the teacher
-                aux.teacher_logp_BT = per_piece(lambda p: token_logprobs(aux.teacher_head(p), mt.targets_BT[p]),
-                                                pieces(mt.mask_BT.shape[0], mt.mask_BT.shape[1], self.chunk_tokens))
+                aux.teacher_logp_BT = per_piece(
+                    lambda p: token_logprobs(aux.teacher_head(p), mt.targets_BT[p]),
+                    pieces(mt.mask_BT.shape[0], mt.mask_BT.shape[1], self.chunk_tokens))
         if self.self_teacher is not None:
             # The self-teacher reads the same response after its own (re-written) prompt.
             prompts = [batch.teacher_prompt_ids[i] or batch.prompt_ids[i] for i in idx]
-            tmt = build_micro(prompts, [batch.response_ids[i] for i in idx], self.pad_id, self.share_prompts).to(self.device)
+            tmt = build_micro(prompts, [batch.response_ids[i] for i in idx], self.pad_id,
+                              self.share_prompts).to(self.device)
             s_h = self.fw.hidden(self.self_teacher, tmt)
             aux.teacher_head = lambda p: self.fw.logits(self.self_teacher.model, s_h[p])
-            aux.route_sdpo_B = torch.tensor([1.0 if batch.routes[i] == SELF_TEACHER_ROUTE else 0.0 for i in idx], device=self.device)
+            aux.route_sdpo_B = torch.tensor(
+                [1.0 if batch.routes[i] == SELF_TEACHER_ROUTE else 0.0 for i in idx], device=self.device)
         return aux
 

@@ -34,7 +34,8 @@ def entropy_weights(
     # exp(-β·H) underflows to 0 everywhere once β·H passes ~100; the normalisation cancels any common factor,
     # so shift by the batch's largest -β·H first (its token gets exp(0) = 1). Masked tokens are -inf: exp
     # gives 0.
-    local_max = neg_bh.max().reshape(1) if neg_bh.numel() else torch.full((1,), -torch.inf, device=neg_bh.device)
+    local_max = (neg_bh.max().reshape(1) if neg_bh.numel()
+                 else torch.full((1,), -torch.inf, device=neg_bh.device))
     shift = max_over_ranks(local_max) if max_over_ranks is not None else local_max
     shift = shift if torch.isfinite(shift).all() else torch.zeros_like(shift)  # empty Ω_sdpo on every rank
     w_raw = torch.exp(neg_bh - shift)

@@ -63,15 +63,17 @@ class Objective:
 
     @property
     def min_group_reason(self) -> str:
-        return "siblings are the self-teacher's solutions" if self.self_teacher else "a group of one has zero relative advantage"
+        return ("siblings are the self-teacher's solutions" if self.self_teacher
+                else "a group of one has zero relative advantage")
 
     def routes(self, has_teacher: list[bool], correct: list[bool]) -> list[str] | None:
         """Per sample, which loss learns from it (self-teacher objectives); None: this objective's, for
         all."""
         return None
 
-    def token_loss(self, spec: ObjectiveSpec, logits_BTV: torch.Tensor, targets_BT: torch.Tensor, mask_BT: torch.Tensor,
-                   sampler_BT: torch.Tensor, adv_BT: torch.Tensor, aux: Aux) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_loss(self, spec: ObjectiveSpec, logits_BTV: torch.Tensor, targets_BT: torch.Tensor,
+                   mask_BT: torch.Tensor, sampler_BT: torch.Tensor, adv_BT: torch.Tensor,
+                   aux: Aux) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
 

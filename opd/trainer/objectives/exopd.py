@@ -31,14 +31,16 @@ class ExOPD(Objective):
     reference = True
     token_selection = True
 
-    def token_loss(self, spec: ObjectiveSpec, logits_BTV: torch.Tensor, targets_BT: torch.Tensor, mask_BT: torch.Tensor,
-                   sampler_BT: torch.Tensor, adv_BT: torch.Tensor, aux: Aux) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_loss(self, spec: ObjectiveSpec, logits_BTV: torch.Tensor, targets_BT: torch.Tensor,
+                   mask_BT: torch.Tensor, sampler_BT: torch.Tensor, adv_BT: torch.Tensor,
+                   aux: Aux) -> tuple[torch.Tensor, torch.Tensor]:
         from opd.trainer.advantages import gopd_token_advantages
         from opd.trainer.losses import token_logprobs
         from opd.trainer.objectives.loss import pg_token_loss, teacher_logprobs
 
         logp_BT = token_logprobs(logits_BTV, targets_BT)
-        adv = gopd_token_advantages(teacher_logprobs(self.name, aux), aux.ref_logp_BT, logp_BT, mask_BT, lam=spec.own.lam)
+        adv = gopd_token_advantages(teacher_logprobs(self.name, aux), aux.ref_logp_BT, logp_BT, mask_BT,
+                                    lam=spec.own.lam)
         return pg_token_loss(spec, logp_BT, sampler_BT, adv) * mask_BT, mask_BT
 
 

@@ -33,7 +33,8 @@ class GRPOConfig(Section):
     @model_validator(mode="after")
     def _dual_clip_needs_ppo(self) -> GRPOConfig:
         if self.dual_clip is not None and self.ratio != "ppo":
-            raise ValueError("grpo.dual_clip bounds the PPO ratio pi/q: set grpo.ratio=ppo (with tis the ratio is 1)")
+            raise ValueError("grpo.dual_clip bounds the PPO ratio pi/q: set grpo.ratio=ppo "
+                             "(with tis the ratio is 1)")
         return self
 
 
@@ -44,12 +45,14 @@ class GRPO(Objective):
     min_group = 2  # a group of one has zero relative advantage
     sequence_agg = True
 
-    def token_loss(self, spec: ObjectiveSpec, logits_BTV: torch.Tensor, targets_BT: torch.Tensor, mask_BT: torch.Tensor,
-                   sampler_BT: torch.Tensor, adv_BT: torch.Tensor, aux: Aux) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_loss(self, spec: ObjectiveSpec, logits_BTV: torch.Tensor, targets_BT: torch.Tensor,
+                   mask_BT: torch.Tensor, sampler_BT: torch.Tensor, adv_BT: torch.Tensor,
+                   aux: Aux) -> tuple[torch.Tensor, torch.Tensor]:
         from opd.trainer.losses import token_logprobs
         from opd.trainer.objectives.loss import pg_token_loss
 
-        return pg_token_loss(spec, token_logprobs(logits_BTV, targets_BT), sampler_BT, adv_BT) * mask_BT, mask_BT
+        return (pg_token_loss(spec, token_logprobs(logits_BTV, targets_BT), sampler_BT, adv_BT) * mask_BT,
+                mask_BT)
 
 
 register(GRPO())

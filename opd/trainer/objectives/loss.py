@@ -48,7 +48,8 @@ class Aux:
         )
 
 
-def pg_token_loss(spec: ObjectiveSpec, logp_BT: torch.Tensor, sampler_BT: torch.Tensor, adv_BT: torch.Tensor) -> torch.Tensor:
+def pg_token_loss(spec: ObjectiveSpec, logp_BT: torch.Tensor, sampler_BT: torch.Tensor,
+                  adv_BT: torch.Tensor) -> torch.Tensor:
     """Per-token policy-gradient loss against the sampler q, as ``grpo.ratio`` says.
 
     ``tis``: the surrogate's ratio is pi over its detached self (1: one update per batch), and the truncated
@@ -62,7 +63,8 @@ def pg_token_loss(spec: ObjectiveSpec, logp_BT: torch.Tensor, sampler_BT: torch.
         return loss_BT
     w_BT = truncated_is_weights(logp_BT, sampler_BT, spec.tis_cap)
     loss_BT, _, _ = clipped_pg_token_loss(
-        logp_BT, logp_BT.detach(), adv_BT, clip_low=spec.clip_low, clip_high=spec.clip_high, token_weights_BT=w_BT
+        logp_BT, logp_BT.detach(), adv_BT, clip_low=spec.clip_low, clip_high=spec.clip_high,
+        token_weights_BT=w_BT
     )
     return loss_BT
 
@@ -80,10 +82,12 @@ def token_loss(
     """(per-token loss, denominator tokens) for one micro-batch, from ``spec.name``'s module in
     ``opd.trainer.objectives``, plus ``kl_ref.coef`` times the per-token KL to the reference model on the
     tokens the objective counts (so it shares the objective's denominator, whichever objective it is)."""
-    loss_BT, count_BT = get(spec.name).token_loss(spec, logits_BTV, targets_BT, mask_BT, sampler_BT, adv_BT, aux)
+    loss_BT, count_BT = get(spec.name).token_loss(spec, logits_BTV, targets_BT, mask_BT, sampler_BT, adv_BT,
+                                                  aux)
     if spec.kl_ref_coef:
         if aux.ref_logp_BT is None:
-            raise ValueError("kl_ref.coef > 0 needs the reference model's log-probs, and the micro-batch carries none")
+            raise ValueError("kl_ref.coef > 0 needs the reference model's log-probs, "
+                             "and the micro-batch carries none")
         kl_BT = kl_penalty(token_logprobs(logits_BTV, targets_BT), aux.ref_logp_BT, spec.kl_ref_kind)
         loss_BT = loss_BT + spec.kl_ref_coef * kl_BT * count_BT
     return loss_BT, count_BT

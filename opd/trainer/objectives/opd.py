@@ -42,8 +42,9 @@ class OPD(Objective):
     tis_section = "opd"
     token_selection = True
 
-    def token_loss(self, spec: ObjectiveSpec, logits_BTV: torch.Tensor, targets_BT: torch.Tensor, mask_BT: torch.Tensor,
-                   sampler_BT: torch.Tensor, adv_BT: torch.Tensor, aux: Aux) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_loss(self, spec: ObjectiveSpec, logits_BTV: torch.Tensor, targets_BT: torch.Tensor,
+                   mask_BT: torch.Tensor, sampler_BT: torch.Tensor, adv_BT: torch.Tensor,
+                   aux: Aux) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
 
         from opd.trainer.advantages import opd_token_advantages
@@ -60,9 +61,11 @@ class OPD(Objective):
             adv = opd_token_advantages(logp_BT, teacher_logprobs(self.name, aux), mask_BT, coef=o.kl_coef)
             return pg_token_loss(spec, logp_BT, sampler_BT, adv) * mask_BT, mask_BT
         if o.divergence == "teacher_topk":
-            div = teacher_topk_forward_kl(torch.log_softmax(logits_BTV.float(), -1), aux.topk_ids_BTK, aux.topk_logp_BTK)
+            div = teacher_topk_forward_kl(torch.log_softmax(logits_BTV.float(), -1), aux.topk_ids_BTK,
+                                          aux.topk_logp_BTK)
         else:
-            div = full_vocab_divergence(logits_BTV, aux.teacher_logits_BTV, mask_BT, kind=o.full_vocab_kind, beta=o.jsd_beta)
+            div = full_vocab_divergence(logits_BTV, aux.teacher_logits_BTV, mask_BT, kind=o.full_vocab_kind,
+                                        beta=o.jsd_beta)
         # The divergence is taken at states the sampler visited: those of an older policy (max_staleness >=
         # 1), or of an engine whose numerics differ, are reweighted towards the states the learner's policy
         # would visit.

@@ -37,14 +37,16 @@ class OPDReward(Objective):
     group_advantages = True
     min_group = 2
 
-    def token_loss(self, spec: ObjectiveSpec, logits_BTV: torch.Tensor, targets_BT: torch.Tensor, mask_BT: torch.Tensor,
-                   sampler_BT: torch.Tensor, adv_BT: torch.Tensor, aux: Aux) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_loss(self, spec: ObjectiveSpec, logits_BTV: torch.Tensor, targets_BT: torch.Tensor,
+                   mask_BT: torch.Tensor, sampler_BT: torch.Tensor, adv_BT: torch.Tensor,
+                   aux: Aux) -> tuple[torch.Tensor, torch.Tensor]:
         from opd.trainer.advantages import opd_token_advantages
         from opd.trainer.losses import token_logprobs
         from opd.trainer.objectives.loss import pg_token_loss, teacher_logprobs
 
         logp_BT = token_logprobs(logits_BTV, targets_BT)
-        kl_adv = opd_token_advantages(logp_BT, teacher_logprobs(self.name, aux), mask_BT, coef=spec[TEACHER_SECTION].kl_coef)
+        kl_adv = opd_token_advantages(logp_BT, teacher_logprobs(self.name, aux), mask_BT,
+                                      coef=spec[TEACHER_SECTION].kl_coef)
         adv = spec.own.kl_weight * kl_adv + spec.own.reward_weight * adv_BT * mask_BT
         return pg_token_loss(spec, logp_BT, sampler_BT, adv) * mask_BT, mask_BT
 

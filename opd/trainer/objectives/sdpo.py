@@ -56,8 +56,9 @@ class SDPO(Objective):
     def routes(self, has_teacher, correct):
         return [SELF_TEACHER_ROUTE if t else "none" for t in has_teacher]
 
-    def token_loss(self, spec: ObjectiveSpec, logits_BTV: torch.Tensor, targets_BT: torch.Tensor, mask_BT: torch.Tensor,
-                   sampler_BT: torch.Tensor, adv_BT: torch.Tensor, aux: Aux) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_loss(self, spec: ObjectiveSpec, logits_BTV: torch.Tensor, targets_BT: torch.Tensor,
+                   mask_BT: torch.Tensor, sampler_BT: torch.Tensor, adv_BT: torch.Tensor,
+                   aux: Aux) -> tuple[torch.Tensor, torch.Tensor]:
         loss_BT, _ = self_distillation_loss(spec, logits_BTV, targets_BT, mask_BT, sampler_BT, aux)
         z_sd = aux.route_sdpo_B.unsqueeze(-1) * mask_BT
         return loss_BT * z_sd, z_sd

@@ -110,5 +110,7 @@ class ObjectiveSpec:
     def route_settings(self) -> dict:
         """The router's values from the shared sections (``opd.trainer.routing.RoutePlan``)."""
         pg, st = self[PG_SECTION], self[SELF_TEACHER_SECTION]
-        return dict(norm_by_std=pg.norm_adv_by_std, adv_eps=pg.adv_eps, success_threshold=st.success_threshold,
-                    dont_reprompt_on_self_success=st.dont_reprompt_on_self_success, max_reprompt_len=st.max_reprompt_len)
+        return dict(norm_by_std=pg.norm_adv_by_std, adv_eps=pg.adv_eps,
+                    success_threshold=st.success_threshold,
+                    dont_reprompt_on_self_success=st.dont_reprompt_on_self_success,
+                    max_reprompt_len=st.max_reprompt_len)

@@ -30,10 +30,12 @@ class SRPO(Objective):
     entropy_weighted = True
 
     def routes(self, has_teacher, correct):
-        return [SELF_TEACHER_ROUTE if t and not c else "grpo" for t, c in zip(has_teacher, correct, strict=True)]  # §5.1
+        return [SELF_TEACHER_ROUTE if t and not c else "grpo"
+                for t, c in zip(has_teacher, correct, strict=True)]  # §5.1
 
-    def token_loss(self, spec: ObjectiveSpec, logits_BTV: torch.Tensor, targets_BT: torch.Tensor, mask_BT: torch.Tensor,
-                   sampler_BT: torch.Tensor, adv_BT: torch.Tensor, aux: Aux) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_loss(self, spec: ObjectiveSpec, logits_BTV: torch.Tensor, targets_BT: torch.Tensor,
+                   mask_BT: torch.Tensor, sampler_BT: torch.Tensor, adv_BT: torch.Tensor,
+                   aux: Aux) -> tuple[torch.Tensor, torch.Tensor]:
         from opd.trainer.objectives.loss import pg_token_loss
 
         sd_loss_BT, logp_BT = self_distillation_loss(spec, logits_BTV, targets_BT, mask_BT, sampler_BT, aux)
