@@ -27,6 +27,7 @@ from pathlib import Path
 
 from opd.config import Config, ConfigError, load_config
 from opd.models.gguf import MODELS
+from opd.models.hub import is_hub_id, resolve, resolve_models, with_models
 
 EXIT_BAD_INPUT = 2
 
@@ -39,10 +40,12 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> 
 
 
 def _config(args: argparse.Namespace) -> Config:
+    """The config with its overrides, every hub id among its models resolved to a local snapshot
+    (``opd.models.hub``)."""
     overrides = list(args.overrides)
     if getattr(args, "address", None):
         overrides.append(f"cluster.address={args.address}")
-    return load_config(args.config, overrides)
+    return resolve_models(load_config(args.config, overrides))[0]
 
 
 def _print_table(summary: dict) -> None:
@@ -158,7 +161,7 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def cmd_serve_teacher(args: argparse.Namespace) -> int:
-    model = Path(args.model_dir)
+    model = Path(resolve("MODEL_DIR", args.model_dir) if is_hub_id(args.model_dir) else args.model_dir)
     if not (model / "config.json").is_file():
         raise ConfigError(f"MODEL_DIR: {str(model)!r} is not a save_pretrained directory (no config.json)")
     token = os.environ.get(args.token_env) or None
@@ -190,7 +193,10 @@ def _job_call(fn) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    # Checked here with every hub id resolved; sent with each pinned to the commit it resolved to, so the
+    # cluster resolves the same files.
+    given = load_config(args.config, args.overrides)
+    cfg, pins = resolve_models(given)
     _check_job(cfg, args)
     from opd import submit
     from opd.cluster import cpus_needed
@@ -208,7 +214,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
                                    ("entrypoint_memory", args.entrypoint_memory)) if v is not None}
 
     def go() -> int:
-        job_id = submit.submit(cfg, address, args.working_dir, job_id=args.submission_id, resume=args.resume,
+        job_id = submit.submit(with_models(given, pins), address, args.working_dir, job_id=args.submission_id,
+                               resume=args.resume,
                                runtime_env=runtime_env, resources=resources,
                                change_objective=args.change_objective)
         print(job_id, flush=True)
@@ -290,7 +297,7 @@ def _positive(kind):
 def _add_service_parsers(sub) -> None:
     p = sub.add_parser("serve-teacher",
                        help="serve a teacher model over HTTP with Ray Serve (docs/service.md)")
-    p.add_argument("model_dir", help="teacher save_pretrained directory")
+    p.add_argument("model_dir", help="teacher save_pretrained directory or hub id (ORG/NAME[@REVISION])")
     p.add_argument("--host", default="127.0.0.1", help="bind address; anything but loopback needs a token")
     p.add_argument("--port", type=_positive(int), default=8000)
     p.add_argument("--replicas", type=_positive(int), default=1, help="engine replicas (one Ray actor each)")

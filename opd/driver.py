@@ -21,6 +21,7 @@ from opd.checkpoint import RunState, load_state, save_checkpoint
 from opd.cluster import Roles, init_ray, start_roles, stop_roles
 from opd.config import Config, dump_config
 from opd.data import PromptSource
+from opd.models.hub import resolve_models
 from opd.monitor.sinks import MetricsLogger, truncate_jsonl
 from opd.plan import route_plan
 from opd.preflight import check_inputs, check_job
@@ -64,6 +65,7 @@ def prepare(cfg: Config, *, resume: bool = False, fresh: bool = False, change_ob
 
 def run(cfg: Config, *, resume: bool = False, fresh: bool = False, progress: bool = True,
         change_objective: bool = False) -> dict:
+    cfg, _ = resolve_models(cfg)  # hub ids to local snapshots, once: every role loads these
     job = prepare(cfg, resume=resume, fresh=fresh, change_objective=change_objective)
     job.run_dir.mkdir(parents=True, exist_ok=True)
     (job.run_dir / "config.yaml").write_text(dump_config(cfg))

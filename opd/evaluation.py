@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from opd.cluster import Roles, init_ray, start_rollout_worker, start_teachers, start_verifiers, stop_roles
 from opd.config import Config
+from opd.models.hub import resolve_models
 from opd.preflight import check_inputs
 from opd.steps import evaluate
 
 
 def evaluate_models(cfg: Config, teacher: bool = False) -> dict:
     # models.student is evaluated as it is (no adapter is loaded): its engine needs no LoRA slot.
-    cfg = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"r": 0})})
+    cfg = resolve_models(cfg)[0].model_copy(update={"lora": cfg.lora.model_copy(update={"r": 0})})
     _, _, test = check_inputs(cfg, teacher=teacher)
     init_ray(cfg)
     roles = None

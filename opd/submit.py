@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from opd.config import Config, ConfigError, build_config, dump_config
+from opd.models.hub import is_hub_id, model_keys, with_models
 from opd.rewards.registry import file_spec
 
 STAGE_DIR = "opd_job"  # inside the working dir: the staged config and verifier files
@@ -40,15 +41,17 @@ def _absolute(path: str) -> str:
     return str(Path(path).expanduser().resolve())
 
 
+def _pinned(value: str) -> bool:
+    return "@" in value and is_hub_id(value)
+
+
 def staged_config(cfg: Config, stage: Path) -> Config:
     """A copy of ``cfg`` with local paths made absolute and verifier files copied into ``stage/verifiers``."""
-    tree = cfg.model_dump(mode="json")
-    tree["models"]["student"] = _absolute(cfg.models.student)
-    tree["models"]["teacher"] = _absolute(cfg.models.teacher)
+    # Hub ids come pinned to a commit (ORG/NAME@COMMIT, by `opd submit`) and go as they are; the rest are
+    # paths.
+    local = {key: _absolute(value) for key, value in model_keys(cfg) if value and not _pinned(value)}
+    tree = with_models(cfg, local).model_dump(mode="json")
     tree["run"]["output_dir"] = _absolute(cfg.run.output_dir)
-    for section in tree.values():  # a reference model's directory, in whichever section names one
-        if isinstance(section, dict) and section.get("reference"):
-            section["reference"] = _absolute(section["reference"])
     problems = []
     for i, entry in enumerate(tree["verifiers"]["functions"]):
         spec = file_spec(entry["name"])
