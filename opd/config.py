@@ -8,6 +8,7 @@ config in one pass. Nothing on disk is touched here.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,12 +51,20 @@ class ModelsConfig(_Section):
 
 class TaskConfig(_Section):
     # arithmetic: a+b= for the tiny demo models; word_problems: short word problems for real instruct models
-    # (math_answer); files: the user's rows from train_path / test_path
-    name: Literal["arithmetic", "word_problems", "files"] = "arithmetic"
+    # (math_answer); files: the user's rows from train_path / test_path; hub: a `datasets` dataset
+    name: Literal["arithmetic", "word_problems", "files", "hub"] = "arithmetic"
     train_path: str | None = None  # files: .jsonl/.json/.parquet/.csv or a datasets save_to_disk directory
     test_path: str | None = None  # files: held-out rows, same format
-    prompt_column: str = "prompt"  # files: the column rendered as the user turn of the chat template
-    answer_column: str = "answer"  # files: the ground truth handed to verifiers as `answer`
+    # hub: a dataset id (ORG/NAME[@REVISION]) or a local directory laid out like a hub dataset repo
+    dataset: str | None = None
+    dataset_config: str | None = None  # hub: the dataset's config (subset), e.g. gsm8k's `main`
+    train_split: str = "train"  # hub: the split trained on
+    test_split: str = "test"  # hub: the held-out split
+    prompt_column: str = "prompt"  # files, hub: the column rendered as the user turn of the chat template
+    answer_column: str = "answer"  # files, hub: the ground truth handed to verifiers as `answer`
+    # files, hub: a regex finding the answer in the answer column (its first group, else the match): GSM8K's
+    # '####\s*(.+)$'; the column's full text goes to verifiers as `answer_text`
+    answer_pattern: str | None = None
     # prompts that leave no room for max_new_tokens: refuse, or drop and count
     too_long: Literal["fail", "skip"] = "fail"
     num_train: int = Field(20000, gt=0)
@@ -67,6 +76,16 @@ class TaskConfig(_Section):
     # word_problems
     kinds: list[Literal["more", "buy", "take", "lose", "sum"]] = ["more", "buy", "take", "lose", "sum"]
     seed: int = 0
+
+    @field_validator("answer_pattern")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"not a regular expression ({e})") from None
+        return v
 
 
 class KLRefConfig(_Section):
@@ -301,7 +320,9 @@ class _Core(_Section):
                              "use one teacher")
         if self.task.name == "files" and not (self.task.train_path and self.task.test_path):
             raise ValueError("task.name=files needs task.train_path and task.test_path")
-        if self.task.name != "files" and self.eval.num_prompts > self.task.num_test:
+        if self.task.name == "hub" and not self.task.dataset:
+            raise ValueError("task.name=hub needs task.dataset (ORG/NAME[@REVISION] or a local directory)")
+        if self.task.name not in ("files", "hub") and self.eval.num_prompts > self.task.num_test:
             raise ValueError(f"eval.num_prompts={self.eval.num_prompts} exceeds "
                              f"task.num_test={self.task.num_test}")
         if self.selection.mode and not objective.token_selection:

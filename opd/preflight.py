@@ -84,8 +84,11 @@ def load_prompts(cfg: Config, tok) -> tuple[list[Prompt], list[Prompt]]:
     check_tokenizer_covers(tok, cfg.models.student, {"train": train_rows, "test": test_rows})
     train = _fits(render_prompts(train_rows, tok, "train"), cfg)
     if len(test_rows) < cfg.eval.num_prompts:
-        raise ConfigError(f"eval.num_prompts={cfg.eval.num_prompts}: task.test_path {cfg.task.test_path!r} "
-                          f"has {len(test_rows)} rows; lower eval.num_prompts or add rows")
+        t = cfg.task
+        source = (f"task.test_split {t.test_split!r} of {t.dataset!r}" if t.name == "hub"
+                  else f"task.test_path {t.test_path!r}")
+        raise ConfigError(f"eval.num_prompts={cfg.eval.num_prompts}: {source} has {len(test_rows)} rows; "
+                          "lower eval.num_prompts or add rows")
     return train, _fits(render_prompts(test_rows, tok, "test"), cfg)[: cfg.eval.num_prompts]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -127,3 +128,53 @@ def test_submit_sends_each_hub_id_pinned_to_the_commit_it_resolved_to(hub, tmp_p
     staged = staged_config(with_models(given, pins), tmp_path / "stage")
     assert staged.models.student == f"opd-test/tiny-student@{COMMIT}"
     assert staged.models.teacher == str(tmp_path)
+
+
+def gsm8k_like(root: Path, rows: list[dict], config: str = "main") -> Path:
+    """A local directory laid out like a hub dataset repo: README.md naming the config, parquet per split."""
+    import datasets
+
+    (root / config).mkdir(parents=True)
+    for split, part in (("train", rows[:-2]), ("test", rows[-2:])):
+        datasets.Dataset.from_list(part).to_parquet(str(root / config / f"{split}-00000-of-00001.parquet"))
+    (root / "README.md").write_text(f"---\nconfigs:\n- config_name: {config}\n  data_files:\n"
+                                    f"  - split: train\n    path: {config}/train-*\n"
+                                    f"  - split: test\n    path: {config}/test-*\n---\n")
+    return root
+
+
+ROWS = [{"question": f"Tom has {i} apples and buys 2. How many now?", "answer": f"{i} + 2 = <<{i}+2={i + 2}>>"
+         f"{i + 2}\n#### {i + 2}"} for i in range(8)]
+GSM8K = ["task.name=hub", "task.dataset_config=main", "task.prompt_column=question",
+         "task.answer_column=answer", "task.answer_pattern='####\\s*(.+)$'", "eval.num_prompts=2"]
+
+
+def test_a_datasets_dataset_by_name_with_its_column_mapping(tmp_path, monkeypatch):
+    from opd.tasks import task_rows
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = gsm8k_like(tmp_path / "gsm8k", ROWS)
+    train, test = task_rows(load_config(None, [*GSM8K, f"task.dataset={data}"]).task)
+    assert len(train) == 6 and len(test) == 2
+    assert train[3]["prompt"] == ROWS[3]["question"] and train[3]["answer"] == "5"  # the number after ####
+    assert train[3]["answer_text"] == ROWS[3]["answer"]  # the whole column still reaches the verifiers
+
+
+@pytest.mark.parametrize("over, needle", [
+    (["task.dataset_config=nope"], "task.dataset_config: "),
+    (["task.test_split=validation"], "task.test_split: "),
+    (["task.prompt_column=problem"], "row 0: missing column(s) ['problem']"),
+    (["task.answer_pattern='ANSWER: (.+)'"], "row 0: task.answer_pattern 'ANSWER: (.+)' finds no answer"),
+    (["task.dataset=opd-test/not-cached"], "task.dataset: 'opd-test/not-cached' is not a local dataset"),
+])
+def test_bad_dataset_input_is_named_before_anything_starts(tmp_path, monkeypatch, over, needle):
+    from opd.tasks import task_rows
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = gsm8k_like(tmp_path / "gsm8k", ROWS)
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        task_rows(load_config(None, [*GSM8K, f"task.dataset={data}", *over]).task)
+    with pytest.raises(ConfigError, match="task.answer_pattern: not a regular expression"):
+        load_config(None, [*GSM8K, f"task.dataset={data}", "task.answer_pattern=(unclosed"])
+    with pytest.raises(ConfigError, match="task.name=hub needs task.dataset"):
+        load_config(None, ["task.name=hub"])

@@ -1,17 +1,27 @@
 """Embedded verifiable tasks that generate `datasets.Dataset` splits, and the user's own rows
-(``task.name=files``)."""
+(``task.name=files`` from files, ``task.name=hub`` from a `datasets` dataset)."""
 
 from __future__ import annotations
 
 
 def task_rows(t) -> tuple[list[dict], list[dict]]:
-    """(train rows, test rows) of the task a ``TaskConfig`` names; a file problem raises ``ValueError``."""
+    """(train rows, test rows) of the task a ``TaskConfig`` names; a data problem raises ``ValueError``."""
+    cols = {"prompt_column": t.prompt_column, "answer_column": t.answer_column,
+            "answer_pattern": t.answer_pattern}
     if t.name == "files":
         from opd.tasks.files import load_rows
 
-        cols = {"prompt_column": t.prompt_column, "answer_column": t.answer_column}
         return (load_rows(t.train_path, key="task.train_path", **cols),
                 load_rows(t.test_path, key="task.test_path", **cols))
+    if t.name == "hub":
+        from opd.tasks.files import check_rows
+        from opd.tasks.hub import load_split
+
+        splits = [(t.train_split, "task.train_split"), (t.test_split, "task.test_split")]
+        train, test = (check_rows(load_split(t.dataset, t.dataset_config, split, key),
+                                  f"task.dataset: {t.dataset!r} split {split!r}", **cols)
+                       for split, key in splits)
+        return train, test
     if t.name == "word_problems":
         from opd.tasks.word_problems import build_dataset
 

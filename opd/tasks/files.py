@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -24,28 +25,45 @@ class DataError(ValueError):
     """A dataset file that cannot be used; the message names the config key and, for a bad row, the row."""
 
 
-def load_rows(path: str, *, key: str, prompt_column: str = "prompt",
-              answer_column: str = "answer") -> list[dict]:
+def load_rows(path: str, *, key: str, prompt_column: str = "prompt", answer_column: str = "answer",
+              answer_pattern: str | None = None) -> list[dict]:
     """Rows of one split with ``prompt`` and ``answer`` as strings (renamed from the configured columns)."""
     rows = _read(Path(path), key)
+    return check_rows(rows, f"{key}: {path!r}", prompt_column, answer_column, answer_pattern)
+
+
+def check_rows(rows: list, where: str, prompt_column: str = "prompt", answer_column: str = "answer",
+               answer_pattern: str | None = None) -> list[dict]:
+    """Rows with ``prompt`` and ``answer`` as strings, or ``DataError`` naming ``where`` and the first bad
+    row.
+    ``answer_pattern``: a regex whose first group (or whole match) is the answer within the answer column
+    (GSM8K's final number after ``####``); the column's full text stays as ``answer_text``."""
     if not rows:
-        raise DataError(f"{key}: {path!r} holds no rows")
+        raise DataError(f"{where} holds no rows")
+    pattern = re.compile(answer_pattern) if answer_pattern else None
     out = []
     for i, row in enumerate(rows):
-        where = f"{key}: {path!r} row {i}"
+        at = f"{where} row {i}"
         if not isinstance(row, dict):
-            raise DataError(f"{where}: expected an object with columns, got {type(row).__name__}")
+            raise DataError(f"{at}: expected an object with columns, got {type(row).__name__}")
         missing = [c for c in (prompt_column, answer_column) if c not in row]
         if missing:
-            raise DataError(f"{where}: missing column(s) {missing}; columns present: {sorted(row)}")
+            raise DataError(f"{at}: missing column(s) {missing}; columns present: {sorted(row)}")
         prompt, answer = row[prompt_column], row[answer_column]
         if not isinstance(prompt, str) or not prompt.strip():
-            raise DataError(f"{where}: column {prompt_column!r} must be a non-empty string, got {prompt!r}")
+            raise DataError(f"{at}: column {prompt_column!r} must be a non-empty string, got {prompt!r}")
         if (isinstance(answer, bool) or not isinstance(answer, str | int | float)
                 or (isinstance(answer, float) and not math.isfinite(answer))):
-            raise DataError(f"{where}: column {answer_column!r} must be a string or a finite number, "
+            raise DataError(f"{at}: column {answer_column!r} must be a string or a finite number, "
                             f"got {answer!r}")
         rest = {k: v for k, v in row.items() if k not in (prompt_column, answer_column)}
+        if pattern is not None:
+            found = pattern.search(str(answer))
+            if found is None:
+                raise DataError(f"{at}: task.answer_pattern {answer_pattern!r} finds no answer in column "
+                                f"{answer_column!r} ({str(answer)[-80:]!r})")
+            rest["answer_text"] = str(answer)
+            answer = (found.group(1) if pattern.groups else found.group(0)).strip()
         out.append({**rest, "prompt": prompt, "answer": str(answer)})
     return out
 
