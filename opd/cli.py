@@ -22,14 +22,17 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
 from opd.config import Config, ConfigError, load_config
+from opd.errors import TeacherServerError
 from opd.models.gguf import MODELS
 from opd.models.hub import is_hub_id, resolve, resolve_models, with_models
 
 EXIT_BAD_INPUT = 2
+EXIT_JOB_FAILED = 1
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -418,6 +421,22 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"opd: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception as e:
+        why = teacher_server_error(e)
+        if why is None:
+            raise
+        print(f"opd: error: the job stopped: {why}", file=sys.stderr)
+        return EXIT_JOB_FAILED
+
+
+def teacher_server_error(e: BaseException) -> str | None:
+    """The teacher server's refusal behind ``e``, in its own words, or None when ``e`` is something else:
+    raised in the teacher's actor (``ray.get`` re-raises it as an instance of ``TeacherServerError``), or in
+    that actor's start (Ray then keeps only its text)."""
+    if isinstance(e, TeacherServerError):
+        return str(getattr(e, "cause", None) or e)
+    found = re.findall(r"TeacherServerError: (.+)", str(e)) if type(e).__name__ == "ActorDiedError" else []
+    return found[-1] if found else None
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from opd.rollout.pool import RolloutPool
 from opd.rollout.worker import RolloutWorker
 from opd.teacher.http import HTTPTeacher
 from opd.teacher.multi import DEFAULT, Teachers
+from opd.teacher.openai import OpenAITeacher
 from opd.teacher.scorer import VLLMTeacher
 from opd.trainer.device import learner_placement
 from opd.trainer.learner import Learner
@@ -195,9 +196,13 @@ def start_teachers(cfg: Config, prefix: str | None = None, max_logprobs: int | N
     t = cfg.teacher
     if t.url:
         token = os.environ.get(t.token_env) if t.token_env else None
-        default = ray.remote(HTTPTeacher).options(num_cpus=0, **opts(DEFAULT)).remote(
-            t.url, token, timeout_s=t.timeout_s, retry_deadline_s=t.retry_deadline_s
-        )
+        retry = {"timeout_s": t.timeout_s, "retry_deadline_s": t.retry_deadline_s}
+        if t.protocol == "openai":
+            default = ray.remote(OpenAITeacher).options(num_cpus=0, **opts(DEFAULT)).remote(
+                t.url, t.model, token, **retry)
+        else:
+            default = ray.remote(HTTPTeacher).options(num_cpus=0, **opts(DEFAULT)).remote(
+                t.url, token, **retry)
     else:
         default = _local_teacher(cfg, cfg.models.teacher, opts(DEFAULT), max_logprobs)
     others = {n: _local_teacher(cfg, d, opts(n), max_logprobs) for n, d in cfg.models.teachers.items()}

@@ -140,9 +140,16 @@ class RolloutConfig(_Section):
 class TeacherConfig(_Section):
     top_k: int = Field(0, ge=0)  # 0: only the sampled token's logprob (all OPD needs)
     max_logprobs: int = Field(20, ge=1)  # vLLM rejects top_k above this; raised automatically to top_k
-    # a running `opd serve-teacher` (http://HOST:PORT); None: a local vLLM teacher actor
+    # a running teacher server (http://HOST:PORT); None: a local vLLM teacher actor
     url: str | None = None
-    token_env: str | None = None  # name of the env var holding the server's bearer token (read by the driver)
+    # how teacher.url speaks: opd (`opd serve-teacher`'s /v1/score) or openai (an OpenAI-compatible
+    # completions server with prompt log-probs, `vllm serve`: sampled and top-k signals, not the full
+    # vocabulary)
+    protocol: Literal["opd", "openai"] = "opd"
+    model: str | None = None  # the served model's name (openai: required; opd: checked against the server's)
+    # name of the env var holding the server's bearer token / API key (read by the driver, never the key
+    # itself)
+    token_env: str | None = None
     timeout_s: float = Field(120.0, gt=0)  # per HTTP request to teacher.url; failures retry with back-off
     # teacher.url unreachable this long (retrying with back-off): fail the job
     retry_deadline_s: float = Field(300.0, gt=0)
@@ -350,6 +357,13 @@ class _Core(_Section):
                              "node; an embedded local Ray has one node (set cluster.address, or use PACK / "
                              "SPREAD)")
         source = f"{TEACHER_SECTION}.full_vocab_source"
+        if self.teacher.protocol == "openai" and not (self.teacher.url and self.teacher.model):
+            raise ValueError("teacher.protocol=openai needs teacher.url (the server) and teacher.model (its "
+                             "name)")
+        if self.teacher.protocol == "openai" and signal.kind == "full_vocab":
+            raise ValueError(f"teacher.protocol=openai: a completions server returns log-probs and top-k "
+                             f"rows, not the full vocabulary ({divergence}=full_vocab); use sampled or "
+                             "teacher_topk")
         if signal.hidden and self.teacher.url:
             raise ValueError(f"{source}=teacher: a teacher server (teacher.url) returns log-probs, not "
                              f"hidden states; run the teacher locally or use {source}=learner")

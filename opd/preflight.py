@@ -115,8 +115,11 @@ def _fits(prompts: list[Prompt], cfg: Config) -> list[Prompt]:
 
 
 def _teacher_dirs(cfg: Config) -> list[tuple[str, str]]:
-    return [("models.teacher", cfg.models.teacher)] + [(f"models.teachers.{n}", d)
-                                                        for n, d in cfg.models.teachers.items()]
+    """The teachers whose tokenizer is read from a directory here: all but one served with the openai protocol
+    (its server's own tokenizer is compared instead, ``opd.teacher.served``)."""
+    served = cfg.teacher.url is not None and cfg.teacher.protocol == "openai"
+    return ([] if served else [("models.teacher", cfg.models.teacher)]) + [
+        (f"models.teachers.{n}", d) for n, d in cfg.models.teachers.items()]
 
 
 def _check_teachers(cfg: Config, tok, prompts: list[Prompt]) -> None:
@@ -132,6 +135,8 @@ def _check_teachers(cfg: Config, tok, prompts: list[Prompt]) -> None:
             check_tokenizers(tok, _tokenizer(d, template), texts)
         except TokenizerMismatch as e:
             raise ConfigError(f"{key}: {e}") from None
+    if cfg.teacher.url:
+        _check_served(cfg, prompts)
     defined = {DEFAULT_TEACHER, *cfg.models.teachers}
     bad = unknown_teacher_rows(prompts, cfg.teacher.column, defined)
     if bad:
@@ -140,6 +145,19 @@ def _check_teachers(cfg: Config, tok, prompts: list[Prompt]) -> None:
             "that models.teachers does not define "
             f"(first: row {bad[0][0]} names {bad[0][1]!r}; defined: {sorted(defined)})"
         )
+
+
+def _check_served(cfg: Config, prompts: list[Prompt]) -> None:
+    """The server at ``teacher.url`` answers, serves ``teacher.model``, tokenises as the student, gives the
+    top-k and the length the run asks for (``opd.teacher.served``)."""
+    from opd.teacher.served import Served, problems
+
+    t = cfg.teacher
+    token = os.environ.get(t.token_env) if t.token_env else None
+    served = Served(t.url, t.protocol, t.model, token, cfg.teacher_signal.top_k, cfg.rollout.max_model_len)
+    found = problems(served, [(p.text, p.token_ids) for p in prompts[:4]])
+    if found:
+        raise ConfigError("invalid config:\n" + "\n".join(f"  {key}: {why}" for key, why in found))
 
 
 def check_model_dirs(cfg: Config, teacher: bool | None = None) -> None:
@@ -162,7 +180,7 @@ def check_model_dirs(cfg: Config, teacher: bool | None = None) -> None:
     if cfg.reference_dir:
         weights.append((cfg.reference_key, cfg.reference_dir))
     problems = [p for key, d in weights for p in _checkpoint_problems(cfg, key, Path(d))]
-    if teacher and remote:
+    if teacher and remote and cfg.teacher.protocol == "opd":
         d = Path(cfg.models.teacher)
         if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
             problems.append(f"  models.teacher: {str(d)!r} holds no tokenizer files; with teacher.url set it "

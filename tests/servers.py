@@ -123,8 +123,8 @@ TEACHER_MAX_LEN = 64
 
 class FlakyProxy:
     """A real HTTP server on 127.0.0.1 in front of ``target`` that a test switches, on one fixed port, between
-    ``"forward"`` (pass requests through), ``"503"`` (answer 503 itself) and ``"refuse"`` (listening socket
-    closed: connection refused), counting the requests it saw in each mode.
+    ``"forward"`` (pass requests through), ``"503"`` or ``"400"`` (answer so itself) and ``"refuse"``
+    (listening socket closed: connection refused), counting the requests it saw in each mode.
 
         with FlakyProxy(url) as proxy: proxy.set("refuse"); ...; proxy.set("forward")
     """
@@ -142,7 +142,7 @@ class FlakyProxy:
         self.set(mode)
 
     def set(self, mode: str) -> None:
-        assert mode in ("forward", "503", "refuse"), mode
+        assert mode in ("forward", "503", "400", "refuse"), mode
         with self._lock:
             self.mode = mode
             if mode == "refuse" and self._server is not None:
@@ -176,7 +176,10 @@ def _proxy_handler(proxy: FlakyProxy) -> type[BaseHTTPRequestHandler]:
         def _serve(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             mode = proxy.count(proxy.mode)
-            if mode == "forward" and proxy.target:
+            if mode == "400":  # a request the server refuses (as vLLM's OpenAI server words it)
+                status, payload = 400, (b'{"error": {"message": "proxy: this request is refused", '
+                                        b'"type": "BadRequestError", "code": 400}}')
+            elif mode == "forward" and proxy.target:
                 keep = {k: v for k, v in self.headers.items()
                         if k.lower() in ("authorization", "content-type")}
                 r = requests.request(self.command, proxy.target + self.path, data=body or None, headers=keep,

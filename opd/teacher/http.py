@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
+from opd.errors import TeacherServerError
 from opd.teacher.api import GenerateResponse, Health, ScoreResponse
 from opd.teacher.scorer import record_scored, scores_from_rows
 from opd.types import Sample, TeacherScores
@@ -32,62 +33,20 @@ RETRY_ERRORS = (requests.ConnectionError, requests.Timeout, requests.exceptions.
 RETRY_STATUS = (408, 429)
 
 
-class TeacherServerError(RuntimeError):
-    """The teacher server refused a request (4xx) or stayed unreachable until the retry deadline; names the
-    URL."""
+class RetryingClient:
+    """JSON over HTTP with the teacher's retry rules: connection errors, timeouts, 5xx, 408 and 429 are
+    retried with capped, jittered exponential back-off until ``retry_deadline_s``; any other 4xx fails at once
+    with the server's message. Shared by every teacher client (``HTTPTeacher``,
+    ``opd.teacher.openai.OpenAITeacher``)."""
 
-
-class HTTPTeacher:
-    def __init__(
-        self,
-        url: str,
-        token: str | None = None,
-        *,
-        timeout_s: float = 60.0,
-        retry_deadline_s: float = 300.0,
-        backoff_s: float = 0.5,
-        max_backoff_s: float = 15.0,
-        sequences_per_request: int = 64,
-        parallel_requests: int = 4,
-    ):
+    def __init__(self, url: str, token: str | None = None, *, timeout_s: float = 60.0,
+                 retry_deadline_s: float = 300.0, backoff_s: float = 0.5, max_backoff_s: float = 15.0):
         self.url = url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.timeout_s, self.retry_deadline_s = timeout_s, retry_deadline_s
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
-        self.sequences_per_request = sequences_per_request
-        # Concurrent requests let the server's @serve.batch merge them and spread them over its replicas.
-        self.pool = ThreadPoolExecutor(max_workers=parallel_requests, thread_name_prefix="teacher-http")
-        # Fail at start-up, not at the first step, when the server is unreachable or refuses the token.
-        self.info = self.health()
-        # /health is open; this checks the token
-        self._request("POST", "/v1/score", {"sequences": [], "top_k": 0})
 
-    def health(self) -> Health:
-        return Health.model_validate(self._request("GET", "/health"))
-
-    def score(self, samples: list[Sample], top_k: int = 0, hidden: bool = False) -> TeacherScores:
-        # refused by the config check (opd.full_vocab_source=teacher needs a local teacher); a direct caller
-        if hidden:
-            raise ValueError("a teacher server returns log-probs, not hidden states: run the teacher locally")
-        t0 = time.perf_counter()
-        n = self.sequences_per_request
-        bodies = [
-            {"sequences": [{"token_ids": s.full_ids, "response_start": len(s.prompt.token_ids)}
-                           for s in samples[i : i + n]],
-             "top_k": top_k}
-            for i in range(0, len(samples), n)
-        ]
-        rows = [r for reply in self.pool.map(lambda b: self._request("POST", "/v1/score", b), bodies)
-                for r in ScoreResponse.model_validate(reply).scores]
-        seconds = time.perf_counter() - t0
-        record_scored(samples, seconds)
-        return scores_from_rows(samples, rows, top_k, seconds)
-
-    def generate_greedy(self, prompt_ids: list[list[int]], max_tokens: int) -> list[str]:
-        reply = self._request("POST", "/v1/generate", {"prompts": prompt_ids, "max_tokens": max_tokens})
-        return GenerateResponse.model_validate(reply).texts
-
-    def _request(self, method: str, path: str, body: dict | None = None) -> dict:
+    def request(self, method: str, path: str, body: dict | None = None) -> dict:
         where = f"teacher server {self.url}{path}"
         start = time.monotonic()
         deadline = start + self.retry_deadline_s
@@ -127,8 +86,63 @@ class HTTPTeacher:
             time.sleep(pause)
 
 
+
+
+class HTTPTeacher:
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        *,
+        timeout_s: float = 60.0,
+        retry_deadline_s: float = 300.0,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 15.0,
+        sequences_per_request: int = 64,
+        parallel_requests: int = 4,
+    ):
+        self.client = RetryingClient(url, token, timeout_s=timeout_s, retry_deadline_s=retry_deadline_s,
+                                     backoff_s=backoff_s, max_backoff_s=max_backoff_s)
+        self.sequences_per_request = sequences_per_request
+        # Concurrent requests let the server's @serve.batch merge them and spread them over its replicas.
+        self.pool = ThreadPoolExecutor(max_workers=parallel_requests, thread_name_prefix="teacher-http")
+        # Fail at start-up, not at the first step, when the server is unreachable or refuses the token.
+        self.info = self.health()
+        # /health is open; this checks the token
+        self.client.request("POST", "/v1/score", {"sequences": [], "top_k": 0})
+
+    def health(self) -> Health:
+        return Health.model_validate(self.client.request("GET", "/health"))
+
+    def score(self, samples: list[Sample], top_k: int = 0, hidden: bool = False) -> TeacherScores:
+        # refused by the config check (opd.full_vocab_source=teacher needs a local teacher); a direct caller
+        if hidden:
+            raise ValueError("a teacher server returns log-probs, not hidden states: run the teacher locally")
+        t0 = time.perf_counter()
+        n = self.sequences_per_request
+        bodies = [
+            {"sequences": [{"token_ids": s.full_ids, "response_start": len(s.prompt.token_ids)}
+                           for s in samples[i : i + n]],
+             "top_k": top_k}
+            for i in range(0, len(samples), n)
+        ]
+        rows = [r for reply in self.pool.map(lambda b: self.client.request("POST", "/v1/score", b), bodies)
+                for r in ScoreResponse.model_validate(reply).scores]
+        seconds = time.perf_counter() - t0
+        record_scored(samples, seconds)
+        return scores_from_rows(samples, rows, top_k, seconds)
+
+    def generate_greedy(self, prompt_ids: list[list[int]], max_tokens: int) -> list[str]:
+        reply = self.client.request("POST", "/v1/generate", {"prompts": prompt_ids, "max_tokens": max_tokens})
+        return GenerateResponse.model_validate(reply).texts
+
+
 def _detail(r: requests.Response) -> str:
+    """The server's own words: opd's ``detail``, an OpenAI server's ``error.message``, or the body."""
     try:
-        return str(r.json().get("detail", r.text))[:500]
+        body = r.json()
+        error = body.get("error")
+        message = error.get("message") if isinstance(error, dict) else None
+        return str(body.get("detail") or message or r.text)[:500]
     except (ValueError, AttributeError):
         return r.text[:500]
