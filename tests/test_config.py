@@ -1,5 +1,7 @@
 """Config loading: overrides, dotted-key errors, and the CLI's exit code 2 with nothing written."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -83,3 +85,10 @@ def _leaf_keys(tree: dict, prefix: str = "") -> set[str]:
     for k, v in tree.items():
         keys |= _leaf_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
     return keys
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    """A recipe a user copies must validate as it is (its models and data may live elsewhere)."""
+    load_config(path)

@@ -176,3 +176,13 @@ def test_a_config_error_is_printed_before_torch_ray_or_vllm_are_imported(argv, n
                          timeout=120)
     assert out.returncode == 2 and needle in out.stderr, out.stderr
     assert "HEAVY []" in out.stdout, out.stdout
+
+
+def test_a_teacher_url_nothing_answers_is_named_before_anything_starts(tiny_models, tmp_path, capsys):
+    """Either protocol: found by the pre-flight (it was a traceback after Ray and the engines had started)."""
+    from servers import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    code, err = _run(tmp_path, capsys, tiny_models, f"teacher.url={url}", "teacher.retry_deadline_s=1")
+    assert code == 2 and f"teacher.url: teacher server {url}/health unreachable" in err
+    assert not (tmp_path / "run").exists()

@@ -6,15 +6,12 @@ request it refuses stops the job with its message."""
 from __future__ import annotations
 
 import json
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
-import requests
 from conftest import tiny_overrides
-from servers import FlakyProxy, clean_env, free_port, start, stop_group, tail
+from servers import FlakyProxy, free_port, start_vllm_server, stop_group
 
 from opd.config import ConfigError, load_config
 from opd.data import render_prompts
@@ -27,34 +24,15 @@ pytestmark = pytest.mark.slow
 MODEL, KEY_ENV, KEY, MAX_LEN = "tiny-teacher", "OPD_TEST_OPENAI_KEY", "sk-opd-test", 96
 
 
-def _serve(teacher_dir: Path, port: int, log: Path):
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(teacher_dir), "--host",
-           "127.0.0.1", "--port", str(port), "--served-model-name", MODEL, "--max-model-len", str(MAX_LEN),
-           "--dtype", "float32", "--max-logprobs", "20", "--seed", "0", "--api-key", KEY]
-    proc = start(cmd, log, clean_env(VLLM_CPU_KVCACHE_SPACE="1"))
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vLLM's server exited: {tail(log)}")
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except requests.ConnectionError:
-            pass
-        time.sleep(1)
-    stop_group(proc)
-    raise RuntimeError(f"vLLM's server did not come up in 300 s: {tail(log)}")
-
-
 @pytest.fixture(scope="module")
 def server(tiny_models, tmp_path_factory):
     """(url, a callable that kills the server and starts another on the same port)."""
     port, log = free_port(), tmp_path_factory.mktemp("vllm") / "serve.log"
-    procs = [_serve(tiny_models / "teacher", port, log)]
+    procs = [start_vllm_server(tiny_models / "teacher", port, log, MODEL, KEY, MAX_LEN)]
 
     def restart() -> None:
         stop_group(procs[-1], grace_s=0)  # killed, as a crash would
-        procs.append(_serve(tiny_models / "teacher", port, log))
+        procs.append(start_vllm_server(tiny_models / "teacher", port, log, MODEL, KEY, MAX_LEN))
 
     yield f"http://127.0.0.1:{port}", restart
     stop_group(procs[-1])
