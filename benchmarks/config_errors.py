@@ -12,7 +12,6 @@ key, and the ratio to ``opd --help``. Every case must exit 2; none starts Ray or
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import subprocess
@@ -54,6 +53,8 @@ def timed(argv: list[str]) -> tuple[float, int, str]:
 
 
 def main() -> None:
+    from emit import emit  # beside this script
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", help="also write the JSON here")
@@ -75,10 +76,7 @@ def main() -> None:
               "worst_s": max(r["max_s"] for r in rows.values()),
               "all_exit_2": all(r["exit_code"] == 2 for r in rows.values()),
               "all_name_the_key": all(r["names_the_key"] for r in rows.values())}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ Prints JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import resource
@@ -90,6 +89,8 @@ def _entry(rank: int, *args) -> None:
 
 
 def main() -> None:
+    from emit import emit  # beside this script
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="models/smollm2")
     ap.add_argument("--steps", type=int, default=3)
@@ -122,10 +123,7 @@ def main() -> None:
                                           / report["runs"]["ddp"]["ranks"][0]["peak_rss_mib"]),
         "fsdp2_over_ddp_step_seconds": step["fsdp2"] / step["ddp"],
     }
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

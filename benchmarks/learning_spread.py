@@ -91,6 +91,8 @@ def summary(rows: list[dict], margin: float) -> dict:
 
 
 def main() -> None:
+    from emit import emit  # beside this script
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", default="", help="comma-separated test runs (default: all eight)")
     ap.add_argument("--seeds", default="0-9", help="training seeds, e.g. 0-9 or 0,3,5")
@@ -129,10 +131,7 @@ def main() -> None:
     result = {"command": " ".join(sys.argv), "flip_sign": args.flip_sign, "overrides": args.set,
               "group": T.GROUP, "wall_s": round(time.perf_counter() - t0), "summary": summary(rows, T.MARGIN),
               "rows": rows}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

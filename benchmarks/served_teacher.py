@@ -46,6 +46,8 @@ def job(cfg_path: str, out: Path, steps: int, extra: list[str]) -> dict:
 
 
 def main() -> None:
+    from emit import emit  # beside this script
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--steps", type=int, default=20)
@@ -74,10 +76,7 @@ def main() -> None:
               "config": args.config, "in_cluster": local, "served": served,
               "step_time_ratio_served_over_in_cluster":
                   round(served["median_step_s"] / local["median_step_s"], 2)}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":
