@@ -29,7 +29,7 @@ from pathlib import Path
 from opd.config import Config, ConfigError, load_config
 from opd.errors import TeacherServerError
 from opd.models.gguf import MODELS
-from opd.models.hub import is_hub_id, resolve, resolve_models, with_models
+from opd.models.hub import is_hub_id, resolve, resolve_models
 
 EXIT_BAD_INPUT = 2
 EXIT_JOB_FAILED = 1
@@ -217,7 +217,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                                    ("entrypoint_memory", args.entrypoint_memory)) if v is not None}
 
     def go() -> int:
-        job_id = submit.submit(with_models(given, pins), address, args.working_dir, job_id=args.submission_id,
+        job_id = submit.submit(given.with_keys(pins), address, args.working_dir, job_id=args.submission_id,
                                resume=args.resume,
                                runtime_env=runtime_env, resources=resources,
                                change_objective=args.change_objective)

@@ -386,6 +386,19 @@ class _Core(_Section):
         name)."""
         return getattr(self, name)
 
+    def with_keys(self, values: dict[str, Any]):
+        """This config with each dotted key of ``values`` set to its value, validated again."""
+        if not values:
+            return self
+        tree = self.model_dump(mode="json")
+        for key, value in values.items():
+            *parents, last = key.split(".")
+            node = tree
+            for part in parents:
+                node = node[part]
+            node[last] = value
+        return build_config(tree)
+
     @property
     def teacher_settings(self):
         """The section whose divergence and full-vocabulary settings every objective that reads a teacher

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from opd.config import Config, ConfigError, build_config, dump_config
-from opd.models.hub import is_hub_id, model_keys, with_models
+from opd.models.hub import is_hub_id, model_keys
 from opd.rewards.registry import file_spec
 
 STAGE_DIR = "opd_job"  # inside the working dir: the staged config and verifier files
@@ -50,7 +50,7 @@ def staged_config(cfg: Config, stage: Path) -> Config:
     # Hub ids come pinned to a commit (ORG/NAME@COMMIT, by `opd submit`) and go as they are; the rest are
     # paths.
     local = {key: _absolute(value) for key, value in model_keys(cfg) if value and not _pinned(value)}
-    tree = with_models(cfg, local).model_dump(mode="json")
+    tree = cfg.with_keys(local).model_dump(mode="json")
     tree["run"]["output_dir"] = _absolute(cfg.run.output_dir)
     problems = []
     for i, entry in enumerate(tree["verifiers"]["functions"]):

@@ -120,12 +120,11 @@ def test_a_job_runs_on_hub_ids(hub, tiny_models, local_ray, tmp_path):
 
 def test_submit_sends_each_hub_id_pinned_to_the_commit_it_resolved_to(hub, tmp_path):
     """The cluster resolves the same files: each hub id goes pinned, local paths absolute."""
-    from opd.models.hub import with_models
     from opd.submit import staged_config
 
     given = load_config(None, ["models.student=opd-test/tiny-student", f"models.teacher={tmp_path}"])
     _, pins = resolve_models(given)
-    staged = staged_config(with_models(given, pins), tmp_path / "stage")
+    staged = staged_config(given.with_keys(pins), tmp_path / "stage")
     assert staged.models.student == f"opd-test/tiny-student@{COMMIT}"
     assert staged.models.teacher == str(tmp_path)
 

@@ -90,20 +90,15 @@ def commit_of(snapshot: str) -> str:
 def resolve_models(cfg):
     """``(cfg with every hub id replaced by its snapshot directory, pins: key -> "ORG/NAME@COMMIT")``. A
     remote teacher's repo (``teacher.url``) is fetched for its tokenizer only."""
-    tree = cfg.model_dump(mode="json")
+    snapshots: dict[str, str] = {}
     pins: dict[str, str] = {}
     remote_teacher = cfg.teacher.url is not None and not cfg.teacher_signal.learner_runs_teacher
     for key, value in model_keys(cfg):
         if value is None or not is_hub_id(value):
             continue
-        snapshot = resolve(key, value, weights=not (remote_teacher and key == "models.teacher"))
-        pins[key] = f"{value.partition('@')[0]}@{commit_of(snapshot)}"
-        _set(tree, key, snapshot)
-    if not pins:
-        return cfg, pins
-    from opd.config import build_config
-
-    return build_config(tree), pins
+        snapshots[key] = resolve(key, value, weights=not (remote_teacher and key == "models.teacher"))
+        pins[key] = f"{value.partition('@')[0]}@{commit_of(snapshots[key])}"
+    return cfg.with_keys(snapshots), pins
 
 
 def model_keys(cfg) -> list[tuple[str, str | None]]:
@@ -113,23 +108,3 @@ def model_keys(cfg) -> list[tuple[str, str | None]]:
     keys += [(f"{name}.reference", section.get("reference")) for name, section in cfg.model_dump().items()
              if isinstance(section, dict) and "reference" in section]
     return keys
-
-
-def with_models(cfg, values: dict[str, str]):
-    """``cfg`` with the model keys of ``values`` set to them."""
-    if not values:
-        return cfg
-    from opd.config import build_config
-
-    tree = cfg.model_dump(mode="json")
-    for key, value in values.items():
-        _set(tree, key, value)
-    return build_config(tree)
-
-
-def _set(tree: dict, key: str, value: str) -> None:
-    *parents, last = key.split(".")
-    node = tree
-    for part in parents:
-        node = node[part]
-    node[last] = value
