@@ -34,7 +34,7 @@ Config::
 kwargs: ``tests_column``; ``workers`` (rows run at once, default 4); limits ``timeout_s`` (wall clock per
 run),
 ``cpu_s``, ``memory_mb``, ``file_size_mb``, ``nproc``, ``nofile``, ``max_output_kb``, ``network``, ``view``,
-``disk_mb`` (see docs/sandbox.md).
+``disk_mb``, ``files`` (see docs/sandbox.md).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ _SELF_TEST_MODULES = ("glob", "csv", "pickle", "shutil", "json", "re", "collecti
                       "hashlib", "io", "os", "sys", "tempfile")
 _LIMIT_KWARGS = {"timeout_s": "wall_s", "cpu_s": "cpu_s", "memory_mb": "memory_mb",
                  "file_size_mb": "file_size_mb", "nproc": "nproc", "nofile": "nofile", "network": "network",
-                 "view": "view", "disk_mb": "disk_mb"}
+                 "view": "view", "disk_mb": "disk_mb", "files": "files"}
 
 
 @register("code_exec")

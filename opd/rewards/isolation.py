@@ -12,8 +12,8 @@ UTS and
 runs:
   no new user namespaces (``unshare``/``clone`` with ``CLONE_NEWUSER``, ``setns``; ``clone3`` answers ENOSYS
   so libc falls back to ``clone``, whose flags the filter can read), no ``AF_UNIX`` sockets (host daemons'
-  sockets are reachable wherever their files are, whatever the mount flags), and no x32 system calls (a second
-  syscall table).
+  sockets are reachable wherever their files are, whatever the mount flags), no kernel keyrings and no
+  io_uring, and no x32 system calls (a second syscall table).
 """
 
 from __future__ import annotations
@@ -31,9 +31,18 @@ CLONE_NEWUSER = 0x10000000
 AF_UNIX = 1
 # (AUDIT_ARCH_*, system call numbers) per machine; other machines run without the filter (docs/sandbox.md).
 _ARCH = {
-    "x86_64": (0xC000003E, {"unshare": 272, "clone": 56, "clone3": 435, "setns": 308, "socket": 41}),
-    "aarch64": (0xC00000B7, {"unshare": 97, "clone": 220, "clone3": 435, "setns": 268, "socket": 198}),
+    "x86_64": (0xC000003E, {"unshare": 272, "clone": 56, "clone3": 435, "setns": 308, "socket": 41,
+                            "add_key": 248, "request_key": 249, "keyctl": 250, "io_uring_setup": 425,
+                            "io_uring_enter": 426, "io_uring_register": 427}),
+    "aarch64": (0xC00000B7, {"unshare": 97, "clone": 220, "clone3": 435, "setns": 268, "socket": 198,
+                             "add_key": 217, "request_key": 218, "keyctl": 219, "io_uring_setup": 425,
+                             "io_uring_enter": 426, "io_uring_register": 427}),
 }
+# Refused outright with EPERM, as container runtimes' default profiles do: kernel keyrings are not namespaced
+# (a key added here is visible to the host user's other processes), and io_uring's socket and connect
+# operations never pass through the socket() check below.
+_REFUSED = ("setns", "add_key", "request_key", "keyctl", "io_uring_setup", "io_uring_enter",
+            "io_uring_register")
 _LD_W_ABS, _JEQ, _JGE, _JSET, _RET = 0x20, 0x15, 0x35, 0x45, 0x06
 _ALLOW, _KILL = 0x7FFF0000, 0x80000000
 _ERRNO = 0x00050000  # | errno
@@ -55,8 +64,9 @@ def seccomp_program(machine: str | None = None) -> bytes | None:
     # little-endian).
     prog = [(_LD_W_ABS, 0, 0, 4), (_JEQ, 1, 0, arch), (_RET, 0, 0, _KILL), (_LD_W_ABS, 0, 0, 0),
             (_JGE, 0, 1, _X32_BIT), (_RET, 0, 0, _ERRNO | EPERM),
-            (_JEQ, 0, 1, nr["clone3"]), (_RET, 0, 0, _ERRNO | ENOSYS),
-            (_JEQ, 0, 1, nr["setns"]), (_RET, 0, 0, _ERRNO | EPERM)]
+            (_JEQ, 0, 1, nr["clone3"]), (_RET, 0, 0, _ERRNO | ENOSYS)]
+    for name in _REFUSED:
+        prog += [(_JEQ, 0, 1, nr[name]), (_RET, 0, 0, _ERRNO | EPERM)]
     for name, test, k in (("unshare", _JSET, CLONE_NEWUSER), ("clone", _JSET, CLONE_NEWUSER),
                           ("socket", _JEQ, AF_UNIX)):
         # not this call: skip its 4 instructions; else load args[0] and refuse when it matches
@@ -138,5 +148,7 @@ def bwrap_argv(python: str, main_py: str, disk_mb: int, root: bool) -> list[str]
     argv += ["--perms", "1777", "--dir", SANDBOX_ROOT, "--ro-bind", main_py, f"{SANDBOX_ROOT}/main.py",
              "--chdir", SANDBOX_ROOT]
     if root:
-        argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+        # CAP_SYS_ADMIN: the bootstrap remounts /tmp and /dev/shm with an inode bound (bwrap's --size bounds
+        # only bytes), then drops it from the bounding set before the uid switch clears the rest.
+        argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SYS_ADMIN"]
     return [*argv, "--"]

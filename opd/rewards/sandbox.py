@@ -71,6 +71,7 @@ class SandboxLimits:
     # "auto": the private bubblewrap view when bwrap is installed (opd.rewards.isolation); "host": none
     view: str = "auto"
     disk_mb: int = 64  # bubblewrap view: size of its /tmp (the working directory) and of its /dev/shm
+    files: int = 4096  # bubblewrap view, as root: inodes of each of those (files, directories, links)
 
     def validate(self) -> SandboxLimits:
         bad = [f"{f.name} must be > 0, got {getattr(self, f.name)!r}" for f in dataclasses.fields(self)
@@ -214,6 +215,9 @@ class _Launch:
             "preimport": uid is not None and not view and not _stdlib_world_readable(python),
             "rlimits": _rlimits(limits),
             "seccomp": seccomp.hex() if seccomp else None,
+            # the remount needs the CAP_SYS_ADMIN bwrap keeps for root only (isolation.bwrap_argv)
+            "tmpfs": ({"size": limits.disk_mb << 20, "inodes": limits.files} if view and uid is not None
+                      else None),
         }
         token = secrets.token_hex(8)
         home = SANDBOX_ROOT if view else work

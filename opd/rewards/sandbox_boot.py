@@ -31,8 +31,18 @@ if _cfg["preimport"]:  # the stdlib is unreadable once we drop the uid: load the
             __import__(_m)
         except Exception:
             pass
-if _cfg["seccomp"]:
+if _cfg["seccomp"] or _cfg["tmpfs"]:
     import ctypes  # now: as root it may be unreadable once the uid drops
+if _cfg["tmpfs"]:  # bwrap bounds the view's tmpfs in bytes only: add the inode bound, then give up the cap
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _opts = "size={size},nr_inodes={inodes},mode=1777".format(**_cfg["tmpfs"]).encode()
+    for _m in (b"/tmp", b"/dev/shm"):
+        # MS_REMOUNT | MS_NOSUID | MS_NODEV: bwrap's own flags, kept
+        if _libc.mount(b"tmpfs", _m, b"tmpfs", 32 | 2 | 4, _opts) != 0:
+            _fail(f"remount {_m.decode()} with an inode bound: errno {ctypes.get_errno()}")
+    if _libc.prctl(24, 21, 0, 0, 0) != 0:  # PR_CAPBSET_DROP, CAP_SYS_ADMIN
+        _fail(f"dropping CAP_SYS_ADMIN: errno {ctypes.get_errno()}")
+    del _libc, _opts
 if _cfg["uid"] is not None:
     try:
         os.setgroups([]); os.setgid(_cfg["uid"]); os.setuid(_cfg["uid"])
