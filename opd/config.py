@@ -270,6 +270,23 @@ class CheckpointConfig(_Section):
     keep: int = Field(2, ge=1)
 
 
+class AgentConfig(_Section):
+    """Multi-turn episodes with tools (``opd.agents``; docs/episodes.md). A turn is at most
+    ``rollout.max_new_tokens`` tokens; an episode's ids at most ``rollout.max_model_len``."""
+
+    # None: one prompt -> one completion; "tools": the built-in tool environment over ``tools``; else an
+    # Environment class or factory as 'package.module:Name' / 'path/to/file.py:Name'
+    environment: str | None = None
+    tools: list[str] = ["calc"]  # built-ins (calc, python) or plain functions by path
+    env_kwargs: dict[str, Any] = {}  # keyword arguments of a user environment's factory
+    max_turns: int = Field(4, ge=1)
+    max_episode_tokens: int = Field(256, ge=1)  # response tokens of all kinds: sampled, environment, template
+    max_observation_tokens: int = Field(64, ge=1)  # each observation cut to this many tokens
+    episode_timeout_s: float = Field(60.0, gt=0)
+    max_tool_errors: int = Field(3, ge=1)  # errors in a row that end an episode (parse_error)
+    max_tool_timeouts: int = Field(2, ge=1)  # timed-out calls that end an episode (tool_timeout)
+
+
 class _Core(_Section):
     """The sections every job has; ``Config`` adds one per objective (``opd.trainer.objectives``), under its
     name."""
@@ -290,6 +307,7 @@ class _Core(_Section):
     tracking: TrackingConfig = TrackingConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    agent: AgentConfig = AgentConfig()
 
     @field_validator("algorithm")
     @classmethod

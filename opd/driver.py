@@ -122,11 +122,20 @@ class SampleLog:
             {"step": step, "uid": s.uid, "prompt_id": s.prompt.prompt_id, "weight_version": s.weight_version,
              "reward": rewards.rewards[i], "correct": rewards.correct[i],
              "failure": rewards.failures.get(s.uid),
-             "trained": s.uid in routed, "finish_reason": s.finish_reason, "response": s.response_text}
+             "trained": s.uid in routed, "finish_reason": s.finish_reason, "response": s.response_text,
+             **(_episode_row(s) if s.episode else {})}
             for i, s in enumerate(rollouts.samples)
         ]
         with self.path.open("a") as f:
             f.write("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _episode_row(s) -> dict:
+    """An episode's ledger in samples.jsonl: each segment's origin and exact ids, and how it ended."""
+    e = s.episode
+    return {"prompt_ids": s.prompt.token_ids, "digest": e.digest, "stop": e.stop, "turns": e.turns,
+            "tool_calls": e.tool_calls, "segments": [{"origin": o, "ids": s.response_ids[a:b]}
+                                                     for o, a, b in e.spans]}
 
 
 def train(cfg: Config, job: Job, roles: Roles, progress: bool = True) -> dict:

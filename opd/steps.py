@@ -8,6 +8,7 @@ import threading
 
 import ray
 
+from opd.agents.metrics import episode_metrics
 from opd.cluster import Roles
 from opd.config import Config
 from opd.rollout.stream import Scored, launch, split_even
@@ -35,8 +36,12 @@ def _score(roles: Roles, uids: list[str], prompts: list[Prompt], texts: list[str
 
 
 def _verify(roles: Roles, samples: list[Sample]) -> Rewards:
-    return _score(roles, [s.uid for s in samples], [s.prompt for s in samples],
-                  [s.response_text for s in samples])
+    """The verifiers' rewards; an episode's adds its environment's (``Episode.env_reward``)."""
+    rewards = _score(roles, [s.uid for s in samples], [s.prompt for s in samples],
+                     [s.response_text for s in samples])
+    rewards.rewards = [r + (s.episode.env_reward if s.episode else 0.0)
+                       for r, s in zip(rewards.rewards, samples, strict=True)]
+    return rewards
 
 
 class ChunkScorer:
@@ -115,6 +120,11 @@ def evaluate(roles: Roles, prompts: list[Prompt], cfg: Config, who: str) -> floa
     ids = [p.token_ids for p in prompts]
     if who == "teacher":
         texts = roles.teacher.generate_greedy(prompts, cfg.eval.max_new_tokens)
+    elif cfg.agent.environment is not None:  # greedy episodes; the last turn is the answer
+        kw = {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": cfg.eval.max_new_tokens, "seed": 0}
+        parts = [c for c in split_even([(p, 0) for p in prompts], len(roles.rollout)) if c]
+        outs = roles.rollout.map(lambda w, c: w.generate.remote(c, **kw), parts)
+        texts = [s.response_text for samples, _ in outs for s in samples]
     else:
         parts = [c for c in split_even(ids, len(roles.rollout)) if c]
         outs = roles.rollout.map(lambda w, c: w.generate_greedy.remote(c, cfg.eval.max_new_tokens), parts)
@@ -190,6 +200,7 @@ def step_metrics(taken: Scored, learner: dict, version: int, step_seconds: float
         m["dynamic_kept_fraction"] = (len(rollouts.samples) / rollouts.group_size
                                       / max(taken.generated_groups, 1))
         m["resample_rounds"] = float(taken.resample_rounds)
+    m.update(episode_metrics(rollouts, scores))
     if scores is not None:
         m["teacher_kl"] = teacher_reverse_kl(rollouts, scores)
         m["teacher_nonfinite"] = float(scores.nonfinite_samples())

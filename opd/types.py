@@ -34,6 +34,23 @@ class Prompt:
 
 
 @dataclass
+class Episode:
+    """What a multi-turn episode was (``opd.agents``): its ledger's segments over the response ids, how it
+    went, why it ended, and a digest of its exact ids (prompt + response) to compare with the teacher's and
+    the learner's input."""
+
+    spans: list[tuple[str, int, int]]  # (origin: sampled | environment | template, start, end)
+    stop: str  # opd.agents.env.StopReason
+    turns: int
+    tool_calls: int
+    tool_errors: int
+    tool_timeouts: int
+    env_reward: float
+    drift: bool
+    digest: str
+
+
+@dataclass
 class Sample:
     """One sampled response to a prompt, with the sampler's log-probs of the tokens it drew."""
 
@@ -45,6 +62,9 @@ class Sample:
     sampler_logprobs: list[float]  # log q(y_t | prefix) recorded by the sampler, one per response token
     weight_version: int
     finish_reason: str = "stop"
+    # episodes: 1 on the tokens the student drew, 0 on environment and template tokens (None: all drawn)
+    loss_mask: list[int] | None = None
+    episode: Episode | None = None
 
     def validate(self) -> None:
         if len(self.response_ids) != len(self.sampler_logprobs):
@@ -52,6 +72,9 @@ class Sample:
                 f"Sample {self.uid}: {len(self.response_ids)} response tokens but "
                 f"{len(self.sampler_logprobs)} sampler logprobs"
             )
+        if self.loss_mask is not None and len(self.loss_mask) != len(self.response_ids):
+            raise RecordError(f"Sample {self.uid}: a loss mask of {len(self.loss_mask)} for "
+                              f"{len(self.response_ids)} response tokens")
         if not all(math.isfinite(x) for x in self.sampler_logprobs):
             raise RecordError(f"Sample {self.uid}: non-finite sampler logprob")
 
@@ -233,6 +256,8 @@ class TrainBatch:
     routes: list[str] | None = None  # self-teacher objectives: each sample's route (``Objective.routes``)
     # [B] float32 arrays [T_b, H] from the teacher actor (TeacherScores.hidden)
     teacher_hidden: list | None = None
+    # episodes: per token 1 where the student drew it; environment and template tokens are out of the loss
+    loss_mask: list[list[int]] | None = None
 
     def validate(self) -> None:
         n = len(self.uids)
@@ -247,11 +272,13 @@ class TrainBatch:
                 raise RecordError(f"TrainBatch {uid}: teacher row does not match {t} response tokens")
             if self.teacher_topk_ids is not None and len(self.teacher_topk_ids[i]) != t:
                 raise RecordError(f"TrainBatch {uid}: teacher top-k rows do not match {t} response tokens")
+            if self.loss_mask is not None and len(self.loss_mask[i]) != t:
+                raise RecordError(f"TrainBatch {uid}: loss mask does not match {t} response tokens")
             if self.teacher_hidden is not None and self.teacher_hidden[i].shape[0] != t:
                 raise RecordError(f"TrainBatch {uid}: teacher hidden-state rows do not match {t} "
                                   "response tokens")
         for name in ("loss_weights", "teacher_prompt_ids", "routes", "teacher_topk_ids",
-                     "teacher_topk_logprobs", "teacher_hidden"):
+                     "teacher_topk_logprobs", "teacher_hidden", "loss_mask"):
             value = getattr(self, name)
             if value is not None and len(value) != n:
                 raise RecordError(f"TrainBatch: {name} has {len(value)} rows for {n} samples")

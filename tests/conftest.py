@@ -21,6 +21,25 @@ def tiny_models(tmp_path_factory) -> Path:
     return out
 
 
+# the first and last of 30: a 35M-parameter student that still loads and trains like any
+SMOLLM2_STUDENT_LAYERS = "0,29"
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> tuple[Path, Path]:
+    """The real pair: (teacher, student) checkpoint directories of SmolLM2-135M-Instruct and a student pruned
+    from it, built with ``opd bootstrap --model`` and ``opd prune``."""
+    from opd.cli import main as opd_main
+
+    cache = os.environ.get("OPD_TEST_MODELS")  # reuse across local sessions; CI builds them fresh
+    root = Path(cache) / "real" if cache else tmp_path_factory.mktemp("real")
+    teacher, student = root / "smollm2", root / "smollm2-L2"
+    assert opd_main(["bootstrap", "--model", "smollm2", "--out", str(teacher)]) == 0
+    assert opd_main(["prune", str(teacher), "--keep-layers", SMOLLM2_STUDENT_LAYERS,
+                     "--out", str(student)]) == 0
+    return teacher, student
+
+
 @pytest.fixture(scope="session")
 def local_ray():
     import ray

@@ -10,36 +10,19 @@ on 2 cores.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import ray
 import torch
-from conftest import start_shared, stop_shared, train_on
+from conftest import SMOLLM2_STUDENT_LAYERS, start_shared, stop_shared, train_on
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from opd.cli import main as opd_main
 from opd.cluster import start_rollout_worker, start_teachers
 from opd.config import load_config
 from opd.preflight import load_prompts
 
 pytestmark = pytest.mark.slow
-
-# the first and last of 30: a 35M-parameter student that still loads and trains like any
-STUDENT_LAYERS = "0,29"
-
-
-@pytest.fixture(scope="session")
-def smollm2(tmp_path_factory) -> tuple[Path, Path]:
-    """(teacher, student) checkpoint directories, built with ``opd bootstrap --model`` and ``opd prune``."""
-    cache = os.environ.get("OPD_TEST_MODELS")  # reuse across local sessions; CI builds them fresh
-    root = Path(cache) / "real" if cache else tmp_path_factory.mktemp("real")
-    teacher, student = root / "smollm2", root / "smollm2-L2"
-    assert opd_main(["bootstrap", "--model", "smollm2", "--out", str(teacher)]) == 0
-    assert opd_main(["prune", str(teacher), "--keep-layers", STUDENT_LAYERS, "--out", str(student)]) == 0
-    return teacher, student
-
 
 def real_overrides(models: tuple[Path, Path], out: Path, **extra) -> list[str]:
     teacher, student = models
@@ -93,7 +76,7 @@ def test_the_pruned_student_holds_the_kept_layers(smollm2):
     teacher_dir, student_dir = smollm2
     teacher, student = _weights(teacher_dir), _weights(student_dir)
     assert AutoModelForCausalLM.from_pretrained(student_dir).config.num_hidden_layers == 2
-    for new, old in enumerate(int(x) for x in STUDENT_LAYERS.split(",")):
+    for new, old in enumerate(int(x) for x in SMOLLM2_STUDENT_LAYERS.split(",")):
         for key in (k for k in student if k.startswith(f"model.layers.{new}.")):
             assert torch.equal(student[key], teacher[key.replace(f"layers.{new}.", f"layers.{old}.")]), key
     for key in ("model.embed_tokens.weight", "model.norm.weight"):

@@ -51,10 +51,15 @@ def make_engine(engine: str, model_dir: str, *, seed: int, max_model_len: int | 
 
 class RolloutWorker:
     def __init__(self, model_dir: str, *, seed: int, max_model_len: int, kv_cache_gib: float, dtype: str,
-                 worker_id: int = 0, lora_rank: int = 0, engine: str = "vllm"):
+                 worker_id: int = 0, lora_rank: int = 0, engine: str = "vllm", episodes: tuple | None = None):
         self.worker_id = worker_id
         self.engine = make_engine(engine, model_dir, seed=seed, max_model_len=max_model_len,
                                   kv_cache_gib=kv_cache_gib, dtype=dtype, lora_rank=lora_rank)
+        self.episodes = None  # opd.agents.episode_setup: (environment spec, limits) for multi-turn jobs
+        if episodes is not None:
+            from opd.agents.runner import EpisodeRunner
+
+            self.episodes = EpisodeRunner(self.engine, self.engine.tokenizer, *episodes)
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadNotice())
         self.version = 0
         self.metrics = RoleMetrics("rollout")  # <job>/rollout-<i>: this worker's own series
@@ -66,6 +71,10 @@ class RolloutWorker:
     ) -> tuple[list[Sample], float]:
         """n samples per (prompt, epoch), in order. Per-draw seeds make rollouts reproducible on resume."""
         t0 = time.perf_counter()
+        if self.episodes is not None:  # a turn is max_tokens at most (AgentLimits.max_turn_tokens)
+            samples = self.episodes.run(draws, n=n, temperature=temperature, top_p=top_p, seed=seed,
+                                        version=self.version)
+            return samples, self._record(samples, t0)
         # stable across processes
         seeds = [zlib.crc32(f"{seed}/{e}/{p.prompt_id}".encode()) for p, e in draws]
         outs = self.engine.generate(
@@ -86,10 +95,13 @@ class RolloutWorker:
             for (p, epoch), gens in zip(draws, outs, strict=True)
             for g, gen in enumerate(gens)
         ]
+        return samples, self._record(samples, t0)
+
+    def _record(self, samples: list[Sample], t0: float) -> float:
         seconds = time.perf_counter() - t0
         n_tok = sum(len(s.response_ids) for s in samples)
         self.metrics.record(tokens=n_tok, tokens_per_s=n_tok / max(seconds, 1e-9))
-        return samples, seconds
+        return seconds
 
     def generate_greedy(self, prompt_ids: list[list[int]], max_tokens: int) -> list[str]:
         outs = self.engine.generate(prompt_ids, n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens)

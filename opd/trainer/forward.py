@@ -43,7 +43,9 @@ class MicroTensors:
 
 
 def build_micro(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
-                share: bool = False) -> MicroTensors:
+                share: bool = False, loss_masks: list[list[int]] | None = None) -> MicroTensors:
+    """``loss_masks``: episodes' per-token masks (``TrainBatch.loss_mask``); ``mask_BT`` is every objective's
+    token mask, so environment and template tokens leave the loss, its denominators, TIP and the KL alike."""
     seqs = [p + r for p, r in zip(prompt_ids, response_ids, strict=True)]
     width = max(len(s) for s in seqs)
     t_max = max(max((len(r) for r in response_ids), default=0), 1)
@@ -61,7 +63,7 @@ def build_micro(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_
         # a different length (SDPO) still lines up because only these positions are read.
         pos_BT[i, :n] = torch.arange(len(p) - 1, len(p) - 1 + n)
         targets_BT[i, :n] = torch.tensor(r, dtype=torch.long)
-        mask_BT[i, :n] = 1.0
+        mask_BT[i, :n] = 1.0 if loss_masks is None else torch.tensor(loss_masks[i], dtype=torch.float32)
     shared = share_prompts(prompt_ids, response_ids, pad_id) if share else None
     return MicroTensors(input_ids, attn, pos_BT, targets_BT, mask_BT, shared)
 

@@ -330,8 +330,9 @@ class Learner:
         n_own = 0 if stand_in else len(micro)  # the micro-batches whose statistics count
         if self.sharded:  # every rank runs as many forwards and backwards: the longest plan's count
             micro, _ = fsdp.pad_micro(micro, int(self.comm.max(torch.tensor(float(len(micro))))))
-        mts = [build_micro([batch.prompt_ids[i] for i in idx], [batch.response_ids[i] for i in idx],
-                           self.pad_id, self.share_prompts).to(self.device) for idx in micro]
+        pick = lambda xs, idx: None if xs is None else [xs[i] for i in idx]  # noqa: E731
+        mts = [build_micro(pick(batch.prompt_ids, idx), pick(batch.response_ids, idx), self.pad_id,
+                           self.share_prompts, pick(batch.loss_mask, idx)).to(self.device) for idx in micro]
         auxes = [self.teachers.aux(batch, idx, mt) for idx, mt in zip(micro, mts, strict=True)]
         live = [batchwide.live_samples(batch.loss_weights, idx).to(self.device) * float(j < n_own)
                 for j, idx in enumerate(micro)]

@@ -121,15 +121,19 @@ def route(
         teacher_prompt_ids=pick(teacher_prompts),
         routes=pick(routes),
         teacher_hidden=pick(scores.hidden) if scores is not None and plan.signal.hidden else None,
+        loss_mask=pick([s.loss_mask or [1] * len(s.response_ids) for s in samples])
+        if any(s.loss_mask is not None for s in samples) else None,
     )
     batch.validate()
     return batch
 
 
 def teacher_reverse_kl(rollouts: RolloutBatch, scores: TeacherScores) -> float:
-    """Mean sampled-token reverse KL ``log q - log pi_T`` per response token (the OPD progress figure)."""
-    total = sum(
-        sum(q - t for q, t in zip(s.sampler_logprobs, lp, strict=True))
-        for s, lp in zip(rollouts.samples, scores.logprobs, strict=True)
-    )
-    return total / max(1, rollouts.num_response_tokens)
+    """Mean sampled-token reverse KL ``log q - log pi_T`` per drawn response token (the OPD progress figure;
+    an episode's environment and template tokens were not drawn and do not count)."""
+    total = count = 0.0
+    for s, lp in zip(rollouts.samples, scores.logprobs, strict=True):
+        mask = s.loss_mask or [1] * len(lp)
+        total += sum(m * (q - t) for m, q, t in zip(mask, s.sampler_logprobs, lp, strict=True))
+        count += sum(mask)
+    return total / max(1.0, count)

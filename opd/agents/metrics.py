@@ -1,0 +1,46 @@
+"""The figures a user of an agent trainer looks for, per step: tool calls, errors and timeouts per episode,
+turns, each stop reason's share, ``drift_rate``, and the teacher's KL split by where the tokens sit: the
+turns that call a tool, the first tokens after an observation, and the final answer."""
+
+from __future__ import annotations
+
+from opd.agents.env import STOP_REASONS
+from opd.types import RolloutBatch, TeacherScores
+
+AFTER_OBSERVATION = 4  # "the first tokens after an observation": this many of the next turn
+
+
+def episode_metrics(rollouts: RolloutBatch, scores: TeacherScores | None) -> dict[str, float]:
+    eps = [s.episode for s in rollouts.samples if s.episode is not None]
+    if not eps:
+        return {}
+    n = len(eps)
+    m = {"episode_" + k: sum(getattr(e, k) for e in eps) / n
+         for k in ("turns", "tool_calls", "tool_errors", "tool_timeouts")}
+    m["drift_rate"] = sum(e.drift for e in eps) / n
+    m.update({f"stop_{r}": sum(e.stop == r for e in eps) / n for r in STOP_REASONS})
+    if scores is not None:
+        m.update(kl_by_segment(rollouts, scores))
+    return m
+
+
+def kl_by_segment(rollouts: RolloutBatch, scores: TeacherScores) -> dict[str, float]:
+    sums = {"tool_call": [0.0, 0], "after_observation": [0.0, 0], "answer": [0.0, 0]}
+    for s, lp in zip(rollouts.samples, scores.logprobs, strict=True):
+        if s.episode is None:
+            continue
+        spans = s.episode.spans
+        for k, (origin, a, b) in enumerate(spans):
+            if origin != "sampled":
+                continue
+            kl = [s.sampler_logprobs[t] - lp[t] for t in range(a, b)]
+            last = all(o != "sampled" for o, _, _ in spans[k + 1:])
+            where = "answer" if last and s.episode.stop == "answered" else "tool_call" if not last else None
+            if where:
+                sums[where][0] += sum(kl)
+                sums[where][1] += len(kl)
+            if k and spans[k - 1][0] != "sampled":
+                head = kl[:AFTER_OBSERVATION]
+                sums["after_observation"][0] += sum(head)
+                sums["after_observation"][1] += len(head)
+    return {f"teacher_kl_{k}": v / c for k, (v, c) in sums.items() if c}
