@@ -7,6 +7,7 @@ tokens).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import random
@@ -340,3 +341,42 @@ def test_a_row_without_tokens_counts_the_same_however_the_batch_is_split(tiny_mo
     for split, b in rest:
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6) and b["update_skipped"] == 0.0
         _same_grads(whole, split, "splitting the batch around an empty row")
+
+
+def _at_masked(rows, mask, f):
+    return [[f(x) if not m else x for x, m in zip(row, mrow, strict=True)] for row, mrow in zip(rows, mask,
+                                                                                                  strict=True)]
+
+
+@pytest.mark.parametrize("name", ["opd", "grpo-seq-mean", "opd-topk", "opd-full-vocab-jsd", "opd-tip"])
+def test_masked_tokens_are_context_only(tiny_models, name):
+    """An episode's tool output and template tokens (loss_mask 0) are read, never trained: whatever the batch
+    holds at those positions (sampler and teacher log-probs, advantages, the teacher's top-k) the loss, the
+    token count and the gradient are the same; and the mask does take them out (training on every token
+    differs)."""
+    def step(batch):
+        torch.manual_seed(0)
+        learner = Learner(str(tiny_models / "student"), lr=1e-2, micro_batch_size=2, objective=SPECS[name],
+                          teacher_dir=str(tiny_models / "teacher"))
+        return learner, learner.train_step(batch)
+
+    torch.manual_seed(0)
+    batch = _batch(Learner(str(tiny_models / "student"), lr=1e-2, objective=SPECS[name],
+                           teacher_dir=str(tiny_models / "teacher")), name)
+    mask = [[int(j % 2 == 0) for j in range(len(r))] for r in batch.response_ids]
+    assert any(0 in m for m in mask)
+    masked = dataclasses.replace(batch, loss_mask=mask)
+    noisy = dataclasses.replace(
+        masked, sampler_logprobs=_at_masked(batch.sampler_logprobs, mask, lambda x: x - 3.0),
+        teacher_logprobs=_at_masked(batch.teacher_logprobs, mask, lambda x: x + 2.5),
+        advantages=_at_masked(batch.advantages, mask, lambda x: -5.0 * x - 1.0),
+        teacher_topk_logprobs=(None if batch.teacher_topk_logprobs is None else
+                               _at_masked(batch.teacher_topk_logprobs, mask, lambda k: [v - 2.0 for v in k])))
+    (a_learner, a), (b_learner, b) = step(masked), step(noisy)
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-7)
+    assert b["train_tokens"] == a["train_tokens"] and b["update_skipped"] == 0.0
+    _same_grads(a_learner, b_learner, "changing masked tokens' numbers", rtol=1e-6)
+    full_learner, full = step(batch)
+    assert full["train_tokens"] > a["train_tokens"]
+    assert any(not torch.allclose(p.grad, q.grad) for p, q in zip(full_learner.model.parameters(),
+                                                                   a_learner.model.parameters(), strict=True))
