@@ -39,6 +39,7 @@ def check_inputs(cfg: Config, teacher: bool | None = None) -> tuple:
     """(student tokenizer, train prompts, held-out prompts) once every input of the job has passed its check.
     ``teacher``: whether the teacher is used (default: whether the objective reads one; ``opd eval
     --teacher``)."""
+    from opd.agents.preflight import check_episodes
     from opd.rewards.preflight import check_verifiers
 
     teacher = cfg.needs_teacher if teacher is None else teacher
@@ -49,6 +50,7 @@ def check_inputs(cfg: Config, teacher: bool | None = None) -> tuple:
     if teacher:
         _check_teachers(cfg, tok, train + test)
     check_verifiers(cfg, test[:2])
+    check_episodes(cfg, tok, train + test)
     return tok, train, test
 
 

@@ -182,3 +182,27 @@ def test_cli_takes_flags_among_overrides_and_exits_2_writing_nothing(tmp_path, c
     with pytest.raises(SystemExit) as e:
         main(["run", str(tmp_path / "cfg.yaml"), "--no-such-flag"])
     assert e.value.code == 2
+
+
+# the tiny models' template with a tool role (theirs raises on it, as templates without tool support do)
+WITH_TOOLS = ("{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}<|end|>"
+              "{% else %}<|{{ m['role'] }}|>{{ m['content'] }}{% endif %}{% endfor %}"
+              "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["agent.tools=[calc, nope]"], "agent.tools: unknown tool 'nope'"),
+    (["agent.tools=[no_such_pkg.mod:fn]"], "agent.tools: "),
+    (["agent.environment=no_such_pkg.mod:Env"], "agent.environment: "),
+    ([], "models.chat_template cannot render a tool result: unknown role: tool"),
+    (["algorithm=grpo", f"models.chat_template={json.dumps(WITH_TOOLS)}"],
+     "rollout.max_model_len=128: row train-0 framed as an episode (the environment's system prompt included) "
+     "is 487 tokens"),
+])
+def test_an_agent_job_that_cannot_run_an_episode_exits_2_before_ray(tmp_path, capsys, tiny_models, overrides,
+                                                                   needle):
+    models = [f"models.student={tiny_models / 'student'}", f"models.teacher={tiny_models / 'teacher'}"]
+    env = [] if any(o.startswith("agent.environment") for o in overrides) else ["agent.environment=tools"]
+    code, err = _cli_run(tmp_path, capsys, "--fresh", *models, *env, *overrides)
+    assert code == 2 and needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()

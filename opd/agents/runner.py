@@ -62,6 +62,11 @@ def cut_at_call(tokenizer, ids: list[int]) -> list[int]:
     return ids
 
 
+def episode_row(prompt: Prompt) -> dict:
+    """The dataset row an environment's ``reset`` sees: its columns, the prompt and the answer."""
+    return {**prompt.columns, "prompt": prompt.columns.get("prompt", prompt.text), "answer": prompt.answer}
+
+
 class EpisodeRunner:
     def __init__(self, engine, tokenizer, env_spec: EnvSpec, limits: AgentLimits):
         self.engine, self.tok, self.env_spec, self.limits = engine, tokenizer, env_spec, limits
@@ -91,9 +96,8 @@ class EpisodeRunner:
 
     def _start(self, prompt: Prompt, epoch: int, g: int, seed: int) -> _Live:
         env = self.env_spec.make()
-        row = {**prompt.columns, "prompt": prompt.columns.get("prompt", prompt.text), "answer": prompt.answer}
-        transcript = Transcript(self.tok, env.reset(row, zlib.crc32(f"{seed}/{epoch}/{prompt.prompt_id}/{g}"
-                                                                     .encode())))
+        env_seed = zlib.crc32(f"{seed}/{epoch}/{prompt.prompt_id}/{g}".encode())
+        transcript = Transcript(self.tok, env.reset(episode_row(prompt), env_seed))
         ids = transcript.prompt_ids()
         return _Live(replace(prompt, text=transcript.text, token_ids=ids), epoch, g, env, transcript,
                      Ledger(ids), time.monotonic())
