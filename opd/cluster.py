@@ -15,7 +15,6 @@ import ray
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from opd.agents import episode_setup
 from opd.config import Config
 from opd.plan import learner_args
 from opd.rewards import VerifierRunner
@@ -104,7 +103,7 @@ def start_rollout_worker(cfg: Config, i: int, prefix: str | None = None):
         .remote(
             cfg.models.student, seed=cfg.run.seed + i, max_model_len=cfg.rollout.max_model_len,
             kv_cache_gib=cfg.rollout.kv_cache_gib, dtype=cfg.models.dtype, worker_id=i, lora_rank=cfg.lora.r,
-            engine=cfg.rollout.engine, episodes=episode_setup(cfg),
+            engine=cfg.rollout.engine,
         )
     )
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import ray
 
+from opd.agents import episode_setup
 from opd.checkpoint import RunState, load_state, save_checkpoint
 from opd.cluster import Roles, init_ray, start_roles, stop_roles
 from opd.config import Config, dump_config
@@ -147,7 +148,8 @@ def train(cfg: Config, job: Job, roles: Roles, progress: bool = True) -> dict:
                         config=cfg.model_dump(mode="json"), run_name=cfg.run.name,
                         log_every_s=cfg.run.log_every_s)
     stream = RolloutStream(roles.rollout, PromptSource(job.train, cfg.run.seed, st.cursor), cfg.rollout,
-                           cfg.run.seed, load_in_flight(job.checkpoint), scorer=ChunkScorer(roles, cfg))
+                           cfg.run.seed, load_in_flight(job.checkpoint), scorer=ChunkScorer(roles, cfg),
+                           episodes=episode_setup(cfg))
     # Every sync's probe is checked by the rollout pool before anything generated at those weights is handed
     # out, evaluated or stored with a checkpoint (RolloutPool.checked): the loop never waits for it by hand.
     st.version = sync_weights(roles, job.probe_ids, cfg.rollout.probe_tolerance)

@@ -8,6 +8,7 @@ import threading
 
 import ray
 
+from opd.agents import episode_setup
 from opd.agents.metrics import episode_metrics
 from opd.cluster import Roles
 from opd.config import Config
@@ -25,7 +26,7 @@ _VERIFIER_LOCK = threading.Lock()
 
 def sample(roles: Roles, draws: list[tuple[Prompt, int]], step: int, cfg: Config) -> RolloutBatch:
     """One batch generated now (the synchronous path; ``RolloutStream`` runs ahead of the learner)."""
-    return launch(roles.rollout, draws, step, cfg.rollout, cfg.run.seed).result()
+    return launch(roles.rollout, draws, step, cfg.rollout, cfg.run.seed, episodes=episode_setup(cfg)).result()
 
 
 def _score(roles: Roles, uids: list[str], prompts: list[Prompt], texts: list[str]) -> Rewards:
@@ -121,7 +122,8 @@ def evaluate(roles: Roles, prompts: list[Prompt], cfg: Config, who: str) -> floa
     if who == "teacher":
         texts = roles.teacher.generate_greedy(prompts, cfg.eval.max_new_tokens)
     elif cfg.agent.environment is not None:  # greedy episodes; the last turn is the answer
-        kw = {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": cfg.eval.max_new_tokens, "seed": 0}
+        kw = {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": cfg.eval.max_new_tokens, "seed": 0,
+              "episodes": episode_setup(cfg)}
         parts = [c for c in split_even([(p, 0) for p in prompts], len(roles.rollout)) if c]
         outs = roles.rollout.map(lambda w, c: w.generate.remote(c, **kw), parts)
         texts = [s.response_text for samples, _ in outs for s in samples]
@@ -149,7 +151,7 @@ def heldout_teacher_kl(roles: Roles, prompts: list[Prompt], cfg: Config) -> floa
         return None
     draws = [(p, 0) for p in prompts]
     kw = {"n": cfg.eval.kl_samples, "temperature": 1.0, "top_p": 1.0,
-          "max_tokens": cfg.rollout.max_new_tokens, "seed": cfg.run.seed}
+          "max_tokens": cfg.rollout.max_new_tokens, "seed": cfg.run.seed, "episodes": episode_setup(cfg)}
     parts = [c for c in split_even(draws, len(roles.rollout)) if c]
     outs = roles.rollout.map(lambda w, c: w.generate.remote(c, **kw), parts)
     rollouts = RolloutBatch(-1, [s for samples, _ in outs for s in samples], cfg.eval.kl_samples, -1)

@@ -7,9 +7,16 @@ at the boundary where it happened rather than as a silently wrong loss.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Protocol
+
+
+def ids_digest(ids: list[int]) -> str:
+    """A short hash of a token sequence: an episode ledger's, the teacher's input and the learner's input are
+    compared by it."""
+    return hashlib.blake2b(",".join(map(str, ids)).encode(), digest_size=8).hexdigest()
 
 
 class RecordError(ValueError):
@@ -81,6 +88,15 @@ class Sample:
     @property
     def full_ids(self) -> list[int]:
         return self.prompt.token_ids + self.response_ids
+
+    def checked_ids(self, reader: str) -> list[int]:
+        """``full_ids`` for the teacher or the learner, checked against an episode ledger's digest: both must
+        read exactly the ids the sampler continued from and drew, never a re-tokenised transcript."""
+        ids = self.full_ids
+        if self.episode is not None and ids_digest(ids) != self.episode.digest:
+            raise RecordError(f"Sample {self.uid}: the {reader}'s {len(ids)} ids are not the episode "
+                              f"ledger's (digest {ids_digest(ids)} != {self.episode.digest})")
+        return ids
 
 
 @dataclass

@@ -242,3 +242,20 @@ def test_the_hf_engine_continues_from_the_ledger_token_in_token_out(smollm2, tok
         assert torch.allclose(torch.tensor([s.sampler_logprobs[i] for i in drawn]),
                               torch.tensor([scored[i] for i in drawn]), atol=1e-4)
     assert samples[0].response_ids != samples[1].response_ids  # two draws, not one copied
+
+
+def test_ids_that_are_not_the_ledgers_are_refused_to_the_teacher_and_the_learner(tok):
+    """A re-tokenised transcript (decode, encode: the classic drift) has other ids than the ledger; the
+    teacher's request and the learner's batch are both built through ``Sample.checked_ids``."""
+    import dataclasses
+
+    from opd.types import RecordError
+
+    s, _ = _run(tok, [CALL.format(a=1, op="+", b=2) + "<|im_end|>", "3<|im_end|>"])
+    assert s.checked_ids("teacher") == s.prompt.token_ids + s.response_ids
+    redone = tok(tok.decode(s.response_ids), add_special_tokens=False)["input_ids"]
+    assert tok.decode(redone) == tok.decode(s.response_ids)  # the same text ...
+    bad = dataclasses.replace(s, response_ids=redone[:-1] + [redone[-1] + 1])  # ... and ids that differ
+    for reader in ("teacher", "learner"):
+        with pytest.raises(RecordError, match=f"the {reader}'s .* ids are not the episode ledger's"):
+            bad.checked_ids(reader)

@@ -32,7 +32,7 @@ def real_overrides(models: tuple[Path, Path], out: Path, **extra) -> list[str]:
         "task.name": "word_problems", "task.num_train": 40, "task.num_test": 4, "eval.num_prompts": 4,
         "eval.max_new_tokens": 8, "eval.kl_samples": 1, "verifiers.functions": "[{name: math_answer}]",
         "rollout.prompts_per_step": 2, "rollout.group_size": 2, "rollout.max_new_tokens": 8,
-        "rollout.max_model_len": 96,
+        "rollout.max_model_len": 192,  # an episode's turns and observations (test_episodes_on_the_real_pair)
         "teacher.top_k": 5, "trainer.total_steps": 2, "trainer.lr": 1e-4, "trainer.micro_batch_size": 4,
         "checkpoint.every": 0, **extra,
     }
@@ -169,3 +169,50 @@ def test_lora_on_the_real_pair(shared, smollm2, tmp_path):
     assert summary["steps"] == 2 and all(r["probe_max_diff"] < 5e-4 for r in rows)
     adapter = out / "checkpoints" / "step_000002" / "adapter"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+
+
+def test_episodes_on_the_real_pair(shared, smollm2, tmp_path):
+    """Multi-turn episodes through local Ray, vLLM and the learner, with a user environment loaded by path
+    that answers every turn. The student here is the instruct model itself (the pruned one rarely ends a turn
+    within its budget, and a turn cut by it ends the episode): its own rollout worker, the shared vLLM
+    teacher. One ledger of ids from sampler to learner: vLLM continued each turn from the ledger's ids (the
+    learner's log-probs of the sampled tokens are vLLM's, to kernel rounding, which they are not if any id
+    before them differs); the teacher and the learner were handed ids whose digest is the ledger's
+    (``Sample.checked_ids`` raises otherwise); samples.jsonl holds each segment with its origin."""
+    from opd.types import ids_digest
+
+    teacher, _ = smollm2
+    out = tmp_path / "real-episodes"
+    cfg = load_config(None, real_overrides((teacher, teacher), out, **{
+        "agent.environment": f"{Path(__file__).parent / 'agent_envs.py'}:Counting", "agent.max_turns": 3,
+        "rollout.max_new_tokens": 32, "rollout.prompts_per_step": 4, "run.log_samples": True,
+        "opd.divergence": "sampled"}))
+    worker = start_rollout_worker(cfg, 0, prefix="real-episodes/")
+    try:
+        summary = train_on(shared, cfg, rollout=[worker])
+    finally:
+        ray.kill(worker)
+    rows = _metrics(out)
+    assert summary["steps"] == 2
+    for r in rows:
+        assert r["learner_sampler_absdiff_max"] < 1e-3 and r["probe_max_diff"] < 5e-4
+        assert r["update_skipped"] == 0.0 and r["drift_rate"] == 0.0
+        # the environment never ends an episode: a turn cut at its budget does, or the limits
+        assert sum(r[f"stop_{k}"] for k in ("max_turns", "context_full", "length")) == 1.0
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 16 and all(s["trained"] for s in samples)
+    # about a third of this model's turns end within 32 tokens: some episodes go on (1 - 0.65**16)
+    assert any(s["turns"] > 1 for s in samples)
+    assert any("teacher_kl_after_observation" in r for r in rows)
+    tok = AutoTokenizer.from_pretrained(teacher)
+    for s in samples:
+        ids = s["prompt_ids"] + [t for seg in s["segments"] for t in seg["ids"]]
+        assert ids_digest(ids) == s["digest"] and len(ids) <= 192
+        origins = [seg["origin"] for seg in s["segments"]]
+        assert origins[0] == "sampled" and origins.count("sampled") == s["turns"]
+        if s["turns"] > 1:  # the observations: the environment's text, tokenised as the template's delta
+            assert "environment" in origins and "template" in origins
+            text = tok.decode([t for seg in s["segments"] if seg["origin"] == "environment"
+                               for t in seg["ids"]])
+            assert "characters. Answer in a few words." in text
+            assert s["reward"] >= 0.25  # the environment's reward is part of the episode's

@@ -76,7 +76,7 @@ def test_take_hands_out_a_batch_only_after_the_last_syncs_probe_passed(local_ray
         def __init__(self):
             self.version = 0
 
-        def generate(self, draws, *, n, temperature, top_p, max_tokens, seed):
+        def generate(self, draws, *, n, temperature, top_p, max_tokens, seed, episodes=None):
             return [Sample(sample_uid(p.prompt_id, g, e), p, g, [5], "5", [-0.5], self.version)
                     for p, e in draws for g in range(n)], 0.01
 

@@ -15,17 +15,10 @@ newline at a tool boundary, re-renders a system prompt) is not prefix-stable: ``
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Literal
 
 Origin = Literal["sampled", "environment", "template"]
-
-
-def ids_digest(ids: list[int]) -> str:
-    """A short hash of a token sequence: the ledger's, the teacher's input and the learner's input are
-    compared by it."""
-    return hashlib.blake2b(",".join(map(str, ids)).encode(), digest_size=8).hexdigest()
 
 
 @dataclass(frozen=True)

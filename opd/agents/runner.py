@@ -21,8 +21,8 @@ from dataclasses import dataclass, field, replace
 
 from opd.agents.calls import CLOSE
 from opd.agents.env import Environment, EnvSpec
-from opd.agents.ledger import Ledger, Segment, TemplateDrift, Transcript, ids_digest
-from opd.types import Episode, Prompt, Sample, sample_uid
+from opd.agents.ledger import Ledger, Segment, TemplateDrift, Transcript
+from opd.types import Episode, Prompt, Sample, ids_digest, sample_uid
 
 
 @dataclass(frozen=True)

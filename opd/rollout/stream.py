@@ -163,11 +163,12 @@ class Pending:
 
 
 def launch(workers: list, draws: list, step: int, rollout_cfg, seed: int,
-           scorer: Scorer | None = None) -> Pending:
+           scorer: Scorer | None = None, episodes: tuple | None = None) -> Pending:
+    """``episodes``: ``opd.agents.episode_setup`` of a multi-turn job (each draw an episode)."""
     r = rollout_cfg
     pool = workers if isinstance(workers, RolloutPool) else RolloutPool(workers)
     kwargs = {"n": r.group_size, "temperature": r.temperature, "top_p": r.top_p,
-              "max_tokens": r.max_new_tokens, "seed": seed}
+              "max_tokens": r.max_new_tokens, "seed": seed, "episodes": episodes}
     chain = scorer.chain if scorer is not None else None
     chunks = [Chunk(slot, piece, kwargs, chain)
               for slot, share in enumerate(split_even(draws, len(pool)))
@@ -179,10 +180,12 @@ def launch(workers: list, draws: list, step: int, rollout_cfg, seed: int,
 
 class RolloutStream:
     def __init__(self, workers: list, data: PromptSource, rollout_cfg, seed: int,
-                 ready: list[Scored] | None = None, scorer: Scorer | None = None):
+                 ready: list[Scored] | None = None, scorer: Scorer | None = None,
+                 episodes: tuple | None = None):
         """``scorer`` scores every batch as it is generated; None leaves scoring to the caller."""
         self.pool = workers if isinstance(workers, RolloutPool) else RolloutPool(workers)
         self.data, self.cfg, self.seed, self.scorer = data, rollout_cfg, seed, scorer
+        self.episodes = episodes
         self.queue: deque[Pending | Scored] = deque(ready or [])
 
     def _next_step(self, step: int) -> int:
@@ -195,7 +198,7 @@ class RolloutStream:
         while self._next_step(step) <= min(step + self.cfg.max_staleness, last_step - 1):
             s = self._next_step(step)
             draws = self.data.next_batch(self.cfg.prompts_per_step)
-            self.queue.append(launch(self.pool, draws, s, self.cfg, self.seed, self.scorer))
+            self.queue.append(launch(self.pool, draws, s, self.cfg, self.seed, self.scorer, self.episodes))
         head = self.queue.popleft()
         if head.step != step:
             raise RuntimeError(
@@ -222,7 +225,7 @@ class RolloutStream:
         while len(kept.batch.samples) // g < target and rounds < self.cfg.max_resample_rounds:
             rounds += 1
             more = launch(self.pool, self.data.next_batch(target), step, self.cfg, self.seed,
-                          self.scorer).scored()
+                          self.scorer, self.episodes).scored()
             generated += len(more.batch.samples) // g
             kept = Scored.concat([kept, more.groups(more.rewards.varied_groups(g))])
         # nothing varied in any round: the first batch, whose groups teach nothing either

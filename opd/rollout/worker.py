@@ -7,6 +7,7 @@ that silently failed (peers' costliest bug class) stops the run here, naming the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import zlib
@@ -51,15 +52,10 @@ def make_engine(engine: str, model_dir: str, *, seed: int, max_model_len: int | 
 
 class RolloutWorker:
     def __init__(self, model_dir: str, *, seed: int, max_model_len: int, kv_cache_gib: float, dtype: str,
-                 worker_id: int = 0, lora_rank: int = 0, engine: str = "vllm", episodes: tuple | None = None):
+                 worker_id: int = 0, lora_rank: int = 0, engine: str = "vllm"):
         self.worker_id = worker_id
         self.engine = make_engine(engine, model_dir, seed=seed, max_model_len=max_model_len,
                                   kv_cache_gib=kv_cache_gib, dtype=dtype, lora_rank=lora_rank)
-        self.episodes = None  # opd.agents.episode_setup: (environment spec, limits) for multi-turn jobs
-        if episodes is not None:
-            from opd.agents.runner import EpisodeRunner
-
-            self.episodes = EpisodeRunner(self.engine, self.engine.tokenizer, *episodes)
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadNotice())
         self.version = 0
         self.metrics = RoleMetrics("rollout")  # <job>/rollout-<i>: this worker's own series
@@ -67,13 +63,20 @@ class RolloutWorker:
 
     def generate(
         self, draws: list[tuple[Prompt, int]], *, n: int, temperature: float, top_p: float, max_tokens: int,
-        seed: int
+        seed: int, episodes: tuple | None = None
     ) -> tuple[list[Sample], float]:
-        """n samples per (prompt, epoch), in order. Per-draw seeds make rollouts reproducible on resume."""
+        """n samples per (prompt, epoch), in order. Per-draw seeds make rollouts reproducible on resume.
+        ``episodes`` (``opd.agents.episode_setup``): each sample is a multi-turn episode, a turn at most
+        ``max_tokens``; per call, so one worker serves single-turn and agent jobs alike."""
         t0 = time.perf_counter()
-        if self.episodes is not None:  # a turn is max_tokens at most (AgentLimits.max_turn_tokens)
-            samples = self.episodes.run(draws, n=n, temperature=temperature, top_p=top_p, seed=seed,
-                                        version=self.version)
+        if episodes is not None:
+            from opd.agents.runner import EpisodeRunner
+
+            spec, limits = episodes
+            runner = EpisodeRunner(self.engine, self.engine.tokenizer, spec,
+                                   dataclasses.replace(limits, max_turn_tokens=max_tokens))
+            samples = runner.run(draws, n=n, temperature=temperature, top_p=top_p, seed=seed,
+                                 version=self.version)
             return samples, self._record(samples, t0)
         # stable across processes
         seeds = [zlib.crc32(f"{seed}/{e}/{p.prompt_id}".encode()) for p, e in draws]

@@ -121,7 +121,7 @@ class HTTPTeacher:
         t0 = time.perf_counter()
         n = self.sequences_per_request
         bodies = [
-            {"sequences": [{"token_ids": s.full_ids, "response_start": len(s.prompt.token_ids)}
+            {"sequences": [{"token_ids": s.checked_ids("teacher"), "response_start": len(s.prompt.token_ids)}
                            for s in samples[i : i + n]],
              "top_k": top_k}
             for i in range(0, len(samples), n)

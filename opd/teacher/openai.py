@@ -67,7 +67,7 @@ class OpenAITeacher:
         return sorted(reply["choices"], key=lambda c: c["index"])
 
     def _score(self, samples: list[Sample], top_k: int) -> list[ResponseScores]:
-        choices = self._complete({"prompt": [s.full_ids for s in samples], "max_tokens": 1,
+        choices = self._complete({"prompt": [s.checked_ids("teacher") for s in samples], "max_tokens": 1,
                                   "temperature": 1.0, "prompt_logprobs": top_k})
         if len(choices) != len(samples):
             raise TeacherServerError(f"{self.client.url}: {len(choices)} choices for {len(samples)} prompts")

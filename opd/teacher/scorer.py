@@ -92,8 +92,8 @@ class VLLMTeacher:
 
     def score(self, samples: list[Sample], top_k: int = 0, hidden: bool = False) -> TeacherScores:
         t0 = time.perf_counter()
-        rows = self.score_tokens([s.full_ids for s in samples], [len(s.prompt.token_ids) for s in samples],
-                                 top_k, hidden)
+        rows = self.score_tokens([s.checked_ids("teacher") for s in samples],
+                                 [len(s.prompt.token_ids) for s in samples], top_k, hidden)
         seconds = time.perf_counter() - t0
         record_scored(samples, seconds)
         return scores_from_rows(samples, rows, top_k, seconds, hidden)

@@ -105,6 +105,8 @@ def route(
         keep = [i for k in rewards.varied_groups(g) for i in range(k * g, (k + 1) * g)]
     if not keep:
         return None
+    for i in keep:  # an episode trains on exactly its ledger's ids
+        samples[i].checked_ids("learner")
     pick = lambda xs: None if xs is None else [xs[i] for i in keep]  # noqa: E731
     batch = TrainBatch(
         uids=pick([s.uid for s in samples]),
