@@ -171,27 +171,40 @@ def test_lora_on_the_real_pair(shared, smollm2, tmp_path):
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
 
 
-def test_episodes_on_the_real_pair(shared, smollm2, tmp_path):
+def _episode_cfg(smollm2, out: Path, **extra):
+    teacher, _ = smollm2
+    return load_config(None, real_overrides((teacher, teacher), out, **{
+        "agent.environment": f"{Path(__file__).parent / 'agent_envs.py'}:Counting", "agent.max_turns": 2,
+        "rollout.max_new_tokens": 32, "rollout.prompts_per_step": 4, "run.log_samples": True,
+        "opd.divergence": "sampled", "checkpoint.every": 1, "eval.kl_samples": 0, **extra}))
+
+
+@pytest.fixture(scope="module")
+def episode_run(shared, smollm2, tmp_path_factory):
+    """The episode jobs' rollout worker and the two-step reference run. The student is the instruct model
+    itself (the pruned one rarely ends a turn within its budget, and a turn cut by it ends the episode); the
+    teacher is the shared vLLM one."""
+    out = tmp_path_factory.mktemp("real") / "real-episodes"
+    cfg = _episode_cfg(smollm2, out)
+    worker = start_rollout_worker(cfg, 0, prefix="real-episodes/")
+    summary = train_on(shared, cfg, rollout=[worker])
+    yield worker, out, summary
+    ray.kill(worker)
+
+
+def _samples(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+
+
+def test_episodes_on_the_real_pair(episode_run, smollm2):
     """Multi-turn episodes through local Ray, vLLM and the learner, with a user environment loaded by path
-    that answers every turn. The student here is the instruct model itself (the pruned one rarely ends a turn
-    within its budget, and a turn cut by it ends the episode): its own rollout worker, the shared vLLM
-    teacher. One ledger of ids from sampler to learner: vLLM continued each turn from the ledger's ids (the
-    learner's log-probs of the sampled tokens are vLLM's, to kernel rounding, which they are not if any id
-    before them differs); the teacher and the learner were handed ids whose digest is the ledger's
-    (``Sample.checked_ids`` raises otherwise); samples.jsonl holds each segment with its origin."""
+    that answers every turn. One ledger of ids from sampler to learner: vLLM continued each turn from the
+    ledger's ids (the learner's log-probs of the sampled tokens are vLLM's, to kernel rounding, which they are
+    not if any id before them differs); the teacher and the learner were handed ids whose digest is the
+    ledger's (``Sample.checked_ids`` raises otherwise); samples.jsonl holds each segment with its origin."""
     from opd.types import ids_digest
 
-    teacher, _ = smollm2
-    out = tmp_path / "real-episodes"
-    cfg = load_config(None, real_overrides((teacher, teacher), out, **{
-        "agent.environment": f"{Path(__file__).parent / 'agent_envs.py'}:Counting", "agent.max_turns": 3,
-        "rollout.max_new_tokens": 32, "rollout.prompts_per_step": 4, "run.log_samples": True,
-        "opd.divergence": "sampled"}))
-    worker = start_rollout_worker(cfg, 0, prefix="real-episodes/")
-    try:
-        summary = train_on(shared, cfg, rollout=[worker])
-    finally:
-        ray.kill(worker)
+    _, out, summary = episode_run
     rows = _metrics(out)
     assert summary["steps"] == 2
     for r in rows:
@@ -199,12 +212,12 @@ def test_episodes_on_the_real_pair(shared, smollm2, tmp_path):
         assert r["update_skipped"] == 0.0 and r["drift_rate"] == 0.0
         # the environment never ends an episode: a turn cut at its budget does, or the limits
         assert sum(r[f"stop_{k}"] for k in ("max_turns", "context_full", "length")) == 1.0
-    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    samples = _samples(out)
     assert len(samples) == 16 and all(s["trained"] for s in samples)
     # about a third of this model's turns end within 32 tokens: some episodes go on (1 - 0.65**16)
     assert any(s["turns"] > 1 for s in samples)
     assert any("teacher_kl_after_observation" in r for r in rows)
-    tok = AutoTokenizer.from_pretrained(teacher)
+    tok = AutoTokenizer.from_pretrained(smollm2[0])
     for s in samples:
         ids = s["prompt_ids"] + [t for seg in s["segments"] for t in seg["ids"]]
         assert ids_digest(ids) == s["digest"] and len(ids) <= 192
@@ -216,3 +229,19 @@ def test_episodes_on_the_real_pair(shared, smollm2, tmp_path):
                                for t in seg["ids"]])
             assert "characters. Answer in a few words." in text
             assert s["reward"] >= 0.25  # the environment's reward is part of the episode's
+
+
+def test_resume_with_episodes_is_bit_identical(shared, episode_run, smollm2, tmp_path):
+    """Stopped after one step and resumed: the second step's episodes are the same ids (digests) and the
+    weights after it equal the uninterrupted run's, bit for bit."""
+    worker, ref, _ = episode_run
+    out = tmp_path / "real-episodes-resumed"
+    train_on(shared, _episode_cfg(smollm2, out, **{"trainer.total_steps": 1}), rollout=[worker])
+    summary = train_on(shared, _episode_cfg(smollm2, out), rollout=[worker], resume=True)
+    assert summary["steps"] == 2
+    digests = lambda o: [(s["uid"], s["digest"]) for s in _samples(o) if s["step"] == 1]  # noqa: E731
+    assert digests(out) == digests(ref)
+    a, b = (_weights(ref / "checkpoints" / "step_000002" / "model"),
+            _weights(out / "checkpoints" / "step_000002" / "model"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"resumed weights differ from the uninterrupted run at {k}"
