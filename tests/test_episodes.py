@@ -8,6 +8,7 @@ pruned student; the same ids through the teacher and the learner in tests/test_r
 
 from __future__ import annotations
 
+import copy
 import re
 import time
 
@@ -259,3 +260,50 @@ def test_ids_that_are_not_the_ledgers_are_refused_to_the_teacher_and_the_learner
     for reader in ("teacher", "learner"):
         with pytest.raises(RecordError, match=f"the {reader}'s .* ids are not the episode ledger's"):
             bad.checked_ids(reader)
+
+
+# Qwen2.5's tool rendering, abridged (no assistant tool_calls field): the tools in its own system block,
+# results as <tool_response> in a user turn
+QWEN_TOOLS = r"""
+{%- if tools %}
+    {{- '<|im_start|>system\nYou are a helpful assistant.\n\n# Tools\n\n<tools>' }}
+    {%- for tool in tools %}{{- '\n' }}{{- tool | tojson }}{%- endfor %}
+    {{- '\n</tools>\n\nFor each function call, return a json object within <tool_call></tool_call>:\n' }}
+    {{- '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n' }}
+{%- else %}
+    {{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if message.role == "tool" %}
+        {%- if loop.index0 == 0 or messages[loop.index0 - 1].role != "tool" %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' + message.content + '\n</tool_response>' }}
+        {%- if loop.last or messages[loop.index0 + 1].role != "tool" %}{{- '<|im_end|>\n' }}{%- endif %}
+    {%- else %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}
+"""
+
+
+def test_a_template_that_renders_tools_describes_them_itself(tok):
+    """Where the chat template renders ``tools=`` (Qwen2.5, Llama 3.1, Hermes), the model reads its tools as
+    it was trained to and the built-in system prompt is not added; tool results are the template's own
+    framing. SmolLM2's template renders none: the ``<tool_call>`` convention in a system message."""
+    from opd.agents.calls import renders_tools
+
+    assert not renders_tools(tok)
+    qwen = copy.deepcopy(tok)
+    qwen.chat_template = QWEN_TOOLS
+    assert renders_tools(qwen)
+    s, engine = _run(qwen, [CALL.format(a=347, op="*", b=86) + "<|im_end|>",
+                            CALL.format(a=29842, op="+", b=129) + "<|im_end|>", "29971<|im_end|>"])
+    assert "<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"calc\"" in s.prompt.text
+    assert "You can call tools" not in s.prompt.text
+    assert (s.episode.stop, s.episode.tool_calls) == ("answered", 2)
+    assert _segments(qwen, s, "environment") == ["29842", "29971"]
+    assert all("<tool_response>" in t for t in _segments(qwen, s, "template")[::2])
+    full = s.prompt.token_ids + s.response_ids
+    assert all(full[: len(ctx)] == ctx for ctx in engine.contexts)

@@ -51,6 +51,21 @@ def parse_turn(text: str) -> ParsedTurn:
     return ParsedTurn(calls, errors)
 
 
+def renders_tools(tokenizer) -> bool:
+    """Whether the chat template renders a ``tools=`` list itself (Qwen2.5's, Llama 3.1's, Hermes'): then the
+    model reads its tools as it was trained to, and ``system_prompt`` is not added."""
+    if not getattr(tokenizer, "chat_template", None):
+        return False
+    probe = [{"role": "user", "content": "x"}]
+    schema = {"type": "function", "function": {"name": "probe_tool", "description": "d",
+                                               "parameters": {"type": "object", "properties": {}}}}
+    try:
+        with_tools = tokenizer.apply_chat_template(probe, tools=[schema], tokenize=False)
+    except Exception:  # a template that raises on tools renders none
+        return False
+    return "probe_tool" in with_tools
+
+
 def system_prompt(schemas: list[dict]) -> str:
     """The tool convention for a model whose chat template renders no tools (SmolLM2's, the demo's)."""
     lines = "\n".join(json.dumps(s["function"], separators=(",", ":")) for s in schemas)

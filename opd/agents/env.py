@@ -55,7 +55,8 @@ class ToolEnvironment:
     call is the answer. Errors come back as observations; ``max_tool_errors`` errors in a row end the episode
     (``parse_error``), as do ``max_tool_timeouts`` timed-out calls (``tool_timeout``)."""
 
-    def __init__(self, tools: list[Tool], max_tool_errors: int = 3, max_tool_timeouts: int = 2):
+    def __init__(self, tools: list[Tool], max_tool_errors: int = 3, max_tool_timeouts: int = 2,
+                 describe: bool = True):
         if not tools:
             raise ValueError("a tool environment needs at least one tool")
         names = [t.name for t in tools]
@@ -64,11 +65,14 @@ class ToolEnvironment:
         self.tools, self.by_name = tools, {t.name: t for t in tools}
         self.max_tool_errors, self.max_tool_timeouts = max_tool_errors, max_tool_timeouts
         self.errors_in_a_row = self.timeouts = 0
+        self.describe = describe  # False: the chat template renders the tools (calls.renders_tools)
 
     def reset(self, row: dict, seed: int) -> list[dict]:
         self.errors_in_a_row = self.timeouts = 0
-        return [{"role": "system", "content": system_prompt([t.schema for t in self.tools])},
-                {"role": "user", "content": str(row["prompt"])}]
+        user = [{"role": "user", "content": str(row["prompt"])}]
+        if not self.describe:
+            return user
+        return [{"role": "system", "content": system_prompt([t.schema for t in self.tools])}, *user]
 
     def step(self, turn: str) -> EnvStep:
         parsed = parse_turn(turn)
@@ -129,10 +133,12 @@ class EnvSpec:
     max_tool_errors: int = 3
     max_tool_timeouts: int = 2
 
-    def make(self) -> Environment:
+    def make(self, describe_tools: bool = True) -> Environment:
+        """``describe_tools``: the built-in environment describes its tools in a system message (False when
+        the chat template renders them)."""
         if self.environment == "tools":
             return ToolEnvironment(resolve_tools(list(self.tools)), self.max_tool_errors,
-                                   self.max_tool_timeouts)
+                                   self.max_tool_timeouts, describe_tools)
         from opd.rewards.registry import VerifierSpecError, resolve
 
         try:

@@ -72,14 +72,16 @@ class Transcript:
     """The episode's messages and the text its ledger's ids stand for, rendered by ``tokenizer``'s chat
     template."""
 
-    def __init__(self, tokenizer, messages: list[dict]):
-        self.tok = tokenizer
+    def __init__(self, tokenizer, messages: list[dict], tools: list[dict] | None = None):
+        """``tools``: JSON schemas for a template that renders them (``opd.agents.calls.renders_tools``)."""
+        self.tok, self.tools = tokenizer, tools
         self.messages = list(messages)
         self.text = self._render(self.messages)
         self._closed_by = ""  # the special token that ended the last turn, as text
 
     def _render(self, messages: list[dict]) -> str:
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tok.apply_chat_template(messages, tools=self.tools, tokenize=False,
+                                            add_generation_prompt=True)
 
     def prompt_ids(self) -> list[int]:
         return self.tok(self.text, add_special_tokens=False)["input_ids"]

@@ -7,8 +7,9 @@ from __future__ import annotations
 import logging
 
 from opd.agents import episode_setup
+from opd.agents.calls import renders_tools
 from opd.agents.ledger import TemplateDrift, Transcript
-from opd.agents.runner import episode_row
+from opd.agents.runner import open_episode
 from opd.errors import ConfigError
 from opd.types import Prompt
 
@@ -22,20 +23,21 @@ def check_episodes(cfg, tok, prompts: list[Prompt]) -> None:
     spec, limits = setup
     key = "agent.tools" if spec.environment == "tools" else "agent.environment"
     try:
-        env = spec.make()
+        native = renders_tools(tok)
+        env = spec.make(describe_tools=not native)
     except Exception as e:  # a user's factory may raise anything; the run would raise it in every worker
         raise ConfigError(f"{key}: {e}") from None
     try:
         if prompts:
-            _check_template(tok, _framed(tok, env, key, prompts[0]))
-        _check_lengths(cfg, limits, lambda p: len(_framed(tok, env, key, p).prompt_ids()), prompts)
+            _check_template(tok, _framed(tok, env, key, prompts[0], native))
+        _check_lengths(cfg, limits, lambda p: len(_framed(tok, env, key, p, native).prompt_ids()), prompts)
     finally:
         env.close()
 
 
-def _framed(tok, env, key: str, p: Prompt) -> Transcript:
+def _framed(tok, env, key: str, p: Prompt, native: bool) -> Transcript:
     try:
-        return Transcript(tok, env.reset(episode_row(p), 0))
+        return open_episode(tok, env, p, 0, native)
     except Exception as e:
         raise ConfigError(f"{key}: the environment's reset failed on row {p.prompt_id}: {e}") from None
 

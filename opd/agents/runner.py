@@ -19,7 +19,7 @@ import time
 import zlib
 from dataclasses import dataclass, field, replace
 
-from opd.agents.calls import CLOSE
+from opd.agents.calls import CLOSE, renders_tools
 from opd.agents.env import Environment, EnvSpec
 from opd.agents.ledger import Ledger, Segment, TemplateDrift, Transcript
 from opd.types import Episode, Prompt, Sample, ids_digest, sample_uid
@@ -67,9 +67,17 @@ def episode_row(prompt: Prompt) -> dict:
     return {**prompt.columns, "prompt": prompt.columns.get("prompt", prompt.text), "answer": prompt.answer}
 
 
+def open_episode(tok, env: Environment, prompt: Prompt, seed: int, native_tools: bool) -> Transcript:
+    """The episode's first transcript: the environment's first messages, its tools rendered by the chat
+    template when ``native_tools`` (else the environment describes them itself)."""
+    tools = [t.schema for t in env.tools] if native_tools and env.tools else None
+    return Transcript(tok, env.reset(episode_row(prompt), seed), tools)
+
+
 class EpisodeRunner:
     def __init__(self, engine, tokenizer, env_spec: EnvSpec, limits: AgentLimits):
         self.engine, self.tok, self.env_spec, self.limits = engine, tokenizer, env_spec, limits
+        self.native_tools = renders_tools(tokenizer)
 
     def run(self, draws: list[tuple[Prompt, int]], *, n: int, temperature: float, top_p: float, seed: int,
             version: int) -> list[Sample]:
@@ -95,9 +103,9 @@ class EpisodeRunner:
         return [self._sample(ep, version) for ep in live]
 
     def _start(self, prompt: Prompt, epoch: int, g: int, seed: int) -> _Live:
-        env = self.env_spec.make()
+        env = self.env_spec.make(describe_tools=not self.native_tools)
         env_seed = zlib.crc32(f"{seed}/{epoch}/{prompt.prompt_id}/{g}".encode())
-        transcript = Transcript(self.tok, env.reset(episode_row(prompt), env_seed))
+        transcript = open_episode(self.tok, env, prompt, env_seed, self.native_tools)
         ids = transcript.prompt_ids()
         return _Live(replace(prompt, text=transcript.text, token_ids=ids), epoch, g, env, transcript,
                      Ledger(ids), time.monotonic())
