@@ -119,7 +119,14 @@ def warm_up_verifiers(roles: Roles, prompt: Prompt) -> None:
 def evaluate(roles: Roles, prompts: list[Prompt], cfg: Config, who: str) -> float:
     """Greedy held-out accuracy (by the first verifier) of the student's engines or the teacher's."""
     ids = [p.token_ids for p in prompts]
-    if who == "teacher":
+    if who == "teacher" and cfg.agent.environment is not None:  # the teacher plays the same episodes
+        from opd.agents.teacher import teacher_episodes
+        from opd.preflight import student_tokenizer
+
+        texts = [s.response_text for s in teacher_episodes(roles.teacher, prompts, episode_setup(cfg),
+                                                           student_tokenizer(cfg), cfg.eval.max_new_tokens,
+                                                           cfg.teacher.column)]
+    elif who == "teacher":
         texts = roles.teacher.generate_greedy(prompts, cfg.eval.max_new_tokens)
     elif cfg.agent.environment is not None:  # greedy episodes; the last turn is the answer
         kw = {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": cfg.eval.max_new_tokens, "seed": 0,

@@ -9,6 +9,7 @@ pruned student; the same ids through the teacher and the learner in tests/test_r
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 import time
 
@@ -248,8 +249,6 @@ def test_the_hf_engine_continues_from_the_ledger_token_in_token_out(smollm2, tok
 def test_ids_that_are_not_the_ledgers_are_refused_to_the_teacher_and_the_learner(tok):
     """A re-tokenised transcript (decode, encode: the classic drift) has other ids than the ledger; the
     teacher's request and the learner's batch are both built through ``Sample.checked_ids``."""
-    import dataclasses
-
     from opd.types import RecordError
 
     s, _ = _run(tok, [CALL.format(a=1, op="+", b=2) + "<|im_end|>", "3<|im_end|>"])
@@ -307,3 +306,37 @@ def test_a_template_that_renders_tools_describes_them_itself(tok):
     assert all("<tool_response>" in t for t in _segments(qwen, s, "template")[::2])
     full = s.prompt.token_ids + s.response_ids
     assert all(full[: len(ctx)] == ctx for ctx in engine.contexts)
+
+
+class ScriptedTeachers:
+    """``opd.teacher.multi``'s ``generate_greedy`` face: each row's teacher (by its column) answers with its
+    own script of turns, as text (greedy teachers return text, not ids)."""
+
+    def __init__(self, scripts: dict[str, list[str]]):
+        self.scripts, self.calls = scripts, {name: 0 for name in scripts}
+
+    def generate_greedy(self, prompts, max_tokens):
+        out = []
+        for p in prompts:
+            name = p.columns.get("teacher", "default")
+            out.append(self.scripts[name][min(self.calls[name], len(self.scripts[name]) - 1)])
+            self.calls[name] += 1
+        return out
+
+
+def test_the_teacher_plays_the_same_episodes_for_its_accuracy(tok):
+    """On an agent job the teacher's held-out accuracy is that of its own greedy episodes with the same tools
+    (not of single answers without them), each row played by its own teacher."""
+    from opd.agents.teacher import teacher_episodes
+
+    teachers = ScriptedTeachers({"default": [CALL.format(a=347, op="*", b=86),
+                                             CALL.format(a=29842, op="+", b=129), "29971"],
+                                 "small": ["30000"]})
+    prompts = [_prompt(), dataclasses.replace(_prompt(), prompt_id="p1",
+                                              columns={**_prompt().columns, "teacher": "small"})]
+    setup = (EnvSpec(), AgentLimits(max_model_len=2048))
+    a, b = teacher_episodes(teachers, prompts, setup, tok, max_tokens=64, column="teacher")
+    assert (a.response_text, a.episode.tool_calls, a.episode.stop) == ("29971", 2, "answered")
+    assert _segments(tok, a, "environment") == ["29842", "29971"]
+    assert (b.response_text, b.episode.tool_calls) == ("30000", 0)
+    assert teachers.calls == {"default": 3, "small": 1}
