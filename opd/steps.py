@@ -120,12 +120,7 @@ def evaluate(roles: Roles, prompts: list[Prompt], cfg: Config, who: str) -> floa
     """Greedy held-out accuracy (by the first verifier) of the student's engines or the teacher's."""
     ids = [p.token_ids for p in prompts]
     if who == "teacher" and cfg.agent.environment is not None:  # the teacher plays the same episodes
-        from opd.agents.teacher import teacher_episodes
-        from opd.preflight import student_tokenizer
-
-        texts = [s.response_text for s in teacher_episodes(roles.teacher, prompts, episode_setup(cfg),
-                                                           student_tokenizer(cfg), cfg.eval.max_new_tokens,
-                                                           cfg.teacher.column)]
+        texts = [s.response_text for s in teacher_episodes(roles.teacher, prompts, cfg)]
     elif who == "teacher":
         texts = roles.teacher.generate_greedy(prompts, cfg.eval.max_new_tokens)
     elif cfg.agent.environment is not None:  # greedy episodes; the last turn is the answer
@@ -140,6 +135,30 @@ def evaluate(roles: Roles, prompts: list[Prompt], cfg: Config, who: str) -> floa
         texts = [t for part in outs for t in part]
     correct = _verify_all(roles, [f"eval/{p.prompt_id}" for p in prompts], prompts, texts)
     return sum(correct) / len(prompts)
+
+
+def teacher_episodes(teacher, prompts: list[Prompt], cfg: Config) -> list[Sample]:
+    """Each row's greedy episode played by its own teacher (``teacher.column``), in order; ``teacher``:
+    ``opd.teacher.multi``'s ``generate_greedy(prompts, max_tokens)``."""
+    from opd.agents.teacher import greedy_episodes
+    from opd.preflight import student_tokenizer
+
+    tok, column, out = student_tokenizer(cfg), cfg.teacher.column, [None] * len(prompts)
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(teacher_name(p, column), []).append(i)
+    for name, idx in groups.items():
+        cols = {column: name} if column else {}
+
+        def answer(ids_list, max_tokens, cols=cols):
+            turns = [Prompt("turn", "", ids, "", cols) for ids in ids_list]
+            return teacher.generate_greedy(turns, max_tokens)
+
+        samples = greedy_episodes(answer, [prompts[i] for i in idx], episode_setup(cfg), tok,
+                                  cfg.eval.max_new_tokens)
+        for i, s in zip(idx, samples, strict=True):
+            out[i] = s
+    return out
 
 
 def held_out(roles: Roles, prompts: list[Prompt], cfg: Config) -> dict[str, float]:

@@ -41,6 +41,16 @@ class Prompt:
 
 
 @dataclass
+class Generation:
+    """One completion from a rollout engine (vLLM, HF) or a teacher answering greedily."""
+
+    token_ids: list[int]
+    logprobs: list[float]  # sampler log-prob of each drawn token
+    text: str
+    finish_reason: str
+
+
+@dataclass
 class Episode:
     """What a multi-turn episode was (``opd.agents``): its ledger's segments over the response ids, how it
     went, why it ended, and a digest of its exact ids (prompt + response) to compare with the teacher's and

@@ -21,8 +21,7 @@ from opd.agents.env import EnvSpec, ToolEnvironment
 from opd.agents.ledger import TemplateDrift, Transcript
 from opd.agents.runner import AgentLimits, EpisodeRunner
 from opd.agents.tools import Tool, calc
-from opd.rollout.engine import Generation
-from opd.types import Prompt
+from opd.types import Generation, Prompt
 
 CALL = '<tool_call>{{"name": "calc", "arguments": {{"a": {a}, "op": "{op}", "b": {b}}}}}</tool_call>'
 
@@ -324,18 +323,23 @@ class ScriptedTeachers:
         return out
 
 
-def test_the_teacher_plays_the_same_episodes_for_its_accuracy(tok):
+def test_the_teacher_plays_the_same_episodes_for_its_accuracy(smollm2):
     """On an agent job the teacher's held-out accuracy is that of its own greedy episodes with the same tools
     (not of single answers without them), each row played by its own teacher."""
-    from opd.agents.teacher import teacher_episodes
+    from opd.config import load_config
+    from opd.steps import teacher_episodes
+
+    tok = AutoTokenizer.from_pretrained(smollm2[1])
+    cfg = load_config(None, [f"models.student={smollm2[1]}", "agent.environment=tools",
+                             "teacher.column=teacher",
+                             "eval.max_new_tokens=64", "rollout.max_model_len=2048"])
 
     teachers = ScriptedTeachers({"default": [CALL.format(a=347, op="*", b=86),
                                              CALL.format(a=29842, op="+", b=129), "29971"],
                                  "small": ["30000"]})
     prompts = [_prompt(), dataclasses.replace(_prompt(), prompt_id="p1",
                                               columns={**_prompt().columns, "teacher": "small"})]
-    setup = (EnvSpec(), AgentLimits(max_model_len=2048))
-    a, b = teacher_episodes(teachers, prompts, setup, tok, max_tokens=64, column="teacher")
+    a, b = teacher_episodes(teachers, prompts, cfg)
     assert (a.response_text, a.episode.tool_calls, a.episode.stop) == ("29971", 2, "answered")
     assert _segments(tok, a, "environment") == ["29842", "29971"]
     assert (b.response_text, b.episode.tool_calls) == ("30000", 0)

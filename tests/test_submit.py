@@ -183,7 +183,13 @@ def test_prometheus_scrapes_each_role_and_every_grafana_query_finds_its_series(h
     prom, prom_url = start_prometheus(tmp_path, targets)
     try:
         out = tmp_path / "scraped"
-        over = tiny_overrides(tiny_models, out, **{"trainer.total_steps": 5, "checkpoint.every": 0})
+        # an agent job (a user environment by path; the tiny template has no tool role), so the dashboard's
+        # Agents row has data too
+        env = f"{Path(__file__).parent / 'agent_envs.py'}:Counting"
+        over = tiny_overrides(tiny_models, out, **{
+            "trainer.total_steps": 5, "checkpoint.every": 0, "agent.environment": env, "agent.max_turns": 3,
+            "agent.env_kwargs": "{role: user, note: '', answer_after: 2, system: false}",
+            "rollout.max_model_len": 64})
         t0 = time.time()
         rc, stdout, stderr = _opd("submit", _config_file(tmp_path), *over, "--wait", "--address", url)
         assert rc == 0, f"{stdout[-3000:]}\n{stderr[-2000:]}"

@@ -29,7 +29,10 @@ def check_episodes(cfg, tok, prompts: list[Prompt]) -> None:
         raise ConfigError(f"{key}: {e}") from None
     try:
         if prompts:
-            _check_template(tok, _framed(tok, env, key, prompts[0], native))
+            # the built-in answers as the tool role; a user environment picks its own, so only the template's
+            # prefix stability is probed there (with a user message, which every template renders)
+            role = "tool" if spec.environment == "tools" else "user"
+            _check_template(tok, _framed(tok, env, key, prompts[0], native), role)
         _check_lengths(cfg, limits, lambda p: len(_framed(tok, env, key, p, native).prompt_ids()), prompts)
     finally:
         env.close()
@@ -68,13 +71,13 @@ def _check_lengths(cfg, limits, framed_len, prompts: list[Prompt]) -> None:
                        "context_full (first: %s)", len(too_long), len(prompts), too_long[0])
 
 
-def _check_template(tok, transcript: Transcript) -> None:
-    """One turn and one tool result through the template: it must render the tool role and keep the history
-    a prefix of the next rendering (token-in-token-out needs both)."""
+def _check_template(tok, transcript: Transcript, role: str) -> None:
+    """One turn and one observation (as ``role``) through the template: it must render the role and keep
+    the history a prefix of the next rendering (token-in-token-out needs both)."""
     end = [tok.eos_token_id] if tok.eos_token_id is not None else []
     try:
         transcript.add_turn(tok("ok", add_special_tokens=False)["input_ids"] + end)
-        transcript.observe([{"role": "tool", "content": "1"}])
+        transcript.observe([{"role": role, "content": "1"}])
     except TemplateDrift as e:
         raise ConfigError(f"models.chat_template cannot continue an episode: {e}") from None
     except Exception as e:  # jinja's own errors (a template that raises on an unknown role)

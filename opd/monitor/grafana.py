@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 
+from opd.agents.env import STOP_REASONS
 from opd.metrics import ROLE_SPECS, MetricSpec
 from opd.monitor.ray_metrics import SPECS, STEP
 
@@ -42,6 +43,12 @@ PANELS = (
     ("Faults", "Verifier rows scored", "none", ["opd_verifier_rows"]),
     ("Faults", "Verifier call time", "s", ["opd_verifier_seconds"]),
     ("Faults", "Rollout workers replaced", "none", ["opd_rollout_worker_restarts"]),
+    ("Agents", "Turns and tool calls per episode", "none",
+     ["opd_episode_turns", "opd_episode_tool_calls", "opd_episode_tool_errors", "opd_episode_tool_timeouts"]),
+    ("Agents", "Why episodes stopped (share)", "percentunit",
+     [f"opd_stop_{r}" for r in STOP_REASONS] + ["opd_drift_rate"]),
+    ("Agents", "Teacher KL by segment (nats/token)", "none",
+     ["opd_teacher_kl_tool_call", "opd_teacher_kl_after_observation", "opd_teacher_kl_answer"]),
 )
 
 

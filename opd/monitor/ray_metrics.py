@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 
+from opd.agents.env import STOP_REASONS
 from opd.metrics import MetricSpec, _Gauges
 from opd.metrics import metric_values as _values
 
@@ -51,6 +52,17 @@ SPECS = (
                "verifier rows failed so far (raised, hung, bad output)", cumulative=True),
     MetricSpec("rollout_worker_restarts", "opd_rollout_worker_restarts", "rollout",
                "dead rollout workers replaced so far by this driver"),
+    # agent jobs (opd.agents.metrics; docs/episodes.md)
+    *(MetricSpec(f"episode_{k}", f"opd_episode_{k}", "rollout", f"mean {k.replace('_', ' ')} per episode")
+      for k in ("turns", "tool_calls", "tool_errors", "tool_timeouts")),
+    MetricSpec("drift_rate", "opd_drift_rate", "rollout",
+               "share of episodes ended because the chat template rewrote earlier turns"),
+    *(MetricSpec(f"stop_{r}", f"opd_stop_{r}", "rollout", f"share of episodes that stopped: {r}")
+      for r in STOP_REASONS),
+    *(MetricSpec(f"teacher_kl_{k}", f"opd_teacher_kl_{k}", "teacher", f"teacher KL on {what} (nats/token)")
+      for k, what in (("tool_call", "turns followed by an observation"),
+                      ("after_observation", "the first tokens after an observation"),
+                      ("answer", "the final answer turn"))),
 )
 STEP = MetricSpec("step", "opd_step", "driver", "steps completed")
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import torch
 
 from opd.rollout.align import score_starts
+from opd.types import Generation
 
 WORKER_EXTENSION = "opd.rollout.weight_sync.WeightReceiverExtension"
 # The environment of every process that runs an engine (Ray actors, the teacher server's replicas): vLLM runs
@@ -43,14 +44,6 @@ def max_lora_rank(r: int) -> int:
         if slot >= r:
             return slot
     raise ValueError(f"LoRA rank {r} exceeds vLLM's largest max_lora_rank ({LORA_RANKS[-1]})")
-
-
-@dataclass
-class Generation:
-    token_ids: list[int]
-    logprobs: list[float]  # sampler log-prob of each drawn token
-    text: str
-    finish_reason: str
 
 
 @dataclass

@@ -21,7 +21,8 @@ import torch
 from opd.models.head import head_logits
 from opd.models.prefix import SharedPrompts, share_prompts, shared_response_hidden
 from opd.rollout.align import response_slice, score_starts
-from opd.rollout.engine import Generation, PromptScores
+from opd.rollout.engine import PromptScores
+from opd.types import Generation
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
