@@ -3,6 +3,7 @@
     python benchmarks/soak.py  # demo models, 40 steps, prints JSON, writes benchmarks/results/soak.json
     python benchmarks/soak.py --quick --models DIR --out DIR
     python benchmarks/soak.py --steps 60 --seed 3 rollout.engine=vllm  # trailing key=value: config overrides
+    python benchmarks/soak.py --agent  # episodes whose tool misbehaves; writes results/soak_agent.json
 
 The job runs as ``python -m opd.cli run`` in its own session (it owns an embedded Ray), two rollout workers
 generating one step ahead, a checkpoint every few steps, ``run.log_samples=true``. Faults, all from outside
@@ -16,6 +17,9 @@ killer would);
 * ``verifier_<kind>``: ``benchmarks/soak_faults.py:flaky_verifier``, listed after ``exact_answer``, raises,
 hangs past
   ``verifiers.timeout_s``, returns NaN, returns a short list, or kills its own process on seeded calls;
+* with ``--agent``, ``tool_<kind>``: every draw is a two-turn episode whose tool
+  (``soak_faults.FlakyTools``) raises, hangs past its timeout, returns a megabyte or has its sandbox killed on
+  seeded calls; survived when a trained sample of that prompt holds the fault's observation;
 * with ``--teacher-server`` (default on, off with ``--quick``) the teacher is ``opd serve-teacher`` behind
   ``soak_faults.FlakyTeacherProxy``: ``teacher_outage`` cuts every connection for 20 s (the client retries),
   and
@@ -77,6 +81,13 @@ def job_config(args, run_dir: Path, work: Path) -> dict:
         "checkpoint.keep": 2, "verifiers.timeout_s": 5.0, "verifiers.chunk_size": 4,
         "cluster.start_timeout_s": 900,
     }
+    if args.agent:  # two-turn episodes whose tool misbehaves (soak_faults.FlakyTools)
+        over.update({
+            "agent.environment": f"{FAULTS_FILE}:FlakyTools", "agent.max_observation_tokens": 56,
+            "agent.env_kwargs": json.dumps({"seed": args.seed, "rate": 0.5 if args.quick else 0.25,
+                                            "log_path": str(work / "tool_faults.jsonl"),
+                                            "skip_prompts_path": str(work / "heldout_prompts.json")}),
+            "rollout.max_model_len": 128})
     cfg = yaml.safe_load(dump_config(load_config(ROOT / "configs" / "demo.yaml",
                                                  [f"{k}={_yaml(v)}" for k, v in over.items()]
                                                  + list(args.overrides))))
@@ -311,6 +322,8 @@ def analyse(run_dir: Path, work: Path, watch: Watch) -> dict:
                  for row in f["rows"])
         count(f"verifier_{f['kind']}", ok)
 
+    _tool_faults(work, rows, {p.prompt_id: p.columns["prompt"] for p in train},
+                 AutoTokenizer.from_pretrained(c.models.student), count)
     metrics = watch.lines()
     skipped = {m["step"] for m in metrics if m.get("update_skipped")}
     steps_of: dict[tuple, set] = {}
@@ -338,6 +351,28 @@ def analyse(run_dir: Path, work: Path, watch: Watch) -> dict:
     }
 
 
+def _tool_faults(work: Path, rows: list[dict], text: dict, tok, count) -> None:
+    """Tool faults (``soak_faults.FlakyTools``): survived when a trained sample of that prompt holds the
+    fault's observation among its environment tokens (the episode went on past it)."""
+    from soak_faults import TOOL_OBSERVATION
+
+    log = work / "tool_faults.jsonl"
+    seen = set()
+    for ln in log.read_text().splitlines() if log.exists() else []:
+        f = json.loads(ln)
+        if f["key"] in seen:
+            continue
+        seen.add(f["key"])
+        said = [_bare(tok.decode([t for seg in r.get("segments", []) if seg["origin"] == "environment"
+                                  for t in seg["ids"]]))
+                for r in rows if r["trained"] and text.get(r["prompt_id"]) == f["prompt"]]
+        count(f["kind"], any(_bare(TOOL_OBSERVATION[f["kind"].removeprefix("tool_")]) in s for s in said))
+
+
+def _bare(text: str) -> str:  # the demo's character vocabulary has no space: compare without whitespace
+    return "".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default 40; 8 with --quick)")
@@ -353,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teacher-server", action=argparse.BooleanOptionalAction, default=None,
                     help="teacher as `opd serve-teacher` behind a flapping, NaN-injecting proxy "
                          "(default: on, off with --quick)")
+    ap.add_argument("--agent", action="store_true",
+                    help="multi-turn episodes with a misbehaving tool (raises, hangs, a megabyte, a killed "
+                         "sandbox); writes soak_agent.json")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds before the whole job is abandoned")
     ap.add_argument("overrides", nargs="*", help="config key=value overrides of the job")
     args = ap.parse_args(argv)
@@ -389,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         if proxy is not None:
             proxy.close()
             kill_session(server)
-    result = {"seed": args.seed, **analyse(run_dir, work, watch), "driver_attempts": attempts,
+    result = {"seed": args.seed, "agent": args.agent, **analyse(run_dir, work, watch),
+              "driver_attempts": attempts,
               "wall_seconds": round(time.perf_counter() - t0, 1), "engine": cfg["rollout"]["engine"],
               "teacher": "serve-teacher behind a flaky proxy" if proxy else "local engine actor",
               "schedule": {"driver_sigkill_step": schedule.driver,
@@ -404,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(result, indent=2)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "soak.json").write_text(text + "\n")
+    (args.out / ("soak_agent.json" if args.agent else "soak.json")).write_text(text + "\n")
     if ok and args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if ok else 1

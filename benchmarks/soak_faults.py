@@ -160,3 +160,76 @@ class FlakyTeacherProxy:
 
     def close(self) -> None:
         self.server.shutdown()
+
+
+TOOL_KINDS = ("raise", "hang", "huge", "crash")
+# What the observation of each tool fault says, as a substring of the environment's tokens in samples.jsonl
+TOOL_OBSERVATION = {"raise": "soak: injected tool failure", "hang": "timed out after",
+                    "huge": "[truncated:", "crash": "[killed by signal"}
+
+
+def _call_tool(kind: str, n: int) -> str:
+    """The soak's tool: echoes ``n``, or misbehaves as ``kind`` says.
+
+    Args:
+        kind: ok, or one of the injected faults (TOOL_KINDS)
+        n: a number to echo
+    """
+    from opd.agents.tools import python
+
+    if kind == "raise":
+        raise RuntimeError("soak: injected tool failure")
+    if kind == "hang":
+        time.sleep(60.0)
+    if kind == "huge":
+        return "7" * 1_000_000
+    if kind == "crash":  # the python tool's sandbox killed from inside
+        return python("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+    return str(n)
+
+
+class FlakyTools:
+    """An agent environment for the soak (``agent.environment: benchmarks/soak_faults.py:FlakyTools``): it
+    runs a tool on each of the first ``turns - 1`` turns whatever the student wrote (the demo student never
+    learned to call one) and ends the episode as answered at turn ``turns``. On a seeded share of calls the
+    tool misbehaves (``TOOL_KINDS``): it raises, hangs past its timeout, returns a megabyte, or its sandbox is
+    killed. Which call is a pure function of the seed, the prompt and the turn, logged as ``flaky_verifier``'s
+    faults are, and held-out prompts are left alone as there. Results come back as user messages (the demo
+    template has no tool role)."""
+
+    tools: list = []
+
+    def __init__(self, seed: int = 0, rate: float = 0.3, turns: int = 2, timeout_s: float = 1.0,
+                 log_path: str | None = None, skip_prompts_path: str | None = None):
+        from opd.agents.tools import Tool
+
+        self.seed, self.rate, self.turns, self.log_path = seed, rate, turns, log_path
+        self.skip = _skip_set(skip_prompts_path)
+        self.tool = Tool.from_function(_call_tool, timeout_s)
+        self.prompt, self.turn = "", 0
+
+    def reset(self, row: dict, seed: int) -> list[dict]:
+        self.prompt, self.turn = str(row["prompt"]), 0
+        return [{"role": "user", "content": self.prompt}]
+
+    def step(self, turn: str):
+        from opd.agents.env import EnvStep
+
+        self.turn += 1
+        if self.turn >= self.turns:
+            return EnvStep(done=True, stop="answered")
+        kind, key = plan_fault(self.seed, 0.0 if self.prompt in self.skip else self.rate, [self.prompt],
+                               [f"{self.turn}"])
+        if kind is not None:
+            kind = TOOL_KINDS[key % len(TOOL_KINDS)]
+            if self.log_path:
+                _record(self.log_path, {"kind": f"tool_{kind}", "key": key, "prompt": self.prompt,
+                                        "turn": self.turn})
+        r = self.tool.call({"kind": kind or "ok", "n": len(turn)})
+        failed = r.status == "error" or "[killed by signal" in r.text
+        return EnvStep(observations=[{"role": "user", "content": r.text}], tool_calls=1,
+                       tool_errors=int(failed), tool_timeouts=int(r.status == "timeout"))
+
+    def close(self) -> None:
+        pass
+
