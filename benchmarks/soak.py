@@ -277,7 +277,8 @@ def analyse(run_dir: Path, work: Path, watch: Watch) -> dict:
     from opd.types import sample_uid
 
     c = load_config(work / "job.yaml")
-    train, _ = load_prompts(c, AutoTokenizer.from_pretrained(c.models.student))
+    tok = AutoTokenizer.from_pretrained(c.models.student)
+    train, _ = load_prompts(c, tok)
     source = PromptSource(train, c.run.seed)
     steps, g = c.trainer.total_steps, c.rollout.group_size
     expected = [sample_uid(p.prompt_id, i, epoch) for _ in range(steps)
@@ -310,33 +311,22 @@ def analyse(run_dir: Path, work: Path, watch: Watch) -> dict:
     failures: dict[tuple[str, str], list[str]] = {}
     for r in rows:
         failures.setdefault((text.get(r["prompt_id"], ""), r["response"]), []).append(r.get("failure") or "")
-    vlog = work / "verifier_faults.jsonl"
-    seen_keys = set()
-    for ln in vlog.read_text().splitlines() if vlog.exists() else []:
-        f = json.loads(ln)
-        if f["key"] in seen_keys:
-            continue
-        seen_keys.add(f["key"])
+    for f in _distinct_faults(work / "verifier_faults.jsonl"):
         ok = all(any(VERIFIER in why and EXPECTED_REASON[f["kind"]] in why
                      for why in failures.get(tuple(row), []))
                  for row in f["rows"])
         count(f"verifier_{f['kind']}", ok)
 
-    _tool_faults(work, rows, {p.prompt_id: p.columns["prompt"] for p in train},
-                 AutoTokenizer.from_pretrained(c.models.student), count)
+    _tool_faults(work, rows, text, tok, count)
     metrics = watch.lines()
     skipped = {m["step"] for m in metrics if m.get("update_skipped")}
     steps_of: dict[tuple, set] = {}
     ids = {p.prompt_id: tuple(p.token_ids) for p in train}
     for r in rows:
         steps_of.setdefault(ids.get(r["prompt_id"]), set()).add(r["step"])
-    tlog = work / "teacher_faults.jsonl"
-    for ln in tlog.read_text().splitlines() if tlog.exists() else []:
-        f = json.loads(ln)
+    for f in _distinct_faults(work / "teacher_faults.jsonl"):
         # survived: a step that trained that prompt skipped its non-finite update
-        if f["key"] not in seen_keys:
-            seen_keys.add(f["key"])
-            count(f["kind"], bool(steps_of.get(tuple(f["prompt_ids"]), set()) & skipped))
+        count(f["kind"], bool(steps_of.get(tuple(f["prompt_ids"]), set()) & skipped))
     summary = run_dir / "summary.json"
     return {
         "steps": (json.loads(summary.read_text())["steps"] if summary.exists()
@@ -356,17 +346,23 @@ def _tool_faults(work: Path, rows: list[dict], text: dict, tok, count) -> None:
     fault's observation among its environment tokens (the episode went on past it)."""
     from soak_faults import TOOL_OBSERVATION
 
-    log = work / "tool_faults.jsonl"
-    seen = set()
-    for ln in log.read_text().splitlines() if log.exists() else []:
-        f = json.loads(ln)
-        if f["key"] in seen:
-            continue
-        seen.add(f["key"])
+    for f in _distinct_faults(work / "tool_faults.jsonl"):
         said = [_bare(tok.decode([t for seg in r.get("segments", []) if seg["origin"] == "environment"
                                   for t in seg["ids"]]))
                 for r in rows if r["trained"] and text.get(r["prompt_id"]) == f["prompt"]]
         count(f["kind"], any(_bare(TOOL_OBSERVATION[f["kind"].removeprefix("tool_")]) in s for s in said))
+
+
+def _distinct_faults(log: Path) -> list[dict]:
+    """A fault log's entries, the first of each key: a call re-run after the resume meets the same fault
+    again."""
+    out, seen = [], set()
+    for ln in log.read_text().splitlines() if log.exists() else []:
+        f = json.loads(ln)
+        if f["key"] not in seen:
+            seen.add(f["key"])
+            out.append(f)
+    return out
 
 
 def _bare(text: str) -> str:  # the demo's character vocabulary has no space: compare without whitespace

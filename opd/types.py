@@ -99,6 +99,12 @@ class Sample:
     def full_ids(self) -> list[int]:
         return self.prompt.token_ids + self.response_ids
 
+    @property
+    def drawn_mask(self) -> list[int]:
+        """1 on each response token the sampler drew: all of them, but an episode's environment and template
+        tokens."""
+        return self.loss_mask if self.loss_mask is not None else [1] * len(self.response_ids)
+
     def checked_ids(self, reader: str) -> list[int]:
         """``full_ids`` for the teacher or the learner, checked against an episode ledger's digest: both must
         read exactly the ids the sampler continued from and drew, never a re-tokenised transcript."""

@@ -103,19 +103,25 @@ class ToolEnvironment:
         pass
 
 
-def resolve_tools(specs: list[str]) -> list[Tool]:
-    """``agent.tools``: built-in names (``calc``, ``python``) or plain functions by path."""
+def _by_path(spec: str, what: str):
+    """The object ``spec`` names ('package.module:name' / 'path/to/file.py:name'), loaded as verifiers are;
+    the loader's errors name ``what`` it is."""
     from opd.rewards.registry import VerifierSpecError, resolve
 
+    try:
+        return resolve(spec)
+    except VerifierSpecError as e:
+        raise ValueError(str(e).replace("verifier spec", what)) from e
+
+
+def resolve_tools(specs: list[str]) -> list[Tool]:
+    """``agent.tools``: built-in names (``calc``, ``python``) or plain functions by path."""
     tools = []
     for spec in specs:
         if spec in BUILTIN_TOOLS:
             tools.append(Tool.from_function(BUILTIN_TOOLS[spec]))
             continue
-        try:
-            fn = resolve(spec) if ":" in spec else None
-        except VerifierSpecError as e:
-            raise ValueError(str(e).replace("verifier spec", "tool")) from e
+        fn = _by_path(spec, "tool") if ":" in spec else None
         if fn is None:
             raise ValueError(f"unknown tool {spec!r}: built-ins are {sorted(BUILTIN_TOOLS)}, or name a "
                              "function as 'package.module:function' / 'path/to/file.py:function'")
@@ -139,13 +145,7 @@ class EnvSpec:
         if self.environment == "tools":
             return ToolEnvironment(resolve_tools(list(self.tools)), self.max_tool_errors,
                                    self.max_tool_timeouts, describe_tools)
-        from opd.rewards.registry import VerifierSpecError, resolve
-
-        try:
-            factory = resolve(self.environment)
-        except VerifierSpecError as e:
-            raise ValueError(str(e).replace("verifier spec", "environment")) from e
-        env = factory(**self.env_kwargs)
+        env = _by_path(self.environment, "environment")(**self.env_kwargs)
         missing = [m for m in ("reset", "step", "close") if not callable(getattr(env, m, None))]
         if missing or not isinstance(getattr(env, "tools", None), list):
             raise ValueError(f"environment {self.environment!r}: {type(env).__name__} lacks "

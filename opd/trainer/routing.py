@@ -123,7 +123,7 @@ def route(
         teacher_prompt_ids=pick(teacher_prompts),
         routes=pick(routes),
         teacher_hidden=pick(scores.hidden) if scores is not None and plan.signal.hidden else None,
-        loss_mask=pick([s.loss_mask or [1] * len(s.response_ids) for s in samples])
+        loss_mask=pick([s.drawn_mask for s in samples])
         if any(s.loss_mask is not None for s in samples) else None,
     )
     batch.validate()
@@ -135,7 +135,6 @@ def teacher_reverse_kl(rollouts: RolloutBatch, scores: TeacherScores) -> float:
     an episode's environment and template tokens were not drawn and do not count)."""
     total = count = 0.0
     for s, lp in zip(rollouts.samples, scores.logprobs, strict=True):
-        mask = s.loss_mask or [1] * len(lp)
-        total += sum(m * (q - t) for m, q, t in zip(mask, s.sampler_logprobs, lp, strict=True))
-        count += sum(mask)
+        total += sum(m * (q - t) for m, q, t in zip(s.drawn_mask, s.sampler_logprobs, lp, strict=True))
+        count += sum(s.drawn_mask)
     return total / max(1.0, count)
