@@ -29,6 +29,8 @@ class RunState:
     teacher_accuracy: float | None = None
     consumed: int = 0
     teacher_kl_before: float | None = None  # held-out KL(student || teacher) per token before training
+    episodes_before: dict = field(default_factory=dict)  # agent jobs: the student's greedy episodes' figures
+    teacher_episodes: dict = field(default_factory=dict)  # agent jobs: the teacher's
 
     # Keys every checkpoint has held since the first; later fields are optional so older checkpoints still
     # resume.

@@ -58,6 +58,10 @@ def _print_table(summary: dict) -> None:
         ("student accuracy after", summary.get("student_accuracy_after")),
         ("held-out teacher KL before", summary.get("teacher_kl_before")),
         ("held-out teacher KL after", summary.get("teacher_kl_after")),
+        *((label, summary[key]["tool_call_rate"])  # agent jobs
+          for label, key in (("teacher tool-call rate", "teacher_episodes"),
+                             ("student tool-call rate before", "student_episodes_before"),
+                             ("student tool-call rate after", "student_episodes_after")) if summary.get(key)),
         ("held-out prompts", summary.get("eval_prompts")),
         ("steps", summary.get("steps")),
         ("wall seconds", summary.get("wall_seconds")),
@@ -65,7 +69,7 @@ def _print_table(summary: dict) -> None:
     width = max(len(k) for k, _ in rows)
     print(f"\n{'metric'.ljust(width)} | value\n{'-' * width}-+------")
     for key, value in rows:
-        shown = (f"{value:.1%}" if isinstance(value, float) and "accuracy" in key
+        shown = (f"{value:.1%}" if isinstance(value, float) and ("accuracy" in key or "rate" in key)
                  else ("-" if value is None else value))
         shown = f"{value:.3f} nats/token" if isinstance(value, float) and "KL" in key else shown
         print(f"{key.ljust(width)} | {shown}")

@@ -18,6 +18,7 @@ from pathlib import Path
 import ray
 
 from opd.agents import episode_setup
+from opd.agents.metrics import episode_figures
 from opd.checkpoint import RunState, load_state, save_checkpoint
 from opd.cluster import Roles, init_ray, start_roles, stop_roles
 from opd.config import Config, dump_config
@@ -29,7 +30,7 @@ from opd.preflight import check_inputs, check_job
 from opd.rollout.stream import RolloutStream, Scored, load_in_flight
 from opd.steps import (
     ChunkScorer,
-    evaluate,
+    evaluation,
     held_out,
     step_metrics,
     sync_weights,
@@ -157,7 +158,10 @@ def train(cfg: Config, job: Job, roles: Roles, progress: bool = True) -> dict:
     if st.accuracy_before is None:
         before = held_out(roles, job.test, cfg)
         st.accuracy_before, st.teacher_kl_before = before["eval_accuracy"], before.get("eval_teacher_kl")
-        st.teacher_accuracy = evaluate(roles, job.test, cfg, who="teacher") if roles.teacher else None
+        st.episodes_before = episode_figures(before)
+        teacher = evaluation(roles, job.test, cfg, who="teacher") if roles.teacher else {}
+        st.teacher_accuracy = teacher.get("accuracy")
+        st.teacher_episodes = {k: v for k, v in teacher.items() if k != "accuracy"}
         log.held_out("before training", before)
     plan = route_plan(cfg)
     samples_log = SampleLog(job.run_dir, st.step, cfg.run.log_samples)
@@ -191,6 +195,8 @@ def train(cfg: Config, job: Job, roles: Roles, progress: bool = True) -> dict:
         "student_accuracy_after": after["eval_accuracy"],
         "teacher_kl_before": st.teacher_kl_before,  # held-out KL(student || teacher) per token
         "teacher_kl_after": after.get("eval_teacher_kl"),
+        **({"student_episodes_before": st.episodes_before, "student_episodes_after": episode_figures(after),
+            "teacher_episodes": st.teacher_episodes} if st.episodes_before else {}),
         "eval_prompts": len(job.test),
         "steps": st.step,
         "samples_trained": st.consumed,

@@ -9,7 +9,7 @@ import threading
 import ray
 
 from opd.agents import episode_setup
-from opd.agents.metrics import episode_metrics
+from opd.agents.metrics import episode_metrics, held_out_episodes
 from opd.cluster import Roles
 from opd.config import Config
 from opd.rollout.stream import Scored, launch, split_even
@@ -118,9 +118,14 @@ def warm_up_verifiers(roles: Roles, prompt: Prompt) -> None:
 
 def evaluate(roles: Roles, prompts: list[Prompt], cfg: Config, who: str) -> float:
     """Greedy held-out accuracy (by the first verifier) of the student's engines or the teacher's."""
-    ids = [p.token_ids for p in prompts]
+    return evaluation(roles, prompts, cfg, who)["accuracy"]
+
+
+def evaluation(roles: Roles, prompts: list[Prompt], cfg: Config, who: str) -> dict[str, float]:
+    """``accuracy``, and on an agent job what the greedy episodes did (``opd.agents.metrics.held_out``)."""
+    ids, episodes = [p.token_ids for p in prompts], None
     if who == "teacher" and cfg.agent.environment is not None:  # the teacher plays the same episodes
-        texts = [s.response_text for s in teacher_episodes(roles.teacher, prompts, cfg)]
+        episodes = teacher_episodes(roles.teacher, prompts, cfg)
     elif who == "teacher":
         texts = roles.teacher.generate_greedy(prompts, cfg.eval.max_new_tokens)
     elif cfg.agent.environment is not None:  # greedy episodes; the last turn is the answer
@@ -128,13 +133,15 @@ def evaluate(roles: Roles, prompts: list[Prompt], cfg: Config, who: str) -> floa
               "episodes": episode_setup(cfg)}
         parts = [c for c in split_even([(p, 0) for p in prompts], len(roles.rollout)) if c]
         outs = roles.rollout.map(lambda w, c: w.generate.remote(c, **kw), parts)
-        texts = [s.response_text for samples, _ in outs for s in samples]
+        episodes = [s for samples, _ in outs for s in samples]
     else:
         parts = [c for c in split_even(ids, len(roles.rollout)) if c]
         outs = roles.rollout.map(lambda w, c: w.generate_greedy.remote(c, cfg.eval.max_new_tokens), parts)
         texts = [t for part in outs for t in part]
+    if episodes is not None:
+        texts = [s.response_text for s in episodes]
     correct = _verify_all(roles, [f"eval/{p.prompt_id}" for p in prompts], prompts, texts)
-    return sum(correct) / len(prompts)
+    return {"accuracy": sum(correct) / len(prompts), **(held_out_episodes(episodes) if episodes else {})}
 
 
 def teacher_episodes(teacher, prompts: list[Prompt], cfg: Config) -> list[Sample]:
@@ -162,10 +169,11 @@ def teacher_episodes(teacher, prompts: list[Prompt], cfg: Config) -> list[Sample
 
 
 def held_out(roles: Roles, prompts: list[Prompt], cfg: Config) -> dict[str, float]:
-    """The student's held-out figures: ``eval_accuracy`` (greedy) and, with a teacher, ``eval_teacher_kl``."""
+    """The student's held-out figures: ``eval_accuracy`` (greedy; on an agent job with its episodes'
+    ``eval_tool_call_rate``, ``eval_turns``...) and, with a teacher, ``eval_teacher_kl``."""
     kl = heldout_teacher_kl(roles, prompts, cfg)
-    return {"eval_accuracy": evaluate(roles, prompts, cfg, who="student"),
-            **({} if kl is None else {"eval_teacher_kl": kl})}
+    return {f"eval_{k}": v for k, v in evaluation(roles, prompts, cfg, who="student").items()} | (
+        {} if kl is None else {"eval_teacher_kl": kl})
 
 
 def heldout_teacher_kl(roles: Roles, prompts: list[Prompt], cfg: Config) -> float | None:

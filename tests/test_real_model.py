@@ -202,11 +202,15 @@ def test_episodes_on_the_real_pair(episode_run, smollm2):
     ledger's ids (the learner's log-probs of the sampled tokens are vLLM's, to kernel rounding, which they are
     not if any id before them differs); the teacher and the learner were handed ids whose digest is the
     ledger's (``Sample.checked_ids`` raises otherwise); samples.jsonl holds each segment with its origin."""
+    from opd.agents.metrics import HELD_OUT
     from opd.types import ids_digest
 
     _, out, summary = episode_run
     rows = _metrics(out)
     assert summary["steps"] == 2
+    # the held-out figures of greedy episodes, the student's before and after and the teacher's
+    for k in ("student_episodes_before", "student_episodes_after", "teacher_episodes"):
+        assert set(summary[k]) == set(HELD_OUT) and 1 <= summary[k]["turns"] <= 2, (k, summary[k])
     for r in rows:
         assert r["learner_sampler_absdiff_max"] < 1e-3 and r["probe_max_diff"] < 5e-4
         assert r["update_skipped"] == 0.0 and r["drift_rate"] == 0.0

@@ -24,6 +24,22 @@ def episode_metrics(rollouts: RolloutBatch, scores: TeacherScores | None) -> dic
     return m
 
 
+HELD_OUT = ("tool_call_rate", "turns", "tool_errors", "drift_rate")
+
+
+def held_out_episodes(samples) -> dict[str, float]:
+    """Greedy held-out episodes (``HELD_OUT``): the share that called a tool at all, turns, tool errors per
+    episode, drift."""
+    eps, n = [s.episode for s in samples], len(samples)
+    return {"tool_call_rate": sum(e.tool_calls > 0 for e in eps) / n, "turns": sum(e.turns for e in eps) / n,
+            "tool_errors": sum(e.tool_errors for e in eps) / n, "drift_rate": sum(e.drift for e in eps) / n}
+
+
+def episode_figures(held_out: dict[str, float]) -> dict[str, float]:
+    """The ``HELD_OUT`` figures among ``opd.steps.held_out``'s ``eval_*`` keys, without the prefix."""
+    return {k: held_out[f"eval_{k}"] for k in HELD_OUT if f"eval_{k}" in held_out}
+
+
 def kl_by_segment(rollouts: RolloutBatch, scores: TeacherScores) -> dict[str, float]:
     sums = {"tool_call": [0.0, 0], "after_observation": [0.0, 0], "answer": [0.0, 0]}
     for s, lp in zip(rollouts.samples, scores.logprobs, strict=True):

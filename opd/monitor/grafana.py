@@ -49,6 +49,8 @@ PANELS = (
      [f"opd_stop_{r}" for r in STOP_REASONS] + ["opd_drift_rate"]),
     ("Agents", "Teacher KL by segment (nats/token)", "none",
      ["opd_teacher_kl_tool_call", "opd_teacher_kl_after_observation", "opd_teacher_kl_answer"]),
+    ("Agents", "Held-out episodes: tool-call rate and turns", "none",
+     ["opd_eval_tool_call_rate", "opd_eval_turns"]),
 )
 
 
