@@ -37,7 +37,10 @@ class RunState:
     REQUIRED = ("step", "version", "cursor", "accuracy_before", "teacher_accuracy", "consumed")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Empty episode figures are left out: a single-turn job's state keeps the layout earlier drivers read
+        (an agent job's state never could be resumed by a driver without agents)."""
+        optional = ("episodes_before", "teacher_episodes")
+        return {k: v for k, v in asdict(self).items() if v or k not in optional}
 
     @classmethod
     def from_dict(cls, state: dict) -> RunState:

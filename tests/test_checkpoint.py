@@ -40,6 +40,13 @@ def test_state_round_trips_in_the_layout_earlier_versions_read(tmp_path):
     assert load_state(latest_checkpoint(tmp_path)) == st
 
 
+def test_an_agent_jobs_state_keeps_its_episode_figures(tmp_path):
+    st = RunState(3, 3, Cursor(1, 4), 0.25, 0.5, 24, 1.5, episodes_before={"tool_call_rate": 0.0},
+                  teacher_episodes={"tool_call_rate": 1.0, "turns": 3.0})
+    save_checkpoint(tmp_path, st, lambda d: None, keep=2)
+    assert load_state(latest_checkpoint(tmp_path)) == st
+
+
 def test_state_with_missing_or_unknown_keys_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"state\.json: .*missing keys \['consumed'\]"):
         load_state(_checkpoint(tmp_path / "a",
