@@ -118,8 +118,13 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     else:
         from opd.tasks import bootstrap as bs
 
-        spec = {"demo": bs.demo_spec, "tiny": bs.tiny_spec}[args.preset]()
-        info = bs.bootstrap(Path(args.out or "models/demo"), spec, force=args.force)
+        if args.preset == "tools":
+            from opd.tasks.tool_bootstrap import bootstrap_tools
+
+            info = bootstrap_tools(Path(args.out or "models/tools"), force=args.force)
+        else:
+            spec = {"demo": bs.demo_spec, "tiny": bs.tiny_spec}[args.preset]()
+            info = bs.bootstrap(Path(args.out or "models/demo"), spec, force=args.force)
     print(json.dumps(info, indent=2, default=str))
     return 0
 
@@ -382,8 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("bootstrap",
                        help="build the tiny demo checkpoints, or a packaged real model (--model)")
-    p.add_argument("--out", help="output directory (default models/demo, or models/MODEL with --model)")
-    p.add_argument("--preset", choices=["demo", "tiny"], default="demo", help="which tiny demo pair to train")
+    p.add_argument("--out", help="output directory (default models/demo, models/tools with --preset tools, "
+                                 "or models/MODEL with --model)")
+    p.add_argument("--preset", choices=["demo", "tiny", "tools"], default="demo",
+                   help="which tiny pair to train (tools: the calc-tool task of configs/tools.yaml)")
     p.add_argument("--model", choices=sorted(MODELS),
                    help="a real model shipped as a GGUF package, dequantised into "
                         "an HF checkpoint (e.g. smollm2: SmolLM2-135M-Instruct)")

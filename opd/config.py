@@ -50,9 +50,10 @@ class ModelsConfig(_Section):
 
 
 class TaskConfig(_Section):
-    # arithmetic: a+b= for the tiny demo models; word_problems: short word problems for real instruct models
-    # (math_answer); files: the user's rows from train_path / test_path; hub: a `datasets` dataset
-    name: Literal["arithmetic", "word_problems", "files", "hub"] = "arithmetic"
+    # arithmetic: a+b= for the tiny demo models; tool_chains: a*b+c= with the calc tool (configs/tools.yaml);
+    # word_problems: short word problems for real instruct models (math_answer); files: the user's rows from
+    # train_path / test_path; hub: a `datasets` dataset
+    name: Literal["arithmetic", "tool_chains", "word_problems", "files", "hub"] = "arithmetic"
     train_path: str | None = None  # files: .jsonl/.json/.parquet/.csv or a datasets save_to_disk directory
     test_path: str | None = None  # files: held-out rows, same format
     # hub: a dataset id (ORG/NAME[@REVISION]) or a local directory laid out like a hub dataset repo

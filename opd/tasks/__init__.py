@@ -22,7 +22,11 @@ def task_rows(t) -> tuple[list[dict], list[dict]]:
                                   f"task.dataset: {t.dataset!r} split {split!r}", **cols)
                        for split, key in splits)
         return train, test
-    if t.name == "word_problems":
+    if t.name == "tool_chains":
+        from opd.tasks.tool_chains import build_dataset
+
+        data = build_dataset(t.num_train, t.num_test, t.max_digits_a, t.max_digits_b, t.seed)
+    elif t.name == "word_problems":
         from opd.tasks.word_problems import build_dataset
 
         data = build_dataset(t.num_train, t.num_test, t.max_operand, t.seed, tuple(t.kinds))

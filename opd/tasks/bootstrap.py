@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -140,7 +140,7 @@ def tiny_spec() -> BootstrapSpec:
     )
 
 
-def build_model(spec: ModelSpec, tokenizer) -> Qwen2ForCausalLM:
+def build_model(spec: ModelSpec, tokenizer, max_positions: int = 128) -> Qwen2ForCausalLM:
     head_dim, rem = divmod(spec.hidden_size, spec.num_heads)
     if rem or head_dim not in (32, 64):
         raise ValueError(
@@ -154,7 +154,7 @@ def build_model(spec: ModelSpec, tokenizer) -> Qwen2ForCausalLM:
         num_hidden_layers=spec.num_layers,
         num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.num_kv_heads,
-        max_position_embeddings=128,
+        max_position_embeddings=max_positions,
         max_window_layers=spec.num_layers,
         tie_word_embeddings=True,
         dtype="float32",
@@ -219,8 +219,12 @@ def _sft_examples(tokenizer, rows: list[Mapping]) -> list[tuple[list[int], list[
 
 def sft_tensors(tokenizer, rows: Iterable[Mapping]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """All examples right-padded once into (ids, labels, lengths), so a training step is an index gather."""
-    examples = _sft_examples(tokenizer, _rows(rows))
-    width, pad = max(len(x) for x, _ in examples), tokenizer.pad_token_id
+    return pad_examples(_sft_examples(tokenizer, _rows(rows)), tokenizer.pad_token_id)
+
+
+def pad_examples(examples: list[tuple[list[int], list[int]]], pad: int):
+    """(input_ids, labels) examples right-padded into (ids, labels, lengths) tensors."""
+    width = max(len(x) for x, _ in examples)
     ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in examples])
     labels = torch.tensor([y + [IGNORE_INDEX] * (width - len(y)) for _, y in examples])
     return ids, labels, torch.tensor([len(x) for x, _ in examples])
@@ -237,19 +241,23 @@ def sft(model, tokenizer, train_rows: Iterable[Mapping], spec: SFTSpec, seed: in
         num_threads: int = 2, val_rows: Iterable[Mapping] | None = None) -> dict:
     """AdamW on the response tokens; returns steps run, final smoothed loss, seconds and the validation
     curve."""
+    val_rows = _rows(val_rows or [])
     with _threads(num_threads):
-        return _sft(model, tokenizer, train_rows, spec, seed, name, _rows(val_rows or []))
+        return fit(model, sft_tensors(tokenizer, train_rows), spec, seed, name,
+                   (lambda m: _evaluate(m, tokenizer, val_rows, 250)) if val_rows else None)
 
 
-def _sft(model, tokenizer, train_rows, spec: SFTSpec, seed: int, name: str, val_rows: list) -> dict:
+def fit(model, tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor], spec: SFTSpec, seed: int = 0,
+        name: str = "model", validate: Callable[[torch.nn.Module], float] | None = None) -> dict:
+    """The SFT loop on padded (ids, labels, lengths); ``validate(model)`` -> accuracy for the stop checks."""
     start = time.monotonic()
-    ids, labels, lengths = sft_tensors(tokenizer, train_rows)
+    ids, labels, lengths = tensors
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, spec))
     order, cursor, loss_avg, curve, step = torch.randperm(len(ids), generator=gen), 0, float("nan"), [], 0
     model.train()
-    validating = bool(val_rows and spec.eval_every)
+    validating = bool(validate and spec.eval_every)
     most = spec.most_steps(validating)
     while step < most:
         if cursor + spec.batch_size > len(order):  # next epoch, fresh seeded shuffle
@@ -271,7 +279,7 @@ def _sft(model, tokenizer, train_rows, spec: SFTSpec, seed: int, name: str, val_
             log.info("%s sft step %d/%d loss %.4f lr %.2e %.0fs", name, step, most, loss_avg,
                      sched.get_last_lr()[0], time.monotonic() - start)
         if validating and step % spec.eval_every == 0:
-            acc = _evaluate(model, tokenizer, val_rows, 250)
+            acc = validate(model)
             model.train()
             curve.append([step, acc])
             log.debug("%s step %d validation accuracy %.3f", name, step, acc)
