@@ -42,13 +42,16 @@ def build_dataset(num_train: int = 20000, num_test: int = 500, max_digits_a: int
                   seed: int = 0) -> DatasetDict:
     """Disjoint train/test splits of ``a*b+c`` / ``a*b-c`` chains (``c`` has up to three digits)."""
     rng, test, train = random.Random(seed), {}, []
+
+    def draw() -> dict:
+        return make_row(_number(rng, max_digits_a), _number(rng, max_digits_b), rng.choice(SECOND_OPS),
+                        _number(rng, 3))
+
     while len(test) < num_test:
-        row = make_row(_number(rng, max_digits_a), _number(rng, max_digits_b), rng.choice(SECOND_OPS),
-                       _number(rng, 3))
+        row = draw()
         test.setdefault(row["id"], row)
     while len(train) < num_train:
-        row = make_row(_number(rng, max_digits_a), _number(rng, max_digits_b), rng.choice(SECOND_OPS),
-                       _number(rng, 3))
+        row = draw()
         if row["id"] not in test:
             train.append(row)
     return DatasetDict(train=Dataset.from_list(train), test=Dataset.from_list(list(test.values())))
