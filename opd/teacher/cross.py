@@ -1,0 +1,111 @@
+"""Byte alignment of two tokenisations of the same text, and on-policy distillation credit on its chunks: the
+pure parts of a teacher whose tokenizer is not the student's (ALM-style; ``docs`` in the cross-tokenizer
+reference).
+
+Both sides are reduced to the UTF-8 bytes each token stands for, taken from the token strings themselves,
+never from ``decode()`` (which cleans up spaces and substitutes U+FFFD for a split character): byte-level BPE
+maps its printable stand-ins (``Ġ`` for a space, ``Ċ`` for a newline) back to bytes; SentencePiece writes a
+space as ``▁`` and a byte it has no piece for as ``<0xNN>``. A chunk closes wherever both sides end on the
+same byte, so chunks partition both token lists and cover equal byte spans.
+
+    >>> s_chunk, t_chunk, n = align([b"Hello", b" world"], [b"Hel", b"lo", b" wor", b"ld"])
+    >>> s_chunk, t_chunk, n
+    ([0, 1], [0, 0, 1, 1], 2)
+    >>> [round(a, 6) for a in chunk_advantages([-1.0, -2.0], [-0.5, -0.1, -1.0, -0.2], s_chunk, t_chunk)]
+    [0.4, 0.8]
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import cache
+from typing import Literal
+
+Family = Literal["byte_level", "sentencepiece", "plain"]  # plain: a piece is its text (the demo's characters)
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@cache
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's reversible map from bytes to printable characters, inverted (character -> byte)."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)}
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def token_bytes(piece: str, family: Family) -> bytes:
+    """The UTF-8 bytes a vocabulary entry stands for."""
+    if family == "byte_level":
+        table = _byte_level_table()
+        if all(c in table for c in piece):
+            return bytes(table[c] for c in piece)
+        return piece.encode()  # an added token written as plain text (e.g. "<|im_end|>")
+    if family == "sentencepiece":
+        if m := _BYTE_PIECE.fullmatch(piece):
+            return bytes([int(m.group(1), 16)])
+        return piece.replace("▁", " ").encode()
+    if family == "plain":
+        return piece.encode()
+    raise ValueError(f"unknown tokenizer family {family!r}; valid: byte_level, sentencepiece, plain")
+
+
+def family_of(tokenizer) -> Family:
+    """How ``tokenizer``'s pieces write bytes, read from its decoder (its ``tokenizer.json``)."""
+    decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
+    steps = [decoder, *decoder.get("decoders", [])]
+    kinds = {d.get("type") for d in steps}
+    if "ByteLevel" in kinds:
+        return "byte_level"
+    if kinds & {"Metaspace", "ByteFallback"} or any(d.get("pattern", {}).get("String") == "▁" for d in steps):
+        return "sentencepiece"
+    return "plain"
+
+
+def ids_bytes(tokenizer, ids: list[int], family: Family | None = None) -> list[bytes]:
+    """The bytes of each token of ``ids``, from the vocabulary's pieces (never ``decode()``)."""
+    family = family or family_of(tokenizer)
+    return [token_bytes(p, family) for p in tokenizer.convert_ids_to_tokens(ids)]
+
+
+def align(student: list[bytes], teacher: list[bytes]) -> tuple[list[int], list[int], int]:
+    """(chunk of each student token, chunk of each teacher token, number of chunks). Two pointers over the
+    cumulative byte ends; a chunk closes where both sides end on the same byte and each side has a token in
+    it. Raises ``ValueError`` when the two sides do not stand for the same bytes."""
+    if b"".join(student) != b"".join(teacher):
+        raise ValueError("the two tokenisations do not stand for the same bytes")
+    s_chunk, t_chunk = [0] * len(student), [0] * len(teacher)
+    i = j = chunk = s_at = t_at = 0
+    s_in = t_in = False  # whether the open chunk has a token of that side yet
+    while i < len(student) or j < len(teacher):
+        if j == len(teacher) or (i < len(student) and (s_at < t_at or (s_at == t_at and not s_in))):
+            s_at, s_chunk[i], s_in, i = s_at + len(student[i]), chunk, True, i + 1
+        else:
+            t_at, t_chunk[j], t_in, j = t_at + len(teacher[j]), chunk, True, j + 1
+        if s_at == t_at and s_in and t_in:
+            chunk, s_in, t_in = chunk + 1, False, False
+    return s_chunk, t_chunk, chunk
+
+
+def chunk_sums(values: list[float], chunk: list[int], n: int) -> list[float]:
+    out = [0.0] * n
+    for v, c in zip(values, chunk, strict=True):
+        out[c] += v
+    return out
+
+
+def chunk_advantages(student_lp: list[float], teacher_lp: list[float], s_chunk: list[int], t_chunk: list[int],
+                     coef: float = 1.0) -> list[float]:
+    """Each student token's advantage ``-coef * (l_S(c) - l_T(c))`` of its chunk ``c`` (l: the sum of a side's
+    log-probs over its tokens in the chunk). The chunks' log-ratios sum to the sequence's; with one token a
+    chunk on both sides it is the per-token OPD advantage."""
+    n = max([*s_chunk, *t_chunk], default=-1) + 1
+    ls, lt = chunk_sums(student_lp, s_chunk, n), chunk_sums(teacher_lp, t_chunk, n)
+    return [-coef * (ls[c] - lt[c]) for c in s_chunk]
