@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from opd.teacher.cross import align, chunk_advantages, family_of, ids_bytes, token_bytes
+from opd.teacher.cross import align, chunk_advantages, family_of, ids_bytes, teacher_view, token_bytes
 
 
 def test_the_hand_worked_pair():
@@ -120,13 +120,16 @@ def _sentencepiece_like():
     from tokenizers import Tokenizer, decoders, models, normalizers
     from transformers import PreTrainedTokenizerFast
 
-    pieces = ["<unk>", *[f"<0x{b:02X}>" for b in range(256)], "▁", *"abcdefghijklmnopqrstuvwxyz0123456789+?",
-              "▁i", "▁is"]
+    pieces = ["<unk>", "<bos>", *[f"<0x{b:02X}>" for b in range(256)], "▁",
+              *"abcdefghijklmnopqrstuvwxyz0123456789+?", "▁i", "▁is"]
     core = Tokenizer(models.BPE({p: i for i, p in enumerate(pieces)}, [("▁", "i"), ("▁i", "s")],
                                 unk_token="<unk>", byte_fallback=True))
     core.normalizer = normalizers.Replace(" ", "▁")
     core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<bos>")
+    # a base model's plain template, as the cross path gives Gemma 3 270M
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    return tok
 
 
 @pytest.mark.parametrize("text", ["what is 14+11?", "café 😀 東京", "  two  spaces\n"])
@@ -135,3 +138,64 @@ def test_a_byte_fallback_vocabulary_round_trips(text):
     assert family_of(tok) == "sentencepiece"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert b"".join(ids_bytes(tok, ids)) == text.encode()
+
+
+def _chars():
+    from opd.tasks.tokenizer import build_tokenizer
+
+    return build_tokenizer()
+
+
+USER = [{"role": "user", "content": "What is 14 + 11?"}]
+
+
+def test_the_teacher_sees_its_own_template_and_the_students_bytes(smollm2):
+    teacher, student = AutoTokenizer.from_pretrained(smollm2[0]), _chars()
+    response = student.encode("The sum is 25.") + [student.eos_token_id]
+    view = teacher_view(student, teacher, USER, response)
+    assert view.reason is None
+    prompt = teacher.decode(view.teacher_ids[:view.teacher_prompt_len])
+    assert prompt == teacher.apply_chat_template(USER, add_generation_prompt=True, tokenize=False)
+    assert prompt.endswith("<|im_start|>assistant\n") and "<|user|>" not in prompt
+    body = view.teacher_ids[view.teacher_prompt_len:]
+    assert teacher.decode(body) == "The sum is 25.<|im_end|>" and body[-1] == teacher.eos_token_id
+    # the end token is a chunk of its own on both sides; the rest partitions both
+    assert view.s_chunk[-1] == view.t_chunk[-1] == view.n_chunks - 1
+    assert view.s_chunk.count(view.n_chunks - 1) == view.t_chunk.count(view.n_chunks - 1) == 1
+    assert sorted(set(view.s_chunk)) == sorted(set(view.t_chunk)) == list(range(view.n_chunks))
+    assert len(view.s_chunk) == len(response) and len(view.t_chunk) == len(body)
+
+
+def test_a_truncated_sample_loses_its_last_chunk(smollm2):
+    teacher, student = AutoTokenizer.from_pretrained(smollm2[0]), _chars()
+    response = student.encode("The sum is twen")
+    view = teacher_view(student, teacher, USER, response, truncated=True)
+    assert view.reason == "truncated" and view.s_chunk[-1] == -1
+    kept = [c for c in view.s_chunk if c >= 0]
+    assert kept and max(kept) == view.n_chunks - 2
+
+
+def test_a_cut_inside_a_character_masks_the_broken_tail(smollm2):
+    student, teacher = AutoTokenizer.from_pretrained(smollm2[0]), _sentencepiece_like()
+    ids = student("café 😀", add_special_tokens=False)["input_ids"]
+    pieces = ids_bytes(student, ids)
+    at = next(i for i in range(1, len(ids)) if _undecodable(b"".join(pieces[:i])))  # inside the emoji
+    view = teacher_view(student, teacher, USER, ids[:at], truncated=True)
+    assert view.reason == "truncated" and len(view.s_chunk) == at and view.s_chunk[-1] == -1
+    assert teacher.decode(view.teacher_ids[view.teacher_prompt_len:]).startswith("café")
+    assert view.teacher_ids.count(teacher.bos_token_id) == 1  # the template's BOS, not doubled
+
+
+def _undecodable(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+def test_bytes_the_teacher_cannot_spell_mask_the_sample(smollm2):
+    student, teacher = AutoTokenizer.from_pretrained(smollm2[0]), _chars()
+    response = student("25 😀", add_special_tokens=False)["input_ids"] + [student.eos_token_id]
+    view = teacher_view(student, teacher, USER, response)
+    assert view.reason == "bytes" and view.s_chunk == [-1] * len(response)

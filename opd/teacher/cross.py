@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from functools import cache
 from typing import Literal
 
@@ -109,3 +110,58 @@ def chunk_advantages(student_lp: list[float], teacher_lp: list[float], s_chunk: 
     n = max([*s_chunk, *t_chunk], default=-1) + 1
     ls, lt = chunk_sums(student_lp, s_chunk, n), chunk_sums(teacher_lp, t_chunk, n)
     return [-coef * (ls[c] - lt[c]) for c in s_chunk]
+
+
+@dataclass(frozen=True)
+class CrossView:
+    """The teacher's view of one student sample: ids the teacher scores, and where each side's response
+    tokens fall in the chunks. ``s_chunk[t] == -1``: student token t is not trained (``reason`` says why)."""
+
+    teacher_ids: list[int]  # the teacher-templated prompt, then the response in the teacher's tokens
+    teacher_prompt_len: int
+    s_chunk: list[int]
+    t_chunk: list[int]
+    n_chunks: int
+    reason: str | None = None  # why tokens are masked: "bytes" (no round trip), "truncated" (the last chunk)
+
+
+def teacher_view(student_tok, teacher_tok, messages: list[dict], response_ids: list[int],
+                 truncated: bool = False) -> CrossView:
+    """``response_ids`` (the student's) as the teacher sees them: the prompt rendered from ``messages`` by the
+    teacher's own chat template, then the response's exact bytes tokenised by the teacher; the student's end
+    token, where it drew one, maps to the teacher's as a chunk of its own, so stopping is distilled. A sample
+    whose bytes are not valid UTF-8 or do not round-trip through the teacher is masked whole; the last chunk
+    of a ``truncated`` one (cut at its length budget) is masked."""
+    # the template writes any BOS itself: tokenising its text without special tokens never doubles it
+    text = teacher_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt = teacher_tok(text, add_special_tokens=False)["input_ids"]
+    ended = bool(response_ids) and response_ids[-1] == student_tok.eos_token_id
+    body = response_ids[:-1] if ended else response_ids
+    s_bytes = ids_bytes(student_tok, body)
+    cut = truncated and not ended  # a budget can end a sample inside a character: drop the broken tail
+    keep = len(s_bytes)
+    while cut and keep and not _utf8(b"".join(s_bytes[:keep])):
+        keep -= 1
+    text = _utf8(b"".join(s_bytes[:keep]))
+    masked = CrossView(prompt, len(prompt), [-1] * len(response_ids), [], 0, "bytes")
+    if text is None:
+        return masked
+    t_body = teacher_tok(text, add_special_tokens=False)["input_ids"]
+    try:
+        s_chunk, t_chunk, n = align(s_bytes[:keep], ids_bytes(teacher_tok, t_body))
+    except ValueError:
+        return masked
+    if ended:
+        s_chunk, t_chunk, n = s_chunk + [n], t_chunk + [n], n + 1
+        t_body = t_body + [teacher_tok.eos_token_id]
+    reason = None
+    if cut:  # the last chunk's teacher tokens see a word the student had not finished
+        s_chunk, reason = [-1 if c == n - 1 else c for c in s_chunk] + [-1] * (len(body) - keep), "truncated"
+    return CrossView(prompt + t_body, len(prompt), s_chunk, t_chunk, n, reason)
+
+
+def _utf8(data: bytes) -> str | None:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
