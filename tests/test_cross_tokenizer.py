@@ -9,7 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from opd.teacher.cross import align, chunk_advantages, family_of, ids_bytes, teacher_view, token_bytes
+from opd.teacher.cross import (
+    align,
+    byte_matches,
+    chunk_advantages,
+    family_of,
+    ids_bytes,
+    teacher_view,
+    token_bytes,
+)
 
 
 def test_the_hand_worked_pair():
@@ -199,3 +207,15 @@ def test_bytes_the_teacher_cannot_spell_mask_the_sample(smollm2):
     response = student("25 😀", add_special_tokens=False)["input_ids"] + [student.eos_token_id]
     view = teacher_view(student, teacher, USER, response)
     assert view.reason == "bytes" and view.s_chunk == [-1] * len(response)
+
+
+def test_vocabularies_match_by_bytes_not_raw_strings(smollm2):
+    teacher, student = AutoTokenizer.from_pretrained(smollm2[0]), _chars()
+    matches = byte_matches(student, teacher)
+    space = teacher.convert_tokens_to_ids("Ġ")
+    assert matches[space] == student.convert_tokens_to_ids(" ")  # "Ġ" is no " " by string
+    by_string = set(teacher.get_vocab()) & set(student.get_vocab()) - set(student.all_special_tokens)
+    assert len(matches) > len(by_string)
+    for c in map(chr, range(33, 127)):  # printable ASCII: one piece each side, the same bytes
+        assert matches[teacher.convert_tokens_to_ids(c)] == student.convert_tokens_to_ids(c)
+    assert teacher.eos_token_id not in matches and all(0 <= s < len(student) for s in matches.values())

@@ -165,3 +165,19 @@ def _utf8(data: bytes) -> str | None:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         return None
+
+
+def byte_matches(student_tok, teacher_tok) -> dict[int, int]:
+    """Teacher id -> student id for every pair of vocabulary entries that stand for the same bytes (where the
+    teacher's top-k is carried over to the student's ids): ``Ġworld`` and ``▁world`` match, which comparing
+    raw strings misses. Special tokens are left out (their text is not what they stand for)."""
+    def by_bytes(tok) -> dict[bytes, int]:
+        family, special = family_of(tok), set(tok.all_special_ids)
+        out: dict[bytes, int] = {}
+        for piece, i in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):
+            if i not in special and (b := token_bytes(piece, family)):
+                out.setdefault(b, i)  # the lowest id of pieces that stand for the same bytes
+        return out
+
+    student = by_bytes(student_tok)
+    return {t: student[b] for b, t in by_bytes(teacher_tok).items() if b in student}
