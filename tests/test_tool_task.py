@@ -102,11 +102,11 @@ def test_held_out_episode_figures(tok):
     from opd.agents.env import EnvSpec
     from opd.agents.metrics import HELD_OUT, episode_figures, held_out_episodes
     from opd.agents.runner import EpisodeRunner, open_episode
-    from opd.tasks.tool_chains import ScriptedEngine, _prompt, script
+    from opd.tasks.tool_chains import ScriptedEngine, episode_prompt, script
 
     rows = [make_row(12, 3, "+", 4), make_row(7, 8, "-", 6), make_row(2, 2, "+", 1)]
     spec, lim = EnvSpec("tools", ("calc",)), script_limits(ToolBootstrapSpec())
-    prompts = [(_prompt(r, i), 0) for i, r in enumerate(rows)]
+    prompts = [(episode_prompt(r, i), 0) for i, r in enumerate(rows)]
     keys = [tuple(open_episode(tok, spec.make(False), p, 0, True).prompt_ids()) for p, _ in prompts]
     scripts = dict(zip(keys, [script(rows[0]), script(rows[1], "unknown_tool"), ["5"]], strict=True))
     samples = EpisodeRunner(ScriptedEngine(tok, scripts), tok, spec, lim).run(prompts, n=1, temperature=0.0,

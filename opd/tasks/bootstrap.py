@@ -173,7 +173,7 @@ def num_params(model: torch.nn.Module) -> int:
 
 
 @contextmanager
-def _threads(n: int):
+def torch_threads(n: int):
     """torch's thread count is process-wide: set it for one stage, then give the caller theirs back."""
     prev = torch.get_num_threads()
     torch.set_num_threads(n)
@@ -242,7 +242,7 @@ def sft(model, tokenizer, train_rows: Iterable[Mapping], spec: SFTSpec, seed: in
     """AdamW on the response tokens; returns steps run, final smoothed loss, seconds and the validation
     curve."""
     val_rows = _rows(val_rows or [])
-    with _threads(num_threads):
+    with torch_threads(num_threads):
         return fit(model, sft_tensors(tokenizer, train_rows), spec, seed, name,
                    (lambda m: _evaluate(m, tokenizer, val_rows, 250)) if val_rows else None)
 
@@ -295,7 +295,7 @@ def fit(model, tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor], spec: S
 def evaluate_accuracy(model, tokenizer, rows: Iterable[Mapping], batch_size: int = 250,
                       num_threads: int = 2) -> float:
     """Greedy exact-match accuracy, scored by the same verifier the reward stage uses."""
-    with _threads(num_threads):
+    with torch_threads(num_threads):
         return _evaluate(model, tokenizer, _rows(rows), batch_size)
 
 
@@ -330,7 +330,7 @@ def task_splits(task: TaskSpec) -> dict:
             "test": data["test"]}
 
 
-def _load_cached(out_dir: Path, spec_hash: str) -> dict | None:
+def load_cached(out_dir: Path, spec_hash: str) -> dict | None:
     try:
         meta = json.loads((out_dir / "bootstrap.json").read_text())
         if meta.get("spec_hash") != spec_hash:
@@ -374,7 +374,7 @@ def bootstrap(out_dir: Path, spec: BootstrapSpec | None = None, force: bool = Fa
     """
     out_dir, spec = Path(out_dir), spec or demo_spec()
     spec_hash = spec.hash()
-    if not force and (cached := _load_cached(out_dir, spec_hash)) is not None:
+    if not force and (cached := load_cached(out_dir, spec_hash)) is not None:
         log.info("bootstrap cache hit at %s (spec %s)", out_dir, spec_hash)
         return cached
     if out_dir.exists() and (stray := set(os.listdir(out_dir)) - {*ROLES, "bootstrap.json"}):

@@ -24,12 +24,12 @@ from opd.tasks.bootstrap import (
     ROLES,
     ModelSpec,
     SFTSpec,
-    _load_cached,
-    _threads,
     build_model,
     fit,
+    load_cached,
     num_params,
     pad_examples,
+    torch_threads,
 )
 from opd.tasks.tokenizer import build_tokenizer
 
@@ -111,11 +111,11 @@ def episode_accuracy(model, tok, rows: list[dict], spec: ToolBootstrapSpec) -> d
     from opd.agents.env import EnvSpec
     from opd.agents.teacher import greedy_episodes
     from opd.rewards.builtins import exact_answer
-    from opd.tasks.tool_chains import _prompt
+    from opd.tasks.tool_chains import episode_prompt
 
     model.eval()
     lim = limits(spec)
-    prompts = [_prompt(r, i) for i, r in enumerate(rows)]
+    prompts = [episode_prompt(r, i) for i, r in enumerate(rows)]
     samples = greedy_episodes(greedy_answer(model, tok), prompts, (EnvSpec("tools", ("calc",)), lim), tok,
                               lim.max_turn_tokens)
     scores = exact_answer([p.text for p in prompts], [s.response_text for s in samples],
@@ -155,7 +155,7 @@ def bootstrap_tools(out_dir, spec: ToolBootstrapSpec | None = None, force: bool 
     from opd.tasks.tool_chains import build_dataset
 
     out_dir, spec = Path(out_dir), spec or ToolBootstrapSpec()
-    if not force and (cached := _load_cached(out_dir, spec.hash())) is not None:
+    if not force and (cached := load_cached(out_dir, spec.hash())) is not None:
         return cached
     start, t = time.monotonic(), spec.task
     data = build_dataset(t.num_train + t.num_val, t.num_test, t.max_digits_a, t.max_digits_b, t.seed)
@@ -163,7 +163,7 @@ def bootstrap_tools(out_dir, spec: ToolBootstrapSpec | None = None, force: bool 
     train, val, test = train[:t.num_train], train[t.num_train:], data["test"].to_list()
     tok = build_tokenizer(tools=True)
     meta: dict = {"spec": asdict(spec), "spec_hash": spec.hash(), "recipe_version": RECIPE_VERSION}
-    with building(out_dir) as tmp, _threads(num_threads):
+    with building(out_dir) as tmp, torch_threads(num_threads):
         for i, role in enumerate(ROLES):
             torch.manual_seed(spec.seed + i)
             model = build_model(getattr(spec, role), tok, spec.max_positions)

@@ -110,10 +110,11 @@ def transcripts(tokenizer, rows: list[dict], bad_share: float, seed: int, limits
     rng, spec = random.Random(seed), EnvSpec("tools", ("calc",))
     prompts, scripts, bad_calls = [], {}, []
     for i, row in enumerate(rows):
-        ids = open_episode(tokenizer, spec.make(describe_tools=False), _prompt(row, i), 0, True).prompt_ids()
+        prompt = episode_prompt(row, i)
+        ids = open_episode(tokenizer, spec.make(describe_tools=False), prompt, 0, True).prompt_ids()
         bad = rng.choice(BAD_CALLS) if rng.random() < bad_share else None
         scripts[tuple(ids)] = script(row, bad)
-        prompts.append((_prompt(row, i), 0))
+        prompts.append((prompt, 0))
         bad_calls.append(bad is not None)
     runner = EpisodeRunner(ScriptedEngine(tokenizer, scripts), tokenizer, spec, limits)
     out = []
@@ -130,5 +131,6 @@ def transcripts(tokenizer, rows: list[dict], bad_share: float, seed: int, limits
     return out
 
 
-def _prompt(row: dict, i: int) -> Prompt:
+def episode_prompt(row: dict, i: int) -> Prompt:
+    """Row ``i`` as a prompt an episode opens from (the runner renders it with the tools itself)."""
     return Prompt(f"row{i}", str(row["prompt"]), [], str(row["answer"]), {})
