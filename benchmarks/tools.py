@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="more config overrides for every job")
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args()
-    from opd.tasks.tool_bootstrap import bootstrap_tools
+    from opd.agents.tool_bootstrap import bootstrap_tools
 
     models = Path(args.models)
     boot = bootstrap_tools(models)

@@ -119,7 +119,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         from opd.tasks import bootstrap as bs
 
         if args.preset == "tools":
-            from opd.tasks.tool_bootstrap import bootstrap_tools
+            from opd.agents.tool_bootstrap import bootstrap_tools
 
             info = bootstrap_tools(Path(args.out or "models/tools"), force=args.force)
         else:

@@ -10,10 +10,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opd.agents.calls import renders_tools
 from opd.agents.ledger import Transcript
+from opd.agents.scripted import transcripts
+from opd.agents.tool_bootstrap import ToolBootstrapSpec, ToolTaskSpec, bootstrap_tools, script_limits
 from opd.tasks.bootstrap import ModelSpec, SFTSpec
 from opd.tasks.tokenizer import build_tokenizer
-from opd.tasks.tool_bootstrap import ToolBootstrapSpec, ToolTaskSpec, bootstrap_tools, script_limits
-from opd.tasks.tool_chains import build_dataset, make_row, transcripts
+from opd.tasks.tool_chains import build_dataset, make_row
 from opd.tasks.tool_chains import call as call_text
 
 CALC = [{"type": "function", "function": {"name": "calc"}}]
@@ -102,7 +103,8 @@ def test_held_out_episode_figures(tok):
     from opd.agents.env import EnvSpec
     from opd.agents.metrics import HELD_OUT, episode_figures, held_out_episodes
     from opd.agents.runner import EpisodeRunner, open_episode
-    from opd.tasks.tool_chains import ScriptedEngine, episode_prompt, script
+    from opd.agents.scripted import ScriptedEngine, episode_prompt
+    from opd.tasks.tool_chains import script
 
     rows = [make_row(12, 3, "+", 4), make_row(7, 8, "-", 6), make_row(2, 2, "+", 1)]
     spec, lim = EnvSpec("tools", ("calc",)), script_limits(ToolBootstrapSpec())

@@ -1,7 +1,7 @@
 """The tool task's pair (``opd bootstrap --preset tools``): a teacher that calls ``calc`` and a student that
 never has.
 
-The teacher learns from scripted episodes (``tool_chains.transcripts``: the live runner's own ledger, so the
+The teacher learns from scripted episodes (``opd.agents.scripted``: the live runner's own ledger, so the
 loss covers exactly the tokens a policy samples, never the tool's output or the template's). The student
 learns the same rows' answers without any call, as a model that was never taught tools would answer; both
 share the tool vocabulary (``build_tokenizer(tools=True)``). Accuracies are of greedy episodes with the tool
@@ -109,9 +109,9 @@ def greedy_answer(model, tok, batch_size: int = 250):
 def episode_accuracy(model, tok, rows: list[dict], spec: ToolBootstrapSpec) -> dict:
     """Greedy episodes with ``calc`` offered: accuracy, tool-call rate and turns per episode."""
     from opd.agents.env import EnvSpec
+    from opd.agents.scripted import episode_prompt
     from opd.agents.teacher import greedy_episodes
     from opd.rewards.builtins import exact_answer
-    from opd.tasks.tool_chains import episode_prompt
 
     model.eval()
     lim = limits(spec)
@@ -141,7 +141,7 @@ def _answer_examples(tok, rows: list[dict]) -> list[tuple[list[int], list[int]]]
 
 
 def _teacher_examples(tok, rows: list[dict], spec: ToolBootstrapSpec) -> list[tuple[list[int], list[int]]]:
-    from opd.tasks.tool_chains import transcripts
+    from opd.agents.scripted import transcripts
 
     return [(ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)])
             for ids, mask in transcripts(tok, rows, spec.task.bad_share, spec.seed, script_limits(spec))]
