@@ -107,8 +107,10 @@ def greedy_answer(model, tok, batch_size: int = 250):
 
 
 def episode_accuracy(model, tok, rows: list[dict], spec: ToolBootstrapSpec) -> dict:
-    """Greedy episodes with ``calc`` offered: accuracy, tool-call rate and turns per episode."""
+    """Greedy episodes with ``calc`` offered: accuracy, and the figures a job's held-out evaluation reports
+    (``opd.agents.metrics.held_out_episodes``: tool-call rate, turns, tool errors, drift)."""
     from opd.agents.env import EnvSpec
+    from opd.agents.metrics import held_out_episodes
     from opd.agents.scripted import episode_prompt
     from opd.agents.teacher import greedy_episodes
     from opd.rewards.builtins import exact_answer
@@ -120,9 +122,7 @@ def episode_accuracy(model, tok, rows: list[dict], spec: ToolBootstrapSpec) -> d
                               lim.max_turn_tokens)
     scores = exact_answer([p.text for p in prompts], [s.response_text for s in samples],
                           answer=[p.answer for p in prompts])
-    n = len(samples)
-    return {"accuracy": sum(scores) / n, "tool_call_rate": sum(s.episode.tool_calls > 0 for s in samples) / n,
-            "turns": sum(s.episode.turns for s in samples) / n}
+    return {"accuracy": sum(scores) / len(samples), **held_out_episodes(samples)}
 
 
 def _answer_examples(tok, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
