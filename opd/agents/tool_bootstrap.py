@@ -10,8 +10,6 @@ offered, the same measure the distillation job's evaluation uses.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -29,6 +27,7 @@ from opd.tasks.bootstrap import (
     load_cached,
     num_params,
     pad_examples,
+    spec_hash,
     torch_threads,
 )
 from opd.tasks.tokenizer import build_tokenizer
@@ -66,8 +65,7 @@ class ToolBootstrapSpec:
     seed: int = 0
 
     def hash(self) -> str:
-        payload = json.dumps({"recipe": RECIPE_VERSION, "spec": asdict(self)}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return spec_hash(RECIPE_VERSION, asdict(self))
 
 
 def limits(spec: ToolBootstrapSpec):

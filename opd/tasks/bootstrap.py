@@ -110,8 +110,13 @@ class BootstrapSpec:
         return cls(task=TaskSpec(**task), **{k: t(**d[k]) for k, t in parts.items()}, **rest)
 
     def hash(self) -> str:
-        payload = json.dumps({"recipe": RECIPE_VERSION, "spec": self.to_dict()}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return spec_hash(RECIPE_VERSION, self.to_dict())
+
+
+def spec_hash(recipe: int, spec: dict) -> str:
+    """The cache key of a bootstrap: its recipe version and every field of its spec."""
+    payload = json.dumps({"recipe": recipe, "spec": spec}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def demo_spec() -> BootstrapSpec:
