@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,6 +86,32 @@ def test_resume_reproduces_uninterrupted_run(opd_run, tiny_models, local_ray, tm
     got = _weights(out / "checkpoints" / "step_000002" / "model")
     for k in ref:
         assert torch.equal(ref[k], got[k]), f"resumed weights differ from the uninterrupted run at {k}"
+
+
+EPISODES = {"agent.environment": f"{Path(__file__).parent / 'agent_envs.py'}:Counting", "agent.max_turns": 3,
+            "agent.env_kwargs": "{role: user, note: '', answer_after: 2, system: false}",
+            "rollout.max_model_len": 64, "run.log_samples": True, "eval.kl_samples": 0, "eval.num_prompts": 4}
+
+
+def test_resume_with_episodes_is_bit_identical(tiny_models, local_ray, tmp_path):
+    """Multi-turn episodes (a user environment by path; the tiny template has no tool role) stopped after one
+    step and resumed: the second step's episodes are the same ids (digests, with environment segments between
+    turns) and the weights after it equal the uninterrupted run's, bit for bit."""
+    ref, out = tmp_path / "episodes", tmp_path / "episodes_resumed"
+    run(load_config(None, tiny_overrides(tiny_models, ref, **EPISODES)), progress=False)
+    run(load_config(None, tiny_overrides(tiny_models, out, **EPISODES, **{"trainer.total_steps": 1})),
+        progress=False)
+    summary = run(load_config(None, tiny_overrides(tiny_models, out, **EPISODES)), resume=True,
+                  progress=False)
+    assert summary["steps"] == 2 and [r["step"] for r in _metrics(out)] == [0, 1]
+    samples = lambda o: [json.loads(ln) for ln in (o / "samples.jsonl").read_text().splitlines()]  # noqa: E731
+    step1 = lambda o: [(s["uid"], s["digest"]) for s in samples(o) if s["step"] == 1]  # noqa: E731
+    assert len(step1(ref)) == 8 and step1(out) == step1(ref)
+    assert any("environment" in [g["origin"] for g in s["segments"]] for s in samples(ref))
+    a, b = (_weights(ref / "checkpoints" / "step_000002" / "model"),
+            _weights(out / "checkpoints" / "step_000002" / "model"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"resumed weights differ from the uninterrupted run at {k}"
 
 
 def test_resume_without_checkpoint_is_refused(tiny_models, tmp_path):

@@ -176,12 +176,12 @@ def _episode_cfg(smollm2, out: Path, **extra):
     return load_config(None, real_overrides((teacher, teacher), out, **{
         "agent.environment": f"{Path(__file__).parent / 'agent_envs.py'}:Counting", "agent.max_turns": 2,
         "rollout.max_new_tokens": 32, "rollout.prompts_per_step": 4, "run.log_samples": True,
-        "opd.divergence": "sampled", "checkpoint.every": 1, "eval.kl_samples": 0, **extra}))
+        "opd.divergence": "sampled", "eval.kl_samples": 0, **extra}))
 
 
 @pytest.fixture(scope="module")
 def episode_run(shared, smollm2, tmp_path_factory):
-    """The episode jobs' rollout worker and the two-step reference run. The student is the instruct model
+    """The episode job's rollout worker and its two-step run. The student is the instruct model
     itself (the pruned one rarely ends a turn within its budget, and a turn cut by it ends the episode); the
     teacher is the shared vLLM one."""
     out = tmp_path_factory.mktemp("real") / "real-episodes"
@@ -234,18 +234,3 @@ def test_episodes_on_the_real_pair(episode_run, smollm2):
             assert "characters. Answer in a few words." in text
             assert s["reward"] >= 0.25  # the environment's reward is part of the episode's
 
-
-def test_resume_with_episodes_is_bit_identical(shared, episode_run, smollm2, tmp_path):
-    """Stopped after one step and resumed: the second step's episodes are the same ids (digests) and the
-    weights after it equal the uninterrupted run's, bit for bit."""
-    worker, ref, _ = episode_run
-    out = tmp_path / "real-episodes-resumed"
-    train_on(shared, _episode_cfg(smollm2, out, **{"trainer.total_steps": 1}), rollout=[worker])
-    summary = train_on(shared, _episode_cfg(smollm2, out), rollout=[worker], resume=True)
-    assert summary["steps"] == 2
-    digests = lambda o: [(s["uid"], s["digest"]) for s in _samples(o) if s["step"] == 1]  # noqa: E731
-    assert digests(out) == digests(ref)
-    a, b = (_weights(ref / "checkpoints" / "step_000002" / "model"),
-            _weights(out / "checkpoints" / "step_000002" / "model"))
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"resumed weights differ from the uninterrupted run at {k}"
