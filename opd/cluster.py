@@ -17,10 +17,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from opd.config import Config
 from opd.plan import learner_args
+from opd.preflight import teacher_template
 from opd.rewards import VerifierRunner
 from opd.rollout.engine import ACTOR_ENV
 from opd.rollout.pool import RolloutPool
 from opd.rollout.worker import RolloutWorker
+from opd.teacher.cross_teacher import CrossTeacher
 from opd.teacher.http import HTTPTeacher
 from opd.teacher.multi import DEFAULT, Teachers
 from opd.teacher.openai import OpenAITeacher
@@ -204,17 +206,24 @@ def start_teachers(cfg: Config, prefix: str | None = None, max_logprobs: int | N
             default = ray.remote(HTTPTeacher).options(num_cpus=0, **opts(DEFAULT)).remote(
                 t.url, token, **retry)
     else:
-        default = _local_teacher(cfg, cfg.models.teacher, opts(DEFAULT), max_logprobs)
+        default = _local_teacher(cfg, cfg.models.teacher, opts(DEFAULT), max_logprobs,
+                                 cross=t.tokenizer == "cross")
     others = {n: _local_teacher(cfg, d, opts(n), max_logprobs) for n, d in cfg.models.teachers.items()}
-    return Teachers({DEFAULT: default, **others}, column=t.column)
+    return Teachers({DEFAULT: default, **others}, column=t.column,
+                    cross={DEFAULT} if t.tokenizer == "cross" else set())
 
 
-def _local_teacher(cfg: Config, model_dir: str, opts: dict, max_logprobs: int | None):
-    return ray.remote(VLLMTeacher).options(num_cpus=cfg.teacher.num_cpus, **opts).remote(
-        model_dir, seed=cfg.run.seed, max_model_len=cfg.rollout.max_model_len,
-        kv_cache_gib=cfg.rollout.kv_cache_gib, dtype=cfg.models.dtype,
-        max_logprobs=max_logprobs or cfg.teacher.max_logprobs, engine=cfg.teacher_engine,
-    )
+def _local_teacher(cfg: Config, model_dir: str, opts: dict, max_logprobs: int | None, cross: bool = False):
+    """A local engine actor; ``cross``: behind ``CrossTeacher``, which scores the student's samples by bytes
+    (``teacher.tokenizer=cross``, as the pre-flight decided)."""
+    kwargs = {"seed": cfg.run.seed, "max_model_len": cfg.rollout.max_model_len,
+              "kv_cache_gib": cfg.rollout.kv_cache_gib, "dtype": cfg.models.dtype,
+              "max_logprobs": max_logprobs or cfg.teacher.max_logprobs, "engine": cfg.teacher_engine}
+    actor = ray.remote(CrossTeacher if cross else VLLMTeacher).options(num_cpus=cfg.teacher.num_cpus, **opts)
+    if not cross:
+        return actor.remote(model_dir, **kwargs)
+    return actor.remote((VLLMTeacher, (model_dir,), kwargs), (cfg.models.student, cfg.models.chat_template),
+                        (model_dir, teacher_template(cfg, model_dir)))
 
 
 def stop_roles(roles: Roles | None) -> None:

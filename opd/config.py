@@ -161,6 +161,10 @@ class TeacherConfig(_Section):
     # states), else rollout.engine. hf scores only the response positions with the LM head; vllm's
     # prompt_logprobs scores all
     engine: Literal["auto", "vllm", "hf"] = "auto"
+    # same: the teacher scores the student's own ids (its vocabulary must be the student's); cross: another
+    # tokenizer, scored on its own tokens of the same bytes and aligned by bytes (opd.teacher.cross); auto:
+    # same when the vocabularies are identical, else cross (decided by the pre-flight)
+    tokenizer: Literal["auto", "same", "cross"] = "auto"
 
     @field_validator("url")
     @classmethod
@@ -398,7 +402,28 @@ class _Core(_Section):
         if self.lora.r > 0 and not self.lora.target_modules:
             raise ValueError("lora.target_modules is empty: name the modules that get an adapter "
                              "(e.g. q_proj, v_proj)")
+        if self.teacher.tokenizer == "cross" and (found := self.cross_tokenizer_problems()):
+            raise ValueError("teacher.tokenizer=cross: " + "; ".join(found))
         return self
+
+    def cross_tokenizer_problems(self) -> list[str]:
+        """What a teacher with another tokenizer cannot do in this job (``teacher.tokenizer=cross``, or
+        ``auto`` when the pre-flight finds the vocabularies differ): it gives a log-prob per chunk of bytes,
+        so only the sampled-token signal of one teacher, on single-turn samples, with whole sequences."""
+        signal, divergence = self.teacher_signal, f"{TEACHER_SECTION}.divergence"
+        found = []
+        if signal.kind in ("topk", "full_vocab"):
+            found.append(f"{divergence}={self.teacher_settings.divergence} reads the teacher's distribution "
+                         "over the student's vocabulary, which another tokenizer does not have; use sampled")
+        if self.models.teachers:
+            found.append("models.teachers: one teacher only")
+        if self.agent.environment is not None:
+            found.append("agent.environment: multi-turn episodes are scored on the student's ids only")
+        if self.selection.mode:
+            found.append("selection.mode: a chunk's tokens are credited together, so none is left out")
+        if self.teacher.url:
+            found.append("teacher.url: a served teacher is checked against the student's ids; run it locally")
+        return found
 
     def section(self, name: str) -> _Section:
         """An objective's section (``Config`` has one per registered objective, as an attribute of its

@@ -7,15 +7,36 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 from opd.types import Prompt
+
+
+def load_tokenizer(model_dir: str, template: str | None = None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if template is not None:
+        tok.chat_template = chat_template_text(template)
+    return tok
+
+
+def chat_template_text(value: str) -> str:
+    """``models.chat_template``: a path to a Jinja file, or the template itself."""
+    path = Path(value).expanduser()
+    return path.read_text() if value.endswith((".jinja", ".j2", ".txt")) and path.is_file() else value
+
+
+def prompt_messages(row: dict) -> list[dict]:
+    """The chat a row's prompt is rendered from (``Prompt.columns`` is the row): with the student's template
+    here, with its own by a teacher of another tokenizer."""
+    return [{"role": "user", "content": row["prompt"]}]
 
 
 def render_prompts(rows: list[dict], tokenizer, split: str) -> list[Prompt]:
     prompts = []
     for i, row in enumerate(rows):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(prompt_messages(row), tokenize=False, add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         prompts.append(Prompt(prompt_id=f"{split}-{i}", text=text, token_ids=ids, answer=row["answer"],
                               columns=dict(row)))

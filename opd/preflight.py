@@ -19,6 +19,7 @@ import yaml
 
 from opd.checkpoint import latest_checkpoint
 from opd.config import Config, ConfigError
+from opd.data import load_tokenizer
 from opd.models import files
 from opd.trainer.objectives import DEFAULT, REGISTRY, TEACHER_SECTION
 from opd.types import Prompt
@@ -56,22 +57,12 @@ def check_inputs(cfg: Config, teacher: bool | None = None) -> tuple:
 
 def student_tokenizer(cfg: Config):
     """The student's tokenizer, with ``models.chat_template`` as its template when the config gives one."""
-    return _tokenizer(cfg.models.student, cfg.models.chat_template)
+    return load_tokenizer(cfg.models.student, cfg.models.chat_template)
 
 
-def _tokenizer(model_dir: str, template: str | None):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    if template is not None:
-        tok.chat_template = chat_template_text(template)
-    return tok
-
-
-def chat_template_text(value: str) -> str:
-    """``models.chat_template``: a path to a Jinja file, or the template itself."""
-    path = Path(value).expanduser()
-    return path.read_text() if value.endswith((".jinja", ".j2", ".txt")) and path.is_file() else value
+def teacher_template(cfg: Config, model_dir: str) -> str | None:
+    """``models.chat_template`` for a teacher whose tokenizer has no template of its own."""
+    return None if files.has_chat_template(Path(model_dir)) else cfg.models.chat_template
 
 
 def load_prompts(cfg: Config, tok) -> tuple[list[Prompt], list[Prompt]]:
@@ -125,16 +116,28 @@ def _teacher_dirs(cfg: Config) -> list[tuple[str, str]]:
 
 
 def _check_teachers(cfg: Config, tok, prompts: list[Prompt]) -> None:
-    """Every teacher speaks the student's tokenizer, and every row names a teacher the config defines."""
+    """Every teacher speaks the student's tokenizer, or (``models.teacher``, ``teacher.tokenizer``) scores its
+    own tokens of the student's bytes; every row names a teacher the config defines."""
     from opd.teacher.multi import DEFAULT as DEFAULT_TEACHER
     from opd.teacher.multi import unknown_teacher_rows
-    from opd.teacher.preflight import TokenizerMismatch, check_tokenizers
+    from opd.teacher.preflight import TokenizerMismatch, check_cross, check_tokenizers
 
     texts = [p.columns["prompt"] for p in prompts[:8]]
     for key, d in _teacher_dirs(cfg):
-        template = None if files.has_chat_template(Path(d)) else cfg.models.chat_template
+        teacher_tok = load_tokenizer(d, teacher_template(cfg, d))
+        if key == "models.teacher" and cfg.teacher.tokenizer != "same":
+            if cfg.teacher.tokenizer == "auto" and tok.get_vocab() != teacher_tok.get_vocab():
+                if found := cfg.cross_tokenizer_problems():
+                    raise ConfigError("models.teacher: its vocabulary is not the student's, so it scores "
+                                      "its own tokens (teacher.tokenizer=cross), and: " + "; ".join(found))
+                cfg.teacher.tokenizer = "cross"
+            if cfg.teacher.tokenizer == "cross":
+                rows = [text for p in prompts[:8] for text in (p.columns["prompt"], str(p.answer))]
+                if found := check_cross(tok, teacher_tok, rows):
+                    raise ConfigError("teacher.tokenizer=cross: " + "; ".join(found))
+                continue
         try:
-            check_tokenizers(tok, _tokenizer(d, template), texts)
+            check_tokenizers(tok, teacher_tok, texts)
         except TokenizerMismatch as e:
             raise ConfigError(f"{key}: {e}") from None
     if cfg.teacher.url:

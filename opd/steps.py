@@ -242,4 +242,18 @@ def step_metrics(taken: Scored, learner: dict, version: int, step_seconds: float
         m["teacher_nonfinite"] = float(scores.nonfinite_samples())
         m["score_tokens_per_s"] = n_tok / max(scores.score_seconds, 1e-9)
         m["score_seconds"] = scores.score_seconds
+        m.update(cross_metrics(scores.cross_counts))
     return m
+
+
+def cross_metrics(counts: dict[str, int] | None) -> dict[str, float]:
+    """A teacher with another tokenizer (``opd.teacher.cross_teacher``): the share of chunks that are one
+    token on both sides, a chunk's mean length in student tokens, the share of student tokens the teacher
+    scored, and teacher tokens per student token."""
+    if counts is None:
+        return {}
+    chunks, student = max(counts["chunks"], 1), max(counts["student_tokens"], 1)
+    return {"cross_one_to_one": counts["one_to_one"] / chunks,
+            "cross_chunk_tokens": counts["scored_tokens"] / chunks,
+            "cross_scored_fraction": counts["scored_tokens"] / student,
+            "cross_teacher_tokens_per_token": counts["teacher_tokens"] / student}

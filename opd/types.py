@@ -152,6 +152,12 @@ class TeacherScores:
     # [B] float32 arrays [T_b, H]: the teacher's final hidden state at the position predicting each response
     # token (opd.full_vocab_source=teacher: the learner applies the teacher's LM head to them)
     hidden: list | None = None
+    # a teacher with another tokenizer (opd.teacher.cross): each student token's byte-aligned chunk (-1: not
+    # scored, out of the loss); ``logprobs`` then holds each chunk's teacher log-prob on its last student
+    # token and 0 on the others, so a chunk's values sum to the teacher's log-prob of its bytes
+    chunks: list[list[int]] | None = None
+    # counts over the scored samples (opd.teacher.cross.CROSS_COUNTS), summed across chunks of a batch
+    cross_counts: dict[str, int] | None = None
 
     def validate(self, samples: list[Sample]) -> None:
         if self.uids != [s.uid for s in samples]:
@@ -166,6 +172,11 @@ class TeacherScores:
             for s, ids, lps in zip(samples, self.topk_ids, self.topk_logprobs or [], strict=True):
                 if len(ids) != len(s.response_ids) or len(lps) != len(s.response_ids):
                     raise RecordError(f"TeacherScores {s.uid}: top-k rows do not match response length")
+        if self.chunks is not None:
+            for s, c in zip(samples, self.chunks, strict=True):
+                if len(c) != len(s.response_ids):
+                    raise RecordError(f"TeacherScores {s.uid}: {len(c)} chunk ids for {len(s.response_ids)} "
+                                      "response tokens")
         if self.hidden is not None:
             for s, h in zip(samples, self.hidden, strict=True):
                 if h.shape[0] != len(s.response_ids):
@@ -178,18 +189,31 @@ class TeacherScores:
         if len(parts) == 1:
             return parts[0]
         topk, hidden = parts[0].topk_ids is not None, parts[0].hidden is not None
+        counts = None
+        if parts[0].cross_counts is not None:
+            counts = {k: sum(p.cross_counts[k] for p in parts) for k in parts[0].cross_counts}
         return TeacherScores(
             uids=[u for p in parts for u in p.uids], logprobs=[x for p in parts for x in p.logprobs],
             topk_ids=[x for p in parts for x in p.topk_ids] if topk else None,
             topk_logprobs=[x for p in parts for x in p.topk_logprobs] if topk else None,
             score_seconds=sum(p.score_seconds for p in parts),
             hidden=[x for p in parts for x in p.hidden] if hidden else None,
+            chunks=[x for p in parts for x in p.chunks] if parts[0].chunks is not None else None,
+            cross_counts=counts,
         )
 
     def rows(self, idx: list[int]) -> TeacherScores:
         pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
         return TeacherScores(pick(self.uids), pick(self.logprobs), pick(self.topk_ids),
-                             pick(self.topk_logprobs), self.score_seconds, pick(self.hidden))
+                             pick(self.topk_logprobs), self.score_seconds, pick(self.hidden),
+                             pick(self.chunks), self.cross_counts)
+
+    def scored_mask(self, i: int, drawn: list[int]) -> list[int]:
+        """Sample ``i``'s tokens that carry the teacher's signal: ``drawn`` (``Sample.drawn_mask``) less those
+        a teacher with another tokenizer did not score."""
+        if self.chunks is None:
+            return drawn
+        return [m if c >= 0 else 0 for m, c in zip(drawn, self.chunks[i], strict=True)]
 
     def nonfinite_samples(self) -> int:
         """Samples with a NaN/inf teacher log-prob (sampled token or top-k). Not an error here: such a value
@@ -290,6 +314,9 @@ class TrainBatch:
     teacher_hidden: list | None = None
     # episodes: per token 1 where the student drew it; environment and template tokens are out of the loss
     loss_mask: list[list[int]] | None = None
+    # a teacher with another tokenizer: each response token's chunk (TeacherScores.chunks); the objectives
+    # give every token of a chunk the chunk's advantage (opd.trainer.objectives.loss.chunk_credit)
+    teacher_chunks: list[list[int]] | None = None
 
     def validate(self) -> None:
         n = len(self.uids)
@@ -306,11 +333,13 @@ class TrainBatch:
                 raise RecordError(f"TrainBatch {uid}: teacher top-k rows do not match {t} response tokens")
             if self.loss_mask is not None and len(self.loss_mask[i]) != t:
                 raise RecordError(f"TrainBatch {uid}: loss mask does not match {t} response tokens")
+            if self.teacher_chunks is not None and len(self.teacher_chunks[i]) != t:
+                raise RecordError(f"TrainBatch {uid}: chunk ids do not match {t} response tokens")
             if self.teacher_hidden is not None and self.teacher_hidden[i].shape[0] != t:
                 raise RecordError(f"TrainBatch {uid}: teacher hidden-state rows do not match {t} "
                                   "response tokens")
         for name in ("loss_weights", "teacher_prompt_ids", "routes", "teacher_topk_ids",
-                     "teacher_topk_logprobs", "teacher_hidden", "loss_mask"):
+                     "teacher_topk_logprobs", "teacher_hidden", "loss_mask", "teacher_chunks"):
             value = getattr(self, name)
             if value is not None and len(value) != n:
                 raise RecordError(f"TrainBatch: {name} has {len(value)} rows for {n} samples")

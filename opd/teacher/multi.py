@@ -68,11 +68,13 @@ class Teachers:
     """The job's teacher actors by name: scoring split by each row's teacher (``submit``) and greedy
     answers."""
 
-    def __init__(self, actors: dict[str, object], column: str | None = None):
+    def __init__(self, actors: dict[str, object], column: str | None = None, cross: set[str] | None = None):
         if DEFAULT not in actors:
             raise ValueError(f"a default teacher is required; got {sorted(actors)}")
         self.actors = actors
         self.column = column
+        # teachers with another tokenizer (opd.teacher.cross_teacher): they render a prompt themselves
+        self.cross = cross or set()
 
     def _split(self, prompts: list[Prompt]) -> dict[str, list[int]]:
         parts: dict[str, list[int]] = {}
@@ -91,9 +93,9 @@ class Teachers:
         """Each prompt answered by its own teacher (the teacher accuracy a job reports is that of its
         teachers)."""
         parts = self._split(prompts)
-        refs = {name: self.actors[name].generate_greedy.remote([prompts[i].token_ids for i in idx],
-                                                               max_tokens)
-                for name, idx in parts.items()}
+        ids = {name: (self.actors[name].prompt_ids.remote([prompts[i] for i in idx]) if name in self.cross
+                      else [prompts[i].token_ids for i in idx]) for name, idx in parts.items()}
+        refs = {name: self.actors[name].generate_greedy.remote(ids[name], max_tokens) for name in parts}
         texts: list = [None] * len(prompts)
         for name, out in zip(refs, ray.get(list(refs.values())), strict=True):
             for i, text in zip(parts[name], out, strict=True):

@@ -1,7 +1,8 @@
 """Pre-flight checks that a teacher can score a student's tokens: same vocabulary, same rendered prompts.
 
 A teacher whose tokenizer differs even slightly scores different tokens than the student drew, and OPD then
-learns from a silently biased signal (lesson 2 of peers' trackers), so a mismatch is a start-up error.
+learns from a silently biased signal (lesson 2 of peers' trackers), so a mismatch is a start-up error, unless
+the teacher scores its own tokens of the same bytes (``teacher.tokenizer=cross``, ``check_cross``).
 """
 
 from __future__ import annotations
@@ -33,3 +34,24 @@ def check_tokenizers(student_tok, teacher_tok, sample_prompts: list[str]) -> Non
             break
     if problems:
         raise TokenizerMismatch("teacher and student tokenizers disagree: " + "; ".join(problems))
+
+
+def check_cross(student_tok, teacher_tok, texts: list[str]) -> list[str]:
+    """What keeps a teacher with another tokenizer from scoring the student's samples by bytes: a side whose
+    tokens' bytes do not concatenate to the text they came from (the byte alignment would be wrong, not
+    merely coarse), a teacher without an end token (stopping could not be distilled) or without a chat
+    template."""
+    from opd.teacher.cross import ids_bytes
+
+    found = []
+    for side, tok in (("student", student_tok), ("teacher", teacher_tok)):
+        for text in texts:
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            if b"".join(ids_bytes(tok, ids)) != text.encode():
+                found.append(f"the {side} tokenizer's token bytes of {text!r} do not concatenate to it")
+                break
+    if teacher_tok.eos_token_id is None:
+        found.append("the teacher's tokenizer has no end token")
+    if not teacher_tok.chat_template:
+        found.append("the teacher's tokenizer has no chat template (set models.chat_template)")
+    return found

@@ -68,10 +68,11 @@ def build_micro(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_
     return MicroTensors(input_ids, attn, pos_BT, targets_BT, mask_BT, shared)
 
 
-def rows(values: list[list[float]], t_max: int, device: torch.device | None = None) -> torch.Tensor:
-    """Ragged per-token floats -> zero-padded [B, T] float32, on ``device`` (filled on the CPU, copied
-    once)."""
-    out = torch.zeros(len(values), t_max)
+def rows(values: list[list[float]], t_max: int, device: torch.device | None = None,
+         fill: float = 0.0) -> torch.Tensor:
+    """Ragged per-token floats -> [B, T] float32 padded with ``fill``, on ``device`` (filled on the CPU,
+    copied once)."""
+    out = torch.full((len(values), t_max), fill)
     for i, v in enumerate(values):
         out[i, : len(v)] = torch.tensor(v, dtype=torch.float32)
     return out if device is None else out.to(device)

@@ -108,6 +108,10 @@ def route(
     for i in keep:  # an episode trains on exactly its ledger's ids
         samples[i].checked_ids("learner")
     pick = lambda xs: None if xs is None else [xs[i] for i in keep]  # noqa: E731
+    masks = None  # every response token trains
+    if any(s.loss_mask is not None for s in samples) or (scores is not None and scores.chunks is not None):
+        masks = [s.drawn_mask if scores is None else scores.scored_mask(i, s.drawn_mask)
+                 for i, s in enumerate(samples)]
     batch = TrainBatch(
         uids=pick([s.uid for s in samples]),
         prompt_ids=pick([s.prompt.token_ids for s in samples]),
@@ -123,8 +127,8 @@ def route(
         teacher_prompt_ids=pick(teacher_prompts),
         routes=pick(routes),
         teacher_hidden=pick(scores.hidden) if scores is not None and plan.signal.hidden else None,
-        loss_mask=pick([s.drawn_mask for s in samples])
-        if any(s.loss_mask is not None for s in samples) else None,
+        loss_mask=pick(masks) if masks is not None else None,
+        teacher_chunks=pick(scores.chunks) if scores is not None else None,
     )
     batch.validate()
     return batch
@@ -132,9 +136,11 @@ def route(
 
 def teacher_reverse_kl(rollouts: RolloutBatch, scores: TeacherScores) -> float:
     """Mean sampled-token reverse KL ``log q - log pi_T`` per drawn response token (the OPD progress figure;
-    an episode's environment and template tokens were not drawn and do not count)."""
+    an episode's environment and template tokens were not drawn and do not count). With a teacher of
+    another tokenizer each scored chunk adds its log-ratio (its teacher values sum to the chunk's)."""
     total = count = 0.0
-    for s, lp in zip(rollouts.samples, scores.logprobs, strict=True):
-        total += sum(m * (q - t) for m, q, t in zip(s.drawn_mask, s.sampler_logprobs, lp, strict=True))
-        count += sum(s.drawn_mask)
+    for i, (s, lp) in enumerate(zip(rollouts.samples, scores.logprobs, strict=True)):
+        mask = scores.scored_mask(i, s.drawn_mask)
+        total += sum(m * (q - t) for m, q, t in zip(mask, s.sampler_logprobs, lp, strict=True))
+        count += sum(mask)
     return total / max(1.0, count)

@@ -81,6 +81,8 @@ class TeacherSide:
         aux = Aux()
         if batch.teacher_logprobs is not None:
             aux.teacher_logp_BT = rows([batch.teacher_logprobs[i] for i in idx], t_max, self.device)
+        if batch.teacher_chunks is not None:
+            aux.chunk_BT = rows([batch.teacher_chunks[i] for i in idx], t_max, self.device, -1).long()
         if batch.teacher_topk_ids is not None:
             k = len(batch.teacher_topk_ids[idx[0]][0]) if batch.teacher_topk_ids[idx[0]] else 1
             ids = torch.zeros(len(idx), t_max, k, dtype=torch.long)

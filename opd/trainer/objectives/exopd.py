@@ -36,11 +36,11 @@ class ExOPD(Objective):
                    aux: Aux) -> tuple[torch.Tensor, torch.Tensor]:
         from opd.trainer.advantages import gopd_token_advantages
         from opd.trainer.losses import token_logprobs
-        from opd.trainer.objectives.loss import pg_token_loss, teacher_logprobs
+        from opd.trainer.objectives.loss import chunk_credit, pg_token_loss, teacher_logprobs
 
         logp_BT = token_logprobs(logits_BTV, targets_BT)
-        adv = gopd_token_advantages(teacher_logprobs(self.name, aux), aux.ref_logp_BT, logp_BT, mask_BT,
-                                    lam=spec.own.lam)
+        adv = chunk_credit(gopd_token_advantages(teacher_logprobs(self.name, aux), aux.ref_logp_BT, logp_BT,
+                                                 mask_BT, lam=spec.own.lam), aux.chunk_BT)
         return pg_token_loss(spec, logp_BT, sampler_BT, adv) * mask_BT, mask_BT
 
 

@@ -37,6 +37,8 @@ class Aux:
     teacher_head: Callable[[tuple], torch.Tensor] | None = None  # piece -> that piece's teacher logits
     route_sdpo_B: torch.Tensor | None = None  # SRPO/SDPO: 1 where the sample learns from the self-teacher
     entropy_weights_BT: torch.Tensor | None = None  # SRPO exp(-beta*H) normalised over SDPO tokens
+    # a teacher with another tokenizer: each response token's byte-aligned chunk, -1 where none (long)
+    chunk_BT: torch.Tensor | None = None
 
     def piece(self, p: tuple) -> Aux:
         """The tensors of one piece of the micro-batch, with that piece's teacher logits computed."""
@@ -45,6 +47,7 @@ class Aux:
             topk_logp_BTK=_at(self.topk_logp_BTK, p), ref_logp_BT=_at(self.ref_logp_BT, p),
             teacher_logits_BTV=self.teacher_head(p) if self.teacher_head is not None else None,
             route_sdpo_B=_at(self.route_sdpo_B, p[:1]), entropy_weights_BT=_at(self.entropy_weights_BT, p),
+            chunk_BT=_at(self.chunk_BT, p),
         )
 
 
@@ -67,6 +70,24 @@ def pg_token_loss(spec: ObjectiveSpec, logp_BT: torch.Tensor, sampler_BT: torch.
         token_weights_BT=w_BT
     )
     return loss_BT
+
+
+def chunk_credit(adv_BT: torch.Tensor, chunk_BT: torch.Tensor | None) -> torch.Tensor:
+    """Every token's advantage replaced by the sum over its chunk (a teacher with another tokenizer,
+    ``opd.teacher.cross``): with the teacher's chunk log-prob on one token of the chunk, the per-token OPD
+    advantages of a chunk sum to ``-coef * (l_S(c) - l_T(c))``, which each of its tokens then carries (ExOPD's
+    likewise, the reference's log-probs summed with the student's). 0 where a token has no chunk. Chunks of
+    one token leave the advantages as they are, bit for bit (a sum of one term). Whole sequences per row: the
+    learner never cuts a row into pieces here (token selection is refused with such a teacher)."""
+    if chunk_BT is None:
+        return adv_BT
+    b, t = chunk_BT.shape
+    scored = chunk_BT >= 0
+    # chunk c of row r goes to slot r * t + c; unscored tokens to one spare slot at the end
+    slot = torch.where(scored, chunk_BT + t * torch.arange(b, device=chunk_BT.device).unsqueeze(1), b * t)
+    sums = torch.zeros(b * t + 1, dtype=adv_BT.dtype, device=adv_BT.device)
+    sums.index_add_(0, slot.flatten(), adv_BT.flatten())
+    return torch.where(scored, sums[slot], torch.zeros_like(adv_BT))
 
 
 def teacher_logprobs(name: str, aux: Aux) -> torch.Tensor:

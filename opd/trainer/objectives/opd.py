@@ -50,7 +50,7 @@ class OPD(Objective):
         from opd.trainer.advantages import opd_token_advantages
         from opd.trainer.divergences import full_vocab_divergence, teacher_topk_forward_kl
         from opd.trainer.losses import prefix_is_weights, token_logprobs
-        from opd.trainer.objectives.loss import pg_token_loss, teacher_logprobs
+        from opd.trainer.objectives.loss import chunk_credit, pg_token_loss, teacher_logprobs
 
         o = spec.own
         logp_BT = token_logprobs(logits_BTV, targets_BT)
@@ -58,7 +58,8 @@ class OPD(Objective):
             # The advantage takes the learner's log pi, not the sampler's log q: with the truncated weight
             # pi/q the expected gradient is then grad KL(pi || pi_T) even when q != pi (stale weights, another
             # engine).
-            adv = opd_token_advantages(logp_BT, teacher_logprobs(self.name, aux), mask_BT, coef=o.kl_coef)
+            adv = chunk_credit(opd_token_advantages(logp_BT, teacher_logprobs(self.name, aux), mask_BT,
+                                                    coef=o.kl_coef), aux.chunk_BT)
             return pg_token_loss(spec, logp_BT, sampler_BT, adv) * mask_BT, mask_BT
         if o.divergence == "teacher_topk":
             div = teacher_topk_forward_kl(torch.log_softmax(logits_BTV.float(), -1), aux.topk_ids_BTK,

@@ -47,11 +47,11 @@ class OPDAnchor(Objective):
                    aux: Aux) -> tuple[torch.Tensor, torch.Tensor]:
         from opd.trainer.advantages import opd_token_advantages
         from opd.trainer.losses import token_logprobs
-        from opd.trainer.objectives.loss import pg_token_loss, teacher_logprobs
+        from opd.trainer.objectives.loss import chunk_credit, pg_token_loss, teacher_logprobs
 
         logp_BT = token_logprobs(logits_BTV, targets_BT)
-        adv = opd_token_advantages(logp_BT, teacher_logprobs(self.name, aux), mask_BT,
-                                   coef=spec[TEACHER_SECTION].kl_coef)
+        adv = chunk_credit(opd_token_advantages(logp_BT, teacher_logprobs(self.name, aux), mask_BT,
+                                                coef=spec[TEACHER_SECTION].kl_coef), aux.chunk_BT)
         if spec.own.beta:
             adv = adv - spec.own.beta * (logp_BT.detach() - aux.ref_logp_BT) * mask_BT
         return pg_token_loss(spec, logp_BT, sampler_BT, adv) * mask_BT, mask_BT

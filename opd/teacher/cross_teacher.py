@@ -1,0 +1,98 @@
+"""A teacher with another tokenizer, as a teacher actor (``teacher.tokenizer=cross``): each student sample is
+scored on the teacher's own view of it (``opd.teacher.cross.teacher_view``: the teacher's chat template, the
+student's bytes in the teacher's tokens), and the scores come back per student token, chunk by chunk.
+
+The engine behind it is unchanged (it scores ids). What the learner gets is a ``TeacherScores`` aligned with
+the student's tokens: each token's byte-aligned chunk (``chunks``, -1 where the teacher scored nothing) and
+the chunk's teacher log-prob on its last student token, 0 on the others, so the values of a chunk sum to
+the teacher's log-prob of its bytes. The objectives then credit every token of a chunk with the chunk's
+log-ratio (``opd.trainer.objectives.loss.chunk_credit``).
+"""
+
+from __future__ import annotations
+
+import time
+
+from opd.teacher.cross import CrossView, chunk_sums, teacher_view
+from opd.types import Prompt, Sample, TeacherScores
+
+# summed over samples, read as the step's cross_* metrics (opd.steps)
+CROSS_COUNTS = ("student_tokens", "scored_tokens", "chunks", "one_to_one", "teacher_tokens")
+
+
+def student_rows(view: CrossView, teacher_lp: list[float]) -> tuple[list[float], list[int], dict[str, int]]:
+    """(per student token: its chunk's teacher log-prob on the chunk's last token and 0 elsewhere; the chunk
+    ids; the counts ``CROSS_COUNTS``) from the teacher's log-probs of its own response tokens."""
+    totals = chunk_sums(teacher_lp, view.t_chunk, view.n_chunks)
+    last = {c: t for t, c in enumerate(view.s_chunk) if c >= 0}
+    values = [totals[c] if c >= 0 and last[c] == t else 0.0 for t, c in enumerate(view.s_chunk)]
+    s_len: dict[int, int] = {}
+    for c in view.s_chunk:
+        if c >= 0:
+            s_len[c] = s_len.get(c, 0) + 1
+    t_len: dict[int, int] = {}
+    for c in view.t_chunk:
+        t_len[c] = t_len.get(c, 0) + 1
+    counts = {"student_tokens": len(view.s_chunk), "scored_tokens": sum(s_len.values()), "chunks": len(s_len),
+              "one_to_one": sum(1 for c, n in s_len.items() if n == 1 and t_len.get(c) == 1),
+              "teacher_tokens": len(view.t_chunk)}
+    return values, list(view.s_chunk), counts
+
+
+class CrossTeacher:
+    """``opd.teacher.scorer.Teacher`` for a teacher whose tokenizer is not the student's; ``inner`` is built
+    in this actor from ``(class, args, kwargs)`` (a local engine, ``opd.teacher.scorer.VLLMTeacher``)."""
+
+    def __init__(self, inner: tuple[type, tuple, dict], student_tokenizer: tuple[str, str | None],
+                 teacher_tokenizer: tuple[str, str | None]):
+        from opd.data import load_tokenizer
+
+        cls, args, kwargs = inner
+        self.inner = cls(*args, **kwargs)
+        self.student_tok = load_tokenizer(*student_tokenizer)
+        self.teacher_tok = load_tokenizer(*teacher_tokenizer)
+
+    def view(self, sample: Sample) -> CrossView:
+        from opd.data import prompt_messages
+
+        return teacher_view(self.student_tok, self.teacher_tok, prompt_messages(sample.prompt.columns),
+                            sample.response_ids, truncated=sample.finish_reason == "length")
+
+    def score(self, samples: list[Sample], top_k: int = 0, hidden: bool = False) -> TeacherScores:
+        if top_k or hidden:
+            raise ValueError("a teacher with another tokenizer gives sampled-token log-probs only")
+        t0 = time.perf_counter()
+        views = [self.view(s) for s in samples]
+        # the teacher's samples: its own ids of each (a view with no teacher token is not sent)
+        sent = [i for i, v in enumerate(views) if len(v.teacher_ids) > v.teacher_prompt_len]
+        theirs = [_as_teacher_sample(samples[i], views[i]) for i in sent]
+        scored = self.inner.score(theirs, 0, False).logprobs if theirs else []
+        teacher_lp: list[list[float]] = [[] for _ in samples]
+        for i, lp in zip(sent, scored, strict=True):
+            teacher_lp[i] = lp
+        rows = [student_rows(v, lp) for v, lp in zip(views, teacher_lp, strict=True)]
+        scores = TeacherScores(uids=[s.uid for s in samples], logprobs=[r[0] for r in rows],
+                               score_seconds=time.perf_counter() - t0, chunks=[r[1] for r in rows],
+                               cross_counts={k: sum(r[2][k] for r in rows) for k in CROSS_COUNTS})
+        scores.validate(samples)
+        return scores
+
+    def prompt_ids(self, prompts: list[Prompt]) -> list[list[int]]:
+        """Each prompt rendered by the teacher's own template, in its own ids (what it answers greedily)."""
+        from opd.data import prompt_messages
+
+        out = []
+        for p in prompts:
+            text = self.teacher_tok.apply_chat_template(prompt_messages(p.columns), tokenize=False,
+                                                        add_generation_prompt=True)
+            out.append(self.teacher_tok(text, add_special_tokens=False)["input_ids"])
+        return out
+
+    def generate_greedy(self, prompt_ids: list[list[int]], max_tokens: int) -> list[str]:
+        return self.inner.generate_greedy(prompt_ids, max_tokens)
+
+
+def _as_teacher_sample(s: Sample, v: CrossView) -> Sample:
+    prompt = Prompt(s.prompt.prompt_id, "", v.teacher_ids[: v.teacher_prompt_len], s.prompt.answer)
+    response = v.teacher_ids[v.teacher_prompt_len:]
+    return Sample(s.uid, prompt, s.group_index, response, "", [0.0] * len(response), s.weight_version)

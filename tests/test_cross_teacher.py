@@ -1,0 +1,167 @@
+"""A teacher with another tokenizer in a job (``teacher.tokenizer``): the scores it hands back per student
+token, the chunk credit the objectives give them, what the config and the pre-flight refuse, and a job on the
+tiny pair whose teacher's vocabulary merges digit pairs (local Ray, vLLM, the learner)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_overrides
+
+from opd.config import ConfigError, load_config
+from opd.plan import spec_of
+from opd.teacher.cross import CrossView, align
+from opd.teacher.cross_teacher import student_rows
+from opd.trainer.advantages import opd_token_advantages
+from opd.trainer.objectives.loss import Aux, chunk_credit, token_loss
+
+
+def _view(student: list[bytes], teacher: list[bytes]) -> CrossView:
+    s_chunk, t_chunk, n = align(student, teacher)
+    return CrossView([], 0, s_chunk, t_chunk, n)
+
+
+def _advantages(view: CrossView, student_lp: list[float], teacher_lp: list[float]) -> list[float]:
+    values, chunks, _ = student_rows(view, teacher_lp)
+    adv = opd_token_advantages(torch.tensor([student_lp]), torch.tensor([values]), torch.ones(1, len(values)))
+    return chunk_credit(adv, torch.tensor([chunks])).flatten().tolist()
+
+
+def test_the_hand_worked_pair_through_the_scores_and_the_chunk_credit():
+    view = _view([b"Hello", b" world"], [b"Hel", b"lo", b" wor", b"ld"])
+    values, chunks, counts = student_rows(view, [-0.5, -0.1, -1.0, -0.2])
+    assert values == pytest.approx([-0.6, -1.2]) and chunks == [0, 1]
+    assert counts == {"student_tokens": 2, "scored_tokens": 2, "chunks": 2, "one_to_one": 0,
+                      "teacher_tokens": 4}
+    assert _advantages(view, [-1.0, -2.0], [-0.5, -0.1, -1.0, -0.2]) == pytest.approx([0.4, 0.8])
+    # the crossing pair: one chunk, each student token carries its whole log-ratio
+    crossing = _view([b"ab", b"c"], [b"a", b"bc"])
+    assert student_rows(crossing, [-0.2, -0.3])[0] == pytest.approx([0.0, -0.5])
+    assert _advantages(crossing, [-0.5, -1.0], [-0.2, -0.3]) == pytest.approx([1.0, 1.0])
+
+
+def test_unscored_tokens_get_nothing_and_one_token_chunks_are_todays_opd_bit_for_bit():
+    masked = CrossView([], 0, [0, -1], [0], 1, "truncated")
+    assert _advantages(masked, [-1.0, -2.0], [-0.5]) == pytest.approx([0.5, 0.0])
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 11, generator=gen, dtype=torch.float64)
+    targets, mask = torch.randint(0, 11, (3, 5), generator=gen), torch.ones(3, 5, dtype=torch.float64)
+    mask[2, 3:] = 0
+    sampler = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1) - 0.01
+    teacher, ref = -torch.rand(3, 5, generator=gen, dtype=torch.float64), sampler - 0.2
+    identity = torch.arange(5).repeat(3, 1)
+    for spec in (spec_of("algorithm=opd"), spec_of("algorithm=exopd"), spec_of("algorithm=opd_reward")):
+        out = []
+        for chunk in (None, identity):
+            x = logits.clone().requires_grad_(True)
+            loss, _ = token_loss(spec, x, targets, mask, sampler, torch.zeros_like(mask),
+                                 Aux(teacher_logp_BT=teacher, ref_logp_BT=ref, chunk_BT=chunk))
+            loss.sum().backward()
+            out.append((loss.detach(), x.grad))
+        assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1]), spec.name
+    # two tokens a chunk: the learning signal moves, so the identity above is not vacuous
+    x = logits.clone().requires_grad_(True)
+    loss, _ = token_loss(spec_of("algorithm=opd"), x, targets, mask, sampler, torch.zeros_like(mask),
+                         Aux(teacher_logp_BT=teacher, chunk_BT=identity // 2))
+    loss.sum().backward()
+    assert not torch.equal(x.grad, out[0][1])
+
+
+@pytest.mark.parametrize(("setting", "key"), [
+    ("opd.divergence=teacher_topk", "opd.divergence=teacher_topk"),
+    ("opd.divergence=full_vocab", "opd.divergence=full_vocab"),
+    ("agent.environment=tools", "agent.environment"),
+    ("selection.mode=entropy", "selection.mode"),
+])
+def test_what_a_cross_teacher_cannot_do_is_a_config_error(setting, key):
+    extra = ["teacher.top_k=5"] if "topk" in setting else []
+    with pytest.raises(ConfigError, match=rf"teacher.tokenizer=cross: .*{key}"):
+        load_config(None, ["teacher.tokenizer=cross", setting, *extra])
+
+
+def test_the_round_trip_check_names_what_a_tokenizer_loses(tiny_models):
+    """The tiny models' tokenizer, as transformers loads it, drops spaces: its bytes of ``a b`` are ``ab``."""
+    from opd.data import load_tokenizer
+    from opd.teacher.preflight import check_cross
+
+    tok = load_tokenizer(str(tiny_models / "student"))
+    assert check_cross(tok, tok, ["12+34=", "46"]) == []
+    found = check_cross(tok, tok, ["12+34=", "a b"])
+    assert found == ["the student tokenizer's token bytes of 'a b' do not concatenate to it",
+                     "the teacher tokenizer's token bytes of 'a b' do not concatenate to it"]
+
+
+def merged_digit_teacher(tiny_models: Path, out: Path) -> Path:
+    """The tiny teacher with a vocabulary of its own: every pair of digits one token (ids 102-201), its
+    embeddings grown to fit. ``46`` is then one teacher token and two student tokens."""
+    from tokenizers import AddedToken
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (out / "config.json").is_file():
+        tok = AutoTokenizer.from_pretrained(tiny_models / "teacher")
+        tok.add_tokens([AddedToken(f"{i}{j}", normalized=False) for i in range(10) for j in range(10)])
+        model = AutoModelForCausalLM.from_pretrained(tiny_models / "teacher")
+        model.resize_token_embeddings(len(tok), mean_resizing=False)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cross_pair(tiny_models, tmp_path_factory) -> Path:
+    models = tmp_path_factory.mktemp("cross")
+    (models / "student").symlink_to(tiny_models / "student")
+    merged_digit_teacher(tiny_models, models / "teacher")
+    return models
+
+
+def test_the_preflight_picks_the_cross_path_or_names_why_it_cannot(cross_pair, tmp_path):
+    from opd.preflight import check_inputs
+
+    cfg = load_config(None, tiny_overrides(cross_pair, tmp_path / "auto"))
+    assert cfg.teacher.tokenizer == "auto"
+    check_inputs(cfg)
+    assert cfg.teacher.tokenizer == "cross"
+    same = load_config(None, tiny_overrides(cross_pair, tmp_path / "same", **{"teacher.tokenizer": "same"}))
+    with pytest.raises(ConfigError, match="models.teacher: teacher and student tokenizers disagree"):
+        check_inputs(same)
+    topk = load_config(None, tiny_overrides(cross_pair, tmp_path / "topk", **{
+        "opd.divergence": "teacher_topk", "teacher.top_k": 5}))
+    with pytest.raises(ConfigError, match="models.teacher: its vocabulary is not the student's.*topk"):
+        check_inputs(topk)
+
+
+@pytest.mark.slow
+def test_a_job_with_a_teacher_of_another_vocabulary(cross_pair, local_ray, tmp_path):
+    """Two OPD steps through local Ray, vLLM and the learner, the teacher scoring its own tokens of the
+    student's answers: digit pairs are one teacher token, so chunks of two student tokens are common; the
+    teacher's accuracy is its own, on prompts its template rendered."""
+    from conftest import answered_right
+
+    from opd.data import load_tokenizer
+    from opd.driver import run
+    from opd.preflight import load_prompts
+
+    out = tmp_path / "cross"
+    cfg = load_config(None, tiny_overrides(cross_pair, out, **{"rollout.max_new_tokens": 6}))
+    summary = run(cfg, progress=False)
+    assert summary["steps"] == 2
+    # the teacher's greedy answers to the held-out prompts rendered in its own tokens (digit pairs merged:
+    # its untrained pair embeddings answer few right; the student's ids would give it its old accuracy)
+    held_out = load_prompts(cfg, load_tokenizer(str(cross_pair / "teacher")))[1]
+    assert all(len(p.token_ids) < len(p.text) - 5 for p in held_out)  # merged: fewer ids than characters
+    right = answered_right(cross_pair / "teacher", held_out, cfg.eval.max_new_tokens)
+    assert summary["teacher_accuracy"] == sum(right) / len(right)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        assert 0 < r["cross_one_to_one"] < 1 and r["cross_chunk_tokens"] > 1
+        assert r["cross_teacher_tokens_per_token"] < 1 and r["cross_scored_fraction"] > 0.5
+        assert r["update_skipped"] == 0.0 and 0 < r["teacher_kl"] < 50
+    assert "tokenizer: cross" in (out / "config.yaml").read_text()
