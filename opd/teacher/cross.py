@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import weakref
 from dataclasses import dataclass
 from functools import cache
 from typing import Literal
@@ -58,8 +59,18 @@ def token_bytes(piece: str, family: Family) -> bytes:
     raise ValueError(f"unknown tokenizer family {family!r}; valid: byte_level, sentencepiece, plain")
 
 
+_FAMILIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def family_of(tokenizer) -> Family:
-    """How ``tokenizer``'s pieces write bytes, read from its decoder (its ``tokenizer.json``)."""
+    """How ``tokenizer``'s pieces write bytes, read from its decoder (its ``tokenizer.json``); read once per
+    tokenizer (serialising a 262k vocabulary takes over a second)."""
+    if (known := _FAMILIES.get(tokenizer)) is None:
+        known = _FAMILIES[tokenizer] = _read_family(tokenizer)
+    return known
+
+
+def _read_family(tokenizer) -> Family:
     decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
     steps = [decoder, *decoder.get("decoders", [])]
     kinds = {d.get("type") for d in steps}
