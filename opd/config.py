@@ -408,13 +408,14 @@ class _Core(_Section):
 
     def cross_tokenizer_problems(self) -> list[str]:
         """What a teacher with another tokenizer cannot do in this job (``teacher.tokenizer=cross``, or
-        ``auto`` when the pre-flight finds the vocabularies differ): it gives a log-prob per chunk of bytes,
-        so only the sampled-token signal of one teacher, on single-turn samples, with whole sequences."""
+        ``auto`` when the pre-flight finds the vocabularies differ): it gives a log-prob per chunk of bytes
+        and its top-k at a chunk's start, so not the full vocabulary; one teacher, single-turn samples, whole
+        sequences."""
         signal, divergence = self.teacher_signal, f"{TEACHER_SECTION}.divergence"
         found = []
-        if signal.kind in ("topk", "full_vocab"):
-            found.append(f"{divergence}={self.teacher_settings.divergence} reads the teacher's distribution "
-                         "over the student's vocabulary, which another tokenizer does not have; use sampled")
+        if signal.kind == "full_vocab":
+            found.append(f"{divergence}=full_vocab reads the teacher's distribution over the student's "
+                         "vocabulary, which another tokenizer does not have; use sampled or teacher_topk")
         if self.models.teachers:
             found.append("models.teachers: one teacher only")
         if self.agent.environment is not None:

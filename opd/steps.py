@@ -246,14 +246,17 @@ def step_metrics(taken: Scored, learner: dict, version: int, step_seconds: float
     return m
 
 
-def cross_metrics(counts: dict[str, int] | None) -> dict[str, float]:
+def cross_metrics(counts: dict[str, float] | None) -> dict[str, float]:
     """A teacher with another tokenizer (``opd.teacher.cross_teacher``): the share of chunks that are one
     token on both sides, a chunk's mean length in student tokens, the share of student tokens the teacher
-    scored, and teacher tokens per student token."""
+    scored, teacher tokens per student token, and with top-k rows the share of the teacher's top-k mass whose
+    tokens the student's vocabulary has (the rest goes to the tail bucket)."""
     if counts is None:
         return {}
     chunks, student = max(counts["chunks"], 1), max(counts["student_tokens"], 1)
     return {"cross_one_to_one": counts["one_to_one"] / chunks,
             "cross_chunk_tokens": counts["scored_tokens"] / chunks,
             "cross_scored_fraction": counts["scored_tokens"] / student,
-            "cross_teacher_tokens_per_token": counts["teacher_tokens"] / student}
+            "cross_teacher_tokens_per_token": counts["teacher_tokens"] / student,
+            **({"cross_topk_matched_mass": counts["topk_matched_mass"] / max(counts["topk_mass"], 1e-12)}
+               if counts["topk_rows"] else {})}

@@ -157,7 +157,7 @@ class TeacherScores:
     # token and 0 on the others, so a chunk's values sum to the teacher's log-prob of its bytes
     chunks: list[list[int]] | None = None
     # counts over the scored samples (opd.teacher.cross.CROSS_COUNTS), summed across chunks of a batch
-    cross_counts: dict[str, int] | None = None
+    cross_counts: dict[str, float] | None = None
 
     def validate(self, samples: list[Sample]) -> None:
         if self.uids != [s.uid for s in samples]:

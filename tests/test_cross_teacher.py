@@ -5,6 +5,7 @@ tiny pair whose teacher's vocabulary merges digit pairs (local Ray, vLLM, the le
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -26,21 +27,22 @@ def _view(student: list[bytes], teacher: list[bytes]) -> CrossView:
 
 
 def _advantages(view: CrossView, student_lp: list[float], teacher_lp: list[float]) -> list[float]:
-    values, chunks, _ = student_rows(view, teacher_lp)
+    rows = student_rows(view, teacher_lp)
+    values, chunks = rows.values, rows.chunks
     adv = opd_token_advantages(torch.tensor([student_lp]), torch.tensor([values]), torch.ones(1, len(values)))
     return chunk_credit(adv, torch.tensor([chunks])).flatten().tolist()
 
 
 def test_the_hand_worked_pair_through_the_scores_and_the_chunk_credit():
     view = _view([b"Hello", b" world"], [b"Hel", b"lo", b" wor", b"ld"])
-    values, chunks, counts = student_rows(view, [-0.5, -0.1, -1.0, -0.2])
-    assert values == pytest.approx([-0.6, -1.2]) and chunks == [0, 1]
-    assert counts == {"student_tokens": 2, "scored_tokens": 2, "chunks": 2, "one_to_one": 0,
-                      "teacher_tokens": 4}
+    rows = student_rows(view, [-0.5, -0.1, -1.0, -0.2])
+    assert rows.values == pytest.approx([-0.6, -1.2]) and rows.chunks == [0, 1]
+    assert rows.counts == {"student_tokens": 2, "scored_tokens": 2, "chunks": 2, "one_to_one": 0,
+                           "teacher_tokens": 4, "topk_rows": 0, "topk_mass": 0.0, "topk_matched_mass": 0.0}
     assert _advantages(view, [-1.0, -2.0], [-0.5, -0.1, -1.0, -0.2]) == pytest.approx([0.4, 0.8])
     # the crossing pair: one chunk, each student token carries its whole log-ratio
     crossing = _view([b"ab", b"c"], [b"a", b"bc"])
-    assert student_rows(crossing, [-0.2, -0.3])[0] == pytest.approx([0.0, -0.5])
+    assert student_rows(crossing, [-0.2, -0.3]).values == pytest.approx([0.0, -0.5])
     assert _advantages(crossing, [-0.5, -1.0], [-0.2, -0.3]) == pytest.approx([1.0, 1.0])
 
 
@@ -71,16 +73,49 @@ def test_unscored_tokens_get_nothing_and_one_token_chunks_are_todays_opd_bit_for
     assert not torch.equal(x.grad, out[0][1])
 
 
+def test_top_k_rows_at_chunk_starts_carried_to_student_ids_by_bytes():
+    view = _view([b"Hello", b" world"], [b"Hel", b"lo", b" wor", b"ld"])
+    topk = ([[10, 11, 12], [0], [20, 21], [0]], [[-0.5, -1.0, -2.0], [-0.1], [-1.0, -1.5], [-0.2]])
+    rows = student_rows(view, [-0.5, -0.1, -1.0, -0.2], topk, {11: 3, 12: 7, 21: 9})
+    # in the teacher's order; "Hel" (10) and " wor" (20) have no student token of the same bytes: the tail's
+    assert rows.topk_ids == [[3, 7], [9]] and rows.topk_logprobs == [[-1.0, -2.0], [-1.5]]
+    assert rows.counts["topk_rows"] == 2
+    assert rows.counts["topk_mass"] == pytest.approx(sum(map(math.exp, [-0.5, -1.0, -2.0, -1.0, -1.5])))
+    assert rows.counts["topk_matched_mass"] == pytest.approx(sum(map(math.exp, [-1.0, -2.0, -1.5])))
+    crossing = student_rows(_view([b"ab", b"c"], [b"a", b"bc"]), [-0.2, -0.3], ([[5], [6]], [[-0.2], [-0.3]]),
+                            {5: 1, 6: 2})
+    assert crossing.topk_ids == [[1], []]  # the chunk's second student token has no row
+
+
+def test_positions_without_a_top_k_row_are_out_of_the_divergence():
+    from opd.trainer.forward import topk_tensors
+
+    ids, lps, has = topk_tensors([[[3, 7], [], [9]]], [[[-1.0, -2.0], [], [-0.5]]], 4)
+    assert ids.tolist() == [[[3, 7], [0, 0], [9, 9], [0, 0]]] and has.tolist() == [[1.0, 0.0, 1.0, 0.0]]
+    assert lps[0, 2].tolist() == [-0.5, -1e4] and lps[0, 1].tolist() == [-1e4, -1e4]
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 4, 11, generator=gen, dtype=torch.float64)
+    targets, mask = torch.tensor([[3, 1, 9, 2]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    sampler = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    spec = spec_of("opd.divergence=teacher_topk", "teacher.top_k=2")
+    loss, count = token_loss(spec, logits, targets, mask, sampler, torch.zeros_like(mask),
+                             Aux(topk_ids_BTK=ids, topk_logp_BTK=lps.double(), topk_rows_BT=has.double()))
+    assert count.tolist() == [[1.0, 0.0, 1.0, 0.0]] and loss[0, 1] == 0 and loss[0, 0] > 0 and loss[0, 2] > 0
+    # the padding left the row's divergence as it was
+    one = Aux(topk_ids_BTK=torch.tensor([[[9]]]), topk_logp_BTK=torch.tensor([[[-0.5]]], dtype=torch.float64))
+    alone, _ = token_loss(spec, logits[:, 2:3], targets[:, 2:3], mask[:, 2:3], sampler[:, 2:3],
+                          torch.zeros(1, 1, dtype=torch.float64), one)
+    assert loss[0, 2].item() == pytest.approx(alone[0, 0].item(), rel=1e-6)  # the divergence runs in float32
+
+
 @pytest.mark.parametrize(("setting", "key"), [
-    ("opd.divergence=teacher_topk", "opd.divergence=teacher_topk"),
     ("opd.divergence=full_vocab", "opd.divergence=full_vocab"),
     ("agent.environment=tools", "agent.environment"),
     ("selection.mode=entropy", "selection.mode"),
 ])
 def test_what_a_cross_teacher_cannot_do_is_a_config_error(setting, key):
-    extra = ["teacher.top_k=5"] if "topk" in setting else []
     with pytest.raises(ConfigError, match=rf"teacher.tokenizer=cross: .*{key}"):
-        load_config(None, ["teacher.tokenizer=cross", setting, *extra])
+        load_config(None, ["teacher.tokenizer=cross", setting])
 
 
 def test_the_round_trip_check_names_what_a_tokenizer_loses():
@@ -144,17 +179,20 @@ def test_the_preflight_picks_the_cross_path_or_names_why_it_cannot(cross_pair, t
     same = load_config(None, tiny_overrides(cross_pair, tmp_path / "same", **{"teacher.tokenizer": "same"}))
     with pytest.raises(ConfigError, match="models.teacher: teacher and student tokenizers disagree"):
         check_inputs(same)
-    topk = load_config(None, tiny_overrides(cross_pair, tmp_path / "topk", **{
-        "opd.divergence": "teacher_topk", "teacher.top_k": 5}))
-    with pytest.raises(ConfigError, match="models.teacher: its vocabulary is not the student's.*topk"):
-        check_inputs(topk)
+    full = load_config(None, tiny_overrides(cross_pair, tmp_path / "full",
+                                            **{"opd.divergence": "full_vocab"}))
+    with pytest.raises(ConfigError, match="models.teacher: its vocabulary is not the student's.*full_vocab"):
+        check_inputs(full)
 
 
 @pytest.mark.slow
 def test_a_job_with_a_teacher_of_another_vocabulary(cross_pair, local_ray, tmp_path):
-    """Two OPD steps through local Ray, vLLM and the learner, the teacher scoring its own tokens of the
-    student's answers: digit pairs are one teacher token, so chunks of two student tokens are common; the
-    teacher's accuracy is its own, on prompts its template rendered."""
+    """Two steps of top-k OPD through local Ray, vLLM and the learner, the teacher scoring its own tokens of
+    the student's answers (``teacher.tokenizer: auto`` finds the vocabularies differ): digit pairs are one
+    teacher token, so chunks of two student tokens are common, and a chunk's top-k row keeps the teacher's
+    single digits (the student's ids of the same bytes) and leaves its digit pairs to the tail; the teacher's
+    accuracy is its own, on prompts its template rendered. (Sampled-token OPD takes the same path to the
+    learner, which gives it the chunk credit unit-tested above.)"""
     from conftest import answered_right
 
     from opd.data import load_tokenizer
@@ -162,7 +200,8 @@ def test_a_job_with_a_teacher_of_another_vocabulary(cross_pair, local_ray, tmp_p
     from opd.preflight import load_prompts
 
     out = tmp_path / "cross"
-    cfg = load_config(None, tiny_overrides(cross_pair, out, **{"rollout.max_new_tokens": 6}))
+    cfg = load_config(None, tiny_overrides(cross_pair, out, **{
+        "rollout.max_new_tokens": 6, "teacher.top_k": 5, "opd.divergence": "teacher_topk"}))
     summary = run(cfg, progress=False)
     assert summary["steps"] == 2
     # the teacher's greedy answers to the held-out prompts rendered in its own tokens (digit pairs merged:
@@ -176,4 +215,5 @@ def test_a_job_with_a_teacher_of_another_vocabulary(cross_pair, local_ray, tmp_p
         assert 0 < r["cross_one_to_one"] < 1 and r["cross_chunk_tokens"] > 1
         assert r["cross_teacher_tokens_per_token"] < 1 and r["cross_scored_fraction"] > 0.5
         assert r["update_skipped"] == 0.0 and 0 < r["teacher_kl"] < 50
+        assert 0 < r["cross_topk_matched_mass"] < 1
     assert "tokenizer: cross" in (out / "config.yaml").read_text()

@@ -11,18 +11,35 @@ log-ratio (``opd.trainer.objectives.loss.chunk_credit``).
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass
 
-from opd.teacher.cross import CrossView, chunk_sums, teacher_view
+from opd.teacher.cross import CrossView, byte_matches, chunk_sums, teacher_view
 from opd.types import Prompt, Sample, TeacherScores
 
 # summed over samples, read as the step's cross_* metrics (opd.steps)
-CROSS_COUNTS = ("student_tokens", "scored_tokens", "chunks", "one_to_one", "teacher_tokens")
+CROSS_COUNTS = ("student_tokens", "scored_tokens", "chunks", "one_to_one", "teacher_tokens", "topk_rows",
+                "topk_mass", "topk_matched_mass")
 
 
-def student_rows(view: CrossView, teacher_lp: list[float]) -> tuple[list[float], list[int], dict[str, int]]:
-    """(per student token: its chunk's teacher log-prob on the chunk's last token and 0 elsewhere; the chunk
-    ids; the counts ``CROSS_COUNTS``) from the teacher's log-probs of its own response tokens."""
+@dataclass
+class StudentRows:
+    """One sample's teacher scores per student token (``TeacherScores`` rows)."""
+
+    values: list[float]  # the chunk's teacher log-prob on its last token, 0 elsewhere
+    chunks: list[int]  # each token's chunk, -1 where not scored
+    counts: dict[str, float]  # CROSS_COUNTS
+    # at a chunk's first token: the teacher's top-k at its first token of the chunk, as the student's ids of
+    # the same bytes (the others' mass is left to the tail); elsewhere empty
+    topk_ids: list[list[int]] | None = None
+    topk_logprobs: list[list[float]] | None = None
+
+
+def student_rows(view: CrossView, teacher_lp: list[float], topk: tuple[list, list] | None = None,
+                 to_student: dict[int, int] | None = None) -> StudentRows:
+    """A sample's rows from the teacher's log-probs of its own response tokens (and, with ``topk``, its top-k
+    rows there, carried to student ids by ``to_student``: ``opd.teacher.cross.byte_matches``)."""
     totals = chunk_sums(teacher_lp, view.t_chunk, view.n_chunks)
     last = {c: t for t, c in enumerate(view.s_chunk) if c >= 0}
     values = [totals[c] if c >= 0 and last[c] == t else 0.0 for t, c in enumerate(view.s_chunk)]
@@ -35,8 +52,29 @@ def student_rows(view: CrossView, teacher_lp: list[float]) -> tuple[list[float],
         t_len[c] = t_len.get(c, 0) + 1
     counts = {"student_tokens": len(view.s_chunk), "scored_tokens": sum(s_len.values()), "chunks": len(s_len),
               "one_to_one": sum(1 for c, n in s_len.items() if n == 1 and t_len.get(c) == 1),
-              "teacher_tokens": len(view.t_chunk)}
-    return values, list(view.s_chunk), counts
+              "teacher_tokens": len(view.t_chunk), "topk_rows": 0, "topk_mass": 0.0, "topk_matched_mass": 0.0}
+    rows = StudentRows(values, list(view.s_chunk), counts)
+    if topk is None:
+        return rows
+    t_first = {}
+    for u, c in enumerate(view.t_chunk):
+        t_first.setdefault(c, u)
+    rows.topk_ids, rows.topk_logprobs = [[] for _ in view.s_chunk], [[] for _ in view.s_chunk]
+    seen_chunks = set()
+    for t, c in enumerate(view.s_chunk):
+        if c < 0 or c in seen_chunks:
+            continue
+        seen_chunks.add(c)
+        ids, lps = topk[0][t_first[c]], topk[1][t_first[c]]
+        picked: dict[int, float] = {}
+        for tid, lp in zip(ids, lps, strict=True):
+            if (sid := to_student.get(tid)) is not None and sid not in picked:
+                picked[sid] = lp
+        rows.topk_ids[t], rows.topk_logprobs[t] = list(picked), list(picked.values())
+        counts["topk_rows"] += 1
+        counts["topk_mass"] += sum(math.exp(x) for x in lps)
+        counts["topk_matched_mass"] += sum(math.exp(x) for x in picked.values())
+    return rows
 
 
 class CrossTeacher:
@@ -51,6 +89,7 @@ class CrossTeacher:
         self.inner = cls(*args, **kwargs)
         self.student_tok = load_tokenizer(*student_tokenizer)
         self.teacher_tok = load_tokenizer(*teacher_tokenizer)
+        self.to_student: dict[int, int] | None = None  # teacher id -> student id of the same bytes
 
     def view(self, sample: Sample) -> CrossView:
         from opd.data import prompt_messages
@@ -59,21 +98,31 @@ class CrossTeacher:
                             sample.response_ids, truncated=sample.finish_reason == "length")
 
     def score(self, samples: list[Sample], top_k: int = 0, hidden: bool = False) -> TeacherScores:
-        if top_k or hidden:
-            raise ValueError("a teacher with another tokenizer gives sampled-token log-probs only")
+        if hidden:
+            raise ValueError("a teacher with another tokenizer sends log-probs, not hidden states")
+        if top_k and self.to_student is None:  # every vocabulary entry of the teacher's, once
+            self.to_student = byte_matches(self.student_tok, self.teacher_tok)
         t0 = time.perf_counter()
         views = [self.view(s) for s in samples]
         # the teacher's samples: its own ids of each (a view with no teacher token is not sent)
         sent = [i for i, v in enumerate(views) if len(v.teacher_ids) > v.teacher_prompt_len]
         theirs = [_as_teacher_sample(samples[i], views[i]) for i in sent]
-        scored = self.inner.score(theirs, 0, False).logprobs if theirs else []
+        scored = self.inner.score(theirs, top_k, False) if theirs else None
         teacher_lp: list[list[float]] = [[] for _ in samples]
-        for i, lp in zip(sent, scored, strict=True):
-            teacher_lp[i] = lp
-        rows = [student_rows(v, lp) for v, lp in zip(views, teacher_lp, strict=True)]
-        scores = TeacherScores(uids=[s.uid for s in samples], logprobs=[r[0] for r in rows],
-                               score_seconds=time.perf_counter() - t0, chunks=[r[1] for r in rows],
-                               cross_counts={k: sum(r[2][k] for r in rows) for k in CROSS_COUNTS})
+        topk: list[tuple | None] = [None] * len(samples)
+        for j, i in enumerate(sent):
+            teacher_lp[i] = scored.logprobs[j]
+            if top_k:
+                topk[i] = scored.topk_ids[j], scored.topk_logprobs[j]
+        if top_k:  # a sample with no teacher token: no rows either
+            topk = [t if t is not None else ([], []) for t in topk]
+        rows = [student_rows(v, lp, k, self.to_student)
+                for v, lp, k in zip(views, teacher_lp, topk, strict=True)]
+        scores = TeacherScores(uids=[s.uid for s in samples], logprobs=[r.values for r in rows],
+                               topk_ids=[r.topk_ids for r in rows] if top_k else None,
+                               topk_logprobs=[r.topk_logprobs for r in rows] if top_k else None,
+                               score_seconds=time.perf_counter() - t0, chunks=[r.chunks for r in rows],
+                               cross_counts={k: sum(r.counts[k] for r in rows) for k in CROSS_COUNTS})
         scores.validate(samples)
         return scores
 

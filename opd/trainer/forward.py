@@ -78,6 +78,26 @@ def rows(values: list[list[float]], t_max: int, device: torch.device | None = No
     return out if device is None else out.to(device)
 
 
+def topk_tensors(ids: list[list[list[int]]], logprobs: list[list[list[float]]],
+                 t_max: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ragged top-k rows ``[B][T_b][K_bt]`` -> ids ``[B, T, K]``, log-probs ``[B, T, K]`` and ``[B, T]`` 1
+    where a position has a row. A short row is padded with its own first id at log-prob -1e4 (no teacher
+    mass: the divergence is unchanged, and the student's rest bucket still leaves that id out once); an empty
+    one with id 0."""
+    k = max([len(r) for seq in ids for r in seq] + [1])
+    ids_BTK = torch.zeros(len(ids), t_max, k, dtype=torch.long)
+    lps_BTK = torch.full((len(ids), t_max, k), -1e4)
+    has_BT = torch.zeros(len(ids), t_max)
+    for b, (seq, seq_lp) in enumerate(zip(ids, logprobs, strict=True)):
+        for t, (row, row_lp) in enumerate(zip(seq, seq_lp, strict=True)):
+            if row:
+                ids_BTK[b, t] = row[0]
+                ids_BTK[b, t, : len(row)] = torch.tensor(row)
+                lps_BTK[b, t, : len(row)] = torch.tensor(row_lp)
+                has_BT[b, t] = 1.0
+    return ids_BTK, lps_BTK, has_BT
+
+
 def response_hidden(model, mt: MicroTensors) -> torch.Tensor:
     """Final hidden states at the response-predicting positions, [B, T, H]; with ``mt.shared`` each distinct
     prompt runs once and its sequences' responses read its cache (``opd.models.prefix``)."""

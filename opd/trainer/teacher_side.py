@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from opd.trainer import fsdp
 from opd.trainer.chunks import per_piece, pieces
-from opd.trainer.forward import MicroTensors, Precision, Trunk, build_micro, rows
+from opd.trainer.forward import MicroTensors, Precision, Trunk, build_micro, rows, topk_tensors
 from opd.trainer.losses import token_logprobs
 from opd.trainer.objectives import SELF_TEACHER_ROUTE
 from opd.trainer.objectives.loss import Aux
@@ -84,15 +84,11 @@ class TeacherSide:
         if batch.teacher_chunks is not None:
             aux.chunk_BT = rows([batch.teacher_chunks[i] for i in idx], t_max, self.device, -1).long()
         if batch.teacher_topk_ids is not None:
-            k = len(batch.teacher_topk_ids[idx[0]][0]) if batch.teacher_topk_ids[idx[0]] else 1
-            ids = torch.zeros(len(idx), t_max, k, dtype=torch.long)
-            lps = torch.full((len(idx), t_max, k), -1e4)
-            for j, i in enumerate(idx):
-                n = len(batch.teacher_topk_ids[i])
-                if n:
-                    ids[j, :n] = torch.tensor(batch.teacher_topk_ids[i])
-                    lps[j, :n] = torch.tensor(batch.teacher_topk_logprobs[i])
+            ids, lps, has = topk_tensors([batch.teacher_topk_ids[i] for i in idx],
+                                         [batch.teacher_topk_logprobs[i] for i in idx], t_max)
             aux.topk_ids_BTK, aux.topk_logp_BTK = ids.to(self.device), lps.to(self.device)
+            # a teacher of another tokenizer gives rows at chunk starts only
+            aux.topk_rows_BT = has.to(self.device) if batch.teacher_chunks is not None else None
         # full_vocab_source=teacher: the teacher's actor sent its hidden states
         if self.teacher_head is not None:
             if batch.teacher_hidden is None:

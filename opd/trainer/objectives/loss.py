@@ -37,8 +37,10 @@ class Aux:
     teacher_head: Callable[[tuple], torch.Tensor] | None = None  # piece -> that piece's teacher logits
     route_sdpo_B: torch.Tensor | None = None  # SRPO/SDPO: 1 where the sample learns from the self-teacher
     entropy_weights_BT: torch.Tensor | None = None  # SRPO exp(-beta*H) normalised over SDPO tokens
-    # a teacher with another tokenizer: each response token's byte-aligned chunk, -1 where none (long)
+    # a teacher with another tokenizer: each response token's byte-aligned chunk, -1 where none (long), and
+    # 1 where a token has a top-k row (a chunk's first token)
     chunk_BT: torch.Tensor | None = None
+    topk_rows_BT: torch.Tensor | None = None
 
     def piece(self, p: tuple) -> Aux:
         """The tensors of one piece of the micro-batch, with that piece's teacher logits computed."""
@@ -47,7 +49,7 @@ class Aux:
             topk_logp_BTK=_at(self.topk_logp_BTK, p), ref_logp_BT=_at(self.ref_logp_BT, p),
             teacher_logits_BTV=self.teacher_head(p) if self.teacher_head is not None else None,
             route_sdpo_B=_at(self.route_sdpo_B, p[:1]), entropy_weights_BT=_at(self.entropy_weights_BT, p),
-            chunk_BT=_at(self.chunk_BT, p),
+            chunk_BT=_at(self.chunk_BT, p), topk_rows_BT=_at(self.topk_rows_BT, p),
         )
 
 

@@ -69,8 +69,10 @@ class OPD(Objective):
                                         beta=o.jsd_beta)
         # The divergence is taken at states the sampler visited: those of an older policy (max_staleness >=
         # 1), or of an engine whose numerics differ, are reweighted towards the states the learner's policy
-        # would visit.
-        return div * prefix_is_weights(logp_BT, sampler_BT, mask_BT, spec.tis_cap) * mask_BT, mask_BT
+        # would visit. A teacher of another tokenizer gives top-k rows at chunk starts only: the divergence
+        # counts there.
+        taught_BT = mask_BT if aux.topk_rows_BT is None else mask_BT * aux.topk_rows_BT
+        return div * prefix_is_weights(logp_BT, sampler_BT, mask_BT, spec.tis_cap) * taught_BT, taught_BT
 
 
 register(OPD())
