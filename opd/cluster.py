@@ -223,7 +223,8 @@ def _local_teacher(cfg: Config, model_dir: str, opts: dict, max_logprobs: int | 
     if not cross:
         return actor.remote(model_dir, **kwargs)
     return actor.remote((VLLMTeacher, (model_dir,), kwargs), (cfg.models.student, cfg.models.chat_template),
-                        (model_dir, teacher_template(cfg, model_dir)))
+                        (model_dir, teacher_template(cfg, model_dir)),
+                        map_topk=cfg.teacher_settings.divergence != "uld")
 
 
 def stop_roles(roles: Roles | None) -> None:

@@ -362,7 +362,7 @@ class _Core(_Section):
             raise ValueError(f"selection.mode needs {divergence}=sampled "
                              "(it ranks tokens by the sampled-token divergence)")
         if signal.kind == "topk" and self.teacher.top_k == 0:
-            raise ValueError(f"{divergence}=teacher_topk needs teacher.top_k > 0")
+            raise ValueError(f"{divergence}={self.teacher_settings.divergence} needs teacher.top_k > 0")
         if self.rollout.group_size < objective.min_group:
             raise ValueError(f"algorithm={self.algorithm} needs rollout.group_size >= {objective.min_group} "
                              f"({objective.min_group_reason})")

@@ -17,7 +17,9 @@ if TYPE_CHECKING:
 Kind = Literal["none", "sampled", "topk", "full_vocab"]
 Source = Literal["none", "teacher", "learner"]
 
-_BY_DIVERGENCE: dict[str, Kind] = {"sampled": "sampled", "teacher_topk": "topk", "full_vocab": "full_vocab"}
+# uld reads the teacher's top-k probabilities only, not their ids
+_BY_DIVERGENCE: dict[str, Kind] = {"sampled": "sampled", "teacher_topk": "topk", "uld": "topk",
+                                   "full_vocab": "full_vocab"}
 
 
 @dataclass(frozen=True)

@@ -217,3 +217,42 @@ def test_a_job_with_a_teacher_of_another_vocabulary(cross_pair, local_ray, tmp_p
         assert r["update_skipped"] == 0.0 and 0 < r["teacher_kl"] < 50
         assert 0 < r["cross_topk_matched_mass"] < 1
     assert "tokenizer: cross" in (out / "config.yaml").read_text()
+
+
+def test_uld_is_the_l1_distance_of_the_sorted_top_k_probabilities():
+    from opd.trainer.divergences import sorted_topk_l1
+
+    gen = torch.Generator().manual_seed(3)
+    student = torch.log_softmax(torch.randn(2, 3, 7, generator=gen, dtype=torch.float64), -1)
+    teacher = torch.log_softmax(torch.randn(2, 3, 9, generator=gen, dtype=torch.float64), -1)
+    teacher = teacher[..., [4, 0, 7, 2]]  # four of its probabilities, not in order
+    got = sorted_topk_l1(student, teacher)
+    for b in range(2):  # from scratch: each side's K largest probabilities, largest first, paired by rank
+        for t in range(3):
+            s = sorted((math.exp(x) for x in student[b, t].tolist()), reverse=True)[:4]
+            p = sorted((math.exp(x) for x in teacher[b, t].tolist()), reverse=True)
+            want = sum(abs(x - y) for x, y in zip(s, p, strict=True))
+            assert got[b, t].item() == pytest.approx(want, rel=1e-5)
+    # the teacher's own top-k of the student's distribution, in any order and under other ids: distance 0
+    same = student.topk(4, dim=-1).values.flip(-1)
+    assert torch.allclose(sorted_topk_l1(student, same), torch.zeros(2, 3), atol=1e-6)
+    # through the objective: a step along its gradient brings the sorted probabilities closer
+    logits = torch.randn(1, 3, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    spec, mask = spec_of("opd.divergence=uld", "teacher.top_k=4"), torch.ones(1, 3, dtype=torch.float64)
+    targets = torch.tensor([[0, 1, 2]])
+    aux = Aux(topk_ids_BTK=torch.zeros(1, 3, 4, dtype=torch.long), topk_logp_BTK=teacher[:1])
+    loss, _ = token_loss(spec, logits, targets, mask, torch.log_softmax(logits, -1).gather(
+        -1, targets.unsqueeze(-1)).squeeze(-1).detach(), torch.zeros_like(mask), aux)
+    loss.sum().backward()
+    after = sorted_topk_l1(torch.log_softmax(logits.detach() - 0.5 * logits.grad, -1), teacher[:1])
+    assert after.sum() < sorted_topk_l1(torch.log_softmax(logits.detach(), -1), teacher[:1]).sum()
+
+
+def test_uld_rows_are_the_teachers_as_they_are():
+    view = _view([b"ab", b"c"], [b"a", b"bc"])
+    rows = student_rows(view, [-0.2, -0.3], ([[5, 8], [6, 9]], [[-0.2, -2.0], [-0.3, -1.5]]), None)
+    assert rows.topk_ids == [[0, 1], []] and rows.topk_logprobs == [[-0.2, -2.0], []]
+    assert rows.counts["topk_matched_mass"] == rows.counts["topk_mass"]
+    with pytest.raises(ConfigError, match="opd.divergence=uld needs teacher.top_k > 0"):
+        load_config(None, ["opd.divergence=uld"])
+    assert load_config(None, ["teacher.tokenizer=cross", "opd.divergence=uld", "teacher.top_k=20"])

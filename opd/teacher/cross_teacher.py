@@ -39,7 +39,8 @@ class StudentRows:
 def student_rows(view: CrossView, teacher_lp: list[float], topk: tuple[list, list] | None = None,
                  to_student: dict[int, int] | None = None) -> StudentRows:
     """A sample's rows from the teacher's log-probs of its own response tokens (and, with ``topk``, its top-k
-    rows there, carried to student ids by ``to_student``: ``opd.teacher.cross.byte_matches``)."""
+    rows there, carried to student ids by ``to_student``: ``opd.teacher.cross.byte_matches``; None: as they
+    are, for ULD)."""
     totals = chunk_sums(teacher_lp, view.t_chunk, view.n_chunks)
     last = {c: t for t, c in enumerate(view.s_chunk) if c >= 0}
     values = [totals[c] if c >= 0 and last[c] == t else 0.0 for t, c in enumerate(view.s_chunk)]
@@ -67,9 +68,12 @@ def student_rows(view: CrossView, teacher_lp: list[float], topk: tuple[list, lis
         seen_chunks.add(c)
         ids, lps = topk[0][t_first[c]], topk[1][t_first[c]]
         picked: dict[int, float] = {}
-        for tid, lp in zip(ids, lps, strict=True):
-            if (sid := to_student.get(tid)) is not None and sid not in picked:
-                picked[sid] = lp
+        if to_student is None:  # ULD reads the probabilities alone: the row as it is (ids 0..K-1)
+            picked = dict(enumerate(lps))
+        else:
+            for tid, lp in zip(ids, lps, strict=True):
+                if (sid := to_student.get(tid)) is not None and sid not in picked:
+                    picked[sid] = lp
         rows.topk_ids[t], rows.topk_logprobs[t] = list(picked), list(picked.values())
         counts["topk_rows"] += 1
         counts["topk_mass"] += sum(math.exp(x) for x in lps)
@@ -82,7 +86,7 @@ class CrossTeacher:
     in this actor from ``(class, args, kwargs)`` (a local engine, ``opd.teacher.scorer.VLLMTeacher``)."""
 
     def __init__(self, inner: tuple[type, tuple, dict], student_tokenizer: tuple[str, str | None],
-                 teacher_tokenizer: tuple[str, str | None]):
+                 teacher_tokenizer: tuple[str, str | None], map_topk: bool = True):
         from opd.data import load_tokenizer
 
         cls, args, kwargs = inner
@@ -90,6 +94,7 @@ class CrossTeacher:
         self.student_tok = load_tokenizer(*student_tokenizer)
         self.teacher_tok = load_tokenizer(*teacher_tokenizer)
         self.to_student: dict[int, int] | None = None  # teacher id -> student id of the same bytes
+        self.map_topk = map_topk  # False: top-k rows as the teacher gives them (opd.divergence=uld)
 
     def view(self, sample: Sample) -> CrossView:
         from opd.data import prompt_messages
@@ -100,7 +105,7 @@ class CrossTeacher:
     def score(self, samples: list[Sample], top_k: int = 0, hidden: bool = False) -> TeacherScores:
         if hidden:
             raise ValueError("a teacher with another tokenizer sends log-probs, not hidden states")
-        if top_k and self.to_student is None:  # every vocabulary entry of the teacher's, once
+        if top_k and self.map_topk and self.to_student is None:  # the teacher's vocabulary, once
             self.to_student = byte_matches(self.student_tok, self.teacher_tok)
         t0 = time.perf_counter()
         views = [self.view(s) for s in samples]

@@ -169,6 +169,17 @@ def teacher_topk_forward_kl(
     return forward_kl(_renormalize(student_logp_BTV.float().gather(-1, ids_BTK)), _renormalize(t_BTK))
 
 
+def sorted_topk_l1(student_logp_BTV: torch.Tensor, teacher_topk_logp_BTK: torch.Tensor) -> torch.Tensor:
+    """ULD (Boizard et al. 2024, Universal Logit Distillation): ``Σ_k |p_S,(k) - p_T,(k)|`` over the K largest
+    probabilities of each side, each sorted in decreasing order, shape [B, T] (the reference sorts whole
+    vocabularies, zero-padded; a teacher gives its top-k here). It compares the shapes of the two
+    distributions, never which token is which, so it needs no shared vocabulary; the gradient reaches the
+    student's K most likely tokens. A padded teacher entry (log-prob -1e4) counts as probability 0."""
+    t_BTK = teacher_topk_logp_BTK.detach().float().exp().sort(dim=-1, descending=True).values
+    s_BTK = student_logp_BTV.float().topk(t_BTK.shape[-1], dim=-1).values.exp()
+    return (s_BTK - t_BTK).abs().sum(-1)
+
+
 def full_vocab_divergence(
     student_logits_BTV: torch.Tensor,
     teacher_logits_BTV: torch.Tensor,

@@ -23,7 +23,9 @@ class OPDConfig(Section):
     # advantage = -kl_coef * (log pi - log pi_T) per token, pi the learner's
     kl_coef: float = Field(1.0, gt=0)
     tis_cap: float = Field(2.0, gt=0)  # cap of the sampler->learner importance ratio
-    divergence: Literal["sampled", "teacher_topk", "full_vocab"] = "sampled"
+    # uld: Universal Logit Distillation, the L1 distance between the student's and the teacher's top-k
+    # probabilities each sorted (no token ids compared: a teacher of another tokenizer needs no mapping)
+    divergence: Literal["sampled", "teacher_topk", "uld", "full_vocab"] = "sampled"
     full_vocab_kind: Literal["reverse", "forward", "jsd"] = "reverse"
     jsd_beta: float = Field(0.5, ge=0, le=1)  # teacher weight of the generalised JSD
     # full_vocab: where the teacher's distribution comes from. learner: an HF forward of the teacher in the
@@ -38,7 +40,7 @@ class OPD(Objective):
     name = "opd"
     section = OPDConfig
     teacher = "divergence"
-    divergences = ("sampled", "teacher_topk", "full_vocab")
+    divergences = ("sampled", "teacher_topk", "uld", "full_vocab")
     tis_section = "opd"
     token_selection = True
 
@@ -48,7 +50,7 @@ class OPD(Objective):
         import torch
 
         from opd.trainer.advantages import opd_token_advantages
-        from opd.trainer.divergences import full_vocab_divergence, teacher_topk_forward_kl
+        from opd.trainer.divergences import full_vocab_divergence, sorted_topk_l1, teacher_topk_forward_kl
         from opd.trainer.losses import prefix_is_weights, token_logprobs
         from opd.trainer.objectives.loss import chunk_credit, pg_token_loss, teacher_logprobs
 
@@ -64,6 +66,8 @@ class OPD(Objective):
         if o.divergence == "teacher_topk":
             div = teacher_topk_forward_kl(torch.log_softmax(logits_BTV.float(), -1), aux.topk_ids_BTK,
                                           aux.topk_logp_BTK)
+        elif o.divergence == "uld":
+            div = sorted_topk_l1(torch.log_softmax(logits_BTV.float(), -1), aux.topk_logp_BTK)
         else:
             div = full_vocab_divergence(logits_BTV, aux.teacher_logits_BTV, mask_BT, kind=o.full_vocab_kind,
                                         beta=o.jsd_beta)
