@@ -50,13 +50,15 @@ def job(student: Path, teacher: Path, out: Path, seed: int, steps: int, extra: l
               "wall_s": round(time.perf_counter() - t0, 1), "steps": s["steps"]}
     if s["teacher_kl_before"] is not None:
         before, after = s["teacher_kl_before"], s["teacher_kl_after"]
-        result.update({"heldout_kl_before": round(before, 3), "heldout_kl_after": round(after, 3),
-                       "heldout_kl_drop": round(1 - after / before, 3),
+        result.update({"heldout_kl_before": round(before, 3),
+                       "heldout_kl_after": None if after is None else round(after, 3),
+                       "heldout_kl_drop": None if after is None else round(1 - after / before, 3),
+                       "heldout_scored_fraction_after": s.get("cross_scored_fraction_after"),
                        "accuracy_before": s["student_accuracy_before"],
                        "accuracy_after": s["student_accuracy_after"],
                        "teacher_accuracy": s["teacher_accuracy"],
-                       "train_kl_first": round(rows[0]["teacher_kl"], 3),
-                       "train_kl_last": round(rows[-1]["teacher_kl"], 3)})
+                       "train_kl_first": rows[0].get("teacher_kl"),
+                       "train_kl_last": rows[-1].get("teacher_kl")})
     if "cross_one_to_one" in rows[0]:
         result["chunks"] = {k: round(statistics.mean(r[k] for r in rows), 3) for k in CROSS}
     return result
@@ -83,7 +85,7 @@ def main() -> None:
                                     args.steps, extra) for seed in args.seeds}
             same = job(student, Path(args.same_teacher), Path(tmp) / f"{student.name}-same", args.seeds[0],
                        args.timing_steps, [*args.set, "eval.kl_samples=0", "eval.num_prompts=10"])
-            drops = [r["heldout_kl_drop"] for r in cross.values()]
+            drops = [r["heldout_kl_drop"] or 0.0 for r in cross.values()]  # nothing scored: no drop
             runs[student.name] = {
                 "cross": cross, "same_tokenizer": same,
                 "heldout_kl_drop_mean": round(statistics.mean(drops), 3),

@@ -195,6 +195,9 @@ def train(cfg: Config, job: Job, roles: Roles, progress: bool = True) -> dict:
         "student_accuracy_after": after["eval_accuracy"],
         "teacher_kl_before": st.teacher_kl_before,  # held-out KL(student || teacher) per token
         "teacher_kl_after": after.get("eval_teacher_kl"),
+        # a teacher of another tokenizer: the share of the held-out tokens that KL covers
+        **({"cross_scored_fraction_after": after["eval_cross_scored_fraction"]}
+           if "eval_cross_scored_fraction" in after else {}),
         **({"student_episodes_before": st.episodes_before, "student_episodes_after": episode_figures(after),
             "teacher_episodes": st.teacher_episodes} if st.episodes_before else {}),
         "eval_prompts": len(job.test),

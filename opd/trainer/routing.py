@@ -134,13 +134,14 @@ def route(
     return batch
 
 
-def teacher_reverse_kl(rollouts: RolloutBatch, scores: TeacherScores) -> float:
+def teacher_reverse_kl(rollouts: RolloutBatch, scores: TeacherScores) -> float | None:
     """Mean sampled-token reverse KL ``log q - log pi_T`` per drawn response token (the OPD progress figure;
     an episode's environment and template tokens were not drawn and do not count). With a teacher of
-    another tokenizer each scored chunk adds its log-ratio (its teacher values sum to the chunk's)."""
+    another tokenizer each scored chunk adds its log-ratio (its teacher values sum to the chunk's); None when
+    it scored no token (a mean over nothing is not 0)."""
     total = count = 0.0
     for i, (s, lp) in enumerate(zip(rollouts.samples, scores.logprobs, strict=True)):
         mask = scores.scored_mask(i, s.drawn_mask)
         total += sum(m * (q - t) for m, q, t in zip(mask, s.sampler_logprobs, lp, strict=True))
         count += sum(mask)
-    return total / max(1.0, count)
+    return total / count if count else None
