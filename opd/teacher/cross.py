@@ -136,6 +136,13 @@ class CrossView:
     reason: str | None = None  # why tokens are masked: "bytes" (no round trip), "truncated" (the last chunk)
 
 
+def teacher_prompt(teacher_tok, messages: list[dict]) -> list[int]:
+    """The prompt in the teacher's own chat template and ids. The template writes any BOS itself: tokenising
+    its text without special tokens never doubles it."""
+    text = teacher_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return teacher_tok(text, add_special_tokens=False)["input_ids"]
+
+
 def teacher_view(student_tok, teacher_tok, messages: list[dict], response_ids: list[int],
                  truncated: bool = False) -> CrossView:
     """``response_ids`` (the student's) as the teacher sees them: the prompt rendered from ``messages`` by the
@@ -143,9 +150,7 @@ def teacher_view(student_tok, teacher_tok, messages: list[dict], response_ids: l
     token, where it drew one, maps to the teacher's as a chunk of its own, so stopping is distilled. A sample
     whose bytes are not valid UTF-8 or do not round-trip through the teacher is masked whole; the last chunk
     of a ``truncated`` one (cut at its length budget) is masked."""
-    # the template writes any BOS itself: tokenising its text without special tokens never doubles it
-    text = teacher_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    prompt = teacher_tok(text, add_special_tokens=False)["input_ids"]
+    prompt = teacher_prompt(teacher_tok, messages)
     ended = bool(response_ids) and response_ids[-1] == student_tok.eos_token_id
     body = response_ids[:-1] if ended else response_ids
     s_bytes = ids_bytes(student_tok, body)

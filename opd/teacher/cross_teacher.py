@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from opd.teacher.cross import CrossView, byte_matches, chunk_sums, teacher_view
+from opd.teacher.cross import CrossView, byte_matches, chunk_sums, teacher_prompt, teacher_view
 from opd.types import Prompt, Sample, TeacherScores
 
 # summed over samples, read as the step's cross_* metrics (opd.steps)
@@ -135,12 +135,7 @@ class CrossTeacher:
         """Each prompt rendered by the teacher's own template, in its own ids (what it answers greedily)."""
         from opd.data import prompt_messages
 
-        out = []
-        for p in prompts:
-            text = self.teacher_tok.apply_chat_template(prompt_messages(p.columns), tokenize=False,
-                                                        add_generation_prompt=True)
-            out.append(self.teacher_tok(text, add_special_tokens=False)["input_ids"])
-        return out
+        return [teacher_prompt(self.teacher_tok, prompt_messages(p.columns)) for p in prompts]
 
     def generate_greedy(self, prompt_ids: list[list[int]], max_tokens: int) -> list[str]:
         return self.inner.generate_greedy(prompt_ids, max_tokens)
