@@ -52,6 +52,22 @@ def local_ray():
     ray.shutdown()
 
 
+# Two rollout workers, generation one step ahead, every sample logged: the uninterrupted run that a killed
+# worker's run (tests/test_faults.py) and a chunked stream's (tests/test_stream.py) must each reproduce
+TWO_WORKERS = {"trainer.total_steps": 4, "rollout.num_workers": 2, "rollout.max_staleness": 1,
+               "run.log_samples": "true", "checkpoint.every": 0}
+
+
+@pytest.fixture(scope="session")
+def two_workers_run(tiny_models, local_ray, tmp_path_factory) -> Path:
+    from opd.config import load_config
+    from opd.driver import run
+
+    out = tmp_path_factory.mktemp("two_workers") / "uninterrupted"
+    run(load_config(None, tiny_overrides(tiny_models, out, **TWO_WORKERS)), progress=False)
+    return out
+
+
 def tiny_overrides(models: Path, out: Path, **extra) -> list[str]:
     """A 2-step job on the tiny models: every role runs for real, at the smallest useful size."""
     base = {

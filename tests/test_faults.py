@@ -14,7 +14,7 @@ import time
 import pytest
 import ray
 import torch
-from conftest import tiny_overrides
+from conftest import TWO_WORKERS, tiny_overrides
 from transformers import AutoModelForCausalLM
 
 from opd import driver
@@ -129,16 +129,14 @@ def test_async_run_resumed_from_a_mid_run_checkpoint_matches_it(tiny_models, loc
         assert torch.equal(ref[k], got[k]), f"async resume differs from the uninterrupted run at {k}"
 
 
-def test_rollout_workers_killed_mid_step_and_between_steps(tiny_models, local_ray, tmp_path, monkeypatch):
+def test_rollout_workers_killed_mid_step_and_between_steps(tiny_models, two_workers_run, tmp_path,
+                                                           monkeypatch):
     """Two rollout workers, generation one step ahead. Worker 1 is killed right after its share of a batch is
     launched (mid-generation), worker 0 between two steps (before the weight sync). Each is replaced, brought
     to the right weights, and regenerates exactly its lost share: the run trains the same samples as an
     uninterrupted one, none lost or duplicated, and ends with identical weights."""
-    steps = 4
-    overrides = {"trainer.total_steps": steps, "rollout.num_workers": 2, "rollout.max_staleness": 1,
-                 "run.log_samples": "true", "checkpoint.every": 0}
-    ref_dir, faulty_dir = tmp_path / "uninterrupted", tmp_path / "faulty"
-    run(load_config(None, tiny_overrides(tiny_models, ref_dir, **overrides)), progress=False)
+    steps, overrides = TWO_WORKERS["trainer.total_steps"], TWO_WORKERS
+    ref_dir, faulty_dir = two_workers_run, tmp_path / "faulty"
 
     issued, synced = {1: 0}, [0]
     issue, sync = RolloutPool.issue, driver.sync_weights

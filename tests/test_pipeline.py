@@ -60,34 +60,6 @@ def test_opd_two_steps(opd_run, tiny_models):
     )
 
 
-def test_resume_reproduces_uninterrupted_run(opd_run, tiny_models, local_ray, tmp_path):
-    ref_dir, _ = opd_run
-    out = tmp_path / "opd_resumed"
-    # the file store under the run dir; the resumed driver appends to the same run
-    mlflow = {"tracking.mlflow": True}
-    first = run(load_config(None, tiny_overrides(tiny_models, out, **mlflow, **{"trainer.total_steps": 1})),
-                progress=False)
-    assert first["steps"] == 1
-    # The checkpoint's state as the first opd wrote it (no held-out teacher KL yet): it still resumes, by
-    # name.
-    state = out / "checkpoints" / "step_000001" / "state.json"
-    state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items()
-                                 if k != "teacher_kl_before"}))
-    summary = run(load_config(None, tiny_overrides(tiny_models, out, **mlflow)), resume=True, progress=False)
-    assert summary["steps"] == 2
-    assert [r["step"] for r in _metrics(out)] == [0, 1]  # each step logged exactly once
-    from mlflow.tracking import MlflowClient
-
-    state = json.loads((out / "tracking.json").read_text())["mlflow"]
-    history = MlflowClient(tracking_uri=state["tracking_uri"]).get_metric_history(state["run_id"],
-                                                                                  "teacher_kl")
-    assert [m.step for m in history] == [0, 1]
-    ref = _weights(ref_dir / "checkpoints" / "step_000002" / "model")
-    got = _weights(out / "checkpoints" / "step_000002" / "model")
-    for k in ref:
-        assert torch.equal(ref[k], got[k]), f"resumed weights differ from the uninterrupted run at {k}"
-
-
 EPISODES = {"agent.environment": f"{Path(__file__).parent / 'agent_envs.py'}:Counting", "agent.max_turns": 3,
             "agent.env_kwargs": "{role: user, note: '', answer_after: 2, system: false}",
             "rollout.max_model_len": 64, "run.log_samples": True, "eval.kl_samples": 0, "eval.num_prompts": 4}
@@ -96,14 +68,27 @@ EPISODES = {"agent.environment": f"{Path(__file__).parent / 'agent_envs.py'}:Cou
 def test_resume_with_episodes_is_bit_identical(tiny_models, local_ray, tmp_path):
     """Multi-turn episodes (a user environment by path; the tiny template has no tool role) stopped after one
     step and resumed: the second step's episodes are the same ids (digests, with environment segments between
-    turns) and the weights after it equal the uninterrupted run's, bit for bit."""
+    turns) and the weights after it equal the uninterrupted run's, bit for bit; each step is logged once, to
+    the metrics file and to MLflow's run. (Single-turn resumes: tests/test_faults.py.)"""
     ref, out = tmp_path / "episodes", tmp_path / "episodes_resumed"
     run(load_config(None, tiny_overrides(tiny_models, ref, **EPISODES)), progress=False)
-    run(load_config(None, tiny_overrides(tiny_models, out, **EPISODES, **{"trainer.total_steps": 1})),
-        progress=False)
-    summary = run(load_config(None, tiny_overrides(tiny_models, out, **EPISODES)), resume=True,
+    # the file store under the run dir; the resumed driver appends to the same run
+    mlflow = {"tracking.mlflow": True}
+    first = tiny_overrides(tiny_models, out, **EPISODES, **mlflow, **{"trainer.total_steps": 1})
+    run(load_config(None, first), progress=False)
+    # The checkpoint's state as the first opd wrote it (no held-out teacher KL yet): it still resumes by name.
+    state = out / "checkpoints" / "step_000001" / "state.json"
+    state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items()
+                                 if k != "teacher_kl_before"}))
+    summary = run(load_config(None, tiny_overrides(tiny_models, out, **EPISODES, **mlflow)), resume=True,
                   progress=False)
     assert summary["steps"] == 2 and [r["step"] for r in _metrics(out)] == [0, 1]
+    from mlflow.tracking import MlflowClient
+
+    tracked = json.loads((out / "tracking.json").read_text())["mlflow"]
+    history = MlflowClient(tracking_uri=tracked["tracking_uri"]).get_metric_history(tracked["run_id"],
+                                                                                    "teacher_kl")
+    assert [m.step for m in history] == [0, 1]
     samples = lambda o: [json.loads(ln) for ln in (o / "samples.jsonl").read_text().splitlines()]  # noqa: E731
     step1 = lambda o: [(s["uid"], s["digest"]) for s in samples(o) if s["step"] == 1]  # noqa: E731
     assert len(step1(ref)) == 8 and step1(out) == step1(ref)

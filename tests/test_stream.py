@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import ray
 import torch
-from conftest import tiny_overrides
+from conftest import TWO_WORKERS, tiny_overrides
 from test_faults import _samples, _trained_once, _weights
 
 from opd.config import load_config
@@ -22,8 +22,6 @@ from opd.types import Prompt, Sample, sample_uid
 
 pytestmark = pytest.mark.slow
 
-STEPS = 3
-
 
 def test_pieces_cut_a_share_in_order():
     assert pieces(list(range(5)), 2) == [[0, 1], [2, 3], [4]]
@@ -31,13 +29,11 @@ def test_pieces_cut_a_share_in_order():
     assert pieces([], 3) == []
 
 
-def test_chunked_stream_trains_the_same_samples(tiny_models, local_ray, tmp_path, monkeypatch):
+def test_chunked_stream_trains_the_same_samples(tiny_models, two_workers_run, tmp_path, monkeypatch):
     """Two workers, one step ahead: one call per worker per step vs one call per prompt. The chunks are really
     issued one prompt at a time, and the run trains the same samples (per-draw seeds) to the same weights."""
-    overrides = {"trainer.total_steps": STEPS, "rollout.num_workers": 2, "rollout.max_staleness": 1,
-                 "run.log_samples": "true", "checkpoint.every": 0}
-    whole, chunked = tmp_path / "whole", tmp_path / "chunked"
-    run(load_config(None, tiny_overrides(tiny_models, whole, **overrides)), progress=False)
+    steps, overrides = TWO_WORKERS["trainer.total_steps"], TWO_WORKERS
+    whole, chunked = two_workers_run, tmp_path / "chunked"
 
     sizes: list[int] = []
     issue = RolloutPool.issue
@@ -50,13 +46,13 @@ def test_chunked_stream_trains_the_same_samples(tiny_models, local_ray, tmp_path
     run(load_config(None, tiny_overrides(tiny_models, chunked, **overrides, **{"rollout.chunk_prompts": 1})),
         progress=False)
 
-    assert sizes == [1] * 4 * STEPS  # 4 prompts a step, 2 per worker, 1 per call
+    assert sizes == [1] * 4 * steps  # 4 prompts a step, 2 per worker, 1 per call
     rows, ref_rows = _samples(chunked), _samples(whole)
-    _trained_once(rows, STEPS, 8)
+    _trained_once(rows, steps, 8)
     assert ([(r["uid"], r["response"], r["reward"]) for r in rows]
             == [(r["uid"], r["response"], r["reward"]) for r in ref_rows])
-    ref = _weights(whole / "checkpoints" / f"step_{STEPS:06d}" / "model")
-    got = _weights(chunked / "checkpoints" / f"step_{STEPS:06d}" / "model")
+    ref = _weights(whole / "checkpoints" / f"step_{steps:06d}" / "model")
+    got = _weights(chunked / "checkpoints" / f"step_{steps:06d}" / "model")
     # a batch of one prompt and one of two may differ in the last float bits of the engines' scores
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-5,
