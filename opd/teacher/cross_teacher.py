@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from opd.teacher.cross import CrossView, byte_matches, chunk_sums, teacher_prompt, teacher_view
@@ -44,13 +45,7 @@ def student_rows(view: CrossView, teacher_lp: list[float], topk: tuple[list, lis
     totals = chunk_sums(teacher_lp, view.t_chunk, view.n_chunks)
     last = {c: t for t, c in enumerate(view.s_chunk) if c >= 0}
     values = [totals[c] if c >= 0 and last[c] == t else 0.0 for t, c in enumerate(view.s_chunk)]
-    s_len: dict[int, int] = {}
-    for c in view.s_chunk:
-        if c >= 0:
-            s_len[c] = s_len.get(c, 0) + 1
-    t_len: dict[int, int] = {}
-    for c in view.t_chunk:
-        t_len[c] = t_len.get(c, 0) + 1
+    s_len, t_len = Counter(c for c in view.s_chunk if c >= 0), Counter(view.t_chunk)
     counts = {"student_tokens": len(view.s_chunk), "scored_tokens": sum(s_len.values()), "chunks": len(s_len),
               "one_to_one": sum(1 for c, n in s_len.items() if n == 1 and t_len.get(c) == 1),
               "teacher_tokens": len(view.t_chunk), "topk_rows": 0, "topk_mass": 0.0, "topk_matched_mass": 0.0}
