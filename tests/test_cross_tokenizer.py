@@ -183,15 +183,41 @@ def test_a_truncated_sample_loses_its_last_chunk(smollm2):
     assert kept and max(kept) == view.n_chunks - 2
 
 
+def test_a_truncated_sample_that_is_mostly_its_last_chunk_keeps_it(smollm2):
+    """A whitespace run the teacher writes as one token: masked, it would leave the sample dark (a student drawn
+    into such runs then has no signal to leave them); scored, the whole sample is trained."""
+    teacher, student = AutoTokenizer.from_pretrained(smollm2[0]), _chars()
+    view = teacher_view(student, teacher, USER, student.encode("Hi" + " " * 12), truncated=True)
+    assert view.reason == "truncated-tail-scored" and -1 not in view.s_chunk
+    assert view.s_chunk.count(view.n_chunks - 1) == 12
+    short = student.encode("Hello there" + " " * 4)  # the run is under half the sample: masked
+    view = teacher_view(student, teacher, USER, short, truncated=True)
+    assert view.reason == "truncated" and view.s_chunk[-4:] == [-1] * 4 and -1 not in view.s_chunk[:-4]
+
+
 def test_a_cut_inside_a_character_masks_the_broken_tail(smollm2):
     student, teacher = AutoTokenizer.from_pretrained(smollm2[0]), _sentencepiece_like()
     ids = student("café 😀", add_special_tokens=False)["input_ids"]
     pieces = ids_bytes(student, ids)
     at = next(i for i in range(1, len(ids)) if _undecodable(b"".join(pieces[:i])))  # inside the emoji
     view = teacher_view(student, teacher, USER, ids[:at], truncated=True)
-    assert view.reason == "truncated" and len(view.s_chunk) == at and view.s_chunk[-1] == -1
+    assert view.reason == "utf8,truncated" and len(view.s_chunk) == at and view.s_chunk[-1] == -1
     assert teacher.decode(view.teacher_ids[view.teacher_prompt_len:]).startswith("café")
     assert view.teacher_ids.count(teacher.bos_token_id) == 1  # the template's BOS, not doubled
+
+
+def test_a_stray_byte_masks_its_chunk_and_the_rest_is_scored(smollm2):
+    """A byte token that is no UTF-8 on its own, mid-sample: the teacher reads U+FFFD in its place, its chunk is
+    masked and the tokens around it are still scored (masking the sample whole left students dark)."""
+    student, teacher = AutoTokenizer.from_pretrained(smollm2[0]), _sentencepiece_like()
+    words = [student(w, add_special_tokens=False)["input_ids"] for w in ("The sum", " is 25")]
+    stray = student.convert_tokens_to_ids("ð")  # byte 0xF0: the lead byte of a 4-byte character, alone
+    response = words[0] + [stray] + words[1]
+    view = teacher_view(student, teacher, USER, response)
+    assert view.reason == "utf8"
+    at = len(words[0])
+    assert view.s_chunk[at] == -1 and -1 not in view.s_chunk[:at] and -1 not in view.s_chunk[at + 1:]
+    assert "\ufffd" in teacher.decode(view.teacher_ids[view.teacher_prompt_len:])
 
 
 def _undecodable(data: bytes) -> bool:

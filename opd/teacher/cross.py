@@ -133,7 +133,10 @@ class CrossView:
     s_chunk: list[int]
     t_chunk: list[int]
     n_chunks: int
-    reason: str | None = None  # why tokens are masked: "bytes" (no round trip), "truncated" (the last chunk)
+    # why tokens are masked: "bytes" (no round trip: all), "utf8" (chunks with bytes that are not UTF-8),
+    # "truncated" (the last chunk); "truncated-tail-scored": a truncated sample whose last chunk is most of
+    # it, scored all the same (``teacher_view``); comma-joined
+    reason: str | None = None
 
 
 def teacher_prompt(teacher_tok, messages: list[dict]) -> list[int]:
@@ -148,39 +151,61 @@ def teacher_view(student_tok, teacher_tok, messages: list[dict], response_ids: l
     """``response_ids`` (the student's) as the teacher sees them: the prompt rendered from ``messages`` by the
     teacher's own chat template, then the response's exact bytes tokenised by the teacher; the student's end
     token, where it drew one, maps to the teacher's as a chunk of its own, so stopping is distilled. A sample
-    whose bytes are not valid UTF-8 or do not round-trip through the teacher is masked whole; the last chunk
-    of a ``truncated`` one (cut at its length budget) is masked."""
+    whose bytes do not round-trip through the teacher is masked whole; the chunks holding bytes that are not
+    UTF-8 are masked, and the last chunk of a ``truncated`` one (cut at its length budget) unless it holds
+    more than half the sample's tokens."""
     prompt = teacher_prompt(teacher_tok, messages)
     ended = bool(response_ids) and response_ids[-1] == student_tok.eos_token_id
     body = response_ids[:-1] if ended else response_ids
-    s_bytes = ids_bytes(student_tok, body)
-    cut = truncated and not ended  # a budget can end a sample inside a character: drop the broken tail
-    keep = len(s_bytes)
-    while cut and keep and not _utf8(b"".join(s_bytes[:keep])):
-        keep -= 1
-    text = _utf8(b"".join(s_bytes[:keep]))
-    masked = CrossView(prompt, len(prompt), [-1] * len(response_ids), [], 0, "bytes")
-    if text is None:
-        return masked
-    t_body = teacher_tok(text, add_special_tokens=False)["input_ids"]
+    pieces, dirty = _valid_pieces(ids_bytes(student_tok, body))
+    t_body = teacher_tok(b"".join(pieces).decode("utf-8"), add_special_tokens=False)["input_ids"]
     try:
-        s_chunk, t_chunk, n = align(s_bytes[:keep], ids_bytes(teacher_tok, t_body))
+        s_chunk, t_chunk, n = align(pieces, ids_bytes(teacher_tok, t_body))
     except ValueError:
-        return masked
+        return CrossView(prompt, len(prompt), [-1] * len(response_ids), [], 0, "bytes")
     if ended:
         s_chunk, t_chunk, n = s_chunk + [n], t_chunk + [n], n + 1
         t_body = t_body + [teacher_tok.eos_token_id]
-    reason = None
-    if cut:  # the last chunk's teacher tokens see a word the student had not finished
-        s_chunk, reason = [-1 if c == n - 1 else c for c in s_chunk] + [-1] * (len(body) - keep), "truncated"
-    return CrossView(prompt + t_body, len(prompt), s_chunk, t_chunk, n, reason)
+    drop, reasons = {s_chunk[i] for i in dirty}, ["utf8"] if dirty else []
+    if truncated and not ended:
+        # The last chunk's teacher tokens see a word the student had not finished, so its log-prob is only a
+        # lower bound of the teacher's probability of those bytes as a prefix: masked. Unless that chunk is
+        # most of the sample (a whitespace run is one Gemma token): a sample masked whole gives no signal,
+        # and a student drawn into such runs never learns its way out; scored, the bound pushes it away.
+        tail = s_chunk.count(n - 1) * 2 > len(body)
+        drop |= set() if tail else {n - 1}
+        reasons.append("truncated-tail-scored" if tail else "truncated")
+    s_chunk = [-1 if c in drop else c for c in s_chunk]
+    return CrossView(prompt + t_body, len(prompt), s_chunk, t_chunk, n, ",".join(reasons) or None)
 
 
-def _utf8(data: bytes) -> str | None:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
+def _valid_pieces(pieces: list[bytes]) -> tuple[list[bytes], set[int]]:
+    """``pieces`` with each run of bytes that is not UTF-8 (a stray byte token; a character cut by the length
+    budget) replaced by U+FFFD, what the teacher reads in its place, given to the token where the run starts;
+    and the tokens that held such bytes (their chunks are masked, the rest of the sample is still scored)."""
+    joined, bad, at = b"".join(pieces), [], 0
+    while True:
+        try:
+            joined[at:].decode("utf-8")
+            break
+        except UnicodeDecodeError as e:
+            bad.append((at + e.start, at + e.end))
+            at += e.end
+    if not bad:
+        return pieces, set()
+    out, dirty, start = [], set(), 0
+    for i, piece in enumerate(pieces):
+        kept = bytearray()
+        for j in range(start, start + len(piece)):
+            run = next((r for r in bad if r[0] <= j < r[1]), None)
+            if run is None:
+                kept.append(joined[j])
+            else:
+                dirty.add(i)
+                kept += "\ufffd".encode() if j == run[0] else b""
+        out.append(bytes(kept))
+        start += len(piece)
+    return out, dirty
 
 
 def byte_matches(student_tok, teacher_tok) -> dict[int, int]:
