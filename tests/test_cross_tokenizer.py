@@ -184,8 +184,8 @@ def test_a_truncated_sample_loses_its_last_chunk(smollm2):
 
 
 def test_a_truncated_sample_that_is_mostly_its_last_chunk_keeps_it(smollm2):
-    """A whitespace run the teacher writes as one token: masked, it would leave the sample dark (a student drawn
-    into such runs then has no signal to leave them); scored, the whole sample is trained."""
+    """A whitespace run the teacher writes as one token: masked, it would leave the sample dark (a student
+    drawn into such runs then has no signal to leave them); scored, the whole sample is trained."""
     teacher, student = AutoTokenizer.from_pretrained(smollm2[0]), _chars()
     view = teacher_view(student, teacher, USER, student.encode("Hi" + " " * 12), truncated=True)
     assert view.reason == "truncated-tail-scored" and -1 not in view.s_chunk
@@ -206,18 +206,23 @@ def test_a_cut_inside_a_character_masks_the_broken_tail(smollm2):
     assert view.teacher_ids.count(teacher.bos_token_id) == 1  # the template's BOS, not doubled
 
 
-def test_a_stray_byte_masks_its_chunk_and_the_rest_is_scored(smollm2):
-    """A byte token that is no UTF-8 on its own, mid-sample: the teacher reads U+FFFD in its place, its chunk is
-    masked and the tokens around it are still scored (masking the sample whole left students dark)."""
+def test_a_stray_byte_reaches_the_teacher_as_a_replacement_character(smollm2):
+    """A byte token that is no UTF-8 on its own, mid-sample: the teacher reads U+FFFD in its place and every
+    token is scored (masked, such output gained under OPD's mostly negative advantages until a student wrote
+    nothing else)."""
     student, teacher = AutoTokenizer.from_pretrained(smollm2[0]), _sentencepiece_like()
     words = [student(w, add_special_tokens=False)["input_ids"] for w in ("The sum", " is 25")]
     stray = student.convert_tokens_to_ids("ð")  # byte 0xF0: the lead byte of a 4-byte character, alone
     response = words[0] + [stray] + words[1]
     view = teacher_view(student, teacher, USER, response)
-    assert view.reason == "utf8"
+    assert view.reason == "utf8" and -1 not in view.s_chunk
     at = len(words[0])
-    assert view.s_chunk[at] == -1 and -1 not in view.s_chunk[:at] and -1 not in view.s_chunk[at + 1:]
-    assert "\ufffd" in teacher.decode(view.teacher_ids[view.teacher_prompt_len:])
+    stray_chunk = view.s_chunk[at]
+    assert stray_chunk not in view.s_chunk[:at] + view.s_chunk[at + 1:]  # a chunk of its own: only it is off
+    body = view.teacher_ids[view.teacher_prompt_len:]
+    replaced = [t for t, c in zip(body, view.t_chunk, strict=True) if c == stray_chunk]
+    assert teacher.decode(replaced) == "\ufffd"
+    assert teacher.decode(body) == "The sum\ufffd is 25"
 
 
 def _undecodable(data: bytes) -> bool:

@@ -133,9 +133,9 @@ class CrossView:
     s_chunk: list[int]
     t_chunk: list[int]
     n_chunks: int
-    # why tokens are masked: "bytes" (no round trip: all), "utf8" (chunks with bytes that are not UTF-8),
-    # "truncated" (the last chunk); "truncated-tail-scored": a truncated sample whose last chunk is most of
-    # it, scored all the same (``teacher_view``); comma-joined
+    # what was not scored as it is, comma-joined: "bytes" (no round trip: all masked), "utf8" (bytes that are
+    # not UTF-8, scored as U+FFFD), "truncated" (the last chunk masked), "truncated-tail-scored" (a truncated
+    # sample whose last chunk is most of it, scored all the same)
     reason: str | None = None
 
 
@@ -151,9 +151,9 @@ def teacher_view(student_tok, teacher_tok, messages: list[dict], response_ids: l
     """``response_ids`` (the student's) as the teacher sees them: the prompt rendered from ``messages`` by the
     teacher's own chat template, then the response's exact bytes tokenised by the teacher; the student's end
     token, where it drew one, maps to the teacher's as a chunk of its own, so stopping is distilled. A sample
-    whose bytes do not round-trip through the teacher is masked whole; the chunks holding bytes that are not
-    UTF-8 are masked, and the last chunk of a ``truncated`` one (cut at its length budget) unless it holds
-    more than half the sample's tokens."""
+    whose bytes do not round-trip through the teacher is masked whole; bytes that are not UTF-8 reach the
+    teacher as U+FFFD (``_valid_pieces``); the last chunk of a ``truncated`` one (cut at its length budget) is
+    masked unless it holds more than half the sample's tokens."""
     prompt = teacher_prompt(teacher_tok, messages)
     ended = bool(response_ids) and response_ids[-1] == student_tok.eos_token_id
     body = response_ids[:-1] if ended else response_ids
@@ -166,7 +166,7 @@ def teacher_view(student_tok, teacher_tok, messages: list[dict], response_ids: l
     if ended:
         s_chunk, t_chunk, n = s_chunk + [n], t_chunk + [n], n + 1
         t_body = t_body + [teacher_tok.eos_token_id]
-    drop, reasons = {s_chunk[i] for i in dirty}, ["utf8"] if dirty else []
+    drop, reasons = set(), ["utf8"] if dirty else []
     if truncated and not ended:
         # The last chunk's teacher tokens see a word the student had not finished, so its log-prob is only a
         # lower bound of the teacher's probability of those bytes as a prefix: masked. Unless that chunk is
@@ -181,8 +181,12 @@ def teacher_view(student_tok, teacher_tok, messages: list[dict], response_ids: l
 
 def _valid_pieces(pieces: list[bytes]) -> tuple[list[bytes], set[int]]:
     """``pieces`` with each run of bytes that is not UTF-8 (a stray byte token; a character cut by the length
-    budget) replaced by U+FFFD, what the teacher reads in its place, given to the token where the run starts;
-    and the tokens that held such bytes (their chunks are masked, the rest of the sample is still scored)."""
+    budget) replaced by U+FFFD, given to the token where the run starts; and the tokens that held such bytes.
+
+    The teacher reads U+FFFD there and its chunk is scored as such: a stand-in (the teacher's log-prob of a
+    character it all but never writes) rather than a mask, because masked output is a haven — sampled-token
+    OPD's advantages are mostly negative while the student is far from the teacher, so every scored token is
+    pushed down and unscored output gains; a 10-layer student drifted into samples of stray bytes alone."""
     joined, bad, at = b"".join(pieces), [], 0
     while True:
         try:
