@@ -121,8 +121,8 @@ def test_submit_runs_job_and_exports_metrics(head, tiny_models, tmp_path):
     out = tmp_path / "submitted"
     # a plug-in file ships too
     verifiers = f'[{{name: exact_answer}}, {{name: "{verifier}:has_digit", weight: 0.1}}]'
-    over = tiny_overrides(tiny_models, out, **{"verifiers.functions": verifiers, "trainer.total_steps": 20,
-                                                "checkpoint.every": 10})
+    over = tiny_overrides(tiny_models, out, **{"verifiers.functions": verifiers, "trainer.total_steps": 8,
+                                                "checkpoint.every": 4})
     env = {"RAY_ADDRESS": url}  # as Ray's own CLI: no --address needed
     rc, stdout, stderr = _opd("submit", _config_file(tmp_path), *over, "--wait", "--submission-id",
                               "submitted-1", env=env)
@@ -146,14 +146,14 @@ def test_submit_runs_job_and_exports_metrics(head, tiny_models, tmp_path):
     rc, stdout, stderr = _opd("status", job_id, "--address", url)
     info = json.loads(stdout)
     assert rc == 0 and info["status"] == "SUCCEEDED" and info["name"] == "submitted", stderr
-    assert info["run_dir"] == str(out) and info["last_step"]["step"] == 19
+    assert info["run_dir"] == str(out) and info["last_step"]["step"] == 7
     rc, logs, _ = _opd("logs", job_id, "--address", url)
     assert rc == 0 and "student accuracy after" in logs
     # ends with the job; exits with its state
     rc, followed, _ = _opd("logs", job_id, "--address", url, "--follow")
     assert rc == 0 and "student accuracy after" in followed
     step_lines = [ln for ln in logs.splitlines() if ln.startswith("step ")]  # the job log is not a terminal
-    assert len(step_lines) == 20 and step_lines[-1].startswith("step 20/20 | reward ")
+    assert len(step_lines) == 8 and step_lines[-1].startswith("step 8/8 | reward ")
     assert "eval before training | accuracy" in logs and "eval after training | accuracy" in logs
     rc, listing, _ = _opd("list", "--address", url)
     assert rc == 0 and "submitted-1  SUCCEEDED  submitted" in listing
@@ -161,7 +161,7 @@ def test_submit_runs_job_and_exports_metrics(head, tiny_models, tmp_path):
     rc, _, stderr = _opd("submit", _config_file(tmp_path), *over, "--address", url)
     assert rc == 2 and "already holds a run; pass --resume" in stderr  # refused here, before anything is sent
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(20)) and all(r["teacher_kl"] is not None for r in rows)
+    assert [r["step"] for r in rows] == list(range(8)) and all(r["teacher_kl"] is not None for r in rows)
     rc, stdout, _ = _opd("stop", job_id, "--address", url)
     assert rc == 0 and stdout.strip() == "not running"
     rc, _, stderr = _opd("status", "raysubmit_nosuchjob", "--address", url)
