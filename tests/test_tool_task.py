@@ -119,3 +119,25 @@ def test_held_out_episode_figures(tok):
                        "drift_rate": 0.0}
     held = {"eval_accuracy": 0.5, "eval_teacher_kl": 1.0, **{f"eval_{k}": v for k, v in figures.items()}}
     assert episode_figures(held) == figures and episode_figures({"eval_accuracy": 0.5}) == {}
+
+
+def test_tool_copy_finds_the_first_digit_of_a_calls_a(tok):
+    """benchmarks/tool_copy.py's probe position: right after ``{"a":`` in an episode's first call, the
+    prompt's first digit to be copied; an episode without such a call has none."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import tool_copy
+
+    rows = []
+    for question, a, b in (("347*86+129=", 347, 86), ("5*7-40=", 5, 7)):
+        prompt = tok.encode(f"<|system|>calc<|user|>{question}<|assistant|>")
+        rows.append({"prompt_ids": prompt, "segments": [
+            {"origin": "sampled", "ids": tok.encode(call_text(a, "*", b) + "<|end|>")}]})
+    rows.append({"prompt_ids": rows[0]["prompt_ids"], "segments": [
+        {"origin": "sampled", "ids": tok.encode("29971<|end|>")}]})
+    got = tool_copy.copy_positions(tok, rows)
+    assert [right for _, right in got] == [tok.convert_tokens_to_ids("3"), tok.convert_tokens_to_ids("5")]
+    for (prefix, _), row in zip(got, rows, strict=False):
+        assert tok.decode(prefix[len(row["prompt_ids"]):]) == '<tool_call>{"name":"calc","arguments":{"a":'
