@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from opd.teacher.cross import (
+    _valid_pieces,
     align,
     byte_matches,
     chunk_advantages,
@@ -223,6 +224,18 @@ def test_a_stray_byte_reaches_the_teacher_as_a_replacement_character(smollm2):
     replaced = [t for t, c in zip(body, view.t_chunk, strict=True) if c == stray_chunk]
     assert teacher.decode(replaced) == "\ufffd"
     assert teacher.decode(body) == "The sum\ufffd is 25"
+
+
+def test_a_run_of_bad_bytes_across_tokens_stays_in_one_chunk():
+    """A run of bytes that is not UTF-8 split over two student tokens: U+FFFD goes to the first, the second is
+    left with no bytes and joins its chunk, wherever the run sits."""
+    for pieces, teacher in (([b"ab", b"\xf0", b"\x9f"], [b"ab", "\ufffd".encode()]),
+                            ([b"\xf0", b"\x9f", b"cd"], ["\ufffd".encode(), b"cd"])):
+        valid, dirty = _valid_pieces(pieces)
+        s_chunk, t_chunk, n = align(valid, teacher)
+        at = pieces.index(b"\xf0")
+        assert dirty == {at, at + 1} and s_chunk[at] == s_chunk[at + 1]
+        assert sorted(set(s_chunk)) == sorted(set(t_chunk)) == list(range(n)) and n == 2
 
 
 def _undecodable(data: bytes) -> bool:

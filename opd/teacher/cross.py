@@ -97,6 +97,13 @@ def align(student: list[bytes], teacher: list[bytes]) -> tuple[list[int], list[i
     i = j = chunk = s_at = t_at = 0
     s_in = t_in = False  # whether the open chunk has a token of that side yet
     while i < len(student) or j < len(teacher):
+        # a token of no bytes (the rest of a run ``_valid_pieces`` replaced) goes with the token before it
+        if 0 < i < len(student) and not student[i]:
+            s_chunk[i], i = s_chunk[i - 1], i + 1
+            continue
+        if 0 < j < len(teacher) and not teacher[j]:
+            t_chunk[j], j = t_chunk[j - 1], j + 1
+            continue
         if j == len(teacher) or (i < len(student) and (s_at < t_at or (s_at == t_at and not s_in))):
             s_at, s_chunk[i], s_in, i = s_at + len(student[i]), chunk, True, i + 1
         else:
