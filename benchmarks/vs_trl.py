@@ -14,7 +14,9 @@ forward in the learner),
 samples as it is generated, ``opd.full_vocab_source=teacher``), ``opd-teacher_topk`` (the teacher's top-k
 forward KL), their
 ``-async`` variants (``rollout.max_staleness=1``: the next batch is generated and scored while the learner
-trains; rollout engine ``--async-engine``), ``trl-vllm`` (TRL generating with vLLM, colocate mode) and
+trains; rollout engine ``--async-engine``), ``opd-full_vocab-colocated`` and ``opd-teacher_topk-colocated``
+(``cluster.colocate=true``: the rollout engine inside the learner's process, weights copied in place),
+``trl-vllm`` (TRL generating with vLLM, colocate mode) and
 ``trl-hf`` (TRL generating with transformers ``generate``). TRL is fully on-policy: the student generates
 every batch.
 
@@ -49,7 +51,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 OPD_BASE = ("opd-full_vocab", "opd-full_vocab-teacher", "opd-teacher_topk")
-SYSTEMS = (*OPD_BASE, *(f"{n}-async" for n in OPD_BASE), "trl-vllm", "trl-hf")
+COLOCATED = ("opd-full_vocab", "opd-teacher_topk")  # the ones with a -colocated variant
+SYSTEMS = (*OPD_BASE, *(f"{n}-async" for n in OPD_BASE), *(f"{n}-colocated" for n in COLOCATED), "trl-vllm",
+           "trl-hf")
 # TRL's generalised-JSD beta for each full-vocabulary kind (jsd: --jsd-beta)
 TRL_BETA = {"reverse": 1.0, "forward": 0.0}
 
@@ -100,9 +104,12 @@ def child_opd(spec: dict) -> dict:
     ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
     n = cfg.rollout.prompts_per_step * cfg.rollout.group_size
     stages = {"generate": "generate_seconds", "score": "score_seconds", "train": "train_seconds"}
+    timed = {k: [r[m] for r in rows[1:] if m in r] for k, m in stages.items()}
+    # the rest of a step: the weight sync and its probe, verification, the driver's Ray calls
+    timed["other"] = [r["step_seconds"] - sum(r.get(m, 0.0) for m in stages.values()) for r in rows[1:]]
     return {"step_seconds": [r["step_seconds"] for r in rows],
             "response_tokens": [r["response_length"] * n for r in rows],
-            "stage_seconds": {k: [r[m] for r in rows[1:] if m in r] for k, m in stages.items()},
+            "stage_seconds": timed,
             "model_dir": str(ckpt / "model"), "own_eval_accuracy_after": summary["student_accuracy_after"],
             "own_eval_teacher_kl_after": summary.get("teacher_kl_after")}
 
@@ -289,6 +296,9 @@ def opd_systems(args) -> dict[str, dict]:
         runs[f"{name}-async"] = {**runs[name], "rollout.max_staleness": 1,
                                  "rollout.engine": args.async_engine,
                                  "rollout.num_cpus": 1, "teacher.num_cpus": 1, "trainer.torch_threads": 1}
+    # The rollout engine inside the learner's process: no actor hop, no object store, weights copied in place.
+    for name in COLOCATED:
+        runs[f"{name}-colocated"] = {**runs[name], "cluster.colocate": True}
     return runs
 
 

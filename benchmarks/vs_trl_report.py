@@ -39,6 +39,10 @@ def stage_bounds(system: str, res: dict, student: Shape, teacher: Shape, prompt_
         bound = gf / rates[threads]
         out[stage] = {"s_median": round(med, 3), "gflop": round(gf, 1), "threads": threads,
                       "bound_s": round(bound, 3), "time_over_bound": round(med / bound, 2)}
+    if other := res.get("stage_seconds", {}).get("other"):  # opd: the sync and probe, verification, Ray hops
+        step = statistics.median(res["step_seconds"][1:] or res["step_seconds"])
+        out["other"] = {"s_median": round(statistics.median(other), 3),
+                        "share_of_step": round(statistics.median(other) / step, 3)}
     return out
 
 

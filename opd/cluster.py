@@ -19,6 +19,7 @@ from opd.config import Config
 from opd.plan import learner_args
 from opd.preflight import teacher_template
 from opd.rewards import VerifierRunner
+from opd.rollout.colocated import Colocated
 from opd.rollout.engine import ACTOR_ENV
 from opd.rollout.pool import RolloutPool
 from opd.rollout.worker import RolloutWorker
@@ -82,15 +83,18 @@ def start_roles(cfg: Config) -> Roles:
     # The learners' placement group first: it reserves the ranks' CPUs (one per node with STRICT_SPREAD)
     # before the engines, which schedule anywhere, can take them.
     learners = start_learners(cfg)
-    start = lambda i: start_rollout_worker(cfg, i, prefix=f"{name}/")  # noqa: E731
-    rollout = RolloutPool([start(i) for i in range(cfg.rollout.num_workers)], start, cfg.rollout.max_restarts,
-                          cfg.cluster.start_timeout_s)
+    if cfg.cluster.colocate:  # rank 0 is the one engine too; it dies with the learner, so no restarts
+        rollout = RolloutPool(learners.ranks[:1], colocated=True)
+    else:
+        start = lambda i: start_rollout_worker(cfg, i, prefix=f"{name}/")  # noqa: E731
+        rollout = RolloutPool([start(i) for i in range(cfg.rollout.num_workers)], start,
+                              cfg.rollout.max_restarts, cfg.cluster.start_timeout_s)
     teacher = start_teachers(cfg, prefix=f"{name}/") if cfg.needs_teacher else None
     verifiers = start_verifiers(cfg)
     # Surface engine start-up failures here, not at the first step, and an actor the cluster cannot place as
     # an error rather than a silent wait.
-    _wait_placed(rollout + (list(teacher.actors.values()) if teacher else []) + learners.ranks,
-                 cfg.cluster.start_timeout_s)
+    _wait_placed(list({id(a): a for a in [*rollout, *(teacher.actors.values() if teacher else []),
+                                          *learners.ranks]}.values()), cfg.cluster.start_timeout_s)
     connect_learners(learners, cfg.trainer.dist_backend, cfg.trainer.strategy)
     return Roles(rollout, teacher, learners.ranks[0], verifiers, learners)
 
@@ -99,15 +103,16 @@ def start_rollout_worker(cfg: Config, i: int, prefix: str | None = None):
     """Rollout worker ``i`` (named ``<prefix>rollout-<i>`` when ``prefix`` is given) with the engine
     ``rollout.engine`` picks; the pool calls this again, same options and name, to replace a dead one."""
     opts = {"name": f"{prefix}rollout-{i}"} if prefix else {}
-    return (
-        ray.remote(RolloutWorker)
-        .options(num_cpus=cfg.rollout.num_cpus, max_concurrency=1, **opts)
-        .remote(
-            cfg.models.student, seed=cfg.run.seed + i, max_model_len=cfg.rollout.max_model_len,
-            kv_cache_gib=cfg.rollout.kv_cache_gib, dtype=cfg.models.dtype, worker_id=i, lora_rank=cfg.lora.r,
-            engine=cfg.rollout.engine,
-        )
-    )
+    return (ray.remote(RolloutWorker).options(num_cpus=cfg.rollout.num_cpus, max_concurrency=1, **opts)
+            .remote(**worker_args(cfg, i)))
+
+
+def worker_args(cfg: Config, i: int) -> dict:
+    """Rollout worker ``i``'s keyword arguments (its own actor, or inside the learner with
+    ``cluster.colocate``)."""
+    return dict(model_dir=cfg.models.student, seed=cfg.run.seed + i, max_model_len=cfg.rollout.max_model_len,
+                kv_cache_gib=cfg.rollout.kv_cache_gib, dtype=cfg.models.dtype, worker_id=i,
+                lora_rank=cfg.lora.r, engine=cfg.rollout.engine)
 
 
 def start_verifiers(cfg: Config) -> VerifierRunner:
@@ -130,6 +135,11 @@ def start_learners(cfg: Config) -> LearnerGroup:
                                     ray.cluster_resources().get("GPU", 0))
 
     def rank(r: int, **opts):
+        if r == 0 and cfg.cluster.colocate:  # the roles take turns in one process: the larger reservation
+            return ray.remote(Colocated).options(
+                name=f"{cfg.run.name}/learner-0", num_cpus=max(1, cfg.rollout.num_cpus), num_gpus=int(gpu),
+                max_concurrency=1, **opts).remote(worker=worker_args(cfg, 0), **learner_args(cfg),
+                                                  engine_threads=cfg.rollout.num_cpus, device=device)
         return ray.remote(Learner).options(name=f"{cfg.run.name}/learner-{r}", num_cpus=1, num_gpus=int(gpu),
                                            **opts).remote(**learner_args(cfg), device=device)
 
@@ -231,8 +241,8 @@ def stop_roles(roles: Roles | None) -> None:
     if roles is None:
         return
     learners = roles.learner_group.ranks if roles.learner_group else [roles.learner]
-    for actor in [*roles.rollout, *(roles.teacher.actors.values() if roles.teacher else ()), *learners]:
-        if actor is not None:
-            ray.kill(actor)
+    actors = [*roles.rollout, *(roles.teacher.actors.values() if roles.teacher else ()), *learners]
+    for actor in {id(a): a for a in actors if a is not None}.values():  # a colocated rank 0 is listed twice
+        ray.kill(actor)
     if roles.learner_group and roles.learner_group.placement_group is not None:
         remove_placement_group(roles.learner_group.placement_group)

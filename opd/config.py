@@ -37,6 +37,8 @@ class ClusterConfig(_Section):
     include_dashboard: bool = False
     # actors not started by then (no resources, stuck load) fail the job
     start_timeout_s: float = Field(600.0, gt=0)
+    # the rollout engine inside the learner's process (rank 0), new weights copied in place each step
+    colocate: bool = False
 
 
 class ModelsConfig(_Section):
@@ -402,6 +404,10 @@ class _Core(_Section):
         if self.lora.r > 0 and not self.lora.target_modules:
             raise ValueError("lora.target_modules is empty: name the modules that get an adapter "
                              "(e.g. q_proj, v_proj)")
+        if self.cluster.colocate and self.rollout.num_workers != 1:
+            raise ValueError("cluster.colocate=true runs the one rollout engine inside the learner's rank 0; "
+                             f"set rollout.num_workers=1 (got {self.rollout.num_workers}) or "
+                             "cluster.colocate=false")
         if self.teacher.tokenizer == "cross" and (found := self.cross_tokenizer_problems()):
             raise ValueError("teacher.tokenizer=cross: " + "; ".join(found))
         return self

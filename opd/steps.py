@@ -94,8 +94,13 @@ def sync_weights(roles: Roles, probe_ids: list[int], tolerance: float) -> int:
     generated at this version is handed out, stored or evaluated. The exported weights and the probe's
     expected log-probs go to the workers as ObjectRefs, never through the driver. A LoRA student publishes its
     adapter's files instead (the engines keep their base weights); workers on other nodes need no shared file
-    system either way."""
+    system either way. Colocated (``cluster.colocate``), the learner copies them into its own engine
+    (``Colocated.sync_in_place``)."""
     learner = roles.learner
+    if roles.rollout.colocated:  # the engine is in the learner's process: one call copies and probes
+        version = ray.get(learner.version_number.remote())
+        roles.rollout.publish(version, lambda w: w.sync_in_place.remote(version, probe_ids, tolerance))
+        return version
     version, lora = ray.get([learner.version_number.remote(), learner.uses_lora.remote()])
     expected = learner.probe_logprobs.remote(probe_ids)
     if lora:

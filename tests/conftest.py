@@ -68,6 +68,18 @@ def two_workers_run(tiny_models, local_ray, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def opd_run(tiny_models, local_ray, tmp_path_factory) -> tuple[Path, dict]:
+    """The 2-step OPD job of ``tiny_overrides``, disaggregated: (run directory, summary). Its checks:
+    tests/test_pipeline.py; the colocated run must equal it (tests/test_colocate.py)."""
+    from opd.config import load_config
+    from opd.driver import run
+
+    out = tmp_path_factory.mktemp("runs") / "opd2"
+    summary = run(load_config(None, tiny_overrides(tiny_models, out)), progress=False)
+    return out, summary
+
+
 def tiny_overrides(models: Path, out: Path, **extra) -> list[str]:
     """A 2-step job on the tiny models: every role runs for real, at the smallest useful size."""
     base = {

@@ -25,13 +25,6 @@ def _weights(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
 
 
-@pytest.fixture(scope="module")
-def opd_run(tiny_models, local_ray, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "opd2"
-    summary = run(load_config(None, tiny_overrides(tiny_models, out)), progress=False)
-    return out, summary
-
-
 def test_opd_two_steps(opd_run, tiny_models):
     out, summary = opd_run
     assert summary["steps"] == 2 and summary["weight_version"] == 2 and summary["eval_prompts"] == 20

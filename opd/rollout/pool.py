@@ -70,9 +70,11 @@ class Chunk:
 
 class RolloutPool(list):
     def __init__(self, workers: list, start: Callable[[int], object] | None = None, max_restarts: int = 0,
-                 start_timeout_s: float = 600.0):
+                 start_timeout_s: float = 600.0, colocated: bool = False):
         super().__init__(workers)
         self.start, self.max_restarts, self.start_timeout_s = start, max_restarts, start_timeout_s
+        # the one worker is the learner (cluster.colocate): its death ends the run (resumable)
+        self.colocated = colocated
         self.restarts = 0
         self.incarnation = [0] * len(workers)
         self.version: int | None = None  # None: the weights each engine loaded from disk at start
@@ -165,6 +167,11 @@ class RolloutPool(list):
         with self.lock:
             if self.incarnation[slot] != incarnation:
                 return
+            if self.colocated:
+                raise RuntimeError(
+                    f"the colocated learner and rollout engine died ({_reason(cause)}); the learner's state "
+                    "since the last checkpoint went with it: `opd run --resume` restarts both from that "
+                    "checkpoint") from cause
             if self.start is None or self.restarts >= self.max_restarts:
                 raise RuntimeError(
                     f"rollout worker {slot} died ({_reason(cause)}) and "

@@ -138,7 +138,42 @@ class ObjectStoreTransfer:
                     yield alias, t
 
 
+@dataclass(frozen=True)
+class LocalWeights:
+    """A published set of weights that never left the learner's process (``cluster.colocate``): the learner's
+    own tensors, each unique storage once, and the other names of each."""
+
+    tensors: dict[str, torch.Tensor]
+    aliases: dict[str, list[str]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.tensors) + sum(len(a) for a in self.aliases.values())
+
+
+class InPlaceTransfer:
+    """The colocated backend: the engine in the learner's process reads the learner's tensors directly, one at
+    a time, and copies each into its own parameters (no serialisation, no object store). Sharded (FSDP2), each
+    tensor is gathered as it is read, in ``gather_only``'s order, which the peer ranks run meanwhile."""
+
+    def publish(self, state: dict[str, torch.Tensor]) -> LocalWeights:
+        unique, aliases = _dedupe(state)
+        return LocalWeights(unique, aliases)
+
+    def receive(self, handle: LocalWeights) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, t in handle.tensors.items():
+            t = whole(t).detach()
+            yield name, t
+            for alias in handle.aliases.get(name, ()):
+                yield alias, t
+
+
 TRANSFER = ObjectStoreTransfer()  # the backend this process uses (CPU placement: the object store)
+IN_PLACE = InPlaceTransfer()  # cluster.colocate: the learner's tensors, read where they are
+
+
+def receive(handle: WeightBuckets | LocalWeights) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of a published set, read by the backend that published it."""
+    return IN_PLACE.receive(handle) if isinstance(handle, LocalWeights) else TRANSFER.receive(handle)
 
 
 class WeightReceiverExtension:

@@ -14,7 +14,7 @@ import zlib
 
 from opd.metrics import RoleMetrics
 from opd.rollout.engine import VLLMEngine
-from opd.rollout.weight_sync import TRANSFER, WeightBuckets
+from opd.rollout.weight_sync import LocalWeights, WeightBuckets, receive
 from opd.types import Prompt, Sample, sample_uid
 
 
@@ -110,11 +110,11 @@ class RolloutWorker:
         outs = self.engine.generate(prompt_ids, n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens)
         return [gens[0].text for gens in outs]
 
-    def load_weights(self, weights: WeightBuckets, version: int, probe_ids: list[int], expected: list[float],
-                     tolerance: float) -> float:
-        """Load version ``version`` (published by the learner through ``weight_sync.TRANSFER``) and verify it
+    def load_weights(self, weights: WeightBuckets | LocalWeights, version: int, probe_ids: list[int],
+                     expected: list[float], tolerance: float) -> float:
+        """Load version ``version`` (published by the learner through a ``weight_sync`` backend) and verify it
         against the learner's probe log-probs; returns the max difference."""
-        self.engine.load_weights(TRANSFER.receive(weights))
+        self.engine.load_weights(receive(weights))
         return self._probe("weight version", "weights", version, probe_ids, expected, tolerance)
 
     def load_adapter(self, files: dict[str, bytes], version: int, probe_ids: list[int], expected: list[float],
