@@ -404,10 +404,10 @@ class _Core(_Section):
         if self.lora.r > 0 and not self.lora.target_modules:
             raise ValueError("lora.target_modules is empty: name the modules that get an adapter "
                              "(e.g. q_proj, v_proj)")
-        if self.cluster.colocate and self.rollout.num_workers != 1:
-            raise ValueError("cluster.colocate=true runs the one rollout engine inside the learner's rank 0; "
-                             f"set rollout.num_workers=1 (got {self.rollout.num_workers}) or "
-                             "cluster.colocate=false")
+        if self.cluster.colocate and (self.rollout.num_workers != 1 or self.trainer.num_ranks != 1):
+            raise ValueError("cluster.colocate=true runs the one rollout engine inside the one learner; "
+                             f"set rollout.num_workers=1 (got {self.rollout.num_workers}) and "
+                             f"trainer.num_ranks=1 (got {self.trainer.num_ranks}), or cluster.colocate=false")
         if self.teacher.tokenizer == "cross" and (found := self.cross_tokenizer_problems()):
             raise ValueError("teacher.tokenizer=cross: " + "; ".join(found))
         return self

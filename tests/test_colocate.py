@@ -113,7 +113,7 @@ def test_a_killed_colocated_learner_resumes_with_its_engine_to_the_disaggregated
     _same_job(apart, out)
 
 
-def test_colocate_with_several_engines_is_refused(tiny_models, tmp_path):
-    with pytest.raises(ConfigError, match=r"cluster\.colocate.*rollout\.num_workers=1"):
-        load_config(None, tiny_overrides(tiny_models, tmp_path / "x", **COLOCATE,
-                                         **{"rollout.num_workers": 2}))
+@pytest.mark.parametrize("key", ["rollout.num_workers", "trainer.num_ranks"])
+def test_colocate_with_several_engines_or_ranks_is_refused(tiny_models, tmp_path, key):
+    with pytest.raises(ConfigError, match=rf"cluster\.colocate.*{key}=1 \(got 2\)"):
+        load_config(None, tiny_overrides(tiny_models, tmp_path / "x", **COLOCATE, **{key: 2}))

@@ -72,13 +72,6 @@ class Colocated(Learner):
             files = self.export_adapter()
             with _engine_side(self.engine_threads):
                 return self.worker.load_adapter(files, version, probe_ids, expected, tolerance)
-        # sharded: the peers gather with rank 0 as the engine reads each tensor
-        pending = self._collective("export_weights")
         with _engine_side(self.engine_threads):
-            diff = self.worker.load_weights(IN_PLACE.publish(self.model.state_dict()), version, probe_ids,
+            return self.worker.load_weights(IN_PLACE.publish(self.model.state_dict()), version, probe_ids,
                                             expected, tolerance)
-        if pending:
-            import ray
-
-            ray.get(pending)
-        return diff

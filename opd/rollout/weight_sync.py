@@ -152,8 +152,8 @@ class LocalWeights:
 
 class InPlaceTransfer:
     """The colocated backend: the engine in the learner's process reads the learner's tensors directly, one at
-    a time, and copies each into its own parameters (no serialisation, no object store). Sharded (FSDP2), each
-    tensor is gathered as it is read, in ``gather_only``'s order, which the peer ranks run meanwhile."""
+    a time, and copies each into its own parameters (no serialisation, no object store). One unsharded
+    learner only (``cluster.colocate`` refuses several ranks)."""
 
     def publish(self, state: dict[str, torch.Tensor]) -> LocalWeights:
         unique, aliases = _dedupe(state)
@@ -161,7 +161,7 @@ class InPlaceTransfer:
 
     def receive(self, handle: LocalWeights) -> Iterator[tuple[str, torch.Tensor]]:
         for name, t in handle.tensors.items():
-            t = whole(t).detach()
+            t = t.detach()
             yield name, t
             for alias in handle.aliases.get(name, ()):
                 yield alias, t
