@@ -15,11 +15,11 @@ import ray
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from opd.colocated import Colocated
 from opd.config import Config
 from opd.plan import learner_args
 from opd.preflight import teacher_template
 from opd.rewards import VerifierRunner
-from opd.rollout.colocated import Colocated
 from opd.rollout.engine import ACTOR_ENV
 from opd.rollout.pool import RolloutPool
 from opd.rollout.worker import RolloutWorker
