@@ -1,11 +1,15 @@
-"""Every objective on the embedded task with the same budget, side by side.
+"""Every objective with the same budget, side by side: on the embedded task (``--pair demo``, the tiny
+character models) or on a real one (``--pair smollm2``: SmolLM2-135M-Instruct teaching 20-of-30-layer copies
+of itself word problems, ``configs/smollm2.yaml``).
 
     python benchmarks/algorithms.py --out runs/bench-algorithms   # default budget (<= 60 min on 2 cores)
+    python benchmarks/algorithms.py --pair smollm2 --out runs/bench-smollm2
     python benchmarks/algorithms.py --out /tmp/b --steps 4 --seeds 1 --objectives opd grpo   # smoke
 
 Writes DIR/algorithms.json (per objective: held-out accuracy per evaluated step, final accuracy, steps to
 reach 90 % of the teacher's accuracy, peak learner activation memory, tokens trained; per seed and averaged),
-DIR/algorithms.md (a table) and DIR/algorithms.png (accuracy vs step). Prints the JSON summary.
+DIR/algorithms.md (a table) and DIR/algorithms.png (accuracy vs step). Prints the JSON summary. Each seed is
+a run seed and a row set (``task.seed``): other training and held-out rows.
 """
 
 from __future__ import annotations
@@ -15,72 +19,120 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Shared by every objective on top of configs/demo.yaml: the same steps, prompts and samples. Groups of 4,
-# because GRPO, SDPO, SRPO and PACED learn from the spread of rewards inside a group.
-BUDGET = {"rollout.prompts_per_step": 64, "rollout.group_size": 4, "trainer.warmup_steps": 20}
+@dataclass(frozen=True)
+class Pair:
+    """A teacher, its students and the budget every objective shares on them."""
 
-# Two learning rates, each the highest measured stable for its family on these models: objectives that push on
-# the sampled tokens only (policy gradient: GRPO, sampled-token OPD/ExOPD, SDPO/SRPO) collapse at 2e-3 (GRPO
-# went 11 % -> 0 % in 40 steps) and learn at 3e-4; a dense target over the teacher's top-k is stable at 3e-3.
-LR_PG, LR_DENSE = 3e-4, 3e-3
+    config: str
+    # Every objective the same steps, prompts and samples. Groups of 4, because GRPO, SDPO, SRPO, PACED and
+    # opd_reward learn from the spread of rewards inside a group.
+    budget: dict
+    lr: dict  # family -> learning rate (``OBJECTIVES``' second field)
+    steps: int
+    eval_every: int
+    eval_prompts: int
+    # run i: student i % len, row set (task.seed) i and run seed i; None keeps the config's student
+    students: tuple = (None,)
+    rows_per_seed: bool = False
+    note: str = ""
 
-# name -> overrides. "opd" is the demo's estimator (teacher top-k forward KL); "opd-sampled" is the
-# sampled-token one, which ExOPD extrapolates and TIP ranks tokens by, so those comparisons are like for like.
+
+PAIRS = {
+    # Two learning rates, each the highest measured stable for its family on these models: objectives that
+    # push on the sampled tokens only (policy gradient: GRPO, sampled-token OPD/ExOPD, SDPO/SRPO) collapse at
+    # 2e-3 (GRPO went 11 % -> 0 % in 40 steps) and learn at 3e-4; a dense target over the teacher's top-k is
+    # stable at 3e-3.
+    "demo": Pair("configs/demo.yaml", {"rollout.prompts_per_step": 64, "rollout.group_size": 4,
+                                       "trainer.warmup_steps": 20},
+                 {"pg": 3e-4, "dense": 3e-3}, steps=150, eval_every=25, eval_prompts=200,
+                 note="Objectives on the embedded arithmetic task"),
+    # 16 samples a step as configs/smollm2.yaml, in groups of 4. The learning rates: the config's 1e-4 for the
+    # dense target; for the policy-gradient family the best of 3e-5, 1e-4 and 3e-4 for sampled-token OPD on
+    # run 0 (benchmarks/RESULTS.md).
+    "smollm2": Pair("configs/smollm2.yaml", {"rollout.prompts_per_step": 4, "rollout.group_size": 4,
+                                             "trainer.warmup_steps": 2, "eval.kl_samples": 1},
+                    {"pg": 1e-4, "dense": 1e-4}, steps=20, eval_every=5, eval_prompts=100,
+                    students=("models/smollm2-L20", "models/smollm2-M3"), rows_per_seed=True,
+                    note="Objectives on SmolLM2-135M-Instruct -> 20-layer students, word problems"),
+}
+
+# name -> (overrides, learning-rate family). "opd" is the configs' estimator (teacher top-k forward KL);
+# "opd-sampled" is the sampled-token one, which ExOPD extrapolates and TIP ranks tokens by, so those
+# comparisons are like for like.
 OBJECTIVES = {
-    "grpo": {"algorithm": "grpo", "trainer.lr": LR_PG},
-    "opd": {"algorithm": "opd", "trainer.lr": LR_DENSE},
-    "opd-sampled": {"algorithm": "opd", "opd.divergence": "sampled", "trainer.lr": LR_PG},
-    "exopd": {"algorithm": "exopd", "trainer.lr": LR_PG},
-    "sdpo": {"algorithm": "sdpo", "trainer.lr": LR_PG},
-    "srpo": {"algorithm": "srpo", "trainer.lr": LR_PG},
+    "grpo": ({"algorithm": "grpo"}, "pg"),
+    "opd": ({"algorithm": "opd", "opd.divergence": "teacher_topk"}, "dense"),
+    "opd-sampled": ({"algorithm": "opd", "opd.divergence": "sampled"}, "pg"),
+    "exopd": ({"algorithm": "exopd"}, "pg"),
+    "sdpo": ({"algorithm": "sdpo"}, "pg"),
+    "srpo": ({"algorithm": "srpo"}, "pg"),
+    "opd_reward": ({"algorithm": "opd_reward"}, "pg"),
     # TIP's headline setting: entropy-weighted sampling of 50 % of the tokens (the Q3 "overconfident" quadrant
     # keeps ~3 % of the tokens on this task, far below the ratio).
-    "opd-sampled+tip50": {"algorithm": "opd", "opd.divergence": "sampled", "selection.mode": "entropy_sample",
-                          "selection.keep_ratio": 0.5, "trainer.lr": LR_PG},
+    "opd-sampled+tip50": ({"algorithm": "opd", "opd.divergence": "sampled",
+                           "selection.mode": "entropy_sample", "selection.keep_ratio": 0.5}, "pg"),
     # PACED zeroes every group whose samples all agree, so few groups carry signal: the sparse-signal rate. At
-    # the dense rate (3e-3) it collapsed to 0 % on both seeds within 30 steps.
-    "opd+paced": {"algorithm": "opd", "weighting.paced": True, "trainer.lr": LR_PG},
+    # the dense rate (3e-3) it collapsed to 0 % on both seeds within 30 steps on the demo pair.
+    "opd+paced": ({"algorithm": "opd", "weighting.paced": True}, "pg"),
 }
+DEMO_OBJECTIVES = [n for n in OBJECTIVES if n != "opd_reward"]  # the committed toy table's set
+
+
+def lr_of(pair: Pair, name: str, override: float | None = None) -> float:
+    return override if override is not None else pair.lr[OBJECTIVES[name][1]]
 
 
 def _runs(out: Path, name: str, seed: int) -> Path:
     return out / "runs" / f"{name.replace('+', '_')}-s{seed}"
 
 
-def run_one(name: str, seed: int, args) -> dict:
+def run_one(pair: Pair, name: str, seed: int, args) -> dict:
+    import statistics
+
     from opd.config import load_config
     from opd.driver import run
 
     run_dir = _runs(args.out, name, seed)
+    student = pair.students[seed % len(pair.students)]
     overrides = {
-        **BUDGET,
-        **OBJECTIVES[name],
+        **pair.budget,
+        **OBJECTIVES[name][0],
+        "trainer.lr": lr_of(pair, name, args.lr),
+        **({"models.student": student} if student else {}),
+        **({"task.seed": seed} if pair.rows_per_seed else {}),
         "run.name": run_dir.name, "run.output_dir": str(run_dir), "run.seed": seed,
         "trainer.total_steps": args.steps, "eval.every": args.eval_every,
         "eval.num_prompts": args.eval_prompts,
         "checkpoint.every": 0, "checkpoint.keep": 1,
     }
-    cfg = load_config(ROOT / "configs" / "demo.yaml", [f"{k}={v}" for k, v in overrides.items()])
+    cfg = load_config(ROOT / pair.config, [f"{k}={v}" for k, v in overrides.items()])
     t0 = time.perf_counter()
     summary = run(cfg, fresh=True, progress=False)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    curve = [(0, summary["student_accuracy_before"])] + [
-        (r["step"] + 1, r["eval_accuracy"]) for r in rows if r.get("eval_accuracy") is not None
-    ]
+    evals = [r for r in rows if r.get("eval_accuracy") is not None]
+    curve = [(0, summary["student_accuracy_before"])] + [(r["step"] + 1, r["eval_accuracy"]) for r in evals]
+    kl_curve = [(0, summary["teacher_kl_before"])] + [(r["step"] + 1, r.get("eval_teacher_kl"))
+                                                      for r in evals]
     if any(r.get("eval_accuracy") is None for r in rows if (r["step"] + 1) % args.eval_every == 0):
         raise RuntimeError(f"{name} seed {seed}: an evaluation is missing from {run_dir / 'metrics.jsonl'}")
     return {
         "seed": seed,
+        "student": student or cfg.models.student,
         "curve": curve,
+        "kl_curve": kl_curve,
         "final_accuracy": summary["student_accuracy_after"],
         "teacher_accuracy": summary["teacher_accuracy"],
         "peak_activation_mib": max((r.get("activation_mib") or 0.0) for r in rows),
         "tokens_trained": sum((r.get("train_tokens") or 0.0) for r in rows),
+        # steps without a held-out evaluation in them
+        "seconds_per_step": round(statistics.median(
+            r["step_seconds"] for r in rows if r.get("eval_accuracy") is None), 2),
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
@@ -95,44 +147,61 @@ def steps_to(curve: list[tuple[int, float]], target: float) -> int | None:
     return next((step for step, acc in curve if acc is not None and acc >= target), None)
 
 
+def _mean_curve(seeds: list[dict], key: str) -> list[tuple[int, float | None]]:
+    steps = [p[0] for p in seeds[0][key]]
+    return [(s, None if any(r[key][i][1] is None for r in seeds)
+             else statistics.fmean(r[key][i][1] for r in seeds)) for i, s in enumerate(steps)]
+
+
 def summarise(results: dict[str, list[dict]], teacher: float) -> dict:
     out = {}
     for name, seeds in results.items():
-        steps = [p[0] for p in seeds[0]["curve"]]
-        mean_curve = [(s, statistics.fmean(r["curve"][i][1] for r in seeds)) for i, s in enumerate(steps)]
+        mean_curve, kl_curve = _mean_curve(seeds, "curve"), _mean_curve(seeds, "kl_curve")
         out[name] = {
             "accuracy_per_step": mean_curve,
+            "teacher_kl_per_step": kl_curve,
             "final_accuracy": statistics.fmean(r["final_accuracy"] for r in seeds),
             "final_accuracy_per_seed": [r["final_accuracy"] for r in seeds],
+            "final_teacher_kl": kl_curve[-1][1],
+            "final_teacher_kl_per_seed": [r["kl_curve"][-1][1] for r in seeds],
+            "steps_to_half_teacher": steps_to(mean_curve, 0.5 * teacher),
             "steps_to_90pct_teacher": steps_to(mean_curve, 0.9 * teacher),
             "steps_to_half_gap": steps_to(mean_curve, half_gap(mean_curve[0][1], teacher)),
             "peak_activation_mib": max(r["peak_activation_mib"] for r in seeds),
             "tokens_trained": statistics.fmean(r["tokens_trained"] for r in seeds),
+            "seconds_per_step": statistics.fmean(r["seconds_per_step"] for r in seeds),
             "seconds_per_run": statistics.fmean(r["seconds"] for r in seeds),
             "seeds": [r["seed"] for r in seeds],
         }
     return out
 
 
+def _fmt(x, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
 def write_report(out: Path, summary: dict, teacher: float, meta: dict) -> None:
+    runs = ", ".join(f"seed {i}: {s}" for i, s in enumerate(meta["students"])) if meta["students"] else ""
     lines = [
         f"Teacher held-out accuracy: {teacher:.1%}. Budget per run: {meta['steps']} steps x "
-        f"{meta['prompts_per_step']} prompts x {meta['group_size']} samples; AdamW lr {LR_PG:g} "
-        f"(policy-gradient family) or {LR_DENSE:g} (dense top-k target); "
-        f"{meta['seeds']} seed(s); accuracy on {meta['eval_prompts']} held-out prompts (greedy).",
+        f"{meta['prompts_per_step']} prompts x {meta['group_size']} samples; AdamW, lr per objective; "
+        f"{meta['seeds']} seed(s){' (' + runs + ', each seed its own row set)' if runs else ''}; "
+        f"greedy accuracy and KL(student || teacher) on {meta['eval_prompts']} held-out prompts.",
         "",
-        "| objective | lr | final accuracy (per seed) | steps to half the gap to the teacher "
-        "| steps to 90% of teacher "
-        "| peak learner activations (MiB) | tokens trained | s/run |",
-        "|---|---|---|---|---|---|---|---|",
+        "| objective | lr | final accuracy (per seed) | held-out KL, start → end (per seed) "
+        "| steps to half the teacher | steps to 90% of teacher | steps to half the gap "
+        "| tokens trained | s/step |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summary.items():
-        half, reach = (s[k] if s[k] is not None else "not reached"
-                       for k in ("steps_to_half_gap", "steps_to_90pct_teacher"))
+        half, reach, gap = (s[k] if s[k] is not None else "not reached"
+                            for k in ("steps_to_half_teacher", "steps_to_90pct_teacher", "steps_to_half_gap"))
         seeds = ", ".join(f"{a:.1%}" for a in s["final_accuracy_per_seed"])
+        kls = ", ".join(_fmt(a, ".2f") for a in s["final_teacher_kl_per_seed"])
         lines.append(
-            f"| {name} | {meta['lr'][name]:g} | {s['final_accuracy']:.1%} ({seeds}) | {half} | {reach} | "
-            f"{s['peak_activation_mib']:.2f} | {s['tokens_trained']:.0f} | {s['seconds_per_run']:.0f} |"
+            f"| {name} | {meta['lr'][name]:g} | {s['final_accuracy']:.1%} ({seeds}) | "
+            f"{_fmt(s['teacher_kl_per_step'][0][1], '.2f')} → {_fmt(s['final_teacher_kl'], '.2f')} ({kls}) | "
+            f"{half} | {reach} | {gap} | {s['tokens_trained']:.0f} | {s['seconds_per_step']:.2f} |"
         )
     (out / "algorithms.md").write_text("\n".join(lines) + "\n")
     import matplotlib
@@ -140,16 +209,27 @@ def write_report(out: Path, summary: dict, teacher: float, meta: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    has_kl = any(v is not None for s in summary.values() for _, v in s["teacher_kl_per_step"])
+    fig, axes = plt.subplots(1, 2 if has_kl else 1, figsize=(12 if has_kl else 7, 4.2), squeeze=False)
+    ax = axes[0][0]
     for name, s in summary.items():
         xs, ys = zip(*s["accuracy_per_step"], strict=True)
         ax.plot(xs, ys, marker="o", markersize=3, label=name)
     ax.axhline(teacher, color="black", linestyle="--", linewidth=1, label="teacher")
     ax.set_xlabel("step")
     ax.set_ylabel("held-out accuracy")
-    ax.set_title("Objectives on the embedded arithmetic task (mean over seeds)")
+    ax.set_title(f"{meta['note']} (mean over seeds)", fontsize=9)
     ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3)
+    if has_kl:
+        ax = axes[0][1]
+        for name, s in summary.items():
+            pts = [(x, y) for x, y in s["teacher_kl_per_step"] if y is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", markersize=3, label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("held-out KL(student || teacher), nats/token")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "algorithms.png", dpi=120)
 
@@ -157,42 +237,62 @@ def write_report(out: Path, summary: dict, teacher: float, meta: dict) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--pair", choices=list(PAIRS), default="demo")
+    p.add_argument("--steps", type=int, help="default: the pair's budget")
     p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--eval-prompts", type=int, default=200)
-    p.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--eval-prompts", type=int)
+    p.add_argument("--lr", type=float, help="one learning rate for every objective (a sweep's point)")
+    p.add_argument("--objectives", nargs="+", choices=list(OBJECTIVES))
     args = p.parse_args()
+    pair = PAIRS[args.pair]
+    args.steps = args.steps or pair.steps
+    args.eval_every = args.eval_every or pair.eval_every
+    args.eval_prompts = args.eval_prompts or pair.eval_prompts
+    names = args.objectives or (DEMO_OBJECTIVES if args.pair == "demo" else list(OBJECTIVES))
     args.out.mkdir(parents=True, exist_ok=True)
 
     from opd.config import load_config
-    from opd.tasks.bootstrap import bootstrap, demo_spec
 
-    demo = load_config(ROOT / "configs" / "demo.yaml")
-    bootstrap(Path(demo.models.student).parent, demo_spec())
+    base = load_config(ROOT / pair.config)
+    if args.pair == "demo":
+        from opd.tasks.bootstrap import bootstrap, demo_spec
+
+        bootstrap(Path(base.models.student).parent, demo_spec())
+    else:
+        missing = [m for m in (base.models.teacher, *pair.students) if not (ROOT / m).exists()]
+        if missing:
+            sys.exit(f"algorithms.py: missing {missing}: build them first (README, 'A real model')")
     results: dict[str, list[dict]] = {}
-    teacher = None
-    for name in args.objectives:
+    for name in names:
         for seed in range(args.seeds):
-            r = run_one(name, seed, args)
-            teacher = teacher if teacher is not None else r["teacher_accuracy"]
+            r = run_one(pair, name, seed, args)
             results.setdefault(name, []).append(r)
             print(json.dumps({"objective": name, "seed": seed, "final_accuracy": r["final_accuracy"],
+                              "final_kl": r["kl_curve"][-1][1], "s_per_step": r["seconds_per_step"],
                               "seconds": r["seconds"]}), flush=True)
-    if teacher is None:  # only teacher-free objectives ran
+    # The same row sets for every objective: the teacher's accuracy on each, averaged over seeds.
+    teachers = {r["seed"]: r["teacher_accuracy"] for rs in results.values() for r in rs
+                if r["teacher_accuracy"] is not None}
+    if teachers:
+        teacher = statistics.fmean(teachers.values())
+    else:  # only teacher-free objectives ran
         from opd.evaluation import evaluate_models
 
-        teacher = evaluate_models(demo, teacher=True)["teacher_accuracy"]
+        teacher = evaluate_models(base, teacher=True)["teacher_accuracy"]
     summary = summarise(results, teacher)
-    meta = {"steps": args.steps, "seeds": args.seeds, "eval_prompts": args.eval_prompts,
-            "prompts_per_step": BUDGET["rollout.prompts_per_step"],
-            "group_size": BUDGET["rollout.group_size"],
-            "lr": {name: o["trainer.lr"] for name, o in OBJECTIVES.items()}}
+    meta = {"pair": args.pair, "config": pair.config, "note": pair.note, "steps": args.steps,
+            "seeds": args.seeds, "eval_prompts": args.eval_prompts,
+            "students": [pair.students[i % len(pair.students)] for i in range(args.seeds)]
+            if pair.students[0] else [],
+            "prompts_per_step": pair.budget["rollout.prompts_per_step"],
+            "group_size": pair.budget["rollout.group_size"],
+            "lr": {name: lr_of(pair, name, args.lr) for name in names}}
     report = {"teacher_accuracy": teacher, "budget": meta, "objectives": summary, "runs": results}
     (args.out / "algorithms.json").write_text(json.dumps(report, indent=2) + "\n")
     write_report(args.out, summary, teacher, meta)
-    shown = ("final_accuracy", "steps_to_half_gap", "steps_to_90pct_teacher", "peak_activation_mib",
-             "tokens_trained")
+    shown = ("final_accuracy", "final_teacher_kl", "steps_to_half_teacher", "steps_to_90pct_teacher",
+             "tokens_trained", "seconds_per_step")
     print(json.dumps({"teacher_accuracy": teacher,
                       "objectives": {k: {kk: v[kk] for kk in shown} for k, v in summary.items()}}, indent=2))
     return 0
