@@ -146,9 +146,6 @@ class LocalWeights:
     tensors: dict[str, torch.Tensor]
     aliases: dict[str, list[str]] = field(default_factory=dict)
 
-    def __len__(self) -> int:
-        return len(self.tensors) + sum(len(a) for a in self.aliases.values())
-
 
 class InPlaceTransfer:
     """The colocated backend: the engine in the learner's process reads the learner's tensors directly, one at
