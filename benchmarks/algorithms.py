@@ -1,6 +1,6 @@
 """Every objective with the same budget, side by side: on the embedded task (``--pair demo``, the tiny
-character models) or on a real one (``--pair smollm2``: SmolLM2-135M-Instruct teaching 20-of-30-layer copies
-of itself word problems, ``configs/smollm2.yaml``).
+character models) or on a real one (``--pair smollm2``: SmolLM2-135M-Instruct teaching "What is a + b?" to
+24-of-30-layer copies of itself, ``configs/smollm2.yaml``; the students are pruned here when missing).
 
     python benchmarks/algorithms.py --out runs/bench-algorithms   # default budget (<= 60 min on 2 cores)
     python benchmarks/algorithms.py --pair smollm2 --out runs/bench-smollm2
@@ -10,7 +10,8 @@ Writes DIR/algorithms.json (per objective: held-out accuracy and KL(student || t
 final accuracy, steps to reach half and 90 % of the teacher's accuracy, peak learner activation memory, tokens
 trained, seconds per step; per seed and averaged), DIR/algorithms.md (a table) and DIR/algorithms.png
 (accuracy and KL vs step). Prints the JSON summary. On the smollm2 pair each seed is also its own student and
-row set (``task.seed``).
+row set (``task.seed``). Each finished run is kept as RUN_DIR/result.json and the report is rewritten after
+every objective; ``--reuse`` picks an interrupted invocation up where it stopped.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +42,8 @@ class Pair:
     eval_prompts: int
     # run i: student i % len, row set (task.seed) i and run seed i; None keeps the config's student
     students: tuple = (None,)
+    # student path -> the teacher's layers it keeps (``opd prune``); built when missing
+    pruned: dict = field(default_factory=dict)
     rows_per_seed: bool = False
     note: str = ""
 
@@ -55,12 +58,15 @@ PAIRS = {
                  {"pg": 3e-4, "dense": 3e-3}, steps=150, eval_every=25, eval_prompts=200,
                  note="Objectives on the embedded arithmetic task"),
     # 16 samples a step as configs/smollm2.yaml, in groups of 4. The learning rate is the config's 1e-4 for
-    # both families, not swept on this pair yet (``--lr`` runs one point of a sweep).
+    # both families, not swept on this pair yet (``--lr`` runs one point of a sweep). The students keep 24
+    # of the 30 layers: those answer a few per cent greedily (the 20-layer ones answer none, which leaves
+    # GRPO, SRPO, PACED and opd_reward no reward to learn from).
     "smollm2": Pair("configs/smollm2.yaml", {"rollout.prompts_per_step": 4, "rollout.group_size": 4,
                                              "trainer.warmup_steps": 2, "eval.kl_samples": 1},
                     {"pg": 1e-4, "dense": 1e-4}, steps=20, eval_every=5, eval_prompts=100,
-                    students=("models/smollm2-L20", "models/smollm2-M3"), rows_per_seed=True,
-                    note="Objectives on SmolLM2-135M-Instruct -> 20-layer students, word problems"),
+                    students=("models/smollm2-L24", "models/smollm2-L24b"), rows_per_seed=True,
+                    pruned={"models/smollm2-L24": "0-13,20-29", "models/smollm2-L24b": "0-11,18-29"},
+                    note="Objectives on SmolLM2-135M-Instruct -> 24-layer students, a + b"),
 }
 
 # name -> (overrides, learning-rate family). "opd" is the configs' estimator (teacher top-k forward KL);
@@ -94,9 +100,9 @@ def _runs(out: Path, name: str, seed: int) -> Path:
     return out / "runs" / f"{name.replace('+', '_')}-s{seed}"
 
 
-def run_one(pair: Pair, name: str, seed: int, args) -> dict:
+def config_of(pair: Pair, name: str, seed: int, args):
+    """The job config of objective ``name``'s run ``seed``: the pair's config with the shared budget."""
     from opd.config import load_config
-    from opd.driver import run
 
     run_dir = _runs(args.out, name, seed)
     student = pair.students[seed % len(pair.students)]
@@ -110,8 +116,16 @@ def run_one(pair: Pair, name: str, seed: int, args) -> dict:
         "trainer.total_steps": args.steps, "eval.every": args.eval_every,
         "eval.num_prompts": args.eval_prompts,
         "checkpoint.every": 0, "checkpoint.keep": 1,
+        "run.log_samples": True,  # what each step trained on, to read a curve's turns from
     }
-    cfg = load_config(ROOT / pair.config, [f"{k}={v}" for k, v in overrides.items()])
+    return load_config(ROOT / pair.config, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def run_one(pair: Pair, name: str, seed: int, args) -> dict:
+    from opd.driver import run
+
+    run_dir = _runs(args.out, name, seed)
+    cfg = config_of(pair, name, seed, args)
     t0 = time.perf_counter()
     summary = run(cfg, fresh=True, progress=False)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -123,7 +137,7 @@ def run_one(pair: Pair, name: str, seed: int, args) -> dict:
         raise RuntimeError(f"{name} seed {seed}: an evaluation is missing from {run_dir / 'metrics.jsonl'}")
     return {
         "seed": seed,
-        "student": student or cfg.models.student,
+        "student": cfg.models.student,
         "curve": curve,
         "kl_curve": kl_curve,
         "final_accuracy": summary["student_accuracy_after"],
@@ -234,6 +248,34 @@ def write_report(out: Path, summary: dict, teacher: float, meta: dict) -> None:
     fig.savefig(out / "algorithms.png", dpi=120)
 
 
+def _teacher_of(results: dict[str, list[dict]]) -> float | None:
+    """The teacher's accuracy on the row sets, averaged over seeds (every objective sees the same ones)."""
+    teachers = {r["seed"]: r["teacher_accuracy"] for rs in results.values() for r in rs
+                if r["teacher_accuracy"] is not None}
+    return statistics.fmean(teachers.values()) if teachers else None
+
+
+def report(args, pair: Pair, names: list[str], results: dict[str, list[dict]], base) -> dict:
+    """Write ``algorithms.{json,md,png}`` for the runs in ``results``; return the JSON's content."""
+    teacher = _teacher_of(results)
+    if teacher is None:  # only teacher-free objectives ran
+        from opd.evaluation import evaluate_models
+
+        teacher = evaluate_models(base, teacher=True)["teacher_accuracy"]
+    summary = summarise(results, teacher)
+    meta = {"pair": args.pair, "config": pair.config, "note": pair.note, "steps": args.steps,
+            "seeds": args.seeds, "eval_prompts": args.eval_prompts,
+            "students": [pair.students[i % len(pair.students)] for i in range(args.seeds)]
+            if pair.students[0] else [],
+            "prompts_per_step": pair.budget["rollout.prompts_per_step"],
+            "group_size": pair.budget["rollout.group_size"],
+            "lr": {name: lr_of(pair, name, args.lr) for name in names if name in results}}
+    out = {"teacher_accuracy": teacher, "budget": meta, "objectives": summary, "runs": results}
+    (args.out / "algorithms.json").write_text(json.dumps(out, indent=2) + "\n")
+    write_report(args.out, summary, teacher, meta)
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
@@ -244,6 +286,8 @@ def main() -> int:
     p.add_argument("--eval-prompts", type=int)
     p.add_argument("--lr", type=float, help="one learning rate for every objective (a sweep's point)")
     p.add_argument("--objectives", nargs="+", choices=list(OBJECTIVES))
+    p.add_argument("--reuse", action="store_true",
+                   help="keep the runs a previous invocation with the same --out finished")
     args = p.parse_args()
     pair = PAIRS[args.pair]
     args.steps = args.steps or pair.steps
@@ -260,41 +304,33 @@ def main() -> int:
 
         bootstrap(Path(base.models.student).parent, demo_spec())
     else:
-        missing = [m for m in (base.models.teacher, *pair.students) if not (ROOT / m).exists()]
-        if missing:
-            sys.exit(f"algorithms.py: missing {missing}: build them first (README, 'A real model')")
+        if not (ROOT / base.models.teacher).exists():
+            sys.exit(f"algorithms.py: missing {base.models.teacher}: build it first (README, 'A real model')")
+        from opd.models.prune import prune
+
+        for student, layers in pair.pruned.items():
+            prune(ROOT / base.models.teacher, layers, ROOT / student)
     results: dict[str, list[dict]] = {}
     for name in names:
         for seed in range(args.seeds):
-            r = run_one(pair, name, seed, args)
+            done = _runs(args.out, name, seed) / "result.json"
+            if args.reuse and done.exists():  # a run an interrupted invocation finished
+                r = json.loads(done.read_text())
+            else:
+                r = run_one(pair, name, seed, args)
+                done.write_text(json.dumps(r) + "\n")
             results.setdefault(name, []).append(r)
             print(json.dumps({"objective": name, "seed": seed, "final_accuracy": r["final_accuracy"],
                               "final_kl": r["kl_curve"][-1][1], "s_per_step": r["seconds_per_step"],
                               "seconds": r["seconds"]}), flush=True)
-    # The same row sets for every objective: the teacher's accuracy on each, averaged over seeds.
-    teachers = {r["seed"]: r["teacher_accuracy"] for rs in results.values() for r in rs
-                if r["teacher_accuracy"] is not None}
-    if teachers:
-        teacher = statistics.fmean(teachers.values())
-    else:  # only teacher-free objectives ran
-        from opd.evaluation import evaluate_models
-
-        teacher = evaluate_models(base, teacher=True)["teacher_accuracy"]
-    summary = summarise(results, teacher)
-    meta = {"pair": args.pair, "config": pair.config, "note": pair.note, "steps": args.steps,
-            "seeds": args.seeds, "eval_prompts": args.eval_prompts,
-            "students": [pair.students[i % len(pair.students)] for i in range(args.seeds)]
-            if pair.students[0] else [],
-            "prompts_per_step": pair.budget["rollout.prompts_per_step"],
-            "group_size": pair.budget["rollout.group_size"],
-            "lr": {name: lr_of(pair, name, args.lr) for name in names}}
-    report = {"teacher_accuracy": teacher, "budget": meta, "objectives": summary, "runs": results}
-    (args.out / "algorithms.json").write_text(json.dumps(report, indent=2) + "\n")
-    write_report(args.out, summary, teacher, meta)
+        if _teacher_of(results) is not None:  # the report so far: a long sweep is readable while it runs
+            report(args, pair, names, results, base)
+    final = report(args, pair, names, results, base)
     shown = ("final_accuracy", "final_teacher_kl", "steps_to_half_teacher", "steps_to_90pct_teacher",
              "tokens_trained", "seconds_per_step")
-    print(json.dumps({"teacher_accuracy": teacher,
-                      "objectives": {k: {kk: v[kk] for kk in shown} for k, v in summary.items()}}, indent=2))
+    print(json.dumps({"teacher_accuracy": final["teacher_accuracy"],
+                      "objectives": {k: {kk: v[kk] for kk in shown} for k, v in final["objectives"].items()}},
+                     indent=2))
     return 0
 
 
