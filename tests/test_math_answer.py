@@ -51,6 +51,31 @@ def test_different_or_missing_answers_score_zero(gold, completion):
     assert _score([gold], [completion]) == [0.0]
 
 
+# (gold, completion, score with number_only): an answer left for the grader to compute is not an answer to an
+# arithmetic question; the same number written any way a number is written still is.
+NUMBER_ONLY = [
+    ("25", "14 + 11", 0.0),
+    ("25", "The answer is 14 + 11.", 0.0),
+    ("25", "$10+15$", 0.0),
+    ("25", "14 + 11 = 25", 1.0),
+    ("25", "Tom has 25 apples now.", 1.0),
+    ("25", "\\boxed{25}", 1.0),
+    ("25", "25.0", 1.0),
+    ("-3", "The answer is -3.", 1.0),
+    ("2500", "2,500", 1.0),
+    ("1/2", "3/6", 1.0),
+    ("1/2", "\\frac{1}{2}", 1.0),
+    ("25", "26", 0.0),
+]
+
+
+@pytest.mark.parametrize(("gold", "completion", "score"), NUMBER_ONLY)
+def test_number_only_refuses_an_unevaluated_answer(gold, completion, score):
+    assert math_answer(["q"], [completion], answer=[gold], number_only=True) == [score]
+    # without it, equivalence alone: every one of these but the wrong number scores 1
+    assert _score([gold], [completion]) == [float(completion != "26")]
+
+
 def test_unparseable_gold_is_a_per_row_error():
     out = _score(["1/2", "@@##", "  "], ["\\boxed{0.5}", "1", "1"])
     assert out[0] == 1.0
@@ -90,3 +115,8 @@ def test_through_the_verifier_runner(local_ray):
     assert out.failures["p3/g0"] == (
         "math_answer: ValueError: math-verify cannot parse the gold answer '@@##' (column 'answer')"
     )
+    # kwargs reach the function through the runner (the shipped configs' number_only)
+    strict = VerifierRunner([VerifierSpec("math_answer", kwargs={"number_only": True})], chunk_size=2,
+                            timeout_s=60)
+    out = strict.score(uids[:2], ["q"] * 2, ["14 + 11", "14 + 11 = 25"], {"answer": ["25", "25"]})
+    assert out.per_verifier["math_answer"] == [0.0, 1.0]
