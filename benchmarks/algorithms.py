@@ -228,9 +228,11 @@ def write_report(out: Path, summary: dict, teacher: float, meta: dict) -> None:
     has_kl = any(v is not None for s in summary.values() for _, v in s["teacher_kl_per_step"])
     fig, axes = plt.subplots(1, 2 if has_kl else 1, figsize=(12 if has_kl else 7, 4.2), squeeze=False)
     ax = axes[0][0]
+    # one colour per objective in both panels (the KL panel leaves out the teacher-free ones)
+    colour = {name: f"C{i}" for i, name in enumerate(summary)}
     for name, s in summary.items():
         xs, ys = zip(*s["accuracy_per_step"], strict=True)
-        ax.plot(xs, ys, marker="o", markersize=3, label=name)
+        ax.plot(xs, ys, marker="o", markersize=3, label=name, color=colour[name])
     ax.axhline(teacher, color="black", linestyle="--", linewidth=1, label="teacher")
     ax.set_xlabel("step")
     ax.set_ylabel("held-out accuracy")
@@ -242,7 +244,8 @@ def write_report(out: Path, summary: dict, teacher: float, meta: dict) -> None:
         for name, s in summary.items():
             pts = [(x, y) for x, y in s["teacher_kl_per_step"] if y is not None]
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", markersize=3, label=name)
+                ax.plot(*zip(*pts, strict=True), marker="o", markersize=3, label=name, color=colour[name])
+        ax.legend(fontsize=8)
         ax.set_xlabel("step")
         ax.set_ylabel("held-out KL(student || teacher), nats/token")
         ax.grid(alpha=0.3)
