@@ -51,29 +51,28 @@ def test_different_or_missing_answers_score_zero(gold, completion):
     assert _score([gold], [completion]) == [0.0]
 
 
-# (gold, completion, score with number_only): an answer left for the grader to compute is not an answer to an
-# arithmetic question; the same number written any way a number is written still is.
+# (gold, completion, score with number_only, score by equivalence alone): an answer left for the grader to
+# compute is not an answer to an arithmetic question; the same number written any way a number is written is.
 NUMBER_ONLY = [
-    ("25", "14 + 11", 0.0),
-    ("25", "The answer is 14 + 11.", 0.0),
-    ("25", "$10+15$", 0.0),
-    ("25", "14 + 11 = 25", 1.0),
-    ("25", "Tom has 25 apples now.", 1.0),
-    ("25", "\\boxed{25}", 1.0),
-    ("25", "25.0", 1.0),
-    ("-3", "The answer is -3.", 1.0),
-    ("2500", "2,500", 1.0),
-    ("1/2", "3/6", 1.0),
-    ("1/2", "\\frac{1}{2}", 1.0),
-    ("25", "26", 0.0),
+    ("25", "14 + 11", 0.0, 1.0),
+    ("25", "The answer is 14 + 11.", 0.0, 1.0),
+    ("25", "$10+15$", 0.0, 1.0),
+    ("25", "14 + 11 = 25", 1.0, 1.0),
+    ("25", "Tom has 25 apples now.", 1.0, 1.0),
+    ("25", "\\boxed{25}", 1.0, 1.0),
+    ("25", "25.0", 1.0, 1.0),
+    ("-3", "The answer is -3.", 1.0, 1.0),
+    ("2500", "2,500", 1.0, 1.0),
+    ("1/2", "3/6", 1.0, 1.0),
+    ("1/2", "\\frac{1}{2}", 1.0, 1.0),
+    ("25", "26", 0.0, 0.0),
 ]
 
 
-@pytest.mark.parametrize(("gold", "completion", "score"), NUMBER_ONLY)
-def test_number_only_refuses_an_unevaluated_answer(gold, completion, score):
-    assert math_answer(["q"], [completion], answer=[gold], number_only=True) == [score]
-    # without it, equivalence alone: every one of these but the wrong number scores 1
-    assert _score([gold], [completion]) == [float(completion != "26")]
+@pytest.mark.parametrize(("gold", "completion", "strict", "lenient"), NUMBER_ONLY)
+def test_number_only_refuses_an_unevaluated_answer(gold, completion, strict, lenient):
+    assert math_answer(["q"], [completion], answer=[gold], number_only=True) == [strict]
+    assert _score([gold], [completion]) == [lenient]
 
 
 def test_unparseable_gold_is_a_per_row_error():
