@@ -48,6 +48,9 @@ class Pair:
     note: str = ""
 
 
+# student path -> the layers of SmolLM2-135M-Instruct it keeps
+SMOLLM2_STUDENTS = {"models/smollm2-L27a": "0-14,18-29", "models/smollm2-L27b": "0-16,20-29"}
+
 PAIRS = {
     # Two learning rates, each the highest measured stable for its family on these models: objectives that
     # push on the sampled tokens only (policy gradient: GRPO, sampled-token OPD/ExOPD, SDPO/SRPO) collapse at
@@ -61,13 +64,12 @@ PAIRS = {
     # both families, not swept on this pair yet (``--lr`` runs one point of a sweep). The students keep 27
     # of the 30 layers: greedily they answer 5-10 % of the held-out questions (the teacher 43 %), sampled at
     # temperature 1 about 2 %, so GRPO gets a reward in about one step in four. Students with 20 or 24
-    # layers answer none (written as a number, ``math_answer``'s ``number_only``): no reward for GRPO, SRPO,
-    # PACED or opd_reward to learn from.
+    # layers answer 0-1 % (written as a number, ``math_answer``'s ``number_only``): next to no reward for
+    # GRPO, SRPO, PACED or opd_reward to learn from.
     "smollm2": Pair("configs/smollm2.yaml", {"rollout.prompts_per_step": 4, "rollout.group_size": 4,
                                              "trainer.warmup_steps": 2, "eval.kl_samples": 1},
                     {"pg": 1e-4, "dense": 1e-4}, steps=20, eval_every=5, eval_prompts=100,
-                    students=("models/smollm2-L27a", "models/smollm2-L27b"), rows_per_seed=True,
-                    pruned={"models/smollm2-L27a": "0-14,18-29", "models/smollm2-L27b": "0-16,20-29"},
+                    students=tuple(SMOLLM2_STUDENTS), pruned=SMOLLM2_STUDENTS, rows_per_seed=True,
                     note="Objectives on SmolLM2-135M-Instruct -> 27-layer students, a + b"),
 }
 
@@ -126,8 +128,8 @@ def config_of(pair: Pair, name: str, seed: int, args):
 def run_one(pair: Pair, name: str, seed: int, args) -> dict:
     from opd.driver import run
 
-    run_dir = _runs(args.out, name, seed)
     cfg = config_of(pair, name, seed, args)
+    run_dir = Path(cfg.run.output_dir)
     t0 = time.perf_counter()
     summary = run(cfg, fresh=True, progress=False)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
