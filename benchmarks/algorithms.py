@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -67,7 +68,8 @@ PAIRS = {
     # layers answer 0-1 % (written as a number, ``math_answer``'s ``number_only``): next to no reward for
     # GRPO, SRPO, PACED or opd_reward to learn from.
     "smollm2": Pair("configs/smollm2.yaml", {"rollout.prompts_per_step": 4, "rollout.group_size": 4,
-                                             "trainer.warmup_steps": 2, "eval.kl_samples": 1},
+                                             "trainer.warmup_steps": 2, "eval.kl_samples": 1,
+                                             "eval.teacher": True},
                     {"pg": 1e-4, "dense": 1e-4}, steps=20, eval_every=5, eval_prompts=100,
                     students=tuple(SMOLLM2_STUDENTS), pruned=SMOLLM2_STUDENTS, rows_per_seed=True,
                     note="Objectives on SmolLM2-135M-Instruct -> 27-layer students, a + b"),
@@ -132,6 +134,9 @@ def run_one(pair: Pair, name: str, seed: int, args) -> dict:
     run_dir = Path(cfg.run.output_dir)
     t0 = time.perf_counter()
     summary = run(cfg, fresh=True, progress=False)
+    # The benchmark reads metrics, not weights: a SmolLM2 run's final checkpoint is 1.4 GB, and a sweep's
+    # would fill the disk.
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r.get("eval_accuracy") is not None]
     curve = [(0, summary["student_accuracy_before"])] + [(r["step"] + 1, r["eval_accuracy"]) for r in evals]

@@ -210,8 +210,9 @@ class _Core(_Section):
     @property
     def needs_teacher(self) -> bool:
         """Whether teacher actors start: whenever the objective reads a teacher (also when the learner
-        computes the training signal itself, as the teacher actor answers the held-out evaluation)."""
-        return self.teacher_signal.kind != "none"
+        computes the training signal itself, as the teacher actor answers the held-out evaluation), and for
+        any objective with ``eval.teacher``."""
+        return self.teacher_signal.kind != "none" or self.eval.teacher
 
     @property
     def _own_reference(self) -> str | None:

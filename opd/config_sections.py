@@ -260,6 +260,10 @@ class EvalConfig(_Section):
     # rollout.max_new_tokens), scored by the teacher; their mean log q - log pi_T per token estimates
     # KL(student || teacher). 0: not measured
     kl_samples: int = Field(1, ge=0)
+    # start the teacher for an objective that reads none (grpo, sdpo, srpo) as well, so its held-out
+    # evaluation reports the teacher's accuracy and KL(student || teacher) as a teacher-scored objective's
+    # does; the teacher still scores no training sample
+    teacher: bool = False
 
 
 class CheckpointConfig(_Section):

@@ -28,6 +28,7 @@ OBJECTIVE_RUNS = {
     "srpo": {"algorithm": "srpo", "sdpo.top_k": 8},
     "opd_reward": {"algorithm": "opd_reward", "opd.divergence": "sampled"},
     "grpo-kl_ref": {"algorithm": "grpo", "kl_ref.coef": 0.05},
+    "grpo-eval_teacher": {"algorithm": "grpo", "eval.teacher": "true"},
     "opd-tip50": {"selection.mode": "overconfident", "selection.keep_ratio": 0.5},
     "opd-paced": {"weighting.paced": "true"},
     "opd-topk": {"opd.divergence": "teacher_topk", "teacher.top_k": 5},
@@ -73,6 +74,10 @@ def test_objective_two_steps(shared, tiny_models, tmp_path, name):
         assert all("teacher_kl" in r and "score_tokens_per_s" in r for r in rows)
     if name == "grpo":
         assert summary["teacher_accuracy"] is None and all("teacher_kl" not in r for r in rows)
+    if name == "grpo-eval_teacher":  # the teacher answers the evaluation and scores its draws, never a step's
+        assert summary["teacher_accuracy"] is not None
+        assert summary["teacher_kl_before"] > 0 and summary["teacher_kl_after"] > 0
+        assert all("teacher_kl" not in r and "score_tokens_per_s" not in r for r in rows)
     # the learner's teacher forward gives the KL; no teacher actor scored the samples
     if name == "opd-full-vocab":
         assert all("teacher_kl" in r and "score_tokens_per_s" not in r for r in trained)
