@@ -319,7 +319,8 @@ def analyse(run_dir: Path, work: Path, watch: Watch) -> dict:
 
     _tool_faults(work, rows, text, tok, count)
     metrics = watch.lines()
-    skipped = {m["step"] for m in metrics if m.get("update_skipped")}
+    # skipped for a non-finite loss (a step without signal skips too)
+    skipped = {m["step"] for m in metrics if m.get("update_skipped") and not m.get("no_signal")}
     steps_of: dict[tuple, set] = {}
     ids = {p.prompt_id: tuple(p.token_ids) for p in train}
     for r in rows:

@@ -206,6 +206,28 @@ def test_non_finite_loss_skips_the_update(tiny_models):
     assert all(torch.equal(a, b) for a, b in zip(before, learner.model.parameters(), strict=True))
 
 
+@pytest.mark.parametrize("name", ["grpo", "opd"])
+def test_a_step_without_signal_moves_nothing(tiny_models, name):
+    """Every advantage 0 (a GRPO batch without a reward) or every weight 0 (PACED's agreeing groups): no
+    gradient, so no update. AdamW stepped on a zero gradient still moves every weight on its momentum."""
+    learner, first = _step(tiny_models, name, micro=64)
+    assert first["update_skipped"] == 0.0 and first["no_signal"] == 0.0 and learner.version == 1
+    weights = [p.detach().clone() for p in learner.model.parameters()]
+    moments = [v.clone() for st in learner.opt.state.values() for v in st.values() if torch.is_tensor(v)]
+    batch = _batch(learner, name, seed=1)
+    if name == "grpo":
+        batch = dataclasses.replace(batch, advantages=[[0.0] * len(a) for a in batch.advantages])
+    else:
+        batch = dataclasses.replace(batch, loss_weights=[0.0] * len(batch.loss_weights))
+    stats = learner.train_step(batch)
+    assert stats["update_skipped"] == 1.0 and stats["no_signal"] == 1.0 and stats["grad_norm"] == 0.0
+    assert learner.version == 1 and learner.steps_done == 1
+    assert all(torch.equal(a, b) for a, b in zip(weights, learner.model.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(
+        moments, [v for st in learner.opt.state.values() for v in st.values() if torch.is_tensor(v)],
+        strict=True))
+
+
 def test_sdpo_ema_teacher_moves_toward_student(tiny_models):
     learner, _ = _step(tiny_models, "sdpo", micro=64)
     init = Learner(str(tiny_models / "student"), lr=1e-2).model
