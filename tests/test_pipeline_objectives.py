@@ -10,7 +10,7 @@ import pytest
 import ray
 from conftest import start_shared, stop_shared, tiny_overrides, train_on
 
-from opd.cluster import start_teachers
+from opd.cluster import start_teachers, start_verifiers
 from opd.config import load_config
 from opd.trainer.objectives import DEFAULT, REGISTRY
 
@@ -21,16 +21,20 @@ def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+# Objectives that learn from the spread of rewards inside a group are scored by format_digits (met by ~3/4 of
+# the tiny student's answers): it answers 1 % right, so no group of the 2-step job held both a right and a
+# wrong answer, and a step without signal moves nothing.
+SPREAD = {"verifiers.functions": "[{name: format_digits}]"}
 OBJECTIVE_RUNS = {
-    "grpo": {"algorithm": "grpo"},
+    "grpo": {"algorithm": "grpo", **SPREAD},
     "exopd": {"algorithm": "exopd"},
     "sdpo": {"algorithm": "sdpo", "sdpo.top_k": 8, "sdpo.success_threshold": 0.0},
-    "srpo": {"algorithm": "srpo", "sdpo.top_k": 8},
+    "srpo": {"algorithm": "srpo", "sdpo.top_k": 8, **SPREAD},
     "opd_reward": {"algorithm": "opd_reward", "opd.divergence": "sampled"},
-    "grpo-kl_ref": {"algorithm": "grpo", "kl_ref.coef": 0.05},
-    "grpo-eval_teacher": {"algorithm": "grpo", "eval.teacher": "true"},
+    "grpo-kl_ref": {"algorithm": "grpo", "kl_ref.coef": 0.05, **SPREAD},
+    "grpo-eval_teacher": {"algorithm": "grpo", "eval.teacher": "true", **SPREAD},
     "opd-tip50": {"selection.mode": "overconfident", "selection.keep_ratio": 0.5},
-    "opd-paced": {"weighting.paced": "true"},
+    "opd-paced": {"weighting.paced": "true", **SPREAD},
     "opd-topk": {"opd.divergence": "teacher_topk", "teacher.top_k": 5},
     "opd-full-vocab": {"opd.divergence": "full_vocab", "teacher.top_k": 0},
     "opd-full-vocab-teacher": {"opd.divergence": "full_vocab", "opd.full_vocab_source": "teacher"},
@@ -58,7 +62,8 @@ def test_objective_two_steps(shared, tiny_models, tmp_path, name):
     # vLLM one.
     teacher = start_teachers(cfg, prefix=f"{name}/") if cfg.teacher_signal.hidden else None
     try:
-        summary = train_on(shared, cfg, teacher=teacher)
+        own = "verifiers.functions" in OBJECTIVE_RUNS[name]
+        summary = train_on(shared, cfg, teacher=teacher, verifiers=start_verifiers(cfg) if own else None)
     finally:
         if teacher is not None:
             ray.kill(teacher.actors["default"])
@@ -94,8 +99,6 @@ def test_dynamic_sampling_trains_only_groups_whose_rewards_differ(shared, tiny_m
     about two groups of three uniform, so each step draws extra prompts until 4 varied groups fill it. Every
     trained group's rewards differ, each step holds 4 groups, and the log says how many groups were generated
     for them."""
-    from opd.cluster import start_verifiers
-
     out = tmp_path / "dapo"
     cfg = load_config(None, tiny_overrides(tiny_models, out, **{
         "algorithm": "grpo", "rollout.dynamic_sampling": "true", "rollout.max_resample_rounds": 8,
