@@ -19,7 +19,7 @@ from opd.driver import run
 pytestmark = pytest.mark.slow
 
 COLOCATE = {"cluster.colocate": "true"}
-GRPO = {"algorithm": "grpo"}
+GRPO = {"algorithm": "grpo", "verifiers.functions": "[{name: format_digits}]"}  # a reward spread: it trains
 # dropout draws from the learner's RNG stream, which the colocated engine's start must leave as it was
 LORA = {"lora.r": 4, "lora.dropout": 0.1, "trainer.lr": 1e-2}
 
@@ -72,6 +72,7 @@ def test_colocated_grpo_matches_the_disaggregated_run_with_one_actor_less(tiny_m
     run(load_config(None, tiny_overrides(tiny_models, apart, **GRPO)), progress=False)
     run(load_config(None, tiny_overrides(tiny_models, together, **GRPO, **COLOCATE)), progress=False)
     _same_job(apart, together)
+    assert json.loads((apart / "summary.json").read_text())["weight_version"] >= 1  # the student moved
     assert live_actors[apart.name] == {"rollout-0", "learner-0"}
     assert live_actors[together.name] == {"learner-0"}  # GRPO has no teacher: the learner is the only actor
 

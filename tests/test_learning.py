@@ -163,7 +163,8 @@ def train(world: World, learner: Learner, cfg: Config) -> None:
         if batch is None:  # every group uniform: nothing to learn this step, as in the driver
             continue
         stats = learner.train_step(batch)
-        assert stats["update_skipped"] == 0.0, f"step {step} skipped its update"
+        # a batch whose every advantage is 0 has nothing to learn, and skips; a non-finite one is a failure
+        assert stats["update_skipped"] == stats["no_signal"], f"step {step}: non-finite update"
         # on-policy: the engine served the learner's weights
         assert stats["learner_sampler_absdiff_max"] < 1e-4
 
