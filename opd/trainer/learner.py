@@ -315,12 +315,12 @@ class Learner:
         self.teachers.reshard()
         fsdp.reshard(self.trunk)  # a padding micro-batch's or TIP's forward may have left the root gathered
         step = own.reduce(self.comm)  # the batch's: every rank then takes the same skip-or-step decision
-        grad_norm, skipped = self._apply(step.finite)
+        grad_norm, skipped, no_signal = self._apply(step.finite)
         seconds = time.perf_counter() - t0
         self.metrics.record(tokens=own.tokens, tokens_per_s=own.tokens / max(seconds, 1e-9),
                             activation_mib=own.activation_bytes / 2**20, version=self.version)
         return {**step.metrics(), "grad_norm": grad_norm, "update_skipped": float(skipped),
-                "no_signal": float(grad_norm == 0.0), "lr": self._lr(),
+                "no_signal": float(no_signal), "lr": self._lr(),
                 "train_seconds": seconds, "train_tokens_per_s": step.tokens / max(seconds, 1e-9)}
 
     def _lay_out(self, batch: TrainBatch, stand_in: bool) -> _Shard:
@@ -372,16 +372,16 @@ class Learner:
                               counted=got.counted, absdiff=got.absdiff)
         return own
 
-    def _apply(self, finite: bool) -> tuple[float, bool]:
+    def _apply(self, finite: bool) -> tuple[float, bool, bool]:
         """Clip and step, or skip on every rank a non-finite step or one without signal (a zero gradient);
-        (grad norm, skipped)."""
+        (grad norm, skipped, skipped for want of signal)."""
         if finite and not self.sharded:
             self.comm.sum_grads(trainable(self.model))  # identical gradients -> identical clipping and step
         # Sharded, the backward already summed each shard's gradient over the ranks, and the norm spans them
         # too.
         grad_norm = (float(whole(torch.nn.utils.clip_grad_norm_(trainable(self.model), self.grad_clip)))
                      if finite else math.nan)
-        skipped = not (finite and math.isfinite(grad_norm))
+        skipped, no_signal = not (finite and math.isfinite(grad_norm)), False
         if skipped:
             log.warning("non-finite loss or gradient at learner step %d: update skipped", self.steps_done)
         elif grad_norm == 0.0:
@@ -389,10 +389,10 @@ class Learner:
             # agreeing groups). AdamW would still move every weight on its momentum: on SmolLM2 one rewarded
             # GRPO step followed by such steps took a 10 % student to 0 %, PACED's held-out KL from 0.7 to 10.
             log.info("no training signal at learner step %d: update skipped", self.steps_done)
-            skipped = True
+            skipped = no_signal = True
         if skipped:
             self.opt.zero_grad(set_to_none=True)
-            return grad_norm, True
+            return grad_norm, True, no_signal
         for group in self.opt.param_groups:
             group["lr"] = self._lr()
         self.opt.step()
@@ -405,7 +405,7 @@ class Learner:
                        rate=self.spec.self_teacher_settings.ema_rate)
         self.steps_done += 1
         self.version += 1
-        return grad_norm, False
+        return grad_norm, False, False
 
     def _teacher_kl(self, batch: TrainBatch, micro: list[list[int]], mts: list[MicroTensors],
                     auxes: list[Aux]) -> tuple[float, float]:
